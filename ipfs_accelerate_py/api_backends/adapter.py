@@ -1,0 +1,87 @@
+"""What a backend plugin supplies: the wire format, and nothing else.
+
+A ``BackendAdapter`` turns our typed requests into HTTP requests and the server's bytes
+back into typed results; it also builds the framework's one-argument endpoint handlers.
+Queueing, retries, the circuit breaker, batching and metrics belong to ``BaseApiBackend``
+and are the same for every adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Dict, List, Optional
+
+from .errors import HTTPStatusError, ResponseError, error_for_status
+from .models import CompletionResult, Request, StreamChunk
+from .transport import HttpRequest, HttpResponse
+
+__all__ = ["BackendAdapter", "load_json"]
+
+
+def load_json(response: HttpResponse) -> Any:
+    """Decode a JSON reply, or raise ``ResponseError`` saying what came instead."""
+    body = response.body
+    if not body or not body.strip():
+        raise ResponseError("empty reply from server", status_code=response.status)
+    try:
+        return json.loads(body)
+    except ValueError:
+        text = body[:200].decode("utf-8", errors="replace")
+        kind = "HTML" if text.lstrip().lower().startswith(("<!doctype", "<html")) else "non-JSON"
+        raise ResponseError(f"{kind} reply from server (status {response.status}): {text!r}",
+                            status_code=response.status, body=text) from None
+
+
+class BackendAdapter(ABC):
+    """The wire format of one kind of server. Subclasses set the class attributes."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    #: environment-variable prefix for this backend's settings, e.g. ``VLLM_``
+    env_prefix: ClassVar[str] = ""
+    default_base_url: ClassVar[str] = "http://localhost:8000"
+    #: completion requests with equal sampling parameters may share one call (prompt list)
+    supports_prompt_list: ClassVar[bool] = False
+    supports_streaming: ClassVar[bool] = True
+    supports_completions: ClassVar[bool] = True
+
+    @abstractmethod
+    def format_request(self, request: Request, *, priority: Optional[int] = None,
+                       request_id: Optional[str] = None) -> HttpRequest:
+        """Our typed request -> the HTTP request this server expects."""
+
+    @abstractmethod
+    def parse_response(self, request: Request, response: HttpResponse) -> CompletionResult:
+        """A 2xx reply -> our typed result (raises ResponseError if it is not one)."""
+
+    @abstractmethod
+    def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
+        """One SSE ``data`` payload -> chunks; ``None`` marks the end of the stream."""
+
+    @abstractmethod
+    def models_request(self) -> HttpRequest:
+        """The request that lists served models."""
+
+    @abstractmethod
+    def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
+        """The models reply -> a list of dicts with at least ``id``."""
+
+    def health_request(self) -> HttpRequest:
+        return HttpRequest("GET", "/health")
+
+    def parse_error(self, response: HttpResponse) -> HTTPStatusError:
+        """A non-2xx reply -> the typed error for its status."""
+        return error_for_status(response.status, response.text(), dict(response.headers))
+
+    def is_priority_rejection(self, error: HTTPStatusError) -> bool:
+        """True when the server refused the request only because it carried a priority."""
+        return False
+
+    @abstractmethod
+    def create_endpoint_handler(self, client: Any, model: Optional[str] = None,
+                                parameters: Optional[Dict[str, Any]] = None) -> Callable[[Any], Any]:
+        """A one-argument callable for the framework, bound to ``client`` and ``model``."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} backend={self.name!r}>"

@@ -1,0 +1,315 @@
+"""Every error an API backend call can raise, in one tree.
+
+Callers catch the branch they care about: ``ApiError`` for everything,
+``TransientError`` for what the retry layer retries, ``HTTPStatusError`` for any
+answer the server gave with a non-2xx status.
+
+    ApiError
+    ├── ValidationError            bad input, raised before anything is sent (names the field)
+    ├── ConfigurationError         bad client settings (URL, port, header, profile name)
+    ├── ResponseError              a reply that cannot be understood (non-JSON, truncated, HTML,
+    │   │                          empty, missing fields)
+    │   └── StreamError            an ``{"error": ...}`` event inside a 200 SSE stream
+    ├── TransientError             worth retrying (and counted by the circuit breaker)
+    │   ├── ConnectionError        refused, reset, dropped, DNS
+    │   └── TimeoutError           connect/read timeout, stream idle timeout, call deadline
+    ├── HTTPStatusError            the server answered with a non-2xx status
+    │   ├── BadRequestError        400 (also: context too long, n>1 with greedy sampling)
+    │   ├── AuthenticationError    401
+    │   ├── PermissionDeniedError  403
+    │   ├── NotFoundError          404 (unknown model, unknown route)
+    │   ├── MethodNotAllowedError  405
+    │   ├── RequestTimeoutError    408  (also a TransientError)
+    │   ├── ConflictError          409  (also a TransientError)
+    │   ├── UnprocessableEntityError 422
+    │   ├── RateLimitError         429  (also a TransientError; carries ``retry_after``)
+    │   └── ServerError            5xx  (also a TransientError)
+    │       └── ServiceUnavailableError 503
+    ├── CircuitOpenError           the endpoint's breaker is OPEN; says when it retries
+    ├── QueueFullError             the bounded request queue is full
+    ├── QueueTimeoutError          waited in the queue past the deadline (also a TimeoutError)
+    ├── ClientClosedError          the client was closed; queued work is failed with this
+    └── NoHealthyEndpointError     every endpoint of a routed call is down
+
+Messages never contain an API key: error text from the server is passed through
+``redact`` before it is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Dict, Optional, Type
+
+__all__ = [
+    "ApiError", "ValidationError", "ConfigurationError", "ResponseError", "StreamError",
+    "TransientError", "ConnectionError", "TimeoutError", "HTTPStatusError", "BadRequestError",
+    "AuthenticationError", "PermissionDeniedError", "NotFoundError", "MethodNotAllowedError",
+    "RequestTimeoutError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
+    "ServerError", "ServiceUnavailableError", "CircuitOpenError", "QueueFullError",
+    "QueueTimeoutError", "ClientClosedError", "NoHealthyEndpointError", "error_for_status",
+    "redact",
+]
+
+_BEARER = re.compile(r"(Bearer\s+)[^\s\"',;]+", re.IGNORECASE)
+_SECRETS: "set[str]" = set()
+
+
+def register_secret(secret: Optional[str]) -> None:
+    """Remember a secret so that ``redact`` removes it from any text (keys of 4+ chars)."""
+    if secret and len(secret) >= 4:
+        _SECRETS.add(secret)
+
+
+def redact(text: str) -> str:
+    """Remove bearer tokens and every registered secret from ``text``."""
+    if not text:
+        return text
+    text = _BEARER.sub(r"\1***", text)
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class ApiError(Exception):
+    """Base of every error raised by an API backend."""
+
+    def __init__(self, message: str, **context: Any) -> None:
+        message = redact(str(message))
+        super().__init__(message)
+        self.message = message
+        self.context = context
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class ValidationError(ApiError, ValueError):
+    """Bad input, caught before anything went on the wire. ``field`` names the culprit."""
+
+    def __init__(self, message: str, field: Optional[str] = None, **context: Any) -> None:
+        self.field = field
+        if field and field not in message:
+            message = f"{field}: {message}"
+        super().__init__(message, **context)
+
+
+class ConfigurationError(ValidationError):
+    """Bad client configuration (URL, port, header, profile); a kind of bad input."""
+
+
+class ResponseError(ApiError):
+    """The server's reply could not be understood."""
+
+    def __init__(self, message: str, status_code: Optional[int] = None, body: str = "",
+                 **context: Any) -> None:
+        super().__init__(message, **context)
+        self.status_code = status_code
+        self.body = redact(body[:2000]) if body else ""
+
+
+class StreamError(ResponseError):
+    """An error event arrived inside a stream; ``partial_text`` is what came before it."""
+
+    def __init__(self, message: str, partial_text: str = "", error_type: Optional[str] = None,
+                 code: Optional[int] = None, **context: Any) -> None:
+        super().__init__(message, status_code=code, **context)
+        self.partial_text = partial_text
+        self.error_type = error_type
+        self.code = code
+
+
+class TransientError(ApiError):
+    """A failure that may pass: retried with backoff and counted by the circuit breaker."""
+
+
+class ConnectionError(TransientError):  # noqa: A001 - deliberate, like httpx
+    """Could not connect, or the connection dropped before a full reply."""
+
+
+class TimeoutError(TransientError):  # noqa: A001
+    """A connect, read, idle-stream or whole-call deadline passed."""
+
+
+class HTTPStatusError(ApiError):
+    """The server answered with a non-2xx status."""
+
+    status_code: int = 0
+
+    def __init__(self, message: str, status_code: Optional[int] = None,
+                 error_type: Optional[str] = None, param: Optional[str] = None,
+                 body: str = "", headers: Optional[Dict[str, str]] = None,
+                 **context: Any) -> None:
+        if status_code is not None:
+            self.status_code = status_code
+        super().__init__(message, **context)
+        self.error_type = error_type
+        self.param = param
+        self.body = redact(body[:2000]) if body else ""
+        self.headers = {k: v for k, v in (headers or {}).items()
+                        if k.lower() not in ("authorization", "set-cookie")}
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status_code}: {self.message}"
+
+
+class BadRequestError(HTTPStatusError):
+    """400: the server rejected the parameters or the prompt."""
+    status_code = 400
+
+
+class AuthenticationError(HTTPStatusError):
+    """401: missing or wrong API key."""
+    status_code = 401
+
+
+class PermissionDeniedError(HTTPStatusError):
+    """403."""
+    status_code = 403
+
+
+class NotFoundError(HTTPStatusError):
+    """404: unknown model or route."""
+    status_code = 404
+
+
+class MethodNotAllowedError(HTTPStatusError):
+    """405."""
+    status_code = 405
+
+
+class RequestTimeoutError(HTTPStatusError, TransientError):
+    """408: the server timed the request out."""
+    status_code = 408
+
+
+class ConflictError(HTTPStatusError, TransientError):
+    """409."""
+    status_code = 409
+
+
+class UnprocessableEntityError(HTTPStatusError):
+    """422."""
+    status_code = 422
+
+
+class RateLimitError(HTTPStatusError, TransientError):
+    """429: slow down; ``retry_after`` (seconds) when the server said."""
+    status_code = 429
+
+    def __init__(self, message: str, retry_after: Optional[float] = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class ServerError(HTTPStatusError, TransientError):
+    """5xx: the server failed."""
+    status_code = 500
+
+    def __init__(self, message: str, retry_after: Optional[float] = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailableError(ServerError):
+    """503: overloaded, or the engine died."""
+    status_code = 503
+
+
+class CircuitOpenError(ApiError):
+    """The endpoint's circuit breaker is OPEN: rejected at once, nothing sent."""
+
+    def __init__(self, message: str, retry_at: Optional[float] = None,
+                 retry_in: Optional[float] = None, endpoint: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+        self.retry_in = retry_in
+        self.endpoint = endpoint
+
+
+class QueueFullError(ApiError):
+    """The bounded request queue is at ``queue_size``."""
+
+
+class QueueTimeoutError(TimeoutError):
+    """The request waited in the queue past its deadline; it was never sent."""
+
+
+class ClientClosedError(ApiError):
+    """The client was closed before this request could run."""
+
+
+class NoHealthyEndpointError(ApiError):
+    """A routed call found every endpoint down (breaker open or failing)."""
+
+
+_BY_STATUS: Dict[int, Type[HTTPStatusError]] = {
+    400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
+    404: NotFoundError, 405: MethodNotAllowedError, 408: RequestTimeoutError,
+    409: ConflictError, 422: UnprocessableEntityError, 429: RateLimitError,
+    503: ServiceUnavailableError,
+}
+
+
+def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or HTTP date)."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    ms = lower.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = lower.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+        import time
+        try:
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def _describe_body(body: str) -> "tuple[str, Optional[str], Optional[str]]":
+    """(message, type, param) from any of the error shapes vLLM and FastAPI send."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):  # vLLM >= 0.10.1, OpenAI style
+            return (str(err.get("message") or err), err.get("type"),
+                    err.get("param") if isinstance(err.get("param"), str) else None)
+        if isinstance(err, str):  # 401 from --api-key: {"error": "Unauthorized"}
+            return err, None, None
+        if data.get("object") == "error":  # vLLM < 0.10.1
+            return (str(data.get("message", "")), data.get("type"),
+                    data.get("param") if isinstance(data.get("param"), str) else None)
+        if "detail" in data:  # FastAPI: {"detail": "Not Found"} or a list of problems
+            return str(data["detail"]), None, None
+    snippet = body.strip().replace("\n", " ")[:200] if body else ""
+    return snippet or "(empty body)", None, None
+
+
+def error_for_status(status_code: int, body: str = "",
+                     headers: Optional[Dict[str, str]] = None) -> HTTPStatusError:
+    """Build the typed error for a non-2xx reply from its status, body and headers."""
+    headers = headers or {}
+    message, error_type, param = _describe_body(body)
+    if status_code in _BY_STATUS:
+        cls = _BY_STATUS[status_code]
+    elif status_code >= 500:
+        cls = ServerError
+    else:
+        cls = HTTPStatusError
+    kw: Dict[str, Any] = dict(status_code=status_code, error_type=error_type, param=param,
+                              body=body, headers=headers)
+    if issubclass(cls, (RateLimitError, ServerError)):
+        kw["retry_after"] = parse_retry_after(headers)
+    return cls(message, **kw)

@@ -1,0 +1,302 @@
+"""Typed requests and results shared by every OpenAI-compatible backend.
+
+Requests are pydantic models so bad input fails *before* anything goes on the wire, with
+an error that names the field (``errors.ValidationError.field``). Results are plain typed
+objects the caller can rely on (``.text``, ``.texts``, ``.usage``) whatever the server's
+JSON looked like.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Sequence, Union
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import ValidationError
+
+__all__ = [
+    "ChatMessage", "CompletionRequest", "ChatRequest", "Request", "Usage", "Choice",
+    "CompletionResult", "StreamChunk", "validate_request", "MAX_PROMPT_CHARS",
+]
+
+#: Longest prompt (characters) accepted client-side. Real models' contexts end far below
+#: this (128k tokens ~ 500k characters); anything larger is a mistake to stop before sending.
+MAX_PROMPT_CHARS = 2_000_000
+#: Largest ``max_tokens`` accepted client-side; the server still checks its own limit.
+MAX_TOKENS_LIMIT = 1_048_576
+MAX_PROMPTS_PER_REQUEST = 4096
+
+Prompt = Union[str, List[str], List[int], List[List[int]]]
+
+
+def _check_text(value: str, what: str) -> str:
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{what} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates cannot be sent as JSON/UTF-8
+        raise ValueError(f"{what} is not valid Unicode ({exc.reason} at {exc.start})") from None
+    return value
+
+
+class _Strict(BaseModel):
+    """Unknown fields are errors (a typo must not be silently dropped or forwarded)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False,
+                              validate_assignment=False, frozen=False)
+
+
+class _Sampling(_Strict):
+    """Sampling fields common to completions and chat (vLLM 0.32/0.33 names)."""
+
+    model: Optional[str] = Field(default=None, min_length=1, max_length=512)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=100.0)
+    top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=-1)
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=128)
+    stop: Optional[Union[str, List[str]]] = None
+    stop_token_ids: Optional[List[int]] = None
+    seed: Optional[int] = Field(default=None, ge=-(2 ** 63), lt=2 ** 63)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
+    ignore_eos: Optional[bool] = None
+    min_tokens: Optional[int] = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
+    stream: bool = False
+    stream_options: Optional[Dict[str, bool]] = None
+    priority: Optional[int] = Field(default=None, ge=-(2 ** 31), lt=2 ** 31)
+    user: Optional[str] = Field(default=None, max_length=256)
+    logit_bias: Optional[Dict[str, float]] = None
+    response_format: Optional[Dict[str, Any]] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        items = [v] if isinstance(v, str) else (v or [])
+        for s in items:
+            if not s:
+                raise ValueError("stop strings must be non-empty")
+            _check_text(s, "stop")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: Any) -> Any:
+        if v is not None and set(v) - {"include_usage", "continuous_usage_stats"}:
+            raise ValueError(f"unknown stream_options keys {sorted(set(v) - {'include_usage', 'continuous_usage_stats'})}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> "_Sampling":
+        if self.n > 1 and self.temperature == 0:
+            # vLLM answers 400 "n must be 1 when using greedy sampling": say it before sending.
+            raise ValueError("n: n must be 1 when temperature is 0 (greedy sampling)")
+        if self.min_tokens and self.max_tokens and self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens: must not exceed max_tokens")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return self
+
+    def sampling_key(self) -> tuple:
+        """Everything but the prompt: requests with equal keys may share one HTTP call."""
+        data = self.model_dump(exclude=set(self.PROMPT_FIELDS), exclude_none=True)
+        return tuple(sorted((k, repr(v)) for k, v in data.items()))
+
+    PROMPT_FIELDS: ClassVar[FrozenSet[str]] = frozenset()
+
+
+class CompletionRequest(_Sampling):
+    """A ``/v1/completions`` request: one prompt or a list of prompts (one HTTP call)."""
+
+    prompt: Prompt
+    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    echo: Optional[bool] = None
+    best_of: Optional[int] = Field(default=None, ge=1, le=128)
+    suffix: Optional[str] = None
+
+    PROMPT_FIELDS: ClassVar[FrozenSet[str]] = frozenset({"prompt", "priority", "stream"})
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("prompt is required (a string, a list of strings or token ids)")
+        if isinstance(v, str):
+            return _check_text(v, "prompt")
+        if isinstance(v, (list, tuple)):
+            if not v:
+                raise ValueError("prompt list must not be empty")
+            if len(v) > MAX_PROMPTS_PER_REQUEST:
+                raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
+            if all(isinstance(p, str) for p in v):
+                total = 0
+                for i, p in enumerate(v):
+                    _check_text(p, f"prompt[{i}]")
+                    total += len(p)
+                if total > MAX_PROMPT_CHARS * 4:
+                    raise ValueError("prompt list is too large in total")
+                return list(v)
+            if all(isinstance(p, int) and not isinstance(p, bool) for p in v):
+                if any(p < 0 for p in v):
+                    raise ValueError("token ids must be non-negative")
+                return list(v)
+            if all(isinstance(p, (list, tuple)) and p and all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p) for p in v):
+                return [list(p) for p in v]
+            raise ValueError("prompt list must hold only strings, or only token ids")
+        raise ValueError(f"prompt must be a string or a list, not {type(v).__name__}")
+
+    @property
+    def prompt_count(self) -> int:
+        """How many prompts (not tokens) this request carries."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return 1
+        return len(p)
+
+
+class ChatMessage(_Strict):
+    """One chat turn. ``content`` is text or a list of content parts."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Optional[Union[str, List[Dict[str, Any]]]] = None
+    name: Optional[str] = Field(default=None, max_length=256)
+    tool_call_id: Optional[str] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return _check_text(v, "content")
+        return v
+
+
+class ChatRequest(_Sampling):
+    """A ``/v1/chat/completions`` request."""
+
+    messages: List[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    tools: Optional[List[Dict[str, Any]]] = None
+    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+
+    PROMPT_FIELDS: ClassVar[FrozenSet[str]] = frozenset({"messages", "priority", "stream"})
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=true")
+        return self
+
+
+Request = Union[CompletionRequest, ChatRequest]
+
+
+def _field_of(err: Dict[str, Any]) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "list[", "union["))]
+    return ".".join(loc) or "request"
+
+
+def validate_request(cls: type, data: Dict[str, Any]) -> Request:
+    """Build ``cls`` from ``data`` or raise ``ValidationError`` naming the first bad field."""
+    try:
+        return cls.model_validate(data)
+    except pydantic.ValidationError as exc:
+        errs = exc.errors(include_url=False)
+        first = errs[0]
+        field = _field_of(first)
+        msg = first.get("msg", "invalid")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if ": " in msg and msg.split(": ", 1)[0].isidentifier() and field in ("request", ""):
+            field = msg.split(": ", 1)[0]
+        extra = f" (and {len(errs) - 1} more problem(s))" if len(errs) > 1 else ""
+        raise ValidationError(f"{msg}{extra}", field=field) from None
+
+
+class Usage(BaseModel):
+    """Token counts the server reported (summed over a prompt list)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class Choice(BaseModel):
+    """One generated sequence. ``prompt_index`` maps it back to its prompt in a list."""
+
+    index: int
+    text: str
+    finish_reason: Optional[str] = None
+    stop_reason: Optional[Union[str, int]] = None
+    logprobs: Optional[Dict[str, Any]] = None
+    prompt_index: int = 0
+
+
+class CompletionResult(BaseModel):
+    """What a completion or chat call returns."""
+
+    id: str = ""
+    model: str = ""
+    created: int = 0
+    object: str = "text_completion"
+    choices: List[Choice] = Field(default_factory=list)
+    usage: Usage = Field(default_factory=Usage)
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (the common single-prompt case)."""
+        return self.choices[0].text if self.choices else ""
+
+    @property
+    def texts(self) -> List[str]:
+        """Every choice's text, in choice-index order."""
+        return [c.text for c in self.choices]
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.choices[0].finish_reason if self.choices else None
+
+    def texts_by_prompt(self) -> List[List[str]]:
+        """For a prompt list: ``[[texts of prompt 0], [texts of prompt 1], ...]``."""
+        out: Dict[int, List[str]] = {}
+        for c in sorted(self.choices, key=lambda c: c.index):
+            out.setdefault(c.prompt_index, []).append(c.text)
+        return [out[k] for k in sorted(out)]
+
+    def for_prompt(self, prompt_index: int, n: int = 1) -> "CompletionResult":
+        """The slice of a batched result that belongs to one prompt (re-indexed from 0)."""
+        picked = [c.model_copy(update={"index": c.index - prompt_index * n, "prompt_index": 0})
+                  for c in self.choices if c.prompt_index == prompt_index]
+        return CompletionResult(id=self.id, model=self.model, created=self.created,
+                                object=self.object, choices=picked, usage=Usage())
+
+
+class StreamChunk(BaseModel):
+    """One parsed SSE event: text for a choice, a finish reason, and/or usage."""
+
+    index: int = 0
+    text: str = ""
+    finish_reason: Optional[str] = None
+    usage: Optional[Usage] = None
+    id: str = ""
+    model: str = ""
+
+
+def is_finite_number(x: Any) -> bool:
+    """True for real numbers that JSON can carry (no NaN or infinity)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def coerce_messages(value: Sequence[Any]) -> List[Dict[str, Any]]:
+    """Accept dicts or ChatMessage objects; return plain dicts for the request model."""
+    out = []
+    for m in value:
+        out.append(m.model_dump(exclude_none=True) if isinstance(m, ChatMessage) else m)
+    return out
