@@ -248,6 +248,9 @@ class CompletionResult(BaseModel):
     object: str = "text_completion"
     choices: List[Choice] = Field(default_factory=list)
     usage: Usage = Field(default_factory=Usage)
+    #: set when this result came back as one slice of a shared (batched) call
+    batch_size: int = 1
+    batch_usage: Optional[Usage] = None
 
     @property
     def text(self) -> str:

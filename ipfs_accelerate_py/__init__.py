@@ -1,0 +1,1 @@
+"""ipfs_accelerate_py: client backends for the IPFS Accelerate framework."""

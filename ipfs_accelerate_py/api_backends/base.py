@@ -1,0 +1,658 @@
+"""``BaseApiBackend``: the request pipeline every backend shares. Nothing here knows vLLM.
+
+    submit(request) ──> queue (priority, aging) ──> worker ──> batch collect
+        ──> call: [breaker admit ─> adapter.format_request ─> transport ─> adapter.parse_*]
+                  wrapped in the retry loop, bounded by the call's deadline
+        ──> metrics + recent_requests ──> the caller's future
+
+Every request path (``run_inference``, ``generate_text``, ``chat_completion``, handlers,
+``submit``) goes through ``submit``; streams take the same breaker, retry (before the first
+chunk only) and metrics. A backend is a subclass that names its adapter
+(``backend_name``); the adapter comes from the plugin manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import itertools
+import logging
+import os
+import threading
+import weakref
+from collections import deque
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from typing import Any, Callable, ClassVar, Deque, Dict, Iterator, List, Optional, Sequence, Union
+
+from . import errors
+from .adapter import BackendAdapter
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError, ValidationError
+from .mixins.batching import BatchingMixin, batch_key
+from .mixins.circuit_breaker import CircuitBreakerMixin
+from .mixins.metrics import MetricsMixin, MetricsRecorder
+from .mixins.multiplexing import MultiplexingMixin
+from .mixins.queue import Job, PriorityRequestQueue, QueueMixin, WorkerPool, check_priority
+from .mixins.retry import RetryMixin
+from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk,
+                     coerce_messages, validate_request)
+from .plugins import get_backend
+from .settings import ClientSettings
+from .sse import SSEDecoder
+from .transport import HttpRequest, HttpResponse, RequestsTransport, Transport
+
+__all__ = ["BaseApiBackend", "Endpoint", "TextStream", "build_request"]
+
+log = logging.getLogger("ipfs_accelerate_py.api_backends")
+
+TransportFactory = Callable[[ClientSettings], Transport]
+_LOOPBACK = ("localhost", "127.", "::1", "[::1]")
+
+
+def default_transport(settings: ClientSettings) -> Transport:
+    verify: Any = settings.ca_bundle or settings.verify_tls
+    return RequestsTransport(settings.base_url, settings.api_key_value,
+                             pool_size=max(settings.max_concurrent_requests, 10), verify=verify,
+                             trust_env=settings.trust_env, proxies=settings.proxies,
+                             extra_headers=settings.extra_headers)
+
+
+class Endpoint:
+    """One server as this client sees it: its own settings, session, queue, workers, breaker."""
+
+    def __init__(self, endpoint_id: str, settings: ClientSettings, transport: Transport,
+                 breaker: Any, queue: PriorityRequestQueue) -> None:
+        self.id = endpoint_id
+        self.settings = settings
+        self.transport = transport
+        self.breaker = breaker
+        self.queue = queue
+        self.workers: WorkerPool  # set right after construction (the pool calls back into it)
+        self.priority_supported = True  # cleared when the server refuses a priority field
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    def enter(self) -> None:
+        with self._lock:
+            self.in_flight += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.id} {self.settings.base_url}>"
+
+
+def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[str, Any]] = None,
+                  stream: bool = False) -> Request:
+    """Caller input -> typed request: text or a list of texts -> completion, messages -> chat."""
+    params = dict(parameters or {})
+    if not isinstance(parameters, (dict, type(None))):
+        raise ValidationError(f"must be a dict, got {type(parameters).__name__}", field="parameters")
+    if model is not None and not isinstance(model, str):
+        raise ValidationError(f"must be a string, got {type(model).__name__}", field="model")
+    if stream:
+        params["stream"] = True
+    if isinstance(inputs, (list, tuple)) and inputs and all(
+            isinstance(m, dict) and "role" in m for m in inputs):
+        return validate_request(ChatRequest, {**params, "model": model,
+                                              "messages": coerce_messages(inputs)})
+    if isinstance(inputs, (list, tuple)) and inputs and not all(isinstance(p, str) for p in inputs) \
+            and any(isinstance(m, dict) for m in inputs):
+        raise ValidationError("a list must hold only prompts (strings) or only chat messages "
+                              "(dicts with 'role' and 'content')", field="inputs")
+    if inputs is None:
+        raise ValidationError("is required (a prompt, a list of prompts, or chat messages)",
+                              field="inputs")
+    if not isinstance(inputs, (str, list, tuple)):
+        raise ValidationError(f"must be a string, a list of strings or chat messages, "
+                              f"not {type(inputs).__name__}", field="inputs")
+    return validate_request(CompletionRequest, {**params, "model": model, "prompt": inputs})
+
+
+class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin, MetricsMixin,
+                     MultiplexingMixin):
+    """A resilient client for one backend kind, over one or many endpoints."""
+
+    #: the adapter's registered name; subclasses set it
+    backend_name: ClassVar[str] = ""
+
+    def __init__(self, settings: Optional[ClientSettings] = None, *,
+                 adapter: Optional[BackendAdapter] = None,
+                 transport_factory: Optional[TransportFactory] = None,
+                 clock: Optional[Clock] = None, **overrides: Any) -> None:
+        if adapter is None:
+            if not self.backend_name:
+                raise ConfigurationError("a backend needs backend_name or an adapter",
+                                         field="backend_name")
+            adapter = get_backend(self.backend_name)
+        self._adapter = adapter
+        if settings is None:
+            settings = ClientSettings.from_env(adapter.env_prefix, overrides)
+        elif overrides:
+            settings = settings.replace(**overrides)
+        self._settings = settings
+        self._clock = clock or SYSTEM_CLOCK
+        self._transport_factory = transport_factory or default_transport
+        self._closing = threading.Event()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._metrics = MetricsRecorder(settings.latency_window)
+        self.recent_requests: Deque[Dict[str, Any]] = deque(maxlen=settings.recent_requests_size)
+        self._ids = itertools.count(1)
+        self._id_prefix = os.urandom(4).hex()
+        self._endpoint_ids = itertools.count(1)
+        self._endpoints: Dict[str, Endpoint] = {}
+        self._endpoints["default"] = self._make_endpoint("default", settings)
+        _live_clients.add(self)
+
+    # ------------------------------------------------------------------ endpoints
+    def _make_endpoint(self, endpoint_id: str, settings: ClientSettings) -> Endpoint:
+        self._warn_plain_http_key(settings)
+        queue = PriorityRequestQueue(settings.queue_size, settings.aging_interval, self._clock)
+        breaker = self._new_breaker(endpoint_id, settings, self._clock,
+                                    self._metrics.record_transition)
+        ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue)
+        ep.workers = WorkerPool(queue, settings.max_concurrent_requests,
+                                lambda job: self._handle_job(job, ep),
+                                name=f"{self.backend_name or 'api'}-{endpoint_id}")
+        return ep
+
+    _warned_hosts: "set[str]" = set()
+
+    def _warn_plain_http_key(self, settings: ClientSettings) -> None:
+        """Warn once per host when a key would cross a network in clear text."""
+        if settings.api_key is None or not settings.base_url.startswith("http://"):
+            return
+        host = settings.base_url[len("http://"):].split("/")[0].rsplit(":", 1)[0]
+        if host.startswith(_LOOPBACK) or host in BaseApiBackend._warned_hosts:
+            return
+        BaseApiBackend._warned_hosts.add(host)
+        log.warning("an API key will be sent over plain http to %s; use https", host)
+
+    def add_endpoint(self, endpoint_id: Optional[str] = None, **overrides: Any) -> str:
+        """Add an endpoint (own session, key, limits, queue, breaker, stats); return its id."""
+        settings = self._settings.replace(**overrides)
+        with self._lock:
+            if self._closed:
+                raise ClientClosedError("client is closed")
+            eid = endpoint_id or f"endpoint_{next(self._endpoint_ids)}"
+            if eid in self._endpoints:
+                raise ConfigurationError(f"endpoint {eid!r} exists already", field="endpoint_id")
+            self._endpoints[eid] = self._make_endpoint(eid, settings)
+        return eid
+
+    def _endpoint(self, endpoint_id: Optional[str]) -> Endpoint:
+        if endpoint_id is None:
+            return self._endpoints["default"]
+        try:
+            return self._endpoints[endpoint_id]
+        except (KeyError, TypeError):
+            raise ConfigurationError(f"no endpoint {endpoint_id!r}; known: {sorted(self._endpoints)}",
+                                     field="endpoint_id") from None
+
+    def _default_endpoint(self) -> Endpoint:
+        return self._endpoints["default"]
+
+    def _set_on_all_endpoints(self, **changes: Any) -> None:
+        self._settings = self._settings.replace(**changes)
+        for ep in self._endpoints.values():
+            ep.settings = ep.settings.replace(**changes)
+
+    @property
+    def settings(self) -> ClientSettings:
+        return self._settings
+
+    @property
+    def adapter(self) -> BackendAdapter:
+        return self._adapter
+
+    @property
+    def endpoint_ids(self) -> List[str]:
+        return list(self._endpoints)
+
+    # ------------------------------------------------------------------ submitting
+    def _new_job(self, ep: Endpoint, request: Request, priority: int,
+                 timeout: Optional[float]) -> Job:
+        now = self._clock.monotonic()
+        deadline = now + (timeout if timeout is not None else ep.settings.effective_deadline)
+        model = request.model or ep.settings.model
+        if request.model is None and model is not None:
+            request = request.model_copy(update={"model": model})
+        key = batch_key(ep.id, request, self._adapter.supports_prompt_list)
+        rid = f"{self._id_prefix}-{next(self._ids)}"
+        return Job(request, priority, deadline, key, model, rid, now)
+
+    def submit(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
+               timeout: Optional[float] = None) -> "Future[CompletionResult]":
+        """Queue ``request``; the future resolves to a result or a typed error, always."""
+        check_priority(priority)
+        if not isinstance(request, (CompletionRequest, ChatRequest)):
+            raise ValidationError(f"must be a CompletionRequest or ChatRequest, not "
+                                  f"{type(request).__name__}", field="request")
+        if request.stream:
+            raise ValidationError("streaming requests go through stream(), not submit()",
+                                  field="stream")
+        if self._closed:
+            raise ClientClosedError("client is closed")
+        ep = self._endpoint(endpoint_id)
+        job = self._new_job(ep, request, priority, timeout)
+        if ep.settings.queue_enabled:
+            self._enqueue(ep, job)
+        else:
+            self._handle_job(job, ep)
+        return job.future
+
+    def execute(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
+                timeout: Optional[float] = None) -> CompletionResult:
+        """``submit`` and wait; never longer than the call's deadline (plus a little grace)."""
+        fut = self.submit(request, priority, endpoint_id, timeout)
+        ep = self._endpoint(endpoint_id)
+        limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
+        try:
+            return fut.result(limit)
+        except FutureTimeout:
+            if not fut.done():
+                try:
+                    fut.set_exception(errors.TimeoutError(
+                        f"no result within the call deadline of {limit - 1.0:.1f}s"))
+                except Exception:  # noqa: BLE001 - the worker resolved it just now
+                    pass
+            return fut.result(0)
+
+    async def aexecute(self, request: Request, priority: int = 1,
+                       endpoint_id: Optional[str] = None) -> CompletionResult:
+        """Await a result without blocking the event loop."""
+        return await asyncio.wrap_future(self.submit(request, priority, endpoint_id))
+
+    # ------------------------------------------------------------------ worker side
+    def _handle_job(self, job: Job, ep: Endpoint) -> None:
+        if not self._check_queue_deadline(job):
+            self._record_unsent(ep, job)
+            return
+        batch = self._collect_batch(ep, job)
+        if len(batch) > 1:
+            self._run_batch(ep, batch)
+        else:
+            self._run_single(ep, job)
+
+    def _record_unsent(self, ep: Endpoint, job: Job) -> None:
+        exc = job.future.exception() if job.future.done() else None
+        self._metrics.record_request(ep.id, job.model, False, self._clock.monotonic() - job.enqueued_at,
+                                     error_type=type(exc).__name__ if exc else "Cancelled")
+
+    def _run_single(self, ep: Endpoint, job: Job) -> None:
+        start = self._clock.monotonic()
+        try:
+            result = self._call(ep, job.request, job.deadline, job.model, job.request_id)
+        except BaseException as exc:  # noqa: BLE001 - delivered to the caller
+            self._finish(ep, job, start, error=exc)
+        else:
+            self._finish(ep, job, start, result=result)
+
+    def _finish(self, ep: Endpoint, job: Job, start: float, result: Optional[CompletionResult] = None,
+                error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
+                output_tokens: Optional[int] = None) -> None:
+        if error is None:
+            job.succeed(result)
+        else:
+            job.fail(error)
+        # The caller may have given up first: count what the caller saw.
+        exc = job.future.exception()
+        ok = exc is None
+        now = self._clock.monotonic()
+        if ok and result is not None:
+            if input_tokens is None:
+                input_tokens = result.usage.prompt_tokens
+            if output_tokens is None:
+                output_tokens = result.usage.completion_tokens
+        self._metrics.record_request(
+            ep.id, job.model, ok, now - job.enqueued_at, start - job.enqueued_at,
+            None if ok else type(exc).__name__, input_tokens or 0, output_tokens or 0)
+        if self.recent_requests.maxlen:
+            entry = {"request_id": job.request_id, "endpoint": ep.id, "model": job.model,
+                     "priority": job.priority, "ok": ok,
+                     "error": None if ok else type(exc).__name__,
+                     "latency_seconds": now - job.enqueued_at,
+                     "queue_wait_seconds": start - job.enqueued_at,
+                     "time": self._clock.wall()}
+            if ep.settings.store_prompts:
+                entry["prompt"] = getattr(job.request, "prompt", None) or "(chat)"
+            self.recent_requests.append(entry)
+
+    # ------------------------------------------------------------------ one call
+    def _call(self, ep: Endpoint, request: Request, deadline: float, model: Optional[str],
+              request_id: str) -> CompletionResult:
+        """Send ``request`` with retries; parse the reply. Raises typed errors only."""
+        adapter = self._adapter
+        forward = ep.settings.forward_priority and ep.priority_supported
+
+        def attempt(n: int) -> CompletionResult:
+            nonlocal forward
+            priority = getattr(request, "priority", None) if forward else None
+            http = adapter.format_request(request, priority=priority, request_id=request_id)
+            try:
+                response = self._send(ep, http, deadline)
+            except errors.HTTPStatusError as exc:
+                if priority is not None and adapter.is_priority_rejection(exc):
+                    # The server runs without --scheduling-policy priority: stop sending it.
+                    ep.priority_supported = False
+                    forward = False
+                    log.info("endpoint %s refused the priority field; sending without it", ep.id)
+                    http = adapter.format_request(request, priority=None, request_id=request_id)
+                    response = self._send(ep, http, deadline)
+                else:
+                    raise
+            return adapter.parse_response(request, response)
+
+        return self._retry(ep, attempt, deadline, model)
+
+    def _admit(self, ep: Endpoint) -> bool:
+        return ep.breaker.before_call() if ep.settings.circuit_breaker_enabled else False
+
+    def _send(self, ep: Endpoint, http: HttpRequest, deadline: float) -> HttpResponse:
+        """One attempt: breaker admission, transport, status check, breaker verdict."""
+        probe = self._admit(ep)
+        remaining = deadline - self._clock.monotonic()
+        if remaining <= 0:
+            ep.breaker.release(probe)
+            raise errors.TimeoutError("the call deadline passed before the request was sent")
+        s = ep.settings
+        timeout = (min(s.connect_timeout, remaining), min(s.timeout, remaining))
+        ep.enter()
+        try:
+            response = ep.transport.send(http, timeout)
+        except TransientError:
+            ep.breaker.record_failure(probe)
+            raise
+        except BaseException:
+            ep.breaker.release(probe)
+            raise
+        finally:
+            ep.leave()
+        if response.status >= 400:
+            exc = self._adapter.parse_error(response)
+            if isinstance(exc, errors.ServerError):
+                ep.breaker.record_failure(probe)
+            else:
+                ep.breaker.record_success(probe)  # it answered: the server is alive
+            raise exc
+        ep.breaker.record_success(probe)
+        return response
+
+    def request_raw(self, http: HttpRequest, endpoint_id: Optional[str] = None,
+                    timeout: Optional[float] = None) -> HttpResponse:
+        """A non-inference call (models, version, metrics) with breaker and retries."""
+        self._check_open()
+        ep = self._endpoint(endpoint_id)
+        deadline = self._clock.monotonic() + (timeout or ep.settings.effective_deadline)
+        return self._retry(ep, lambda n: self._send(ep, http, deadline), deadline, None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError("client is closed")
+
+    # ------------------------------------------------------------------ streaming
+    def stream(self, request: Request, endpoint_id: Optional[str] = None) -> "TextStream":
+        """Open a stream now (errors raise here) and return an iterator of ``StreamChunk``."""
+        self._check_open()
+        if not self._adapter.supports_streaming:
+            raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
+        ep = self._endpoint(endpoint_id)
+        if not request.stream:
+            request = request.model_copy(update={"stream": True})
+        if request.model is None and ep.settings.model:
+            request = request.model_copy(update={"model": ep.settings.model})
+        rid = f"{self._id_prefix}-{next(self._ids)}"
+        http = self._adapter.format_request(request, priority=None, request_id=rid)
+        start = self._clock.monotonic()
+        deadline = start + ep.settings.effective_deadline
+        idle = ep.settings.idle_timeout
+
+        def attempt(n: int) -> Any:
+            probe = self._admit(ep)
+            remaining = deadline - self._clock.monotonic()
+            try:
+                resp = ep.transport.open_stream(
+                    http, (min(ep.settings.connect_timeout, max(remaining, 0.001)), idle))
+            except TransientError:
+                ep.breaker.record_failure(probe)
+                raise
+            except BaseException:
+                ep.breaker.release(probe)
+                raise
+            if resp.status >= 400:
+                body = b"".join(resp.chunks()) if resp.status < 600 else b""
+                resp.close()
+                exc = self._adapter.parse_error(HttpResponse(resp.status, resp.headers, body))
+                (ep.breaker.record_failure if isinstance(exc, errors.ServerError)
+                 else ep.breaker.record_success)(probe)
+                raise exc
+            ep.breaker.record_success(probe)
+            return resp
+
+        try:
+            resp = self._retry(ep, attempt, deadline, request.model)
+        except BaseException as exc:
+            self._metrics.record_request(ep.id, request.model, False,
+                                         self._clock.monotonic() - start,
+                                         error_type=type(exc).__name__, stream=True)
+            raise
+        return TextStream(self, ep, request, resp, start)
+
+    # ------------------------------------------------------------------ high level, generic
+    def run_inference(self, model_id: Optional[str], inputs: Any,
+                      parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
+                      endpoint_id: Optional[str] = None) -> CompletionResult:
+        """Text, a list of texts (ONE call, a prompt list) or chat messages -> a result."""
+        request = build_request(inputs, model_id, parameters)
+        return self.execute(request, priority, endpoint_id)
+
+    def submit_inference(self, model_id: Optional[str], inputs: Any,
+                         parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
+                         endpoint_id: Optional[str] = None) -> "Future[CompletionResult]":
+        """Non-blocking ``run_inference``: returns a future (lets one thread fill a batch)."""
+        return self.submit(build_request(inputs, model_id, parameters), priority, endpoint_id)
+
+    async def arun_inference(self, model_id: Optional[str], inputs: Any,
+                             parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
+                             endpoint_id: Optional[str] = None) -> CompletionResult:
+        """``run_inference`` for asyncio code."""
+        return await asyncio.wrap_future(
+            self.submit_inference(model_id, inputs, parameters, priority, endpoint_id))
+
+    def generate_text(self, prompt: str, model: Optional[str] = None, priority: int = 1,
+                      **parameters: Any) -> str:
+        """One prompt -> the generated text."""
+        if not isinstance(prompt, str):
+            raise ValidationError(f"must be a string, got {type(prompt).__name__}", field="prompt")
+        return self.run_inference(model, prompt, parameters, priority).text
+
+    def chat_completion(self, messages: Sequence[Dict[str, Any]], model: Optional[str] = None,
+                        priority: int = 1, **parameters: Any) -> CompletionResult:
+        """Chat messages -> the assistant's reply (``.text``)."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValidationError("must be a non-empty list of chat messages", field="messages")
+        request = validate_request(ChatRequest, {**parameters, "model": model,
+                                                 "messages": coerce_messages(messages)})
+        return self.execute(request, priority)
+
+    def stream_generation(self, prompt: Union[str, Sequence[Dict[str, Any]]],
+                          model: Optional[str] = None, **parameters: Any) -> "TextStream":
+        """A prompt or chat messages -> an iterator of text pieces as the server makes them."""
+        if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
+            raise ValidationError("stream one prompt (a string) or chat messages", field="prompt")
+        return self.stream(build_request(prompt, model, parameters, stream=True)).texts()
+
+    def list_models(self, endpoint_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The models the server serves (dicts with at least ``id``)."""
+        resp = self.request_raw(self._adapter.models_request(), endpoint_id)
+        return self._adapter.parse_models(resp)
+
+    def create_endpoint_handler(self, model: Optional[str] = None,
+                                parameters: Optional[Dict[str, Any]] = None) -> Callable[[Any], Any]:
+        """The framework's one-argument handler, built by the adapter, bound to this client."""
+        return self._adapter.create_endpoint_handler(self, model, parameters)
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Stop the workers, fail what is still queued, release connections. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._closing.set()
+        for ep in self._endpoints.values():
+            for job in ep.queue.close():
+                job.fail(ClientClosedError("client closed before this request was sent"))
+                self._record_unsent(ep, job)
+        wait = timeout if timeout is not None else self._settings.timeout + 1.0
+        for ep in self._endpoints.values():
+            ep.workers.join(wait)
+        for ep in self._endpoints.values():
+            ep.transport.close()
+        _live_clients.discard(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "BaseApiBackend":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} {self._settings.base_url} endpoints={len(self._endpoints)}"
+                f"{' closed' if self._closed else ''}>")
+
+
+class TextStream:
+    """An open stream: iterate for ``StreamChunk``s, or ``texts()`` for strings. Closing it
+    early closes the connection, which makes vLLM abort the generation."""
+
+    def __init__(self, client: BaseApiBackend, ep: Endpoint, request: Request, response: Any,
+                 start: float) -> None:
+        self._client = client
+        self._ep = ep
+        self._request = request
+        self._response = response
+        self._start = start
+        self._ttft: Optional[float] = None
+        self._parts: List[str] = []
+        self._done = False
+        self.usage = None
+        self.finish_reasons: Dict[int, Optional[str]] = {}
+        self._gen = self._run()
+        ep.enter()
+
+    @property
+    def text(self) -> str:
+        """Everything received so far (choice 0 and others concatenated in arrival order)."""
+        return "".join(self._parts)
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> StreamChunk:
+        return next(self._gen)
+
+    def texts(self) -> Iterator[str]:
+        """Only the text pieces; the generator closes the stream when closed."""
+        try:
+            for chunk in self:
+                if chunk.text:
+                    yield chunk.text
+        finally:
+            self.close()
+
+    def _run(self) -> Iterator[StreamChunk]:
+        client, adapter = self._client, self._client._adapter
+        decoder = SSEDecoder()
+        error: Optional[BaseException] = None
+        finished = False
+        try:
+            for raw in self._response.chunks():
+                for data in decoder.feed(raw):
+                    parsed = adapter.parse_stream_event(self._request, data)
+                    if parsed is None:
+                        finished = True
+                        return
+                    for chunk in parsed:
+                        if chunk.usage is not None:
+                            self.usage = chunk.usage
+                        if chunk.finish_reason is not None:
+                            self.finish_reasons[chunk.index] = chunk.finish_reason
+                        if chunk.text:
+                            if self._ttft is None:
+                                self._ttft = client._clock.monotonic() - self._start
+                            self._parts.append(chunk.text)
+                        yield chunk
+            for data in decoder.flush():
+                if adapter.parse_stream_event(self._request, data) is None:
+                    finished = True
+                    return
+            raise errors.ResponseError("stream ended without its end marker ([DONE]); "
+                                       "the reply is incomplete")
+        except errors.StreamError as exc:
+            exc.partial_text = self.text
+            error = exc
+            raise
+        except ApiError as exc:
+            exc.context["partial_text"] = self.text
+            error = exc
+            if isinstance(exc, TransientError):
+                self._ep.breaker.record_failure(False)
+            raise
+        except GeneratorExit:
+            error = None
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            error = exc
+            raise
+        finally:
+            self._finish(finished, error)
+
+    def _finish(self, finished: bool, error: Optional[BaseException]) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._response.close()
+        self._ep.leave()
+        c = self._client
+        usage = self.usage
+        c._metrics.record_request(
+            self._ep.id, self._request.model, finished and error is None,
+            c._clock.monotonic() - self._start,
+            error_type=None if finished and error is None else
+            (type(error).__name__ if error else "ClosedEarly"),
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.completion_tokens if usage else 0,
+            ttft=self._ttft, stream=True)
+
+    def close(self) -> None:
+        """Stop reading and drop the connection (idempotent)."""
+        self._gen.close()
+        if not self._done:
+            self._finish(False, None)
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+_live_clients: "weakref.WeakSet[BaseApiBackend]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_clients() -> None:
+    """Close every client still open at interpreter exit (workers, sockets)."""
+    for client in list(_live_clients):
+        try:
+            client.close(timeout=2.0)
+        except Exception:  # noqa: BLE001
+            pass

@@ -1,0 +1,178 @@
+"""The built-in vLLM backend: vLLM's wire format, and nothing else.
+
+Formats our typed requests as vLLM's OpenAI-compatible JSON (plus vLLM's extra sampling
+fields and its ``priority``), parses replies and SSE events back, maps vLLM's error
+shapes, and builds the framework's endpoint handlers. The older demo server's
+``/generate`` route is supported by ``VllmLegacyAdapter``. Retries, queueing, the breaker,
+batching and metrics come from ``BaseApiBackend``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, List, Optional
+
+from ..adapter import BackendAdapter, load_json
+from ..errors import HTTPStatusError, ResponseError, StreamError, ValidationError
+from ..handlers import make_endpoint_handler
+from ..hookspecs import hookimpl
+from ..models import ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
+from ..transport import HttpRequest, HttpResponse
+
+__all__ = ["VllmAdapter", "VllmLegacyAdapter"]
+
+_DROP_DEFAULTS = (("n", 1), ("stream", False))
+
+
+def _usage(data: Any) -> Usage:
+    if not isinstance(data, dict):
+        return Usage()
+    return Usage(prompt_tokens=data.get("prompt_tokens") or 0,
+                 completion_tokens=data.get("completion_tokens") or 0,
+                 total_tokens=data.get("total_tokens") or 0)
+
+
+class VllmAdapter(BackendAdapter):
+    """vLLM's OpenAI-compatible server (``/v1/completions``, ``/v1/chat/completions``)."""
+
+    name = "vllm"
+    description = "vLLM OpenAI-compatible server (completions, chat, SSE, prompt-list batching)"
+    env_prefix = "VLLM_"
+    default_base_url = "http://localhost:8000"
+    supports_prompt_list = True
+
+    # -- requests ---------------------------------------------------------------------
+    def format_request(self, request: Request, *, priority: Optional[int] = None,
+                       request_id: Optional[str] = None) -> HttpRequest:
+        body = request.model_dump(exclude_none=True, exclude={"priority"})
+        for key, default in _DROP_DEFAULTS:
+            if body.get(key) == default:
+                del body[key]
+        if priority is not None:
+            body["priority"] = priority  # lower runs earlier under --scheduling-policy priority
+        path = "/v1/chat/completions" if isinstance(request, ChatRequest) else "/v1/completions"
+        headers = {"X-Request-Id": request_id} if request_id else {}
+        return HttpRequest("POST", path, json=body, headers=headers, stream=request.stream)
+
+    def models_request(self) -> HttpRequest:
+        return HttpRequest("GET", "/v1/models")
+
+    # -- replies ----------------------------------------------------------------------
+    def parse_response(self, request: Request, response: HttpResponse) -> CompletionResult:
+        data = load_json(response)
+        choices_raw = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices_raw, list):
+            raise ResponseError("reply has no 'choices' list", status_code=response.status,
+                                body=response.text())
+        n = request.n or 1
+        chat = isinstance(request, ChatRequest)
+        choices = []
+        for c in choices_raw:
+            if not isinstance(c, dict):
+                raise ResponseError("a choice is not an object", status_code=response.status)
+            index = c.get("index", len(choices))
+            if chat:
+                message = c.get("message") or {}
+                text = message.get("content") or ""
+            else:
+                text = c.get("text")
+                if text is None:
+                    raise ResponseError("a completion choice has no 'text'",
+                                        status_code=response.status)
+            choices.append(Choice(index=index, text=text, finish_reason=c.get("finish_reason"),
+                                  stop_reason=c.get("stop_reason"), logprobs=c.get("logprobs"),
+                                  prompt_index=index // n))
+        choices.sort(key=lambda c: c.index)
+        return CompletionResult(id=data.get("id") or "", model=data.get("model") or "",
+                                created=data.get("created") or 0,
+                                object=data.get("object") or "", choices=choices,
+                                usage=_usage(data.get("usage")))
+
+    def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
+        if data.strip() == "[DONE]":
+            return None
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise ResponseError(f"stream event is not JSON: {data[:200]!r}") from None
+        if not isinstance(event, dict):
+            raise ResponseError(f"stream event is not an object: {data[:200]!r}")
+        err = event.get("error")
+        if err is not None:  # vLLM reports a failure mid-stream after a 200 status
+            if isinstance(err, dict):
+                raise StreamError(str(err.get("message") or err), error_type=err.get("type"),
+                                  code=err.get("code") if isinstance(err.get("code"), int) else None)
+            raise StreamError(str(err))
+        chat = isinstance(request, ChatRequest)
+        out: List[StreamChunk] = []
+        ident, model = event.get("id") or "", event.get("model") or ""
+        for c in event.get("choices") or ():
+            if chat:
+                text = (c.get("delta") or {}).get("content") or ""
+            else:
+                text = c.get("text") or ""
+            out.append(StreamChunk(index=c.get("index", 0), text=text,
+                                   finish_reason=c.get("finish_reason"), id=ident, model=model))
+        if event.get("usage"):
+            out.append(StreamChunk(usage=_usage(event["usage"]), id=ident, model=model))
+        return out
+
+    def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
+        data = load_json(response)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise ResponseError("models reply has no 'data' list", status_code=response.status)
+        return [m for m in items if isinstance(m, dict) and "id" in m]
+
+    def is_priority_rejection(self, error: HTTPStatusError) -> bool:
+        return error.status_code == 400 and (error.param == "priority"
+                                             or "priority" in error.message.lower())
+
+    # -- handlers ---------------------------------------------------------------------
+    def create_endpoint_handler(self, client: Any, model: Optional[str] = None,
+                                parameters: Optional[Dict[str, Any]] = None) -> Callable[[Any], Any]:
+        return make_endpoint_handler(client, model, parameters)
+
+
+class VllmLegacyAdapter(VllmAdapter):
+    """vLLM's old demo server: ``POST /generate`` -> ``{"text": [prompt + completion]}``."""
+
+    name = "vllm-legacy"
+    description = "vLLM demo api_server (/generate)"
+    supports_prompt_list = False
+    supports_streaming = False
+
+    def format_request(self, request: Request, *, priority: Optional[int] = None,
+                       request_id: Optional[str] = None) -> HttpRequest:
+        if isinstance(request, ChatRequest):
+            raise ValidationError("the legacy /generate API has no chat; use the OpenAI API",
+                                  field="messages")
+        if not isinstance(request.prompt, str):
+            raise ValidationError("the legacy /generate API takes one prompt string",
+                                  field="prompt")
+        body = request.model_dump(exclude_none=True, exclude={"model", "priority", "stream",
+                                                              "stream_options", "echo"})
+        return HttpRequest("POST", "/generate", json=body)
+
+    def parse_response(self, request: Request, response: HttpResponse) -> CompletionResult:
+        data = load_json(response)
+        texts = data.get("text") if isinstance(data, dict) else None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ResponseError("legacy reply has no 'text' list", status_code=response.status)
+        prompt = request.prompt if isinstance(request, CompletionRequest) else ""
+        choices = [Choice(index=i, text=t[len(prompt):] if isinstance(prompt, str) and
+                          t.startswith(prompt) else t) for i, t in enumerate(texts)]
+        return CompletionResult(object="text_completion", model=request.model or "",
+                                choices=choices)
+
+    def models_request(self) -> HttpRequest:
+        return HttpRequest("GET", "/health")
+
+    def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
+        return []  # the demo server cannot list its model
+
+
+@hookimpl
+def iap_register_backends(register: Callable[[BackendAdapter], None]) -> None:
+    register(VllmAdapter())
+    register(VllmLegacyAdapter())

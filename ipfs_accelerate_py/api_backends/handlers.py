@@ -1,0 +1,101 @@
+"""The framework's one-argument endpoint handler, for any backend client.
+
+The ipfs_accelerate_py framework calls a handler with ONE positional argument: a prompt,
+a list of prompts, chat messages, or a dict such as ``{"inputs": [...]}`` or
+``{"prompt": ..., "parameters": {...}}``. It probes batch support with
+``handler({"inputs": [..]})`` and expects a list back.
+
+Return shape: a dict ``{"text", "texts", "model", "finish_reason", "usage", "id"}`` per
+prompt (a list of them for a list input). This is the ONE place that returns errors
+instead of raising: the framework expects ``{"error": message, "error_type": name}``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Callable, Dict, List, Optional
+
+from .errors import ApiError, ValidationError
+from .models import CompletionRequest, CompletionResult
+
+__all__ = ["make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters"]
+
+#: Handler settings that shape how the handler calls the client; never sent to the server.
+HANDLER_OPTIONS = {"batch_size", "priority", "timeout"}
+
+
+def result_to_dict(result: CompletionResult) -> Dict[str, Any]:
+    return {"text": result.text, "texts": result.texts, "model": result.model,
+            "finish_reason": result.finish_reason, "id": result.id,
+            "usage": (result.batch_usage or result.usage).model_dump()}
+
+
+def split_handler_parameters(parameters: Optional[Dict[str, Any]]) -> "tuple[Dict[str, Any], Dict[str, Any]]":
+    """(sampling parameters for the server, handler options); unknown names raise now."""
+    params = dict(parameters or {})
+    if not isinstance(parameters, (dict, type(None))):
+        raise ValidationError("must be a dict", field="parameters")
+    options = {k: params.pop(k) for k in list(params) if k in HANDLER_OPTIONS}
+    known = set(CompletionRequest.model_fields) | {"max_completion_tokens", "top_logprobs"}
+    unknown = sorted(set(params) - known - {"prompt", "messages"})
+    if unknown:
+        raise ValidationError(f"unknown parameter(s) {unknown}; sampling parameters are "
+                              f"{sorted(known - {'prompt'})}, handler options {sorted(HANDLER_OPTIONS)}",
+                              field=f"parameters.{unknown[0]}")
+    bs = options.get("batch_size")
+    if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
+        raise ValidationError("must be a positive integer", field="parameters.batch_size")
+    return params, options
+
+
+def _unpack(data: Any) -> "tuple[Any, Dict[str, Any]]":
+    """A framework input -> (inputs, per-call parameters)."""
+    if isinstance(data, dict):
+        params = data.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise ValidationError("must be a dict", field="parameters")
+        for key in ("inputs", "prompt", "messages", "input", "text"):
+            if key in data:
+                return data[key], params
+        raise ValidationError("a dict input needs 'inputs', 'prompt' or 'messages'", field="inputs")
+    return data, {}
+
+
+def make_endpoint_handler(client: Any, model: Optional[str] = None,
+                          parameters: Optional[Dict[str, Any]] = None) -> Callable[[Any], Any]:
+    """A one-argument handler bound to ``client`` and ``model`` with default ``parameters``.
+
+    Per-call parameters override the defaults. ``batch_size`` splits a list of prompts into
+    calls of at most that many prompts (sent concurrently); ``priority`` and ``timeout``
+    set the queue priority and the call deadline.
+    """
+    defaults, options = split_handler_parameters(parameters)
+
+    def handler(data: Any) -> Any:
+        try:
+            inputs, call_params = _unpack(data)
+            sampling, call_options = split_handler_parameters({**defaults, **options, **call_params})
+            priority = call_options.get("priority", 1)
+            if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
+                size = call_options.get("batch_size") or len(inputs)
+                futures: List[Future] = [
+                    client.submit_inference(model, list(inputs[i:i + size]), sampling, priority)
+                    for i in range(0, len(inputs), size)]
+                n = sampling.get("n") or 1
+                out: List[Dict[str, Any]] = []
+                for start, fut in zip(range(0, len(inputs), size), futures):
+                    result: CompletionResult = fut.result()
+                    for i in range(min(size, len(inputs) - start)):
+                        part = result.for_prompt(i, n)
+                        part.batch_usage = result.usage
+                        out.append(result_to_dict(part))
+                return out
+            return result_to_dict(client.run_inference(model, inputs, sampling, priority))
+        except ApiError as exc:
+            return {"error": str(exc), "error_type": type(exc).__name__}
+
+    handler.model = model  # type: ignore[attr-defined]
+    handler.parameters = dict(defaults)  # type: ignore[attr-defined]
+    handler.options = dict(options)  # type: ignore[attr-defined]
+    handler.client = client  # type: ignore[attr-defined]
+    return handler

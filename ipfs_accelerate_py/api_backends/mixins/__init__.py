@@ -1,0 +1,11 @@
+"""The resilience mixins of ``BaseApiBackend``, one concern per module."""
+
+from .batching import BatchingMixin
+from .circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitBreakerMixin
+from .metrics import MetricsMixin, MetricsRecorder
+from .queue import PriorityRequestQueue, QueueMixin, WorkerPool
+from .retry import RetryMixin, RetryPolicy, call_with_retries
+
+__all__ = ["BatchingMixin", "CircuitBreaker", "CircuitBreakerMixin", "CLOSED", "OPEN", "HALF_OPEN",
+           "MetricsMixin", "MetricsRecorder", "PriorityRequestQueue", "QueueMixin", "WorkerPool",
+           "RetryMixin", "RetryPolicy", "call_with_retries"]

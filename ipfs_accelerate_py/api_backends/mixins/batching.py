@@ -1,0 +1,123 @@
+"""Request batching: compatible requests waiting at the same moment share ONE call.
+
+Completion requests for the same endpoint, model and sampling parameters become one
+``/v1/completions`` call whose ``prompt`` is a list; the server answers choice
+``index = prompt_i * n + j`` and each caller gets its own slice back. A worker takes what
+is already waiting (never holding a lone request back). When it found company (a burst is
+under way) and the batch is not full, it waits up to ``batch_timeout`` (counted from the
+first request's arrival) for more, then sends. If the shared call fails with a 4xx, each
+request is retried alone so only the bad one fails; other failures go to every caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, List, Optional, Sequence
+
+from ..models import CompletionRequest, CompletionResult, Request
+from .queue import Job
+
+__all__ = ["batch_key", "merge_requests", "split_result", "share_tokens", "BatchingMixin"]
+
+
+def batch_key(endpoint_id: str, request: Request, supports_prompt_list: bool) -> Optional[Hashable]:
+    """The key under which ``request`` may share a call, or None if it must go alone."""
+    if (not supports_prompt_list or not isinstance(request, CompletionRequest)
+            or request.stream or not isinstance(request.prompt, str)):
+        return None
+    return (endpoint_id, request.model, request.sampling_key())
+
+
+def merge_requests(requests: Sequence[CompletionRequest]) -> CompletionRequest:
+    """One request carrying every prompt, in order (sampling fields are equal by key)."""
+    first = requests[0]
+    return first.model_copy(update={"prompt": [r.prompt for r in requests]})
+
+
+def split_result(result: CompletionResult, count: int, n: int) -> List[CompletionResult]:
+    """Each prompt's slice of a batched result; usage is reported on the batch only."""
+    parts = [result.for_prompt(i, n) for i in range(count)]
+    for part in parts:
+        part.batch_size = count
+        part.batch_usage = result.usage
+    return parts
+
+
+def share_tokens(total: int, count: int) -> List[int]:
+    """Split an integer total over ``count`` callers so the parts add up exactly."""
+    base, rest = divmod(total, count)
+    return [base + (1 if i < rest else 0) for i in range(count)]
+
+
+class BatchingMixin:
+    """README surface: ``batch_enabled``, ``max_batch_size``, ``batch_timeout``."""
+
+    @property
+    def batch_enabled(self) -> bool:
+        return self._settings.batch_enabled  # type: ignore[attr-defined]
+
+    @batch_enabled.setter
+    def batch_enabled(self, value: bool) -> None:
+        self._set_on_all_endpoints(batch_enabled=bool(value))  # type: ignore[attr-defined]
+
+    @property
+    def max_batch_size(self) -> int:
+        return self._settings.max_batch_size  # type: ignore[attr-defined]
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        self._set_on_all_endpoints(max_batch_size=value)  # type: ignore[attr-defined]
+
+    @property
+    def batch_timeout(self) -> float:
+        return self._settings.batch_timeout  # type: ignore[attr-defined]
+
+    @batch_timeout.setter
+    def batch_timeout(self, value: float) -> None:
+        self._set_on_all_endpoints(batch_timeout=value)  # type: ignore[attr-defined]
+
+    def _collect_batch(self, endpoint: Any, job: Job) -> List[Job]:
+        settings = endpoint.settings
+        if job.key is None or not settings.batch_enabled or settings.max_batch_size <= 1:
+            return [job]
+        limit = settings.max_batch_size
+        batch = [job] + endpoint.queue.take_compatible(job.key, limit - 1)
+        if 1 < len(batch) < limit and settings.batch_timeout > 0:
+            until = job.enqueued_at + settings.batch_timeout
+            batch += endpoint.queue.wait_compatible(job.key, limit - len(batch), until)
+        return [j for j in batch if j is job or self._check_queue_deadline(j)]  # type: ignore[attr-defined]
+
+    def _run_batch(self, endpoint: Any, jobs: List[Job]) -> None:
+        """Send ``jobs`` as one call; resolve every job's future whatever happens."""
+        from ..errors import ApiError, TransientError, HTTPStatusError
+
+        merged = merge_requests([j.request for j in jobs])
+        deadline = min(j.deadline for j in jobs)
+        model = jobs[0].model
+        self._metrics.record_batch(endpoint.id, model, len(jobs))  # type: ignore[attr-defined]
+        start = self._clock.monotonic()  # type: ignore[attr-defined]
+        try:
+            result = self._call(endpoint, merged, deadline, model, jobs[0].request_id)  # type: ignore[attr-defined]
+        except HTTPStatusError as exc:
+            if not isinstance(exc, TransientError):
+                # One bad prompt (e.g. too long) fails the whole list: find it by going alone.
+                for j in jobs:
+                    self._run_single(endpoint, j)  # type: ignore[attr-defined]
+                return
+            self._fail_jobs(endpoint, jobs, exc, start)
+            return
+        except ApiError as exc:
+            self._fail_jobs(endpoint, jobs, exc, start)
+            return
+        except BaseException as exc:  # noqa: BLE001 - never lose a caller
+            self._fail_jobs(endpoint, jobs, exc, start)
+            return
+        parts = split_result(result, len(jobs), merged.n)
+        ins = share_tokens(result.usage.prompt_tokens, len(jobs))
+        outs = share_tokens(result.usage.completion_tokens, len(jobs))
+        for j, part, i, o in zip(jobs, parts, ins, outs):
+            self._finish(endpoint, j, start, result=part, input_tokens=i, output_tokens=o)  # type: ignore[attr-defined]
+
+    def _fail_jobs(self, endpoint: Any, jobs: List[Job], exc: BaseException, start: float) -> None:
+        for j in jobs:
+            self._finish(endpoint, j, start, error=exc)  # type: ignore[attr-defined]
+

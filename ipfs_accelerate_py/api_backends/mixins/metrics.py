@@ -1,0 +1,184 @@
+"""Metrics: cheap to record (counters and fixed-size arrays), computed only when read.
+
+Recording costs a lock and a few additions; percentiles are computed with numpy on
+``snapshot()``. Memory is bounded: each latency series is a ring of ``window`` floats.
+Names follow the OpenTelemetry GenAI semantic conventions where one exists
+(``gen_ai.client.operation.duration`` in seconds, ``gen_ai.client.token.usage``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+__all__ = ["Series", "MetricsRecorder", "MetricsMixin"]
+
+PERCENTILES = (50, 90, 95, 99)
+
+
+class Series:
+    """A bounded ring of samples plus exact count/sum/min/max over everything seen."""
+
+    __slots__ = ("_buf", "_i", "count", "total", "min", "max")
+
+    def __init__(self, window: int) -> None:
+        self._buf = np.empty(window, dtype=np.float64)
+        self._i = 0
+        self.count = 0
+        self.total = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+
+    def add(self, x: float) -> None:
+        self._buf[self._i] = x
+        self._i = (self._i + 1) % len(self._buf)
+        self.count += 1
+        self.total += x
+        if x < self.min:
+            self.min = x
+        if x > self.max:
+            self.max = x
+
+    def summary(self) -> Dict[str, Any]:
+        if not self.count:
+            return {"count": 0}
+        data = self._buf[: min(self.count, len(self._buf))]
+        pct = np.percentile(data, PERCENTILES)
+        out: Dict[str, Any] = {"count": self.count, "min": self.min, "max": self.max,
+                               "mean": self.total / self.count}
+        out.update({f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)})
+        return out
+
+
+class _Scope:
+    """Counters and series for one scope: all, one model, or one endpoint."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.requests = 0
+        self.successes = 0
+        self.failures = 0
+        self.failures_by_type: Counter = Counter()
+        self.retries = 0
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.batches = 0
+        self.batched_requests = 0
+        self.streams = 0
+        self.duration = Series(window)
+        self.queue_wait = Series(window)
+        self.ttft = Series(window)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "successes": self.successes,
+            "failures": self.failures,
+            "failures_by_type": dict(self.failures_by_type),
+            "success_rate": (self.successes / self.requests) if self.requests else None,
+            "retries": self.retries,
+            "streams": self.streams,
+            "batches": self.batches,
+            "batched_requests": self.batched_requests,
+            "mean_batch_size": (self.batched_requests / self.batches) if self.batches else None,
+            "gen_ai.client.token.usage": {"input": self.input_tokens, "output": self.output_tokens},
+            "gen_ai.client.operation.duration": self.duration.summary(),
+            "queue_wait_seconds": self.queue_wait.summary(),
+            "gen_ai.server.time_to_first_token": self.ttft.summary(),
+        }
+
+
+class MetricsRecorder:
+    """Thread-safe recorder with total, per-model and per-endpoint scopes."""
+
+    def __init__(self, window: int = 10_000, max_models: int = 256) -> None:
+        self._window = window
+        self._max_models = max_models
+        self._lock = threading.Lock()
+        self._reset_locked()
+
+    def _reset_locked(self) -> None:
+        self._total = _Scope(self._window)
+        self._models: Dict[str, _Scope] = {}
+        self._endpoints: Dict[str, _Scope] = {}
+        self._transitions: Counter = Counter()
+
+    def _scopes(self, endpoint: str, model: Optional[str]) -> "tuple[_Scope, ...]":
+        ep = self._endpoints.get(endpoint)
+        if ep is None:
+            ep = self._endpoints[endpoint] = _Scope(min(self._window, 2048))
+        key = model or "(default)"
+        m = self._models.get(key)
+        if m is None:
+            if len(self._models) >= self._max_models:  # bound memory under many model names
+                key = "(other)"
+                m = self._models.get(key)
+            if m is None:
+                m = self._models[key] = _Scope(min(self._window, 2048))
+        return self._total, ep, m
+
+    def record_request(self, endpoint: str, model: Optional[str], ok: bool, duration: float,
+                       queue_wait: float = 0.0, error_type: Optional[str] = None,
+                       input_tokens: int = 0, output_tokens: int = 0,
+                       ttft: Optional[float] = None, stream: bool = False) -> None:
+        with self._lock:
+            for s in self._scopes(endpoint, model):
+                s.requests += 1
+                if ok:
+                    s.successes += 1
+                else:
+                    s.failures += 1
+                    s.failures_by_type[error_type or "Error"] += 1
+                s.input_tokens += input_tokens
+                s.output_tokens += output_tokens
+                s.duration.add(duration)
+                s.queue_wait.add(queue_wait)
+                if ttft is not None:
+                    s.ttft.add(ttft)
+                if stream:
+                    s.streams += 1
+
+    def record_retry(self, endpoint: str, model: Optional[str]) -> None:
+        with self._lock:
+            for s in self._scopes(endpoint, model):
+                s.retries += 1
+
+    def record_batch(self, endpoint: str, model: Optional[str], size: int) -> None:
+        with self._lock:
+            for s in self._scopes(endpoint, model):
+                s.batches += 1
+                s.batched_requests += size
+
+    def record_transition(self, endpoint: str, old: str, new: str) -> None:
+        with self._lock:
+            self._transitions[f"{endpoint}:{old}->{new}"] += 1
+
+    def snapshot(self, reset: bool = False) -> Dict[str, Any]:
+        with self._lock:
+            out = self._total.to_dict()
+            out["per_model"] = {k: v.to_dict() for k, v in self._models.items()}
+            out["per_endpoint"] = {k: v.to_dict() for k, v in self._endpoints.items()}
+            out["circuit_breaker_transitions"] = dict(self._transitions)
+            if reset:
+                self._reset_locked()
+        return out
+
+    def endpoint_counts(self, endpoint: str) -> Dict[str, Any]:
+        with self._lock:
+            s = self._endpoints.get(endpoint)
+            return s.to_dict() if s else _Scope(1).to_dict()
+
+
+class MetricsMixin:
+    """README surface: ``get_metrics(reset=False)``."""
+
+    def get_metrics(self, reset: bool = False) -> Dict[str, Any]:
+        """Counts, latency percentiles, tokens, batches and breaker state; ``reset`` clears."""
+        snap = self._metrics.snapshot(reset=reset)  # type: ignore[attr-defined]
+        snap["circuit_state"] = self.circuit_states()  # type: ignore[attr-defined]
+        snap["queue_length"] = {eid: len(ep.queue) for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
+        snap["current_requests"] = self.current_requests  # type: ignore[attr-defined]
+        return snap

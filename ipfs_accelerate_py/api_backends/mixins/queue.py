@@ -1,0 +1,271 @@
+"""Bounded priority queue with aging, served by a fixed pool of worker threads.
+
+Priorities: 0 HIGH, 1 NORMAL, 2 LOW; FIFO within a priority. A waiting request's
+effective priority improves by one level every ``aging_interval`` seconds, so LOW work
+still runs under a steady stream of HIGH work. ``max_concurrent_requests`` workers block
+on a condition variable (no polling, no thread per request). Putting into a full queue
+raises ``QueueFullError``. Every job ends: a result, its own error, ``QueueTimeoutError``
+when it waited past its deadline, or ``ClientClosedError`` when the client closes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable, Deque, Dict, Hashable, List, Optional
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import ClientClosedError, QueueFullError, QueueTimeoutError, ValidationError
+
+__all__ = ["Job", "PriorityRequestQueue", "WorkerPool", "QueueMixin", "PRIORITIES"]
+
+PRIORITIES = (0, 1, 2)
+HIGH, NORMAL, LOW = PRIORITIES
+
+
+def check_priority(priority: Any) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in PRIORITIES:
+        raise ValidationError(f"must be 0 (HIGH), 1 (NORMAL) or 2 (LOW), got {priority!r}",
+                              field="priority")
+    return priority
+
+
+class Job:
+    """One submitted request and the future its caller waits on."""
+
+    __slots__ = ("request", "priority", "future", "enqueued_at", "deadline", "key", "seq",
+                 "model", "request_id", "started_at")
+
+    def __init__(self, request: Any, priority: int, deadline: float, key: Optional[Hashable],
+                 model: Optional[str], request_id: str, now: float) -> None:
+        self.request = request
+        self.priority = priority
+        self.future: Future = Future()
+        self.enqueued_at = now
+        self.deadline = deadline
+        self.key = key  # batching key; None when the request cannot share a call
+        self.model = model
+        self.request_id = request_id
+        self.seq = 0
+        self.started_at = 0.0
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            try:
+                self.future.set_exception(exc)
+            except Exception:  # noqa: BLE001 - already resolved by a racing path
+                pass
+
+    def succeed(self, result: Any) -> None:
+        if not self.future.done():
+            try:
+                self.future.set_result(result)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class PriorityRequestQueue:
+    """Three FIFO lanes; ``get`` picks the lane whose head has the best aged priority."""
+
+    def __init__(self, maxsize: int = 1000, aging_interval: float = 2.0,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        self.maxsize = maxsize
+        self.aging_interval = aging_interval
+        self._clock = clock
+        self._lanes: Dict[int, Deque[Job]] = {p: deque() for p in PRIORITIES}
+        self._size = 0
+        self._seq = itertools.count()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)      # idle workers wait here
+        self._arrived = threading.Condition(lock)   # batch collectors wait here
+        self._collectors = 0
+        self._closed = False
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:  # an empty queue object is still a queue
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, job: Job) -> None:
+        with self._cond:
+            if self._closed:
+                raise ClientClosedError("client is closed; request not queued")
+            if self._size >= self.maxsize:
+                raise QueueFullError(f"request queue is full ({self.maxsize} waiting); "
+                                     "raise queue_size or slow down")
+            job.seq = next(self._seq)
+            self._lanes[job.priority].append(job)
+            self._size += 1
+            self._cond.notify()
+            if self._collectors and job.key is not None:
+                self._arrived.notify_all()
+
+    def _pick(self) -> Optional[Job]:
+        now = self._clock.monotonic()
+        best: Optional[Job] = None
+        best_score = 0.0
+        for lane in self._lanes.values():
+            if lane:
+                head = lane[0]
+                score = head.priority - (now - head.enqueued_at) / self.aging_interval
+                if best is None or score < best_score or (score == best_score and head.seq < best.seq):
+                    best, best_score = head, score
+        if best is not None:
+            self._lanes[best.priority].popleft()
+            self._size -= 1
+        return best
+
+    def get(self, timeout: Optional[float] = None) -> Optional[Job]:
+        """Next job, waiting for one; ``None`` once closed (or on timeout)."""
+        with self._cond:
+            while not self._size:
+                if self._closed:
+                    return None
+                if not self._cond.wait(timeout):
+                    return None
+            return self._pick()
+
+    def take_compatible(self, key: Hashable, limit: int) -> List[Job]:
+        """Remove up to ``limit`` waiting jobs with batching key ``key`` (oldest first)."""
+        if limit <= 0:
+            return []
+        with self._cond:
+            return self._take_locked(key, limit)
+
+    def _take_locked(self, key: Hashable, limit: int) -> List[Job]:
+        taken: List[Job] = []
+        for p, lane in self._lanes.items():
+            if not lane or len(taken) >= limit:
+                continue
+            keep: Deque[Job] = deque()
+            for job in lane:
+                if len(taken) < limit and job.key == key:
+                    taken.append(job)
+                else:
+                    keep.append(job)
+            if len(keep) != len(lane):
+                self._lanes[p] = keep
+        self._size -= len(taken)
+        return taken
+
+    def wait_compatible(self, key: Hashable, limit: int, until: float) -> List[Job]:
+        """Like ``take_compatible`` but waits (until monotonic ``until``) for arrivals."""
+        out: List[Job] = []
+        with self._cond:
+            self._collectors += 1
+            try:
+                while len(out) < limit and not self._closed:
+                    out += self._take_locked(key, limit - len(out))
+                    remaining = until - self._clock.monotonic()
+                    if len(out) >= limit or remaining <= 0:
+                        break
+                    self._arrived.wait(remaining)
+            finally:
+                self._collectors -= 1
+        return out
+
+    def close(self) -> List[Job]:
+        """Stop accepting; wake every waiter; return what was still queued."""
+        with self._cond:
+            self._closed = True
+            left = [j for lane in self._lanes.values() for j in lane]
+            for lane in self._lanes.values():
+                lane.clear()
+            self._size = 0
+            self._cond.notify_all()
+            self._arrived.notify_all()
+        return left
+
+
+class WorkerPool:
+    """``n`` daemon threads running ``handle(job)`` for each job ``queue`` hands out."""
+
+    def __init__(self, queue: PriorityRequestQueue, n: int, handle: Callable[[Job], None],
+                 name: str) -> None:
+        self._queue = queue
+        self._handle = handle
+        self._n = n
+        self._name = name
+        self._threads: List[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.active = 0  # jobs being handled right now
+
+    def ensure_started(self) -> None:
+        if len(self._threads) >= self._n:
+            return
+        with self._lock:
+            while len(self._threads) < self._n and not self._queue.closed:
+                t = threading.Thread(target=self._run, daemon=True,
+                                     name=f"{self._name}-worker-{len(self._threads)}")
+                self._threads.append(t)
+                t.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            with self._lock:
+                self.active += 1
+            try:
+                self._handle(job)
+            except BaseException as exc:  # noqa: BLE001 - a worker must never die silently
+                job.fail(exc)
+            finally:
+                with self._lock:
+                    self.active -= 1
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the threads to end; True when none is alive."""
+        import time
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+
+class QueueMixin:
+    """README surface: ``queue_enabled``, ``request_queue``, ``current_requests``."""
+
+    @property
+    def queue_enabled(self) -> bool:
+        return self._settings.queue_enabled  # type: ignore[attr-defined]
+
+    @queue_enabled.setter
+    def queue_enabled(self, value: bool) -> None:
+        self._set_on_all_endpoints(queue_enabled=bool(value))  # type: ignore[attr-defined]
+
+    @property
+    def request_queue(self) -> PriorityRequestQueue:
+        """The default endpoint's queue (``len()`` is how many wait)."""
+        return self._default_endpoint().queue  # type: ignore[attr-defined]
+
+    @property
+    def current_requests(self) -> int:
+        """Requests being sent right now, over every endpoint."""
+        return sum(ep.in_flight for ep in self._endpoints.values())  # type: ignore[attr-defined]
+
+    def _enqueue(self, endpoint: Any, job: Job) -> None:
+        endpoint.queue.put(job)
+        endpoint.workers.ensure_started()
+
+    def _check_queue_deadline(self, job: Job) -> bool:
+        """Fail a job that waited past its deadline; True if it may still run."""
+        if job.future.done():  # the caller gave up (timeout/cancel) while it waited
+            return False
+        if self._clock.monotonic() > job.deadline:  # type: ignore[attr-defined]
+            job.fail(QueueTimeoutError(
+                f"request waited {self._clock.monotonic() - job.enqueued_at:.2f}s in the queue, "  # type: ignore[attr-defined]
+                "past its deadline; it was never sent"))
+            return False
+        return True

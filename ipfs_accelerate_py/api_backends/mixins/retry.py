@@ -1,0 +1,96 @@
+"""Retry with exponential backoff and jitter: the ONE place a request is retried.
+
+Retried: connection errors, timeouts, 408, 409, 429 and 5xx (``errors.TransientError``).
+Never: other 4xx, an open circuit, or a stream that already yielded text. The wait is
+``retry_delay * backoff_factor**attempt`` (capped at ``max_retry_delay``) with "equal
+jitter" (half fixed, half random) so clients that failed together do not retry together;
+a server's ``Retry-After`` / ``retry-after-ms`` wins, capped at ``max_retry_after``. No
+attempt starts after the call's deadline.
+
+Hand-written rather than tenacity: the loop must consult the circuit breaker before each
+attempt, honour a per-error ``Retry-After``, stop at a whole-call deadline, count retries
+into our metrics and wake up early when the client closes; with tenacity each of those is
+a callback around the same dozen lines.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import Any, Callable, Optional, TypeVar
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import ApiError, ClientClosedError, TimeoutError, TransientError
+
+__all__ = ["RetryPolicy", "RetryMixin", "call_with_retries"]
+
+T = TypeVar("T")
+
+
+class RetryPolicy:
+    """Which errors to retry and how long to wait before attempt ``attempt + 1``."""
+
+    def __init__(self, max_retries: int = 3, retry_delay: float = 0.5, backoff_factor: float = 2.0,
+                 max_retry_delay: float = 8.0, max_retry_after: float = 60.0,
+                 rng: Optional[Callable[[], float]] = None) -> None:
+        self.max_retries = max_retries
+        self.retry_delay = retry_delay
+        self.backoff_factor = backoff_factor
+        self.max_retry_delay = max_retry_delay
+        self.max_retry_after = max_retry_after
+        self._rng = rng or random.random
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "RetryPolicy":
+        return cls(settings.max_retries, settings.retry_delay, settings.backoff_factor,
+                   settings.max_retry_delay, settings.max_retry_after)
+
+    def should_retry(self, error: BaseException, attempt: int) -> bool:
+        return isinstance(error, TransientError) and attempt < self.max_retries
+
+    def delay(self, error: BaseException, attempt: int) -> float:
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            return min(float(retry_after), self.max_retry_after)
+        base = min(self.retry_delay * (self.backoff_factor ** attempt), self.max_retry_delay)
+        return base / 2 + self._rng() * base / 2
+
+
+def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadline: float,
+                      clock: Clock = SYSTEM_CLOCK, cancel: Optional[threading.Event] = None,
+                      on_retry: Optional[Callable[[BaseException, int, float], None]] = None) -> T:
+    """Run ``attempt_fn(attempt)`` until it returns, a non-retryable error, or the deadline."""
+    attempt = 0
+    while True:
+        try:
+            return attempt_fn(attempt)
+        except ApiError as exc:
+            if not policy.should_retry(exc, attempt):
+                raise
+            wait = policy.delay(exc, attempt)
+            remaining = deadline - clock.monotonic()
+            if wait >= remaining:
+                if isinstance(exc, TimeoutError):
+                    raise
+                raise TimeoutError(
+                    f"gave up after {attempt + 1} attempt(s): the call deadline leaves "
+                    f"{max(0.0, remaining):.2f}s but the next retry is due in {wait:.2f}s; "
+                    f"last error: {exc}") from exc
+            if on_retry is not None:
+                on_retry(exc, attempt, wait)
+            attempt += 1
+            if not clock.sleep(wait, cancel):
+                raise ClientClosedError("client closed while waiting to retry") from exc
+
+
+class RetryMixin:
+    """Gives ``BaseApiBackend`` its retry loop, built from each endpoint's settings."""
+
+    def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
+               model: Optional[str]) -> T:
+        def on_retry(exc: BaseException, attempt: int, wait: float) -> None:
+            self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
+
+        return call_with_retries(attempt_fn, RetryPolicy.from_settings(endpoint.settings),
+                                 deadline, self._clock, self._closing,  # type: ignore[attr-defined]
+                                 on_retry)

@@ -1,0 +1,308 @@
+"""vLLM for ipfs_accelerate_py: ``VllmClient`` and the framework-facing ``vllm`` backend.
+
+``VllmClient`` is ``BaseApiBackend`` bound to the vLLM plugin: typed results, typed errors,
+queue, breaker, retry, batching, metrics and endpoints. ``vllm(resources, metadata)`` is
+what the framework builds; its methods return plain dicts and share ONE client per
+endpoint (URL + key) for the whole process, closed at exit, so module-level calls never
+leak threads.
+
+The README's calls work three ways, all on the same shared clients::
+
+    from ipfs_accelerate_py.api_backends import vllm          # the class
+    vllm.process_batch(url, prompts, model)                    # class-level call
+    vllm(metadata={...}).process_batch(url, prompts, model)    # on an instance
+    import ipfs_accelerate_py.api_backends.vllm as vllm_module
+    vllm_module.process_batch(url, prompts, model)             # module-level function
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from .base import BaseApiBackend, build_request
+from .default_plugins.vllm_plugin import VllmAdapter, VllmLegacyAdapter
+from .errors import ConfigurationError, ValidationError
+from .handlers import make_endpoint_handler, result_to_dict
+from .models import CompletionResult
+from .settings import ClientSettings, normalize_base_url
+from .transport import HttpRequest
+
+__all__ = ["VllmClient", "vllm", "shared_client", "close_shared_clients"]
+
+
+class VllmClient(BaseApiBackend):
+    """A resilient vLLM client. Arguments win over ``VLLM_*`` environment variables.
+
+    ``api_flavor``: ``"openai"`` (``/v1/*``, default), ``"legacy"`` (the demo server's
+    ``/generate``), or ``"auto"`` (ask the server once which it speaks).
+    """
+
+    backend_name = "vllm"
+
+    def __init__(self, api_key: Optional[str] = None, base_url: Optional[str] = None,
+                 timeout: Optional[float] = None, max_retries: Optional[int] = None,
+                 max_concurrent_requests: Optional[int] = None,
+                 failure_threshold: Optional[int] = None, reset_timeout: Optional[float] = None,
+                 model: Optional[str] = None, api_flavor: str = "openai",
+                 settings: Optional[ClientSettings] = None, **options: Any) -> None:
+        if api_flavor not in ("openai", "legacy", "auto"):
+            raise ConfigurationError("must be 'openai', 'legacy' or 'auto'", field="api_flavor")
+        overrides = dict(api_key=api_key, base_url=base_url, timeout=timeout,
+                         max_retries=max_retries, max_concurrent_requests=max_concurrent_requests,
+                         failure_threshold=failure_threshold, reset_timeout=reset_timeout,
+                         model=model, **options)
+        adapter = VllmLegacyAdapter() if api_flavor == "legacy" else VllmAdapter()
+        super().__init__(settings, adapter=adapter,
+                         **{k: v for k, v in overrides.items() if k in ClientSettings.model_fields
+                            or k in ("transport_factory", "clock")})
+        self.api_flavor = api_flavor
+        if api_flavor == "auto":
+            self.api_flavor = self.detect_api_flavor()
+
+    def detect_api_flavor(self) -> str:
+        """"openai" if the server lists models under /v1, else "legacy" (and switch to it)."""
+        from .errors import NotFoundError
+        try:
+            self.request_raw(HttpRequest("GET", "/v1/models"), timeout=self.settings.timeout)
+            return "openai"
+        except NotFoundError:
+            self._adapter = VllmLegacyAdapter()
+            return "legacy"
+
+    def version(self, endpoint_id: Optional[str] = None) -> str:
+        """The server's vLLM version (``GET /version``)."""
+        from .adapter import load_json
+        data = load_json(self.request_raw(HttpRequest("GET", "/version"), endpoint_id))
+        return str(data.get("version", "")) if isinstance(data, dict) else ""
+
+    def health(self, endpoint_id: Optional[str] = None) -> bool:
+        """True when ``GET /health`` answers 200 (one try, no retries)."""
+        ep = self._endpoint(endpoint_id)
+        try:
+            resp = ep.transport.send(HttpRequest("GET", "/health"),
+                                     (ep.settings.connect_timeout, ep.settings.timeout))
+        except Exception:  # noqa: BLE001 - any failure means "not healthy"
+            return False
+        return resp.status == 200
+
+    def default_model(self, endpoint_id: Optional[str] = None) -> Optional[str]:
+        """The configured model, else the first model the server lists."""
+        if self.settings.model:
+            return self.settings.model
+        models = self.list_models(endpoint_id)
+        return models[0]["id"] if models else None
+
+
+# --------------------------------------------------------------------------- shared clients
+_shared: Dict[Tuple[str, Optional[str], str], VllmClient] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_client(base_url: Optional[str] = None, api_key: Optional[str] = None,
+                  **settings: Any) -> VllmClient:
+    """The process-wide client for (URL, key, settings): built once, closed at exit."""
+    probe = ClientSettings.from_env("VLLM_", {"base_url": base_url, "api_key": api_key})
+    url = probe.base_url
+    key = probe.api_key_value
+    ident = (url, key, repr(sorted(settings.items())))
+    with _shared_lock:
+        client = _shared.get(ident)
+        if client is None or client.closed:
+            client = _shared[ident] = VllmClient(api_key=key, base_url=url, **settings)
+        return client
+
+
+def close_shared_clients() -> None:
+    """Close every shared client (tests and long-lived programs can call it)."""
+    with _shared_lock:
+        clients = list(_shared.values())
+        _shared.clear()
+    for c in clients:
+        c.close()
+
+
+class _either:
+    """A method usable on the class (bound to a default instance) or on an instance."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+        self.__name__ = fn.__name__
+
+    def __get__(self, obj: Any, owner: type) -> Callable[..., Any]:
+        target = obj if obj is not None else owner._default_instance()
+        return self.fn.__get__(target, owner)
+
+
+def _metadata_value(metadata: Dict[str, Any], *names: str) -> Any:
+    for n in names:
+        if metadata.get(n) not in (None, ""):
+            return metadata[n]
+    return None
+
+
+class vllm:  # noqa: N801 - the framework's name for this backend
+    """The framework-facing vLLM backend: ``vllm(resources=None, metadata=None)``.
+
+    ``metadata`` keys: ``vllm_api_url`` / ``api_base`` / ``base_url``, ``vllm_api_key`` /
+    ``api_key``, ``vllm_model`` / ``model``; ``VLLM_*`` environment variables fill the rest.
+    Methods return plain dicts (``{"text": ...}``) and raise typed errors, except the
+    one-argument handlers, which return ``{"error": ...}`` as the framework expects.
+    """
+
+    _default: Optional["vllm"] = None
+    _default_lock = threading.Lock()
+
+    def __init__(self, resources: Optional[Dict[str, Any]] = None,
+                 metadata: Optional[Dict[str, Any]] = None) -> None:
+        if resources is not None and not isinstance(resources, dict):
+            raise ValidationError("must be a dict or None", field="resources")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValidationError("must be a dict or None", field="metadata")
+        self.resources = resources or {}
+        self.metadata = metadata or {}
+        self.api_url = _metadata_value(self.metadata, "vllm_api_url", "api_base", "base_url")
+        self._api_key = _metadata_value(self.metadata, "vllm_api_key", "api_key")
+        self.model = _metadata_value(self.metadata, "vllm_model", "model")
+        # Validate now: a bad URL or key fails at construction, not on first use.
+        self.client = shared_client(self.api_url, self._api_key)
+        if self.model is None:
+            self.model = self.client.settings.model
+
+    def __repr__(self) -> str:
+        return f"<vllm {self.client.settings.base_url} model={self.model!r}>"
+
+    @classmethod
+    def _default_instance(cls) -> "vllm":
+        with cls._default_lock:
+            if cls._default is None:
+                cls._default = cls()
+            return cls._default
+
+    def _client_for(self, endpoint_url: Optional[str]) -> VllmClient:
+        if endpoint_url is None:
+            return self.client
+        url = normalize_base_url(endpoint_url, field="endpoint_url")
+        if url == self.client.settings.base_url:
+            return self.client
+        return shared_client(url, self._api_key)
+
+    def _model(self, model: Optional[str]) -> Optional[str]:
+        return model or self.model
+
+    # ------------------------------------------------------------------ inference
+    def run_inference(self, model_id: Optional[str] = None, inputs: Any = None,
+                      parameters: Optional[Dict[str, Any]] = None, priority: int = 1, *,
+                      model: Optional[str] = None, prompt: Any = None,
+                      **sampling: Any) -> Any:
+        """The inference manager's call: any of model_id/model and inputs/prompt, plus flat
+        sampling parameters. Never forwards ``model_id``/``inputs`` as server fields."""
+        data = inputs if inputs is not None else prompt
+        params = {**(parameters or {}), **sampling}
+        result = self.client.run_inference(self._model(model_id or model), data, params, priority)
+        if isinstance(data, (list, tuple)) and data and all(isinstance(p, str) for p in data):
+            n = params.get("n") or 1
+            return [result_to_dict(result.for_prompt(i, n)) for i in range(len(data))]
+        return result_to_dict(result)
+
+    def generate_text(self, prompt: str, model: Optional[str] = None,
+                      max_tokens: Optional[int] = None, temperature: Optional[float] = None,
+                      top_p: Optional[float] = None, **kw: Any) -> Dict[str, Any]:
+        """One prompt -> ``{"text", "model", "usage", ...}``."""
+        if not isinstance(prompt, str):
+            raise ValidationError(f"must be a string, got {type(prompt).__name__}", field="prompt")
+        params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, **kw)
+        params = {k: v for k, v in params.items() if v is not None}
+        return result_to_dict(self.client.run_inference(self._model(model), prompt, params))
+
+    def generate(self, prompt: Any = None, model: Optional[str] = None, **kw: Any) -> Any:
+        """Alias the framework also probes: ``generate(prompt=..., model=..., **sampling)``."""
+        return self.run_inference(model_id=model, inputs=prompt, **kw)
+
+    def chat_completion(self, messages: Sequence[Dict[str, Any]], model: Optional[str] = None,
+                        **kw: Any) -> Dict[str, Any]:
+        """Chat messages -> ``{"text", ...}`` with the assistant's reply."""
+        params = {k: v for k, v in kw.items() if v is not None}
+        return result_to_dict(self.client.chat_completion(messages, self._model(model), **params))
+
+    def stream_generation(self, prompt: Any, model: Optional[str] = None, **kw: Any) -> Any:
+        """An iterator of text pieces; closing it early aborts the request on the server."""
+        return self.client.stream_generation(prompt, self._model(model), **kw)
+
+    def list_models(self, endpoint_url: Optional[str] = None) -> List[Dict[str, Any]]:
+        """The server's models as dicts (``id``, ``root``, ``max_model_len``, ...)."""
+        return self._client_for(endpoint_url).list_models()
+
+    def make_post_request_vllm(self, endpoint_url: str, data: Dict[str, Any],
+                               api_key: Optional[str] = None,
+                               request_id: Optional[str] = None) -> Dict[str, Any]:
+        """POST ``data`` (an OpenAI-style body: ``prompt`` or ``messages``) and return the
+        result as a dict; typed errors on failure. ``api_key`` overrides the backend's."""
+        if not isinstance(data, dict):
+            raise ValidationError("must be a dict request body", field="data")
+        client = shared_client(endpoint_url, api_key or self._api_key)
+        body = dict(data)
+        inputs = body.pop("messages", None) or body.pop("prompt", None)
+        model = body.pop("model", None) or self.model
+        result = client.run_inference(model, inputs, body)
+        out = result_to_dict(result)
+        if request_id is not None:
+            out["request_id"] = request_id
+        return out
+
+    # ------------------------------------------------------------------ handlers
+    @_either
+    def create_vllm_endpoint_handler(self, endpoint_url: Optional[str] = None,
+                                     model: Optional[str] = None) -> Callable[[Any], Any]:
+        """A ONE-argument handler (prompt, prompts, messages or dict) for the framework."""
+        return make_endpoint_handler(self._client_for(endpoint_url), self._model(model))
+
+    @_either
+    def create_vllm_endpoint_handler_with_params(self, endpoint_url: Optional[str] = None,
+                                                 model: Optional[str] = None,
+                                                 parameters: Optional[Dict[str, Any]] = None
+                                                 ) -> Callable[[Any], Any]:
+        """A handler with fixed defaults (per-call parameters override them). ``batch_size``
+        chunks prompt lists instead of being sent; unknown names raise ValidationError."""
+        return make_endpoint_handler(self._client_for(endpoint_url), self._model(model),
+                                     parameters)
+
+    @_either
+    def process_batch(self, endpoint_url: Optional[str], inputs: Sequence[str],
+                      model: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Prompts -> results in input order; prompt lists on the wire."""
+        return self.process_batch_with_params(endpoint_url, inputs, model, None)
+
+    @_either
+    def process_batch_with_params(self, endpoint_url: Optional[str], inputs: Sequence[str],
+                                  model: Optional[str] = None,
+                                  parameters: Optional[Dict[str, Any]] = None
+                                  ) -> List[Dict[str, Any]]:
+        """``process_batch`` with sampling parameters shared by every prompt."""
+        return self.process_batch_with_metrics(endpoint_url, inputs, model, parameters)[0]
+
+    @_either
+    def process_batch_with_metrics(self, endpoint_url: Optional[str], inputs: Sequence[str],
+                                   model: Optional[str] = None,
+                                   parameters: Optional[Dict[str, Any]] = None
+                                   ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+        """(results in input order, measured metrics of this batch)."""
+        from .batch_ops import run_prompt_batch
+        return run_prompt_batch(self._client_for(endpoint_url), inputs, self._model(model),
+                                parameters)
+
+
+def _module_function(name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(vllm._default_instance(), name)(*args, **kwargs)
+    call.__name__ = name
+    call.__doc__ = f"Module-level ``{name}`` on the shared default backend (see ``vllm.{name}``)."
+    return call
+
+
+create_vllm_endpoint_handler = _module_function("create_vllm_endpoint_handler")
+create_vllm_endpoint_handler_with_params = _module_function("create_vllm_endpoint_handler_with_params")
+process_batch = _module_function("process_batch")
+process_batch_with_params = _module_function("process_batch_with_params")
+process_batch_with_metrics = _module_function("process_batch_with_metrics")
