@@ -87,9 +87,9 @@ class Endpoint:
 def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[str, Any]] = None,
                   stream: bool = False) -> Request:
     """Caller input -> typed request: text or a list of texts -> completion, messages -> chat."""
-    params = dict(parameters or {})
     if not isinstance(parameters, (dict, type(None))):
         raise ValidationError(f"must be a dict, got {type(parameters).__name__}", field="parameters")
+    params = dict(parameters or {})
     if model is not None and not isinstance(model, str):
         raise ValidationError(f"must be a string, got {type(model).__name__}", field="model")
     if stream:
@@ -130,7 +130,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         self._adapter = adapter
         if settings is None:
             settings = ClientSettings.from_env(adapter.env_prefix, overrides)
-        elif overrides:
+        elif any(v is not None for v in overrides.values()):
             settings = settings.replace(**overrides)
         self._settings = settings
         self._clock = clock or SYSTEM_CLOCK

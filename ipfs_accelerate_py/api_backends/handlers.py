@@ -27,7 +27,7 @@ HANDLER_OPTIONS = {"batch_size", "priority", "timeout"}
 def result_to_dict(result: CompletionResult) -> Dict[str, Any]:
     return {"text": result.text, "texts": result.texts, "model": result.model,
             "finish_reason": result.finish_reason, "id": result.id,
-            "usage": (result.batch_usage or result.usage).model_dump()}
+            "usage": result.usage.model_dump()}
 
 
 def split_handler_parameters(parameters: Optional[Dict[str, Any]]) -> "tuple[Dict[str, Any], Dict[str, Any]]":

@@ -237,6 +237,9 @@ class Choice(BaseModel):
     stop_reason: Optional[Union[str, int]] = None
     logprobs: Optional[Dict[str, Any]] = None
     prompt_index: int = 0
+    #: per-choice token counts, when the server reported them (prompt lists on vLLM)
+    prompt_tokens: Optional[int] = None
+    completion_tokens: Optional[int] = None
 
 
 class CompletionResult(BaseModel):
@@ -277,8 +280,13 @@ class CompletionResult(BaseModel):
         """The slice of a batched result that belongs to one prompt (re-indexed from 0)."""
         picked = [c.model_copy(update={"index": c.index - prompt_index * n, "prompt_index": 0})
                   for c in self.choices if c.prompt_index == prompt_index]
+        usage = Usage()
+        if picked and all(c.completion_tokens is not None for c in picked):
+            p = picked[0].prompt_tokens or 0
+            out = sum(c.completion_tokens or 0 for c in picked)
+            usage = Usage(prompt_tokens=p, completion_tokens=out, total_tokens=p + out)
         return CompletionResult(id=self.id, model=self.model, created=self.created,
-                                object=self.object, choices=picked, usage=Usage())
+                                object=self.object, choices=picked, usage=usage)
 
 
 class StreamChunk(BaseModel):

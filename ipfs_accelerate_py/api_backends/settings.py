@@ -192,6 +192,9 @@ class ClientSettings(BaseModel):
         data = self.model_dump()
         if self.api_key is not None:
             data["api_key"] = self.api_key
+        unknown = sorted(set(changes) - set(type(self).model_fields))
+        if unknown:
+            raise ConfigurationError(f"unknown setting {unknown[0]!r}", field=unknown[0])
         data.update({k: v for k, v in changes.items() if v is not None})
         return type(self)._validated(data, {})
 

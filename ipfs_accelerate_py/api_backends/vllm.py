@@ -48,14 +48,12 @@ class VllmClient(BaseApiBackend):
                  settings: Optional[ClientSettings] = None, **options: Any) -> None:
         if api_flavor not in ("openai", "legacy", "auto"):
             raise ConfigurationError("must be 'openai', 'legacy' or 'auto'", field="api_flavor")
-        overrides = dict(api_key=api_key, base_url=base_url, timeout=timeout,
-                         max_retries=max_retries, max_concurrent_requests=max_concurrent_requests,
+        adapter = VllmLegacyAdapter() if api_flavor == "legacy" else VllmAdapter()
+        super().__init__(settings, adapter=adapter, api_key=api_key, base_url=base_url,
+                         timeout=timeout, max_retries=max_retries,
+                         max_concurrent_requests=max_concurrent_requests,
                          failure_threshold=failure_threshold, reset_timeout=reset_timeout,
                          model=model, **options)
-        adapter = VllmLegacyAdapter() if api_flavor == "legacy" else VllmAdapter()
-        super().__init__(settings, adapter=adapter,
-                         **{k: v for k, v in overrides.items() if k in ClientSettings.model_fields
-                            or k in ("transport_factory", "clock")})
         self.api_flavor = api_flavor
         if api_flavor == "auto":
             self.api_flavor = self.detect_api_flavor()

@@ -59,6 +59,7 @@ import dataclasses
 import email.utils
 import json
 import random
+import selectors
 import socket
 import socketserver
 import struct
@@ -1034,6 +1035,7 @@ class FakeVllmServer:
         self._clients: dict[Any, threading.Thread] = {}
         self._httpd: _HTTPServer | None = None
         self._serve_thread: threading.Thread | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # (read end, write end)
         self._halt = threading.Event()
         self._metrics = _Metrics()
         self._aliases = ", ".join(self.models)
@@ -1059,22 +1061,47 @@ class FakeVllmServer:
         httpd = _HTTPServer(("127.0.0.1", self._port), self)
         self._port = httpd.server_address[1]
         self._httpd = httpd
+        self._wake = socket.socketpair()
         self._serve_thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True, name="fake-vllm-accept"
+            target=self._accept_loop, args=(httpd, self._wake[0]), daemon=True, name="fake-vllm-accept"
         )
         self._serve_thread.start()
         return self
+
+    @staticmethod
+    def _accept_loop(httpd: "_HTTPServer", wake: socket.socket) -> None:
+        """Accept until ``wake`` is readable; unlike ``serve_forever`` it stops without a poll delay."""
+        httpd.socket.setblocking(False)
+        with selectors.DefaultSelector() as sel:
+            sel.register(httpd.socket, selectors.EVENT_READ)
+            sel.register(wake, selectors.EVENT_READ)
+            while True:
+                events = sel.select()
+                if any(key.fileobj is wake for key, _ in events):
+                    return
+                try:
+                    request, address = httpd.get_request()
+                except OSError:  # the client gave up between select and accept
+                    continue
+                request.setblocking(True)
+                try:
+                    httpd.process_request(request, address)
+                except Exception:
+                    httpd.shutdown_request(request)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the listening socket and every client connection, wake sleepers, join threads."""
         self._halt.set()
         httpd, self._httpd = self._httpd, None
-        if httpd is not None:
-            httpd.shutdown()
+        wake, self._wake = self._wake, None
+        if httpd is not None and wake is not None:
+            wake[1].send(b"x")
+            if self._serve_thread is not None:
+                self._serve_thread.join(timeout)
+                self._serve_thread = None
             httpd.server_close()
-        if self._serve_thread is not None:
-            self._serve_thread.join(timeout)
-            self._serve_thread = None
+            wake[0].close()
+            wake[1].close()
         with self._lock:
             clients = list(self._clients.items())
         for sock, _ in clients:

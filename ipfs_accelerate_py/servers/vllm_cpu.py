@@ -232,6 +232,9 @@ def _probe_venv(python: Path) -> Tuple[bool, str]:
 def is_installed() -> bool:
     """True if the venv exists, holds exactly the locked versions, and ``import vllm`` works.
 
+    Checking versions as well as the import means that a venv made from an older lock
+    counts as not installed. :func:`ensure_installed` then brings it up to date in place.
+
     A positive answer is cached in a marker file in the venv that holds the lock file's
     hash. Later calls then cost only a file read. Editing the lock invalidates the marker.
     """
@@ -247,7 +250,8 @@ def is_installed() -> bool:
         pass
     ok, _ = _probe_venv(python)
     if ok:
-        marker.write_text(lock_hash + "\n")
+        with contextlib.suppress(OSError):  # a read-only venv is fine, just not cached
+            marker.write_text(lock_hash + "\n")
     return ok
 
 
@@ -317,6 +321,7 @@ def _run_logged(cmd: Sequence[str], logfile: Path, env: Dict[str, str], what: st
         start = fh.tell()
         fh.write(f"\n$ {' '.join(cmd)}\n".encode())
         fh.flush()
+        rc: Union[int, str]
         try:
             rc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, stdout=fh,
                                 stderr=subprocess.STDOUT, timeout=timeout).returncode
@@ -473,6 +478,18 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:  # the number now belongs to someone else's group: ours is gone
         return False
     return True
+
+
+def _prune_old_logs(folder: Path, max_age_s: float = 7 * 86400) -> None:
+    """Delete default server logs older than a week.
+
+    Auto-picked ports give each test session new log names, so the logs would otherwise pile up.
+    """
+    cutoff = time.time() - max_age_s
+    for old in folder.glob("server-*.log"):
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
 
 
 _LIVE: Set["VllmCpuServer"] = set()
@@ -702,6 +719,8 @@ class VllmCpuServer:
         self._tmpdir = tmpdir
         log_path = self.log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self._log_path is None:
+            _prune_old_logs(log_path.parent)
         cmd = self._command(python, model_dir)
         with open(log_path, "ab") as log_fh:
             self._log_offset = log_fh.tell()
@@ -757,9 +776,10 @@ class VllmCpuServer:
         """Stop the server and every process in its group. Safe to call at any time, repeatedly.
 
         First it sends SIGTERM to the API server, which shuts vLLM down cleanly: the
-        EngineCore and the resource tracker exit in about 2 s. After ``timeout`` seconds,
-        or as soon as the API server has exited, SIGKILL goes to the whole process group to
-        end anything left. The call returns once the group is empty.
+        EngineCore and the resource tracker exit in about 2 s. Once the API server has
+        exited, the rest of the group gets up to 5 more seconds to exit by itself. Then, or
+        after ``timeout`` seconds, SIGKILL goes to the whole process group to end anything
+        left. The call returns once the group is empty, not even a zombie left.
         """
         proc = self._proc
         if proc is None:

@@ -50,6 +50,11 @@ class VllmAdapter(BackendAdapter):
                 del body[key]
         if priority is not None:
             body["priority"] = priority  # lower runs earlier under --scheduling-policy priority
+        if isinstance(request, CompletionRequest) and isinstance(request.prompt, list) \
+                and request.prompt and isinstance(request.prompt[0], str):
+            # Usage is summed over a prompt list; token ids per choice give each prompt's
+            # own exact counts (the ids themselves are not kept).
+            body["return_token_ids"] = True
         path = "/v1/chat/completions" if isinstance(request, ChatRequest) else "/v1/completions"
         headers = {"X-Request-Id": request_id} if request_id else {}
         return HttpRequest("POST", path, json=body, headers=headers, stream=request.stream)
@@ -79,9 +84,12 @@ class VllmAdapter(BackendAdapter):
                 if text is None:
                     raise ResponseError("a completion choice has no 'text'",
                                         status_code=response.status)
+            token_ids, prompt_ids = c.get("token_ids"), c.get("prompt_token_ids")
             choices.append(Choice(index=index, text=text, finish_reason=c.get("finish_reason"),
                                   stop_reason=c.get("stop_reason"), logprobs=c.get("logprobs"),
-                                  prompt_index=index // n))
+                                  prompt_index=index // n,
+                                  completion_tokens=len(token_ids) if isinstance(token_ids, list) else None,
+                                  prompt_tokens=len(prompt_ids) if isinstance(prompt_ids, list) else None))
         choices.sort(key=lambda c: c.index)
         return CompletionResult(id=data.get("id") or "", model=data.get("model") or "",
                                 created=data.get("created") or 0,

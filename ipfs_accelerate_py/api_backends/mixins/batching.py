@@ -34,7 +34,7 @@ def merge_requests(requests: Sequence[CompletionRequest]) -> CompletionRequest:
 
 
 def split_result(result: CompletionResult, count: int, n: int) -> List[CompletionResult]:
-    """Each prompt's slice of a batched result; usage is reported on the batch only."""
+    """Each prompt's slice of a batched result; ``batch_usage`` keeps the whole call's usage."""
     parts = [result.for_prompt(i, n) for i in range(count)]
     for part in parts:
         part.batch_size = count
@@ -112,8 +112,12 @@ class BatchingMixin:
             self._fail_jobs(endpoint, jobs, exc, start)
             return
         parts = split_result(result, len(jobs), merged.n)
-        ins = share_tokens(result.usage.prompt_tokens, len(jobs))
-        outs = share_tokens(result.usage.completion_tokens, len(jobs))
+        if all(p.usage.total_tokens for p in parts):  # exact per-prompt counts
+            ins = [p.usage.prompt_tokens for p in parts]
+            outs = [p.usage.completion_tokens for p in parts]
+        else:  # only the sum is known: split it so the totals still add up
+            ins = share_tokens(result.usage.prompt_tokens, len(jobs))
+            outs = share_tokens(result.usage.completion_tokens, len(jobs))
         for j, part, i, o in zip(jobs, parts, ins, outs):
             self._finish(endpoint, j, start, result=part, input_tokens=i, output_tokens=o)  # type: ignore[attr-defined]
 
