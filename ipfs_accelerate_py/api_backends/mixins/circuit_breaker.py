@@ -93,7 +93,9 @@ class CircuitBreaker:
                 self._probes = max(0, self._probes - 1) if probe else self._probes
                 self._transition(CLOSED)
                 return
-            self._push(False)
+            if self._state == CLOSED:
+                self._push(False)
+                self._evaluate()
 
     def record_failure(self, probe: bool = False) -> None:
         with self._lock:
@@ -105,11 +107,7 @@ class CircuitBreaker:
             if self._state == OPEN:
                 return
             self._push(True)
-            n = len(self._window)
-            if (self._consecutive >= self.failure_threshold
-                    or (n >= self.minimum_calls
-                        and self._window_failures / n >= self.failure_rate_threshold)):
-                self._transition(OPEN)
+            self._evaluate()
 
     def release(self, probe: bool) -> None:
         """A probe that ended without a verdict (cancelled): free its slot."""
@@ -128,6 +126,14 @@ class CircuitBreaker:
                 self._transition(CLOSED)
 
     # -- internals (lock held) -----------------------------------------------------------
+    def _evaluate(self) -> None:
+        """Open on N consecutive failures, or on the window's failure rate (after every call)."""
+        n = len(self._window)
+        if (self._consecutive >= self.failure_threshold
+                or (n >= self.minimum_calls
+                    and self._window_failures / n >= self.failure_rate_threshold)):
+            self._transition(OPEN)
+
     def _push(self, failure: bool) -> None:
         if len(self._window) == self._window.maxlen and self._window[0]:
             self._window_failures -= 1

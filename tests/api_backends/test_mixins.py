@@ -1,0 +1,323 @@
+"""Each resilience mixin alone, with a fake clock: no server, no sleeps."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from ipfs_accelerate_py.api_backends import errors
+from ipfs_accelerate_py.api_backends.clock import FakeClock
+from ipfs_accelerate_py.api_backends.mixins.batching import merge_requests, share_tokens, split_result
+from ipfs_accelerate_py.api_backends.mixins.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Series
+from ipfs_accelerate_py.api_backends.mixins.queue import Job, PriorityRequestQueue, WorkerPool
+from ipfs_accelerate_py.api_backends.mixins.retry import RetryPolicy, call_with_retries
+from ipfs_accelerate_py.api_backends.models import Choice, CompletionRequest, CompletionResult, Usage
+
+
+# ------------------------------------------------------------------ circuit breaker
+def make_breaker(clock: FakeClock, **kw) -> CircuitBreaker:
+    args = dict(failure_threshold=3, reset_timeout=10.0, failure_rate_threshold=0.5,
+                window_size=10, minimum_calls=6, half_open_max_calls=1, clock=clock, name="ep")
+    args.update(kw)
+    return CircuitBreaker(**args)
+
+
+def test_breaker_opens_after_consecutive_failures_and_rejects_at_once():
+    clock = FakeClock()
+    b = make_breaker(clock)
+    for _ in range(2):
+        b.before_call()
+        b.record_failure()
+    assert b.state == CLOSED and b.failure_count == 2
+    b.before_call()
+    b.record_failure()
+    assert b.state == OPEN
+    with pytest.raises(errors.CircuitOpenError) as info:
+        b.before_call()
+    assert info.value.retry_in == pytest.approx(10.0)
+
+
+def test_breaker_opens_on_failure_rate_over_window():
+    clock = FakeClock()
+    b = make_breaker(clock, failure_threshold=100)
+    outcomes = [True, False, True, False, True, False]  # 50 % over 6 calls
+    for fail in outcomes[:-1]:
+        (b.record_failure if fail else b.record_success)()
+        assert b.state == CLOSED
+    b.record_success()
+    assert b.state == OPEN
+
+
+def test_breaker_half_open_admits_one_probe_then_closes_on_success():
+    clock = FakeClock()
+    b = make_breaker(clock)
+    for _ in range(3):
+        b.record_failure()
+    clock.advance(9.9)
+    assert b.state == OPEN
+    clock.advance(0.2)
+    assert b.state == HALF_OPEN
+    probe = b.before_call()
+    assert probe is True
+    with pytest.raises(errors.CircuitOpenError):
+        b.before_call()  # only one probe at a time
+    b.record_success(probe)
+    assert b.state == CLOSED
+    assert [t[1:] for t in b.transitions] == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
+
+
+def test_breaker_half_open_failure_reopens():
+    clock = FakeClock()
+    b = make_breaker(clock)
+    for _ in range(3):
+        b.record_failure()
+    clock.advance(10)
+    probe = b.before_call()
+    b.record_failure(probe)
+    assert b.state == OPEN
+    with pytest.raises(errors.CircuitOpenError):
+        b.before_call()
+
+
+def test_breaker_manual_reset():
+    b = make_breaker(FakeClock())
+    for _ in range(3):
+        b.record_failure()
+    b.reset()
+    assert b.state == CLOSED and b.failure_count == 0
+    b.before_call()
+
+
+# ------------------------------------------------------------------ retry
+def test_retry_backoff_grows_and_is_capped():
+    policy = RetryPolicy(max_retries=10, retry_delay=1.0, backoff_factor=2.0, max_retry_delay=5.0,
+                         rng=lambda: 1.0)
+    err = errors.ConnectionError("x")
+    assert [policy.delay(err, a) for a in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    low = RetryPolicy(retry_delay=1.0, backoff_factor=2.0, rng=lambda: 0.0)
+    assert low.delay(err, 2) == 2.0  # equal jitter: never below half the step
+
+
+def test_retry_after_is_honoured_and_capped():
+    policy = RetryPolicy(max_retry_after=3.0)
+    assert policy.delay(errors.RateLimitError("slow", retry_after=1.0), 0) == 1.0
+    assert policy.delay(errors.RateLimitError("slow", retry_after=30.0), 0) == 3.0
+
+
+@pytest.mark.parametrize("error,retried", [
+    (errors.ConnectionError("refused"), True),
+    (errors.TimeoutError("read"), True),
+    (errors.ServerError("boom", status_code=500), True),
+    (errors.ServiceUnavailableError("busy"), True),
+    (errors.RateLimitError("slow"), True),
+    (errors.RequestTimeoutError("408"), True),
+    (errors.ConflictError("409"), True),
+    (errors.BadRequestError("400"), False),
+    (errors.AuthenticationError("401"), False),
+    (errors.NotFoundError("404"), False),
+    (errors.UnprocessableEntityError("422"), False),
+    (errors.CircuitOpenError("open"), False),
+])
+def test_retry_classification(error, retried):
+    clock = FakeClock()
+    calls = []
+
+    def attempt(n):
+        calls.append(n)
+        raise error
+
+    with pytest.raises(type(error)):
+        call_with_retries(attempt, RetryPolicy(max_retries=2, rng=lambda: 0.5), deadline=1e9,
+                          clock=clock)
+    assert len(calls) == (3 if retried else 1)
+
+
+def test_retry_counts_honestly_and_succeeds():
+    clock = FakeClock()
+    seen = []
+
+    def attempt(n):
+        if n < 2:
+            raise errors.ServerError("boom", status_code=503)
+        return "ok"
+
+    out = call_with_retries(attempt, RetryPolicy(max_retries=5, retry_delay=1, rng=lambda: 0.5),
+                            deadline=clock.now + 100, clock=clock,
+                            on_retry=lambda e, a, w: seen.append(a))
+    assert out == "ok" and seen == [0, 1] and len(clock.sleeps) == 2
+
+
+def test_retry_stops_at_the_deadline():
+    clock = FakeClock()
+
+    def attempt(n):
+        raise errors.ConnectionError("down")
+
+    with pytest.raises(errors.TimeoutError) as info:
+        call_with_retries(attempt, RetryPolicy(max_retries=100, retry_delay=1, rng=lambda: 1.0),
+                          deadline=clock.now + 5, clock=clock)
+    assert "deadline" in str(info.value)
+    assert sum(clock.sleeps) <= 5
+
+
+def test_retry_wait_is_cut_short_by_close():
+    cancel = threading.Event()
+    cancel.set()
+
+    def attempt(n):
+        raise errors.ConnectionError("down")
+
+    with pytest.raises(errors.ClientClosedError):
+        call_with_retries(attempt, RetryPolicy(max_retries=3), deadline=1e12, cancel=cancel)
+
+
+# ------------------------------------------------------------------ queue
+def job(priority: int, clock: FakeClock, key=None, name="") -> Job:
+    j = Job(request=name, priority=priority, deadline=clock.now + 1000, key=key, model=None,
+            request_id=name, now=clock.now)
+    return j
+
+
+def test_queue_priority_then_fifo():
+    clock = FakeClock()
+    q = PriorityRequestQueue(maxsize=10, aging_interval=1000, clock=clock)
+    for name, p in [("low1", 2), ("norm1", 1), ("high1", 0), ("low2", 2), ("high2", 0)]:
+        q.put(job(p, clock, name=name))
+    order = [q.get(0).request for _ in range(5)]
+    assert order == ["high1", "high2", "norm1", "low1", "low2"]
+
+
+def test_queue_aging_lets_low_priority_through():
+    clock = FakeClock()
+    q = PriorityRequestQueue(maxsize=100, aging_interval=1.0, clock=clock)
+    q.put(job(2, clock, name="old-low"))
+    clock.advance(2.5)  # aged by 2.5 levels: now better than a fresh HIGH
+    q.put(job(0, clock, name="new-high"))
+    assert q.get(0).request == "old-low"
+
+
+def test_queue_full_raises_and_len_works():
+    clock = FakeClock()
+    q = PriorityRequestQueue(maxsize=2, clock=clock)
+    q.put(job(1, clock))
+    q.put(job(1, clock))
+    assert len(q) == 2
+    with pytest.raises(errors.QueueFullError):
+        q.put(job(1, clock))
+
+
+def test_queue_take_compatible_keeps_others_in_order():
+    clock = FakeClock()
+    q = PriorityRequestQueue(maxsize=10, clock=clock)
+    for i, key in enumerate(["a", "b", "a", "a", "b"]):
+        q.put(job(1, clock, key=key, name=f"{key}{i}"))
+    taken = q.take_compatible("a", 2)
+    assert [j.request for j in taken] == ["a0", "a2"]
+    assert [q.get(0).request for _ in range(3)] == ["b1", "a3", "b4"]
+
+
+def test_queue_close_returns_waiting_jobs_and_wakes_workers():
+    clock = FakeClock()
+    q = PriorityRequestQueue(maxsize=10, clock=clock)
+    handled = []
+    pool = WorkerPool(q, 3, lambda j: handled.append(j), name="t")
+    pool.ensure_started()
+    assert pool.alive() == 3
+    left_behind = [job(1, clock) for _ in range(0)]
+    assert q.close() == left_behind
+    assert pool.join(5)
+    assert pool.alive() == 0
+    with pytest.raises(errors.ClientClosedError):
+        q.put(job(1, clock))
+
+
+def test_worker_pool_never_dies_on_a_handler_error():
+    q = PriorityRequestQueue(maxsize=10)
+    clock = FakeClock()
+
+    def handle(j):
+        raise RuntimeError("bug")
+
+    pool = WorkerPool(q, 1, handle, name="t")
+    pool.ensure_started()
+    jobs = [job(1, clock) for _ in range(3)]
+    for j in jobs:
+        q.put(j)
+    for j in jobs:
+        with pytest.raises(RuntimeError):
+            j.future.result(5)
+    assert pool.alive() == 1
+    q.close()
+    assert pool.join(5)
+
+
+# ------------------------------------------------------------------ batching
+def test_merge_and_split_map_choices_by_index():
+    reqs = [CompletionRequest(model="m", prompt=p, n=2, temperature=0.7, max_tokens=3)
+            for p in ("a", "b", "c")]
+    assert len({r.sampling_key() for r in reqs}) == 1
+    merged = merge_requests(reqs)
+    assert merged.prompt == ["a", "b", "c"] and merged.n == 2
+    choices = [Choice(index=i, text=f"t{i}", prompt_index=i // 2, completion_tokens=3,
+                      prompt_tokens=2) for i in range(6)]
+    result = CompletionResult(choices=choices, usage=Usage(prompt_tokens=6, completion_tokens=18,
+                                                           total_tokens=24))
+    parts = split_result(result, 3, 2)
+    assert [p.texts for p in parts] == [["t0", "t1"], ["t2", "t3"], ["t4", "t5"]]
+    assert [c.index for c in parts[2].choices] == [0, 1]
+    assert parts[1].usage.completion_tokens == 6 and parts[1].usage.prompt_tokens == 2
+    assert parts[0].batch_usage.total_tokens == 24
+
+
+def test_different_sampling_parameters_do_not_share_a_call():
+    a = CompletionRequest(prompt="x", temperature=0.5)
+    b = CompletionRequest(prompt="y", temperature=0.6)
+    c = CompletionRequest(prompt="z", temperature=0.5, priority=2)
+    assert a.sampling_key() != b.sampling_key()
+    assert a.sampling_key() == c.sampling_key()  # priority is not a sampling parameter
+
+
+def test_share_tokens_adds_up():
+    for total in (0, 1, 7, 100, 101):
+        for count in (1, 3, 8):
+            parts = share_tokens(total, count)
+            assert sum(parts) == total and max(parts) - min(parts) <= 1
+
+
+# ------------------------------------------------------------------ metrics
+def test_series_bounded_but_exact_totals():
+    s = Series(window=10)
+    for i in range(1, 101):
+        s.add(float(i))
+    out = s.summary()
+    assert out["count"] == 100 and out["min"] == 1 and out["max"] == 100
+    assert out["mean"] == pytest.approx(50.5)
+    assert out["p50"] == pytest.approx(95.5)  # percentiles over the last 10 samples only
+
+
+def test_metrics_scopes_add_up_and_reset():
+    m = MetricsRecorder(window=100)
+    m.record_request("ep1", "m1", True, 0.1, input_tokens=3, output_tokens=5)
+    m.record_request("ep2", "m1", False, 0.2, error_type="ServerError")
+    m.record_request("ep2", "m2", True, 0.3, input_tokens=1, output_tokens=2)
+    m.record_retry("ep2", "m1")
+    m.record_batch("ep1", "m1", 4)
+    snap = m.snapshot()
+    assert (snap["requests"], snap["successes"], snap["failures"]) == (3, 2, 1)
+    assert snap["failures_by_type"] == {"ServerError": 1}
+    assert snap["gen_ai.client.token.usage"] == {"input": 4, "output": 7}
+    assert sum(e["requests"] for e in snap["per_endpoint"].values()) == 3
+    assert sum(e["requests"] for e in snap["per_model"].values()) == 3
+    assert snap["per_endpoint"]["ep2"]["retries"] == 1
+    assert snap["gen_ai.client.operation.duration"]["max"] == pytest.approx(0.3)
+    m.snapshot(reset=True)
+    assert m.snapshot()["requests"] == 0
+
+
+def test_metrics_model_names_are_bounded():
+    m = MetricsRecorder(window=10, max_models=5)
+    for i in range(50):
+        m.record_request("ep", f"model-{i}", True, 0.01)
+    assert len(m.snapshot()["per_model"]) <= 6

@@ -1,0 +1,368 @@
+"""Contract test: the vLLM test double answers like the real vLLM server, field by field.
+
+Why: every client test that runs against :class:`FakeVllmServer` is only as good as the
+double's likeness to the real server. Here the same requests go to both, and the replies are
+compared: status, content type, and the JSON structure at every level (same keys in the same
+order, same types). Values must be equal too, except where they are random or model output:
+ids, ``created``, the fingerprint's hash, generated text, token ids and logprob numbers. For
+SSE the framing (``data: <json>\\n\\n`` ... ``data: [DONE]\\n\\n``) and each kind of chunk
+(role, content, final, usage) are compared; the real server may put several tokens in one
+chunk, so chunk counts may differ.
+
+The prompts use words the tiny model's tokenizer keeps whole ("Tell me a story", "Hello",
+"word"), so the double's word-count tokenizer gives the same usage numbers.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import pytest
+
+from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
+
+pytestmark = pytest.mark.real_server
+
+API_KEY = "sk-test-key-123"
+_USER_HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request to send to both servers; ``loose`` names dotted paths whose values may differ."""
+
+    name: str
+    method: str
+    path: str
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    loose: frozenset[str] = frozenset()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def _c(name: str, body: Any, path: str = "/v1/completions", **kw: Any) -> Case:
+    return Case(name, "POST", path, body, **kw)
+
+
+_STOP_LOOSE = frozenset({"usage.completion_tokens", "usage.total_tokens"})
+
+CASES = [
+    # -- info routes
+    Case("health", "GET", "/health"),
+    Case("ping_get", "GET", "/ping"),
+    Case("ping_post", "POST", "/ping"),
+    Case("version", "GET", "/version"),
+    Case("models", "GET", "/v1/models"),
+    # -- completions
+    _c("completion_single", {"model": "tiny-llama", "prompt": "Tell me a story", "max_tokens": 16, "temperature": 0}),
+    _c("completion_prompt_list", {"model": "tiny-llama", "prompt": ["Tell me a story", "Hello", "word word word"],
+                                  "max_tokens": 8, "temperature": 0}),
+    _c("completion_n2_seed", {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 8, "n": 2, "temperature": 1.0,
+                              "seed": 42}),
+    _c("completion_token_ids", {"model": "tiny-llama", "prompt": [1, 20, 30, 40], "max_tokens": 4, "temperature": 0}),
+    _c("completion_logprobs", {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 3, "temperature": 0, "logprobs": 2}),
+    _c("completion_stop", {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 30, "temperature": 0, "stop": ["e"]},
+       loose=_STOP_LOOSE),
+    _c("completion_echo", {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 3, "temperature": 0, "echo": True}),
+    _c("completion_clipped_max_tokens", {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 512, "temperature": 0}),
+    _c("completion_model_omitted", {"prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+    _c("completion_alias", {"model": "meta-llama/Llama-2-7b-chat-hf", "prompt": "Hello", "max_tokens": 2, "temperature": 0}),
+    _c("completion_priority_fcfs", {"prompt": "Hello", "max_tokens": 2, "temperature": 0, "priority": 5}),
+    _c("completion_request_id", {"prompt": "Hello", "max_tokens": 2, "temperature": 0},
+       headers={"X-Request-Id": "contract-1"}),
+    _c("completion_stream", {"model": "tiny-llama", "prompt": "Tell me a story", "max_tokens": 6, "temperature": 0,
+                             "stream": True}),
+    _c("completion_stream_usage", {"model": "tiny-llama", "prompt": "Tell me a story", "max_tokens": 4, "temperature": 0,
+                                   "stream": True, "stream_options": {"include_usage": True}}),
+    _c("completion_stream_n2", {"prompt": "Hello", "max_tokens": 2, "temperature": 1, "seed": 3, "n": 2, "stream": True}),
+    # -- chat
+    _c("chat", {"model": "tiny-llama", "messages": [{"role": "system", "content": "Hello"}, *_USER_HELLO],
+                "max_tokens": 5, "temperature": 0}, "/v1/chat/completions"),
+    _c("chat_max_completion_tokens", {"messages": _USER_HELLO, "max_completion_tokens": 3, "temperature": 0},
+       "/v1/chat/completions"),
+    _c("chat_logprobs", {"messages": _USER_HELLO, "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 2},
+       "/v1/chat/completions"),
+    _c("chat_stop", {"messages": _USER_HELLO, "max_tokens": 30, "temperature": 0, "stop": ["a"]},
+       "/v1/chat/completions", loose=_STOP_LOOSE),
+    _c("chat_stream_usage", {"model": "tiny-llama", "messages": _USER_HELLO, "max_tokens": 5, "temperature": 0,
+                             "stream": True, "stream_options": {"include_usage": True}}, "/v1/chat/completions"),
+    _c("chat_stream_n2", {"messages": _USER_HELLO, "max_tokens": 2, "temperature": 1, "seed": 3, "n": 2, "stream": True},
+       "/v1/chat/completions"),
+    _c("chat_request_id", {"messages": _USER_HELLO, "max_tokens": 2}, "/v1/chat/completions",
+       headers={"X-Request-Id": "contract-2"}),
+    _c("chat_batch", {"model": "tiny-llama", "messages": [_USER_HELLO, [{"role": "user", "content": "Tell me a story"}]],
+                      "max_tokens": 3, "temperature": 0}, "/v1/chat/completions/batch"),
+    # -- tokenizer routes
+    _c("tokenize_prompt", {"model": "tiny-llama", "prompt": "Tell me a story"}, "/tokenize"),
+    _c("tokenize_messages", {"model": "tiny-llama", "messages": _USER_HELLO, "add_generation_prompt": True}, "/tokenize"),
+    _c("detokenize", {"model": "tiny-llama", "tokens": [1, 300, 301, 302]}, "/detokenize"),
+    # -- errors
+    _c("err_unknown_model", {"model": "no-such-model", "prompt": "Hi", "max_tokens": 4}),
+    _c("err_unknown_model_chat", {"model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}]},
+       "/v1/chat/completions"),
+    _c("err_max_tokens_too_big", {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 100000}),
+    _c("err_max_tokens_too_big_stream", {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 100000, "stream": True}),
+    _c("err_max_tokens_too_big_chat", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100000},
+       "/v1/chat/completions"),
+    _c("err_max_tokens_negative", {"model": "tiny-llama", "prompt": "Hi", "max_tokens": -3}),
+    _c("err_no_room_for_output", {"prompt": "word " * 511, "max_tokens": 4}),
+    _c("err_temperature_negative", {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 4, "temperature": -1}),
+    _c("err_n_zero", {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 4, "n": 0}),
+    _c("err_greedy_n2", {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "n": 2},
+       "/v1/chat/completions"),
+    _c("err_logprobs_100", {"model": "tiny-llama", "prompt": "Hi", "max_tokens": 4, "logprobs": 100}),
+    _c("err_top_logprobs_30", {"messages": _USER_HELLO, "max_tokens": 2, "logprobs": True, "top_logprobs": 30},
+       "/v1/chat/completions"),
+    _c("err_top_logprobs_without_logprobs", {"messages": _USER_HELLO, "max_tokens": 2, "top_logprobs": 3},
+       "/v1/chat/completions"),
+    _c("err_missing_prompt", {"model": "tiny-llama", "max_tokens": 4}),
+    _c("err_empty_prompt_list", {"prompt": [], "max_tokens": 2}),
+    _c("err_prompt_too_long", {"model": "tiny-llama", "prompt": "word " * 600, "max_tokens": 4}),
+    _c("err_bad_json", b'{"model":"tiny-llama","prompt":"Hi", "max_tokens": 4,'),
+    _c("err_empty_body", b""),
+    _c("err_body_not_object", b"[]"),
+    _c("err_temperature_not_number", {"prompt": "Hi", "max_tokens": 2, "temperature": "abc"}),
+    _c("err_max_tokens_fraction", {"prompt": "Hi", "max_tokens": 2.5}),
+    _c("err_prompt_wrong_type", {"prompt": 5}),
+    _c("err_messages_not_list", {"model": "tiny-llama", "messages": "not a list"}, "/v1/chat/completions"),
+    _c("err_messages_missing", {"model": "tiny-llama"}, "/v1/chat/completions"),
+    _c("err_message_not_object", {"messages": ["hi"]}, "/v1/chat/completions"),
+    _c("err_message_without_role", {"messages": [{"content": "hi"}]}, "/v1/chat/completions"),
+    _c("err_messages_empty", {"messages": [], "max_tokens": 2}, "/v1/chat/completions"),
+    _c("err_batch_n2", {"messages": [_USER_HELLO], "max_tokens": 2, "n": 2}, "/v1/chat/completions/batch"),
+    _c("err_tokenize_empty", {}, "/tokenize"),
+    _c("err_detokenize_not_list", {"tokens": "x"}, "/detokenize"),
+    Case("err_unknown_route", "GET", "/v1/no-such-endpoint"),
+    Case("err_wrong_method", "GET", "/v1/completions"),
+    Case("err_wrong_method_health", "POST", "/health"),
+]
+
+AUTH_CASES = [
+    Case("auth_missing_models", "GET", "/v1/models"),
+    Case("auth_wrong_key_models", "GET", "/v1/models", headers={"Authorization": "Bearer wrong"}),
+    Case("auth_not_bearer", "GET", "/v1/models", headers={"Authorization": API_KEY}),
+    Case("auth_missing_completions", "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+    Case("auth_missing_unknown_v1_route", "GET", "/v1/no-such-endpoint"),
+    Case("auth_ok_models", "GET", "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}),
+    Case("auth_ok_completion", "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 2, "temperature": 0},
+         headers={"Authorization": f"Bearer {API_KEY}"}),
+    Case("auth_open_health", "GET", "/health"),
+    Case("auth_open_version", "GET", "/version"),
+    Case("auth_open_tokenize", "POST", "/tokenize", {"prompt": "Hello"}),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Sending
+# --------------------------------------------------------------------------------------------
+
+
+def exchange(base_url: str, case: Case, timeout: float = 60.0) -> Reply:
+    """Send ``case`` on a fresh connection; bytes bodies go out verbatim."""
+    parts = urlsplit(base_url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    body = case.body if isinstance(case.body, bytes) or case.body is None else json.dumps(case.body).encode()
+    headers = dict(case.headers)
+    if body is not None:
+        headers.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(case.method, case.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Comparing
+# --------------------------------------------------------------------------------------------
+
+#: Keys whose values are model output or random: only the type must match.
+_FREE_STRINGS = frozenset({"text", "content", "root", "prompt", "token"})
+#: Subtrees that hold model output: structure and types must match, values may not.
+_FREE_TREES = frozenset({"logprobs", "tokens", "top_logprobs", "token_logprobs", "text_offset", "bytes",
+                         "token_strs", "prompt_token_ids"})
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "int" if isinstance(value, int) else "float"
+    return type(value).__name__
+
+
+def compare_json(real: Any, fake: Any, path: str = "", loose: frozenset[str] = frozenset(),
+                 free: bool = False, request_id: str | None = None) -> list[str]:
+    """Differences between two JSON values, as readable lines (empty when they match)."""
+    where = path or "$"
+    key = path.rsplit(".", 1)[-1]
+    if key in _FREE_TREES:
+        free = True
+    if _kind(real) != _kind(fake) and not (free and {_kind(real), _kind(fake)} <= {"int", "float"}):
+        return [f"{where}: type {_kind(real)} (real) != {_kind(fake)} (fake): {real!r} vs {fake!r}"]
+    if isinstance(real, dict):
+        if key == "top_logprobs" or (free and key.isdigit() and path.split(".")[-2] == "top_logprobs"):
+            # completions' top_logprobs maps token text -> logprob: keys are model output
+            if len(real) != len(fake):
+                return [f"{where}: {len(real)} entries (real) != {len(fake)} (fake)"]
+            return [d for r, f in zip(real.values(), fake.values()) for d in compare_json(r, f, path + ".*", loose, True)]
+        if list(real) != list(fake):
+            return [f"{where}: keys {list(real)} (real) != {list(fake)} (fake)"]
+        return [d for k in real for d in compare_json(real[k], fake[k], f"{path}.{k}" if path else k, loose, free, request_id)]
+    if isinstance(real, list):
+        if len(real) != len(fake):
+            return [f"{where}: length {len(real)} (real) != {len(fake)} (fake)"]
+        return [d for i, (r, f) in enumerate(zip(real, fake)) for d in compare_json(r, f, f"{path}.{i}", loose, free, request_id)]
+    if free or key in _FREE_STRINGS or path in loose or key == "created":
+        return []
+    if key == "id":
+        if request_id is not None and real.endswith(request_id):
+            return [] if fake == real else [f"{where}: {fake!r} should be {real!r}"]
+        prefix = real.rsplit("-", 1)[0]
+        return [] if fake.rsplit("-", 1)[0] == prefix else [f"{where}: id prefix of {fake!r} != {real!r}"]
+    if key == "system_fingerprint":
+        return [] if fake.rsplit("-", 1)[0] == real.rsplit("-", 1)[0] else [f"{where}: {fake!r} vs {real!r}"]
+    return [] if real == fake else [f"{where}: {real!r} (real) != {fake!r} (fake)"]
+
+
+def sse_events(body: bytes) -> list[Any]:
+    """Events of an SSE body, after checking vLLM's exact framing."""
+    text = body.decode("utf-8")
+    assert "\r" not in text, "SSE must not contain \\r"
+    assert re.fullmatch(r"(data: [^\n]+\n\n)+", text), f"bad SSE framing: {text[:200]!r}"
+    return [e if e == "[DONE]" else json.loads(e) for e in (b[len("data: "):] for b in text.split("\n\n") if b)]
+
+
+def _chunk_kind(chunk: dict[str, Any]) -> str:
+    if not chunk["choices"]:
+        return "usage"
+    choice = chunk["choices"][0]
+    if "role" in choice.get("delta", {}):
+        return "role"
+    return "final" if choice["finish_reason"] is not None else "content"
+
+
+def compare_stream(real: bytes, fake: bytes, loose: frozenset[str], request_id: str | None) -> list[str]:
+    real_events, fake_events = sse_events(real), sse_events(fake)
+    diffs = []
+    if real_events[-1] != "[DONE]" or fake_events[-1] != "[DONE]":
+        diffs.append("stream must end with data: [DONE]")
+    real_chunks = [e for e in real_events if e != "[DONE]"]
+    fake_chunks = [e for e in fake_events if e != "[DONE]"]
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for c in real_chunks:
+        by_kind.setdefault(_chunk_kind(c), []).append(c)
+    fake_kinds: dict[str, list[dict[str, Any]]] = {}
+    for c in fake_chunks:
+        fake_kinds.setdefault(_chunk_kind(c), []).append(c)
+    if set(by_kind) != set(fake_kinds):
+        return diffs + [f"chunk kinds {sorted(by_kind)} (real) != {sorted(fake_kinds)} (fake)"]
+    for kind in ("role", "final", "usage"):  # one per choice (role, final) or per stream (usage)
+        if kind in by_kind:
+            real_idx = sorted(c["choices"][0]["index"] for c in by_kind[kind]) if kind != "usage" else [len(by_kind[kind])]
+            fake_idx = sorted(c["choices"][0]["index"] for c in fake_kinds[kind]) if kind != "usage" else [len(fake_kinds[kind])]
+            if real_idx != fake_idx:
+                diffs.append(f"{kind} chunks: {real_idx} (real) != {fake_idx} (fake)")
+    for kind, chunks in fake_kinds.items():
+        # content chunks compare by shape only: the real server may group tokens differently
+        reference = {c["choices"][0]["index"] if c["choices"] else 0: c for c in by_kind[kind]}
+        for chunk in chunks:
+            idx = chunk["choices"][0]["index"] if chunk["choices"] else 0
+            diffs += [f"{kind} chunk: {d}" for d in compare_json(reference.get(idx, by_kind[kind][0]), chunk, "", loose,
+                                                                 request_id=request_id)]
+    if "content" not in by_kind and "content" in fake_kinds:
+        diffs.append("fake sends content chunks, real does not")
+    return diffs
+
+
+def assert_same_reply(real: Reply, fake: Reply, case: Case) -> None:
+    where = f"{case.name}: {case.method} {case.path}"
+    assert fake.status == real.status, f"{where}: status {fake.status}, real {real.status}: {real.body[:300]!r}"
+    for header in ("content-type", "transfer-encoding", "allow"):
+        assert fake.headers.get(header) == real.headers.get(header), f"{where}: {header} differs"
+    assert ("content-length" in fake.headers) == ("content-length" in real.headers), where
+    request_id = case.headers.get("X-Request-Id")
+    content_type = real.headers.get("content-type") or ""
+    if content_type.startswith("text/event-stream"):
+        diffs = compare_stream(real.body, fake.body, case.loose, request_id)
+    elif content_type == "application/json":
+        diffs = compare_json(json.loads(real.body), json.loads(fake.body), "", case.loose, request_id=request_id)
+    else:
+        diffs = [] if real.body == fake.body else [f"body {real.body[:200]!r} (real) != {fake.body[:200]!r} (fake)"]
+    assert not diffs, f"{where}:\n  " + "\n  ".join(diffs)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures and tests
+# --------------------------------------------------------------------------------------------
+
+
+def _mirror(real_base_url: str, api_key: str | None) -> FakeVllmServer:
+    """A double configured like the real server: same served names, context length and key."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    reply = exchange(real_base_url, Case("models", "GET", "/v1/models", headers=headers))
+    assert reply.status == 200, reply.body
+    data = json.loads(reply.body)["data"]
+    version = json.loads(exchange(real_base_url, Case("version", "GET", "/version")).body)["version"]
+    return FakeVllmServer(models=[m["id"] for m in data], max_model_len=data[0]["max_model_len"], api_key=api_key,
+                          version=version)
+
+
+@pytest.fixture(scope="module")
+def mirrored_fake(real_vllm_server: Any) -> Iterator[FakeVllmServer]:
+    with _mirror(real_vllm_server.base_url, None) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def mirrored_fake_with_key(real_vllm_server_with_key: Any) -> Iterator[FakeVllmServer]:
+    with _mirror(real_vllm_server_with_key.base_url, API_KEY) as fake:
+        yield fake
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_fake_matches_real(case: Case, real_vllm_server: Any, mirrored_fake: FakeVllmServer) -> None:
+    assert_same_reply(exchange(real_vllm_server.base_url, case), exchange(mirrored_fake.base_url, case), case)
+
+
+@pytest.mark.parametrize("case", AUTH_CASES, ids=[c.name for c in AUTH_CASES])
+def test_fake_matches_real_with_api_key(case: Case, real_vllm_server_with_key: Any,
+                                        mirrored_fake_with_key: FakeVllmServer) -> None:
+    real = exchange(real_vllm_server_with_key.base_url, case)
+    fake = exchange(mirrored_fake_with_key.base_url, case)
+    assert_same_reply(real, fake, case)
+
+
+def test_fake_metrics_are_a_subset_of_real(real_vllm_server: Any, mirrored_fake: FakeVllmServer) -> None:
+    """Every series the double exports exists on the real server, with the same type and labels."""
+    case = Case("metrics", "GET", "/metrics")
+    real, fake = exchange(real_vllm_server.base_url, case), exchange(mirrored_fake.base_url, case)
+    assert (real.status, fake.status) == (200, 200)
+    assert fake.headers["content-type"] == real.headers["content-type"]
+    real_text, fake_text = real.body.decode(), fake.body.decode()
+    fake_types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", fake_text, re.M))
+    real_types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", real_text, re.M))
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                 "vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds"):
+        assert name in fake_types, name
+    for name, kind in fake_types.items():
+        assert real_types.get(name) == kind, f"{name}: {kind} (fake) vs {real_types.get(name)} (real)"
+    sample = re.compile(r"^(vllm:[^{\s]+)\{([^}]*)\} \S+$", re.M)
+    real_series = {(n, re.sub(r'="[^"]*"', "", labels)) for n, labels in sample.findall(real_text)}
+    for n, labels in sample.findall(fake_text):
+        assert (n, re.sub(r'="[^"]*"', "", labels)) in real_series, f"{n}{{{labels}}} has no real counterpart"
+    for series in re.findall(r"^(vllm:\S+_bucket\{[^}]*\})", fake_text, re.M):
+        assert series in real_text, f"bucket {series} differs from the real server's"
