@@ -16,9 +16,11 @@ from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional
 
 from .errors import ApiError, ValidationError
+from .limits import apply_max_tokens_cap
 from .models import CompletionRequest, CompletionResult
 
-__all__ = ["make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters"]
+__all__ = ["make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters",
+           "is_chat_input"]
 
 #: Handler settings that shape how the handler calls the client; never sent to the server.
 HANDLER_OPTIONS = {"batch_size", "priority", "timeout"}
@@ -71,26 +73,33 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
     """
     defaults, options = split_handler_parameters(parameters)
 
+    def run(inputs: Any, call_params: Optional[Dict[str, Any]] = None) -> Any:
+        """The handler's work, raising typed errors (for callers that are not the framework)."""
+        if not isinstance(call_params, (dict, type(None))):
+            raise ValidationError("must be a dict", field="parameters")
+        sampling, call_options = split_handler_parameters({**defaults, **options, **(call_params or {})})
+        priority = call_options.get("priority", 1)
+        sampling = apply_max_tokens_cap(client, model or client.settings.model, sampling,
+                                        chat=is_chat_input(inputs))
+        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
+            size = call_options.get("batch_size") or len(inputs)
+            futures: List[Future] = [
+                client.submit_inference(model, list(inputs[i:i + size]), sampling, priority)
+                for i in range(0, len(inputs), size)]
+            n = sampling.get("n") or 1
+            out: List[Dict[str, Any]] = []
+            for start, fut in zip(range(0, len(inputs), size), futures):
+                result: CompletionResult = fut.result()
+                for i in range(min(size, len(inputs) - start)):
+                    part = result.for_prompt(i, n)
+                    part.batch_usage = result.usage
+                    out.append(result_to_dict(part))
+            return out
+        return result_to_dict(client.run_inference(model, inputs, sampling, priority))
+
     def handler(data: Any) -> Any:
         try:
-            inputs, call_params = _unpack(data)
-            sampling, call_options = split_handler_parameters({**defaults, **options, **call_params})
-            priority = call_options.get("priority", 1)
-            if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
-                size = call_options.get("batch_size") or len(inputs)
-                futures: List[Future] = [
-                    client.submit_inference(model, list(inputs[i:i + size]), sampling, priority)
-                    for i in range(0, len(inputs), size)]
-                n = sampling.get("n") or 1
-                out: List[Dict[str, Any]] = []
-                for start, fut in zip(range(0, len(inputs), size), futures):
-                    result: CompletionResult = fut.result()
-                    for i in range(min(size, len(inputs) - start)):
-                        part = result.for_prompt(i, n)
-                        part.batch_usage = result.usage
-                        out.append(result_to_dict(part))
-                return out
-            return result_to_dict(client.run_inference(model, inputs, sampling, priority))
+            return run(*_unpack(data))
         except ApiError as exc:
             return {"error": str(exc), "error_type": type(exc).__name__}
 
@@ -98,4 +107,5 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
     handler.parameters = dict(defaults)  # type: ignore[attr-defined]
     handler.options = dict(options)  # type: ignore[attr-defined]
     handler.client = client  # type: ignore[attr-defined]
+    handler.run = run  # type: ignore[attr-defined]
     return handler

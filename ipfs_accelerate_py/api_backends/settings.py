@@ -101,6 +101,7 @@ class ClientSettings(BaseModel):
     batch_enabled: bool = True
     max_batch_size: int = Field(8, ge=1, le=4096)
     batch_timeout: float = Field(0.1, ge=0, le=60)
+    batch_linger: float = Field(0.002, ge=0, le=1)
     # metrics and history
     metrics_enabled: bool = True
     latency_window: int = Field(10_000, ge=10, le=10_000_000)

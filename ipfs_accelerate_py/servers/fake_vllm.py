@@ -24,9 +24,10 @@ What the double models, and how:
   (prompt, seed, choice index); ``temperature == 0`` ignores the seed, like greedy decoding.
   Like the tiny test model, it never emits EOS: a choice runs to ``max_tokens`` unless a
   ``stop`` string matches (then ``finish_reason == "stop"`` and ``stop_reason`` is the string).
-- Tokens are counted as whitespace-separated words, plus one BOS for completions; chat
-  prompts use the ChatML template cost (5 tokens per message + 3 for the generation prompt).
-  For prompts made of whole-token words the counts equal the real tiny model's.
+- Tokens are counted as GPT-2 byte-level pre-tokens (a word with its leading space, a digit
+  run, a punctuation run, a whitespace run), plus one BOS for completions; chat prompts add
+  the ChatML template cost (5 tokens per message + 3 for the generation prompt). For prompts
+  made of words the tiny model's tokenizer keeps whole, the counts equal the real ones.
 - Limits and validation follow the real server: ``max_tokens > max_model_len`` is a 400,
   a smaller ``max_tokens`` that does not fit after the prompt is silently clipped, a prompt
   longer than the context is a 400 with ``param == "input_tokens"``, and so on.
@@ -59,6 +60,7 @@ import dataclasses
 import email.utils
 import json
 import random
+import re
 import selectors
 import socket
 import socketserver
@@ -162,13 +164,18 @@ def _piece_id(piece: str) -> int:
     return _GEN_IDS[zlib.crc32(piece.encode("utf-8")) % len(_GEN_IDS)]
 
 
+# GPT-2 byte-level pre-tokenization (the tiny model's tokenizer uses it): contractions, words
+# with their leading space, digit runs, punctuation runs, whitespace runs. The double counts one
+# token per pre-token; the real BPE splits rare words further.
+_PRETOKEN = re.compile(r"'(?:s|t|re|ve|m|ll|d)| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+")
+
+
 def _text_pieces(text: str) -> list[str]:
-    words = text.split()
-    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+    return _PRETOKEN.findall(text)
 
 
 def _text_token_count(text: str, add_bos: bool = True) -> int:
-    return len(text.split()) + (1 if add_bos else 0)
+    return len(_PRETOKEN.findall(text)) + (1 if add_bos else 0)
 
 
 def _content_text(content: Any) -> str:
@@ -184,7 +191,7 @@ def _content_text(content: Any) -> str:
 
 def _chat_token_count(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> int:
     # ChatML: <|im_start|> role \n content <|im_end|> \n per message; 3 more to prompt the reply.
-    total = sum(5 + len(_content_text(m.get("content")).split()) for m in messages)
+    total = sum(5 + _text_token_count(_content_text(m.get("content")), False) for m in messages)
     return total + (len(_GEN_PROMPT) if add_generation_prompt else 0)
 
 
@@ -1604,7 +1611,7 @@ class FakeVllmServer:
                     }
                     if continuous:
                         chunk["usage"] = {"prompt_tokens": plen, "total_tokens": plen + t + 1, "completion_tokens": t + 1}
-                    elif final:
+                    elif final and not include_usage:  # with usage, only the usage chunk has it
                         chunk["system_fingerprint"] = fp
                     yield b"data: " + _dumps(chunk) + b"\n\n"
             if include_usage:
@@ -1741,7 +1748,7 @@ class FakeVllmServer:
                     chunk = {**head, "choices": [c]}
                     if continuous:
                         chunk["usage"] = {"prompt_tokens": plen0, "total_tokens": plen0 + t + 1, "completion_tokens": t + 1}
-                    elif final:
+                    elif final and not include_usage:  # with usage, only the usage chunk has it
                         chunk["system_fingerprint"] = fp
                     yield b"data: " + _dumps(chunk) + b"\n\n"
             if include_usage:

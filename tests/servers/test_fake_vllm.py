@@ -164,8 +164,8 @@ def test_completion_shape_and_defaults(fake_vllm_server: FakeVllmServer) -> None
     assert list(choice) == ["index", "text", "logprobs", "finish_reason", "stop_reason", "token_ids",
                             "prompt_logprobs", "prompt_token_ids", "routed_experts"]
     assert choice["finish_reason"] == "length" and choice["stop_reason"] is None
-    # 4 words + BOS; default max_tokens is 16 and the double never stops early
-    assert data["usage"] == {"prompt_tokens": 5, "total_tokens": 21, "completion_tokens": 16,
+    # BOS + "Hello" "," " my" " name" " is"; default max_tokens is 16 and the double never stops early
+    assert data["usage"] == {"prompt_tokens": 6, "total_tokens": 22, "completion_tokens": 16,
                              "prompt_tokens_details": None, "completion_tokens_details": None}
 
 
@@ -226,8 +226,10 @@ def test_logprobs_and_echo(fake_vllm_server: FakeVllmServer) -> None:
 def test_max_tokens_is_clipped_to_the_room_left(fake_vllm_server: FakeVllmServer) -> None:
     data = completion(fake_vllm_server, prompt="Hello", max_tokens=512, temperature=0)
     assert data["usage"]["completion_tokens"] == 510 and data["usage"]["total_tokens"] == 512
-    status, err = post(fake_vllm_server, "/v1/completions", {"prompt": "word " * 511, "max_tokens": 4})
+    status, err = post(fake_vllm_server, "/v1/completions", {"prompt": "word " * 510 + "word", "max_tokens": 4})
     assert status == 400 and err["error"]["message"].startswith("max_tokens must be at least 1, got 0.")
+    status, err = post(fake_vllm_server, "/v1/completions", {"prompt": "word " * 511, "max_tokens": 4})
+    assert status == 400 and err["error"]["param"] == "input_tokens"  # the trailing space is a token too
 
 
 def test_completion_stream_framing_and_chunks(fake_vllm_server: FakeVllmServer) -> None:
@@ -243,9 +245,13 @@ def test_completion_stream_framing_and_chunks(fake_vllm_server: FakeVllmServer) 
     chunks, usage = events[:-2], events[-2]
     assert "".join(c["choices"][0]["text"] for c in chunks) == full
     assert all(c["choices"][0]["finish_reason"] is None and "system_fingerprint" not in c for c in chunks[:-1])
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and "system_fingerprint" in chunks[-1]
+    # with include_usage the fingerprint moves from the last choice chunk to the usage chunk
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and "system_fingerprint" not in chunks[-1]
     assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 5, "total_tokens": 9, "completion_tokens": 4}
+    assert "system_fingerprint" in usage
     assert len({c["id"] for c in events[:-1]}) == 1
+    plain = sse_events(call(fake_vllm_server, "POST", "/v1/completions", {**body, "stream": True})[2])
+    assert "system_fingerprint" in plain[-2] and len(plain) == 4 + 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,8 +4,10 @@ Completion requests for the same endpoint, model and sampling parameters become 
 ``/v1/completions`` call whose ``prompt`` is a list; the server answers choice
 ``index = prompt_i * n + j`` and each caller gets its own slice back. A worker takes what
 is already waiting (never holding a lone request back). When it found company (a burst is
-under way) and the batch is not full, it waits up to ``batch_timeout`` (counted from the
-first request's arrival) for more, then sends. If the shared call fails with a 4xx, each
+under way) and the batch is not full, it lingers while compatible requests keep arriving
+(each within ``batch_linger`` of the last), never past ``batch_timeout`` after the first
+request's arrival, then sends. Callers that are themselves waiting inside the batch cannot
+add to it, so a fixed wait would only add latency: the linger ends when the burst does. If the shared call fails with a 4xx, each
 request is retried alone so only the bad one fails; other failures go to every caller.
 """
 
@@ -81,9 +83,10 @@ class BatchingMixin:
             return [job]
         limit = settings.max_batch_size
         batch = [job] + endpoint.queue.take_compatible(job.key, limit - 1)
-        if 1 < len(batch) < limit and settings.batch_timeout > 0:
+        if 1 < len(batch) < limit and settings.batch_timeout > 0 and settings.batch_linger > 0:
             until = job.enqueued_at + settings.batch_timeout
-            batch += endpoint.queue.wait_compatible(job.key, limit - len(batch), until)
+            batch += endpoint.queue.wait_compatible(job.key, limit - len(batch), until,
+                                                    settings.batch_linger)
         return [j for j in batch if j is job or self._check_queue_deadline(j)]  # type: ignore[attr-defined]
 
     def _run_batch(self, endpoint: Any, jobs: List[Job]) -> None:

@@ -155,18 +155,24 @@ class PriorityRequestQueue:
         self._size -= len(taken)
         return taken
 
-    def wait_compatible(self, key: Hashable, limit: int, until: float) -> List[Job]:
-        """Like ``take_compatible`` but waits (until monotonic ``until``) for arrivals."""
+    def wait_compatible(self, key: Hashable, limit: int, until: float, gap: float) -> List[Job]:
+        """Take compatible jobs as they arrive: stop when ``limit`` are taken, at monotonic
+        ``until``, or once no compatible job arrived for ``gap`` seconds (the burst ended)."""
         out: List[Job] = []
         with self._cond:
             self._collectors += 1
             try:
+                last = self._clock.monotonic()
                 while len(out) < limit and not self._closed:
-                    out += self._take_locked(key, limit - len(out))
-                    remaining = until - self._clock.monotonic()
-                    if len(out) >= limit or remaining <= 0:
+                    got = self._take_locked(key, limit - len(out))
+                    now = self._clock.monotonic()
+                    if got:
+                        out += got
+                        last = now
+                    wait_for = min(until, last + gap) - now
+                    if len(out) >= limit or wait_for <= 0:
                         break
-                    self._arrived.wait(remaining)
+                    self._arrived.wait(wait_for)
             finally:
                 self._collectors -= 1
         return out
