@@ -637,28 +637,48 @@ def _top(tid: int, lp: float, k: int) -> list[tuple[int, float]]:
     return out
 
 
+def _prompt_scores(prompt: Sequence[tuple[int, str]], k: int) -> list[list[tuple[int, str, float, int]] | None]:
+    """Per prompt position (the first is unscored): the actual token and the ``k`` tokens the
+    "model" liked better, as (id, text, logprob, rank), the actual token first, as vLLM lists them."""
+    out: list[list[tuple[int, str, float, int]] | None] = [None]
+    for pid, text in prompt[1:]:
+        lp = -3.0 - (pid % 97) / 16.0
+        entries = [(pid, text, lp, k + 1 + pid % 100)]
+        base = _GEN_INDEX.get(pid, pid)
+        for j in range(1, k + 1):
+            alt = _GEN_IDS[(base + 11 * j) % len(_GEN_IDS)]
+            entries.append((alt, _VOCAB[alt], -0.5 - 0.25 * j, j))
+        out.append(entries)
+    return out
+
+
+def _prompt_logprobs(prompt: Sequence[tuple[int, str]], k: int) -> list[dict[str, dict[str, Any]] | None]:
+    """The ``prompt_logprobs`` field vLLM adds when ``echo`` and ``logprobs`` are both set."""
+    return [
+        None if pos is None else {
+            str(tid): {"logprob": lp, "rank": rank, "decoded_token": text} for tid, text, lp, rank in pos
+        }
+        for pos in _prompt_scores(prompt, k)
+    ]
+
+
 def _completion_logprobs(
-    choice: _Choice, first: int, last: int, k: int, offset0: int, prompt_ids: Sequence[int] | None
+    choice: _Choice, first: int, last: int, k: int, offset0: int, prompt: Sequence[tuple[int, str]] | None
 ) -> dict[str, Any]:
-    """The completions ``logprobs`` object for tokens ``first:last`` of a choice."""
+    """The completions ``logprobs`` object for tokens ``first:last`` of a choice (and the
+    prompt's tokens before them when echoing)."""
     tokens: list[str] = []
     token_lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
     off = offset0
-    if prompt_ids is not None:  # echo: the prompt tokens come first, the first one unscored
-        for i, pid in enumerate(prompt_ids):
-            tok = _VOCAB[pid] if 0 <= pid < VOCAB_SIZE else ""
-            tokens.append(tok)
+    if prompt is not None:
+        for (_, text), scores in zip(prompt, _prompt_scores(prompt, k)):
+            tokens.append(text)
             offsets.append(off)
-            off += len(tok)
-            if i == 0:
-                token_lps.append(None)
-                tops.append(None)
-            else:
-                lp = -1.0 - (pid % 97) / 16.0
-                token_lps.append(lp)
-                tops.append({_VOCAB[t]: v for t, v in _top(pid, lp, max(k, 1))})
+            off += len(text)
+            token_lps.append(None if scores is None else scores[0][2])
+            tops.append(None if scores is None else {t: lp for _, t, lp, _ in scores})
     for i in range(first, last):
         tid, lp = choice.ids[i], choice.logprobs[i]
         tok = _VOCAB[tid]
@@ -1326,7 +1346,12 @@ class FakeVllmServer:
             return
         methods = _ROUTES.get(path)
         if methods is None:
-            h.send_reply(_DETAIL_404)
+            if path.endswith("/") and path.rstrip("/") in _ROUTES:  # Starlette's redirect_slashes
+                host = headers.get("host", f"127.0.0.1:{self._port}")
+                location = f"http://{host}{path.rstrip('/')}" + (f"?{query}" if query else "")
+                h.send_reply(_Reply(307, b"", None, (("location", location),)))
+            else:
+                h.send_reply(_DETAIL_404)
             return
         if method not in methods:
             h.send_reply(_Reply(405, b'{"detail":"Method Not Allowed"}', _JSON, (("allow", ", ".join(methods)),)))
@@ -1548,22 +1573,26 @@ class FakeVllmServer:
         prompt_total = sum(it[2] for it in items)
         completion_total = sum(len(c[1].ids) for c in choices)
 
-        def prompt_ids_of(pi: int) -> list[int]:
+        def prompt_tokens_of(pi: int) -> list[tuple[int, str]]:
             ids = items[pi][3]
             if ids is not None:
-                return ids
-            return _tokenize_text(items[pi][0], True)[0]
+                return [(i, _VOCAB[i] if 0 <= i < VOCAB_SIZE else "") for i in ids]
+            ids, _ = _tokenize_text(items[pi][0], True)
+            return list(zip(ids, [_VOCAB[_BOS]] + _text_pieces(items[pi][0])))
 
         if not body.get("stream"):
             out = []
             for idx, (pi, ch, echo_text, _) in enumerate(choices):
                 text = echo_text + ch.text if echo else ch.text
-                lp = None
+                lp = prompt_lp = None
                 if logprobs_k is not None:
-                    lp = _completion_logprobs(ch, 0, len(ch.ids), logprobs_k, 0, prompt_ids_of(pi) if echo else None)
+                    prompt = prompt_tokens_of(pi) if echo else None
+                    lp = _completion_logprobs(ch, 0, len(ch.ids), logprobs_k, 0, prompt)
+                    if prompt is not None:
+                        prompt_lp = _prompt_logprobs(prompt, logprobs_k)
                 out.append({
                     "index": idx, "text": text, "logprobs": lp, "finish_reason": ch.finish_reason,
-                    "stop_reason": ch.stop_reason, "token_ids": None, "prompt_logprobs": None,
+                    "stop_reason": ch.stop_reason, "token_ids": None, "prompt_logprobs": prompt_lp,
                     "prompt_token_ids": None, "routed_experts": None,
                 })
             elapsed = time.monotonic() - t0
@@ -1596,7 +1625,7 @@ class FakeVllmServer:
                     prompt_token_ids = None
                     if t == 0 and echo:
                         text = echo_text + piece
-                        prompt_token_ids = prompt_ids_of(pi)
+                        prompt_token_ids = [i for i, _ in prompt_tokens_of(pi)]
                     lp = None
                     if logprobs_k is not None:
                         lp = _completion_logprobs(ch, t, t + 1, logprobs_k, offset, None)
