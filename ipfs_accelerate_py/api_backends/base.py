@@ -34,6 +34,7 @@ from .mixins.metrics import MetricsMixin, MetricsRecorder
 from .mixins.multiplexing import MultiplexingMixin
 from .mixins.queue import Job, PriorityRequestQueue, QueueMixin, WorkerPool, check_priority
 from .mixins.retry import RetryMixin
+from .mixins.routing import RoutingMixin
 from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk,
                      coerce_messages, validate_request)
 from .plugins import get_backend
@@ -112,7 +113,7 @@ def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[s
 
 
 class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin, MetricsMixin,
-                     MultiplexingMixin):
+                     MultiplexingMixin, RoutingMixin):
     """A resilient client for one backend kind, over one or many endpoints."""
 
     #: the adapter's registered name; subclasses set it
@@ -285,7 +286,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def _run_single(self, ep: Endpoint, job: Job) -> None:
         start = self._clock.monotonic()
         try:
-            result = self._call(ep, job.request, job.deadline, job.model, job.request_id)
+            result = self._call(ep, job.request, job.deadline, job.model, job.request_id,
+                                job.priority)
         except BaseException as exc:  # noqa: BLE001 - delivered to the caller
             self._finish(ep, job, start, error=exc)
         else:
@@ -323,14 +325,21 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
 
     # ------------------------------------------------------------------ one call
     def _call(self, ep: Endpoint, request: Request, deadline: float, model: Optional[str],
-              request_id: str) -> CompletionResult:
-        """Send ``request`` with retries; parse the reply. Raises typed errors only."""
+              request_id: str, queue_priority: Optional[int] = None) -> CompletionResult:
+        """Send ``request`` with retries; parse the reply. Raises typed errors only.
+
+        With ``forward_priority`` the server gets the request's own ``priority`` field, else
+        the queue priority it was submitted with (0 HIGH .. 2 LOW; lower runs earlier in
+        vLLM too)."""
         adapter = self._adapter
         forward = ep.settings.forward_priority and ep.priority_supported
+        wire_priority = getattr(request, "priority", None)
+        if wire_priority is None:
+            wire_priority = queue_priority
 
         def attempt(n: int) -> CompletionResult:
             nonlocal forward
-            priority = getattr(request, "priority", None) if forward else None
+            priority = wire_priority if forward else None
             http = adapter.format_request(request, priority=priority, request_id=request_id)
             try:
                 response = self._send(ep, http, deadline)
@@ -340,6 +349,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                     ep.priority_supported = False
                     forward = False
                     log.info("endpoint %s refused the priority field; sending without it", ep.id)
+                    # The same request id goes out again: that is a retry, count it.
+                    self._metrics.record_retry(ep.id, model)
                     http = adapter.format_request(request, priority=None, request_id=request_id)
                     response = self._send(ep, http, deadline)
                 else:

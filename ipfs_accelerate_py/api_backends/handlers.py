@@ -27,9 +27,18 @@ HANDLER_OPTIONS = {"batch_size", "priority", "timeout"}
 
 
 def result_to_dict(result: CompletionResult) -> Dict[str, Any]:
-    return {"text": result.text, "texts": result.texts, "model": result.model,
-            "finish_reason": result.finish_reason, "id": result.id,
-            "usage": result.usage.model_dump()}
+    out = {"text": result.text, "texts": result.texts, "model": result.model,
+           "finish_reason": result.finish_reason, "id": result.id,
+           "usage": result.usage.model_dump()}
+    if result.choices and result.choices[0].logprobs is not None:
+        out["logprobs"] = result.choices[0].logprobs  # only when asked for (and sent)
+    return out
+
+
+def is_chat_input(inputs: Any) -> bool:
+    """True for a list of chat messages (dicts with a ``role``)."""
+    return isinstance(inputs, (list, tuple)) and bool(inputs) and all(
+        isinstance(m, dict) and "role" in m for m in inputs)
 
 
 def split_handler_parameters(parameters: Optional[Dict[str, Any]]) -> "tuple[Dict[str, Any], Dict[str, Any]]":

@@ -213,21 +213,27 @@ def _read_quoted(line: str, i: int, line_no: int) -> Tuple[str, int]:
     raise PrometheusParseError("unterminated label value", line_no)
 
 
+def _skip_blanks(line: str, i: int) -> int:
+    while i < len(line) and line[i] in " \t":
+        i += 1
+    return i
+
+
 def _read_labels(line: str, i: int, line_no: int) -> Tuple[Optional[str], Dict[str, str], int]:
     """Parse ``{...}`` at ``line[i]``; returns (quoted metric name or None, labels, index after)."""
     labels: Dict[str, str] = {}
     quoted_name: Optional[str] = None
     j = i + 1
     while True:
-        while j < len(line) and line[j] in " \t":
-            j += 1
+        j = _skip_blanks(line, j)
         if j >= len(line):
             raise PrometheusParseError("unterminated label set", line_no)
         if line[j] == "}":
             return quoted_name, labels, j + 1
         if line[j] == '"':  # 1.0.0 format: a quoted name, either the metric's or a label's
             text, j = _read_quoted(line, j, line_no)
-            if j < len(line) and line[j] == "=":
+            after = _skip_blanks(line, j)
+            if after < len(line) and line[after] == "=":
                 key = text
             else:
                 quoted_name = text
@@ -235,15 +241,15 @@ def _read_labels(line: str, i: int, line_no: int) -> Tuple[Optional[str], Dict[s
         else:
             key, j = _read_name(line, j, line_no)
         if key:
+            j = _skip_blanks(line, j)
             if j >= len(line) or line[j] != "=":
                 raise PrometheusParseError(f"expected '=' after label {key!r}", line_no)
-            j += 1
+            j = _skip_blanks(line, j + 1)
             if j >= len(line) or line[j] != '"':
                 raise PrometheusParseError(f"label {key!r} value must be quoted", line_no)
             value, j = _read_quoted(line, j, line_no)
             labels[key] = value
-        while j < len(line) and line[j] in " \t":
-            j += 1
+        j = _skip_blanks(line, j)
         if j < len(line) and line[j] == ",":
             j += 1
         elif j < len(line) and line[j] != "}":
@@ -259,6 +265,8 @@ def _parse_sample(line: str, line_no: int) -> Sample:
     else:
         name, j = _read_name(line, 0, line_no)
         labels = {}
+        if line[_skip_blanks(line, j):].startswith("{"):
+            j = _skip_blanks(line, j)
         if j < len(line) and line[j] == "{":
             quoted, labels, j = _read_labels(line, j, line_no)
     rest = line[j:].split()

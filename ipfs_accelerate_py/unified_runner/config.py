@@ -76,6 +76,8 @@ class PerfSizes(BaseModel):
     requests_per_worker: int
     streams: int
     comparison_requests: int
+    accounting_requests: int
+    accounting_concurrency: int
 
     def requests_at(self, level: int) -> int:
         return max(self.min_requests_per_level, level * self.requests_per_worker)
@@ -86,8 +88,8 @@ def perf_sizes(quick: bool) -> PerfSizes:
         return PerfSizes(quick=True, max_tokens=8, warmup_requests=1, single_requests=4,
                          batch_size=8, concurrency_levels=[1, 2, 4, 8, 16, 32],
                          min_requests_per_level=4, requests_per_worker=1, streams=2,
-                         comparison_requests=2)
+                         comparison_requests=2, accounting_requests=16, accounting_concurrency=8)
     return PerfSizes(quick=False, max_tokens=32, warmup_requests=2, single_requests=16,
                      batch_size=32, concurrency_levels=[1, 2, 4, 8, 16, 32],
                      min_requests_per_level=16, requests_per_worker=2, streams=8,
-                     comparison_requests=8)
+                     comparison_requests=8, accounting_requests=64, accounting_concurrency=16)

@@ -8,14 +8,14 @@ must not go through the client's own retries, breaker or parsing.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import requests
 
-__all__ = ["Reply", "get", "reachability", "server_version", "parse_prometheus",
-           "scrape_counter"]
+from ..api_backends.server_metrics import PrometheusParseError, parse_prometheus_text
+
+__all__ = ["Reply", "get", "reachability", "server_version", "scrape_counter"]
 
 
 @dataclass
@@ -69,26 +69,6 @@ def server_version(base_url: str, timeout: float) -> Optional[str]:
     return None
 
 
-_SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
-def parse_prometheus(text: str) -> Dict[str, float]:
-    """Prometheus text format -> ``{metric name: value summed over every label set}``."""
-    totals: Dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if not m:
-            continue
-        try:
-            value = float(m.group(3))
-        except ValueError:
-            continue
-        totals[m.group(1)] = totals.get(m.group(1), 0.0) + value
-    return totals
-
-
 def scrape_counter(base_url: str, metric: str, timeout: float) -> Optional[float]:
     """The current total of ``metric`` from ``/metrics``; None if the server has no such page
     or no such metric."""
@@ -98,4 +78,8 @@ def scrape_counter(base_url: str, metric: str, timeout: float) -> Optional[float
         return None
     if reply.status != 200:
         return None
-    return parse_prometheus(reply.body.decode("utf-8", "replace")).get(metric)
+    try:
+        metrics = parse_prometheus_text(reply.body.decode("utf-8", "replace"))
+    except PrometheusParseError:
+        return None
+    return metrics.value(metric)  # summed over label sets (engines, served names)

@@ -29,7 +29,7 @@ __all__ = [
     "Status", "ServerKind", "CheckResult", "RunInfo", "SuiteResult", "StandardResults",
     "ConnectionResults", "LatencyStats", "SingleInference", "BatchInference",
     "ConcurrencyPoint", "StreamingStats", "ComparisonVariant", "Comparison",
-    "TokenAccounting", "PerformanceSettings", "PerformanceResults", "SuiteSummary",
+    "TokenAccounting", "TokenAccountingAttempt", "PerformanceSettings", "PerformanceResults", "SuiteSummary",
     "SummaryResults", "utc_now", "file_timestamp", "safe_name", "result_path", "write_result",
 ]
 
@@ -207,11 +207,29 @@ class Comparison(_Model):
     variants: List[ComparisonVariant] = Field(default_factory=list)
 
 
+class TokenAccountingAttempt(_Model):
+    """One measured window: a fixed closed-loop load, counted by the client and the server."""
+
+    client_output_tokens: int
+    server_generation_tokens: Optional[float] = None
+    wall_time_seconds: float
+    relative_difference: Optional[float] = None
+    server_idle_before: bool
+
+
 class TokenAccounting(_Model):
-    """Output tokens the client counted (``usage``) vs the server's own /metrics counter."""
+    """Output tokens the client counted (``usage``) vs the server's own /metrics counter.
+
+    Measured in a window of its own, started once the counter stands still. Other clients
+    of the same server can only *add* to the server's count, so a window that disagrees is
+    measured again (up to ``max_attempts``); the top-level figures are those of the first
+    agreeing window, or of the last one. The concurrency sweep's totals are kept as well.
+    """
 
     metric: str
     available: bool
+    requests: int = 0
+    concurrency: int = 0
     client_output_tokens: int = 0
     server_generation_tokens: Optional[float] = None
     wall_time_seconds: float = 0.0
@@ -220,6 +238,10 @@ class TokenAccounting(_Model):
     relative_difference: Optional[float] = None
     tolerance: float = 0.10
     within_tolerance: Optional[bool] = None
+    max_attempts: int = 3
+    attempts: List[TokenAccountingAttempt] = Field(default_factory=list)
+    sweep_client_output_tokens: int = 0
+    sweep_server_generation_tokens: Optional[float] = None
 
 
 class PerformanceSettings(_Model):
@@ -233,6 +255,8 @@ class PerformanceSettings(_Model):
     requests_per_level: Dict[str, int]
     streams: int
     comparison_requests: int
+    accounting_requests: int
+    accounting_concurrency: int
     client_batching_during_concurrency: bool = False
 
 

@@ -326,6 +326,24 @@ def test_tokenize_and_detokenize(fake_vllm_server: FakeVllmServer) -> None:
     assert status == 400 and err["error"]["param"] == "body.tokens"
 
 
+def test_return_token_ids_agree_with_usage(fake_vllm_server: FakeVllmServer) -> None:
+    data = completion(fake_vllm_server, prompt=["Hello", "Tell me a story"], max_tokens=3, temperature=0,
+                      return_token_ids=True)
+    assert [len(c["prompt_token_ids"]) for c in data["choices"]] == [2, 5]
+    assert sum(len(c["token_ids"]) for c in data["choices"]) == data["usage"]["completion_tokens"] == 6
+    _, text = post(fake_vllm_server, "/detokenize", {"tokens": data["choices"][0]["token_ids"]})
+    assert text["prompt"] == data["choices"][0]["text"]
+    _, chat = post(fake_vllm_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}],
+                                                               "max_tokens": 2, "return_token_ids": True})
+    assert len(chat["prompt_token_ids"]) == chat["usage"]["prompt_tokens"] == 9
+    assert len(chat["choices"][0]["token_ids"]) == 2
+    events = sse_events(call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 3,
+                                                                          "stream": True, "return_token_ids": True})[2])
+    assert events[0]["choices"][0]["prompt_token_ids"] == data["choices"][0]["prompt_token_ids"]
+    assert [len(e["choices"][0]["token_ids"]) for e in events[:-1]] == [1, 1, 1]
+    assert completion(fake_vllm_server, prompt="Hello", max_tokens=1)["choices"][0]["token_ids"] is None
+
+
 def test_generated_token_ids_detokenize_to_the_text(fake_vllm_server: FakeVllmServer) -> None:
     data = completion(fake_vllm_server, prompt="Hello", max_tokens=4, temperature=0, logprobs=0)
     tokens = data["choices"][0]["logprobs"]["tokens"]
@@ -596,6 +614,12 @@ def test_stream_faults_skip_non_stream_requests(fake_vllm_server: FakeVllmServer
     assert [e["choices"][0]["text"] != "" for e in events[:2]] == [True, True]
     assert events[2]["error"]["code"] == 500 and set(events[2]["error"]) == {"message", "type", "param", "code"}
     assert events[3:] == ["[DONE]"]
+
+
+def test_stream_error_past_the_end_comes_before_done(fake_vllm_server: FakeVllmServer) -> None:
+    fake_vllm_server.add_fault(Fault("stream_error", after_chunks=100))
+    events = sse_events(call(fake_vllm_server, "POST", "/v1/completions", _STREAM)[2])
+    assert len(events) == 5 + 2 and "error" in events[-2] and events[-1] == "[DONE]"
 
 
 def test_stream_no_done(fake_vllm_server: FakeVllmServer) -> None:

@@ -99,10 +99,15 @@ class BatchingMixin:
         self._metrics.record_batch(endpoint.id, model, len(jobs))  # type: ignore[attr-defined]
         start = self._clock.monotonic()  # type: ignore[attr-defined]
         try:
-            result = self._call(endpoint, merged, deadline, model, jobs[0].request_id)  # type: ignore[attr-defined]
+            # The shared call carries the first job's id and its most urgent priority.
+            result = self._call(endpoint, merged, deadline, model, jobs[0].request_id,  # type: ignore[attr-defined]
+                                min(j.priority for j in jobs))
         except HTTPStatusError as exc:
             if not isinstance(exc, TransientError):
                 # One bad prompt (e.g. too long) fails the whole list: find it by going alone.
+                # The first job's id already went out with the batch, so its solo call
+                # repeats that id on the wire: count it as the retry it is.
+                self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
                 for j in jobs:
                     self._run_single(endpoint, j)  # type: ignore[attr-defined]
                 return

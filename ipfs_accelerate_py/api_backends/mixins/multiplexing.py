@@ -27,7 +27,19 @@ class MultiplexingMixin:
     def make_request_with_endpoint(self, endpoint_id: str, data: Any, model: Optional[str] = None,
                                    parameters: Optional[Dict[str, Any]] = None,
                                    priority: int = 1) -> Any:
-        """``run_inference`` through one endpoint's own queue, breaker and key."""
+        """``run_inference`` through one endpoint's own queue, breaker and key.
+
+        ``data`` is a prompt, a list of prompts, chat messages, or a request body dict
+        (``{"prompt" | "messages": ..., "max_tokens": ..., ...}``) whose sampling fields join
+        ``parameters``.
+        """
+        if isinstance(data, dict):
+            body = dict(data)
+            inputs = body.pop("messages", None)
+            if inputs is None:
+                inputs = body.pop("prompt", None)
+            model = body.pop("model", None) or model
+            data, parameters = inputs, {**body, **(parameters or {})}
         return self.run_inference(model, data, parameters, priority, endpoint_id=endpoint_id)  # type: ignore[attr-defined]
 
     def get_stats(self, endpoint_id: Optional[str] = None) -> Dict[str, Any]:

@@ -20,7 +20,8 @@ import threading
 from typing import Any, Callable, Optional, TypeVar
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ApiError, ClientClosedError, TimeoutError, TransientError
+from ..errors import (ApiError, CircuitOpenError, ClientClosedError, TimeoutError,
+                      TransientError)
 
 __all__ = ["RetryPolicy", "RetryMixin", "call_with_retries"]
 
@@ -88,9 +89,20 @@ class RetryMixin:
 
     def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
                model: Optional[str]) -> T:
-        def on_retry(exc: BaseException, attempt: int, wait: float) -> None:
+        """A retry is counted when its attempt was made, not when it was scheduled: an
+        attempt the circuit breaker refused (it opened during the backoff) sent nothing."""
+        def counted(attempt: int) -> T:
+            if attempt == 0:
+                return attempt_fn(attempt)
+            try:
+                result = attempt_fn(attempt)
+            except CircuitOpenError:
+                raise
+            except BaseException:
+                self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
+                raise
             self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
+            return result
 
-        return call_with_retries(attempt_fn, RetryPolicy.from_settings(endpoint.settings),
-                                 deadline, self._clock, self._closing,  # type: ignore[attr-defined]
-                                 on_retry)
+        return call_with_retries(counted, RetryPolicy.from_settings(endpoint.settings),
+                                 deadline, self._clock, self._closing)  # type: ignore[attr-defined]

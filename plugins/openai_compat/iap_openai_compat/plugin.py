@@ -1,0 +1,145 @@
+"""The OpenAI chat wire format, as an ``ipfs_accelerate_py`` backend adapter.
+
+Everything else (the priority queue, the circuit breaker, retries with backoff, metrics,
+endpoints) is ``BaseApiBackend``'s. Batching is declared unsupported
+(``supports_prompt_list = False``), so the client never merges requests.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, List, Optional
+
+from ipfs_accelerate_py.api_backends.adapter import BackendAdapter, load_json
+from ipfs_accelerate_py.api_backends.errors import ResponseError, StreamError, ValidationError
+from ipfs_accelerate_py.api_backends.handlers import make_endpoint_handler
+from ipfs_accelerate_py.api_backends.hookspecs import hookimpl
+from ipfs_accelerate_py.api_backends.models import (ChatRequest, Choice, CompletionRequest,
+                                                    CompletionResult, Request, StreamChunk,
+                                                    Usage, validate_request)
+from ipfs_accelerate_py.api_backends.transport import HttpRequest, HttpResponse
+
+__all__ = ["OpenAICompatAdapter", "CHAT_PATH", "iap_register_backends"]
+
+CHAT_PATH = "/v1/chat/completions"
+#: completion-only fields: chat cannot express them, so a request that sets one is refused
+_COMPLETION_ONLY = ("echo", "best_of", "suffix", "logprobs")
+
+
+def _usage(data: Any) -> Usage:
+    if not isinstance(data, dict):
+        return Usage()
+    return Usage(prompt_tokens=data.get("prompt_tokens") or 0,
+                 completion_tokens=data.get("completion_tokens") or 0,
+                 total_tokens=data.get("total_tokens") or 0)
+
+
+def as_chat(request: Request) -> ChatRequest:
+    """A chat request as is; a one-prompt completion request as one user message."""
+    if isinstance(request, ChatRequest):
+        return request
+    prompt = request.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # the endpoint handler sends lists one prompt at a time
+    if not isinstance(prompt, str):
+        raise ValidationError("the openai_compat backend is chat-only and takes one prompt "
+                              "string per request; send prompts one by one (the endpoint "
+                              "handler does this for a list)", field="prompt")
+    for name in _COMPLETION_ONLY:
+        if getattr(request, name) is not None:
+            raise ValidationError(f"is a completions-only field; the openai_compat backend "
+                                  f"sends chat requests", field=name)
+    fields = request.model_dump(exclude_none=True, exclude={"prompt", *_COMPLETION_ONLY})
+    fields["messages"] = [{"role": "user", "content": prompt}]
+    return validate_request(ChatRequest, fields)  # type: ignore[return-value]
+
+
+class OpenAICompatAdapter(BackendAdapter):
+    """Any OpenAI-compatible chat server: ``/v1/chat/completions`` and ``/v1/models``."""
+
+    name = "openai_compat"
+    description = ("generic OpenAI-compatible chat server (/v1/chat/completions only, "
+                   "no prompt-list batching)")
+    env_prefix = "OPENAI_COMPAT_"
+    default_base_url = "http://localhost:8000"
+    supports_prompt_list = False
+    supports_streaming = True
+    supports_completions = False  # completions are sent as chat (one user message)
+
+    def format_request(self, request: Request, *, priority: Optional[int] = None,
+                       request_id: Optional[str] = None) -> HttpRequest:
+        chat = as_chat(request)
+        # the OpenAI API has no priority field: queue priority stays on the client side
+        body = chat.model_dump(exclude_none=True, exclude={"priority"})
+        if body.get("n") == 1:
+            del body["n"]
+        if body.get("stream") is False:
+            del body["stream"]
+        headers = {"X-Request-Id": request_id} if request_id else {}
+        return HttpRequest("POST", CHAT_PATH, json=body, headers=headers, stream=chat.stream)
+
+    def parse_response(self, request: Request, response: HttpResponse) -> CompletionResult:
+        data = load_json(response)
+        raw = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(raw, list):
+            raise ResponseError("reply has no 'choices' list", status_code=response.status,
+                                body=response.text())
+        choices = []
+        for position, item in enumerate(raw):
+            message = item.get("message") if isinstance(item, dict) else None
+            if not isinstance(message, dict):
+                raise ResponseError("a choice has no 'message' object",
+                                    status_code=response.status)
+            choices.append(Choice(index=item.get("index", position),
+                                  text=message.get("content") or "",
+                                  finish_reason=item.get("finish_reason"),
+                                  logprobs=item.get("logprobs")))
+        choices.sort(key=lambda c: c.index)
+        return CompletionResult(id=data.get("id") or "", model=data.get("model") or "",
+                                created=data.get("created") or 0,
+                                object=data.get("object") or "chat.completion",
+                                choices=choices, usage=_usage(data.get("usage")))
+
+    def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
+        if data.strip() == "[DONE]":
+            return None
+        try:
+            event = json.loads(data)
+        except ValueError:
+            raise ResponseError(f"stream event is not JSON: {data[:200]!r}") from None
+        if not isinstance(event, dict):
+            raise ResponseError(f"stream event is not an object: {data[:200]!r}")
+        if event.get("error") is not None:
+            err = event["error"]
+            message = err.get("message") if isinstance(err, dict) else err
+            raise StreamError(str(message or err),
+                              error_type=err.get("type") if isinstance(err, dict) else None)
+        ident, model = event.get("id") or "", event.get("model") or ""
+        chunks = [StreamChunk(index=c.get("index", 0),
+                              text=(c.get("delta") or {}).get("content") or "",
+                              finish_reason=c.get("finish_reason"), id=ident, model=model)
+                  for c in event.get("choices") or () if isinstance(c, dict)]
+        if event.get("usage"):
+            chunks.append(StreamChunk(usage=_usage(event["usage"]), id=ident, model=model))
+        return chunks
+
+    def models_request(self) -> HttpRequest:
+        return HttpRequest("GET", "/v1/models")
+
+    def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
+        data = load_json(response)
+        items = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise ResponseError("models reply has no 'data' list", status_code=response.status)
+        return [m for m in items if isinstance(m, dict) and "id" in m]
+
+    def create_endpoint_handler(self, client: Any, model: Optional[str] = None,
+                                parameters: Optional[Dict[str, Any]] = None
+                                ) -> Callable[[Any], Any]:
+        """The framework's handler; a list of prompts goes out one request per prompt."""
+        return make_endpoint_handler(client, model, {**(parameters or {}), "batch_size": 1})
+
+
+@hookimpl
+def iap_register_backends(register: Callable[[BackendAdapter], None]) -> None:
+    register(OpenAICompatAdapter())
