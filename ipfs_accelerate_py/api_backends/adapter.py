@@ -45,6 +45,8 @@ class BackendAdapter(ABC):
     supports_prompt_list: ClassVar[bool] = False
     supports_streaming: ClassVar[bool] = True
     supports_completions: ClassVar[bool] = True
+    #: whether the unified test generator writes a runner for this backend
+    unified_runner: ClassVar[bool] = True
 
     @abstractmethod
     def format_request(self, request: Request, *, priority: Optional[int] = None,

@@ -8,7 +8,6 @@ JSON looked like.
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Sequence, Union
 
 import pydantic
@@ -298,11 +297,6 @@ class StreamChunk(BaseModel):
     usage: Optional[Usage] = None
     id: str = ""
     model: str = ""
-
-
-def is_finite_number(x: Any) -> bool:
-    """True for real numbers that JSON can carry (no NaN or infinity)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def coerce_messages(value: Sequence[Any]) -> List[Dict[str, Any]]:

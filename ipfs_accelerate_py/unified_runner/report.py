@@ -21,9 +21,14 @@ def _num(value: Optional[float], fmt: str = "{:.3f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _clip(text: str, limit: int = 60) -> str:
+    """Long reasons stay in the JSON; the table shows their start."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def summary_table(summary: SummaryResults) -> str:
     rows = [[name, s.status.upper(), str(s.passed), str(s.failed), str(s.skipped),
-             f"{s.duration_seconds:.1f}", s.skip_reason or ""]
+             f"{s.duration_seconds:.1f}", _clip(s.skip_reason or "")]
             for name, s in summary.suites.items()]
     return table(["suite", "status", "passed", "failed", "skipped", "seconds", "note"], rows)
 

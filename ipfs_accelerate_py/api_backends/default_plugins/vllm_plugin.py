@@ -149,6 +149,7 @@ class VllmLegacyAdapter(VllmAdapter):
     description = "vLLM demo api_server (/generate)"
     supports_prompt_list = False
     supports_streaming = False
+    unified_runner = False  # a variant of "vllm": its runner would test the same server
 
     def format_request(self, request: Request, *, priority: Optional[int] = None,
                        request_id: Optional[str] = None) -> HttpRequest:

@@ -26,6 +26,7 @@ Nothing here knows a particular server.
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 import threading
 from collections import Counter, deque
@@ -159,12 +160,18 @@ class RoutingMixin:
         k = turn % len(ids)
         rotated = ids[k:] + ids[:k]
         if strategy == "least-loaded":
-            loads = {eid: self.endpoint_load(eid) for eid in rotated}
+            # An OPEN endpoint will be skipped anyway: do not probe it, put it last.
+            loads = {eid: (math.inf if self._is_open(eid) else self.endpoint_load(eid))
+                     for eid in rotated}
             return sorted(rotated, key=loads.__getitem__)  # stable: ties keep the rotation
         if strategy == "fastest" and turn % EXPLORE_EVERY != EXPLORE_EVERY - 1:
             p50 = {eid: self.endpoint_latency_p50(eid) for eid in rotated}
             return sorted(rotated, key=lambda e: -1.0 if p50[e] is None else p50[e])
         return rotated
+
+    def _is_open(self, endpoint_id: str) -> bool:
+        ep = self._endpoint(endpoint_id)  # type: ignore[attr-defined]
+        return bool(ep.settings.circuit_breaker_enabled and ep.breaker.state == OPEN)
 
     # ------------------------------------------------------------------ routing
     def route_inference(self, model_id: Optional[str], inputs: Any,
@@ -182,8 +189,7 @@ class RoutingMixin:
         with state.lock:
             state.routed += 1
         for eid in order:
-            ep = self._endpoint(eid)  # type: ignore[attr-defined]
-            if ep.settings.circuit_breaker_enabled and ep.breaker.state == OPEN:
+            if self._is_open(eid):
                 with state.lock:
                     state.skipped_open[eid] += 1
                 tried.append(f"{eid}: circuit OPEN (skipped)")
