@@ -5,8 +5,10 @@
 """Unified tests for the ``openai_compat`` backend: generic OpenAI-compatible chat server
 (/v1/chat/completions only, no prompt-list batching).
 
-    python generators/models/test_openai_compat_unified.py --standard | --performance | --real | --all
+    python generators/models/test_openai_compat_unified.py --all
     python generators/models/test_openai_compat_unified.py --help
+
+``--all`` runs the three suites; ``--standard``, ``--performance`` and ``--real`` run one each.
 
 Everything runs in ``ipfs_accelerate_py.unified_runner``; this file only names the backend.
 """

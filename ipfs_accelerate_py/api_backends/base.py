@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar, Deque, Dict, Iterator, List, Optiona
 from . import errors
 from .adapter import BackendAdapter
 from .clock import SYSTEM_CLOCK, Clock
+from .limits import cap_request
 from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError, ValidationError
 from .mixins.batching import BatchingMixin, batch_key
 from .mixins.circuit_breaker import CircuitBreakerMixin
@@ -221,6 +222,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         model = request.model or ep.settings.model
         if request.model is None and model is not None:
             request = request.model_copy(update={"model": model})
+        request = cap_request(self, request)
         key = batch_key(ep.id, request, self._adapter.supports_prompt_list)
         rid = f"{self._id_prefix}-{next(self._ids)}"
         return Job(request, priority, deadline, key, model, rid, now)
@@ -368,7 +370,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         remaining = deadline - self._clock.monotonic()
         if remaining <= 0:
             ep.breaker.release(probe)
-            raise errors.TimeoutError("the call deadline passed before the request was sent")
+            raise errors.TimeoutError("the call deadline passed before the request was sent",
+                                      sent=False)
         s = ep.settings
         timeout = (min(s.connect_timeout, remaining), min(s.timeout, remaining))
         ep.enter()
@@ -415,6 +418,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             request = request.model_copy(update={"stream": True})
         if request.model is None and ep.settings.model:
             request = request.model_copy(update={"model": ep.settings.model})
+        request = cap_request(self, request)
         rid = f"{self._id_prefix}-{next(self._ids)}"
         http = self._adapter.format_request(request, priority=None, request_id=rid)
         start = self._clock.monotonic()
@@ -571,8 +575,15 @@ class TextStream:
         return next(self._gen)
 
     def texts(self) -> Iterator[str]:
-        """Only the text pieces; the generator closes the stream when closed."""
+        """Only the text pieces, as a generator that closes the stream when it is closed,
+        dropped or exhausted: also before its first ``next`` (the request is already open)."""
+        gen = self._texts()
+        next(gen)  # run into the try block, so close() before the first piece still closes
+        return gen
+
+    def _texts(self) -> Iterator[Optional[str]]:
         try:
+            yield None  # the priming stop of texts(); never seen by the caller
             for chunk in self:
                 if chunk.text:
                     yield chunk.text

@@ -16,11 +16,9 @@ from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional
 
 from .errors import ApiError, ValidationError
-from .limits import apply_max_tokens_cap
 from .models import CompletionRequest, CompletionResult
 
-__all__ = ["make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters",
-           "is_chat_input"]
+__all__ = ["make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters"]
 
 #: Handler settings that shape how the handler calls the client; never sent to the server.
 HANDLER_OPTIONS = {"batch_size", "priority", "timeout"}
@@ -33,12 +31,6 @@ def result_to_dict(result: CompletionResult) -> Dict[str, Any]:
     if result.choices and result.choices[0].logprobs is not None:
         out["logprobs"] = result.choices[0].logprobs  # only when asked for (and sent)
     return out
-
-
-def is_chat_input(inputs: Any) -> bool:
-    """True for a list of chat messages (dicts with a ``role``)."""
-    return isinstance(inputs, (list, tuple)) and bool(inputs) and all(
-        isinstance(m, dict) and "role" in m for m in inputs)
 
 
 def split_handler_parameters(parameters: Optional[Dict[str, Any]]) -> "tuple[Dict[str, Any], Dict[str, Any]]":
@@ -88,8 +80,6 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
             raise ValidationError("must be a dict", field="parameters")
         sampling, call_options = split_handler_parameters({**defaults, **options, **(call_params or {})})
         priority = call_options.get("priority", 1)
-        sampling = apply_max_tokens_cap(client, model or client.settings.model, sampling,
-                                        chat=is_chat_input(inputs))
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
             size = call_options.get("batch_size") or len(inputs)
             futures: List[Future] = [

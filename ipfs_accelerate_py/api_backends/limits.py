@@ -2,9 +2,9 @@
 
 A profile (``profiles.py``) may cap how many tokens one request for a model may ask for,
 on one client. The cap lives beside the client (a weak map, so a closed and dropped client
-takes its caps with it) and is consulted by every path that builds a request from caller
-parameters: the framework handlers, the ``vllm`` backend methods and routed calls. It
-knows no server: a cap is a number per (client, model name).
+takes its caps with it) and ``BaseApiBackend`` applies it to every request it sends
+(``cap_request``), whatever path built it. It knows no server: a cap is a number per
+(client, model name).
 
 Rule: an explicit ``max_tokens`` (or chat's ``max_completion_tokens``) above the cap is
 lowered to the cap. A chat request without one gets the cap, because the server would
@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 from .errors import ValidationError
 
 __all__ = ["set_max_tokens_cap", "max_tokens_cap", "max_tokens_caps", "apply_max_tokens_cap",
-           "COMPLETION_DEFAULT_MAX_TOKENS"]
+           "cap_request", "COMPLETION_DEFAULT_MAX_TOKENS"]
 
 #: What OpenAI-compatible servers generate for a completion that names no ``max_tokens``.
 COMPLETION_DEFAULT_MAX_TOKENS = 16
@@ -70,3 +70,16 @@ def apply_max_tokens_cap(client: Any, model: Optional[str], params: Optional[Dic
     if not asked and (chat or cap < COMPLETION_DEFAULT_MAX_TOKENS):
         out["max_tokens"] = cap
     return out
+
+
+def cap_request(client: Any, request: Any) -> Any:
+    """A typed request within its model's cap on ``client`` (the same object when no cap
+    applies). ``BaseApiBackend`` calls this for every request it sends, whatever the path."""
+    cap = max_tokens_cap(client, request.model)
+    if cap is None:
+        return request
+    chat = hasattr(request, "messages")
+    fields = {k: getattr(request, k, None) for k in ("max_tokens", "max_completion_tokens")}
+    params = apply_max_tokens_cap(client, request.model, fields, chat=chat)
+    changes = {k: v for k, v in params.items() if v != fields.get(k)}
+    return request.model_copy(update=changes) if changes else request

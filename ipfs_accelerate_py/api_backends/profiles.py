@@ -152,16 +152,7 @@ def _resize_endpoint(client: Any, endpoint: Any, n: int, old_n: int) -> Optional
         # already in flight finish on the old one, whose idle connections close now.
         old, endpoint.transport = endpoint.transport, client._transport_factory(endpoint.settings)
         old.close()
-    pool = endpoint.workers
-    resize = getattr(pool, "resize", None)
-    if callable(resize):
-        resize(n)
-        return None
-    started = pool.alive() if hasattr(pool, "alive") else 0
-    pool._n = n  # the pool starts the missing threads (up to n) on the next request
-    if started > n:
-        return (f"endpoint {endpoint.id}: {started} worker threads were already running; "
-                f"they keep serving until the client closes (the pool cannot shrink yet)")
+    endpoint.workers.resize(n)  # surplus idle workers retire; busy ones finish their call first
     return None
 
 

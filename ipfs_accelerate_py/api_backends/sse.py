@@ -31,6 +31,8 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> List[str]:
         """Consume ``chunk``; return the payloads of events it completed."""
         out: List[str] = []
+        if not chunk:
+            return out  # an empty read must not forget a CR still waiting for its LF
         if self._pending_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the \n of a \r\n split across two chunks
         self._pending_cr = False

@@ -37,6 +37,7 @@ from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 import requests
+import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from . import errors
@@ -214,6 +215,12 @@ class RequestsTransport(Transport):
                         return
                     yield data
             except Exception as exc:  # noqa: BLE001
+                # Raw body reads raise urllib3's own exceptions (requests wraps only the
+                # calls it makes itself): a read timeout here is the stream's idle timeout.
+                if isinstance(exc, (urllib3.exceptions.TimeoutError, socket.timeout)):
+                    raise errors.TimeoutError(
+                        f"stream idle timeout: no data from {base} within the read timeout: "
+                        f"{redact(f'{type(exc).__name__}: {exc}')[:500]}") from None
                 raise _map_exception(exc, base) from None
 
         def closer() -> None:
@@ -223,6 +230,12 @@ class RequestsTransport(Transport):
                 resp.raw.close()
             finally:
                 resp.close()
+                # urllib3 2 closes a pool's idle sockets only when the pool is garbage
+                # collected (Session.close() merely forgets it), and a response keeps its
+                # pool alive: a closed stream the caller still holds must not keep this
+                # endpoint's sockets open after the client is closed.
+                if getattr(resp.raw, "_pool", None) is not None:
+                    resp.raw._pool = None
 
         return StreamResponse(resp.status_code, resp.headers, chunks(), closer)  # type: ignore[arg-type]
 

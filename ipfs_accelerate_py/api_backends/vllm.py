@@ -11,8 +11,12 @@ The README's calls work three ways, all on the same shared clients::
     from ipfs_accelerate_py.api_backends import vllm          # the class
     vllm.process_batch(url, prompts, model)                    # class-level call
     vllm(metadata={...}).process_batch(url, prompts, model)    # on an instance
-    import ipfs_accelerate_py.api_backends.vllm as vllm_module
-    vllm_module.process_batch(url, prompts, model)             # module-level function
+    from ipfs_accelerate_py.api_backends.vllm import process_batch
+    process_batch(url, prompts, model)                         # module-level function
+
+Note: ``import ipfs_accelerate_py.api_backends.vllm as m`` binds the CLASS (Python looks
+the name up on the package, which re-exports the class); every module-level call works on
+it too. ``importlib.import_module("ipfs_accelerate_py.api_backends.vllm")`` gives the module.
 """
 
 from __future__ import annotations
@@ -20,12 +24,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .base import BaseApiBackend, build_request
+from .base import BaseApiBackend
 from .default_plugins.vllm_plugin import VllmAdapter, VllmLegacyAdapter
 from .errors import ApiError, ConfigurationError, ValidationError
-from .handlers import is_chat_input, make_endpoint_handler, result_to_dict
-from .limits import apply_max_tokens_cap
-from .models import CompletionResult
+from .handlers import make_endpoint_handler, result_to_dict
 from .settings import ClientSettings, normalize_base_url
 from .transport import HttpRequest
 
@@ -57,6 +59,8 @@ class VllmClient(BaseApiBackend):
                          failure_threshold=failure_threshold, reset_timeout=reset_timeout,
                          model=model, **options)
         self.api_flavor = api_flavor
+        # least-loaded routing reads the server's own queue length (only when it routes)
+        self.set_load_probe(vllm_load_probe())
         if api_flavor == "auto":
             self.api_flavor = self.detect_api_flavor()
 
@@ -191,13 +195,6 @@ class vllm:  # noqa: N801 - the framework's name for this backend
     def _model(self, model: Optional[str]) -> Optional[str]:
         return model or self.model
 
-    @staticmethod
-    def _capped(client: VllmClient, model: Optional[str], params: Optional[Dict[str, Any]],
-                inputs: Any = None, chat: bool = False) -> Dict[str, Any]:
-        """``params`` within the ``max_tokens`` cap a profile set for ``model`` on ``client``."""
-        return apply_max_tokens_cap(client, model or client.settings.model, params,
-                                    chat=chat or is_chat_input(inputs))
-
     # ------------------------------------------------------------------ inference
     def run_inference(self, model_id: Optional[str] = None, inputs: Any = None,
                       parameters: Optional[Dict[str, Any]] = None, priority: int = 1, *,
@@ -207,7 +204,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         sampling parameters. Never forwards ``model_id``/``inputs`` as server fields."""
         data = inputs if inputs is not None else prompt
         target = self._model(model_id or model)
-        params = self._capped(self.client, target, {**(parameters or {}), **sampling}, data)
+        params = {**(parameters or {}), **sampling}
         result = self.client.run_inference(target, data, params, priority)
         if isinstance(data, (list, tuple)) and data and all(isinstance(p, str) for p in data):
             n = params.get("n") or 1
@@ -221,8 +218,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         if not isinstance(prompt, str):
             raise ValidationError(f"must be a string, got {type(prompt).__name__}", field="prompt")
         params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, **kw)
-        params = self._capped(self.client, self._model(model),
-                              {k: v for k, v in params.items() if v is not None})
+        params = {k: v for k, v in params.items() if v is not None}
         return result_to_dict(self.client.run_inference(self._model(model), prompt, params))
 
     def generate(self, prompt: Any = None, model: Optional[str] = None, **kw: Any) -> Any:
@@ -232,14 +228,12 @@ class vllm:  # noqa: N801 - the framework's name for this backend
     def chat_completion(self, messages: Sequence[Dict[str, Any]], model: Optional[str] = None,
                         **kw: Any) -> Dict[str, Any]:
         """Chat messages -> ``{"text", ...}`` with the assistant's reply."""
-        params = self._capped(self.client, self._model(model),
-                              {k: v for k, v in kw.items() if v is not None}, chat=True)
+        params = {k: v for k, v in kw.items() if v is not None}
         return result_to_dict(self.client.chat_completion(messages, self._model(model), **params))
 
     def stream_generation(self, prompt: Any, model: Optional[str] = None, **kw: Any) -> Any:
         """An iterator of text pieces; closing it early aborts the request on the server."""
-        return self.client.stream_generation(
-            prompt, self._model(model), **self._capped(self.client, self._model(model), kw, prompt))
+        return self.client.stream_generation(prompt, self._model(model), **kw)
 
     def list_models(self, endpoint_url: Optional[str] = None) -> List[Dict[str, Any]]:
         """The server's models as dicts (``id``, ``root``, ``max_model_len``, ...)."""
@@ -256,7 +250,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         body = dict(data)
         inputs = body.pop("messages", None) or body.pop("prompt", None)
         model = body.pop("model", None) or self.model
-        result = client.run_inference(model, inputs, self._capped(client, model, body, inputs))
+        result = client.run_inference(model, inputs, body)
         out = result_to_dict(result)
         if request_id is not None:
             out["request_id"] = request_id
@@ -301,8 +295,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         """(results in input order, measured metrics of this batch)."""
         from .batch_ops import run_prompt_batch
         client = self._client_for(endpoint_url)
-        return run_prompt_batch(client, inputs, self._model(model),
-                                self._capped(client, self._model(model), parameters))
+        return run_prompt_batch(client, inputs, self._model(model), parameters)
 
     # ------------------------------------------------------------------ per-request parameters
     @_either

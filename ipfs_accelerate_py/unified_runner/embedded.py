@@ -54,7 +54,8 @@ class ServerTarget:
             self._stoppers.pop()()
 
 
-def probe_external(api_url: str, health_path: str, timeout: float) -> "tuple[Optional[ServerTarget], str]":
+def probe_external(api_url: str, health_path: str,
+                   timeout: float) -> "tuple[Optional[ServerTarget], str]":
     """The server at ``api_url`` if it answers HTTP at all, else (None, why not)."""
     ok, reason = reachability(api_url, health_path, timeout)
     if ok:

@@ -28,7 +28,7 @@ from ..api_backends.base import BaseApiBackend, build_request
 from .checks import CheckRecorder, SkipCheck
 from .config import PerfSizes, prompts
 from .context import SuiteContext
-from .probe import scrape_counter
+from .probe import scrape, scrape_counter
 from .results import (BatchInference, Comparison, ComparisonVariant, ConcurrencyPoint,
                       LatencyStats, PerformanceSettings, SingleInference, StreamingStats,
                       TokenAccounting, TokenAccountingAttempt)
@@ -43,6 +43,9 @@ TOKEN_TOLERANCE = 0.10
 COUNTER_SETTLE_SECONDS = 3.0
 #: windows measured at most before token accounting gives its verdict
 ACCOUNTING_ATTEMPTS = 3
+#: server histograms (``_sum``/``_count``) behind the streaming figures' server-side means
+SERVER_TTFT_HISTOGRAM = "vllm:time_to_first_token_seconds"
+SERVER_ITL_HISTOGRAM = "vllm:inter_token_latency_seconds"
 SAMPLING_VARIANTS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("greedy", {"temperature": 0.0}),
     ("temperature_0.8", {"temperature": 0.8}),
@@ -358,6 +361,7 @@ class PerformanceRun:
             self.progress.update(self.sizes.streams)
             raise SkipCheck(f"backend {self.ctx.backend!r} does not stream")
         self.progress.phase("streaming")
+        before = scrape(self.ctx.base_url, self.ctx.timeout)
         ttfts: List[float] = []
         tpots: List[float] = []
         totals: List[float] = []
@@ -385,12 +389,41 @@ class PerformanceRun:
             if n > 1:
                 tpots.append((last - first) / (n - 1))
             self.progress.update()
+        server_ttft, server_itl = self._server_stream_means(before, len(totals))
         self.streaming = StreamingStats(
             streams=len(totals), max_tokens=self.sizes.max_tokens,
             time_to_first_token=latency_stats(ttfts), time_per_output_token=latency_stats(tpots),
-            total_time=latency_stats(totals), output_tokens=tokens)
+            total_time=latency_stats(totals), output_tokens=tokens,
+            server_time_to_first_token_mean_seconds=server_ttft,
+            server_inter_token_latency_mean_seconds=server_itl)
         d.update(ttft_p50_seconds=self.streaming.time_to_first_token.p50_seconds,
                  tpot_p50_seconds=self.streaming.time_per_output_token.p50_seconds)
+
+    def _server_stream_means(self, before: Any, streams: int
+                             ) -> Tuple[Optional[float], Optional[float]]:
+        """Mean TTFT and inter-token latency the server recorded for the last ``streams``
+        requests (None when it exports no such histograms)."""
+        if before is None:
+            return None, None
+        deadline = time.monotonic() + COUNTER_SETTLE_SECONDS
+        while True:
+            after = scrape(self.ctx.base_url, self.ctx.timeout)
+            if after is None:
+                return None, None
+
+            def delta(name: str) -> Optional[float]:
+                a, b = after.value(name), before.value(name)
+                return None if a is None or b is None else a - b
+
+            count = delta(SERVER_TTFT_HISTOGRAM + "_count")
+            if count is None or count >= streams or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        means = []
+        for name in (SERVER_TTFT_HISTOGRAM, SERVER_ITL_HISTOGRAM):
+            total, n = delta(name + "_sum"), delta(name + "_count")
+            means.append(total / n if total is not None and n else None)
+        return means[0], means[1]
 
     def _comparison(self, d: Dict[str, Any]) -> None:
         self.progress.phase("comparison")

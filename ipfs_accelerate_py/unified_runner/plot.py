@@ -16,7 +16,7 @@ __all__ = ["matplotlib_available", "write_plot"]
 
 def matplotlib_available() -> bool:
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401 - only whether it imports
     except ImportError:
         return False
     return True

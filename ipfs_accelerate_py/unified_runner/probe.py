@@ -13,9 +13,9 @@ from typing import Dict, Optional, Tuple
 
 import requests
 
-from ..api_backends.server_metrics import PrometheusParseError, parse_prometheus_text
+from ..api_backends.server_metrics import Metrics, PrometheusParseError, parse_prometheus_text
 
-__all__ = ["Reply", "get", "reachability", "server_version", "scrape_counter"]
+__all__ = ["Reply", "get", "reachability", "server_version", "scrape", "scrape_counter"]
 
 
 @dataclass
@@ -69,9 +69,8 @@ def server_version(base_url: str, timeout: float) -> Optional[str]:
     return None
 
 
-def scrape_counter(base_url: str, metric: str, timeout: float) -> Optional[float]:
-    """The current total of ``metric`` from ``/metrics``; None if the server has no such page
-    or no such metric."""
+def scrape(base_url: str, timeout: float) -> Optional[Metrics]:
+    """The server's parsed ``/metrics`` page; None if it has none (or it does not parse)."""
     try:
         reply = get(base_url, "/metrics", timeout)
     except requests.RequestException:
@@ -79,7 +78,13 @@ def scrape_counter(base_url: str, metric: str, timeout: float) -> Optional[float
     if reply.status != 200:
         return None
     try:
-        metrics = parse_prometheus_text(reply.body.decode("utf-8", "replace"))
+        return parse_prometheus_text(reply.body.decode("utf-8", "replace"))
     except PrometheusParseError:
         return None
-    return metrics.value(metric)  # summed over label sets (engines, served names)
+
+
+def scrape_counter(base_url: str, metric: str, timeout: float) -> Optional[float]:
+    """The current total of ``metric`` (summed over label sets: engines, served names);
+    None if the server has no ``/metrics`` page or no such metric."""
+    metrics = scrape(base_url, timeout)
+    return metrics.value(metric) if metrics is not None else None

@@ -39,7 +39,8 @@ def performance_table(perf: PerformanceResults) -> str:
         s = perf.single_inference
         rows.append(["single inference latency, mean / p90", f"{_num(s.latency.mean_seconds)} / "
                      f"{_num(s.latency.p90_seconds)} s"])
-        rows.append(["single inference output tokens/s", _num(s.output_tokens_per_second, "{:.1f}")])
+        rows.append(["single inference output tokens/s",
+                     _num(s.output_tokens_per_second, "{:.1f}")])
     if perf.batch_inference:
         b = perf.batch_inference
         rows.append([f"batch of {b.batch_size} ({b.mode}) time", f"{b.batch_time_seconds:.3f} s"])
@@ -57,8 +58,14 @@ def performance_table(perf: PerformanceResults) -> str:
                      f"({_num(t.relative_difference, '{:.1%}')} apart)"])
     if perf.streaming:
         st = perf.streaming
-        rows.append(["time to first token p50", f"{_num(st.time_to_first_token.p50_seconds, '{:.4f}')} s"])
-        rows.append(["time per output token p50", f"{_num(st.time_per_output_token.p50_seconds, '{:.4f}')} s"])
+        rows.append(["time to first token p50",
+                     f"{_num(st.time_to_first_token.p50_seconds, '{:.4f}')} s"])
+        rows.append(["time per output token p50",
+                     f"{_num(st.time_per_output_token.p50_seconds, '{:.4f}')} s"])
+        if st.server_time_to_first_token_mean_seconds is not None:
+            rows.append(["server /metrics: TTFT mean, inter-token mean",
+                         f"{_num(st.server_time_to_first_token_mean_seconds, '{:.4f}')} s, "
+                         f"{_num(st.server_inter_token_latency_mean_seconds, '{:.4f}')} s"])
     if perf.comparison:
         for v in perf.comparison.variants:
             rows.append([f"{perf.comparison.kind}: {v.name} mean / tok/s",

@@ -29,7 +29,8 @@ __all__ = [
     "Status", "ServerKind", "CheckResult", "RunInfo", "SuiteResult", "StandardResults",
     "ConnectionResults", "LatencyStats", "SingleInference", "BatchInference",
     "ConcurrencyPoint", "StreamingStats", "ComparisonVariant", "Comparison",
-    "TokenAccounting", "TokenAccountingAttempt", "PerformanceSettings", "PerformanceResults", "SuiteSummary",
+    "TokenAccounting", "TokenAccountingAttempt", "PerformanceSettings", "PerformanceResults",
+    "SuiteSummary",
     "SummaryResults", "utc_now", "file_timestamp", "safe_name", "result_path", "write_result",
 ]
 
@@ -181,6 +182,10 @@ class StreamingStats(_Model):
     time_per_output_token: LatencyStats
     total_time: LatencyStats
     output_tokens: int
+    #: the server's own view over the same streams (histogram sum/count deltas on
+    #: /metrics), when it exports them: the client's clock includes its own scheduling
+    server_time_to_first_token_mean_seconds: Optional[float] = None
+    server_inter_token_latency_mean_seconds: Optional[float] = None
 
 
 class ComparisonVariant(_Model):

@@ -26,7 +26,7 @@ from .plot import write_plot
 from .probe import server_version
 from .real import run_real
 from .report import performance_table, summary_table
-from .results import (CheckResult, ConnectionResults, PerformanceResults, RunInfo,
+from .results import (CheckResult, ConnectionResults, PerformanceResults,
                       StandardResults, SuiteResult, SuiteSummary, SummaryResults, result_path,
                       utc_now, write_result)
 from .standard import run_standard
@@ -131,15 +131,26 @@ class _Run:
         """The one-line failure when there is no server to test; the files still record it."""
         print(f"error: {reason}", file=self.err, flush=True)
         self.quiet = True
-        now = utc_now()
-        if "real" in self.config.requested_modes:
-            check = CheckResult(name="server_health", status="failed", duration_seconds=0.0,
-                                message=reason)
-            self.write("real", ConnectionResults(
-                **self.info(server_url=self.config.api_url), status="failed", started_at=now,
-                finished_at=now, duration_seconds=0.0, failed=1, checks=[check]))
+        self.fail_requested("server", reason)
         self.write_summary(EXIT_NO_SERVER, note=reason)
         return EXIT_NO_SERVER
+
+    def fail_requested(self, check: str, reason: str) -> None:
+        """Write every requested suite as failed by ``reason`` (or skipped, if it was)."""
+        classes = {"standard": StandardResults, "performance": PerformanceResults,
+                   "real": ConnectionResults}
+        for mode in self.config.requested_modes:
+            now = utc_now()
+            info = self.info(server_url=self.config.api_url) if mode == "real" else self.info()
+            if mode in self.config.skipped:
+                result = classes[mode](**info, status="skipped", started_at=now, finished_at=now,
+                                       duration_seconds=0.0, skip_reason=self.config.skipped[mode])
+            else:
+                result = classes[mode](**info, status="failed", started_at=now, finished_at=now,
+                                       duration_seconds=0.0, failed=1, checks=[CheckResult(
+                                           name=check, status="failed", duration_seconds=0.0,
+                                           message=reason)])
+            self.write(mode, result)
 
     def resolve_model(self, base_url: str) -> Tuple[Optional[str], List[Dict[str, Any]], str]:
         """(model, the server's model list, error); ``default`` -> the first listed model."""
@@ -165,8 +176,10 @@ class _Run:
             self.server_version = server_version(self.target.base_url, cfg.timeout)
             model, listed, error = self.resolve_model(self.target.base_url)
             if model is None:
-                print(f"error: cannot resolve --model {cfg.model}: {error}", file=self.err)
-                self.write_summary(EXIT_FAILED, note=f"model not resolved: {error}")
+                reason = f"cannot resolve --model {cfg.model} at {self.target.base_url}: {error}"
+                print(f"error: {reason}", file=self.err)
+                self.fail_requested("model_resolution", reason)
+                self.write_summary(EXIT_FAILED, note=reason)
                 return EXIT_FAILED
             self.model = model
             version = f"vLLM {self.server_version}" if self.server_version else "version unknown"
@@ -192,8 +205,6 @@ class _Run:
         self.say("")
         for path in self.files.values():
             self.say(f"wrote {path}")
-        if perf is not None and isinstance(perf, PerformanceResults) and perf.plot_file:
-            self.say(f"wrote {Path(self.config.results_dir) / perf.plot_file}")
         self.say(f"[{cfg.backend}] {'PASSED' if code == EXIT_OK else 'FAILED'} (exit {code})")
         return code
 
@@ -236,17 +247,20 @@ class _Run:
             concurrency_scaling=run.concurrency, streaming=run.streaming,
             comparison=run.comparison, token_accounting=run.tokens,
             plot_file=written.name if written else None, client_metrics=run.client_metrics))
+        if written is not None:
+            self.files["plot"] = written
 
     def real(self, listed: List[Dict[str, Any]], real_skip: Optional[str]) -> None:
         started = utc_now()
         skip = self.config.skipped.get("real") or real_skip
         external = self.target is not None and not self.target.embedded
-        info = self.info(server_url=self.config.api_url, server_kind="external")
+        info = self.info(server_url=self.config.api_url,
+                         server_kind="external" if external else "none")
+        if not external:  # the figures of an embedded server say nothing about --api-url
+            info.update(server_version=None, model=None)
         if skip or not external:
             skip = skip or "the server at --api-url is not reachable"
             self.say(f"SKIP real: {skip}")
-            if self.target is not None and self.target.embedded:
-                info.update(server_version=None, model=None)
             self.write("real", self.suite_result(ConnectionResults, started, None, skip,
                                                  info=info))
             return

@@ -18,7 +18,7 @@ from ..api_backends.errors import (BadRequestError, NotFoundError, ResponseError
                                    ValidationError)
 from ..api_backends.models import CompletionResult
 from ..api_backends.transport import HttpResponse
-from .checks import CheckFn, CheckRecorder, SkipCheck
+from .checks import CheckFn, CheckRecorder
 from .clients import SendCounter
 from .config import prompts
 from .context import SuiteContext, strings_in

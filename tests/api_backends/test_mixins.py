@@ -253,6 +253,32 @@ def test_worker_pool_never_dies_on_a_handler_error():
     assert pool.join(5)
 
 
+def test_worker_pool_grows_and_shrinks():
+    q = PriorityRequestQueue(maxsize=100)
+    clock = FakeClock()
+    done = []
+    pool = WorkerPool(q, 2, lambda j: (done.append(j), j.succeed(threading.current_thread().name)),
+                      name="resize")
+    pool.ensure_started()
+    pool.resize(5)
+    assert pool.alive() == 5
+    pool.resize(1)
+    for _ in range(200):  # bounded wait for the surplus idle workers to retire
+        if pool.alive() == 1:
+            break
+        threading.Event().wait(0.01)
+    assert pool.alive() == 1
+    jobs = [job(1, clock) for _ in range(5)]
+    for j in jobs:
+        q.put(j)
+    names = {j.future.result(5) for j in jobs}
+    assert len(names) == 1  # one thread served them all
+    with pytest.raises(errors.ValidationError):
+        pool.resize(0)
+    q.close()
+    assert pool.join(5)
+
+
 # ------------------------------------------------------------------ batching
 def test_merge_and_split_map_choices_by_index():
     reqs = [CompletionRequest(model="m", prompt=p, n=2, temperature=0.7, max_tokens=3)

@@ -38,7 +38,8 @@ def test_three_profiles_cover_the_client_knobs_and_name_server_flags():
                 "timeout", "connect_timeout"} <= set(p.client_settings)
         assert p.max_tokens_cap > 0 and all(f.why for f in p.server_flags)
     flags = {name: [f.flag for f in p.server_flags] for name, p in PROFILES.items()}
-    assert {"--enable-prefix-caching", "--max-num-seqs 256", "--enable-chunked-prefill"} <= set(flags["speed"])
+    assert {"--enable-prefix-caching", "--max-num-seqs 256",
+            "--enable-chunked-prefill"} <= set(flags["speed"])
     assert {"--kv-cache-dtype fp8", "--quantization awq", "--max-num-seqs 32",
             "--gpu-memory-utilization 0.8"} <= set(flags["memory"])
     awq = next(f for f in PROFILES["memory"].server_flags if f.flag == "--quantization awq")
@@ -68,7 +69,8 @@ def test_apply_profile_changes_every_endpoint_and_caps_the_model(offline_client)
                         server_cache_config={"cache_dtype": "fp8_e4m3", "gpu_memory_utilization": "0.92"})
     for eid in ("default", "second"):
         s = c._endpoint(eid).settings
-        assert (s.max_concurrent_requests, s.max_batch_size, s.batch_timeout, s.timeout) == (4, 4, 0.05, 120.0)
+        got = (s.max_concurrent_requests, s.max_batch_size, s.batch_timeout, s.timeout)
+        assert got == (4, 4, 0.05, 120.0)
     assert c.settings.max_concurrent_requests == 4 and c.batch_timeout == 0.05
     assert max_tokens_cap(c, "m") == 128 == out["applied"]["max_tokens_cap"]
     assert out["profile"] == "memory" and out["applied"]["endpoints"] == ["default", "second"]

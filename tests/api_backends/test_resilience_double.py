@@ -243,6 +243,28 @@ def test_a_retry_the_breaker_refuses_is_not_counted_as_a_retry(fake_server, make
     assert c.get_metrics()["retries"] == fake_server.retries_seen == 1
 
 
+class OversleepingClock(FakeClock):
+    """A fake clock whose every sleep overshoots by ``extra`` seconds (a stalled machine)."""
+
+    def __init__(self, extra: float) -> None:
+        super().__init__()
+        self.extra = extra
+
+    def sleep(self, seconds, cancel=None):
+        return super().sleep(seconds + self.extra, cancel)
+
+
+def test_a_retry_stopped_by_the_deadline_before_sending_is_not_counted(fake_server,
+                                                                       make_client):
+    c = make_client(fake_server, clock=OversleepingClock(5.0), deadline=2.0, max_retries=3,
+                    failure_threshold=10)
+    fake_server.add_fault(Fault("status", status=500, count=-1))
+    with pytest.raises(errors.TimeoutError, match="before the request was sent"):
+        call(c)
+    assert sent(fake_server) == 1
+    assert c.get_metrics()["retries"] == fake_server.retries_seen == 0
+
+
 def test_retries_are_counted_honestly_over_a_mixed_fault_script(fake_server, make_client):
     """metrics["retries"] == the extra requests the double saw (same X-Request-Id)."""
     c = make_client(fake_server, max_retries=4, failure_threshold=50, minimum_calls=1000)
@@ -543,6 +565,21 @@ def test_forward_priority_puts_the_queue_priority_in_the_body(fake_server, make_
     for prio in (0, 1, 2):
         call(c, f"p{prio}", priority=prio)
     assert [r.json.get("priority") for r in completion_requests(fake_server)] == [0, 1, 2]
+    # A priority the caller put in the request itself wins over the queue level.
+    call(c, "own", {"max_tokens": 2, "priority": 7}, priority=2)
+    assert completion_requests(fake_server)[-1].json["priority"] == 7
+
+
+def test_a_batch_forwards_the_priority_of_its_most_urgent_member(fake_server, make_client):
+    c = make_client(fake_server, forward_priority=True, max_concurrent_requests=1)
+    blocker, _ = _queue_behind_a_stalled_blocker(c, fake_server, 0)
+    futures = [c.submit_inference(None, f"j{i}", P, priority=prio)
+               for i, prio in enumerate([2, 1, 0, 2])]
+    assert blocker.result(5).text and all(f.result(5).text for f in futures)
+    reqs = completion_requests(fake_server)
+    assert len(reqs) == 2  # the blocker, then one shared call
+    assert sorted(reqs[1].json["prompt"]) == ["j0", "j1", "j2", "j3"]
+    assert reqs[1].json["priority"] == 0
 
 
 def test_refused_priority_is_retried_once_without_it_and_then_never_sent(start_fake,

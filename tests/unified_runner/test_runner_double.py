@@ -74,7 +74,8 @@ def test_all_writes_four_files_with_typed_figures(fake_server: FakeVllmServer,
     assert "figure" in out and "suite" in out  # the tables
 
 
-def test_no_key_and_no_prompts_unless_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_key_and_no_prompts_unless_asked(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "sk-unified-runner-secret-42"
     monkeypatch.setenv("VLLM_API_KEY", secret)
     with FakeVllmServer(api_key=secret) as server:

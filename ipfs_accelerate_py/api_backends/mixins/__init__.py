@@ -5,7 +5,9 @@ from .circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitBre
 from .metrics import MetricsMixin, MetricsRecorder
 from .queue import PriorityRequestQueue, QueueMixin, WorkerPool
 from .retry import RetryMixin, RetryPolicy, call_with_retries
+from .multiplexing import MultiplexingMixin
+from .routing import RoutingMixin
 
 __all__ = ["BatchingMixin", "CircuitBreaker", "CircuitBreakerMixin", "CLOSED", "OPEN", "HALF_OPEN",
            "MetricsMixin", "MetricsRecorder", "PriorityRequestQueue", "QueueMixin", "WorkerPool",
-           "RetryMixin", "RetryPolicy", "call_with_retries"]
+           "RetryMixin", "RetryPolicy", "call_with_retries", "MultiplexingMixin", "RoutingMixin"]

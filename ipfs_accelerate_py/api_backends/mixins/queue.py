@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Deque, Dict, Hashable, List, Optional
@@ -122,15 +123,22 @@ class PriorityRequestQueue:
             self._size -= 1
         return best
 
-    def get(self, timeout: Optional[float] = None) -> Optional[Job]:
-        """Next job, waiting for one; ``None`` once closed (or on timeout)."""
+    def get(self, timeout: Optional[float] = None,
+            should_exit: Optional[Callable[[], bool]] = None) -> Optional[Job]:
+        """Next job, waiting for one; ``None`` once closed, on timeout, or when
+        ``should_exit()`` says this waiter is no longer wanted (a shrinking pool)."""
         with self._cond:
             while not self._size:
-                if self._closed:
+                if self._closed or (should_exit is not None and should_exit()):
                     return None
                 if not self._cond.wait(timeout):
                     return None
             return self._pick()
+
+    def wake_all(self) -> None:
+        """Wake every idle waiter (they re-check why they wait)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def take_compatible(self, key: Hashable, limit: int) -> List[Job]:
         """Remove up to ``limit`` waiting jobs with batching key ``key`` (oldest first)."""
@@ -200,6 +208,7 @@ class WorkerPool:
         self._n = n
         self._name = name
         self._threads: List[threading.Thread] = []
+        self._numbers = itertools.count()
         self._lock = threading.Lock()
         self.active = 0  # jobs being handled right now
 
@@ -209,13 +218,39 @@ class WorkerPool:
         with self._lock:
             while len(self._threads) < self._n and not self._queue.closed:
                 t = threading.Thread(target=self._run, daemon=True,
-                                     name=f"{self._name}-worker-{len(self._threads)}")
+                                     name=f"{self._name}-worker-{next(self._numbers)}")
                 self._threads.append(t)
                 t.start()
 
+    def resize(self, n: int) -> None:
+        """Serve with ``n`` threads: start the missing ones, or let surplus idle ones retire."""
+        if n < 1:
+            raise ValidationError("must be at least 1", field="max_concurrent_requests")
+        with self._lock:
+            shrinking = n < len(self._threads)
+            self._n = n
+        if shrinking:
+            self._queue.wake_all()
+        else:
+            self.ensure_started()
+
+    def _surplus(self) -> bool:
+        """Called by an idle worker: retire it if the pool holds more threads than wanted."""
+        with self._lock:
+            if len(self._threads) > self._n:
+                me = threading.current_thread()
+                if me in self._threads:
+                    self._threads.remove(me)
+                    return True
+            return False
+
+    @property
+    def size(self) -> int:
+        return self._n
+
     def _run(self) -> None:
         while True:
-            job = self._queue.get()
+            job = self._queue.get(should_exit=self._surplus)
             if job is None:
                 return
             with self._lock:
@@ -230,11 +265,11 @@ class WorkerPool:
 
     def join(self, timeout: float) -> bool:
         """Wait for the threads to end; True when none is alive."""
-        import time
         end = time.monotonic() + timeout
-        for t in self._threads:
+        threads = list(self._threads)
+        for t in threads:
             t.join(max(0.0, end - time.monotonic()))
-        return not any(t.is_alive() for t in self._threads)
+        return not any(t.is_alive() for t in threads)
 
     def alive(self) -> int:
         return sum(t.is_alive() for t in self._threads)

@@ -90,13 +90,18 @@ class RetryMixin:
     def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
                model: Optional[str]) -> T:
         """A retry is counted when its attempt was made, not when it was scheduled: an
-        attempt the circuit breaker refused (it opened during the backoff) sent nothing."""
+        attempt the circuit breaker refused (it opened during the backoff), or one the call
+        deadline stopped before sending (``context["sent"] is False``), sent nothing."""
         def counted(attempt: int) -> T:
             if attempt == 0:
                 return attempt_fn(attempt)
             try:
                 result = attempt_fn(attempt)
             except CircuitOpenError:
+                raise
+            except ApiError as exc:
+                if exc.context.get("sent") is not False:
+                    self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
                 raise
             except BaseException:
                 self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]

@@ -34,7 +34,6 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import (CircuitOpenError, ConfigurationError, NoHealthyEndpointError, QueueFullError,
                       TransientError, ValidationError)
-from ..limits import apply_max_tokens_cap
 from .circuit_breaker import OPEN
 
 __all__ = ["RoutingMixin", "STRATEGIES", "FAILOVER_ERRORS", "LoadProbe"]
@@ -181,9 +180,7 @@ class RoutingMixin:
         """``run_inference`` on the best healthy endpoint, failing over to the next ones."""
         order = self.routing_order(strategy, endpoint_ids)
         state = self._routing()
-        chat = isinstance(inputs, (list, tuple)) and bool(inputs) and all(
-            isinstance(m, dict) and "role" in m for m in inputs)
-        params = apply_max_tokens_cap(self, model_id, parameters, chat=chat)
+        params = parameters
         tried: List[str] = []
         last: Optional[BaseException] = None
         with state.lock:

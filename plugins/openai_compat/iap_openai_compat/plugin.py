@@ -14,9 +14,9 @@ from ipfs_accelerate_py.api_backends.adapter import BackendAdapter, load_json
 from ipfs_accelerate_py.api_backends.errors import ResponseError, StreamError, ValidationError
 from ipfs_accelerate_py.api_backends.handlers import make_endpoint_handler
 from ipfs_accelerate_py.api_backends.hookspecs import hookimpl
-from ipfs_accelerate_py.api_backends.models import (ChatRequest, Choice, CompletionRequest,
-                                                    CompletionResult, Request, StreamChunk,
-                                                    Usage, validate_request)
+from ipfs_accelerate_py.api_backends.models import (ChatRequest, Choice, CompletionResult,
+                                                    Request, StreamChunk, Usage,
+                                                    validate_request)
 from ipfs_accelerate_py.api_backends.transport import HttpRequest, HttpResponse
 
 __all__ = ["OpenAICompatAdapter", "CHAT_PATH", "iap_register_backends"]
@@ -47,8 +47,8 @@ def as_chat(request: Request) -> ChatRequest:
                               "handler does this for a list)", field="prompt")
     for name in _COMPLETION_ONLY:
         if getattr(request, name) is not None:
-            raise ValidationError(f"is a completions-only field; the openai_compat backend "
-                                  f"sends chat requests", field=name)
+            raise ValidationError("is a completions-only field; the openai_compat backend "
+                                  "sends chat requests", field=name)
     fields = request.model_dump(exclude_none=True, exclude={"prompt", *_COMPLETION_ONLY})
     fields["messages"] = [{"role": "user", "content": prompt}]
     return validate_request(ChatRequest, fields)  # type: ignore[return-value]

@@ -1,0 +1,335 @@
+"""The clients under test, each driven the same way for each workload.
+
+W1 throughput: ``n`` prompts, ``concurrency`` callers (threads, or tasks for aiohttp), one
+completion per prompt; the bare prompt-list rows send the same prompts as lists instead.
+W2 latency: ``n`` sequential single requests from one caller.
+W3 client CPU: ``n`` requests at ``concurrency`` against a no-op server; CPU seconds of
+this process (every thread) divided by ``n``.
+
+Every contender is built once and reused across rounds (pools stay warm, as in a
+long-lived program); each run checks the replies, so a fast wrong answer cannot win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import requests
+
+try:  # optional peers (the ``bench`` extra)
+    import openai
+except ImportError:  # pragma: no cover
+    openai = None  # type: ignore[assignment]
+try:
+    import aiohttp
+except ImportError:  # pragma: no cover
+    aiohttp = None  # type: ignore[assignment]
+
+from ipfs_accelerate_py.api_backends import VllmClient
+from ipfs_accelerate_py.api_backends import transport as transport_mod
+
+TIMEOUT = 60.0
+
+
+class Callers:
+    """``n`` persistent caller threads; ``run(fn, items)`` calls ``fn`` on every item."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._pool = ThreadPoolExecutor(n, thread_name_prefix=f"bench-caller{n}")
+
+    def run(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> List[Any]:
+        out: List[Any] = [None] * len(items)
+        work = iter(enumerate(items))  # next() on it is atomic under the GIL
+
+        def loop() -> None:
+            for i, item in work:
+                out[i] = fn(item)
+
+        for f in [self._pool.submit(loop) for _ in range(self.n)]:
+            f.result()
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class Contender:
+    """One client. ``one(prompt)`` -> completion tokens; ``w1``/``w2``/``w3`` drive it."""
+
+    name = ""
+    note = ""
+
+    def __init__(self, url: str, model: str, params: Dict[str, Any]) -> None:
+        self.url = url
+        self.model = model
+        self.params = params
+        #: completion tokens each reply must report (None against the no-op server, whose
+        #: fixed reply is not an answer to a prompt list)
+        self.expect: Optional[int] = params.get("max_tokens")
+        self.info: Dict[str, Any] = {}
+
+    def one(self, prompt: str) -> int:
+        raise NotImplementedError
+
+    def throughput(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        toks = callers.run(self.one, prompts)
+        wall = time.perf_counter() - t0
+        return {"wall_s": wall, "tokens": sum(toks), "prompts": len(prompts)}
+
+    def latencies(self, prompts: Sequence[str]) -> List[float]:
+        out = []
+        for p in prompts:
+            t0 = time.perf_counter()
+            self.one(p)
+            out.append(time.perf_counter() - t0)
+        return out
+
+    def cpu(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        gc.collect()
+        c0, t0 = time.process_time(), time.perf_counter()
+        callers.run(self.one, prompts)
+        return {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0}
+
+    def reset(self) -> None:
+        """Called before each timed run (e.g. clears the project's metrics)."""
+
+    def close(self) -> None:
+        pass
+
+
+def _check(tokens: Any, expect: Optional[int]) -> int:
+    if expect is not None and tokens != expect:
+        raise AssertionError(f"expected {expect} completion tokens, got {tokens!r}")
+    return tokens
+
+
+# --------------------------------------------------------------------------- raw requests
+class RawRequests(Contender):
+    name = "requests"
+    note = "requests.Session per thread, defaults (trust_env on)"
+    trust_env = True
+
+    def __init__(self, *a: Any, **k: Any) -> None:
+        super().__init__(*a, **k)
+        self._local = threading.local()
+        self._sessions: List[requests.Session] = []
+        self._endpoint = self.url + "/v1/completions"
+
+    def _session(self) -> requests.Session:
+        s = getattr(self._local, "s", None)
+        if s is None:
+            s = self._local.s = requests.Session()
+            s.trust_env = self.trust_env
+            self._sessions.append(s)
+        return s
+
+    def one(self, prompt: str) -> int:
+        r = self._session().post(self._endpoint, json={"model": self.model, "prompt": prompt,
+                                                       **self.params}, timeout=TIMEOUT)
+        r.raise_for_status()
+        return _check(r.json()["usage"]["completion_tokens"], self.expect)
+
+    def close(self) -> None:
+        for s in self._sessions:
+            s.close()
+
+
+class RawRequestsNoEnv(RawRequests):
+    name = "requests (trust_env off)"
+    note = "requests.Session per thread, Session.trust_env = False"
+    trust_env = False
+
+
+# --------------------------------------------------------------------------- openai SDK
+class OpenAISDK(Contender):
+    name = "openai SDK"
+    note = "one OpenAI client shared by the threads, SDK defaults"
+
+    def __init__(self, *a: Any, **k: Any) -> None:
+        super().__init__(*a, **k)
+        self._client = openai.OpenAI(base_url=self.url + "/v1", api_key="EMPTY", timeout=TIMEOUT)
+        extra = {k: v for k, v in self.params.items() if k not in ("max_tokens", "temperature")}
+        self._kw = {"max_tokens": self.params["max_tokens"],
+                    "temperature": self.params.get("temperature"), "extra_body": extra}
+
+    def one(self, prompt: str) -> int:
+        r = self._client.completions.create(model=self.model, prompt=prompt, **self._kw)
+        return _check(r.usage.completion_tokens, self.expect)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# --------------------------------------------------------------------------- aiohttp
+class AioHttp(Contender):
+    name = "aiohttp"
+    note = "one ClientSession, N tasks on one event loop"
+
+    def __init__(self, url: str, model: str, params: Dict[str, Any], concurrency: int) -> None:
+        super().__init__(url, model, params)
+        self._loop = asyncio.new_event_loop()
+        self._endpoint = self.url + "/v1/completions"
+
+        async def make() -> Any:
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(concurrency, 1)))
+        self._session = self._loop.run_until_complete(make())
+
+    async def _one(self, prompt: str) -> int:
+        async with self._session.post(self._endpoint, json={"model": self.model, "prompt": prompt,
+                                                            **self.params}) as r:
+            r.raise_for_status()
+            data = await r.json()
+        return _check(data["usage"]["completion_tokens"], self.expect)
+
+    async def _many(self, prompts: Sequence[str], concurrency: int) -> List[int]:
+        out: List[int] = [0] * len(prompts)
+        work = iter(enumerate(prompts))
+
+        async def worker() -> None:
+            for i, p in work:
+                out[i] = await self._one(p)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return out
+
+    def throughput(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        toks = self._loop.run_until_complete(self._many(prompts, callers.n))
+        return {"wall_s": time.perf_counter() - t0, "tokens": sum(toks), "prompts": len(prompts)}
+
+    def latencies(self, prompts: Sequence[str]) -> List[float]:
+        async def go() -> List[float]:
+            out = []
+            for p in prompts:
+                t0 = time.perf_counter()
+                await self._one(p)
+                out.append(time.perf_counter() - t0)
+            return out
+        return self._loop.run_until_complete(go())
+
+    def cpu(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        gc.collect()
+        c0, t0 = time.process_time(), time.perf_counter()
+        self._loop.run_until_complete(self._many(prompts, callers.n))
+        return {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0}
+
+    def one(self, prompt: str) -> int:  # not used: the loop is driven directly
+        return self._loop.run_until_complete(self._one(prompt))
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._session.close())
+        self._loop.run_until_complete(asyncio.sleep(0.01))  # let the connector close sockets
+        self._loop.close()
+
+
+# --------------------------------------------------------------------------- the project
+TRANSPORTS = {
+    "default": None,  # whatever the project uses by default (base.default_transport)
+    "fast": "HttpClientTransport",
+    "requests": "RequestsTransport",
+}
+
+
+def transport_factory(kind: str) -> Optional[Callable[[Any], Any]]:
+    cls_name = TRANSPORTS[kind]
+    if cls_name is None:
+        return None
+    cls = getattr(transport_mod, cls_name)
+
+    def factory(settings: Any) -> Any:
+        verify = settings.ca_bundle or settings.verify_tls
+        return cls(settings.base_url, settings.api_key_value,
+                   pool_size=max(settings.max_concurrent_requests, 10), verify=verify,
+                   trust_env=settings.trust_env, proxies=settings.proxies,
+                   extra_headers=settings.extra_headers)
+    return factory
+
+
+class Project(Contender):
+    """``VllmClient``: queue, breaker, retry, metrics all on; batching as named."""
+
+    name = "project"
+
+    def __init__(self, url: str, model: str, params: Dict[str, Any], *, batching: bool,
+                 transport: str = "default", label: str = "", **settings: Any) -> None:
+        super().__init__(url, model, params)
+        self.name = label or f"project (batching {'on' if batching else 'off'})"
+        kw: Dict[str, Any] = dict(settings)
+        tf = transport_factory(transport)
+        if tf is not None:
+            kw["transport_factory"] = tf
+        self.client = VllmClient(base_url=url, model=model, batch_enabled=batching, **kw)
+        s = self.client.settings
+        assert s.queue_enabled and s.circuit_breaker_enabled and s.max_retries > 0 and s.metrics_enabled
+        ep = self.client._endpoint(None)  # for the report: what moves the bytes
+        self.info = {"transport": type(ep.transport).__name__, "batch_enabled": s.batch_enabled,
+                     "max_batch_size": s.max_batch_size, "batch_linger": s.batch_linger,
+                     "batch_timeout": s.batch_timeout,
+                     "max_concurrent_requests": s.max_concurrent_requests}
+        self.note = ", ".join(f"{k}={v}" for k, v in self.info.items())
+
+    def one(self, prompt: str) -> int:
+        r = self.client.run_inference(self.model, prompt, self.params)
+        return _check(r.usage.completion_tokens, self.expect)
+
+    def reset(self) -> None:
+        self.client.get_metrics(reset=True)
+
+    def http_calls(self) -> Dict[str, int]:
+        m = self.client.get_metrics()
+        singles = m["requests"] - m["batched_requests"]
+        return {"requests": m["requests"], "batches": m["batches"],
+                "batched_requests": m["batched_requests"], "http_calls": m["batches"] + singles,
+                "failures": m["failures"], "retries": m["retries"]}
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class ProjectSubmitAll(Project):
+    """Every prompt submitted at once from one thread (``submit_inference``), then awaited."""
+
+    def throughput(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        futs = [self.client.submit_inference(self.model, p, self.params) for p in prompts]
+        toks = [_check(f.result(TIMEOUT).usage.completion_tokens, self.expect)
+                for f in futs]
+        return {"wall_s": time.perf_counter() - t0, "tokens": sum(toks), "prompts": len(prompts)}
+
+
+# --------------------------------------------------------------------------- bare prompt lists
+class BarePromptList(Contender):
+    """The same prompts as prompt lists on the wire (requests.Session), ``per_request`` each,
+    one request at a time (so as many prompts are in flight as with ``per_request`` callers)."""
+
+    def __init__(self, url: str, model: str, params: Dict[str, Any], per_request: int) -> None:
+        super().__init__(url, model, params)
+        self.per_request = per_request
+        self.name = f"bare prompt lists ({per_request}/request)"
+        self.note = "hand-made prompt lists with requests.Session, sent one after another"
+        self._s = requests.Session()
+        self._endpoint = self.url + "/v1/completions"
+
+    def throughput(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        toks = 0
+        for i in range(0, len(prompts), self.per_request):
+            chunk = list(prompts[i:i + self.per_request])
+            r = self._s.post(self._endpoint, json={"model": self.model, "prompt": chunk,
+                                                   **self.params}, timeout=TIMEOUT)
+            r.raise_for_status()
+            data = r.json()
+            if len(data["choices"]) != len(chunk):
+                raise AssertionError("prompt list answered with the wrong number of choices")
+            toks += data["usage"]["completion_tokens"]
+        _check(toks, self.params["max_tokens"] * len(prompts))
+        return {"wall_s": time.perf_counter() - t0, "tokens": toks, "prompts": len(prompts)}
+
+    def close(self) -> None:
+        self._s.close()

@@ -1,0 +1,157 @@
+"""Summaries, the project's ratios to each peer, pass/fail of the targets, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+# workload -> (metric key, unit, higher is better)
+METRICS = {
+    "W1": ("prompts_per_s", "prompts/s", True),
+    "W2": ("p50_ms", "ms p50", False),
+    "W3": ("cpu_ms_per_request", "ms CPU/request", False),
+}
+TITLES = {
+    "W1": "W1 throughput: {n} completions (max_tokens {max_tokens}), {concurrency} callers, real server",
+    "W2": "W2 latency: {n} sequential requests (max_tokens {max_tokens}), real server",
+    "W3": "W3 client CPU: {n} requests, {concurrency} callers, no-op server ({server})",
+}
+
+
+def summarize(values: List[float]) -> Dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "median": statistics.median(values), "min": min(values),
+            "max": max(values), "values": values}
+
+
+def median_of(results: Dict[str, Any], workload: str, name: str) -> Optional[float]:
+    row = results.get(workload, {}).get(name)
+    if not row or not row["summary"].get("n"):
+        return None
+    return row["summary"]["median"]
+
+
+def targets(results: Dict[str, Any], names: Dict[str, str]) -> List[Dict[str, Any]]:
+    """The issue's targets, evaluated on this run's medians (ratio of medians)."""
+    m = lambda w, key: median_of(results, w, names[key]) if key in names else None  # noqa: E731
+    out: List[Dict[str, Any]] = []
+
+    def ratio(label: str, w: str, a: str, b: str, op: str, limit: float) -> None:
+        va, vb = m(w, a), m(w, b)
+        if va is None or vb is None:
+            out.append({"target": label, "value": None, "ok": None, "why": "not measured"})
+            return
+        r = va / vb
+        ok = r >= limit if op == ">=" else r <= limit
+        out.append({"target": label, "value": round(r, 3), "limit": f"{op} {limit}", "ok": ok})
+
+    def within(label: str, w: str, a: str, b: str, ms: float) -> None:
+        va, vb = m(w, a), m(w, b)
+        if va is None or vb is None:
+            out.append({"target": label, "value": None, "ok": None, "why": "not measured"})
+            return
+        d = va - vb
+        out.append({"target": label, "value": round(d, 3), "limit": f"<= {ms} ms slower",
+                    "ok": d <= ms})
+
+    ratio("W1 batching on: project / raw requests", "W1", "on", "requests", ">=", 2.0)
+    ratio("W1 batching on: project / bare prompt lists", "W1", "on", "bare", ">=", 0.9)
+    ratio("W1 batching off: project / raw requests", "W1", "off", "requests", ">=", 1.0)
+    ratio("W1 batching off: project / openai SDK", "W1", "off", "openai", ">=", 1.1)
+    within("W2 batching on: project p50 - raw requests p50", "W2", "on", "requests", 1.0)
+    within("W2 batching off: project p50 - raw requests p50", "W2", "off", "requests", 1.0)
+    ratio("W3 defaults (all on): project CPU / raw requests CPU", "W3", "on", "requests", "<=", 0.8)
+    ratio("W3 defaults (all on): project CPU / aiohttp CPU", "W3", "on", "aiohttp", "<=", 2.0)
+    if "async" in names:
+        ratio("W3 async transport: project CPU / aiohttp CPU", "W3", "async", "aiohttp", "<=", 2.0)
+    ratio("256 submitted at once: batching on / off speed-up", "W1", "submit_on", "submit_off", ">=", 2.0)
+    within("lone request p50: batching on - off", "W2", "on", "off", 1.0)
+    return out
+
+
+def table(results: Dict[str, Any], meta: Dict[str, Any], project_rows: Dict[str, List[str]]) -> str:
+    """The text table: per workload, each contender's median [min-max] and the project's
+    ratio to it (for W2 the difference in ms)."""
+    lines: List[str] = []
+    for w, rows in results.items():
+        key, unit, higher = METRICS[w]
+        lines.append("")
+        lines.append(TITLES[w].format(**meta["workloads"][w]))
+        projects = [p for p in project_rows.get(w, []) if p in rows]
+        head = f"  {'client':42s} {'median':>9s} {'min-max':>17s}"
+        for p in projects:
+            head += f"  {short(p):>12s}"
+        lines.append(head + f"   ({unit})")
+        for name, row in rows.items():
+            s = row["summary"]
+            if not s.get("n"):
+                lines.append(f"  {name:42s} {'-':>9s}   {row.get('error', 'not run')}")
+                continue
+            line = f"  {name:42s} {fmt(s['median']):>9s} {fmt(s['min']) + '-' + fmt(s['max']):>17s}"
+            for p in projects:
+                pm = rows[p]["summary"].get("median")
+                if pm is None or name == p:
+                    line += f"  {'':>12s}"
+                elif w == "W2":
+                    line += f"  {pm - s['median']:+11.2f}ms"
+                else:
+                    line += f"  {pm / s['median']:11.2f}x"
+            extra = row.get("extra_summary")
+            if extra:
+                line += "   " + extra
+            lines.append(line)
+        if projects:
+            lines.append("  (columns on the right: that project row's median over each row's median"
+                         + ("; W2: project p50 minus the row's p50" if w == "W2" else "") + ")")
+    return "\n".join(lines)
+
+
+def short(name: str) -> str:
+    return (name.replace("project ", "").replace("(", "").replace(")", "")
+            .replace("batching ", "b.").replace("submit all", "all")[:12])
+
+
+def fmt(x: float) -> str:
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}"
+
+
+def write_json(path: Path, payload: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def write_png(path: Path, results: Dict[str, Any], meta: Dict[str, Any]) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 5.5))
+    if len(results) == 1:
+        axes = [axes]
+    for ax, (w, rows) in zip(axes, results.items()):
+        key, unit, higher = METRICS[w]
+        names = [n for n, r in rows.items() if r["summary"].get("n")]
+        med = [rows[n]["summary"]["median"] for n in names]
+        lo = [m - rows[n]["summary"]["min"] for n, m in zip(names, med)]
+        hi = [rows[n]["summary"]["max"] - m for n, m in zip(names, med)]
+        colors = ["tab:orange" if n.startswith("project") else "tab:blue" for n in names]
+        ax.barh(range(len(names)), med, xerr=[lo, hi], color=colors, capsize=3)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit + (" (higher is better)" if higher else " (lower is better)"))
+        ax.set_title(w, fontsize=10)
+    fig.suptitle(f"ipfs_accelerate_py client vs peers, medians of {meta['rounds_done']} rounds "
+                 "(bars: min-max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

