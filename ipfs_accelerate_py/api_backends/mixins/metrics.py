@@ -47,8 +47,9 @@ class Series:
             return {"count": 0}
         data = self._buf[: min(self.count, len(self._buf))]
         pct = np.percentile(data, PERCENTILES)
+        mean = self.total / self.count
         out: Dict[str, Any] = {"count": self.count, "min": self.min, "max": self.max,
-                               "mean": self.total / self.count}
+                               "mean": mean, "avg": mean}  # "avg": the README's word
         out.update({f"p{p}": float(v) for p, v in zip(PERCENTILES, pct)})
         return out
 
