@@ -12,11 +12,11 @@ import json
 from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Dict, List, Optional
 
-from .errors import HTTPStatusError, ResponseError, error_for_status
+from .errors import HTTPStatusError, ResponseError, StreamError, error_for_status
 from .models import CompletionResult, Request, StreamChunk
 from .transport import HttpRequest, HttpResponse
 
-__all__ = ["BackendAdapter", "load_json"]
+__all__ = ["BackendAdapter", "load_json", "decode_stream_event", "parse_model_list"]
 
 
 def load_json(response: HttpResponse) -> Any:
@@ -31,6 +31,36 @@ def load_json(response: HttpResponse) -> Any:
         kind = "HTML" if text.lstrip().lower().startswith(("<!doctype", "<html")) else "non-JSON"
         raise ResponseError(f"{kind} reply from server (status {response.status}): {text!r}",
                             status_code=response.status, body=text) from None
+
+
+def decode_stream_event(data: str) -> Optional[Dict[str, Any]]:
+    """An OpenAI-style SSE payload -> its JSON object; ``None`` for ``[DONE]``. A mid-stream
+    ``{"error": ...}`` event (sent after a 200 status) raises ``StreamError``."""
+    if data.strip() == "[DONE]":
+        return None
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise ResponseError(f"stream event is not JSON: {data[:200]!r}") from None
+    if not isinstance(event, dict):
+        raise ResponseError(f"stream event is not an object: {data[:200]!r}")
+    err = event.get("error")
+    if err is not None:
+        if isinstance(err, dict):
+            code = err.get("code")
+            raise StreamError(str(err.get("message") or err), error_type=err.get("type"),
+                              code=code if isinstance(code, int) else None)
+        raise StreamError(str(err))
+    return event
+
+
+def parse_model_list(response: HttpResponse) -> List[Dict[str, Any]]:
+    """An OpenAI-style ``/v1/models`` reply -> the model dicts (each with an ``id``)."""
+    data = load_json(response)
+    items = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise ResponseError("models reply has no 'data' list", status_code=response.status)
+    return [m for m in items if isinstance(m, dict) and "id" in m]
 
 
 class BackendAdapter(ABC):

@@ -22,7 +22,7 @@ import threading
 import weakref
 from collections import deque
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from typing import Any, Callable, ClassVar, Deque, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Tuple, ClassVar, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 from . import errors
 from .adapter import BackendAdapter
@@ -41,7 +41,7 @@ from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, 
 from .plugins import get_backend
 from .settings import ClientSettings
 from .sse import SSEDecoder
-from .transport import HttpRequest, HttpResponse, RequestsTransport, Transport
+from .transport import HttpRequest, HttpResponse, RequestsTransport, StreamResponse, Transport
 
 __all__ = ["BaseApiBackend", "Endpoint", "TextStream", "build_request"]
 
@@ -365,18 +365,26 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         return ep.breaker.before_call() if ep.settings.circuit_breaker_enabled else False
 
     def _send(self, ep: Endpoint, http: HttpRequest, deadline: float) -> HttpResponse:
-        """One attempt: breaker admission, transport, status check, breaker verdict."""
+        """One attempt of a plain request (see ``_guarded``)."""
+        return self._guarded(ep, deadline, ep.settings.timeout, True,
+                             lambda timeout: ep.transport.send(http, timeout))
+
+    def _guarded(self, ep: Endpoint, deadline: float, read_timeout: float, clip_read: bool,
+                 io: Callable[[Tuple[float, float]], Any]) -> Any:
+        """One attempt under the breaker: admission, the deadline, the transport call, and
+        the breaker's verdict (5xx and transport faults count against the server; any other
+        answer proves it alive). A non-2xx reply is raised as its typed error."""
         probe = self._admit(ep)
         remaining = deadline - self._clock.monotonic()
         if remaining <= 0:
             ep.breaker.release(probe)
             raise errors.TimeoutError("the call deadline passed before the request was sent",
                                       sent=False)
-        s = ep.settings
-        timeout = (min(s.connect_timeout, remaining), min(s.timeout, remaining))
+        timeout = (min(ep.settings.connect_timeout, remaining),
+                   min(read_timeout, remaining) if clip_read else read_timeout)
         ep.enter()
         try:
-            response = ep.transport.send(http, timeout)
+            response = io(timeout)
         except TransientError:
             ep.breaker.record_failure(probe)
             raise
@@ -386,11 +394,15 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         finally:
             ep.leave()
         if response.status >= 400:
+            if isinstance(response, StreamResponse):  # an error reply is a plain body
+                body = b"".join(response.chunks())
+                response.close()
+                response = HttpResponse(response.status, response.headers, body)
             exc = self._adapter.parse_error(response)
             if isinstance(exc, errors.ServerError):
                 ep.breaker.record_failure(probe)
             else:
-                ep.breaker.record_success(probe)  # it answered: the server is alive
+                ep.breaker.record_success(probe)
             raise exc
         ep.breaker.record_success(probe)
         return response
@@ -426,26 +438,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         idle = ep.settings.idle_timeout
 
         def attempt(n: int) -> Any:
-            probe = self._admit(ep)
-            remaining = deadline - self._clock.monotonic()
-            try:
-                resp = ep.transport.open_stream(
-                    http, (min(ep.settings.connect_timeout, max(remaining, 0.001)), idle))
-            except TransientError:
-                ep.breaker.record_failure(probe)
-                raise
-            except BaseException:
-                ep.breaker.release(probe)
-                raise
-            if resp.status >= 400:
-                body = b"".join(resp.chunks()) if resp.status < 600 else b""
-                resp.close()
-                exc = self._adapter.parse_error(HttpResponse(resp.status, resp.headers, body))
-                (ep.breaker.record_failure if isinstance(exc, errors.ServerError)
-                 else ep.breaker.record_success)(probe)
-                raise exc
-            ep.breaker.record_success(probe)
-            return resp
+            return self._guarded(ep, deadline, idle, False,
+                                 lambda timeout: ep.transport.open_stream(http, timeout))
 
         try:
             resp = self._retry(ep, attempt, deadline, request.model)

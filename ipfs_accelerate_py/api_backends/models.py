@@ -226,6 +226,15 @@ class Usage(BaseModel):
     completion_tokens: int = 0
     total_tokens: int = 0
 
+    @classmethod
+    def from_wire(cls, data: Any) -> "Usage":
+        """An OpenAI-style ``usage`` object (or anything else: zeros)."""
+        if not isinstance(data, dict):
+            return cls()
+        return cls(prompt_tokens=data.get("prompt_tokens") or 0,
+                   completion_tokens=data.get("completion_tokens") or 0,
+                   total_tokens=data.get("total_tokens") or 0)
+
 
 class Choice(BaseModel):
     """One generated sequence. ``prompt_index`` maps it back to its prompt in a list."""

@@ -33,7 +33,7 @@ import ssl
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 import requests

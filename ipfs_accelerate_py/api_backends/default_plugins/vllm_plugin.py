@@ -9,11 +9,10 @@ batching and metrics come from ``BaseApiBackend``.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Dict, List, Optional
 
-from ..adapter import BackendAdapter, load_json
-from ..errors import HTTPStatusError, ResponseError, StreamError, ValidationError
+from ..adapter import BackendAdapter, decode_stream_event, load_json, parse_model_list
+from ..errors import HTTPStatusError, ResponseError, ValidationError
 from ..handlers import make_endpoint_handler
 from ..hookspecs import hookimpl
 from ..models import ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
@@ -22,14 +21,6 @@ from ..transport import HttpRequest, HttpResponse
 __all__ = ["VllmAdapter", "VllmLegacyAdapter"]
 
 _DROP_DEFAULTS = (("n", 1), ("stream", False))
-
-
-def _usage(data: Any) -> Usage:
-    if not isinstance(data, dict):
-        return Usage()
-    return Usage(prompt_tokens=data.get("prompt_tokens") or 0,
-                 completion_tokens=data.get("completion_tokens") or 0,
-                 total_tokens=data.get("total_tokens") or 0)
 
 
 class VllmAdapter(BackendAdapter):
@@ -94,23 +85,12 @@ class VllmAdapter(BackendAdapter):
         return CompletionResult(id=data.get("id") or "", model=data.get("model") or "",
                                 created=data.get("created") or 0,
                                 object=data.get("object") or "", choices=choices,
-                                usage=_usage(data.get("usage")))
+                                usage=Usage.from_wire(data.get("usage")))
 
     def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
-        if data.strip() == "[DONE]":
+        event = decode_stream_event(data)
+        if event is None:
             return None
-        try:
-            event = json.loads(data)
-        except ValueError:
-            raise ResponseError(f"stream event is not JSON: {data[:200]!r}") from None
-        if not isinstance(event, dict):
-            raise ResponseError(f"stream event is not an object: {data[:200]!r}")
-        err = event.get("error")
-        if err is not None:  # vLLM reports a failure mid-stream after a 200 status
-            if isinstance(err, dict):
-                raise StreamError(str(err.get("message") or err), error_type=err.get("type"),
-                                  code=err.get("code") if isinstance(err.get("code"), int) else None)
-            raise StreamError(str(err))
         chat = isinstance(request, ChatRequest)
         out: List[StreamChunk] = []
         ident, model = event.get("id") or "", event.get("model") or ""
@@ -122,15 +102,11 @@ class VllmAdapter(BackendAdapter):
             out.append(StreamChunk(index=c.get("index", 0), text=text,
                                    finish_reason=c.get("finish_reason"), id=ident, model=model))
         if event.get("usage"):
-            out.append(StreamChunk(usage=_usage(event["usage"]), id=ident, model=model))
+            out.append(StreamChunk(usage=Usage.from_wire(event["usage"]), id=ident, model=model))
         return out
 
     def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
-        data = load_json(response)
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list):
-            raise ResponseError("models reply has no 'data' list", status_code=response.status)
-        return [m for m in items if isinstance(m, dict) and "id" in m]
+        return parse_model_list(response)
 
     def is_priority_rejection(self, error: HTTPStatusError) -> bool:
         return error.status_code == 400 and (error.param == "priority"

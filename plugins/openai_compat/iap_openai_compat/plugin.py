@@ -7,11 +7,11 @@ endpoints) is ``BaseApiBackend``'s. Batching is declared unsupported
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Dict, List, Optional
 
-from ipfs_accelerate_py.api_backends.adapter import BackendAdapter, load_json
-from ipfs_accelerate_py.api_backends.errors import ResponseError, StreamError, ValidationError
+from ipfs_accelerate_py.api_backends.adapter import (BackendAdapter, decode_stream_event,
+                                                     load_json, parse_model_list)
+from ipfs_accelerate_py.api_backends.errors import ResponseError, ValidationError
 from ipfs_accelerate_py.api_backends.handlers import make_endpoint_handler
 from ipfs_accelerate_py.api_backends.hookspecs import hookimpl
 from ipfs_accelerate_py.api_backends.models import (ChatRequest, Choice, CompletionResult,
@@ -24,14 +24,6 @@ __all__ = ["OpenAICompatAdapter", "CHAT_PATH", "iap_register_backends"]
 CHAT_PATH = "/v1/chat/completions"
 #: completion-only fields: chat cannot express them, so a request that sets one is refused
 _COMPLETION_ONLY = ("echo", "best_of", "suffix", "logprobs")
-
-
-def _usage(data: Any) -> Usage:
-    if not isinstance(data, dict):
-        return Usage()
-    return Usage(prompt_tokens=data.get("prompt_tokens") or 0,
-                 completion_tokens=data.get("completion_tokens") or 0,
-                 total_tokens=data.get("total_tokens") or 0)
 
 
 def as_chat(request: Request) -> ChatRequest:
@@ -98,40 +90,26 @@ class OpenAICompatAdapter(BackendAdapter):
         return CompletionResult(id=data.get("id") or "", model=data.get("model") or "",
                                 created=data.get("created") or 0,
                                 object=data.get("object") or "chat.completion",
-                                choices=choices, usage=_usage(data.get("usage")))
+                                choices=choices, usage=Usage.from_wire(data.get("usage")))
 
     def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
-        if data.strip() == "[DONE]":
+        event = decode_stream_event(data)
+        if event is None:
             return None
-        try:
-            event = json.loads(data)
-        except ValueError:
-            raise ResponseError(f"stream event is not JSON: {data[:200]!r}") from None
-        if not isinstance(event, dict):
-            raise ResponseError(f"stream event is not an object: {data[:200]!r}")
-        if event.get("error") is not None:
-            err = event["error"]
-            message = err.get("message") if isinstance(err, dict) else err
-            raise StreamError(str(message or err),
-                              error_type=err.get("type") if isinstance(err, dict) else None)
         ident, model = event.get("id") or "", event.get("model") or ""
         chunks = [StreamChunk(index=c.get("index", 0),
                               text=(c.get("delta") or {}).get("content") or "",
                               finish_reason=c.get("finish_reason"), id=ident, model=model)
                   for c in event.get("choices") or () if isinstance(c, dict)]
         if event.get("usage"):
-            chunks.append(StreamChunk(usage=_usage(event["usage"]), id=ident, model=model))
+            chunks.append(StreamChunk(usage=Usage.from_wire(event["usage"]), id=ident, model=model))
         return chunks
 
     def models_request(self) -> HttpRequest:
         return HttpRequest("GET", "/v1/models")
 
     def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
-        data = load_json(response)
-        items = data.get("data") if isinstance(data, dict) else None
-        if not isinstance(items, list):
-            raise ResponseError("models reply has no 'data' list", status_code=response.status)
-        return [m for m in items if isinstance(m, dict) and "id" in m]
+        return parse_model_list(response)
 
     def create_endpoint_handler(self, client: Any, model: Optional[str] = None,
                                 parameters: Optional[Dict[str, Any]] = None
