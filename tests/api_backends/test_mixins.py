@@ -162,6 +162,48 @@ def test_retry_stops_at_the_deadline():
     assert sum(clock.sleeps) <= 5
 
 
+def test_a_retrying_call_waits_for_the_circuit_probe_window():
+    clock = FakeClock()
+    outcomes = [errors.ConnectionError("down"), errors.CircuitOpenError("open", retry_in=3.0),
+                errors.CircuitOpenError("open", retry_in=0.0), "ok"]
+
+    def attempt(n):
+        out = outcomes.pop(0)
+        if isinstance(out, Exception):
+            raise out
+        return out, n
+
+    result = call_with_retries(attempt, RetryPolicy(max_retries=1, retry_delay=0.1, rng=lambda: 0.0),
+                               deadline=clock.now + 60, clock=clock)
+    # one real retry (attempt 1); the two circuit waits used no retry budget
+    assert result == ("ok", 1)
+    assert clock.sleeps[1] == pytest.approx(3.0) and clock.sleeps[2] == pytest.approx(0.1)
+
+
+def test_a_fresh_call_is_rejected_at_once_by_an_open_circuit():
+    clock = FakeClock()
+
+    def attempt(n):
+        raise errors.CircuitOpenError("open", retry_in=1.0)
+
+    with pytest.raises(errors.CircuitOpenError):
+        call_with_retries(attempt, RetryPolicy(max_retries=5), deadline=clock.now + 60, clock=clock)
+    assert clock.sleeps == []
+
+
+def test_a_circuit_wait_never_passes_the_deadline():
+    clock = FakeClock()
+    outcomes = [errors.ConnectionError("down")] + [errors.CircuitOpenError("open", retry_in=10.0)] * 5
+
+    def attempt(n):
+        raise outcomes.pop(0)
+
+    with pytest.raises(errors.CircuitOpenError):
+        call_with_retries(attempt, RetryPolicy(max_retries=3, retry_delay=0.1, rng=lambda: 0.0),
+                          deadline=clock.now + 5, clock=clock)
+    assert sum(clock.sleeps) < 5
+
+
 def test_retry_wait_is_cut_short_by_close():
     cancel = threading.Event()
     cancel.set()

@@ -8,6 +8,7 @@
 - ``real_stream``: a real-shaped vLLM completion stream (from ``api_transcript.txt``, with
   multi-byte UTF-8 text added) and what a client must make of it.
 - ``rss_bytes`` / ``worker_threads``: what the leak checks count.
+- ``DoubleProcess``: the test double in a child process (its own memory), stopped by PID.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import pytest
 
 from ipfs_accelerate_py.api_backends import errors
 
-from reliability_support import TRANSPORTS, DoubleProcess, rss_bytes
+from reliability_support import DoubleProcess, rss_bytes
 
 N_REQUESTS = 100_000
 WARMUP = 1_000

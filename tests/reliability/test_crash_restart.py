@@ -5,7 +5,9 @@ The test starts its own ``VllmCpuServer`` on a free port (never the shared sessi
 sends 500 requests from 32 caller threads at a steady 12 requests/s (an open-loop load,
 like independent users: a request's send time does not depend on how earlier ones
 fared), SIGKILLs the server's whole process group once 100 have succeeded with requests
-in flight, and restarts it on the same port (about 15-20 s). Requests caught in the
+in flight, and restarts it on the same port (about 15-20 s). The last 200 requests are
+never sent before the restart has finished (on a slow machine the restart could
+otherwise outlast the schedule), so recovery is always measured under load. Requests caught in the
 outage either succeed after the restart (retried, then let through by a HALF-OPEN probe)
 or fail with a typed ``ApiError`` within their 60 s deadline; none hangs (every wait on a
 future is bounded). Printed: how many succeeded and failed (by type) and how long
@@ -35,6 +37,7 @@ N_REQUESTS = 500
 N_THREADS = 32
 RATE = 12.0  # requests released per second: 500 take ~42 s
 KILL_AFTER = 100  # successes before the crash
+HOLD_FROM = 300  # requests from here on go out only once the restart has finished
 DEADLINE = 60.0  # per call
 RESET_TIMEOUT = 2.0
 PARAMS = {"max_tokens": 32, "temperature": 0}
@@ -59,21 +62,28 @@ def own_real_server(free_port):
         server.stop()  # the whole process group, by its PID
 
 
-def test_server_killed_and_restarted_under_load(own_real_server):
+def test_server_killed_and_restarted_under_load(own_real_server, request):
     server = own_real_server
     test_start = time.monotonic()
     client = VllmClient(base_url=server.base_url, model="tiny-llama",
                         max_concurrent_requests=N_THREADS, max_retries=20, retry_delay=0.2,
                         max_retry_delay=2.0, timeout=10.0, connect_timeout=2.0,
                         deadline=DEADLINE, failure_threshold=5, reset_timeout=RESET_TIMEOUT)
+    request.addfinalizer(lambda: client.close(timeout=5.0))  # idempotent
     results: List[Optional[Outcome]] = [None] * N_REQUESTS
     stop = threading.Event()
+    back = threading.Event()  # set once the restart has finished
+    t_back = [0.0]
     t0 = time.monotonic() + 0.2
 
     def one(i: int) -> None:
         # Open-loop pacing: request i goes out at t0 + i/RATE (or later if every caller
         # thread is busy). A load shape, not a synchronisation.
-        stop.wait(max(0.0, t0 + i / RATE - time.monotonic()))
+        release = t0 + i / RATE
+        if i >= HOLD_FROM:
+            back.wait(300)
+            release = max(release, t_back[0] + (i - HOLD_FROM) / RATE)
+        stop.wait(max(0.0, release - time.monotonic()))
         start = time.monotonic()
         try:
             r = client.run_inference(None, f"Crash test request {i}", PARAMS)
@@ -98,7 +108,8 @@ def test_server_killed_and_restarted_under_load(own_real_server):
         server.kill()  # SIGKILL to the whole process group, as in a crash
         assert not server.is_healthy()
         server.restart()  # same port; returns once GET /health is 200
-        t_health = time.monotonic()
+        t_health = t_back[0] = time.monotonic()
+        back.set()
 
         # Bounded waits: no request may outlive its deadline by more than a little.
         hung = 0
@@ -109,6 +120,7 @@ def test_server_killed_and_restarted_under_load(own_real_server):
                 hung += 1
     finally:
         stop.set()
+        back.set()
         for f in futures:
             f.cancel()  # only those not started yet (after a failure above)
         pool.shutdown(wait=False)

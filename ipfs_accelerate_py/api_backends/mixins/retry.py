@@ -1,7 +1,8 @@
 """Retry with exponential backoff and jitter: the ONE place a request is retried.
 
 Retried: connection errors, timeouts, 408, 409, 429 and 5xx (``errors.TransientError``).
-Never: other 4xx, an open circuit, or a stream that already yielded text. The wait is
+Never: other 4xx, or a stream that already yielded text. An open circuit rejects a fresh
+call at once; a call already retrying waits for the breaker's next probe window instead. The wait is
 ``retry_delay * backoff_factor**attempt`` (capped at ``max_retry_delay``) with "equal
 jitter" (half fixed, half random) so clients that failed together do not retry together;
 a server's ``Retry-After`` / ``retry-after-ms`` wins, capped at ``max_retry_after``. No
@@ -25,6 +26,9 @@ from ..errors import (ApiError, CircuitOpenError, ClientClosedError, TimeoutErro
 
 __all__ = ["RetryPolicy", "RetryMixin", "call_with_retries"]
 
+#: Shortest wait for a circuit's probe window (HALF-OPEN with its probe already out says 0).
+MIN_BREAKER_WAIT = 0.05
+
 T = TypeVar("T")
 
 
@@ -46,6 +50,10 @@ class RetryPolicy:
         return cls(settings.max_retries, settings.retry_delay, settings.backoff_factor,
                    settings.max_retry_delay, settings.max_retry_after)
 
+    def jitter(self) -> float:
+        """A random number in [0, 1) from this policy's source."""
+        return self._rng()
+
     def should_retry(self, error: BaseException, attempt: int) -> bool:
         return isinstance(error, TransientError) and attempt < self.max_retries
 
@@ -60,11 +68,26 @@ class RetryPolicy:
 def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadline: float,
                       clock: Clock = SYSTEM_CLOCK, cancel: Optional[threading.Event] = None,
                       on_retry: Optional[Callable[[BaseException, int, float], None]] = None) -> T:
-    """Run ``attempt_fn(attempt)`` until it returns, a non-retryable error, or the deadline."""
+    """Run ``attempt_fn(attempt)`` until it returns, a non-retryable error, or the deadline.
+
+    A call that is already retrying when the circuit opens (it was caught by the outage)
+    waits for the breaker's next probe window, within its deadline, instead of failing:
+    that is how it rides out a server restart. A fresh call (attempt 0) is rejected at once.
+    Such waits send nothing, so they use no retry budget.
+    """
     attempt = 0
     while True:
         try:
             return attempt_fn(attempt)
+        except CircuitOpenError as exc:
+            if attempt == 0:
+                raise
+            wait = max(exc.retry_in or 0.0, policy.retry_delay, MIN_BREAKER_WAIT)
+            wait *= 1.0 + 0.25 * policy.jitter()  # spread the callers over the probe window
+            if wait >= deadline - clock.monotonic():
+                raise
+            if not clock.sleep(wait, cancel):
+                raise ClientClosedError("client closed while waiting for the circuit") from exc
         except ApiError as exc:
             if not policy.should_retry(exc, attempt):
                 raise
