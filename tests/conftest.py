@@ -17,7 +17,7 @@ from __future__ import annotations
 import platform
 import socket
 import sys
-from typing import Iterator
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
@@ -66,3 +66,31 @@ def real_vllm_server_with_key() -> Iterator["VllmCpuServer"]:  # noqa: F821
         yield server
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------ the test double
+@pytest.fixture
+def start_fake() -> Iterator[Callable[..., "FakeVllmServer"]]:  # noqa: F821
+    """A factory for started ``FakeVllmServer``s (any constructor arguments); every server it
+    started is stopped after the test. Function scope: faults and counters are per test, and
+    a start or stop costs milliseconds."""
+    from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
+
+    servers: List[FakeVllmServer] = []
+
+    def start(**kw: Any) -> FakeVllmServer:
+        server = FakeVllmServer(**kw).start()
+        servers.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def fake_vllm_server(start_fake: Callable[..., "FakeVllmServer"]) -> "FakeVllmServer":  # noqa: F821
+    """A started test double with default settings on a free loopback port."""
+    return start_fake()

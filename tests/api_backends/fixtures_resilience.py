@@ -64,28 +64,9 @@ def client_threads(before: Set[threading.Thread]) -> List[threading.Thread]:
 
 
 @pytest.fixture
-def fake_server() -> Iterator[FakeVllmServer]:
-    server = FakeVllmServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def start_fake() -> Iterator[Callable[..., FakeVllmServer]]:
-    servers: List[FakeVllmServer] = []
-
-    def start(**kw: Any) -> FakeVllmServer:
-        server = FakeVllmServer(**kw).start()
-        servers.append(server)
-        return server
-
-    try:
-        yield start
-    finally:
-        for s in servers:
-            s.stop()
+def fake_server(fake_vllm_server: FakeVllmServer) -> FakeVllmServer:
+    """The root conftest's double under the name these tests use."""
+    return fake_vllm_server
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 
 from fixtures_resilience import (COMPLETIONS, client_threads, completion_requests,  # noqa: F401
-                                 fake_server, make_client, request_ids, start_fake, wait_until)
+                                 fake_server, make_client, request_ids, wait_until)
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.clock import FakeClock
 from ipfs_accelerate_py.api_backends.models import CompletionRequest

@@ -17,13 +17,9 @@ from reliability_support import transport_factory
 
 
 @pytest.fixture
-def double() -> Iterator[FakeVllmServer]:
-    """A started test double on a free loopback port, stopped after the test."""
-    server = FakeVllmServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def double(fake_vllm_server: FakeVllmServer) -> FakeVllmServer:
+    """The root conftest's double under the name these tests use."""
+    return fake_vllm_server
 
 
 @pytest.fixture

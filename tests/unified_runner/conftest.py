@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
 
 
 @pytest.fixture
-def fake_server() -> Iterator[FakeVllmServer]:
-    """The vLLM test double on a free loopback port, stopped after the test."""
-    server = FakeVllmServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def fake_server(fake_vllm_server: FakeVllmServer) -> FakeVllmServer:
+    """The root conftest's double under the name these tests use."""
+    return fake_vllm_server
 
 
 @pytest.fixture(autouse=True)
