@@ -71,6 +71,7 @@ class Endpoint:
         self.queue = queue
         self.workers: WorkerPool  # set right after construction (the pool calls back into it)
         self.priority_supported = True  # cleared when the server refuses a priority field
+        self.burst_until = 0.0  # monotonic time until which a lone request may linger
         self._lock = threading.Lock()
         self.in_flight = 0
 

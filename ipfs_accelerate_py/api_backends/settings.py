@@ -99,7 +99,7 @@ class ClientSettings(BaseModel):
     half_open_max_calls: int = Field(1, ge=1, le=1000)
     # batching
     batch_enabled: bool = True
-    max_batch_size: int = Field(8, ge=1, le=4096)
+    max_batch_size: int = Field(32, ge=1, le=4096)
     batch_timeout: float = Field(0.1, ge=0, le=60)
     batch_linger: float = Field(0.002, ge=0, le=1)
     # metrics and history

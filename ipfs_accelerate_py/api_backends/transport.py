@@ -11,8 +11,8 @@ timeout, early close drops the connection, exceptions mapped into ``errors``):
 * ``HttpClientTransport`` (the fast one): a keep-alive pool of plain sockets per endpoint,
   request heads built from pre-rendered bytes, replies parsed by a small HTTP/1.1 reader
   (``Content-Length``, chunked, close-delimited); streams use the standard library's
-  ``http.client.HTTPResponse``. About a tenth of the client CPU of ``requests`` per call
-  (0.02-0.03 ms against 0.27 ms on loopback). No proxy support.
+  ``http.client.HTTPResponse``. A twentieth of the client CPU of ``requests`` per call
+  (0.016 ms against 0.29 ms, sequential, loopback, JSON encoding included). No proxies.
 * ``RequestsTransport``: one pooled ``requests.Session``; used when proxies or
   ``trust_env`` are wanted. ``trust_env`` is off unless asked for: re-reading proxy
   settings and ``~/.netrc`` on every request costs about 0.2-0.4 ms of CPU per call.
@@ -332,6 +332,21 @@ class _Conn:
             pass
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Has an idle socket anything to read (EOF included)? ``poll`` has no fd limit."""
+    try:
+        if _poll is not None:
+            p = _poll()
+            p.register(sock, select.POLLIN)
+            return bool(p.poll(0))
+        return bool(select.select((sock,), (), (), 0)[0])
+    except (OSError, ValueError):
+        return True  # cannot tell: do not reuse it
+
+
+_poll = getattr(select, "poll", None)
+
+
 def _tls_context(verify: Any) -> ssl.SSLContext:
     """``verify`` as requests reads it: True (certifi's bundle, like requests), False, or a
     CA bundle file or directory."""
@@ -436,13 +451,9 @@ class HttpClientTransport(Transport):
                 conn = idle.pop()  # most recently used first: the warmest socket
             except IndexError:
                 break
-            try:
-                # readable while idle = the server closed it (or sent junk): do not reuse
-                if not select.select((conn.sock,), (), (), 0)[0]:
-                    return conn
-            except (OSError, ValueError):
-                pass
-            conn.close()
+            if not _readable(conn.sock):
+                return conn
+            conn.close()  # readable while idle = the server closed it (or sent junk)
         if self._closed:
             raise errors.ClientClosedError("transport is closed")
         return self._connect(connect_timeout)

@@ -83,8 +83,12 @@ class BatchingMixin:
             return [job]
         limit = settings.max_batch_size
         batch = [job] + endpoint.queue.take_compatible(job.key, limit - 1)
-        if 1 < len(batch) < limit and settings.batch_timeout > 0 and settings.batch_linger > 0:
-            until = job.enqueued_at + settings.batch_timeout
+        # Linger only amid a burst: company is waiting now, or a shared call just finished
+        # and its callers are coming back. A lone sequential caller is sent at once.
+        burst = len(batch) > 1 or self._clock.monotonic() < endpoint.burst_until  # type: ignore[attr-defined]
+        if burst and len(batch) < limit and settings.batch_timeout > 0 and settings.batch_linger > 0:
+            until = max(job.enqueued_at + settings.batch_timeout,
+                        self._clock.monotonic() + settings.batch_linger)  # type: ignore[attr-defined]
             batch += endpoint.queue.wait_compatible(job.key, limit - len(batch), until,
                                                     settings.batch_linger)
         return [j for j in batch if j is job or self._check_queue_deadline(j)]  # type: ignore[attr-defined]
@@ -119,6 +123,8 @@ class BatchingMixin:
         except BaseException as exc:  # noqa: BLE001 - never lose a caller
             self._fail_jobs(endpoint, jobs, exc, start)
             return
+        # Its callers will be back at once (closed-loop load): let the next arrivals gather.
+        endpoint.burst_until = self._clock.monotonic() + endpoint.settings.batch_timeout  # type: ignore[attr-defined]
         parts = split_result(result, len(jobs), merged.n)
         if all(p.usage.total_tokens for p in parts):  # exact per-prompt counts
             ins = [p.usage.prompt_tokens for p in parts]

@@ -81,7 +81,9 @@ class PriorityRequestQueue:
         lock = threading.Lock()
         self._cond = threading.Condition(lock)      # idle workers wait here
         self._arrived = threading.Condition(lock)   # batch collectors wait here
-        self._collectors = 0
+        # key -> the batch a worker is collecting; compatible arrivals go straight into it
+        self._collecting: Dict[Hashable, List[Job]] = {}
+        self._collect_room: Dict[Hashable, int] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -102,11 +104,15 @@ class PriorityRequestQueue:
                 raise QueueFullError(f"request queue is full ({self.maxsize} waiting); "
                                      "raise queue_size or slow down")
             job.seq = next(self._seq)
+            buf = self._collecting.get(job.key) if job.key is not None else None
+            if buf is not None and len(buf) < self._collect_room[job.key]:
+                # A worker is gathering a batch for this key: join it, wake no one else.
+                buf.append(job)
+                self._arrived.notify_all()
+                return
             self._lanes[job.priority].append(job)
             self._size += 1
             self._cond.notify()
-            if self._collectors and job.key is not None:
-                self._arrived.notify_all()
 
     def _pick(self) -> Optional[Job]:
         now = self._clock.monotonic()
@@ -164,26 +170,32 @@ class PriorityRequestQueue:
         return taken
 
     def wait_compatible(self, key: Hashable, limit: int, until: float, gap: float) -> List[Job]:
-        """Take compatible jobs as they arrive: stop when ``limit`` are taken, at monotonic
-        ``until``, or once no compatible job arrived for ``gap`` seconds (the burst ended)."""
-        out: List[Job] = []
+        """Gather up to ``limit`` jobs with ``key``: those waiting now, then arrivals, which
+        come straight to this collector (other workers are not woken for them). Stops when
+        full, at monotonic ``until``, or once no compatible job arrived for ``gap`` seconds
+        (the burst ended). A second collector for the same key only takes what waits."""
         with self._cond:
-            self._collectors += 1
+            out = self._take_locked(key, limit)
+            if key in self._collecting or self._closed:
+                return out
+            buf: List[Job] = []
+            self._collecting[key] = buf
+            self._collect_room[key] = limit - len(out)
             try:
                 last = self._clock.monotonic()
-                while len(out) < limit and not self._closed:
-                    got = self._take_locked(key, limit - len(out))
+                while len(buf) < self._collect_room[key] and not self._closed:
                     now = self._clock.monotonic()
-                    if got:
-                        out += got
-                        last = now
                     wait_for = min(until, last + gap) - now
-                    if len(out) >= limit or wait_for <= 0:
+                    if wait_for <= 0:
                         break
+                    seen = len(buf)
                     self._arrived.wait(wait_for)
+                    if len(buf) > seen:
+                        last = self._clock.monotonic()
             finally:
-                self._collectors -= 1
-        return out
+                del self._collecting[key]
+                del self._collect_room[key]
+            return out + buf
 
     def close(self) -> List[Job]:
         """Stop accepting; wake every waiter; return what was still queued."""
