@@ -163,7 +163,10 @@ def test_callers_errors_are_raised_not_failed_over(fakes):
 # ---------------------------------------------------------------------------- real servers
 @pytest.mark.real_server
 def test_300_routed_requests_over_two_real_servers_and_a_dead_url(
-        real_vllm_server, real_vllm_server_with_key):
+        real_vllm_server, real_vllm_server_with_key, monkeypatch):
+    # The "keyless" endpoint must really carry no key: an ambient VLLM_API_KEY would be
+    # every endpoint's default (CI sets a canary one).
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
     keyless, keyed = real_vllm_server.base_url, real_vllm_server_with_key.base_url
     client = VllmClient(base_url=keyless, timeout=60)
     try:

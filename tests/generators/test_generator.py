@@ -149,13 +149,26 @@ def test_check_mode_reports_missing_runners(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_pip_install_and_uninstall_of_the_plugin_adds_and_removes_its_runner(
         tmp_path: Path) -> None:
-    """A real ``pip install`` into a throw-away venv that sees this environment's packages
-    (the shared environment is never changed). The plugin is copied first so the build
-    leaves nothing in the checkout."""
+    """A real ``pip install`` into a throw-away venv (the shared environment is never
+    changed). The venv does not see this environment's packages: the plugin may already be
+    installed here (CI installs it), and uninstalling it in the venv must really remove it.
+    The project goes in with ``--no-deps`` plus its few dependencies; the plugin is copied
+    first so the build leaves nothing in the checkout."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                   check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = str(venv / "bin" / "python")
+    env0 = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([python, "-m", "pip", "--disable-pip-version-check", "-q", "install",
+                    "pluggy", "requests", "pydantic>=2.5,<3", "numpy", "tqdm", "setuptools>=64",
+                    "wheel"], check=True, timeout=600, env=env0)
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "ipfs_accelerate_py", project / "ipfs_accelerate_py",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
+    subprocess.run([python, "-m", "pip", "--disable-pip-version-check", "-q", "install",
+                    "--no-deps", "--no-build-isolation", str(project)],
+                   check=True, timeout=300, env=env0)
     source = tmp_path / "openai_compat"
     shutil.copytree(PLUGIN_SRC, source,
                     ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
