@@ -178,7 +178,10 @@ class AioHttp(Contender):
         self._endpoint = self.url + "/v1/completions"
 
         async def make() -> Any:
-            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=max(concurrency, 1)))
+            # keep-alive below uvicorn's 5 s, so that a pool idle between rounds is not
+            # reused after the server closed it (aiohttp would fail the request)
+            return aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit=max(concurrency, 1), keepalive_timeout=4.0))
         self._session = self._loop.run_until_complete(make())
 
     async def _one(self, prompt: str) -> int:

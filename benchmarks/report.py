@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 # workload -> (metric key, unit, higher is better)
 METRICS = {
@@ -64,9 +64,8 @@ def targets(results: Dict[str, Any], names: Dict[str, str]) -> List[Dict[str, An
     within("W2 batching on: project p50 - raw requests p50", "W2", "on", "requests", 1.0)
     within("W2 batching off: project p50 - raw requests p50", "W2", "off", "requests", 1.0)
     ratio("W3 defaults (all on): project CPU / raw requests CPU", "W3", "on", "requests", "<=", 0.8)
+    # asked of an async transport; there is none (see README): the default is held to it
     ratio("W3 defaults (all on): project CPU / aiohttp CPU", "W3", "on", "aiohttp", "<=", 2.0)
-    if "async" in names:
-        ratio("W3 async transport: project CPU / aiohttp CPU", "W3", "async", "aiohttp", "<=", 2.0)
     ratio("256 submitted at once: batching on / off speed-up", "W1", "submit_on", "submit_off", ">=", 2.0)
     within("lone request p50: batching on - off", "W2", "on", "off", 1.0)
     return out

@@ -277,10 +277,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     wls: List[Workload] = []
     callers: Dict[str, C.Callers] = {}
     try:
-        noop = servers.start_noop(log, args.noop)
-        started.append(noop)
-        log(f"[bench] no-op server: {noop.name} at {noop.url} (pid {noop.pid})")
-        real = servers.RealServer(args.api_url, log)
+        noop: Any = None
+        if "W3" in args.workloads:
+            noop = servers.start_noop(log, args.noop)
+            started.append(noop)
+            log(f"[bench] no-op server: {noop.name} at {noop.url} (pid {noop.pid})")
+        real = servers.RealServer(args.api_url, log, needed=bool({"W1", "W2"} & set(args.workloads)))
         started.append(real)
         wls, callers = build(args, real, noop)
         warm_up(wls, callers)
@@ -322,7 +324,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count(),
         "machine": platform.platform(), "commit": git_commit(), "versions": versions(),
         "real_server": {"url": real.url, "model": real.model, "started_here": real.started_here},
-        "noop_server": noop.name, "project_transport": args.project_transport,
+        "noop_server": noop.name if noop else None, "project_transport": args.project_transport,
         "workloads": {w.key: {k: v for k, v in w.meta.items()} for w in wls},
     }
     tgt = report.targets(results, NAMES)
@@ -332,8 +334,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"ipfs_accelerate_py benchmark, {meta['time']}, commit {meta['commit']}, "
           f"{rounds} interleaved rounds, {meta['elapsed_s']}s; load avg before "
           f"{load_before[0]:.2f}, after {meta['load_after'][0]:.2f} ({meta['cpus']} CPUs)")
-    print(f"real server {real.url} ({'started here' if real.started_here else 'given'}), "
-          f"model {real.model}; no-op server: {noop.name}")
+    how = "started here" if real.started_here else ("given" if real.pid is None and
+                                                     real.url.startswith("http") else "not needed")
+    print(f"real server {real.url} ({how}), "
+          f"model {real.model}; no-op server: {noop.name if noop else 'not needed'}")
+    infos = sorted({f"{k}={v}" for w in wls for c in w.rows.values() if isinstance(c, C.Project)
+                    for k, v in c.info.items() if k == "transport"})
+    print("project client: " + ", ".join(infos) + "; queue, circuit breaker, retry, metrics on")
     print(text)
     print("\nTargets (ratio of medians from this run):")
     for t in tgt:

@@ -165,10 +165,13 @@ def start_noop(log: Log, prefer: str = "auto") -> Process:
 class RealServer:
     """The real vLLM server: ours (started here, stopped by PID) or one given by URL."""
 
-    def __init__(self, url: Optional[str], log: Log) -> None:
+    def __init__(self, url: Optional[str], log: Log, needed: bool = True) -> None:
         self._log = log
         self._server = None
-        self.started_here = url is None
+        self.started_here = url is None and needed
+        if url is None and not needed:  # W3 alone: no real server, only its model name
+            self.url, self.pid, self.model = "(not started)", None, "tiny-llama"
+            return
         if url is None:
             sys.path.insert(0, str(HERE.parent))
             from ipfs_accelerate_py.servers.vllm_cpu import VllmCpuServer

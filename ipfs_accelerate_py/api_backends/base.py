@@ -41,7 +41,7 @@ from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, 
 from .plugins import get_backend
 from .settings import ClientSettings
 from .sse import SSEDecoder
-from .transport import HttpRequest, HttpResponse, RequestsTransport, StreamResponse, Transport
+from .transport import HttpRequest, HttpResponse, StreamResponse, Transport, make_transport
 
 __all__ = ["BaseApiBackend", "Endpoint", "TextStream", "build_request"]
 
@@ -53,7 +53,8 @@ _LOOPBACK = ("localhost", "127.", "::1", "[::1]")
 
 def default_transport(settings: ClientSettings) -> Transport:
     verify: Any = settings.ca_bundle or settings.verify_tls
-    return RequestsTransport(settings.base_url, settings.api_key_value,
+    # The lean http.client transport unless proxies/trust_env need requests (see transport.py)
+    return make_transport(settings.base_url, settings.api_key_value,
                              pool_size=max(settings.max_concurrent_requests, 10), verify=verify,
                              trust_env=settings.trust_env, proxies=settings.proxies,
                              extra_headers=settings.extra_headers)
