@@ -324,7 +324,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                      "queue_wait_seconds": start - job.enqueued_at,
                      "time": self._clock.wall()}
             if ep.settings.store_prompts:
-                entry["prompt"] = getattr(job.request, "prompt", None) or "(chat)"
+                entry["prompt"] = (job.request.prompt if isinstance(job.request, CompletionRequest)
+                                   else "(chat)")
             self.recent_requests.append(entry)
 
     # ------------------------------------------------------------------ one call
@@ -337,7 +338,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         vLLM too)."""
         adapter = self._adapter
         forward = ep.settings.forward_priority and ep.priority_supported
-        wire_priority = getattr(request, "priority", None)
+        wire_priority = request.priority
         if wire_priority is None:
             wire_priority = queue_priority
 

@@ -19,6 +19,7 @@ import weakref
 from typing import Any, Dict, Optional
 
 from .errors import ValidationError
+from .models import ChatRequest
 
 __all__ = ["set_max_tokens_cap", "max_tokens_cap", "max_tokens_caps", "apply_max_tokens_cap",
            "cap_request", "COMPLETION_DEFAULT_MAX_TOKENS"]
@@ -78,8 +79,10 @@ def cap_request(client: Any, request: Any) -> Any:
     cap = max_tokens_cap(client, request.model)
     if cap is None:
         return request
-    chat = hasattr(request, "messages")
-    fields = {k: getattr(request, k, None) for k in ("max_tokens", "max_completion_tokens")}
+    chat = isinstance(request, ChatRequest)
+    fields = {"max_tokens": request.max_tokens}
+    if chat:
+        fields["max_completion_tokens"] = request.max_completion_tokens
     params = apply_max_tokens_cap(client, request.model, fields, chat=chat)
     changes = {k: v for k, v in params.items() if v != fields.get(k)}
     return request.model_copy(update=changes) if changes else request

@@ -25,6 +25,7 @@ import pytest
 
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
+from support import wait_until  # noqa: F401 - re-exported for the tests here
 
 __all__ = ["FAST", "fake_server", "start_fake", "make_client", "real_base_url", "wait_until",
            "completion_requests", "request_ids", "client_threads", "COMPLETIONS"]
@@ -34,17 +35,6 @@ COMPLETIONS = "/v1/completions"
 #: Settings that make retries quick (milliseconds) and keep every wait bounded.
 FAST: Dict[str, Any] = dict(model="tiny-llama", retry_delay=0.002, max_retry_delay=0.01,
                             timeout=5.0, connect_timeout=2.0)
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0,
-               interval: float = 0.005, what: str = "condition") -> float:
-    """Poll ``predicate`` until true; fail the test after ``timeout`` s. Returns the wait."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 def completion_requests(server: FakeVllmServer) -> List[Any]:

@@ -15,30 +15,19 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.transport import (HttpClientTransport, HttpRequest,
                                                         HttpResponse, RequestsTransport,
                                                         StreamResponse, Transport)
+from support import wait_until  # noqa: F401 - re-exported for the tests here
 
 __all__ = ["wait_until", "TRANSPORTS", "transport_factory", "ScriptedTransport", "real_stream",
            "event", "rss_bytes", "worker_threads", "chunked", "DONE",
            "DoubleProcess"]
 
 DONE = b"data: [DONE]\n\n"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005,
-               what: str = "condition") -> float:
-    """Poll ``predicate`` until it is true; AssertionError after ``timeout`` s. Returns the wait."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 def _requests_transport(s: Any) -> Transport:

@@ -19,6 +19,7 @@ import pytest
 
 from ipfs_accelerate_py.servers import fake_vllm
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, Fault
+from support import wait_until
 
 Response = tuple[int, dict[str, str], bytes]
 
@@ -128,14 +129,12 @@ def test_waiting_gauge_shows_a_stalled_request(fake_vllm_server: FakeVllmServer)
     results: list[Any] = []
     worker = threading.Thread(target=lambda: results.append(_swallow(lambda: completion(fake_vllm_server, prompt="Hi"))))
     worker.start()
-    deadline = time.monotonic() + 10
-    seen = None
-    while time.monotonic() < deadline:
+    def one_waiting() -> bool:
         text = call(fake_vllm_server, "GET", "/metrics")[2].decode()
         seen = re.search(r'^vllm:num_requests_waiting\{engine="0",model_name="tiny-llama"\} (\S+)$', text, re.M)
-        if seen and float(seen.group(1)) == 1:
-            break
-    assert seen and float(seen.group(1)) == 1
+        return bool(seen) and float(seen.group(1)) == 1
+
+    wait_until(one_waiting, timeout=10, what="the waiting gauge to show 1")
     t0 = time.monotonic()
     fake_vllm_server.stop()
     worker.join(10)
@@ -571,9 +570,8 @@ def test_stop_interrupts_a_stall_and_closes_keepalive_connections() -> None:
     outcome: list[Any] = []
     worker = threading.Thread(target=lambda: outcome.append(_swallow(lambda: call(srv, "POST", "/v1/completions", {"prompt": "Hi"}))))
     worker.start()
-    deadline = time.monotonic() + 10
-    while srv.request_count["/v1/completions"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: srv.request_count["/v1/completions"] > 0, timeout=10,
+               what="the stalled request to arrive")
     t0 = time.monotonic()
     srv.stop()
     assert time.monotonic() - t0 < 3
