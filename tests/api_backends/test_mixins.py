@@ -199,9 +199,27 @@ def test_a_circuit_wait_never_passes_the_deadline():
         raise outcomes.pop(0)
 
     with pytest.raises(errors.CircuitOpenError):
-        call_with_retries(attempt, RetryPolicy(max_retries=3, retry_delay=0.1, rng=lambda: 0.0),
+        call_with_retries(attempt, RetryPolicy(max_retries=3, retry_delay=0.1, max_retry_delay=20.0,
+                                               rng=lambda: 0.0),
                           deadline=clock.now + 5, clock=clock)
     assert sum(clock.sleeps) < 5
+
+
+def test_a_probe_window_beyond_the_longest_backoff_fails_the_call_at_once():
+    # A breaker with reset_timeout=120 must not hold a retrying caller for two minutes (nor
+    # a routed call that another endpoint could serve now), even inside a long deadline.
+    clock = FakeClock()
+    outcomes = [errors.ConnectionError("down"), errors.CircuitOpenError("open", retry_in=120.0)]
+
+    def attempt(n):
+        raise outcomes.pop(0)
+
+    with pytest.raises(errors.CircuitOpenError) as info:
+        call_with_retries(attempt, RetryPolicy(max_retries=3, retry_delay=0.1, max_retry_delay=8.0,
+                                               rng=lambda: 0.0),
+                          deadline=clock.now + 600, clock=clock)
+    assert info.value.retry_in == 120.0
+    assert clock.sleeps == [pytest.approx(0.05)]  # the one backoff (0.1 with equal jitter 0), no more
 
 
 def test_retry_wait_is_cut_short_by_close():

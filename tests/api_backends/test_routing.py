@@ -186,15 +186,21 @@ def test_300_routed_requests_over_two_real_servers_and_a_dead_url(
         threads_before = threading.active_count()
 
         def one(i: int) -> Any:
-            return client.route_inference("tiny-llama", f"request {i}",
-                                          {"max_tokens": 3, "temperature": 0},
-                                          strategy=strategies[i % 3], endpoint_ids=ids)
+            began = time.monotonic()
+            result = client.route_inference("tiny-llama", f"request {i}",
+                                            {"max_tokens": 3, "temperature": 0},
+                                            strategy=strategies[i % 3], endpoint_ids=ids)
+            return result, time.monotonic() - began
 
         start = time.monotonic()
         with ThreadPoolExecutor(12) as pool:
-            results = list(pool.map(one, range(300)))
+            outcomes = list(pool.map(one, range(300)))
         elapsed = time.monotonic() - start
+        results = [r for r, _ in outcomes]
         assert len(results) == 300 and all(r.usage.completion_tokens == 3 for r in results)
+        # No routed call waits for the dead endpoint's 120 s probe window: it fails over.
+        slowest = max(seconds for _, seconds in outcomes)
+        assert slowest < 60, f"a routed call took {slowest:.0f}s"
 
         routing = client.get_routing_stats()
         served = routing["served_by"]
@@ -202,7 +208,10 @@ def test_300_routed_requests_over_two_real_servers_and_a_dead_url(
               f"failovers={routing['failovers']} skipped_open={routing['skipped_open']} "
               f"probe_calls={dict(probe_calls)}")
         assert sum(served.values()) == 300 and "dead" not in served
-        assert served["keyless"] > 50 and served["keyed"] > 50
+        # Round-robin alone gives each live server about a third of its 100 calls (a turn
+        # that starts at the dead endpoint falls through to the next one); "fastest" and
+        # "least-loaded" may favour either server, so that is the share to expect.
+        assert served["keyless"] >= 25 and served["keyed"] >= 25
         assert client.circuit_states()["dead"] == "OPEN"
         assert routing["skipped_open"]["dead"] > 0
         # the probe asked each live server at most once a second

@@ -2,7 +2,10 @@
 
 Retried: connection errors, timeouts, 408, 409, 429 and 5xx (``errors.TransientError``).
 Never: other 4xx, or a stream that already yielded text. An open circuit rejects a fresh
-call at once; a call already retrying waits for the breaker's next probe window instead. The wait is
+call at once; a call already retrying waits for the breaker's next probe window instead, but
+only when that window opens within ``max_retry_delay`` (the longest backoff the call would
+have waited anyway): a breaker with a long ``reset_timeout`` fails the call at once rather
+than hold its caller for minutes (and lets a router fail it over). The wait is
 ``retry_delay * backoff_factor**attempt`` (capped at ``max_retry_delay``) with "equal
 jitter" (half fixed, half random) so clients that failed together do not retry together;
 a server's ``Retry-After`` / ``retry-after-ms`` wins, capped at ``max_retry_after``. No
@@ -72,15 +75,18 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
 
     A call that is already retrying when the circuit opens (it was caught by the outage)
     waits for the breaker's next probe window, within its deadline, instead of failing:
-    that is how it rides out a server restart. A fresh call (attempt 0) is rejected at once.
-    Such waits send nothing, so they use no retry budget.
+    that is how it rides out a server restart. It waits only when the window opens within
+    ``policy.max_retry_delay``; a longer one raises the ``CircuitOpenError`` at once. A
+    fresh call (attempt 0) is rejected at once. Such waits send nothing, so they use no
+    retry budget; the probe they lead to does.
     """
     attempt = 0
     while True:
         try:
             return attempt_fn(attempt)
         except CircuitOpenError as exc:
-            if attempt == 0:
+            if attempt == 0 or (exc.retry_in or 0.0) > max(policy.max_retry_delay,
+                                                           policy.retry_delay):
                 raise
             wait = max(exc.retry_in or 0.0, policy.retry_delay, MIN_BREAKER_WAIT)
             wait *= 1.0 + 0.25 * policy.jitter()  # spread the callers over the probe window

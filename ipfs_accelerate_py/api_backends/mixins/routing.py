@@ -55,7 +55,9 @@ class _RoutingState:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.turn = itertools.count()
+        # One rotation per strategy: callers that mix strategies must not skew each other's
+        # (a shared counter stepped by every call gives round-robin a fixed phase).
+        self.turns: Dict[str, "itertools.count[int]"] = {name: itertools.count() for name in STRATEGIES}
         self.latencies: Dict[str, Deque[float]] = {}
         self.outstanding: Counter = Counter()
         self.probe: Optional[LoadProbe] = None
@@ -155,7 +157,7 @@ class RoutingMixin:
         ids = self._candidates(endpoint_ids)
         state = self._routing()
         with state.lock:
-            turn = next(state.turn)
+            turn = next(state.turns[strategy])
         k = turn % len(ids)
         rotated = ids[k:] + ids[:k]
         if strategy == "least-loaded":
