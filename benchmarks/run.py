@@ -344,7 +344,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(text)
     print("\nTargets (ratio of medians from this run):")
     for t in tgt:
-        mark = {True: "PASS", False: "FAIL", None: "n/a "}[t["ok"]]
+        mark = "ref " if t.get("reference") else {True: "PASS", False: "FAIL", None: "n/a "}[t["ok"]]
         print(f"  [{mark}] {t['target']}: {t['value']} ({t.get('limit', t.get('why'))})")
     for w in wls:
         for name, err in w.errors.items():
