@@ -541,9 +541,43 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 f"{' closed' if self._closed else ''}>")
 
 
+class _StreamLease:
+    """What an open stream holds: its connection and its place in ``current_requests``.
+
+    Released exactly once: when the stream ends, is closed, or is garbage-collected unread
+    (a finalizer holds the lease, not the stream, so dropping the stream can trigger it)."""
+
+    __slots__ = ("ep", "response", "released")
+
+    def __init__(self, ep: Endpoint, response: Any) -> None:
+        self.ep = ep
+        self.response = response
+        self.released = False
+        ep.enter()
+
+    def release(self) -> bool:
+        """Close the connection and leave the endpoint; False if that was done already."""
+        if self.released:
+            return False
+        self.released = True
+        try:
+            self.response.close()
+        finally:
+            self.ep.leave()
+        return True
+
+
+def _release_dropped_stream(lease: _StreamLease, metrics: Any, clock: Clock, model: Optional[str],
+                            start: float) -> None:
+    if lease.release():
+        metrics.record_request(lease.ep.id, model, False, clock.monotonic() - start,
+                               error_type="ClosedEarly", stream=True)
+
+
 class TextStream:
     """An open stream: iterate for ``StreamChunk``s, or ``texts()`` for strings. Closing it
-    early closes the connection, which makes vLLM abort the generation."""
+    early closes the connection, which makes vLLM abort the generation. A stream dropped
+    without being read to its end or closed is closed when it is garbage-collected."""
 
     def __init__(self, client: BaseApiBackend, ep: Endpoint, request: Request, response: Any,
                  start: float) -> None:
@@ -554,11 +588,12 @@ class TextStream:
         self._start = start
         self._ttft: Optional[float] = None
         self._parts: List[str] = []
-        self._done = False
         self.usage = None
         self.finish_reasons: Dict[int, Optional[str]] = {}
         self._gen = self._run()
-        ep.enter()
+        self._lease = _StreamLease(ep, response)
+        weakref.finalize(self, _release_dropped_stream, self._lease, client._metrics,
+                         client._clock, request.model, start)
 
     @property
     def text(self) -> str:
@@ -635,11 +670,8 @@ class TextStream:
             self._finish(finished, error)
 
     def _finish(self, finished: bool, error: Optional[BaseException]) -> None:
-        if self._done:
+        if not self._lease.release():
             return
-        self._done = True
-        self._response.close()
-        self._ep.leave()
         c = self._client
         usage = self.usage
         c._metrics.record_request(
@@ -654,8 +686,7 @@ class TextStream:
     def close(self) -> None:
         """Stop reading and drop the connection (idempotent)."""
         self._gen.close()
-        if not self._done:
-            self._finish(False, None)
+        self._finish(False, None)
 
     def __enter__(self) -> "TextStream":
         return self

@@ -286,8 +286,19 @@ class CompletionResult(BaseModel):
 
     def for_prompt(self, prompt_index: int, n: int = 1) -> "CompletionResult":
         """The slice of a batched result that belongs to one prompt (re-indexed from 0)."""
+        return self._slice(prompt_index, [c for c in self.choices if c.prompt_index == prompt_index], n)
+
+    def split_by_prompt(self, count: int, n: int = 1) -> List["CompletionResult"]:
+        """Every prompt's slice, ``for_prompt(i, n)`` for ``i < count``, in one pass."""
+        groups: List[List[Choice]] = [[] for _ in range(count)]
+        for c in self.choices:
+            if 0 <= c.prompt_index < count:
+                groups[c.prompt_index].append(c)
+        return [self._slice(i, group, n) for i, group in enumerate(groups)]
+
+    def _slice(self, prompt_index: int, choices: List[Choice], n: int) -> "CompletionResult":
         picked = [c.model_copy(update={"index": c.index - prompt_index * n, "prompt_index": 0})
-                  for c in self.choices if c.prompt_index == prompt_index]
+                  for c in choices]
         usage = Usage()
         if picked and all(c.completion_tokens is not None for c in picked):
             p = picked[0].prompt_tokens or 0

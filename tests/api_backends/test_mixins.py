@@ -355,6 +355,10 @@ def test_merge_and_split_map_choices_by_index():
     assert [c.index for c in parts[2].choices] == [0, 1]
     assert parts[1].usage.completion_tokens == 6 and parts[1].usage.prompt_tokens == 2
     assert parts[0].batch_usage.total_tokens == 24
+    # the one-pass split agrees with slicing prompt by prompt, whatever the choices' order
+    shuffled = result.model_copy(update={"choices": choices[::-1]})
+    assert ([p.model_dump() for p in shuffled.split_by_prompt(3, 2)]
+            == [shuffled.for_prompt(i, 2).model_dump() for i in range(3)])
 
 
 def test_different_sampling_parameters_do_not_share_a_call():

@@ -17,6 +17,7 @@ to where they were (bounded polls).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 import time
@@ -372,5 +373,25 @@ def test_a_stream_closed_before_reading_anything_releases_everything(wire, trans
     stream.close()
     assert client.current_requests == 0
     assert client.get_metrics()["failures_by_type"] == {"ClosedEarly": 2}
+    assert client.run_inference(None, "after", {"max_tokens": 2}).usage.completion_tokens == 2
+    assert_no_leaks(double, client, baseline)
+
+
+@pytest.mark.parametrize("transport", TRANSPORT_IDS)
+@pytest.mark.parametrize("read", [0, 2], ids=["unread", "partly-read"])
+def test_a_dropped_stream_is_released_when_collected(wire, transport, read):
+    """A ``TextStream`` that its caller drops, neither read to its end nor closed, gives back
+    its connection and its place in ``current_requests`` once it is garbage-collected."""
+    double, make, baseline = wire
+    client = make(transport)
+    stream = client.stream(stream_request(max_tokens=300))
+    for _ in range(read):
+        next(stream)
+    assert client.current_requests == 1
+    del stream
+    gc.collect()  # a partly read stream sits in a reference cycle with its generator
+    assert client.current_requests == 0
+    wait_until(lambda: double.open_connections == 0, 5, what="the dropped stream's socket to close")
+    assert client.get_metrics()["failures_by_type"] == {"ClosedEarly": 1}
     assert client.run_inference(None, "after", {"max_tokens": 2}).usage.completion_tokens == 2
     assert_no_leaks(double, client, baseline)

@@ -37,7 +37,7 @@ def merge_requests(requests: Sequence[CompletionRequest]) -> CompletionRequest:
 
 def split_result(result: CompletionResult, count: int, n: int) -> List[CompletionResult]:
     """Each prompt's slice of a batched result; ``batch_usage`` keeps the whole call's usage."""
-    parts = [result.for_prompt(i, n) for i in range(count)]
+    parts = result.split_by_prompt(count, n)
     for part in parts:
         part.batch_size = count
         part.batch_usage = result.usage
