@@ -14,6 +14,7 @@ from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Seri
 from ipfs_accelerate_py.api_backends.mixins.queue import Job, PriorityRequestQueue, WorkerPool
 from ipfs_accelerate_py.api_backends.mixins.retry import RetryPolicy, call_with_retries
 from ipfs_accelerate_py.api_backends.models import Choice, CompletionRequest, CompletionResult, Usage
+from support import wait_until
 
 
 # ------------------------------------------------------------------ circuit breaker
@@ -276,6 +277,48 @@ def test_queue_take_compatible_keeps_others_in_order():
     taken = q.take_compatible("a", 2)
     assert [j.request for j in taken] == ["a0", "a2"]
     assert [q.get(0).request for _ in range(3)] == ["b1", "a3", "b4"]
+
+
+def collect_in_thread(q: PriorityRequestQueue, key, limit: int, until: float, gap: float):
+    got: list = []
+    t = threading.Thread(target=lambda: got.extend(q.wait_compatible(key, limit, until, gap)))
+    t.start()
+    return t, got
+
+
+def test_a_lone_collector_gives_up_after_the_gap_when_no_batch_is_in_flight():
+    clock = FakeClock()
+    q = PriorityRequestQueue(maxsize=10, clock=clock)
+    t, got = collect_in_thread(q, "k", 4, until=clock.now + 30, gap=0.0)
+    t.join(5)
+    assert not t.is_alive() and got == []
+
+
+def test_a_lone_collector_waits_for_the_callers_of_a_batch_in_flight():
+    """Closed loop: the batch's callers come back as soon as it returns. A lone request
+    that arrived meanwhile waits for them (past the gap) instead of going alone."""
+    clock = FakeClock()
+    q = PriorityRequestQueue(maxsize=10, clock=clock)
+    q.shared_call_started("k")
+    t, got = collect_in_thread(q, "k", 4, until=clock.now + 30, gap=0.0)
+    wait_until(lambda: q.collecting("k"), 5, what="the collector to start")
+    q.put(job(1, clock, key="other", name="unrelated"))
+    assert t.is_alive()  # the gap (0 s) is long past, but the batch is still out
+    q.put(job(1, clock, key="k", name="back"))  # goes straight to the collector
+    t.join(5)
+    assert not t.is_alive() and [j.request for j in got] == ["back"]
+    assert len(q) == 1 and q.get(0).request == "unrelated"
+
+
+def test_a_collector_stops_waiting_when_the_batch_comes_back_empty_handed():
+    clock = FakeClock()
+    q = PriorityRequestQueue(maxsize=10, clock=clock)
+    q.shared_call_started("k")
+    t, got = collect_in_thread(q, "k", 4, until=clock.now + 30, gap=0.0)
+    wait_until(lambda: q.collecting("k"), 5, what="the collector to start")
+    q.shared_call_ended("k")
+    t.join(5)
+    assert not t.is_alive() and got == [] and q.shared_calls_in_flight("k") == 0
 
 
 def test_queue_close_returns_waiting_jobs_and_wakes_workers():

@@ -4,11 +4,14 @@ Completion requests for the same endpoint, model and sampling parameters become 
 ``/v1/completions`` call whose ``prompt`` is a list; the server answers choice
 ``index = prompt_i * n + j`` and each caller gets its own slice back. A worker takes what
 is already waiting (never holding a lone request back). When it found company (a burst is
-under way) and the batch is not full, it lingers while compatible requests keep arriving
-(each within ``batch_linger`` of the last), never past ``batch_timeout`` after the first
-request's arrival, then sends. Callers that are themselves waiting inside the batch cannot
-add to it, so a fixed wait would only add latency: the linger ends when the burst does. If the shared call fails with a 4xx, each
-request is retried alone so only the bad one fails; other failures go to every caller.
+under way, or a compatible shared call is in flight) and the batch is not full, it lingers
+while compatible requests keep arriving (each within ``batch_linger`` of the last), never
+past ``batch_timeout`` after the first request's arrival, then sends. A request that finds
+no company while a compatible batch is in flight waits for that batch's callers (within
+``batch_timeout``): under closed-loop load that keeps every round to one call. Callers
+that are themselves waiting inside the batch cannot add to it, so a fixed wait would only
+add latency: the linger ends when the burst does. If the shared call fails with a 4xx,
+each request is retried alone so only the bad one fails; other failures go to every caller.
 """
 
 from __future__ import annotations
@@ -83,9 +86,10 @@ class BatchingMixin:
             return [job]
         limit = settings.max_batch_size
         batch = [job] + endpoint.queue.take_compatible(job.key, limit - 1)
-        # Linger only amid a burst: company is waiting now, or a shared call just finished
-        # and its callers are coming back. A lone sequential caller is sent at once.
-        burst = len(batch) > 1 or self._clock.monotonic() < endpoint.burst_until  # type: ignore[attr-defined]
+        # Linger only amid a burst: company is waiting now, a shared call is in flight, or one
+        # just finished and its callers are coming back. A lone sequential caller is sent at once.
+        burst = (len(batch) > 1 or endpoint.queue.shared_calls_in_flight(job.key) > 0
+                 or self._clock.monotonic() < endpoint.burst_until)  # type: ignore[attr-defined]
         if burst and len(batch) < limit and settings.batch_timeout > 0 and settings.batch_linger > 0:
             until = max(job.enqueued_at + settings.batch_timeout,
                         self._clock.monotonic() + settings.batch_linger)  # type: ignore[attr-defined]
@@ -102,10 +106,17 @@ class BatchingMixin:
         model = jobs[0].model
         self._metrics.record_batch(endpoint.id, model, len(jobs))  # type: ignore[attr-defined]
         start = self._clock.monotonic()  # type: ignore[attr-defined]
+        endpoint.queue.shared_call_started(jobs[0].key)
         try:
-            # The shared call carries the first job's id and its most urgent priority.
-            result = self._call(endpoint, merged, deadline, model, jobs[0].request_id,  # type: ignore[attr-defined]
-                                min(j.priority for j in jobs))
+            try:
+                # The shared call carries the first job's id and its most urgent priority.
+                result = self._call(endpoint, merged, deadline, model, jobs[0].request_id,  # type: ignore[attr-defined]
+                                    min(j.priority for j in jobs))
+                # Its callers will be back at once (closed-loop load): let their next
+                # requests gather.
+                endpoint.burst_until = self._clock.monotonic() + endpoint.settings.batch_timeout  # type: ignore[attr-defined]
+            finally:
+                endpoint.queue.shared_call_ended(jobs[0].key)
         except HTTPStatusError as exc:
             if not isinstance(exc, TransientError):
                 # One bad prompt (e.g. too long) fails the whole list: find it by going alone.
@@ -123,8 +134,6 @@ class BatchingMixin:
         except BaseException as exc:  # noqa: BLE001 - never lose a caller
             self._fail_jobs(endpoint, jobs, exc, start)
             return
-        # Its callers will be back at once (closed-loop load): let the next arrivals gather.
-        endpoint.burst_until = self._clock.monotonic() + endpoint.settings.batch_timeout  # type: ignore[attr-defined]
         parts = split_result(result, len(jobs), merged.n)
         if all(p.usage.total_tokens for p in parts):  # exact per-prompt counts
             ins = [p.usage.prompt_tokens for p in parts]

@@ -84,6 +84,8 @@ class PriorityRequestQueue:
         # key -> the batch a worker is collecting; compatible arrivals go straight into it
         self._collecting: Dict[Hashable, List[Job]] = {}
         self._collect_room: Dict[Hashable, int] = {}
+        # key -> shared (batched) calls in flight: their callers are likely to come back
+        self._shared_in_flight: Dict[Hashable, int] = {}
         self._closed = False
 
     def __len__(self) -> int:
@@ -169,11 +171,39 @@ class PriorityRequestQueue:
         self._size -= len(taken)
         return taken
 
+    def shared_call_started(self, key: Hashable) -> None:
+        """A batch with ``key`` went on the wire (see ``wait_compatible``)."""
+        with self._cond:
+            self._shared_in_flight[key] = self._shared_in_flight.get(key, 0) + 1
+
+    def shared_call_ended(self, key: Hashable) -> None:
+        """That batch came back: wake a collector waiting for its callers."""
+        with self._cond:
+            left = self._shared_in_flight.get(key, 0) - 1
+            if left > 0:
+                self._shared_in_flight[key] = left
+            else:
+                self._shared_in_flight.pop(key, None)
+            self._arrived.notify_all()
+
+    def shared_calls_in_flight(self, key: Hashable) -> int:
+        return self._shared_in_flight.get(key, 0)
+
+    def collecting(self, key: Hashable) -> bool:
+        """Whether a worker is gathering a batch for ``key`` right now."""
+        return key in self._collecting
+
     def wait_compatible(self, key: Hashable, limit: int, until: float, gap: float) -> List[Job]:
         """Gather up to ``limit`` jobs with ``key``: those waiting now, then arrivals, which
         come straight to this collector (other workers are not woken for them). Stops when
         full, at monotonic ``until``, or once no compatible job arrived for ``gap`` seconds
-        (the burst ended). A second collector for the same key only takes what waits."""
+        (the burst ended). A second collector for the same key only takes what waits.
+
+        A collector that has found no company yet while a shared call with ``key`` is in
+        flight keeps waiting (up to ``until``) for that call to come back, then ``gap`` for
+        its callers: under closed-loop load (each caller sends again as soon as it has its
+        answer) a request that went alone once would otherwise stay out of phase with the
+        batch for good, and every round would cost two calls instead of one."""
         with self._cond:
             out = self._take_locked(key, limit)
             if key in self._collecting or self._closed:
@@ -185,12 +215,13 @@ class PriorityRequestQueue:
                 last = self._clock.monotonic()
                 while len(buf) < self._collect_room[key] and not self._closed:
                     now = self._clock.monotonic()
-                    wait_for = min(until, last + gap) - now
+                    awaiting_batch = not out and not buf and self._shared_in_flight.get(key, 0) > 0
+                    wait_for = (until if awaiting_batch else min(until, last + gap)) - now
                     if wait_for <= 0:
                         break
                     seen = len(buf)
                     self._arrived.wait(wait_for)
-                    if len(buf) > seen:
+                    if len(buf) > seen or awaiting_batch:
                         last = self._clock.monotonic()
             finally:
                 del self._collecting[key]
