@@ -73,6 +73,8 @@ class BackendAdapter(ABC):
     default_base_url: ClassVar[str] = "http://localhost:8000"
     #: completion requests with equal sampling parameters may share one call (prompt list)
     supports_prompt_list: ClassVar[bool] = False
+    #: chat requests with equal sampling parameters may share one call (``ChatBatchRequest``)
+    supports_chat_batch: ClassVar[bool] = False
     supports_streaming: ClassVar[bool] = True
     supports_completions: ClassVar[bool] = True
     #: whether the unified test generator writes a runner for this backend
@@ -109,6 +111,11 @@ class BackendAdapter(ABC):
     def is_priority_rejection(self, error: HTTPStatusError) -> bool:
         """True when the server refused the request only because it carried a priority."""
         return False
+
+    def is_missing_route(self, error: HTTPStatusError) -> bool:
+        """True when the server has no such route (an older version), as opposed to, say,
+        no such model: the framework's bare ``{"detail": ...}`` 404/405, not an API error."""
+        return error.status_code in (404, 405) and error.error_type is None
 
     @abstractmethod
     def create_endpoint_handler(self, client: Any, model: Optional[str] = None,

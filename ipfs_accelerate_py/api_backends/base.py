@@ -72,6 +72,7 @@ class Endpoint:
         self.queue = queue
         self.workers: WorkerPool  # set right after construction (the pool calls back into it)
         self.priority_supported = True  # cleared when the server refuses a priority field
+        self.chat_batch_supported = True  # cleared when the server has no chat batch route
         self.burst_until = 0.0  # monotonic time until which a lone request may linger
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -225,7 +226,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         if request.model is None and model is not None:
             request = request.model_copy(update={"model": model})
         request = cap_request(self, request)
-        key = batch_key(ep.id, request, self._adapter.supports_prompt_list)
+        adapter = self._adapter
+        key = batch_key(ep.id, request, adapter.supports_prompt_list,
+                        ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported)
         rid = f"{self._id_prefix}-{next(self._ids)}"
         return Job(request, priority, deadline, key, model, rid, now)
 

