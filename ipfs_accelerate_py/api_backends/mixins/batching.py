@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Hashable, List, Optional, Sequence
 
-from ..models import ChatBatchRequest, ChatRequest, CompletionRequest, CompletionResult, Request, Usage
+from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
 from .queue import Job
 
 __all__ = ["batch_key", "merge_requests", "split_result", "share_tokens", "BatchingMixin"]
