@@ -65,10 +65,12 @@ class Contender:
     name = ""
     note = ""
 
-    def __init__(self, url: str, model: str, params: Dict[str, Any]) -> None:
+    def __init__(self, url: str, model: str, params: Dict[str, Any], chat: bool = False) -> None:
         self.url = url
         self.model = model
         self.params = params
+        #: W4: each prompt goes out as a one-message chat conversation
+        self.chat = chat
         #: completion tokens each reply must report (None against the no-op server, whose
         #: fixed reply is not an answer to a prompt list)
         self.expect: Optional[int] = params.get("max_tokens")
@@ -76,6 +78,12 @@ class Contender:
 
     def one(self, prompt: str) -> int:
         raise NotImplementedError
+
+    def body(self, prompt: str) -> Dict[str, Any]:
+        """The JSON body for one prompt: a completion, or (``chat``) a chat request."""
+        if self.chat:
+            return {"model": self.model, "messages": conversation(prompt), **self.params}
+        return {"model": self.model, "prompt": prompt, **self.params}
 
     def throughput(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
         t0 = time.perf_counter()
@@ -104,6 +112,10 @@ class Contender:
         pass
 
 
+def conversation(prompt: str) -> List[Dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
 def _check(tokens: Any, expect: Optional[int]) -> int:
     if expect is not None and tokens != expect:
         raise AssertionError(f"expected {expect} completion tokens, got {tokens!r}")
@@ -120,7 +132,7 @@ class RawRequests(Contender):
         super().__init__(*a, **k)
         self._local = threading.local()
         self._sessions: List[requests.Session] = []
-        self._endpoint = self.url + "/v1/completions"
+        self._endpoint = self.url + ("/v1/chat/completions" if self.chat else "/v1/completions")
 
     def _session(self) -> requests.Session:
         s = getattr(self._local, "s", None)
@@ -131,8 +143,7 @@ class RawRequests(Contender):
         return s
 
     def one(self, prompt: str) -> int:
-        r = self._session().post(self._endpoint, json={"model": self.model, "prompt": prompt,
-                                                       **self.params}, timeout=TIMEOUT)
+        r = self._session().post(self._endpoint, json=self.body(prompt), timeout=TIMEOUT)
         r.raise_for_status()
         return _check(r.json()["usage"]["completion_tokens"], self.expect)
 
@@ -160,7 +171,12 @@ class OpenAISDK(Contender):
                     "temperature": self.params.get("temperature"), "extra_body": extra}
 
     def one(self, prompt: str) -> int:
-        r = self._client.completions.create(model=self.model, prompt=prompt, **self._kw)
+        if self.chat:
+            r = self._client.chat.completions.create(model=self.model,
+                                                     messages=conversation(prompt),  # type: ignore[arg-type]
+                                                     **self._kw)
+        else:
+            r = self._client.completions.create(model=self.model, prompt=prompt, **self._kw)
         return _check(r.usage.completion_tokens, self.expect)
 
     def close(self) -> None:
@@ -260,8 +276,9 @@ class Project(Contender):
     name = "project"
 
     def __init__(self, url: str, model: str, params: Dict[str, Any], *, batching: bool,
-                 transport: str = "default", label: str = "", **settings: Any) -> None:
-        super().__init__(url, model, params)
+                 transport: str = "default", label: str = "", chat: bool = False,
+                 **settings: Any) -> None:
+        super().__init__(url, model, params, chat)
         self.name = label or f"project (batching {'on' if batching else 'off'})"
         kw: Dict[str, Any] = dict(settings)
         tf = transport_factory(transport)
@@ -273,12 +290,15 @@ class Project(Contender):
         ep = self.client._endpoint(None)  # for the report: what moves the bytes
         self.info = {"transport": type(ep.transport).__name__, "batch_enabled": s.batch_enabled,
                      "max_batch_size": s.max_batch_size, "batch_linger": s.batch_linger,
-                     "batch_timeout": s.batch_timeout,
+                     "batch_timeout": s.batch_timeout, "batch_chat": s.batch_chat,
                      "max_concurrent_requests": s.max_concurrent_requests}
         self.note = ", ".join(f"{k}={v}" for k, v in self.info.items())
 
     def one(self, prompt: str) -> int:
-        r = self.client.run_inference(self.model, prompt, self.params)
+        if self.chat:
+            r = self.client.chat_completion(conversation(prompt), self.model, **self.params)
+        else:
+            r = self.client.run_inference(self.model, prompt, self.params)
         return _check(r.usage.completion_tokens, self.expect)
 
     def reset(self) -> None:
@@ -311,21 +331,25 @@ class BarePromptList(Contender):
     """The same prompts as prompt lists on the wire (requests.Session), ``per_request`` each,
     one request at a time (so as many prompts are in flight as with ``per_request`` callers)."""
 
-    def __init__(self, url: str, model: str, params: Dict[str, Any], per_request: int) -> None:
-        super().__init__(url, model, params)
+    def __init__(self, url: str, model: str, params: Dict[str, Any], per_request: int,
+                 chat: bool = False) -> None:
+        super().__init__(url, model, params, chat)
         self.per_request = per_request
-        self.name = f"bare prompt lists ({per_request}/request)"
-        self.note = "hand-made prompt lists with requests.Session, sent one after another"
+        kind = "chat batches" if chat else "prompt lists"
+        self.name = f"bare {kind} ({per_request}/request)"
+        self.note = f"hand-made {kind} with requests.Session, sent one after another"
         self._s = requests.Session()
-        self._endpoint = self.url + "/v1/completions"
+        self._endpoint = self.url + ("/v1/chat/completions/batch" if chat else "/v1/completions")
 
     def throughput(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
         t0 = time.perf_counter()
         toks = 0
         for i in range(0, len(prompts), self.per_request):
             chunk = list(prompts[i:i + self.per_request])
-            r = self._s.post(self._endpoint, json={"model": self.model, "prompt": chunk,
-                                                   **self.params}, timeout=TIMEOUT)
+            many: Dict[str, Any] = ({"messages": [conversation(p) for p in chunk]} if self.chat
+                                    else {"prompt": chunk})
+            r = self._s.post(self._endpoint, json={"model": self.model, **many, **self.params},
+                             timeout=TIMEOUT)
             r.raise_for_status()
             data = r.json()
             if len(data["choices"]) != len(chunk):

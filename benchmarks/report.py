@@ -12,11 +12,13 @@ METRICS = {
     "W1": ("prompts_per_s", "prompts/s", True),
     "W2": ("p50_ms", "ms p50", False),
     "W3": ("cpu_ms_per_request", "ms CPU/request", False),
+    "W4": ("chats_per_s", "chats/s", True),
 }
 TITLES = {
     "W1": "W1 throughput: {n} completions (max_tokens {max_tokens}), {concurrency} callers, real server",
     "W2": "W2 latency: {n} sequential requests (max_tokens {max_tokens}), real server",
     "W3": "W3 client CPU: {n} requests, {concurrency} callers, no-op server ({server})",
+    "W4": "W4 chat throughput: {n} chats (max_tokens {max_tokens}), {concurrency} callers, real server",
 }
 
 
@@ -121,7 +123,8 @@ def table(results: Dict[str, Any], meta: Dict[str, Any], project_rows: Dict[str,
 
 def short(name: str) -> str:
     return (name.replace("project ", "").replace("(", "").replace(")", "")
-            .replace("batching ", "b.").replace("submit all", "all")[:12])
+            .replace("batching ", "b.").replace("batch_chat ", "chat ")
+            .replace("submit all", "all")[:12])
 
 
 def fmt(x: float) -> str:

@@ -48,7 +48,11 @@ NAMES = {
     "submit_off": "project (batching off, submit all)",
     "bare": "bare prompt lists (32/request)",
     "bare_one": "bare prompt list (256/request)",
+    "chat_off": "project (batch_chat off)",
+    "chat_on": "project (batch_chat on)",
+    "bare_chat": "bare chat batches (32/request)",
 }
+THROUGHPUT = ("W1", "W4")  # workloads measured in prompts/s by closed-loop callers
 
 
 def log(msg: str) -> None:
@@ -152,6 +156,24 @@ def build(args: argparse.Namespace, real: servers.RealServer,
         w.items = prompts(n, "w3")  # type: ignore[attr-defined]
         callers["W3"] = C.Callers(conc)
         wls.append(w)
+    if "W4" in args.workloads:
+        n, conc = args.w1_prompts, args.w1_concurrency
+        params = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        w = Workload("W4", {"n": n, "concurrency": conc, "max_tokens": 16, "server": real.url,
+                            "params": params})
+        url, model = real.url, real.model
+        proj = dict(max_concurrent_requests=conc, transport=tr, chat=True)
+        w.add("requests", lambda: C.RawRequests(url, model, params, chat=True))
+        if have_openai:
+            w.add("openai", lambda: C.OpenAISDK(url, model, params, chat=True))
+        w.add("chat_off", lambda: C.Project(url, model, params, batching=True, batch_chat=False,
+                                            label=NAMES["chat_off"], **proj))
+        w.add("chat_on", lambda: C.Project(url, model, params, batching=True, batch_chat=True,
+                                           max_batch_size=conc, label=NAMES["chat_on"], **proj))
+        w.add("bare_chat", lambda: C.BarePromptList(url, model, params, conc, chat=True))
+        w.items = prompts(n, "w4")  # type: ignore[attr-defined]
+        callers["W4"] = C.Callers(conc)
+        wls.append(w)
     return wls, callers
 
 
@@ -160,8 +182,8 @@ def measure(w: Workload, c: C.Contender, callers: Dict[str, C.Callers],
     c.reset()
     gc.collect()
     extra: Dict[str, Any] = {}
-    if w.key == "W1":
-        r = c.throughput(callers["W1"], items)
+    if w.key in THROUGHPUT:
+        r = c.throughput(callers[w.key], items)
         value = r["prompts"] / r["wall_s"]
         extra["wall_s"] = r["wall_s"]
     elif w.key == "W2":
@@ -181,8 +203,8 @@ def warm_up(wls: List[Workload], callers: Dict[str, C.Callers]) -> None:
     for w in wls:
         for name, c in list(w.rows.items()):
             try:
-                if w.key == "W1":
-                    c.throughput(callers["W1"], w.items[: callers["W1"].n * 2])  # type: ignore[attr-defined]
+                if w.key in THROUGHPUT:
+                    c.throughput(callers[w.key], w.items[: callers[w.key].n * 2])  # type: ignore[attr-defined]
                 elif w.key == "W2":
                     c.latencies(w.items[:5])  # type: ignore[attr-defined]
                 else:
@@ -255,7 +277,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds, at most (default 9)")
     ap.add_argument("--budget", type=float, default=160.0,
                     help="seconds for the whole run; no round starts that would pass it")
-    ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument("--workloads", default="W1,W2,W3",
+                    help="any of W1,W2,W3,W4 (W4, chat throughput, runs only when named)")
     ap.add_argument("--noop", choices=["auto", "nginx", "python"], default="auto",
                     help="the no-op server for W3 (auto: nginx if installed)")
     ap.add_argument("--project-transport", choices=sorted(C.TRANSPORTS), default="default",
@@ -282,7 +305,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             noop = servers.start_noop(log, args.noop)
             started.append(noop)
             log(f"[bench] no-op server: {noop.name} at {noop.url} (pid {noop.pid})")
-        real = servers.RealServer(args.api_url, log, needed=bool({"W1", "W2"} & set(args.workloads)))
+        real = servers.RealServer(args.api_url, log, needed=bool({"W1", "W2", "W4"} & set(args.workloads)))
         started.append(real)
         wls, callers = build(args, real, noop)
         warm_up(wls, callers)
@@ -329,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     }
     tgt = report.targets(results, NAMES)
     project_rows = {"W1": [NAMES["on"], NAMES["off"]], "W2": [NAMES["on"], NAMES["off"]],
-                    "W3": [NAMES["on"], NAMES["off"]]}
+                    "W3": [NAMES["on"], NAMES["off"]], "W4": [NAMES["chat_on"], NAMES["chat_off"]]}
     text = report.table(results, meta, project_rows)
     print(f"ipfs_accelerate_py benchmark, {meta['time']}, commit {meta['commit']}, "
           f"{rounds} interleaved rounds, {meta['elapsed_s']}s; load avg before "

@@ -37,8 +37,8 @@ def batch_key(endpoint_id: str, request: Request, supports_prompt_list: bool,
     if request.stream:
         return None
     if isinstance(request, ChatRequest):
-        if not chat_batch or (request.n or 1) != 1:
-            return None
+        if not chat_batch or (request.n or 1) != 1 or request.tools or request.tool_choice:
+            return None  # tool calls: not known to be accepted by the batch route
         return (endpoint_id, request.model, "chat", request.sampling_key())
     if not supports_prompt_list or not isinstance(request.prompt, str):
         return None
