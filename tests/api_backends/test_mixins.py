@@ -8,12 +8,13 @@ import pytest
 
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.clock import FakeClock
-from ipfs_accelerate_py.api_backends.mixins.batching import merge_requests, share_tokens, split_result
+from ipfs_accelerate_py.api_backends.mixins.batching import batch_key, merge_requests, share_tokens, split_result
 from ipfs_accelerate_py.api_backends.mixins.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Series
 from ipfs_accelerate_py.api_backends.mixins.queue import Job, PriorityRequestQueue, WorkerPool
 from ipfs_accelerate_py.api_backends.mixins.retry import RetryPolicy, call_with_retries
-from ipfs_accelerate_py.api_backends.models import Choice, CompletionRequest, CompletionResult, Usage
+from ipfs_accelerate_py.api_backends.models import (ChatBatchRequest, ChatRequest, Choice, CompletionRequest,
+                                                    CompletionResult, Usage)
 from support import wait_until
 
 
@@ -410,6 +411,39 @@ def test_different_sampling_parameters_do_not_share_a_call():
     c = CompletionRequest(prompt="z", temperature=0.5, priority=2)
     assert a.sampling_key() != b.sampling_key()
     assert a.sampling_key() == c.sampling_key()  # priority is not a sampling parameter
+
+
+def chat(text: str, **kw) -> ChatRequest:
+    return ChatRequest(model="m", messages=[{"role": "user", "content": text}], max_tokens=3, **kw)
+
+
+def test_chat_requests_share_a_key_only_when_chat_batching_is_on_and_they_can():
+    key = batch_key("ep", chat("a"), True, chat_batch=True)
+    assert key is not None and key == batch_key("ep", chat("b"), True, chat_batch=True)
+    assert batch_key("ep", chat("a"), True, chat_batch=False) is None  # off (the default)
+    assert key != batch_key("ep", chat("a", temperature=0.5), True, chat_batch=True)
+    assert key != batch_key("ep", CompletionRequest(model="m", prompt="a", max_tokens=3), True, True)
+    for alone in (chat("a", n=2), chat("a", stream=True),
+                  chat("a", tools=[{"type": "function", "function": {"name": "f"}}])):
+        assert batch_key("ep", alone, True, chat_batch=True) is None
+
+
+def test_merged_chats_keep_their_order_and_shared_fields():
+    merged = merge_requests([chat("a"), chat("b"), chat("c")])
+    assert isinstance(merged, ChatBatchRequest) and merged.max_tokens == 3 and merged.model == "m"
+    assert [conv[0].content for conv in merged.conversations] == ["a", "b", "c"]
+
+
+def test_split_shares_a_sum_the_server_did_not_break_down():
+    """A chat batch reports completion tokens per choice but prompt tokens only summed."""
+    choices = [Choice(index=i, text=f"t{i}", prompt_index=i, completion_tokens=i + 1) for i in range(3)]
+    result = CompletionResult(choices=choices, usage=Usage(prompt_tokens=10, completion_tokens=6,
+                                                           total_tokens=16))
+    parts = split_result(result, 3, 1)
+    assert [p.usage.completion_tokens for p in parts] == [1, 2, 3]
+    assert [p.usage.prompt_tokens for p in parts] == [4, 3, 3]
+    assert [p.usage.total_tokens for p in parts] == [5, 5, 6]
+    assert all(p.batch_usage == result.usage for p in parts)
 
 
 def test_share_tokens_adds_up():
