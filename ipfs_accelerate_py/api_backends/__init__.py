@@ -4,8 +4,8 @@ Files, by concern: ``base`` (the pipeline) and ``mixins/`` (queue, circuit_break
 batching, metrics, multiplexing); ``hookspecs`` and ``plugins`` (discovery);
 ``adapter`` (what a plugin supplies) and ``default_plugins/`` (the built-in vLLM plugin);
 ``models`` (typed requests and results); ``errors`` (the error tree); ``settings``;
-``transport`` and ``sse`` (bytes on the wire); ``vllm`` (the vLLM client and the
-framework's ``vllm`` backend).
+``transport`` and ``sse`` (bytes on the wire); ``prometheus_export`` (the client's metrics
+for prometheus-client); ``vllm`` (the vLLM client and the framework's ``vllm`` backend).
 
 ``from ipfs_accelerate_py.api_backends import vllm`` gives the framework's backend class;
 ``import ipfs_accelerate_py.api_backends.vllm`` gives the module.
@@ -16,14 +16,16 @@ from .adapter import BackendAdapter
 from .base import BaseApiBackend, TextStream, build_request
 from .clock import Clock, FakeClock, SystemClock
 from .errors import *  # noqa: F401,F403 - the error tree is part of the public surface
-from .models import ChatMessage, ChatRequest, Choice, CompletionRequest, CompletionResult, StreamChunk, Usage
+from .models import (ChatBatchRequest, ChatMessage, ChatRequest, Choice, CompletionRequest, CompletionResult,
+                     StreamChunk, Usage)
 from .plugins import get_backend, get_backends, get_plugin_manager
+from .prometheus_export import register_prometheus
 from .settings import ClientSettings
 from .transport import HttpRequest, HttpResponse, RequestsTransport, Transport
 from .vllm import VllmClient, vllm  # noqa: F811 - the class shadows the submodule on purpose
 
 __all__ = ["BackendAdapter", "BaseApiBackend", "TextStream", "build_request", "Clock", "FakeClock",
-           "SystemClock", "ChatMessage", "ChatRequest", "Choice", "CompletionRequest",
+           "SystemClock", "ChatBatchRequest", "ChatMessage", "ChatRequest", "Choice", "CompletionRequest",
            "CompletionResult", "StreamChunk", "Usage", "get_backend", "get_backends",
            "get_plugin_manager", "ClientSettings", "HttpRequest", "HttpResponse",
-           "RequestsTransport", "Transport", "VllmClient", "vllm", "errors"] + list(errors.__all__)
+           "RequestsTransport", "Transport", "VllmClient", "vllm", "errors", "register_prometheus"] + list(errors.__all__)
