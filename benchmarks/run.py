@@ -90,6 +90,19 @@ class Workload:
                 pass
 
 
+def closed_loop_workload(key: str, args: argparse.Namespace, real: servers.RealServer,
+                         callers: Dict[str, C.Callers]) -> Workload:
+    """W1 and W4: ``--w1-prompts`` prompts (max_tokens 16, greedy, ignore_eos) from
+    ``--w1-concurrency`` closed-loop callers against the real server."""
+    n, conc = args.w1_prompts, args.w1_concurrency
+    params = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    w = Workload(key, {"n": n, "concurrency": conc, "max_tokens": 16, "server": real.url,
+                       "params": params})
+    w.items = prompts(n, key.lower())  # type: ignore[attr-defined]
+    callers[key] = C.Callers(conc)
+    return w
+
+
 def build(args: argparse.Namespace, real: servers.RealServer,
           noop: servers.Process) -> Tuple[List[Workload], Dict[str, C.Callers]]:
     have_openai, have_aio = C.openai is not None, C.aiohttp is not None
@@ -98,10 +111,8 @@ def build(args: argparse.Namespace, real: servers.RealServer,
     tr = args.project_transport
 
     if "W1" in args.workloads:
-        n, conc = args.w1_prompts, args.w1_concurrency
-        params = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
-        w = Workload("W1", {"n": n, "concurrency": conc, "max_tokens": 16, "server": real.url,
-                            "params": params})
+        w = closed_loop_workload("W1", args, real, callers)
+        n, conc, params = w.meta["n"], w.meta["concurrency"], w.meta["params"]
         url, model = real.url, real.model
         proj = dict(max_concurrent_requests=conc, transport=tr)
         w.add("requests", lambda: C.RawRequests(url, model, params))
@@ -118,8 +129,6 @@ def build(args: argparse.Namespace, real: servers.RealServer,
                                                       max_batch_size=conc, label=NAMES["submit_on"],
                                                       **proj))
         w.add("bare_one", lambda: C.BarePromptList(url, model, params, n))
-        w.items = prompts(n, "w1")  # type: ignore[attr-defined]
-        callers["W1"] = C.Callers(conc)
         wls.append(w)
 
     if "W2" in args.workloads:
@@ -156,11 +165,10 @@ def build(args: argparse.Namespace, real: servers.RealServer,
         w.items = prompts(n, "w3")  # type: ignore[attr-defined]
         callers["W3"] = C.Callers(conc)
         wls.append(w)
+
     if "W4" in args.workloads:
-        n, conc = args.w1_prompts, args.w1_concurrency
-        params = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
-        w = Workload("W4", {"n": n, "concurrency": conc, "max_tokens": 16, "server": real.url,
-                            "params": params})
+        w = closed_loop_workload("W4", args, real, callers)
+        conc, params = w.meta["concurrency"], w.meta["params"]
         url, model = real.url, real.model
         proj = dict(max_concurrent_requests=conc, transport=tr, chat=True)
         w.add("requests", lambda: C.RawRequests(url, model, params, chat=True))
@@ -171,8 +179,6 @@ def build(args: argparse.Namespace, real: servers.RealServer,
         w.add("chat_on", lambda: C.Project(url, model, params, batching=True, batch_chat=True,
                                            max_batch_size=conc, label=NAMES["chat_on"], **proj))
         w.add("bare_chat", lambda: C.BarePromptList(url, model, params, conc, chat=True))
-        w.items = prompts(n, "w4")  # type: ignore[attr-defined]
-        callers["W4"] = C.Callers(conc)
         wls.append(w)
     return wls, callers
 
