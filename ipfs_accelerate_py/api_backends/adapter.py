@@ -9,14 +9,32 @@ and are the same for every adapter.
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Collection, Dict, List, Optional
 
 from .errors import HTTPStatusError, ResponseError, StreamError, error_for_status
 from .models import CompletionResult, Request, StreamChunk
 from .transport import HttpRequest, HttpResponse
 
-__all__ = ["BackendAdapter", "load_json", "decode_stream_event", "parse_model_list"]
+__all__ = ["BackendAdapter", "load_json", "decode_stream_event", "parse_model_list", "wire_body"]
+
+log = logging.getLogger("ipfs_accelerate_py.api_backends")
+
+
+def wire_body(request: Request, exclude: Collection[str] = ()) -> Dict[str, Any]:
+    """The request's JSON body: every field that is set (wire names, e.g. ``json`` and
+    ``schema`` inside structured outputs), then ``extra_body`` merged over it as-is.
+
+    ``extra_body`` is forwarded only after the known fields validated; its keys (never its
+    values, which may be secret) are logged at DEBUG so a forwarded field can be traced."""
+    body = request.model_dump(exclude_none=True, by_alias=True,
+                              exclude={"extra_body", *exclude})
+    extra = request.extra_body
+    if extra:
+        log.debug("forwarding extra_body keys %s as-is", sorted(extra))
+        body.update(extra)
+    return body
 
 
 def load_json(response: HttpResponse) -> Any:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Tuple, ClassVar, Deque, Dict, Iterator, List, 
 from . import errors
 from .adapter import BackendAdapter
 from .clock import SYSTEM_CLOCK, Clock
+from .context import learn_model_lengths
 from .limits import cap_request
 from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError, ValidationError
 from .mixins.batching import BatchingMixin, batch_key
@@ -501,9 +502,12 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         return self.stream(build_request(prompt, model, parameters, stream=True)).texts()
 
     def list_models(self, endpoint_id: Optional[str] = None) -> List[Dict[str, Any]]:
-        """The models the server serves (dicts with at least ``id``)."""
+        """The models the server serves (dicts with at least ``id``). Their ``max_model_len``
+        is remembered: from then on a ``max_tokens`` that cannot fit is refused before sending."""
         resp = self.request_raw(self._adapter.models_request(), endpoint_id)
-        return self._adapter.parse_models(resp)
+        models = self._adapter.parse_models(resp)
+        learn_model_lengths(self, models)
+        return models
 
     def create_endpoint_handler(self, model: Optional[str] = None,
                                 parameters: Optional[Dict[str, Any]] = None) -> Callable[[Any], Any]:

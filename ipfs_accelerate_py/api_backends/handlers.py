@@ -22,14 +22,20 @@ __all__ = ["make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_
 
 #: Handler settings that shape how the handler calls the client; never sent to the server.
 HANDLER_OPTIONS = {"batch_size", "priority", "timeout"}
+_OPTIONAL_RESULT_FIELDS = ("logprobs", "token_ids", "prompt_token_ids", "prompt_logprobs",
+                           "tool_calls", "reasoning")
 
 
 def result_to_dict(result: CompletionResult) -> Dict[str, Any]:
     out = {"text": result.text, "texts": result.texts, "model": result.model,
            "finish_reason": result.finish_reason, "id": result.id,
            "usage": result.usage.model_dump()}
-    if result.choices and result.choices[0].logprobs is not None:
-        out["logprobs"] = result.choices[0].logprobs  # only when asked for (and sent)
+    first = result.choices[0] if result.choices else None
+    # only what was asked for (and sent): logprobs, token ids, prompt logprobs, tools, reasoning
+    for name in _OPTIONAL_RESULT_FIELDS:
+        value = getattr(first, name, None)
+        if value is not None:
+            out[name] = value
     return out
 
 

@@ -18,6 +18,7 @@ import threading
 import weakref
 from typing import Any, Dict, Optional
 
+from .context import check_fits_context, model_length
 from .errors import ValidationError
 from .models import ChatRequest
 
@@ -75,7 +76,9 @@ def apply_max_tokens_cap(client: Any, model: Optional[str], params: Optional[Dic
 
 def cap_request(client: Any, request: Any) -> Any:
     """A typed request within its model's cap on ``client`` (the same object when no cap
-    applies). ``BaseApiBackend`` calls this for every request it sends, whatever the path."""
+    applies). ``BaseApiBackend`` calls this for every request it sends, whatever the path;
+    a ``max_tokens`` beyond the model's known context raises ``ValidationError`` here."""
+    check_fits_context(request, model_length(client, request.model))
     cap = max_tokens_cap(client, request.model)
     if cap is None:
         return request

@@ -8,26 +8,36 @@ JSON looked like.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Sequence, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import Annotated
 
 from .errors import ValidationError
+from .request_params import (INT64_MAX, INT64_MIN, MAX_LOGPROB_TOKEN_IDS, MAX_LOGPROBS,
+                             MAX_N, MAX_PROMPTS_PER_REQUEST, MAX_STOP_STRINGS, NamedToolChoice,
+                             ResponseFormat, StreamOptions, StructuredOutputs, TokenId, Tool,
+                             ToolChoice, check_cache_salt, check_logit_bias)
 
 __all__ = [
     "ChatMessage", "CompletionRequest", "ChatRequest", "Request", "Usage", "Choice",
     "CompletionResult", "StreamChunk", "validate_request", "MAX_PROMPT_CHARS",
+    "did_you_mean", "unknown_field_message",
 ]
 
 #: Longest prompt (characters) accepted client-side. Real models' contexts end far below
 #: this (128k tokens ~ 500k characters); anything larger is a mistake to stop before sending.
 MAX_PROMPT_CHARS = 2_000_000
-#: Largest ``max_tokens`` accepted client-side; the server still checks its own limit.
+#: Largest ``max_tokens`` accepted client-side; the model's own length is checked once the
+#: client knows it (``context.py``), and the server checks it again.
 MAX_TOKENS_LIMIT = 1_048_576
-MAX_PROMPTS_PER_REQUEST = 4096
+#: what vLLM generates for a completion that names no ``max_tokens``
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 Prompt = Union[str, List[str], List[int], List[List[int]]]
+_Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
 def _check_text(value: str, what: str) -> str:
@@ -40,65 +50,128 @@ def _check_text(value: str, what: str) -> str:
     return value
 
 
+def _numeric_count(v: Any) -> Any:
+    """The server checks logprob counts before its lax coercion: ``"2"`` is refused."""
+    if v is not None and not isinstance(v, (int, float)):
+        raise ValueError("must be an integer")
+    return v
+
+
 class _Strict(BaseModel):
-    """Unknown fields are errors (a typo must not be silently dropped or forwarded)."""
+    """Unknown fields are errors (a typo must not be silently dropped or forwarded);
+    ``extra_body`` is the way to send a field the client does not know."""
 
     model_config = ConfigDict(extra="forbid", strict=False, allow_inf_nan=False,
                               validate_assignment=False, frozen=False)
 
 
 class _Sampling(_Strict):
-    """Sampling fields common to completions and chat (vLLM 0.32/0.33 names)."""
+    """Fields common to completions and chat, with vLLM 0.32/0.33's names and bounds.
+
+    Types are checked in pydantic's lax mode, as the server's own pydantic models do
+    (``"4"`` is an int, ``1.5`` is not). Bounds are the server's: ``SamplingParams``
+    checks and the protocol classes' cross-field rules.
+    """
 
     model: Optional[str] = Field(default=None, min_length=1, max_length=512)
-    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: Optional[float] = Field(default=None, ge=0.0, le=100.0)
+    max_tokens: Optional[int] = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
+    temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(default=None, ge=-1)
     min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Optional[Union[str, List[str]]] = None
-    stop_token_ids: Optional[List[int]] = None
-    seed: Optional[int] = Field(default=None, ge=-(2 ** 63), lt=2 ** 63)
+    stop_token_ids: Optional[List[TokenId]] = None
+    seed: Optional[_Int64] = None
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
     ignore_eos: Optional[bool] = None
     min_tokens: Optional[int] = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
     stream: bool = False
-    stream_options: Optional[Dict[str, bool]] = None
-    priority: Optional[int] = Field(default=None, ge=-(2 ** 31), lt=2 ** 31)
-    user: Optional[str] = Field(default=None, max_length=256)
+    stream_options: Optional[StreamOptions] = None
+    priority: Optional[_Int64] = None
+    user: Optional[str] = None
     logit_bias: Optional[Dict[str, float]] = None
-    response_format: Optional[Dict[str, Any]] = None
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+    prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    logprob_token_ids: Optional[List[TokenId]] = Field(default=None, max_length=MAX_LOGPROB_TOKEN_IDS)
+    return_token_ids: Optional[bool] = None
+    return_tokens_as_token_ids: Optional[bool] = None
+    allowed_token_ids: Optional[List[TokenId]] = Field(default=None, min_length=1)
+    bad_words: Optional[List[str]] = None
+    include_stop_str_in_output: Optional[bool] = None
+    skip_special_tokens: Optional[bool] = None
+    spaces_between_special_tokens: Optional[bool] = None
+    add_special_tokens: Optional[bool] = None
+    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)
+    truncation_side: Optional[Literal["left", "right"]] = None
+    cache_salt: Optional[str] = None
+    kv_transfer_params: Optional[Dict[str, Any]] = None
+    vllm_xargs: Optional[Dict[str, Any]] = None
+    use_beam_search: Optional[bool] = None
+    length_penalty: Optional[float] = None
+    stream_interval: Optional[int] = Field(default=None, ge=1)
+    repetition_detection: Optional[Dict[str, Any]] = None
+    thinking_token_budget: Optional[int] = Field(default=None, ge=-1)
+    session_id: Optional[str] = None
+    #: fields the client does not know yet, forwarded as-is after the known ones validate
+    extra_body: Optional[Dict[str, Any]] = None
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Any) -> Any:
         items = [v] if isinstance(v, str) else (v or [])
+        if isinstance(v, list) and len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(v)}")
         for s in items:
             if not s:
                 raise ValueError("stop strings must be non-empty")
             _check_text(s, "stop")
         return v
 
-    @field_validator("stream_options")
+    @field_validator("prompt_logprobs", mode="before")
     @classmethod
-    def _stream_options(cls, v: Any) -> Any:
-        if v is not None and set(v) - {"include_usage", "continuous_usage_stats"}:
-            raise ValueError(f"unknown stream_options keys {sorted(set(v) - {'include_usage', 'continuous_usage_stats'})}")
+    def _count(cls, v: Any) -> Any:
+        return _numeric_count(v)
+
+    @field_validator("bad_words")
+    @classmethod
+    def _bad_words(cls, v: Any) -> Any:
+        if v and any(not w for w in v):
+            raise ValueError("bad_words must not contain an empty string")
         return v
+
+    @field_validator("cache_salt")
+    @classmethod
+    def _cache_salt(cls, v: Any) -> Any:
+        return check_cache_salt(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: Any) -> Any:
+        return check_logit_bias(v)
 
     @model_validator(mode="after")
     def _cross(self) -> "_Sampling":
         if self.n > 1 and self.temperature == 0:
             # vLLM answers 400 "n must be 1 when using greedy sampling": say it before sending.
             raise ValueError("n: n must be 1 when temperature is 0 (greedy sampling)")
-        if self.min_tokens and self.max_tokens and self.min_tokens > self.max_tokens:
-            raise ValueError("min_tokens: must not exceed max_tokens")
-        if self.stream_options is not None and not self.stream:
+        limit = self.output_limit()
+        if self.min_tokens and limit is not None and self.min_tokens > limit:
+            raise ValueError(f"min_tokens: must not exceed max_tokens ({limit})")
+        so = self.stream_options
+        if so is not None and (so.model_fields_set or so.model_extra) and not self.stream:
+            # the server refuses a non-empty stream_options without stream (an empty one passes)
             raise ValueError("stream_options: only allowed when stream is true")
+        if self.prompt_logprobs and self.stream:
+            raise ValueError("prompt_logprobs: not available when stream is true")
         return self
+
+    def output_limit(self) -> Optional[int]:
+        """The output-token limit this request asks for (None: up to the context)."""
+        return self.max_tokens
 
     def sampling_key(self) -> tuple:
         """Everything but the prompt: requests with equal keys may share one HTTP call."""
@@ -112,12 +185,35 @@ class CompletionRequest(_Sampling):
     """A ``/v1/completions`` request: one prompt or a list of prompts (one HTTP call)."""
 
     prompt: Prompt
-    logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: Optional[bool] = None
-    best_of: Optional[int] = Field(default=None, ge=1, le=128)
+    #: vLLM refuses ``suffix`` ("not currently supported"); kept so the refusal is clear
     suffix: Optional[str] = None
 
     PROMPT_FIELDS: ClassVar[FrozenSet[str]] = frozenset({"prompt", "priority", "stream"})
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_count(cls, v: Any) -> Any:
+        return _numeric_count(v)
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError("vLLM does not support suffix")
+        return v
+
+    @model_validator(mode="after")
+    def _completion(self) -> "CompletionRequest":
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: must be at least 1 (0 only with echo)")
+        if self.logprob_token_ids and self.logprobs is None:
+            raise ValueError("logprob_token_ids: needs logprobs")
+        return self
+
+    def output_limit(self) -> Optional[int]:
+        return COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -125,11 +221,13 @@ class CompletionRequest(_Sampling):
         if v is None:
             raise ValueError("prompt is required (a string, a list of strings or token ids)")
         if isinstance(v, str):
+            if not v:
+                raise ValueError("prompt must not be empty")
             return _check_text(v, "prompt")
         if isinstance(v, (list, tuple)):
             if not v:
                 raise ValueError("prompt list must not be empty")
-            if len(v) > MAX_PROMPTS_PER_REQUEST:
+            if len(v) > MAX_PROMPTS_PER_REQUEST and not all(isinstance(p, int) for p in v):
                 raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
             if all(isinstance(p, str) for p in v):
                 total = 0
@@ -166,6 +264,7 @@ class ChatMessage(_Strict):
     name: Optional[str] = Field(default=None, max_length=256)
     tool_call_id: Optional[str] = None
     tool_calls: Optional[List[Dict[str, Any]]] = None
+    reasoning: Optional[str] = None
 
     @field_validator("content")
     @classmethod
@@ -179,18 +278,59 @@ class ChatRequest(_Sampling):
     """A ``/v1/chat/completions`` request."""
 
     messages: List[ChatMessage] = Field(min_length=1, max_length=10_000)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
-    tools: Optional[List[Dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, Dict[str, Any]]] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[List[Tool]] = None
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: Optional[bool] = None
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh",
+                                       "max"]] = None
+    include_reasoning: Optional[bool] = None
+    echo: Optional[bool] = None
+    add_generation_prompt: Optional[bool] = None
+    continue_final_message: Optional[bool] = None
+    documents: Optional[List[Dict[str, str]]] = None
+    chat_template: Optional[str] = None
+    chat_template_kwargs: Optional[Dict[str, Any]] = None
+    mm_processor_kwargs: Optional[Dict[str, Any]] = None
+    media_io_kwargs: Optional[Dict[str, Dict[str, Any]]] = None
+    return_prompt_text: Optional[bool] = None
 
     PROMPT_FIELDS: ClassVar[FrozenSet[str]] = frozenset({"messages", "priority", "stream"})
 
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def _top_count(cls, v: Any) -> Any:
+        return _numeric_count(v)
+
+    def output_limit(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
     @model_validator(mode="after")
-    def _logprobs(self) -> "ChatRequest":
+    def _chat(self) -> "ChatRequest":
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
+        if self.logprob_token_ids and not self.logprobs:
+            raise ValueError("logprob_token_ids: needs logprobs=true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message: cannot be true with add_generation_prompt")
+        if self.tools is not None and not self.tools:
+            raise ValueError("tools: must not be an empty list (omit it instead)")
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not self.tools:
+            raise ValueError("tool_choice: needs tools")
+        if isinstance(choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or ()]
+            if choice.function.name not in names:
+                raise ValueError(f"tool_choice: names {choice.function.name!r}, which is not "
+                                 f"one of the tools {names}")
+            so = self.structured_outputs
+            if so is not None and (so.json_ is not None or so.regex is not None
+                                   or so.choice is not None):
+                raise ValueError("structured_outputs: cannot be used with a named tool_choice")
         return self
 
 
@@ -213,6 +353,18 @@ def _field_of(err: Dict[str, Any]) -> str:
     return ".".join(loc) or "request"
 
 
+def did_you_mean(name: str, known: Any) -> str:
+    """`` did you mean `max_tokens`?`` for a near-miss of a known name, else ``""``."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def unknown_field_message(name: str, known: Any) -> str:
+    """Why an unknown field is refused, and the two ways forward."""
+    return (f"unknown field `{name}`{did_you_mean(name, known)} (a field this client does "
+            f"not know yet goes in extra_body={{...}}, which is forwarded as-is)")
+
+
 def validate_request(cls: type, data: Dict[str, Any]) -> Request:
     """Build ``cls`` from ``data`` or raise ``ValidationError`` naming the first bad field."""
     try:
@@ -222,6 +374,8 @@ def validate_request(cls: type, data: Dict[str, Any]) -> Request:
         first = errs[0]
         field = _field_of(first)
         msg = first.get("msg", "invalid")
+        if first.get("type") == "extra_forbidden" and len(first.get("loc", ())) == 1:
+            msg = unknown_field_message(field, cls.model_fields)
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         if ": " in msg and msg.split(": ", 1)[0].isidentifier() and field in ("request", ""):
@@ -259,6 +413,13 @@ class Choice(BaseModel):
     #: per-choice token counts, when the server reported them (prompt lists on vLLM)
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
+    #: what the server returns when asked (``return_token_ids``, ``prompt_logprobs``, tools,
+    #: a reasoning parser); None when it sent nothing
+    token_ids: Optional[List[int]] = None
+    prompt_token_ids: Optional[List[int]] = None
+    prompt_logprobs: Optional[List[Any]] = None
+    tool_calls: Optional[List[Dict[str, Any]]] = None
+    reasoning: Optional[str] = None
 
 
 class CompletionResult(BaseModel):
@@ -287,6 +448,35 @@ class CompletionResult(BaseModel):
     @property
     def finish_reason(self) -> Optional[str]:
         return self.choices[0].finish_reason if self.choices else None
+
+    def _first(self, name: str) -> Any:
+        return getattr(self.choices[0], name) if self.choices else None
+
+    @property
+    def token_ids(self) -> Optional[List[int]]:
+        """The first choice's generated token ids (with ``return_token_ids``)."""
+        return self._first("token_ids")
+
+    @property
+    def prompt_token_ids(self) -> Optional[List[int]]:
+        """The first choice's prompt token ids (with ``return_token_ids``)."""
+        return self._first("prompt_token_ids")
+
+    @property
+    def prompt_logprobs(self) -> Optional[List[Any]]:
+        """Per prompt token, ``{token_id: {"logprob", "rank", "decoded_token"}}`` (the first
+        entry is None: the first token has no context); with ``prompt_logprobs``."""
+        return self._first("prompt_logprobs")
+
+    @property
+    def tool_calls(self) -> Optional[List[Dict[str, Any]]]:
+        """The first choice's tool calls (chat with ``tools``)."""
+        return self._first("tool_calls")
+
+    @property
+    def reasoning(self) -> Optional[str]:
+        """The first choice's reasoning text (a server with a reasoning parser)."""
+        return self._first("reasoning")
 
     def texts_by_prompt(self) -> List[List[str]]:
         """For a prompt list: ``[[texts of prompt 0], [texts of prompt 1], ...]``."""

@@ -59,7 +59,7 @@ CASES: List[Case] = [
     ("top_k-below-minus-one", _ri("hi", top_k=-5), "top_k"),
     ("n-zero", _ri("hi", n=0), "n"),
     ("n-greedy-two", _ri("hi", n=2, temperature=0), "n"),
-    ("n-huge", _ri("hi", n=10_000), "n"),
+    ("n-huge", _ri("hi", n=16_385), "n"),  # VLLM_MAX_N_SEQUENCES is 16384
     ("logprobs-too-many", _ri("hi", logprobs=100), "logprobs"),
     ("presence_penalty-range", _ri("hi", presence_penalty=5), "presence_penalty"),
     ("frequency_penalty-nan", _ri("hi", frequency_penalty=math.nan), "frequency_penalty"),

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from ..adapter import BackendAdapter, decode_stream_event, load_json, parse_model_list
+from ..adapter import BackendAdapter, decode_stream_event, load_json, parse_model_list, wire_body
+from ..endpoint_load import LOAD_FORMAT_HEADER
 from ..errors import HTTPStatusError, ResponseError, ValidationError
 from ..handlers import make_endpoint_handler
 from ..hookspecs import hookimpl
@@ -36,7 +37,7 @@ class VllmAdapter(BackendAdapter):
     # -- requests ---------------------------------------------------------------------
     def format_request(self, request: Request, *, priority: Optional[int] = None,
                        request_id: Optional[str] = None) -> HttpRequest:
-        body = request.model_dump(exclude_none=True, exclude={"priority"})
+        body = wire_body(request, exclude={"priority"})
         for key, default in _DROP_DEFAULTS:
             if body.get(key) == default:
                 del body[key]
@@ -59,6 +60,7 @@ class VllmAdapter(BackendAdapter):
         else:
             path = "/v1/completions"
         headers = {"X-Request-Id": request_id} if request_id else {}
+        headers[LOAD_FORMAT_HEADER] = "JSON"  # every reply then carries the server's load
         return HttpRequest("POST", path, json=body, headers=headers, stream=request.stream)
 
     def models_request(self) -> HttpRequest:
@@ -74,24 +76,39 @@ class VllmAdapter(BackendAdapter):
         n = request.n or 1
         chat = isinstance(request, ChatRequest)
         choices = []
+        # chat sends the prompt's ids and logprobs once, beside the choices (one
+        # conversation only: a chat batch's choices have different prompts)
+        single_chat = chat and not isinstance(request, ChatBatchRequest)
+        top_prompt_ids = data.get("prompt_token_ids") if single_chat else None
+        top_prompt_lps = data.get("prompt_logprobs") if single_chat else None
         for c in choices_raw:
             if not isinstance(c, dict):
                 raise ResponseError("a choice is not an object", status_code=response.status)
             index = c.get("index", len(choices))
+            tool_calls = reasoning = None
             if chat:
                 message = c.get("message") or {}
                 text = message.get("content") or ""
+                tool_calls = message.get("tool_calls") or None
+                reasoning = message.get("reasoning") or message.get("reasoning_content")
             else:
                 text = c.get("text")
                 if text is None:
                     raise ResponseError("a completion choice has no 'text'",
                                         status_code=response.status)
-            token_ids, prompt_ids = c.get("token_ids"), c.get("prompt_token_ids")
+            token_ids = c.get("token_ids")
+            prompt_ids = c.get("prompt_token_ids", top_prompt_ids)
+            prompt_lps = c.get("prompt_logprobs", top_prompt_lps)
             choices.append(Choice(index=index, text=text, finish_reason=c.get("finish_reason"),
                                   stop_reason=c.get("stop_reason"), logprobs=c.get("logprobs"),
                                   prompt_index=index // n,
                                   completion_tokens=len(token_ids) if isinstance(token_ids, list) else None,
-                                  prompt_tokens=len(prompt_ids) if isinstance(prompt_ids, list) else None))
+                                  prompt_tokens=len(prompt_ids) if isinstance(prompt_ids, list) else None,
+                                  token_ids=token_ids if isinstance(token_ids, list) else None,
+                                  prompt_token_ids=prompt_ids if isinstance(prompt_ids, list) else None,
+                                  prompt_logprobs=prompt_lps if isinstance(prompt_lps, list) else None,
+                                  tool_calls=tool_calls if isinstance(tool_calls, list) else None,
+                                  reasoning=reasoning if isinstance(reasoning, str) else None))
         choices.sort(key=lambda c: c.index)
         return CompletionResult(id=data.get("id") or "", model=data.get("model") or "",
                                 created=data.get("created") or 0,
@@ -147,8 +164,7 @@ class VllmLegacyAdapter(VllmAdapter):
         if not isinstance(request.prompt, str):
             raise ValidationError("the legacy /generate API takes one prompt string",
                                   field="prompt")
-        body = request.model_dump(exclude_none=True, exclude={"model", "priority", "stream",
-                                                              "stream_options", "echo"})
+        body = wire_body(request, exclude={"model", "priority", "stream", "stream_options", "echo"})
         return HttpRequest("POST", "/generate", json=body)
 
     def parse_response(self, request: Request, response: HttpResponse) -> CompletionResult:

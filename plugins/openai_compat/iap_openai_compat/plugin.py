@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from ipfs_accelerate_py.api_backends.adapter import (BackendAdapter, decode_stream_event,
-                                                     load_json, parse_model_list)
+                                                     load_json, parse_model_list, wire_body)
 from ipfs_accelerate_py.api_backends.errors import ResponseError, ValidationError
 from ipfs_accelerate_py.api_backends.handlers import make_endpoint_handler
 from ipfs_accelerate_py.api_backends.hookspecs import hookimpl
@@ -23,7 +23,7 @@ __all__ = ["OpenAICompatAdapter", "CHAT_PATH", "iap_register_backends"]
 
 CHAT_PATH = "/v1/chat/completions"
 #: completion-only fields: chat cannot express them, so a request that sets one is refused
-_COMPLETION_ONLY = ("echo", "best_of", "suffix", "logprobs")
+_COMPLETION_ONLY = ("echo", "suffix", "logprobs")
 
 
 def as_chat(request: Request) -> ChatRequest:
@@ -41,7 +41,8 @@ def as_chat(request: Request) -> ChatRequest:
         if getattr(request, name) is not None:
             raise ValidationError("is a completions-only field; the openai_compat backend "
                                   "sends chat requests", field=name)
-    fields = request.model_dump(exclude_none=True, exclude={"prompt", *_COMPLETION_ONLY})
+    fields = request.model_dump(exclude_none=True, by_alias=True,
+                                exclude={"prompt", *_COMPLETION_ONLY})
     fields["messages"] = [{"role": "user", "content": prompt}]
     return validate_request(ChatRequest, fields)  # type: ignore[return-value]
 
@@ -62,7 +63,7 @@ class OpenAICompatAdapter(BackendAdapter):
                        request_id: Optional[str] = None) -> HttpRequest:
         chat = as_chat(request)
         # the OpenAI API has no priority field: queue priority stays on the client side
-        body = chat.model_dump(exclude_none=True, exclude={"priority"})
+        body = wire_body(chat, exclude={"priority"})
         if body.get("n") == 1:
             del body["n"]
         if body.get("stream") is False:
