@@ -245,6 +245,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                                   field="stream")
         if self._closed:
             raise ClientClosedError("client is closed")
+        routed = self._routed_submit(request, priority, timeout) if endpoint_id is None else None
+        if routed is not None:  # the routing setting: over every endpoint (mixins/routing.py)
+            return routed
         ep = self._endpoint(endpoint_id)
         job = self._new_job(ep, request, priority, timeout)
         if ep.settings.queue_enabled:
@@ -400,6 +403,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             raise
         finally:
             ep.leave()
+        self._observe_reply(ep, response.headers)  # the server's load report, for routing
         if response.status >= 400:
             if isinstance(response, StreamResponse):  # an error reply is a plain body
                 body = b"".join(response.chunks())
@@ -432,6 +436,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         self._check_open()
         if not self._adapter.supports_streaming:
             raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
+        routed = self._routed_stream(request) if endpoint_id is None else None
+        if routed is not None:
+            return routed
         ep = self._endpoint(endpoint_id)
         if not request.stream:
             request = request.model_copy(update={"stream": True})

@@ -8,7 +8,7 @@ any backend built on ``BaseApiBackend``.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Literal, Mapping, Optional
 from urllib.parse import urlsplit
 
 import pydantic
@@ -36,6 +36,7 @@ ENV_FIELDS: Dict[str, str] = {
     "QUEUE_SIZE": "queue_size",
     "DEADLINE": "deadline",
     "CA_BUNDLE": "ca_bundle",
+    "ROUTING": "routing",
 }
 
 
@@ -117,6 +118,8 @@ class ClientSettings(BaseModel):
     trust_env: bool = False
     proxies: Optional[Dict[str, str]] = None
     extra_headers: Dict[str, str] = Field(default_factory=dict)
+    # routing: every call that names no endpoint is routed over the endpoints (mixins/routing.py)
+    routing: Optional[Literal["round-robin", "least-loaded", "fastest", "cache-aware"]] = None
 
     @field_validator("base_url")
     @classmethod

