@@ -31,9 +31,11 @@ from .context import learn_model_lengths
 from .limits import cap_request
 from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError, ValidationError
 from .mixins.batching import BatchingMixin, batch_key
-from .mixins.circuit_breaker import CircuitBreakerMixin
+from .mixins.circuit_breaker import CLOSED, OPEN, CircuitBreakerMixin
+from .mixins.inflight import InFlightLimit
 from .mixins.metrics import MetricsMixin, MetricsRecorder
 from .mixins.multiplexing import MultiplexingMixin
+from .mixins.probing import CircuitProber
 from .mixins.queue import Job, PriorityRequestQueue, QueueMixin, WorkerPool, check_priority
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
@@ -72,6 +74,8 @@ class Endpoint:
         self.breaker = breaker
         self.queue = queue
         self.workers: WorkerPool  # set right after construction (the pool calls back into it)
+        self.prober: Optional[CircuitProber] = None  # set when the adapter has a health request
+        self.limit = InFlightLimit(settings.max_concurrent_requests)
         self.priority_supported = True  # cleared when the server refuses a priority field
         self.chat_batch_supported = True  # cleared when the server has no chat batch route
         self.burst_until = 0.0  # monotonic time until which a lone request may linger
@@ -157,13 +161,62 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def _make_endpoint(self, endpoint_id: str, settings: ClientSettings) -> Endpoint:
         self._warn_plain_http_key(settings)
         queue = PriorityRequestQueue(settings.queue_size, settings.aging_interval, self._clock)
+        # fail_fast keeps the older recovery: after reset_timeout a caller's request probes
+        health = None if settings.fail_fast else self._adapter.health_request()
         breaker = self._new_breaker(endpoint_id, settings, self._clock,
-                                    self._metrics.record_transition)
+                                    self._on_circuit_transition, scheduled_probes=health is not None)
         ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue)
+        name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = WorkerPool(queue, settings.max_concurrent_requests,
-                                lambda job: self._handle_job(job, ep),
-                                name=f"{self.backend_name or 'api'}-{endpoint_id}")
+                                lambda job: self._handle_job(job, ep), name=name)
+        if health is not None:
+            ep.prober = CircuitProber(
+                breaker, lambda: self._probe_health(ep, health), self._closing, self._clock,
+                first_interval=settings.probe_interval,
+                max_interval=min(settings.probe_max_interval, settings.reset_timeout),
+                on_probe=lambda ok: self._metrics.record_probe(ep.id, ok),
+                on_tick=lambda: self._expire_held(ep), name=f"{name}-probe")
         return ep
+
+    # ------------------------------------------------------------------ circuit outages
+    def _on_circuit_transition(self, endpoint_id: str, old: str, new: str) -> None:
+        """OPEN: hold the endpoint's queue (fail-fast jobs fail now) and start probing.
+        CLOSED after an outage: the in-flight limit restarts low and the queue drains."""
+        self._metrics.record_transition(endpoint_id, old, new)
+        ep = self._endpoints.get(endpoint_id)
+        if ep is None:
+            return
+        if new == OPEN and ep.prober is not None:
+            for job in ep.queue.pause():
+                job.fail(ep.breaker.open_error())
+                self._record_unsent(ep, job)
+            ep.prober.start()
+        elif new == CLOSED:
+            if old != CLOSED:
+                ep.limit.slow_start()
+            for held in ep.queue.resume():
+                self._metrics.record_circuit_wait(ep.id, held)
+
+    def _probe_health(self, ep: Endpoint, health: HttpRequest) -> bool:
+        """One scheduled probe: the server answered the health request below 500."""
+        timeout = (min(ep.settings.connect_timeout, 2.0), min(ep.settings.timeout, 5.0))
+        try:
+            response = ep.transport.send(health, timeout)
+        except ApiError:
+            return False
+        return response.status < 500
+
+    def _expire_held(self, ep: Endpoint) -> None:
+        """Fail the queued requests whose deadline passed while the circuit held them."""
+        now = self._clock.monotonic()
+        for job in ep.queue.expire(now):
+            waited = now - job.enqueued_at
+            job.fail(errors.CircuitWaitTimeoutError(
+                f"waited {waited:.2f}s in the queue for the circuit of {ep.id} "
+                f"({ep.breaker.state}); the call deadline passed before it closed, and the "
+                "request was never sent", waited=waited, endpoint=ep.id))
+            self._metrics.record_circuit_wait(ep.id, waited)
+            self._record_unsent(ep, job)
 
     _warned_hosts: "set[str]" = set()
 
@@ -220,7 +273,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
 
     # ------------------------------------------------------------------ submitting
     def _new_job(self, ep: Endpoint, request: Request, priority: int,
-                 timeout: Optional[float]) -> Job:
+                 timeout: Optional[float], fail_fast: bool = False) -> Job:
         now = self._clock.monotonic()
         deadline = now + (timeout if timeout is not None else ep.settings.effective_deadline)
         model = request.model or ep.settings.model
@@ -230,12 +283,22 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         adapter = self._adapter
         key = batch_key(ep.id, request, adapter.supports_prompt_list,
                         ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported)
+        if key is not None:
+            key = (key, fail_fast)  # fail-fast and waiting callers never share a call
         rid = f"{self._id_prefix}-{next(self._ids)}"
-        return Job(request, priority, deadline, key, model, rid, now)
+        return Job(request, priority, deadline, key, model, rid, now, fail_fast)
+
+    def _fail_fast(self, ep: Endpoint, fail_fast: Optional[bool]) -> bool:
+        return ep.settings.fail_fast if fail_fast is None else bool(fail_fast)
 
     def submit(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
-               timeout: Optional[float] = None) -> "Future[CompletionResult]":
-        """Queue ``request``; the future resolves to a result or a typed error, always."""
+               timeout: Optional[float] = None,
+               fail_fast: Optional[bool] = None) -> "Future[CompletionResult]":
+        """Queue ``request``; the future resolves to a result or a typed error, always.
+
+        While the endpoint's circuit is OPEN the request waits for it (within its deadline);
+        ``fail_fast`` (default: the ``fail_fast`` setting) rejects it with
+        ``CircuitOpenError`` instead."""
         check_priority(priority)
         if not isinstance(request, (CompletionRequest, ChatRequest)):
             raise ValidationError(f"must be a CompletionRequest or ChatRequest, not "
@@ -249,17 +312,21 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         if routed is not None:  # the routing setting: over every endpoint (mixins/routing.py)
             return routed
         ep = self._endpoint(endpoint_id)
-        job = self._new_job(ep, request, priority, timeout)
+        job = self._new_job(ep, request, priority, timeout, self._fail_fast(ep, fail_fast))
         if ep.settings.queue_enabled:
             self._enqueue(ep, job)
+            if job.fail_fast and ep.queue.paused and ep.queue.remove(job):
+                job.fail(ep.breaker.open_error())  # the circuit opened as it was queued
+                self._record_unsent(ep, job)
         else:
             self._handle_job(job, ep)
         return job.future
 
     def execute(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
-                timeout: Optional[float] = None) -> CompletionResult:
+                timeout: Optional[float] = None,
+                fail_fast: Optional[bool] = None) -> CompletionResult:
         """``submit`` and wait; never longer than the call's deadline (plus a little grace)."""
-        fut = self.submit(request, priority, endpoint_id, timeout)
+        fut = self.submit(request, priority, endpoint_id, timeout, fail_fast)
         ep = self._endpoint(endpoint_id)
         limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
         try:
@@ -272,11 +339,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 except Exception:  # noqa: BLE001 - the worker resolved it just now
                     pass
             return fut.result(0)
-
-    async def aexecute(self, request: Request, priority: int = 1,
-                       endpoint_id: Optional[str] = None) -> CompletionResult:
-        """Await a result without blocking the event loop."""
-        return await asyncio.wrap_future(self.submit(request, priority, endpoint_id))
 
     # ------------------------------------------------------------------ worker side
     def _handle_job(self, job: Job, ep: Endpoint) -> None:
@@ -298,7 +360,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         start = self._clock.monotonic()
         try:
             result = self._call(ep, job.request, job.deadline, job.model, job.request_id,
-                                job.priority)
+                                job.priority, job.fail_fast)
         except BaseException as exc:  # noqa: BLE001 - delivered to the caller
             self._finish(ep, job, start, error=exc)
         else:
@@ -337,7 +399,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
 
     # ------------------------------------------------------------------ one call
     def _call(self, ep: Endpoint, request: Request, deadline: float, model: Optional[str],
-              request_id: str, queue_priority: Optional[int] = None) -> CompletionResult:
+              request_id: str, queue_priority: Optional[int] = None,
+              fail_fast: bool = False) -> CompletionResult:
         """Send ``request`` with retries; parse the reply. Raises typed errors only.
 
         With ``forward_priority`` the server gets the request's own ``priority`` field, else
@@ -354,7 +417,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             priority = wire_priority if forward else None
             http = adapter.format_request(request, priority=priority, request_id=request_id)
             try:
-                response = self._send(ep, http, deadline)
+                response = self._send(ep, http, deadline, fail_fast)
             except errors.HTTPStatusError as exc:
                 if priority is not None and adapter.is_priority_rejection(exc):
                     # The server runs without --scheduling-policy priority: stop sending it.
@@ -364,45 +427,68 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                     # The same request id goes out again: that is a retry, count it.
                     self._metrics.record_retry(ep.id, model)
                     http = adapter.format_request(request, priority=None, request_id=request_id)
-                    response = self._send(ep, http, deadline)
+                    response = self._send(ep, http, deadline, fail_fast)
                 else:
                     raise
             return adapter.parse_response(request, response)
 
         return self._retry(ep, attempt, deadline, model)
 
-    def _admit(self, ep: Endpoint) -> bool:
-        return ep.breaker.before_call() if ep.settings.circuit_breaker_enabled else False
+    def _admit(self, ep: Endpoint, deadline: float, fail_fast: bool) -> bool:
+        """Pass the breaker: wait while the circuit is OPEN (within ``deadline``) unless
+        ``fail_fast``. True if this attempt is a HALF-OPEN probe."""
+        if not ep.settings.circuit_breaker_enabled:
+            return False
+        try:
+            probe, waited = ep.breaker.admit(deadline, self._closing, wait=not fail_fast)
+        except errors.CircuitWaitTimeoutError as exc:
+            self._metrics.record_circuit_wait(ep.id, exc.waited)
+            raise
+        if waited > 0.001:
+            self._metrics.record_circuit_wait(ep.id, waited)
+        return probe
 
-    def _send(self, ep: Endpoint, http: HttpRequest, deadline: float) -> HttpResponse:
+    def _send(self, ep: Endpoint, http: HttpRequest, deadline: float,
+              fail_fast: bool = False) -> HttpResponse:
         """One attempt of a plain request (see ``_guarded``)."""
         return self._guarded(ep, deadline, ep.settings.timeout, True,
-                             lambda timeout: ep.transport.send(http, timeout))
+                             lambda timeout: ep.transport.send(http, timeout), fail_fast)
 
     def _guarded(self, ep: Endpoint, deadline: float, read_timeout: float, clip_read: bool,
-                 io: Callable[[Tuple[float, float]], Any]) -> Any:
-        """One attempt under the breaker: admission, the deadline, the transport call, and
-        the breaker's verdict (5xx and transport faults count against the server; any other
+                 io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False) -> Any:
+        """One attempt under the breaker: admission (waiting out an OPEN circuit unless
+        ``fail_fast``), an in-flight slot, the deadline, the transport call, and the
+        breaker's verdict (5xx and transport faults count against the server; any other
         answer proves it alive). A non-2xx reply is raised as its typed error."""
-        probe = self._admit(ep)
-        remaining = deadline - self._clock.monotonic()
-        if remaining <= 0:
-            ep.breaker.release(probe)
-            raise errors.TimeoutError("the call deadline passed before the request was sent",
-                                      sent=False)
-        timeout = (min(ep.settings.connect_timeout, remaining),
-                   min(read_timeout, remaining) if clip_read else read_timeout)
-        ep.enter()
+        probe = self._admit(ep, deadline, fail_fast)
         try:
-            response = io(timeout)
-        except TransientError:
-            ep.breaker.record_failure(probe)
-            raise
+            ep.limit.acquire(deadline, self._closing)
         except BaseException:
             ep.breaker.release(probe)
             raise
+        healthy = False
+        try:
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                ep.breaker.release(probe)
+                raise errors.TimeoutError("the call deadline passed before the request was sent",
+                                          sent=False)
+            timeout = (min(ep.settings.connect_timeout, remaining),
+                       min(read_timeout, remaining) if clip_read else read_timeout)
+            ep.enter()
+            try:
+                response = io(timeout)
+            except TransientError as exc:
+                ep.breaker.record_failure(probe, refused=bool(exc.context.get("refused")))
+                raise
+            except BaseException:
+                ep.breaker.release(probe)
+                raise
+            finally:
+                ep.leave()
+            healthy = response.status < 500
         finally:
-            ep.leave()
+            ep.limit.release(healthy)
         self._observe_reply(ep, response.headers)  # the server's load report, for routing
         if response.status >= 400:
             if isinstance(response, StreamResponse):  # an error reply is a plain body
@@ -424,15 +510,20 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         self._check_open()
         ep = self._endpoint(endpoint_id)
         deadline = self._clock.monotonic() + (timeout or ep.settings.effective_deadline)
-        return self._retry(ep, lambda n: self._send(ep, http, deadline), deadline, None)
+        ff = ep.settings.fail_fast
+        return self._retry(ep, lambda n: self._send(ep, http, deadline, ff), deadline, None)
 
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError("client is closed")
 
     # ------------------------------------------------------------------ streaming
-    def stream(self, request: Request, endpoint_id: Optional[str] = None) -> "TextStream":
-        """Open a stream now (errors raise here) and return an iterator of ``StreamChunk``."""
+    def stream(self, request: Request, endpoint_id: Optional[str] = None,
+               fail_fast: Optional[bool] = None) -> "TextStream":
+        """Open a stream now (errors raise here) and return an iterator of ``StreamChunk``.
+
+        An OPEN circuit is waited out before the first byte, within the deadline, unless
+        ``fail_fast``."""
         self._check_open()
         if not self._adapter.supports_streaming:
             raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
@@ -450,10 +541,11 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         start = self._clock.monotonic()
         deadline = start + ep.settings.effective_deadline
         idle = ep.settings.idle_timeout
+        ff = self._fail_fast(ep, fail_fast)
 
         def attempt(n: int) -> Any:
             return self._guarded(ep, deadline, idle, False,
-                                 lambda timeout: ep.transport.open_stream(http, timeout))
+                                 lambda timeout: ep.transport.open_stream(http, timeout), ff)
 
         try:
             resp = self._retry(ep, attempt, deadline, request.model)
@@ -467,10 +559,11 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     # ------------------------------------------------------------------ high level, generic
     def run_inference(self, model_id: Optional[str], inputs: Any,
                       parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
-                      endpoint_id: Optional[str] = None) -> CompletionResult:
+                      endpoint_id: Optional[str] = None,
+                      fail_fast: Optional[bool] = None) -> CompletionResult:
         """Text, a list of texts (ONE call, a prompt list) or chat messages -> a result."""
         request = build_request(inputs, model_id, parameters)
-        return self.execute(request, priority, endpoint_id)
+        return self.execute(request, priority, endpoint_id, fail_fast=fail_fast)
 
     def submit_inference(self, model_id: Optional[str], inputs: Any,
                          parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
@@ -530,12 +623,16 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             self._closed = True
         self._closing.set()
         for ep in self._endpoints.values():
+            ep.breaker.wake()  # callers waiting for a circuit or a slot see the close
+            ep.limit.wake()
             for job in ep.queue.close():
                 job.fail(ClientClosedError("client closed before this request was sent"))
                 self._record_unsent(ep, job)
         wait = timeout if timeout is not None else self._settings.timeout + 1.0
         for ep in self._endpoints.values():
             ep.workers.join(wait)
+            if ep.prober is not None:
+                ep.prober.join(wait)
         for ep in self._endpoints.values():
             ep.transport.close()
         _live_clients.discard(self)

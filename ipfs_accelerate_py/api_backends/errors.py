@@ -28,6 +28,8 @@ answer the server gave with a non-2xx status.
     ├── CircuitOpenError           the endpoint's breaker is OPEN; says when it retries
     ├── QueueFullError             the bounded request queue is full
     ├── QueueTimeoutError          waited in the queue past the deadline (also a TimeoutError)
+    ├── CircuitWaitTimeoutError    waited for an OPEN circuit past the deadline (a TimeoutError;
+    │                              says how long it waited)
     ├── ClientClosedError          the client was closed; queued work is failed with this
     └── NoHealthyEndpointError     every endpoint of a routed call is down
 
@@ -47,7 +49,7 @@ __all__ = [
     "AuthenticationError", "PermissionDeniedError", "NotFoundError", "MethodNotAllowedError",
     "RequestTimeoutError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
     "ServerError", "ServiceUnavailableError", "CircuitOpenError", "QueueFullError",
-    "QueueTimeoutError", "ClientClosedError", "NoHealthyEndpointError", "error_for_status",
+    "QueueTimeoutError", "CircuitWaitTimeoutError", "ClientClosedError", "NoHealthyEndpointError", "error_for_status",
     "redact",
 ]
 
@@ -234,6 +236,18 @@ class QueueFullError(ApiError):
 
 class QueueTimeoutError(TimeoutError):
     """The request waited in the queue past its deadline; it was never sent."""
+
+
+class CircuitWaitTimeoutError(TimeoutError):
+    """The request waited for its endpoint's OPEN circuit until its deadline; never sent.
+
+    ``waited`` is how long it waited for the circuit, in seconds."""
+
+    def __init__(self, message: str, waited: float = 0.0, endpoint: Optional[str] = None,
+                 **context: Any) -> None:
+        super().__init__(message, sent=False, **context)
+        self.waited = waited
+        self.endpoint = endpoint
 
 
 class ClientClosedError(ApiError):

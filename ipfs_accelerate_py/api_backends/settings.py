@@ -30,6 +30,7 @@ ENV_FIELDS: Dict[str, str] = {
     "MAX_CONCURRENT": "max_concurrent_requests",
     "FAILURE_THRESHOLD": "failure_threshold",
     "RESET_TIMEOUT": "reset_timeout",
+    "FAIL_FAST": "fail_fast",
     "BATCH_SIZE": "max_batch_size",
     "BATCH_TIMEOUT": "batch_timeout",
     "BATCH_CHAT": "batch_chat",
@@ -93,12 +94,22 @@ class ClientSettings(BaseModel):
     forward_priority: bool = False
     # circuit breaker
     circuit_breaker_enabled: bool = True
+    # The breaker opens on an outage, not on noise: see mixins/circuit_breaker.py for why
+    # these defaults (the arithmetic is there). failure_threshold is the least number of
+    # failures in the window, alongside the rate.
     failure_threshold: int = Field(5, ge=1, le=10_000)
     reset_timeout: float = Field(30.0, gt=0, le=86_400)
-    failure_rate_threshold: float = Field(0.5, gt=0, le=1.0)
-    sliding_window_size: int = Field(20, ge=1, le=10_000)
-    minimum_calls: int = Field(10, ge=1, le=10_000)
+    failure_rate_threshold: float = Field(0.8, gt=0, le=1.0)
+    sliding_window_seconds: float = Field(10.0, gt=0, le=3600)
+    sliding_window_size: int = Field(10_000, ge=1, le=1_000_000)
+    minimum_calls: int = Field(30, ge=1, le=10_000)
     half_open_max_calls: int = Field(1, ge=1, le=1000)
+    # OPEN waits for the circuit (within the call's deadline) unless fail_fast; the breaker
+    # probes the adapter's health request on its own schedule, first after probe_interval,
+    # doubling up to probe_max_interval (capped by reset_timeout)
+    fail_fast: bool = False
+    probe_interval: float = Field(0.5, gt=0, le=3600)
+    probe_max_interval: float = Field(1.0, gt=0, le=3600)
     # batching
     batch_enabled: bool = True
     max_batch_size: int = Field(32, ge=1, le=4096)

@@ -139,7 +139,8 @@ def _map_exception(exc: Exception, url: str) -> errors.ApiError:
         # urllib3 wraps a read timeout inside a ConnectionError while streaming
         if "Read timed out" in text:
             return errors.TimeoutError(f"read timeout from {url}: {text}")
-        return errors.ConnectionError(f"connection to {url} failed: {text}")
+        return errors.ConnectionError(f"connection to {url} failed: {text}",
+                                      refused="refused" in text.lower())
     if isinstance(exc, requests.exceptions.InvalidURL):
         return errors.ConfigurationError(text, field="base_url")
     return errors.ConnectionError(f"transport error talking to {url}: {text}")
@@ -428,8 +429,10 @@ class HttpClientTransport(Transport):
             raise errors.TimeoutError(f"connect timeout to {self.base_url}: "
                                       f"{redact(str(exc))}") from None
         except OSError as exc:
+            # refused: nothing listens on the port (the breaker opens on two in a row)
             raise errors.ConnectionError(f"connection to {self.base_url} failed: "
-                                         f"{type(exc).__name__}: {redact(str(exc))}") from None
+                                         f"{type(exc).__name__}: {redact(str(exc))}",
+                                         refused=isinstance(exc, ConnectionRefusedError)) from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._ctx is not None:

