@@ -362,7 +362,10 @@ class RoutingMixin:
                 state.outstanding[eid] += 1
             start = self._clock.monotonic()  # type: ignore[attr-defined]
             try:
-                fut = self.submit(request, priority, eid, timeout)  # type: ignore[attr-defined]
+                # fail_fast: an endpoint whose circuit opens while the request waits there
+                # hands it back at once, to go to the next endpoint
+                fut = self.submit(request, priority, eid, timeout,  # type: ignore[attr-defined]
+                                  fail_fast=True)
             except FAILOVER_ERRORS as exc:
                 self._attempt_failed(state, job, eid, exc)
                 continue
