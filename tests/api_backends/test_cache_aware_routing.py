@@ -224,6 +224,11 @@ def test_stale_header_falls_back_to_the_metrics_probe(fakes):
         report = c.server_load("a")
         assert (report.source, report.waiting, asked["a"]) == ("metrics", 7.0, 1)
         assert c.cache_aware_loads(["a", "b"]) == {"a": 7.0, "b": 1.0}
+        held = c.route_submit(CompletionRequest(model="tiny-llama", prompt="x", **FAST),
+                              endpoint_ids=["b"])
+        # own outstanding (1) and b's queue (1, which holds it) are not added up
+        assert c.cache_aware_loads(["a", "b"]) == {"a": 7.0, "b": 1.0}
+        assert held.result(10).usage.completion_tokens == 2
         assert asked == {"a": 1, "b": 1}  # reused within min_interval
 
 

