@@ -39,6 +39,7 @@ from .mixins.probing import CircuitProber
 from .mixins.queue import Job, PriorityRequestQueue, QueueMixin, WorkerPool, check_priority
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
+from .call_shapes import stream_call
 from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk,
                      coerce_messages, validate_request)
 from .plugins import get_backend
@@ -594,9 +595,14 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                                                  "messages": coerce_messages(messages)})
         return self.execute(request, priority)
 
-    def stream_generation(self, prompt: Union[str, Sequence[Dict[str, Any]]],
-                          model: Optional[str] = None, **parameters: Any) -> "TextStream":
-        """A prompt or chat messages -> an iterator of text pieces as the server makes them."""
+    def stream_generation(self, *args: Any, **kwargs: Any) -> Iterator[str]:
+        """A prompt or chat messages -> an iterator of text pieces as the server makes them.
+
+        Takes the call shapes of ``run_inference`` as well as the short one:
+        ``stream_generation(prompt, model=..., **sampling)``,
+        ``stream_generation(model_id=..., inputs=..., parameters={...})`` and
+        ``stream_generation(MODEL, prompt, parameters={...})`` (see ``call_shapes``)."""
+        model, prompt, parameters = stream_call(args, kwargs)
         if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
             raise ValidationError("stream one prompt (a string) or chat messages", field="prompt")
         return self.stream(build_request(prompt, model, parameters, stream=True)).texts()

@@ -15,8 +15,9 @@ from __future__ import annotations
 from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional
 
+from .call_shapes import check_timeout
 from .errors import ApiError, ValidationError
-from .models import CompletionRequest, CompletionResult
+from .models import ChatRequest, CompletionRequest, CompletionResult, unknown_field_message
 
 __all__ = ["make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters"]
 
@@ -45,12 +46,17 @@ def split_handler_parameters(parameters: Optional[Dict[str, Any]]) -> "tuple[Dic
     if not isinstance(parameters, (dict, type(None))):
         raise ValidationError("must be a dict", field="parameters")
     options = {k: params.pop(k) for k in list(params) if k in HANDLER_OPTIONS}
-    known = set(CompletionRequest.model_fields) | {"max_completion_tokens", "top_logprobs"}
+    known = (set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)) - {"prompt", "messages"}
     unknown = sorted(set(params) - known - {"prompt", "messages"})
     if unknown:
-        raise ValidationError(f"unknown parameter(s) {unknown}; sampling parameters are "
-                              f"{sorted(known - {'prompt'})}, handler options {sorted(HANDLER_OPTIONS)}",
+        raise ValidationError(f"{unknown_field_message(unknown[0], known | HANDLER_OPTIONS)}; "
+                              f"handler options are {sorted(HANDLER_OPTIONS)}",
                               field=f"parameters.{unknown[0]}")
+    if "timeout" in options:
+        try:
+            options["timeout"] = check_timeout(options["timeout"])
+        except ValidationError as exc:
+            raise ValidationError(str(exc), field="parameters.timeout") from None
     bs = options.get("batch_size")
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
         raise ValidationError("must be a positive integer", field="parameters.batch_size")
@@ -75,8 +81,9 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
     """A one-argument handler bound to ``client`` and ``model`` with default ``parameters``.
 
     Per-call parameters override the defaults. ``batch_size`` splits a list of prompts into
-    calls of at most that many prompts (sent concurrently); ``priority`` and ``timeout``
-    set the queue priority and the call deadline.
+    calls of at most that many prompts (sent concurrently); ``priority`` sets the queue
+    priority and ``timeout`` (seconds) the deadline of each call, queueing and retries
+    included (a call past it fails with ``TimeoutError``).
     """
     defaults, options = split_handler_parameters(parameters)
 
@@ -84,12 +91,15 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
         """The handler's work, raising typed errors (for callers that are not the framework)."""
         if not isinstance(call_params, (dict, type(None))):
             raise ValidationError("must be a dict", field="parameters")
+        from .base import build_request  # the base imports the plugins that import this
         sampling, call_options = split_handler_parameters({**defaults, **options, **(call_params or {})})
         priority = call_options.get("priority", 1)
+        timeout = call_options.get("timeout")  # this call's deadline (checked when split)
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
             size = call_options.get("batch_size") or len(inputs)
             futures: List[Future] = [
-                client.submit_inference(model, list(inputs[i:i + size]), sampling, priority)
+                client.submit(build_request(list(inputs[i:i + size]), model, sampling),
+                              priority, timeout=timeout)
                 for i in range(0, len(inputs), size)]
             n = sampling.get("n") or 1
             out: List[Dict[str, Any]] = []
@@ -100,7 +110,8 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
                     part.batch_usage = result.usage
                     out.append(result_to_dict(part))
             return out
-        return result_to_dict(client.run_inference(model, inputs, sampling, priority))
+        return result_to_dict(client.execute(build_request(inputs, model, sampling), priority,
+                                             timeout=timeout))
 
     def handler(data: Any) -> Any:
         try:

@@ -22,9 +22,10 @@ it too. ``importlib.import_module("ipfs_accelerate_py.api_backends.vllm")`` give
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .base import BaseApiBackend
+from .call_shapes import stream_call
 from .default_plugins.vllm_plugin import VllmAdapter, VllmLegacyAdapter
 from .errors import ApiError, ConfigurationError, ValidationError
 from .handlers import make_endpoint_handler, result_to_dict
@@ -151,8 +152,9 @@ class vllm:  # noqa: N801 - the framework's name for this backend
 
     ``metadata`` keys: ``vllm_api_url`` / ``api_base`` / ``base_url``, ``vllm_api_key`` /
     ``api_key``, ``vllm_model`` / ``model``; ``VLLM_*`` environment variables fill the rest.
-    Methods return plain dicts (``{"text": ...}``) and raise typed errors, except the
-    one-argument handlers, which return ``{"error": ...}`` as the framework expects.
+    Methods return plain dicts (``{"text": ...}``; ``generate_text`` the text itself, and
+    ``stream_generation`` its pieces) and raise typed errors, except the one-argument
+    handlers, which return ``{"error": ...}`` as the framework expects.
     """
 
     _default: Optional["vllm"] = None
@@ -213,13 +215,12 @@ class vllm:  # noqa: N801 - the framework's name for this backend
 
     def generate_text(self, prompt: str, model: Optional[str] = None,
                       max_tokens: Optional[int] = None, temperature: Optional[float] = None,
-                      top_p: Optional[float] = None, **kw: Any) -> Dict[str, Any]:
-        """One prompt -> ``{"text", "model", "usage", ...}``."""
-        if not isinstance(prompt, str):
-            raise ValidationError(f"must be a string, got {type(prompt).__name__}", field="prompt")
+                      top_p: Optional[float] = None, **kw: Any) -> str:
+        """One prompt -> the generated text (a ``str``, as ``VllmClient.generate_text`` and
+        every provider of the framework return); ``run_inference`` gives the full dict."""
         params = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, **kw)
         params = {k: v for k, v in params.items() if v is not None}
-        return result_to_dict(self.client.run_inference(self._model(model), prompt, params))
+        return self.client.generate_text(prompt, self._model(model), **params)
 
     def generate(self, prompt: Any = None, model: Optional[str] = None, **kw: Any) -> Any:
         """Alias the framework also probes: ``generate(prompt=..., model=..., **sampling)``."""
@@ -231,9 +232,11 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         params = {k: v for k, v in kw.items() if v is not None}
         return result_to_dict(self.client.chat_completion(messages, self._model(model), **params))
 
-    def stream_generation(self, prompt: Any, model: Optional[str] = None, **kw: Any) -> Any:
-        """An iterator of text pieces; closing it early aborts the request on the server."""
-        return self.client.stream_generation(prompt, self._model(model), **kw)
+    def stream_generation(self, *args: Any, **kwargs: Any) -> Iterator[str]:
+        """An iterator of text pieces; closing it early aborts the request on the server.
+        Takes every call shape ``run_inference`` takes (``VllmClient.stream_generation``)."""
+        model, prompt, parameters = stream_call(args, kwargs)
+        return self.client.stream_generation(self._model(model), prompt, parameters=parameters)
 
     def list_models(self, endpoint_url: Optional[str] = None) -> List[Dict[str, Any]]:
         """The server's models as dicts (``id``, ``root``, ``max_model_len``, ...)."""

@@ -574,6 +574,178 @@ def _prompt_type_errors(prompt: Any) -> list[dict[str, Any]]:
     ]
 
 
+_INT64 = 2**63
+_BOUNDS: tuple[tuple[str, float, float, bool, bool], ...] = (
+    # (field, low, high, low inclusive, high inclusive): SamplingParams._verify_args
+    ("temperature", float("-inf"), 2.0, False, True),  # negatives: _sampling's own message
+    ("top_p", 0.0, 1.0, False, True),
+    ("min_p", 0.0, 1.0, True, True),
+    ("presence_penalty", -2.0, 2.0, True, True),
+    ("frequency_penalty", -2.0, 2.0, True, True),
+    ("repetition_penalty", 0.0, float("inf"), False, False),
+    ("top_k", -1, float("inf"), True, False),
+    ("min_tokens", 0, float("inf"), True, False),
+    ("seed", -_INT64, _INT64 - 1, True, True),
+    ("priority", -_INT64, _INT64 - 1, True, True),
+    ("truncate_prompt_tokens", -1, _INT64 - 1, True, True),
+    ("stream_interval", 1, float("inf"), True, False),
+)
+_SO_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+def _in_bounds(v: float, lo: float, hi: float, lo_in: bool, hi_in: bool) -> bool:
+    return (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+
+
+def _count_fields(chat: bool) -> tuple[str, ...]:
+    return ("prompt_logprobs",) + (("top_logprobs",) if chat else ("logprobs",))
+
+
+_BOUND_MESSAGES = {"temperature": "temperature must be in [0, 2], got {v}."}
+
+
+def _check_counts(body: dict[str, Any], chat: bool) -> None:
+    """vLLM checks logprob counts on the raw body, before coercion: ``"2"`` is refused."""
+    for name in _count_fields(chat):
+        v = body.get(name)
+        if v is not None and not isinstance(v, (int, float)):
+            raise _bad_request(f"`{name}` must be an integer.", name)
+
+
+def _check_rules(body: dict[str, Any], chat: bool, max_model_len: int) -> None:
+    """The protocol classes' and SamplingParams' rules the corpus exercises
+    (``tests/api_backends/data/vllm_request_corpus.json`` holds the real verdicts)."""
+    for name, lo, hi, lo_in, hi_in in _BOUNDS:
+        v = body.get(name)
+        if isinstance(v, (int, float)) and not _in_bounds(v, lo, hi, lo_in, hi_in):
+            raise _bad_request(_BOUND_MESSAGES.get(name, "{name} must be in range, got {v}.").format(name=name, v=float(v)), name)
+    if isinstance(body.get("top_k"), float) and not float(body["top_k"]).is_integer():
+        raise _validation_error([_verr("int_from_float", "body.top_k", "Input should be a valid integer", body["top_k"])])
+    v = body.get("prompt_logprobs")  # logprobs / top_logprobs: _sampling checks them
+    if isinstance(v, (int, float)) and (v > MAX_LOGPROBS or v < 0):
+        raise _bad_request(f"Requested prompt logprobs of {v}, which is greater than max allowed: {MAX_LOGPROBS}", "prompt_logprobs")
+    if body.get("stream_options") and not body.get("stream"):
+        raise _bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
+    prompt = body.get("prompt")
+    if not chat and isinstance(prompt, list):
+        if all(isinstance(t, int) for t in prompt) and any(t < 0 for t in prompt):
+            raise _validation_error([_verr("greater_than_equal", "body.prompt.0", "Input should be greater than or equal to 0", prompt)])
+        if not all(isinstance(t, int) for t in prompt) and len(prompt) > 1024:
+            raise _bad_request(f"prompt list length {len(prompt)} exceeds the maximum allowed count of 1024.", "prompt")
+    if body.get("prompt_logprobs") and body.get("stream"):
+        raise _bad_request("`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+    if body.get("logprob_token_ids") and (not body.get("logprobs") if chat else body.get("logprobs") is None):
+        raise _bad_request("when using `logprob_token_ids`, `logprobs` must be set.", "logprob_token_ids")
+    limit = body.get("max_completion_tokens") if chat else None
+    limit = limit if limit is not None else body.get("max_tokens")
+    if limit is None and not chat:
+        limit = DEFAULT_COMPLETION_MAX_TOKENS
+    if body.get("min_tokens") and limit is not None and body["min_tokens"] > limit:
+        raise _bad_request(f"min_tokens must be less than or equal to max_tokens={limit}, got {body['min_tokens']}.")
+    if isinstance(body.get("n"), int) and body["n"] > 16384:
+        raise _bad_request(f"n must be at most 16384, got {body['n']}.")
+    tpt = body.get("truncate_prompt_tokens")
+    if isinstance(tpt, int) and tpt > max_model_len:
+        raise _bad_request(f"truncate_prompt_tokens value ({tpt}) is greater than max_model_len ({max_model_len}).", "truncate_prompt_tokens")
+    stop = body.get("stop")
+    if isinstance(stop, list) and len(stop) > 4:
+        raise _validation_error([_verr("too_long", "body.stop", "List should have at most 4 items after validation", stop)])
+    if stop == "" or (isinstance(stop, list) and any(not s for s in stop)):
+        raise _bad_request("stop cannot contain an empty string.")
+    for name in ("stop_token_ids", "allowed_token_ids", "logit_bias", "bad_words"):
+        v = body.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, dict if name == "logit_bias" else list):
+            raise _validation_error([_verr("list_type", f"body.{name}", "Input should be a valid list", v)])
+        if name == "bad_words" and any(not w for w in v):
+            raise _bad_request("bad_words cannot contain an empty string.", name)
+        if name == "allowed_token_ids" and not v:
+            raise _bad_request("allowed_token_ids is not None and empty!", name)
+        if name == "logit_bias":
+            if not all(k.lstrip("-").isdigit() for k in v):
+                raise _bad_request("logit_bias contains key(s) that cannot be converted to integer token IDs", name)
+            v = [int(k) for k in v]
+        if name != "bad_words" and any(not isinstance(t, int) or t < 0 or t >= VOCAB_SIZE for t in v):
+            raise _bad_request(f"token_id(s) in {name} contain out-of-vocab token ids.", name)
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 128 or any(c in "@/\\\x00" for c in salt)):
+        raise _bad_request("Parameter 'cache_salt' must be a non-empty string of at most 128 characters.", "cache_salt")
+    if body.get("truncation_side") not in (None, "left", "right"):
+        raise _validation_error([_verr("literal_error", "body.truncation_side", "Input should be 'left' or 'right'", body["truncation_side"])])
+    for name in ("kv_transfer_params", "vllm_xargs", "chat_template_kwargs"):
+        if body.get(name) is not None and not isinstance(body[name], dict):
+            raise _validation_error([_verr("dict_type", f"body.{name}", "Input should be a valid dictionary", body[name])])
+    if body.get("thinking_token_budget") is not None:
+        raise _bad_request("thinking_token_budget is set but reasoning_config is not configured.")
+    if not chat and body.get("suffix") is not None:
+        raise _bad_request("suffix is not currently supported", "suffix")
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise _ApiError(500, f"'{type(so).__name__}' object has no attribute 'get'", "InternalServerError", None)
+        given = [k for k in _SO_CONSTRAINTS if so.get(k) is not None]
+        if len(given) != 1 or so.get("choice") == [] or not isinstance(so.get("choice", []), list):
+            raise _bad_request("You must use one kind of structured outputs constraint.", "structured_outputs")
+        if so.get("regex") is not None and not _regex_ok(so["regex"]):
+            raise _bad_request("Grammar error: invalid regex")
+        if chat and isinstance(body.get("tool_choice"), dict) and given[0] in ("json", "regex", "choice"):
+            raise _bad_request("You can only either use constraints for structured outputs or tools, not both.")
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema", "structural_tag"):
+            raise _validation_error([_verr("literal_error", "body.response_format.type", "Input should be 'text', 'json_object' or 'json_schema'", rf)])
+        if rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            if js is None:
+                raise _bad_request("When response_format type is 'json_schema', the 'json_schema' field must be provided.", "response_format")
+            if not isinstance(js, dict) or not isinstance(js.get("name"), str):
+                raise _validation_error([_verr("missing", "body.response_format.json_schema.name", "Field required", js)])
+    if chat:
+        _check_chat_rules(body)
+
+
+def _regex_ok(pattern: Any) -> bool:
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError):
+        return False
+    return True
+
+
+def _check_chat_rules(body: dict[str, Any]) -> None:
+    if body.get("top_logprobs") and not body.get("logprobs"):
+        raise _bad_request("when using `top_logprobs`, `logprobs` must be set to true. (parameter=top_logprobs)", "top_logprobs")
+    if body.get("continue_final_message") and body.get("add_generation_prompt"):
+        raise _bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+    if body.get("reasoning_effort") not in (None, "none", "minimal", "low", "medium", "high", "xhigh", "max"):
+        raise _validation_error([_verr("literal_error", "body.reasoning_effort", "Input should be a reasoning effort", body["reasoning_effort"])])
+    for name in ("chat_template", "mm_processor_kwargs"):
+        if body.get(name):
+            raise _bad_request(f"{name} is passed with the request, but the server does not trust it.", name)
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto" if body.get("tools") else "none")
+    if tools == []:
+        raise _bad_request("`tools` must not be an empty array.", "tools")
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict) or not isinstance((tool.get("function") or {}).get("name"), str):
+            raise _validation_error([_verr("missing", f"body.tools.{i}.function.name", "Field required", tool)])
+    if choice in (None, "none"):
+        return
+    if not tools:
+        raise _bad_request("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if not isinstance(name, str) or not name:
+            raise _bad_request("Expected field `name` in `function` in `tool_choice`!", "tool_choice.function.name")
+        if name not in [t["function"]["name"] for t in tools]:
+            raise _bad_request("The tool specified in `tool_choice` does not match any of the specified `tools`", "tool_choice")
+        raise _bad_request(f'tool_choice=function "{name}" requires --tool-call-parser to be set')
+    if choice not in ("auto", "required"):
+        raise _bad_request(f"Invalid value for `tool_choice`: {choice}!", "tool_choice")
+    # this double runs like the test server: no tool-call parser, no auto tool choice
+    raise _bad_request(f'"{choice}" tool choice requires --tool-call-parser to be set')
+
+
 # --------------------------------------------------------------------------------------------
 # Text generation
 # --------------------------------------------------------------------------------------------
@@ -1577,7 +1749,9 @@ class FakeVllmServer:
 
     # -- /v1/completions ---------------------------------------------------------------------
     def _completions(self, body: dict[str, Any], headers: dict[str, str], halt: threading.Event) -> _Reply | _Stream:
+        _check_counts(body, False)
         body = _check_fields(body, _COMPLETION_FIELDS)
+        _check_rules(body, False, self.max_model_len)
         prompt = body.get("prompt", _MISSING)
         if prompt is not _MISSING and prompt is not None and not isinstance(prompt, (str, list)):
             raise _validation_error(_prompt_type_errors(prompt))
@@ -1643,6 +1817,8 @@ class FakeVllmServer:
                     lp = _completion_logprobs(ch, 0, len(ch.ids), logprobs_k, 0, prompt)
                     if prompt is not None:
                         prompt_lp = _prompt_logprobs(prompt, logprobs_k)
+                if body.get("prompt_logprobs") is not None:  # asked for: wins over echo's
+                    prompt_lp = _prompt_logprobs(prompt_tokens_of(pi), body["prompt_logprobs"])
                 out.append({
                     "index": idx, "text": text, "logprobs": lp, "finish_reason": ch.finish_reason,
                     "stop_reason": ch.stop_reason, "token_ids": list(ch.ids) if want_ids else None,
@@ -1720,7 +1896,9 @@ class FakeVllmServer:
 
     # -- /v1/chat/completions and /v1/chat/completions/batch ---------------------------------
     def _chat(self, body: dict[str, Any], headers: dict[str, str], halt: threading.Event, batch: bool) -> _Reply | _Stream:
+        _check_counts(body, True)
         body = _check_fields(body, _CHAT_FIELDS)
+        _check_rules(body, True, self.max_model_len)
         messages = body.get("messages", _MISSING)
         if messages is _MISSING:
             raise _validation_error([_verr("missing", "body.messages", "Field required", body)])
@@ -1749,9 +1927,7 @@ class FakeVllmServer:
             if not conv:
                 raise _bad_request("Cannot apply chat template to an empty conversation. Provide at least one message.")
         logprobs = bool(body.get("logprobs"))
-        top_k = body.get("top_logprobs")
-        if top_k is not None and not logprobs:
-            raise _bad_request("when using `top_logprobs`, `logprobs` must be set to true. (parameter=top_logprobs)", "top_logprobs")
+        top_k = body.get("top_logprobs")  # without logprobs only 0 passes (_check_chat_rules)
         if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None:
             body["max_tokens"] = body["max_completion_tokens"]
         add_gen = body.get("add_generation_prompt")

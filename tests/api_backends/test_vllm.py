@@ -181,8 +181,12 @@ def test_one_argument_handler_accepts_every_framework_shape(real_vllm_server):
 
 def test_framework_backend_calls(real_vllm_server):
     backend = vllm(resources={}, metadata={"vllm_api_url": real_vllm_server.base_url})
-    assert backend.generate_text("Hi", model="tiny-llama", max_tokens=5, temperature=0.0,
-                                 top_p=1.0)["usage"]["completion_tokens"] == 5
+    text = backend.generate_text("Hi", model="tiny-llama", max_tokens=5, temperature=0.0, top_p=1.0)
+    # the text itself, as VllmClient.generate_text returns it (the same greedy completion)
+    assert isinstance(text, str) and text == backend.client.generate_text(
+        "Hi", "tiny-llama", max_tokens=5, temperature=0.0, top_p=1.0)
+    assert backend.run_inference(model_id="tiny-llama", inputs="Hi", parameters={
+        "max_tokens": 5, "temperature": 0.0})["text"] == text
     assert backend.chat_completion([{"role": "user", "content": "hi"}], model="tiny-llama",
                                    max_tokens=3)["text"]
     assert backend.list_models()[0]["id"] == "tiny-llama"
