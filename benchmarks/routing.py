@@ -140,7 +140,7 @@ _CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[3])
 from benchmarks.routing import new_client, run_jobs
-urls, jobs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+urls, jobs = json.loads(sys.argv[1]), json.loads(open(sys.argv[2]).read())
 c = new_client(urls if sys.argv[4] == "0" else urls[::-1])  # the other names them the other way
 with c:
     lat, wall, failed = run_jobs(c, "cache-aware", [tuple(j) for j in jobs], int(sys.argv[5]))
@@ -149,13 +149,22 @@ print(json.dumps({"lat": lat, "wall": wall, "failed": failed}))
 
 
 def two_processes(urls: Sequence[str], jobs: Sequence[Job], threads: int) -> Tuple[List[float], float, int]:
-    halves = [jobs[0::2], jobs[1::2]]
+    import tempfile
+
+    files = []
+    for half in (jobs[0::2], jobs[1::2]):  # a file each: the jobs are too long for argv
+        f = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
+        json.dump(list(half), f)
+        f.close()
+        files.append(f.name)
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(list(urls)), json.dumps(h),
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(list(urls)), name,
                                str(ROOT), str(k), str(threads // 2)],
-                              stdout=subprocess.PIPE, text=True) for k, h in enumerate(halves)]
+                              stdout=subprocess.PIPE, text=True) for k, name in enumerate(files)]
     outs = [json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
     wall = time.perf_counter() - t0
+    for name in files:
+        Path(name).unlink()
     return [x for o in outs for x in o["lat"]], wall, sum(o["failed"] for o in outs)
 
 
