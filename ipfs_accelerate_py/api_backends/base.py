@@ -177,6 +177,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 max_interval=min(settings.probe_max_interval, settings.reset_timeout),
                 on_probe=lambda ok: self._metrics.record_probe(ep.id, ok),
                 on_tick=lambda: self._expire_held(ep), name=f"{name}-probe")
+            breaker.on_suspect = ep.prober.verify
         return ep
 
     # ------------------------------------------------------------------ circuit outages

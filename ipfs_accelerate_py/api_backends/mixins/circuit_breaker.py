@@ -10,7 +10,13 @@ Opening: on an outage, not on noise. The breaker keeps the outcome of every call
 2. the last ``minimum_calls`` calls all failed (old successes in the window do not dilute a
    server that just died); or
 3. ``REFUSED_RUN`` connections in a row were refused (nothing listens on the port: no noise
-   makes that, and it lets even a lone caller ride out a restart).
+   makes that, and it lets even a lone caller ride out a restart); or
+4. with scheduled probes (below): ``failure_threshold`` failures in a row make the breaker
+   *suspect* an outage and ask ``on_suspect`` for one health check at once; a failed check
+   opens it (``verdict(False)``), a healthy one clears the suspicion (``verdict(True)``).
+   Random faults that leave ``/health`` answering never open it this way, and a dead server
+   is found after a handful of failed calls, however few callers there are (a batching
+   client has only a few calls in flight).
 
 Why the defaults (window 10 s, 30 calls, 80 %, failure_threshold 5) give "random faults at
 30 % never open it; a dead server opens it within a second": with independent faults at
@@ -20,8 +26,8 @@ less likely still (n = 50: 3.9e-13); even a union bound over 5 000 evaluations l
 Rule 2 needs 30 failures in a row: 0.3^30 = 2e-16. By contrast the old trigger, 5 consecutive
 failures, comes every 1 / 0.3^5 = 412 calls at that fault rate, and a 20-call window at
 50 % (20 calls, >= 10 failures: 4.8e-2 per window) tripped on an unlucky run of a 22 % mix.
-A dead server fails every call: at 30 or more attempts a second (a few callers with their
-retries) rule 2 fires within a second, and a refused port fires rule 3 on the second attempt.
+A dead server fails every call: rule 4 fires on its fifth failed call (plus one health check),
+rule 2 within a second at 30 or more attempts a second, rule 3 on the second refused attempt.
 
 Only server faults count (5xx, connection errors, timeouts): a 400 for a too-long prompt is
 the caller's fault and proves the server is alive.
@@ -92,6 +98,10 @@ class CircuitBreaker:
         self._probes = 0
         self._pending: List[Tuple[str, str]] = []
         self._waiting = 0
+        #: called (outside the lock) when rule 4 suspects an outage; answer with ``verdict``
+        self.on_suspect: Optional[Callable[[], None]] = None
+        self._suspect = False
+        self._suspect_pending = False
         self.transitions: List[Tuple[float, str, str]] = []  # bounded below
 
     # -- reading -------------------------------------------------------------------------
@@ -204,6 +214,20 @@ class CircuitBreaker:
                 self._push(True)
                 if self._should_open():
                     self._transition(OPEN)
+                elif (self.scheduled_probes and not self._suspect
+                      and self._consecutive >= self.failure_threshold):
+                    self._suspect = self._suspect_pending = True
+        self._flush()
+
+    def verdict(self, healthy: bool) -> None:
+        """The answer to ``on_suspect``: the health check failed (open) or passed (clear)."""
+        with self._lock:
+            self._suspect = False
+            if self._state == CLOSED:
+                if healthy:
+                    self._consecutive = 0
+                else:
+                    self._transition(OPEN)
         self._flush()
 
     def release(self, probe: bool) -> None:
@@ -296,6 +320,8 @@ class CircuitBreaker:
         if new == OPEN:
             self._opened_at = self._clock.monotonic()
             self._probes = 0
+        if new != CLOSED:
+            self._suspect = False
         if new == CLOSED:
             self._window.clear()
             self._window_failures = 0
@@ -309,7 +335,15 @@ class CircuitBreaker:
         self._changed.notify_all()
 
     def _flush(self) -> None:
-        """Run transition callbacks outside the lock, in order."""
+        """Run transition callbacks (and a suspicion) outside the lock, in order."""
+        if self._suspect_pending:
+            with self._lock:
+                ask, self._suspect_pending = self._suspect_pending, False
+            if ask and self.on_suspect is not None:
+                try:
+                    self.on_suspect()
+                except Exception:  # noqa: BLE001 - a failed check request leaves it CLOSED
+                    self.verdict(True)
         if not self._pending:  # the common case, read without the lock
             return
         with self._lock:

@@ -8,6 +8,10 @@ waiters go on, the in-flight limit ramps up from one); a failed one reopens it. 
 sees at most one request at a time while it is down, and a server that came back is
 noticed within ``max_interval``.
 
+``verify`` runs one health check at once for a CLOSED breaker that suspects an outage (a
+run of failed calls) and hands the breaker its verdict: a failed check opens the circuit,
+which starts the probe loop above.
+
 Between probes the prober also calls ``on_tick`` (the endpoint fails queued requests whose
 deadline passed while they waited), at least every ``tick`` seconds.
 """
@@ -48,6 +52,7 @@ class CircuitProber:
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._rearmed = False  # the circuit opened (again) since the loop last looked
+        self._verify = False  # a suspicion to check
 
     @property
     def running(self) -> bool:
@@ -58,20 +63,35 @@ class CircuitProber:
         """The circuit opened: probe it. A loop that is just ending picks this up too."""
         with self._lock:
             self._rearmed = True
-            if self._cancel.is_set() or self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-            self._thread.start()
+            self._ensure_thread()
+
+    def verify(self) -> None:
+        """The breaker suspects an outage: check health once, now, and give it the verdict."""
+        with self._lock:
+            self._verify = True
+            self._ensure_thread()
+
+    def _ensure_thread(self) -> None:  # lock held
+        if self._cancel.is_set() or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+        self._thread.start()
 
     def _loop(self) -> None:
         try:
             while True:
                 with self._lock:
-                    if not self._rearmed or self._cancel.is_set():
+                    verify, rearmed = self._verify, self._rearmed
+                    if self._cancel.is_set() or not (verify or rearmed):
                         self._thread = None
                         return
-                    self._rearmed = False
-                self._run()
+                    self._verify = False
+                    if not verify:
+                        self._rearmed = False
+                if verify:
+                    self._breaker.verdict(self._check())
+                else:
+                    self._run()
         except BaseException:
             with self._lock:
                 self._thread = None
@@ -82,6 +102,16 @@ class CircuitProber:
         if t is not None and t is not threading.current_thread():
             t.join(timeout)
         return not self.running
+
+    def _check(self) -> bool:
+        """One health request; its outcome is counted (``on_probe``)."""
+        try:
+            ok = bool(self._probe())
+        except Exception:  # noqa: BLE001 - a probe that raised is a failed probe
+            ok = False
+        if self._on_probe is not None:
+            self._on_probe(ok)
+        return ok
 
     def _wait_until(self, at: float) -> bool:
         """Sleep until monotonic ``at``, ticking; False when cancelled or no longer OPEN."""
@@ -105,13 +135,8 @@ class CircuitProber:
                 self._breaker.schedule_probe(due)
                 if not self._wait_until(due) or not self._breaker.begin_probe():
                     return
-                try:
-                    ok = bool(self._probe())
-                except Exception:  # noqa: BLE001 - a probe that raised is a failed probe
-                    ok = False
+                ok = self._check()
                 self._breaker.end_probe(ok)
-                if self._on_probe is not None:
-                    self._on_probe(ok)
                 if ok:
                     return
                 interval = min(interval * 2, self.max_interval)
