@@ -258,8 +258,8 @@ def test_handler_timeout_is_the_call_deadline(fake_vllm_server):
 
 # ----------------------------------------------------------------------------- on the real server
 _SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
-                                            "age": {"type": "integer"}},
-           "required": ["name", "age"], "additionalProperties": False}
+                                            "ok": {"type": "boolean"}},
+           "required": ["name", "ok"], "additionalProperties": False}
 
 
 @pytest.mark.real_server
@@ -270,12 +270,12 @@ def test_vllm_features_through_the_client_on_the_real_server(real_vllm_server, c
         assert choice.text in ("red", "green", "blue")
 
         reply = client.chat_completion([{"role": "user", "content": "A person as JSON"}],
-                                       max_tokens=200, temperature=0, response_format={
+                                       max_tokens=400, temperature=0, response_format={
                                            "type": "json_schema",
                                            "json_schema": {"name": "person", "schema": _SCHEMA}})
         data = json.loads(reply.text)
-        assert set(data) == {"name", "age"} and isinstance(data["name"], str) \
-            and len(data["name"]) <= 8 and isinstance(data["age"], int)
+        assert reply.finish_reason == "stop" and set(data) == {"name", "ok"}
+        assert isinstance(data["name"], str) and len(data["name"]) <= 8 and isinstance(data["ok"], bool)
 
         ids = client.run_inference("tiny-llama", "Hello there", {
             "max_tokens": 4, "return_token_ids": True, "prompt_logprobs": 2})
