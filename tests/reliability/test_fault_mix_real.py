@@ -31,13 +31,17 @@ CALLERS = 400
 PARAMS = {"max_tokens": 4, "temperature": 0}
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
-def test_400_callers_through_the_issue_fault_mix_finish_the_work(real_vllm_server, seed):
+@pytest.mark.parametrize("batching,seed", [(True, 1), (True, 2), (True, 3), (True, 4), (True, 5),
+                                           (False, 1), (False, 2)])
+def test_400_callers_through_the_issue_fault_mix_finish_the_work(real_vllm_server, batching, seed):
+    """Batching on (the default) sends a few dozen shared calls; batching off sends every
+    request alone (~520 attempts), so the mix is drawn per request."""
     up = urlparse(real_vllm_server.base_url)
     proxy = FaultProxy((up.hostname, up.port), seed=seed, retry_after=0.2, stall_hold=10.0).start()
     before = set(threading.enumerate())
     client = VllmClient(base_url=proxy.base_url, model="tiny-llama", timeout=2,
-                        max_retries=4, max_concurrent_requests=16, failure_threshold=1000)
+                        max_retries=4, max_concurrent_requests=16, failure_threshold=1000,
+                        batch_enabled=batching)
     barrier = threading.Barrier(CALLERS)
 
     def one(i: int) -> str:
@@ -63,7 +67,7 @@ def test_400_callers_through_the_issue_fault_mix_finish_the_work(real_vllm_serve
     counts = Counter(outcomes)
     left = [t.name for t in threading.enumerate()
             if t not in before and t.is_alive() and t.name.startswith("vllm-")]
-    summary = (f"seed {seed}: {counts['ok']}/{CALLERS} succeeded in {wall:.1f}s, failed "
+    summary = (f"batching {'on' if batching else 'off'}, seed {seed}: {counts['ok']}/{CALLERS} succeeded in {wall:.1f}s, failed "
                f"{dict((k, v) for k, v in counts.items() if k != 'ok')}; attempts drawn "
                f"{dict(proxy.drawn)}; retries {m['retries']}, batches {m['batches']}, "
                f"transitions {m['circuit_breaker_transitions']}")
