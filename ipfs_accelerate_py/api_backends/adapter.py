@@ -119,7 +119,10 @@ class BackendAdapter(ABC):
     def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
         """The models reply -> a list of dicts with at least ``id``."""
 
-    def health_request(self) -> HttpRequest:
+    def health_request(self) -> Optional[HttpRequest]:
+        """A cheap request that answers below 500 while the server is up: an OPEN circuit
+        probes it on its own schedule, and a suspected outage is checked with it. ``None``:
+        no such request; the breaker lets a caller's request through as its probe."""
         return HttpRequest("GET", "/health")
 
     def parse_error(self, response: HttpResponse) -> HTTPStatusError:
