@@ -77,8 +77,14 @@ def apply_max_tokens_cap(client: Any, model: Optional[str], params: Optional[Dic
 def cap_request(client: Any, request: Any) -> Any:
     """A typed request within its model's cap on ``client`` (the same object when no cap
     applies). ``BaseApiBackend`` calls this for every request it sends, whatever the path;
-    a ``max_tokens`` beyond the model's known context raises ``ValidationError`` here."""
+    a ``max_tokens`` beyond the model's known context (after the cap) raises
+    ``ValidationError`` here."""
+    request = _capped(client, request)
     check_fits_context(request, model_length(client, request.model))
+    return request
+
+
+def _capped(client: Any, request: Any) -> Any:
     cap = max_tokens_cap(client, request.model)
     if cap is None:
         return request

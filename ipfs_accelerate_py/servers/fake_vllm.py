@@ -676,7 +676,8 @@ def _check_rules(body: dict[str, Any], chat: bool, max_model_len: int) -> None:
     for name in ("kv_transfer_params", "vllm_xargs", "chat_template_kwargs"):
         if body.get(name) is not None and not isinstance(body[name], dict):
             raise _validation_error([_verr("dict_type", f"body.{name}", "Input should be a valid dictionary", body[name])])
-    if body.get("thinking_token_budget") is not None:
+    budget = body.get("thinking_token_budget")
+    if budget is not None and budget != -1:  # -1 means unlimited, i.e. unset
         raise _bad_request("thinking_token_budget is set but reasoning_config is not configured.")
     if not chat and body.get("suffix") is not None:
         raise _bad_request("suffix is not currently supported", "suffix")

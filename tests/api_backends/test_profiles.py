@@ -154,8 +154,10 @@ def test_memory_cap_is_enforced_on_real_requests(real_vllm_server, restore_share
     url = real_vllm_server.base_url
     handler = vllm_module.create_vllm_endpoint_handler(url, README_MODEL)
     too_many = {"max_tokens": 1000, "temperature": 0}
-    # Without a cap the server refuses: 1000 > max_model_len 512.
-    with pytest.raises(errors.BadRequestError, match="max_tokens"):
+    # Without a cap, 1000 > max_model_len 512: refused before sending once the client has
+    # read the model's length from /v1/models (it lists every served name).
+    restore_shared.list_models()
+    with pytest.raises(errors.ValidationError, match="max_tokens=1000.*max_model_len=512"):
         vllm_module.format_request_with_params(handler, "Hello", too_many)
     vllm_module.optimize_model(url, README_MODEL, optimization_type="memory")
     r = vllm_module.format_request_with_params(handler, "Hello", too_many)
