@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "INT64_MIN", "INT64_MAX", "MAX_LOGPROBS", "MAX_STOP_STRINGS", "MAX_N", "MAX_CACHE_SALT",
-    "MAX_LOGPROB_TOKEN_IDS", "MAX_PROMPTS_PER_REQUEST", "GREEDY_EPS", "StreamOptions",
+    "MAX_LOGPROB_TOKEN_IDS", "MAX_PROMPTS_PER_REQUEST", "StreamOptions",
     "StructuredOutputs", "ResponseFormat", "JsonSchemaFormat", "Tool", "FunctionDefinition",
     "NamedToolChoice", "ToolChoice", "check_cache_salt", "check_logit_bias", "TokenId",
 ]
@@ -35,8 +35,6 @@ MAX_N = 16384
 MAX_PROMPTS_PER_REQUEST = 1024
 MAX_CACHE_SALT = 128
 MAX_LOGPROB_TOKEN_IDS = 128
-#: below this temperature vLLM samples greedily (and refuses n > 1)
-GREEDY_EPS = 1e-5
 _SALT_FORBIDDEN = frozenset("@/\\\x00")
 _CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
