@@ -171,6 +171,18 @@ def test_extra_body_is_forwarded_as_is_and_its_keys_logged(fake_vllm_server, cap
     assert not any("secret-value" in m for m in lines)  # keys only, never values
 
 
+def test_extra_body_on_the_stream_handler_and_framework_paths(fake_vllm_server):
+    url = fake_vllm_server.base_url
+    with VllmClient(base_url=url, model="tiny-llama") as client:
+        assert "".join(client.stream_generation("Hi", max_tokens=2, extra_body={"on_stream": 1}))
+        handler = client.create_endpoint_handler("tiny-llama", {"max_tokens": 2})
+        assert "error" not in handler({"prompt": "Hi", "parameters": {"extra_body": {"on_handler": 2}}})
+    backend = vllm(metadata={"vllm_api_url": url, "vllm_model": "tiny-llama"})
+    assert isinstance(backend.generate_text("Hi", max_tokens=2, extra_body={"on_framework": 3}), str)
+    bodies = [json.loads(r.body) for r in fake_vllm_server.requests if r.path == "/v1/completions"]
+    assert [b.get(k) for b, k in zip(bodies, ("on_stream", "on_handler", "on_framework"))] == [1, 2, 3]
+
+
 def test_extra_body_comes_after_validation_of_the_known_fields(fake_vllm_server):
     with VllmClient(base_url=fake_vllm_server.base_url) as client:
         with pytest.raises(ValidationError) as exc:
