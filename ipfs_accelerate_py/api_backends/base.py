@@ -155,6 +155,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         self._id_prefix = os.urandom(4).hex()
         self._endpoint_ids = itertools.count(1)
         self._endpoints: Dict[str, Endpoint] = {}
+        # callers (routed requests) waiting for any of several circuits to close
+        self._circuit_waiters: List["_CircuitWaiter"] = []
         self._endpoints["default"] = self._make_endpoint("default", settings)
         _live_clients.add(self)
 
@@ -198,6 +200,41 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 ep.limit.slow_start()
             for held in ep.queue.resume():
                 self._metrics.record_circuit_wait(ep.id, held)
+            self._wake_circuit_waiters(lambda w: endpoint_id in w.endpoints)
+
+    def _can_wait_for_circuits(self, endpoint_ids: Sequence[str]) -> bool:
+        """True when every one of ``endpoint_ids`` is down (circuit not CLOSED) and probed on
+        a schedule, so that waiting for one of them to come back can end."""
+        eps = [self._endpoint(eid) for eid in endpoint_ids]
+        return bool(eps) and all(ep.settings.circuit_breaker_enabled and ep.prober is not None
+                                 and ep.breaker.state != CLOSED for ep in eps)
+
+    def _wait_for_any_circuit(self, endpoint_ids: Sequence[str], deadline: float,
+                              on_closed: Callable[[], None],
+                              on_deadline: Callable[[float], None]) -> None:
+        """Call ``on_closed()`` once any of ``endpoint_ids`` closes its circuit, or
+        ``on_deadline(waited)`` at monotonic ``deadline`` (checked on the probers' ticks);
+        from a prober thread, or at once if one closed meanwhile. No thread waits for it."""
+        waiter = _CircuitWaiter(set(endpoint_ids), deadline, self._clock.monotonic(),
+                                on_closed, on_deadline)
+        with self._lock:
+            self._circuit_waiters.append(waiter)
+        if not self._can_wait_for_circuits(endpoint_ids) or self._closed:
+            self._wake_circuit_waiters(lambda w: w is waiter)  # closed while registering
+
+    def _wake_circuit_waiters(self, which: Callable[["_CircuitWaiter"], bool],
+                              expired: bool = False) -> None:
+        with self._lock:
+            woken = [w for w in self._circuit_waiters if which(w)]
+            self._circuit_waiters = [w for w in self._circuit_waiters if not which(w)]
+        for w in woken:
+            try:
+                if expired:
+                    w.on_deadline(self._clock.monotonic() - w.since)
+                else:
+                    w.on_closed()
+            except Exception:  # noqa: BLE001 - a waiter's callback must not stop the prober
+                log.exception("a circuit waiter's callback failed")
 
     def _probe_health(self, ep: Endpoint, health: HttpRequest) -> bool:
         """One scheduled probe: the server answered the health request below 500."""
@@ -211,6 +248,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def _expire_held(self, ep: Endpoint) -> None:
         """Fail the queued requests whose deadline passed while the circuit held them."""
         now = self._clock.monotonic()
+        if self._circuit_waiters:
+            self._wake_circuit_waiters(lambda w: w.deadline <= now, expired=True)
         for job in ep.queue.expire(now):
             waited = now - job.enqueued_at
             job.fail(errors.CircuitWaitTimeoutError(
@@ -629,6 +668,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 return
             self._closed = True
         self._closing.set()
+        self._wake_circuit_waiters(lambda w: True)  # they find the client closed
         for ep in self._endpoints.values():
             ep.breaker.wake()  # callers waiting for a circuit or a slot see the close
             ep.limit.wake()
@@ -657,6 +697,21 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self._settings.base_url} endpoints={len(self._endpoints)}"
                 f"{' closed' if self._closed else ''}>")
+
+
+class _CircuitWaiter:
+    """One caller waiting for any of ``endpoints`` to close its circuit (see
+    ``BaseApiBackend._wait_for_any_circuit``)."""
+
+    __slots__ = ("endpoints", "deadline", "since", "on_closed", "on_deadline")
+
+    def __init__(self, endpoints: "set[str]", deadline: float, since: float,
+                 on_closed: Callable[[], None], on_deadline: Callable[[float], None]) -> None:
+        self.endpoints = endpoints
+        self.deadline = deadline
+        self.since = since
+        self.on_closed = on_closed
+        self.on_deadline = on_deadline
 
 
 class _StreamLease:

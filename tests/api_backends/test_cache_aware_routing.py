@@ -158,7 +158,9 @@ def test_requests_sharing_a_prefix_go_to_one_server_and_count_as_expected_hits(f
 
 def test_a_busy_preferred_endpoint_is_passed_over_beyond_the_absolute_bound(fakes):
     a, b = fakes
-    with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
+    # fail_fast: when "a" stops, its held requests end at once (a waiting client would hold
+    # them for "a" to come back, since it was their only endpoint)
+    with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0, fail_fast=True) as c:
         c.set_load_probe(None)
         prompt = next(doc(i) for i in range(100)
                       if c.routing_order("cache-aware", ["a", "b"],

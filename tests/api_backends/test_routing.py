@@ -16,8 +16,10 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 
 from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
+from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.vllm import VLLM_LOAD_METRIC, vllm_load_probe
 from ipfs_accelerate_py.servers.fake_vllm import Fault, FakeVllmServer
+from support import wait_until
 from tests.conftest import REAL_SERVER_API_KEY, find_free_port
 
 FAST = {"max_tokens": 4, "temperature": 0}
@@ -141,10 +143,10 @@ def test_failover_on_5xx_and_refused_connections_then_skip_open_breakers(fakes):
         assert broken.request_count["/v1/completions"] == 2  # nothing sent while OPEN
 
 
-def test_every_endpoint_down_raises_no_healthy_endpoint():
+def test_every_endpoint_down_raises_no_healthy_endpoint_when_fail_fast():
     urls = {"x": dead_url(), "y": dead_url()}
     with routed_client(urls, max_retries=0, failure_threshold=1, minimum_calls=1,
-                       reset_timeout=60) as c:
+                       reset_timeout=60, fail_fast=True) as c:
         with pytest.raises(errors.NoHealthyEndpointError) as info:
             c.route_inference("tiny-llama", "hi", FAST, endpoint_ids=["x", "y"])
         assert "x: ConnectionError" in str(info.value) and "y: ConnectionError" in str(info.value)
@@ -152,6 +154,33 @@ def test_every_endpoint_down_raises_no_healthy_endpoint():
         with pytest.raises(errors.NoHealthyEndpointError, match="circuit OPEN"):
             c.route_inference("tiny-llama", "hi", FAST, endpoint_ids=["x", "y"])
         assert c.get_routing_stats()["no_healthy_endpoint"] == 2
+
+
+def test_every_endpoint_down_waits_for_the_first_circuit_to_close(fakes):
+    """Both servers go away: the routed request waits (no thread holds it) and is served
+    by the first endpoint whose probe finds its server back; a short deadline ends a wait
+    with a typed error."""
+    a, b = fakes
+    with routed_client({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
+        a.down()
+        b.down()
+        for eid in ("a", "b", "a", "b"):  # two refused connections open a circuit
+            with pytest.raises(errors.ApiError):
+                c.run_inference("tiny-llama", "x", FAST, endpoint_id=eid, fail_fast=True)
+        wait_until(lambda: "CLOSED" not in (c.circuit_states()["a"], c.circuit_states()["b"]),
+                   what="both circuits to open")
+        waiting = c.route_submit(build_request("hi", "tiny-llama", FAST), endpoint_ids=["a", "b"])
+        wait_until(lambda: c.get_routing_stats()["waited_for_a_circuit"] == 1,
+                   what="the routed request to wait")
+        assert not waiting.done()
+        late = c.route_submit(build_request("late", "tiny-llama", FAST), endpoint_ids=["a", "b"],
+                              timeout=0.3)
+        with pytest.raises(errors.CircuitWaitTimeoutError):
+            late.result(5)
+        b.up()
+        assert waiting.result(10).usage.completion_tokens == 4
+        assert b.request_count["/v1/completions"] == 1
+        a.up()
 
 
 def test_callers_errors_are_raised_not_failed_over(fakes):

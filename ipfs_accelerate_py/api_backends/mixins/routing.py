@@ -5,8 +5,11 @@ circuit breaker is OPEN, and sends the request to the first one. When that endpo
 in a way another server might not (connection refused or dropped, timeout, 5xx, 429,
 its breaker opening, its queue full) the next endpoint gets the request. Errors that are
 the caller's (400, 401, 404, validation) are raised at once: another server would refuse
-the same request. Only when every endpoint was skipped or failed does the call raise
-``NoHealthyEndpointError``, which names what happened at each endpoint.
+the same request. Routed attempts are fail-fast: an endpoint whose circuit opens hands the
+request back at once, to fail over. When every candidate is down (its circuit not CLOSED and
+probed on a schedule) the request waits, holding no thread, for the first to close, within
+its deadline (then ``CircuitWaitTimeoutError``). Otherwise, when every endpoint was skipped
+or failed, the call raises ``NoHealthyEndpointError``, which names what happened at each.
 
 The client setting ``routing`` (``VLLM_ROUTING``) routes every call that names no endpoint
 (``run_inference``, ``submit``, chat, handlers, streams) the same way over all endpoints;
@@ -44,8 +47,8 @@ from concurrent.futures import Future
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..endpoint_load import LoadBoard, LoadReport
-from ..errors import (ApiError, CircuitOpenError, ConfigurationError, NoHealthyEndpointError,
-                      QueueFullError, TransientError, ValidationError)
+from ..errors import (ApiError, CircuitOpenError, CircuitWaitTimeoutError, ConfigurationError,
+                      NoHealthyEndpointError, QueueFullError, TransientError, ValidationError)
 from ..prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key, bounded_choice, prefix_text,
                                rendezvous_order)
 from .circuit_breaker import OPEN
@@ -91,6 +94,7 @@ class _RoutingState:
         self.failovers: Counter = Counter()
         self.skipped_open: Counter = Counter()
         self.all_down = 0
+        self.circuit_waits = 0  # routed calls that found every endpoint down and waited
         # cache-aware
         self.board = LoadBoard(LOAD_MAX_AGE)
         self.prefix_chars = DEFAULT_PREFIX_CHARS
@@ -106,9 +110,10 @@ class _RoutingState:
 class _Attempts:
     """One routed request: its order, what happened at each endpoint, the caller's future."""
 
-    def __init__(self, order: List[str], key: Optional[bytes]) -> None:
+    def __init__(self, order: List[str], key: Optional[bytes], deadline: float) -> None:
         self.order = order
         self.key = key
+        self.deadline = deadline  # monotonic: how long it may wait for a circuit to close
         self.tried: List[str] = []
         self.last: Optional[BaseException] = None
         self.future: "Future[Any]" = Future()
@@ -348,7 +353,9 @@ class RoutingMixin:
         state = self._routing()
         with state.lock:
             state.routed += 1
-        job = _Attempts(order, key)
+        wait = timeout if timeout is not None else max(
+            self._endpoint(eid).settings.effective_deadline for eid in order)  # type: ignore[attr-defined]
+        job = _Attempts(order, key, self._clock.monotonic() + wait)  # type: ignore[attr-defined]
         self._attempt(state, job, 0, request, priority, timeout)
         return job.future
 
@@ -380,6 +387,24 @@ class RoutingMixin:
                 return
             fut.add_done_callback(lambda f, eid=eid, start=start, i=i: self._attempt_done(
                 state, job, i, eid, start, f, request, priority, timeout))
+            return
+        if (not self._closed and self._clock.monotonic() < job.deadline  # type: ignore[attr-defined]
+                and self._can_wait_for_circuits(job.order)):  # type: ignore[attr-defined]
+            # Every endpoint is down: wait (within the deadline) for the first to come back.
+            with state.lock:
+                state.circuit_waits += 1
+
+            def again() -> None:
+                job.tried.clear()
+                self._attempt(state, job, 0, request, priority, timeout)
+
+            def too_late(waited: float) -> None:
+                _resolve(job.future, error=CircuitWaitTimeoutError(
+                    f"waited {waited:.2f}s for any of {len(job.order)} endpoints' circuits to "
+                    "close; the call deadline passed first, and the request was never sent",
+                    waited=waited))
+
+            self._wait_for_any_circuit(job.order, job.deadline, again, too_late)  # type: ignore[attr-defined]
             return
         with state.lock:
             state.all_down += 1
@@ -476,6 +501,7 @@ class RoutingMixin:
             out = {"routed": state.routed, "served_by": dict(state.served_by),
                    "failovers": dict(state.failovers), "skipped_open": dict(state.skipped_open),
                    "no_healthy_endpoint": state.all_down,
+                   "waited_for_a_circuit": state.circuit_waits,
                    "outstanding": {k: v for k, v in state.outstanding.items() if v}}
             cache = {eid: {"requests": state.ca_served[eid],
                            "expected_prefix_hits": state.expected_hits[eid],
