@@ -24,7 +24,7 @@ from collections import deque
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Any, Callable, Tuple, ClassVar, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
-from . import errors
+from . import errors, tracing
 from .adapter import BackendAdapter
 from .clock import SYSTEM_CLOCK, Clock
 from .context import learn_model_lengths
@@ -190,6 +190,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         ep = self._endpoints.get(endpoint_id)
         if ep is None:
             return
+        tracing.circuit_changed(ep, new, self._clock.monotonic())  # held requests' span events
         if new == OPEN and ep.prober is not None:
             for job in ep.queue.pause():
                 job.fail(ep.breaker.open_error())
@@ -327,7 +328,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         if key is not None:
             key = (key, fail_fast)  # fail-fast and waiting callers never share a call
         rid = f"{self._id_prefix}-{next(self._ids)}"
-        return Job(request, priority, deadline, key, model, rid, now, fail_fast)
+        job = Job(request, priority, deadline, key, model, rid, now, fail_fast)
+        tracing.job_created(self, ep, job)  # a span under the caller's context (tracing.py)
+        return job
 
     def _fail_fast(self, ep: Endpoint, fail_fast: Optional[bool]) -> bool:
         return ep.settings.fail_fast if fail_fast is None else bool(fail_fast)
@@ -399,6 +402,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
 
     def _run_single(self, ep: Endpoint, job: Job) -> None:
         start = self._clock.monotonic()
+        tracing.job_started(ep, job, start)
         try:
             result = self._call(ep, job.request, job.deadline, job.model, job.request_id,
                                 job.priority, job.fail_fast)
@@ -484,9 +488,11 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             probe, waited = ep.breaker.admit(deadline, self._closing, wait=not fail_fast)
         except errors.CircuitWaitTimeoutError as exc:
             self._metrics.record_circuit_wait(ep.id, exc.waited)
+            tracing.waited("circuit.wait", exc.waited)
             raise
         if waited > 0.001:
             self._metrics.record_circuit_wait(ep.id, waited)
+            tracing.waited("circuit.wait", waited)
         return probe
 
     def _send(self, ep: Endpoint, http: HttpRequest, deadline: float,
@@ -503,7 +509,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         answer proves it alive). A non-2xx reply is raised as its typed error."""
         probe = self._admit(ep, deadline, fail_fast)
         try:
-            ep.limit.acquire(deadline, self._closing)
+            tracing.waited("in_flight_limit.wait", ep.limit.acquire(deadline, self._closing))
         except BaseException:
             ep.breaker.release(probe)
             raise
@@ -552,7 +558,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         ep = self._endpoint(endpoint_id)
         deadline = self._clock.monotonic() + (timeout or ep.settings.effective_deadline)
         ff = ep.settings.fail_fast
-        return self._retry(ep, lambda n: self._send(ep, http, deadline, ff), deadline, None)
+        return tracing.in_span(f"{http.method} {http.path}", lambda: self._retry(
+            ep, lambda n: self._send(ep, http, deadline, ff), deadline, None))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -582,6 +589,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         start = self._clock.monotonic()
         deadline = start + ep.settings.effective_deadline
         idle = ep.settings.idle_timeout
+        tracing.stream_opening(self, ep, request, rid)
         ff = self._fail_fast(ep, fail_fast)
 
         def attempt(n: int) -> Any:
@@ -591,6 +599,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         try:
             resp = self._retry(ep, attempt, deadline, request.model)
         except BaseException as exc:
+            tracing.stream_failed(exc)
             self._metrics.record_request(ep.id, request.model, False,
                                          self._clock.monotonic() - start,
                                          error_type=type(exc).__name__, stream=True)
@@ -765,6 +774,7 @@ class TextStream:
         self.finish_reasons: Dict[int, Optional[str]] = {}
         self._gen = self._run()
         self._lease = _StreamLease(ep, response)
+        self._trace = tracing.stream_opened(self)  # its span, ended in _finish (tracing.py)
         weakref.finalize(self, _release_dropped_stream, self._lease, client._metrics,
                          client._clock, request.model, start)
 
@@ -855,6 +865,9 @@ class TextStream:
             input_tokens=usage.prompt_tokens if usage else 0,
             output_tokens=usage.completion_tokens if usage else 0,
             ttft=self._ttft, stream=True)
+        tracing.stream_finished(self._trace, error, None if finished and error is None else
+                                (type(error).__name__ if error else "ClosedEarly"),
+                                usage, self._ttft, list(self.finish_reasons.values()))
 
     def close(self) -> None:
         """Stop reading and drop the connection (idempotent)."""

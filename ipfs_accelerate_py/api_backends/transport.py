@@ -42,6 +42,7 @@ from requests.adapters import HTTPAdapter
 
 from . import errors
 from .errors import redact
+from .tracing import with_trace_context
 
 __all__ = ["HttpRequest", "HttpResponse", "StreamResponse", "Transport", "RequestsTransport",
            "HttpClientTransport", "make_transport", "dumps"]
@@ -183,7 +184,7 @@ class RequestsTransport(Transport):
         headers = dict(self._json_headers) if body is not None else {}
         if request.headers:
             headers.update(request.headers)
-        return self.base_url + request.path, body, headers
+        return self.base_url + request.path, body, with_trace_context(headers)
 
     def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
         url, body, headers = self._prepare(request)
@@ -473,7 +474,7 @@ class HttpClientTransport(Transport):
         if not path.isascii() or not _UNSAFE_PATH.isdisjoint(path):
             path = quote(path, safe="/?&=%:@!$'()*+,;~-._[]")
         out = [request.method, " ", path, " HTTP/1.1\r\n"]
-        extra = request.headers
+        extra = with_trace_context(request.headers)  # W3C traceparent when tracing (tracing.py)
         if not extra and accept is None:
             out.append(self._fixed)
         else:

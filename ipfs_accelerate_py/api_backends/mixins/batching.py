@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Hashable, List, Optional, Sequence
 
+from .. import tracing
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
 from .queue import Job
 
@@ -140,6 +141,7 @@ class BatchingMixin:
         self._metrics.record_batch(endpoint.id, model, len(jobs))  # type: ignore[attr-defined]
         start = self._clock.monotonic()  # type: ignore[attr-defined]
         endpoint.queue.shared_call_started(jobs[0].key)
+        tracing.shared_call_started(self, endpoint, jobs, start)  # a span linked to the callers'
         try:
             try:
                 # The shared call carries the first job's id and its most urgent priority.
@@ -150,6 +152,7 @@ class BatchingMixin:
                 endpoint.burst_until = self._clock.monotonic() + endpoint.settings.batch_timeout  # type: ignore[attr-defined]
             finally:
                 endpoint.queue.shared_call_ended(jobs[0].key)
+                tracing.shared_call_ended()
         except HTTPStatusError as exc:
             if not isinstance(exc, TransientError):
                 if isinstance(merged, ChatBatchRequest) and self._adapter.is_missing_route(exc):  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ import logging
 import threading
 from typing import Callable, Optional
 
+from .. import tracing
 from ..clock import SYSTEM_CLOCK, Clock
 from .circuit_breaker import CircuitBreaker, OPEN
 
@@ -106,7 +107,8 @@ class CircuitProber:
     def _check(self) -> bool:
         """One health request; its outcome is counted (``on_probe``)."""
         try:
-            ok = bool(self._probe())
+            ok = bool(tracing.in_span("health_check", self._probe, **{
+                "ipfs_accelerate.probe": self._name}))  # traceparent on the probe too
         except Exception:  # noqa: BLE001 - a probe that raised is a failed probe
             ok = False
         if self._on_probe is not None:

@@ -23,6 +23,7 @@ import random
 import threading
 from typing import Any, Callable, Optional, TypeVar
 
+from .. import tracing
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import (ApiError, CircuitOpenError, ClientClosedError, TimeoutError,
                       TransientError)
@@ -139,4 +140,5 @@ class RetryMixin:
             return result
 
         return call_with_retries(counted, RetryPolicy.from_settings(endpoint.settings),
-                                 deadline, self._clock, self._closing)  # type: ignore[attr-defined]
+                                 deadline, self._clock, self._closing,  # type: ignore[attr-defined]
+                                 on_retry=tracing.retrying)  # span events (tracing.py)

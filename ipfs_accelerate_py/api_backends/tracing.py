@@ -1,0 +1,420 @@
+"""OpenTelemetry traces, metrics and request-scoped logs, for whoever configured a provider.
+
+The pipeline calls the hooks below at the points that matter for one request; each hook
+costs a dict lookup and returns when no tracer or meter provider is configured (see
+``_otel``), and nothing here imports ``opentelemetry``. With a tracer provider:
+
+- every submitted request gets a CLIENT span ``{gen_ai.operation.name} {gen_ai.request.model}``
+  started in the caller's thread (so it is a child of the caller's current span) and ended
+  when its future resolves, with the GenAI request/response attributes;
+- its queue wait, the time its circuit held it, waits for the circuit or an in-flight slot
+  and each retry are span events;
+- a shared (batched) call gets its own span, child of the first caller's span, linked to
+  every caller's span (and each caller's span links back), recording the batch size;
+- a stream's span records the time to first chunk;
+- every HTTP request sent for a traced operation carries W3C ``traceparent`` /
+  ``tracestate`` (shared calls and health probes included), so vLLM continues the trace.
+
+With a meter provider the same operations feed ``gen_ai.client.operation.duration``,
+``gen_ai.client.token.usage`` and, for streams, ``gen_ai.client.operation.time_to_first_chunk``.
+
+Log lines emitted while a request is being worked on carry ``[request_id=... trace_id=...]``
+(and ``record.request_id`` / ``record.trace_id``), tracing or not. Prompts, completions,
+headers and URLs' user info are never recorded: the API key cannot reach a span.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, TypeVar
+from urllib.parse import urlsplit
+
+from . import _otel
+
+__all__ = ["configure", "job_created", "job_started", "shared_call_started",
+           "shared_call_ended", "retrying", "waited", "circuit_changed", "in_span",
+           "stream_opening", "stream_failed", "stream_opened", "stream_finished",
+           "with_trace_context", "RequestLogFilter"]
+
+T = TypeVar("T")
+#: waits shorter than this are not worth an event
+MIN_WAIT = 0.001
+
+
+def configure(tracer_provider: Any = None, meter_provider: Any = None) -> None:
+    """Report to these providers instead of the global ones (None: use the global one).
+    Not needed when ``opentelemetry.trace.set_tracer_provider`` was called."""
+    _otel.set_providers(tracer_provider, meter_provider)
+
+
+class _Local(threading.local):
+    """What this thread is working on: the request (for logs) and the span (for events
+    and the wire)."""
+
+    rid: Optional[str] = None
+    future: Optional[Future] = None  # once done, ``rid`` no longer describes the thread
+    op: Optional["_Op"] = None
+    span: Any = None
+
+
+_local = _Local()
+
+
+class _Op:
+    """One traced operation: a caller's request, a shared call, or a stream."""
+
+    __slots__ = ("telemetry", "span", "attrs", "t0", "retries", "ended", "metrics",
+                 "start_ns", "__weakref__")
+
+    def __init__(self, telemetry: _otel.Telemetry, span: Any, attrs: Dict[str, Any],
+                 metrics: bool = True) -> None:
+        self.telemetry = telemetry
+        self.span = span
+        self.attrs = attrs  # the low-cardinality ones, shared with the metrics
+        self.t0 = time.monotonic()
+        self.start_ns = time.time_ns()
+        self.retries = 0
+        self.ended = False
+        self.metrics = metrics
+
+    def event(self, name: str, attributes: Dict[str, Any], at_ns: Optional[int] = None) -> None:
+        if self.span is not None:
+            self.span.add_event(name, attributes, at_ns)
+
+    def finish(self, error: Optional[BaseException] = None, error_type: Optional[str] = None,
+               result: Any = None, ttft: Optional[float] = None,
+               usage: Any = None, finish_reasons: Sequence[str] = ()) -> None:
+        """End the span and record the metrics, once."""
+        if self.ended:
+            return
+        self.ended = True
+        if error is not None and error_type is None:
+            error_type = type(error).__name__
+        attrs = self.attrs if error_type is None else {**self.attrs, "error.type": error_type}
+        if result is not None:
+            usage = result.usage
+            finish_reasons = [c.finish_reason for c in result.choices if c.finish_reason]
+        ins = usage.prompt_tokens if usage is not None else 0
+        outs = usage.completion_tokens if usage is not None else 0
+        span = self.span
+        if span is not None:
+            if usage is not None:
+                span.set_attribute("gen_ai.usage.input_tokens", ins)
+                span.set_attribute("gen_ai.usage.output_tokens", outs)
+            if finish_reasons:
+                span.set_attribute("gen_ai.response.finish_reasons", list(finish_reasons))
+            if result is not None:
+                if result.model:
+                    span.set_attribute("gen_ai.response.model", result.model)
+                if result.id:
+                    span.set_attribute("gen_ai.response.id", result.id)
+            if self.retries:
+                span.set_attribute("http.request.resend_count", self.retries)
+            if ttft is not None:
+                span.set_attribute("gen_ai.response.time_to_first_chunk", ttft)
+                span.add_event("first_chunk", {"gen_ai.response.time_to_first_chunk": ttft},
+                               self.start_ns + int(ttft * 1e9))
+            if error_type is not None:
+                _set_error(span, error_type, error)
+            span.end()
+        if self.metrics:
+            self.telemetry.record(attrs, time.monotonic() - self.t0, ins, outs, ttft)
+
+
+def _set_error(span: Any, error_type: str, error: Optional[BaseException]) -> None:
+    trace = sys.modules["opentelemetry.trace"]
+    span.set_attribute("error.type", error_type)
+    # Our errors carry no secrets (errors.py redacts); cap the length all the same.
+    span.set_status(trace.Status(trace.StatusCode.ERROR,
+                                 str(error)[:300] if error is not None else error_type))
+
+
+@functools.lru_cache(maxsize=64)
+def _server(base_url: str) -> Tuple[str, int]:
+    """``server.address`` / ``server.port`` of a base URL (never its user info)."""
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.hostname or "", port
+
+
+def _attrs(client: Any, ep: Any, request: Any, model: Optional[str]) -> Dict[str, Any]:
+    chat = getattr(request, "messages", None) is not None or hasattr(request, "conversations")
+    address, port = _server(ep.settings.base_url)
+    attrs: Dict[str, Any] = {"gen_ai.operation.name": "chat" if chat else "text_completion",
+                             "gen_ai.provider.name": client.adapter.name,
+                             "server.address": address, "server.port": port}
+    if model:
+        attrs["gen_ai.request.model"] = model
+    return attrs
+
+
+def _span_name(attrs: Dict[str, Any]) -> str:
+    model = attrs.get("gen_ai.request.model")
+    return f"{attrs['gen_ai.operation.name']} {model}" if model else attrs["gen_ai.operation.name"]
+
+
+def _request_attrs(request: Any, rid: str, ep: Any) -> Dict[str, Any]:
+    """The span-only attributes: request parameters and our identifiers."""
+    out: Dict[str, Any] = {"ipfs_accelerate.request_id": rid, "ipfs_accelerate.endpoint": ep.id}
+    for field, name in (("max_tokens", "gen_ai.request.max_tokens"),
+                        ("temperature", "gen_ai.request.temperature"),
+                        ("top_p", "gen_ai.request.top_p"), ("seed", "gen_ai.request.seed")):
+        value = getattr(request, field, None)
+        if value is not None:
+            out[name] = value
+    n = getattr(request, "n", None)
+    if n and n != 1:
+        out["gen_ai.request.choice.count"] = n
+    return out
+
+
+def _start(telemetry: _otel.Telemetry, name: str, attributes: Dict[str, Any],
+           parent: Any = None, links: Optional[List[Any]] = None) -> Any:
+    if telemetry.tracer is None:
+        return None
+    trace = sys.modules["opentelemetry.trace"]
+    ctx = trace.set_span_in_context(parent) if parent is not None else None
+    return telemetry.tracer.start_span(name, context=ctx, kind=trace.SpanKind.CLIENT,
+                                       attributes=attributes, links=links)
+
+
+# ---------------------------------------------------------------- queued requests
+_jobs: "weakref.WeakKeyDictionary[Future, _Op]" = weakref.WeakKeyDictionary()
+
+
+def job_created(client: Any, ep: Any, job: Any) -> None:
+    """``submit``, caller's thread: open the request's span under the caller's context."""
+    telemetry = _otel.current()
+    if telemetry is None:
+        return
+    attrs = _attrs(client, ep, job.request, job.model)
+    span = _start(telemetry, _span_name(attrs),
+                  {**attrs, **_request_attrs(job.request, job.request_id, ep),
+                   "ipfs_accelerate.priority": job.priority})
+    op = _Op(telemetry, span, attrs)
+    _jobs[job.future] = op
+    job.future.add_done_callback(lambda fut: _job_done(op, fut))
+
+
+def _job_done(op: _Op, fut: Future) -> None:
+    if fut.cancelled():
+        op.finish(error_type="CancelledError")
+    elif fut.exception() is not None:
+        op.finish(error=fut.exception())
+    else:
+        op.finish(result=fut.result())
+    if _local.op is op:
+        _local.op = _local.span = None
+
+
+def _queue_events(op: _Op, ep: Any, job: Any, now: float) -> None:
+    op.event("queue.wait", {"wait.duration_s": max(0.0, now - job.enqueued_at)})
+    held = _held(ep, job.enqueued_at, now)
+    if held > MIN_WAIT:
+        op.event("circuit.wait", {"wait.duration_s": held, "circuit.held_in_queue": True})
+
+
+def job_started(ep: Any, job: Any, now: float) -> None:
+    """A worker took ``job`` to send it alone (``now``: the client's monotonic clock)."""
+    _local.rid, _local.future = job.request_id, job.future
+    op = _jobs.get(job.future) if _jobs else None
+    _local.op = op
+    _local.span = op.span if op is not None else None
+    if op is not None:
+        _queue_events(op, ep, job, now)
+
+
+def shared_call_started(client: Any, ep: Any, jobs: Sequence[Any], now: float) -> None:
+    """A worker sends ``jobs`` as one call: a span for the call, linked with theirs."""
+    _local.rid, _local.future = jobs[0].request_id, jobs[0].future
+    _local.op = _local.span = None
+    ops = [_jobs.get(j.future) for j in jobs] if _jobs else []
+    traced = [(j, o) for j, o in zip(jobs, ops) if o is not None]
+    if not traced:
+        return
+    telemetry = traced[0][1].telemetry
+    for j, o in traced:
+        _queue_events(o, ep, j, now)
+    first = traced[0][1]
+    attrs = {**first.attrs, "ipfs_accelerate.batch.size": len(jobs),
+             "ipfs_accelerate.request_id": jobs[0].request_id, "ipfs_accelerate.endpoint": ep.id}
+    if telemetry.tracer is not None:
+        trace = sys.modules["opentelemetry.trace"]
+        links = [trace.Link(o.span.get_span_context(),
+                            {"ipfs_accelerate.request_id": j.request_id}) for j, o in traced]
+        call = _start(telemetry, _span_name(attrs), attrs, parent=first.span, links=links)
+        for j, o in traced:
+            o.span.set_attribute("ipfs_accelerate.batch.size", len(jobs))
+            o.span.add_link(call.get_span_context(), {"ipfs_accelerate.shared_call": True})
+    else:
+        call = None
+    _local.op = _Op(telemetry, call, attrs, metrics=False)  # the callers' ops are measured
+    _local.span = call
+
+
+def shared_call_ended() -> None:
+    """The shared call returned or raised (called from a ``finally``)."""
+    op = _local.op
+    if op is None:
+        return
+    _local.op = _local.span = None
+    error = sys.exc_info()[1]
+    op.finish(error=error if isinstance(error, Exception) else None)
+
+
+# ---------------------------------------------------------------- events on the current span
+def retrying(error: BaseException, attempt: int, delay: float) -> None:
+    """``call_with_retries``' ``on_retry``: attempt ``attempt`` failed, the next in ``delay`` s."""
+    op = _local.op
+    if op is None:
+        return
+    op.retries += 1
+    op.event("retry", {"retry.attempt": attempt + 1, "retry.delay_s": delay,
+                       "error.type": type(error).__name__})
+
+
+def waited(name: str, seconds: float) -> None:
+    """An attempt waited ``seconds`` (for the circuit, for an in-flight slot) before sending."""
+    if seconds > MIN_WAIT and _local.op is not None:
+        _local.op.event(name, {"wait.duration_s": seconds})
+
+
+# ---------------------------------------------------------------- circuit holds
+#: per endpoint, its recent outages as [opened, closed] on the client's monotonic clock
+_outages: "weakref.WeakKeyDictionary[Any, Deque[List[Optional[float]]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def circuit_changed(ep: Any, new: str, now: float) -> None:
+    """Remember when ``ep``'s queue was held (OPEN with scheduled probes .. CLOSED)."""
+    spans = _outages.get(ep)
+    if new == "OPEN" and ep.prober is not None:
+        if spans is None:
+            spans = _outages[ep] = deque(maxlen=8)
+        if not spans or spans[-1][1] is not None:
+            spans.append([now, None])
+    elif new == "CLOSED" and spans and spans[-1][1] is None:
+        spans[-1][1] = now
+
+
+def _held(ep: Any, since: float, now: float) -> float:
+    """Seconds of [since, now] during which ``ep``'s queue was held by its circuit."""
+    total = 0.0
+    for opened, closed in _outages.get(ep, ()):
+        total += max(0.0, min(now if closed is None else closed, now) - max(opened, since))
+    return total
+
+
+# ---------------------------------------------------------------- other calls
+def in_span(name: str, fn: Callable[[], T], **attributes: Any) -> T:
+    """Run ``fn`` (a health probe, a raw call) in a span of its own, so what it sends
+    carries trace context."""
+    telemetry = _otel.current()
+    if telemetry is None or telemetry.tracer is None:
+        return fn()
+    span = _start(telemetry, name, attributes)
+    saved = _local.op, _local.span
+    _local.op, _local.span = _Op(telemetry, span, {}, metrics=False), span
+    try:
+        result = fn()
+        if isinstance(result, bool):
+            span.set_attribute("ipfs_accelerate.healthy", result)
+        return result
+    except BaseException as exc:
+        _set_error(span, type(exc).__name__, exc)
+        raise
+    finally:
+        span.end()
+        _local.op, _local.span = saved
+
+
+# ---------------------------------------------------------------- streams
+def stream_opening(client: Any, ep: Any, request: Any, rid: str) -> None:
+    """``stream()``, caller's thread, before the first attempt."""
+    _local.rid, _local.future = rid, None
+    telemetry = _otel.current()
+    if telemetry is None:
+        _local.op = _local.span = None
+        return
+    attrs = _attrs(client, ep, request, request.model)
+    span = _start(telemetry, _span_name(attrs), {**attrs, **_request_attrs(request, rid, ep)})
+    _local.op, _local.span = _Op(telemetry, span, attrs), span
+
+
+def _clear() -> Optional[_Op]:
+    op = _local.op
+    _local.rid = _local.future = _local.op = _local.span = None
+    return op
+
+
+def stream_failed(error: BaseException) -> None:
+    """The stream could not be opened."""
+    op = _clear()
+    if op is not None:
+        op.finish(error=error)
+
+
+def stream_opened(stream: Any) -> Optional[_Op]:
+    """The stream is open: hand its operation over to it (ended when it is collected
+    unread, too)."""
+    op = _clear()
+    if op is not None:
+        weakref.finalize(stream, op.finish, error_type="ClosedEarly")
+    return op
+
+
+def stream_finished(op: Optional[_Op], error: Optional[BaseException], error_type: Optional[str],
+                    usage: Any, ttft: Optional[float], finish_reasons: Sequence[Any]) -> None:
+    """The stream ended (read to its end, failed, or closed early)."""
+    if op is not None:
+        op.finish(error=error, error_type=error_type, usage=usage, ttft=ttft,
+                  finish_reasons=[r for r in finish_reasons if r])
+
+
+# ---------------------------------------------------------------- the wire
+def with_trace_context(headers: Dict[str, str]) -> Dict[str, str]:
+    """``headers`` plus ``traceparent`` / ``tracestate`` of the span this thread works for
+    (else of the caller's current span); the same dict when there is nothing to add."""
+    if "opentelemetry" not in sys.modules:
+        return headers
+    span = _local.span
+    if span is None:
+        telemetry = _otel.current()
+        if telemetry is None or telemetry.tracer is None:
+            return headers
+    from opentelemetry import propagate, trace  # already imported by the user's set-up
+
+    out = dict(headers)
+    propagate.inject(out, context=trace.set_span_in_context(span) if span is not None else None)
+    return out
+
+
+# ---------------------------------------------------------------- logs
+class RequestLogFilter(logging.Filter):
+    """Tags records logged while this thread works on a request with its id (and trace id)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = _local.rid
+        if rid is None or (_local.future is not None and _local.future.done()):
+            return True
+        tag = f"request_id={rid}"
+        record.request_id = rid
+        span = _local.span
+        if span is not None:
+            record.trace_id = tid = format(span.get_span_context().trace_id, "032x")
+            tag += f" trace_id={tid}"
+        if isinstance(record.msg, str) and not record.msg.startswith("[request_id="):
+            record.msg = f"[{tag}] {record.msg}"
+        return True
+
+
+_FILTER = RequestLogFilter()
+for _name in ("ipfs_accelerate_py.api_backends", "ipfs_accelerate_py.api_backends.transport"):
+    logging.getLogger(_name).addFilter(_FILTER)
