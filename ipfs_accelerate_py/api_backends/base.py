@@ -77,6 +77,7 @@ class Endpoint:
         self.workers: WorkerPool  # set right after construction (the pool calls back into it)
         self.prober: Optional[CircuitProber] = None  # set when the adapter has a health request
         self.limit = InFlightLimit(settings.max_concurrent_requests)
+        self.circuit_sync = threading.RLock()  # queue pause/resume follows the circuit
         self.priority_supported = True  # cleared when the server refuses a priority field
         self.chat_batch_supported = True  # cleared when the server has no chat batch route
         self.burst_until = 0.0  # monotonic time until which a lone request may linger
@@ -191,17 +192,30 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         if ep is None:
             return
         tracing.circuit_changed(ep, new, self._clock.monotonic())  # held requests' span events
-        if new == OPEN and ep.prober is not None:
-            for job in ep.queue.pause():
-                job.fail(ep.breaker.open_error())
-                self._record_unsent(ep, job)
-            ep.prober.start()
-        elif new == CLOSED:
-            if old != CLOSED:
-                ep.limit.slow_start()
-            for held in ep.queue.resume():
-                self._metrics.record_circuit_wait(ep.id, held)
+        if new == CLOSED and old != CLOSED:
+            ep.limit.slow_start()
+        self._hold_queue_while_down(ep)
+        if new == CLOSED:
             self._wake_circuit_waiters(lambda w: endpoint_id in w.endpoints)
+
+    def _hold_queue_while_down(self, ep: Endpoint) -> None:
+        """Pause the endpoint's queue (failing its fail-fast jobs) and probe while the circuit
+        is not CLOSED; resume it once it is. Read from the breaker's state now, not from the
+        transition that called: callbacks of quick successive transitions may run out of
+        order in different threads, and the queue must end as the circuit is."""
+        if ep.prober is None:
+            return
+        with ep.circuit_sync:
+            down = ep.breaker.state != CLOSED
+            failed = ep.queue.pause() if down else []
+            held = [] if down else ep.queue.resume()
+        for job in failed:
+            job.fail(ep.breaker.open_error())
+            self._record_unsent(ep, job)
+        for seconds in held:
+            self._metrics.record_circuit_wait(ep.id, seconds)
+        if down:
+            ep.prober.start()
 
     def _can_wait_for_circuits(self, endpoint_ids: Sequence[str]) -> bool:
         """True when every one of ``endpoint_ids`` is down (circuit not CLOSED) and probed on

@@ -126,24 +126,33 @@ def test_circuit_breaker_snippet(readme, real_base_url):  # noqa: F811
             client.run_inference("no-such-model", PROMPT, {"max_tokens": 2})
     assert run_snippet("Circuit Breaker Pattern", readme, real_base_url) == out
 
-    # A server that is gone: after failure_threshold (5) failures the breaker opens and
-    # rejects at once; the same README lines report it.
+    # A server that is gone: two refused connections open the breaker. With fail_fast the
+    # next call is rejected at once; the same README lines report it.
     with socket.socket() as sock:  # a loopback port with nobody listening
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     dead = VllmClient(base_url=f"http://127.0.0.1:{port}", failure_threshold=5,
-                      max_retries=0, reset_timeout=30)
+                      max_retries=0, reset_timeout=30, fail_fast=True)
     try:
-        for _ in range(5):
+        for _ in range(2):
             with pytest.raises(errors.ConnectionError):
                 dead.run_inference(README_MODEL, PROMPT)
         with pytest.raises(errors.CircuitOpenError):
             dead.run_inference(README_MODEL, PROMPT)
         ns = {"client": dead}
         assert run_snippet("Circuit Breaker Pattern", ns, real_base_url) == \
-            "Circuit state: OPEN\nFailure count: 5\n"
+            "Circuit state: OPEN\nFailure count: 2\n"
     finally:
         dead.close()
+    # By default a call waits for the circuit instead, within its deadline.
+    waiting = VllmClient(base_url=f"http://127.0.0.1:{port}", max_retries=3, retry_delay=0.05,
+                         deadline=2.0)
+    try:
+        with pytest.raises(errors.CircuitWaitTimeoutError):
+            waiting.run_inference(README_MODEL, PROMPT)
+        assert waiting.circuit_state != "CLOSED"
+    finally:
+        waiting.close()
 
 
 def test_request_batching_snippet(readme, real_base_url):  # noqa: F811
