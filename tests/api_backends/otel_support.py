@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import threading
 from typing import Any, Dict, List, Tuple
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -22,6 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ipfs_accelerate_py.api_backends import tracing
+from reliability.netfaults import TcpRelay
 
 __all__ = ["OtelCapture", "RecordingRelay", "parse_traceparent", "span_id", "trace_id"]
 
@@ -85,66 +85,36 @@ class OtelCapture:
                           indent=1)
 
 
-class RecordingRelay:
-    """127.0.0.1:<port> -> ``upstream``, recording what clients sent."""
+class RecordingRelay(TcpRelay):
+    """The loopback relay of the reliability tests, also keeping what clients sent."""
 
     def __init__(self, upstream: Tuple[str, int]) -> None:
-        self.upstream = upstream
+        super().__init__(upstream)
         self._sent = bytearray()
-        self._lock = threading.Lock()
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._accept = threading.Thread(target=self._loop, daemon=True, name="recording-relay")
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-
-    def start(self) -> "RecordingRelay":
-        self._accept.start()
-        return self
-
-    def stop(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        self._accept.join(5)
 
     def traceparents(self) -> List[str]:
         with self._lock:
             return [m.decode() for m in _TRACEPARENT.findall(bytes(self._sent))]
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            for src, dst, record in ((client, upstream, True), (upstream, client, False)):
-                threading.Thread(target=self._pipe, args=(src, dst, record), daemon=True).start()
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:  # type: ignore[override]
+        if src.getsockname()[1] == self.port:  # accepted here: the client's side
+            src = _Recording(src, self)
+        TcpRelay._pipe(src, dst)  # type: ignore[arg-type]
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if record:
-                    with self._lock:
-                        self._sent += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
+
+class _Recording:
+    """A socket whose received bytes are appended to the relay's record before they are
+    forwarded."""
+
+    def __init__(self, sock: socket.socket, relay: RecordingRelay) -> None:
+        self._sock = sock
+        self._relay = relay
+
+    def recv(self, size: int) -> bytes:
+        data = self._sock.recv(size)
+        with self._relay._lock:
+            self._relay._sent += data
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)

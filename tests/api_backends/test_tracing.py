@@ -20,7 +20,7 @@ import pytest
 from opentelemetry import trace as otel_trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from fixtures_resilience import (COMPLETIONS, completion_requests, fake_server,  # noqa: F401
+from fixtures_resilience import (COMPLETIONS, fake_server,  # noqa: F401
                                  make_client, real_base_url, request_ids, wait_until)
 from otel_support import OtelCapture, RecordingRelay, parse_traceparent, span_id, trace_id
 from ipfs_accelerate_py.api_backends import _otel, errors
