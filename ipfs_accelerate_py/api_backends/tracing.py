@@ -62,6 +62,9 @@ class _Local(threading.local):
     future: Optional[Future] = None  # once done, ``rid`` no longer describes the thread
     op: Optional["_Op"] = None
     span: Any = None
+    #: set by ``stream_opening`` until the stream opened or failed: its operation and what
+    #: the thread was doing before
+    pending: Optional[Tuple[Optional["_Op"], Tuple[Any, ...]]] = None
 
 
 _local = _Local()
@@ -338,19 +341,23 @@ def in_span(name: str, fn: Callable[[], T], **attributes: Any) -> T:
 # ---------------------------------------------------------------- streams
 def stream_opening(client: Any, ep: Any, request: Any, rid: str) -> None:
     """``stream()``, caller's thread, before the first attempt."""
-    _local.rid, _local.future = rid, None
+    saved = (_local.rid, _local.future, _local.op, _local.span)
     telemetry = _otel.current()
-    if telemetry is None:
-        _local.op = _local.span = None
-        return
-    attrs = _attrs(client, ep, request, request.model)
-    span = _start(telemetry, _span_name(attrs), {**attrs, **_request_attrs(request, rid, ep)})
-    _local.op, _local.span = _Op(telemetry, span, attrs), span
+    op = span = None
+    if telemetry is not None:
+        attrs = _attrs(client, ep, request, request.model)
+        span = _start(telemetry, _span_name(attrs), {**attrs, **_request_attrs(request, rid, ep)})
+        op = _Op(telemetry, span, attrs)
+    _local.pending = (op, saved)
+    _local.rid, _local.future, _local.op, _local.span = rid, None, op, span
 
 
 def _clear() -> Optional[_Op]:
-    op = _local.op
-    _local.rid = _local.future = _local.op = _local.span = None
+    """The stream ``stream_opening`` announced, if any; the thread's state as before it."""
+    pending, _local.pending = _local.pending, None
+    if pending is None:
+        return None  # a stream made elsewhere (a shared stream's member)
+    op, (_local.rid, _local.future, _local.op, _local.span) = pending
     return op
 
 
