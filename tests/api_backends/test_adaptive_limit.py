@@ -1,0 +1,168 @@
+"""The adaptive in-flight limit (mixins/inflight.py) and what the batcher does when it is
+reached (mixins/batching.py). Round trips are set with a fake clock, never slept; the
+gathering test gates the double's replies and releases them."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, List, Optional, Tuple
+
+import pytest
+
+from ipfs_accelerate_py.api_backends.clock import FakeClock
+from ipfs_accelerate_py.api_backends.mixins.inflight import InFlightLimit
+from ipfs_accelerate_py.api_backends.base import default_transport
+from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse, StreamResponse,
+                                                        Transport)
+from ipfs_accelerate_py.api_backends.vllm import VllmClient
+
+from support import wait_until
+
+P = {"max_tokens": 2, "temperature": 0}
+
+
+def replies(lim: InFlightLimit, clock: FakeClock, rtt: float, count: int, busy: int) -> None:
+    """``count`` rounds of ``busy`` concurrent attempts (at most the limit) that each take
+    ``rtt`` seconds."""
+    for _ in range(count):
+        done: List[threading.Thread] = []
+        for _ in range(min(busy, lim.limit)):  # never more than fit: a round never waits
+            # each attempt in its own thread: the limit times a slot per thread
+            gate = threading.Event()
+            took = threading.Event()
+
+            def attempt() -> None:
+                lim.acquire(clock.monotonic() + 60)
+                took.set()
+                gate.wait(10)
+                lim.release(True)
+
+            t = threading.Thread(target=attempt)
+            t.start()
+            took.wait(10)
+            done.append(t)
+            t.gate = gate  # type: ignore[attr-defined]
+        clock.advance(rtt)
+        for t in done:
+            t.gate.set()  # type: ignore[attr-defined]
+            t.join(10)
+
+
+def test_a_lone_caller_never_moves_the_limit():
+    clock = FakeClock()
+    lim = InFlightLimit(16, clock)
+    replies(lim, clock, 0.01, 5, busy=1)
+    replies(lim, clock, 1.0, 5, busy=1)  # 100x slower, but one in flight: app-limited
+    assert lim.limit == 16
+
+
+def test_latency_past_the_tolerance_shrinks_the_limit_and_recovery_grows_it():
+    clock = FakeClock()
+    lim = InFlightLimit(16, clock)
+    replies(lim, clock, 0.02, 3, busy=12)
+    assert lim.limit == 16
+    replies(lim, clock, 0.2, 4, busy=12)  # 10x the unloaded round trip: queueing
+    low = lim.limit
+    assert low < 12 and lim.stats()["decreases"] >= 1
+    busy = max(low, 1)
+    replies(lim, clock, 0.02, 30, busy=busy)  # fast again, and every slot in use
+    assert lim.limit > low and lim.stats()["increases"] >= 1
+    assert lim.limit <= 16
+
+
+def test_a_server_reporting_requests_waiting_shrinks_the_limit():
+    clock = FakeClock()
+    waiting: List[Optional[float]] = [None]
+    lim = InFlightLimit(16, clock, load_source=lambda: waiting[0])
+    replies(lim, clock, 0.02, 3, busy=12)
+    assert lim.limit == 16
+    waiting[0] = 5.0
+    replies(lim, clock, 0.02, 3, busy=12)  # latency fine, but the server's queue is not empty
+    assert lim.limit < 12
+    waiting[0] = 0.0
+    before = lim.limit
+    replies(lim, clock, 0.02, 20, busy=before)
+    assert lim.limit > before
+
+
+def test_a_load_source_that_raises_is_no_figure():
+    clock = FakeClock()
+
+    def broken() -> float:
+        raise RuntimeError("bad report")
+
+    lim = InFlightLimit(8, clock, load_source=broken)
+    replies(lim, clock, 0.02, 3, busy=8)
+    assert lim.limit == 8
+
+
+def test_slow_start_still_ramps_one_per_healthy_reply_to_the_ceiling():
+    clock = FakeClock()
+    lim = InFlightLimit(4, clock)
+    lim.slow_start()
+    assert lim.limit == 1
+    replies(lim, clock, 5.0, 1, busy=1)
+    assert lim.limit == 2
+    replies(lim, clock, 5.0, 2, busy=1)
+    assert lim.limit == 4
+    replies(lim, clock, 0.01, 1, busy=1)
+    assert lim.limit == 4
+
+
+class GatedTransport(Transport):
+    """The real transport, with the first ``send`` held at ``gate`` (a fault the test
+    releases); ``sent`` lists every completion call's prompt count."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.gate = threading.Event()
+        self.holding = threading.Event()
+        self.sent: List[int] = []
+        self._lock = threading.Lock()
+
+    def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
+        prompt = (request.json or {}).get("prompt")
+        with self._lock:
+            self.sent.append(len(prompt) if isinstance(prompt, list) else 1)
+            first = len(self.sent) == 2  # the one after the warm-up
+        if first:
+            self.holding.set()
+            self.gate.wait(30)
+        return self.inner.send(request, timeout)
+
+    def open_stream(self, request: HttpRequest, timeout: Tuple[float, float]) -> StreamResponse:
+        return self.inner.open_stream(request, timeout)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_requests_arriving_while_the_limit_is_reached_join_the_next_shared_call(start_fake):
+    """Limit 1 (a slow start), one call held: the 12 requests submitted meanwhile go out as
+    ONE call once it returns, not as many small ones, though 32 workers are free."""
+    server = start_fake()
+    gated: List[GatedTransport] = []
+
+    def factory(settings: Any) -> Transport:
+        gated.append(GatedTransport(default_transport(settings)))
+        return gated[-1]
+
+    client = VllmClient(base_url=server.base_url, model="tiny-llama", max_concurrent_requests=32,
+                        max_batch_size=32, transport_factory=factory)
+    try:
+        assert client.run_inference(None, "warm", P).text
+        client._endpoint(None).limit.slow_start()  # limit 1: the next call fills it
+        first = client.submit_inference(None, "first", P)
+        assert gated[0].holding.wait(10)
+        futures = [client.submit_inference(None, f"later {i}", P) for i in range(12)]
+        wait_until(lambda: len(client._endpoint(None).queue) == 0, what="every job taken")
+        gated[0].gate.set()
+        assert first.result(10).text
+        results = [f.result(10) for f in futures]
+        assert all(r.usage.completion_tokens == 2 for r in results)
+        assert gated[0].sent == [1, 1, 12]
+        assert {r.batch_size for r in results} == {12}
+        m = client.get_metrics()
+        assert m["in_flight"]["default"]["maximum"] == 32 and m["in_flight_limit"]["default"] >= 2
+    finally:
+        client.close()
