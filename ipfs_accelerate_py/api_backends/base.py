@@ -170,6 +170,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         breaker = self._new_breaker(endpoint_id, settings, self._clock,
                                     self._on_circuit_transition, scheduled_probes=health is not None)
         ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue)
+        # the adaptive in-flight limit reads the server's queue off its replies (inflight.py)
+        ep.limit.load_source = lambda: getattr(self._routing().board.fresh(
+            endpoint_id, self._clock.monotonic()), "waiting", None)
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = WorkerPool(queue, settings.max_concurrent_requests,
                                 lambda job: self._handle_job(job, ep), name=name)
@@ -404,6 +407,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             self._record_unsent(ep, job)
             return
         batch = self._collect_batch(ep, job)
+        if not batch:
+            return  # handed to the worker gathering its batch (mixins/batching.py)
         if len(batch) > 1:
             self._run_batch(ep, batch)
         else:
@@ -598,6 +603,10 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         if request.model is None and ep.settings.model:
             request = request.model_copy(update={"model": ep.settings.model})
         request = cap_request(self, request)
+        from . import stream_batching  # it subclasses TextStream, below
+        shared = stream_batching.join(self, ep, request, self._fail_fast(ep, fail_fast))
+        if shared is not None:  # it shares one prompt-list stream with others (stream_batching.py)
+            return shared
         rid = f"{self._id_prefix}-{next(self._ids)}"
         http = self._adapter.format_request(request, priority=None, request_id=rid)
         start = self._clock.monotonic()
@@ -819,34 +828,39 @@ class TextStream:
         finally:
             self.close()
 
-    def _run(self) -> Iterator[StreamChunk]:
-        client, adapter = self._client, self._client._adapter
+    def _chunks(self) -> Iterator[StreamChunk]:
+        """The reply's chunks in order; returns at the end marker, raises if it never came.
+        (A stream sharing one call with others reads its own choices instead: stream_batching.)"""
+        adapter = self._client._adapter
         decoder = SSEDecoder()
+        for raw in self._response.chunks():
+            for data in decoder.feed(raw):
+                parsed = adapter.parse_stream_event(self._request, data)
+                if parsed is None:
+                    return
+                yield from parsed
+        for data in decoder.flush():
+            if adapter.parse_stream_event(self._request, data) is None:
+                return
+        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
+                                   "the reply is incomplete")
+
+    def _run(self) -> Iterator[StreamChunk]:
+        client = self._client
         error: Optional[BaseException] = None
         finished = False
         try:
-            for raw in self._response.chunks():
-                for data in decoder.feed(raw):
-                    parsed = adapter.parse_stream_event(self._request, data)
-                    if parsed is None:
-                        finished = True
-                        return
-                    for chunk in parsed:
-                        if chunk.usage is not None:
-                            self.usage = chunk.usage
-                        if chunk.finish_reason is not None:
-                            self.finish_reasons[chunk.index] = chunk.finish_reason
-                        if chunk.text:
-                            if self._ttft is None:
-                                self._ttft = client._clock.monotonic() - self._start
-                            self._parts.append(chunk.text)
-                        yield chunk
-            for data in decoder.flush():
-                if adapter.parse_stream_event(self._request, data) is None:
-                    finished = True
-                    return
-            raise errors.ResponseError("stream ended without its end marker ([DONE]); "
-                                       "the reply is incomplete")
+            for chunk in self._chunks():
+                if chunk.usage is not None:
+                    self.usage = chunk.usage
+                if chunk.finish_reason is not None:
+                    self.finish_reasons[chunk.index] = chunk.finish_reason
+                if chunk.text:
+                    if self._ttft is None:
+                        self._ttft = client._clock.monotonic() - self._start
+                    self._parts.append(chunk.text)
+                yield chunk
+            finished = True
         except errors.StreamError as exc:
             exc.partial_text = self.text
             error = exc

@@ -115,6 +115,8 @@ class ClientSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_timeout: float = Field(0.1, ge=0, le=60)
     batch_linger: float = Field(0.002, ge=0, le=1)
+    # concurrent compatible completion streams share one prompt-list stream (stream_batching.py)
+    batch_streams: bool = True
     # chat conversations share a call too (where the server has a chat batch route); off by
     # default because such a server reports prompt tokens only for the whole call
     batch_chat: bool = False

@@ -17,7 +17,8 @@ each request is retried alone so only the bad one fails; other failures go to ev
 from __future__ import annotations
 
 import logging
-from typing import Any, Hashable, List, Optional, Sequence
+import threading
+from typing import Any, Dict, Hashable, List, Optional, Sequence
 
 from .. import tracing
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
@@ -79,6 +80,26 @@ def split_result(result: CompletionResult, count: int, n: int) -> List[Completio
     return parts
 
 
+class _Gathering:
+    """Per endpoint: the batch a worker holds open while the in-flight limit is reached."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.batches: Dict[Hashable, List[Job]] = {}
+        self.room: Dict[Hashable, int] = {}
+
+
+_gathering_init = threading.Lock()
+
+
+def _gathering(endpoint: Any) -> _Gathering:
+    state = endpoint.__dict__.get("_gathering")
+    if state is None:
+        with _gathering_init:
+            state = endpoint.__dict__.setdefault("_gathering", _Gathering())
+    return state
+
+
 def share_tokens(total: int, count: int) -> List[int]:
     """Split an integer total over ``count`` callers so the parts add up exactly."""
     base, rest = divmod(total, count)
@@ -119,6 +140,8 @@ class BatchingMixin:
         if isinstance(job.request, ChatRequest) and not endpoint.chat_batch_supported:
             return [job]  # queued before the server turned out to lack the route
         limit = settings.max_batch_size
+        if self._hand_over(endpoint, job):
+            return []  # another worker is gathering this key's next call: it takes this job
         batch = [job] + endpoint.queue.take_compatible(job.key, limit - 1)
         # Linger only amid a burst: company is waiting now, a shared call is in flight, or one
         # just finished and its callers are coming back. A lone sequential caller is sent at once.
@@ -129,7 +152,48 @@ class BatchingMixin:
                         self._clock.monotonic() + settings.batch_linger)  # type: ignore[attr-defined]
             batch += endpoint.queue.wait_compatible(job.key, limit - len(batch), until,
                                                     settings.batch_linger)
+        if len(batch) < limit and endpoint.limit.full:
+            batch = self._gather_while_full(endpoint, job, batch, limit)
         return [j for j in batch if j is job or self._check_queue_deadline(j)]  # type: ignore[attr-defined]
+
+    def _hand_over(self, endpoint: Any, job: Job) -> bool:
+        """Give ``job`` to the worker gathering its key, if one is (True: it took it).
+
+        Workers woken for a burst's first arrivals would otherwise each send what they
+        hold while another gathers: several small calls where one would do."""
+        gathering = _gathering(endpoint)
+        with gathering.lock:
+            batch = gathering.batches.get(job.key)
+            if batch is not None and len(batch) < gathering.room[job.key]:
+                batch.append(job)
+                return True
+        queue = endpoint.queue
+        buf = queue._collecting.get(job.key)  # a collector's batch: put() hands the job to it
+        if buf is not None and len(buf) < queue._collect_room.get(job.key, 0):
+            try:
+                queue.put(job)  # joins the collector's batch (or, just filled, waits in the queue)
+            except Exception:  # noqa: BLE001 - full or closing: send it here instead
+                return False
+            return True
+        return False
+
+    def _gather_while_full(self, endpoint: Any, job: Job, batch: List[Job], limit: int) -> List[Job]:
+        """The in-flight limit is reached: hold the batch open until a slot frees, so what
+        arrives meanwhile joins this call instead of queueing for a call of its own."""
+        gathering = _gathering(endpoint)
+        key = job.key
+        with gathering.lock:
+            if key in gathering.batches:
+                return batch
+            gathering.batches[key] = batch
+            gathering.room[key] = limit
+        try:
+            endpoint.limit.wait_for_room(job.deadline, self._closing)  # type: ignore[attr-defined]
+        finally:
+            with gathering.lock:
+                del gathering.batches[key]
+                del gathering.room[key]
+        return batch + endpoint.queue.take_compatible(key, limit - len(batch))
 
     def _run_batch(self, endpoint: Any, jobs: List[Job]) -> None:
         """Send ``jobs`` as one call; resolve every job's future whatever happens."""

@@ -206,4 +206,5 @@ class MetricsMixin:
         snap["queue_length"] = {eid: len(ep.queue) for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
         snap["current_requests"] = self.current_requests  # type: ignore[attr-defined]
         snap["in_flight_limit"] = {eid: ep.limit.limit for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
+        snap["in_flight"] = {eid: ep.limit.stats() for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
         return snap
