@@ -182,7 +182,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 first_interval=settings.probe_interval,
                 max_interval=min(settings.probe_max_interval, settings.reset_timeout),
                 on_probe=lambda ok: self._metrics.record_probe(ep.id, ok),
-                on_tick=lambda: self._expire_held(ep), name=f"{name}-probe")
+                on_tick=lambda: self._expire_held(ep), name=f"{name}-probe",
+                flap_max_interval=settings.reset_timeout)
             breaker.on_suspect = ep.prober.verify
         return ep
 

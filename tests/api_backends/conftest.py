@@ -1,12 +1,16 @@
-"""Fixtures for the api_backends tests: a listener that counts connections."""
+"""Fixtures for the api_backends tests: a listener that counts connections, two test
+doubles, and a client over several endpoints."""
 
 from __future__ import annotations
 
 import socket
 import threading
-from typing import Iterator
+from typing import Any, Dict, Iterator, List
 
 import pytest
+
+from ipfs_accelerate_py.api_backends.vllm import VllmClient
+from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
 
 
 class CountingListener:
@@ -53,3 +57,23 @@ def counting_listener() -> Iterator[CountingListener]:
         yield listener
     finally:
         listener.close()
+
+
+@pytest.fixture
+def fakes() -> Iterator[List[FakeVllmServer]]:
+    """Two started test doubles (two servers to route over), stopped after the test."""
+    servers = [FakeVllmServer().start(), FakeVllmServer().start()]
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def client_over(urls: Dict[str, str], **settings: Any) -> VllmClient:
+    """A client whose default endpoint is the first URL, plus one endpoint per URL (routing
+    leaves the default out: it is the same server as the first)."""
+    c = VllmClient(base_url=next(iter(urls.values())), timeout=10, **settings)
+    for eid, url in urls.items():
+        c.create_endpoint(endpoint_id=eid, base_url=url)
+    return c

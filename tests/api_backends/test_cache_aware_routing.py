@@ -14,7 +14,7 @@ import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 
@@ -27,6 +27,7 @@ from ipfs_accelerate_py.api_backends.prefix_affinity import (affinity_key, bound
 from ipfs_accelerate_py.api_backends.settings import ClientSettings
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
 from support import wait_until
+from tests.api_backends.conftest import client_over
 from tests.conftest import find_free_port
 
 FAST = {"max_tokens": 2, "temperature": 0}
@@ -36,25 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 def doc(i: int) -> str:
     """A shared leading text longer than the affinity key (256 characters)."""
     return f"Document {i}: " + " ".join(f"word{i}x{j}" for j in range(60)) + "\n"
-
-
-@pytest.fixture
-def fakes() -> Iterator[List[FakeVllmServer]]:
-    servers = [FakeVllmServer().start(), FakeVllmServer().start()]
-    try:
-        yield servers
-    finally:
-        for s in servers:
-            s.stop()
-
-
-def client_over(urls: Dict[str, str], **settings: Any) -> VllmClient:
-    """Default endpoint on the first URL plus one endpoint per URL (routing leaves the
-    default out: it is the same server as the first)."""
-    c = VllmClient(base_url=next(iter(urls.values())), timeout=10, **settings)
-    for eid, url in urls.items():
-        c.create_endpoint(endpoint_id=eid, base_url=url)
-    return c
 
 
 def served_prompts(server: FakeVllmServer) -> List[str]:

@@ -607,3 +607,29 @@ def test_metrics_model_names_are_bounded():
     for i in range(50):
         m.record_request("ep", f"model-{i}", True, 0.01)
     assert len(m.snapshot()["per_model"]) <= 6
+
+
+# ------------------------------------------------------------------ probing
+def test_a_circuit_that_flaps_is_probed_less_and_less_often():
+    """A healthy probe closes the circuit but real calls fail at once (the health request
+    answers, inference does not): each re-open waits twice as long before its first probe,
+    up to the flap limit; after a quiet spell the first probe is quick again."""
+    from ipfs_accelerate_py.api_backends.mixins.probing import CircuitProber
+
+    clock = FakeClock()
+    b = make_breaker(clock, scheduled_probes=True, minimum_calls=2)
+    prober = CircuitProber(b, lambda: True, threading.Event(), clock, first_interval=0.5,
+                           max_interval=1.0, flap_max_interval=4.0)
+    waits = []
+    for _ in range(5):
+        open_it(b)
+        start = clock.monotonic()
+        prober._run()  # the probe loop, in this thread: it returns once the probe closed it
+        assert b.state == CLOSED
+        waits.append(clock.monotonic() - start)
+    assert waits == pytest.approx([0.5, 1.0, 2.0, 4.0, 4.0])
+    clock.advance(60)  # quiet: it stayed closed
+    open_it(b)
+    start = clock.monotonic()
+    prober._run()
+    assert clock.monotonic() - start == pytest.approx(0.5)

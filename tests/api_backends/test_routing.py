@@ -11,15 +11,16 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Optional
 
 import pytest
 
 from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
 from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.vllm import VLLM_LOAD_METRIC, vllm_load_probe
-from ipfs_accelerate_py.servers.fake_vllm import Fault, FakeVllmServer
+from ipfs_accelerate_py.servers.fake_vllm import Fault
 from support import wait_until
+from tests.api_backends.conftest import client_over
 from tests.conftest import REAL_SERVER_API_KEY, find_free_port
 
 FAST = {"max_tokens": 4, "temperature": 0}
@@ -29,33 +30,15 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{find_free_port()}"  # nothing listens there: connection refused
 
 
-@pytest.fixture
-def fakes() -> Iterator[List[FakeVllmServer]]:
-    servers = [FakeVllmServer().start(), FakeVllmServer().start()]
-    try:
-        yield servers
-    finally:
-        for s in servers:
-            s.stop()
-
-
-def routed_client(urls: Dict[str, str], **settings: Any) -> VllmClient:
-    """A client whose default endpoint is the first URL, plus one endpoint per URL."""
-    c = VllmClient(base_url=next(iter(urls.values())), timeout=10, **settings)
-    for eid, url in urls.items():
-        c.create_endpoint(endpoint_id=eid, base_url=url)
-    return c
-
-
 # ---------------------------------------------------------------------------- ordering
 def test_round_robin_rotates():
-    with routed_client({"a": dead_url(), "b": dead_url(), "c": dead_url()}) as c:
+    with client_over({"a": dead_url(), "b": dead_url(), "c": dead_url()}) as c:
         orders = [c.routing_order("round-robin", ["a", "b", "c"]) for _ in range(4)]
     assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
 
 
 def test_strategy_and_endpoint_ids_are_checked_before_sending(counting_listener):
-    with routed_client({"a": counting_listener.base_url}) as c:
+    with client_over({"a": counting_listener.base_url}) as c:
         with pytest.raises(errors.ValidationError) as info:
             c.route_inference("tiny-llama", "hi", strategy="random")
         assert info.value.field == "strategy"
@@ -79,7 +62,7 @@ def test_load_probe_is_asked_at_most_once_per_interval_per_endpoint():
             raise RuntimeError("a broken probe must not break routing")
         return figures[endpoint.id]
 
-    with routed_client({"a": dead_url(), "b": dead_url(), "c": dead_url()}, clock=clock) as c:
+    with client_over({"a": dead_url(), "b": dead_url(), "c": dead_url()}, clock=clock) as c:
         c.set_load_probe(probe, min_interval=1.0)
         for _ in range(10):
             assert c.routing_order("least-loaded", ["a", "b", "c"]) == ["b", "c", "a"]
@@ -98,7 +81,7 @@ def test_load_probe_is_asked_at_most_once_per_interval_per_endpoint():
 def test_least_loaded_avoids_the_busy_endpoint(fakes):
     busy, idle = fakes
     busy.latency = 1.0
-    with routed_client({"busy": busy.base_url, "idle": idle.base_url}) as c:
+    with client_over({"busy": busy.base_url, "idle": idle.base_url}) as c:
         pending = [c.submit_inference("tiny-llama", f"p{i}", {"max_tokens": 2, "seed": i},
                                       endpoint_id="busy") for i in range(3)]
         assert c.endpoint_load("busy") >= 1 and c.endpoint_load("idle") == 0
@@ -114,7 +97,7 @@ def test_least_loaded_avoids_the_busy_endpoint(fakes):
 def test_fastest_prefers_the_low_latency_endpoint(fakes):
     slow, fast = fakes
     slow.latency = 0.05
-    with routed_client({"slow": slow.base_url, "fast": fast.base_url}) as c:
+    with client_over({"slow": slow.base_url, "fast": fast.base_url}) as c:
         for _ in range(40):
             c.route_inference("tiny-llama", "hi", FAST, strategy="fastest",
                               endpoint_ids=["slow", "fast"])
@@ -126,9 +109,9 @@ def test_fastest_prefers_the_low_latency_endpoint(fakes):
 # ---------------------------------------------------------------------------- failover
 def test_failover_on_5xx_and_refused_connections_then_skip_open_breakers(fakes):
     broken, good = fakes
-    broken.add_fault(Fault("status", status=500, count=-1))
+    broken.add_fault(Fault("status", status=500, count=-1, path="/"))  # /health too
     urls = {"broken": broken.base_url, "dead": dead_url(), "good": good.base_url}
-    with routed_client(urls, max_retries=0, failure_threshold=2, minimum_calls=2,
+    with client_over(urls, max_retries=0, failure_threshold=2, minimum_calls=2,
                        reset_timeout=60) as c:
         for _ in range(12):
             r = c.route_inference("tiny-llama", "hi", FAST, endpoint_ids=list(urls))
@@ -145,7 +128,7 @@ def test_failover_on_5xx_and_refused_connections_then_skip_open_breakers(fakes):
 
 def test_every_endpoint_down_raises_no_healthy_endpoint_when_fail_fast():
     urls = {"x": dead_url(), "y": dead_url()}
-    with routed_client(urls, max_retries=0, failure_threshold=1, minimum_calls=1,
+    with client_over(urls, max_retries=0, failure_threshold=1, minimum_calls=1,
                        reset_timeout=60, fail_fast=True) as c:
         with pytest.raises(errors.NoHealthyEndpointError) as info:
             c.route_inference("tiny-llama", "hi", FAST, endpoint_ids=["x", "y"])
@@ -161,7 +144,7 @@ def test_every_endpoint_down_waits_for_the_first_circuit_to_close(fakes):
     by the first endpoint whose probe finds its server back; a short deadline ends a wait
     with a typed error."""
     a, b = fakes
-    with routed_client({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
+    with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
         a.down()
         b.down()
         for eid in ("a", "b", "a", "b"):  # two refused connections open a circuit
@@ -185,7 +168,7 @@ def test_every_endpoint_down_waits_for_the_first_circuit_to_close(fakes):
 
 def test_callers_errors_are_raised_not_failed_over(fakes):
     a, b = fakes
-    with routed_client({"a": a.base_url, "b": b.base_url}) as c:
+    with client_over({"a": a.base_url, "b": b.base_url}) as c:
         with pytest.raises(errors.NotFoundError):
             c.route_inference("no-such-model", "hi", FAST, endpoint_ids=["a", "b"])
         assert a.request_count["/v1/completions"] + b.request_count["/v1/completions"] == 1

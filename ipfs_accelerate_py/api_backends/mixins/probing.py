@@ -39,7 +39,7 @@ class CircuitProber:
                  first_interval: float = 0.5, max_interval: float = 1.0,
                  on_probe: Optional[Callable[[bool], None]] = None,
                  on_tick: Optional[Callable[[], None]] = None, tick: float = 0.25,
-                 name: str = "probe") -> None:
+                 name: str = "probe", flap_max_interval: Optional[float] = None) -> None:
         self._breaker = breaker
         self._probe = probe
         self._cancel = cancel
@@ -50,6 +50,11 @@ class CircuitProber:
         self._on_tick = on_tick
         self._tick = tick
         self._name = name
+        # A circuit that opens again soon after a healthy probe closed it (the health request
+        # answers but real calls fail) is probed less and less often, up to this interval
+        self.flap_max_interval = max(flap_max_interval or self.max_interval, self.max_interval)
+        self._closed_at: Optional[float] = None
+        self._flap_interval = first_interval
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._rearmed = False  # the circuit opened (again) since the loop last looked
@@ -131,6 +136,12 @@ class CircuitProber:
     def _run(self) -> None:
         """Probe until the circuit closes (or the client closes)."""
         interval = self.first_interval
+        now = self._clock.monotonic()
+        if self._closed_at is not None and now - self._closed_at < 5 * self.max_interval:
+            # it flapped: it was closed by a probe moments ago and failed again at once
+            self._flap_interval = interval = min(self._flap_interval * 2, self.flap_max_interval)
+        else:
+            self._flap_interval = interval
         try:
             while not self._cancel.is_set():
                 due = self._clock.monotonic() + interval
@@ -140,8 +151,9 @@ class CircuitProber:
                 ok = self._check()
                 self._breaker.end_probe(ok)
                 if ok:
+                    self._closed_at = self._clock.monotonic()
                     return
-                interval = min(interval * 2, self.max_interval)
+                interval = min(interval * 2, max(self.max_interval, self._flap_interval))
         except BaseException:  # noqa: BLE001 - never die silently with the circuit held
             log.exception("circuit prober %s stopped", self._name)
             raise
