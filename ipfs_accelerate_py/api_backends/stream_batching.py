@@ -38,6 +38,7 @@ from typing import Any, Deque, Dict, Hashable, Iterator, List, Optional, Set
 
 from . import errors
 from .base import Endpoint, TextStream
+from .mixins.batching import attached_state
 from .models import CompletionRequest, StreamChunk, Usage
 from .sse import SSEDecoder
 
@@ -52,7 +53,6 @@ _DRAIN_BYTES = 64 * 1024
 #: ``batch_timeout``): streams arriving in it gather for the next shared call.
 _BURST_LINGERS = 10
 _OPEN, _ENDED, _CLOSED = "open", "ended", "closed"
-_init_lock = threading.Lock()
 
 
 def stream_key(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional[Hashable]:
@@ -77,11 +77,7 @@ class _Registry:
 
 
 def _registry(client: Any) -> _Registry:
-    reg = client.__dict__.get("_stream_batches")
-    if reg is None:
-        with _init_lock:
-            reg = client.__dict__.setdefault("_stream_batches", _Registry())
-    return reg
+    return attached_state(client, "_stream_batches", _Registry)
 
 
 def _copy_error(exc: BaseException) -> BaseException:

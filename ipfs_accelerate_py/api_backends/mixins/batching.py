@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, Hashable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 from .. import tracing
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
@@ -89,15 +89,21 @@ class _Gathering:
         self.room: Dict[Hashable, int] = {}
 
 
-_gathering_init = threading.Lock()
+_state_init = threading.Lock()
+
+
+def attached_state(owner: Any, name: str, factory: Callable[[], Any]) -> Any:
+    """``owner``'s state called ``name``, made by ``factory`` on first use (thread-safe):
+    state kept by a module on objects whose constructor it does not own."""
+    state = owner.__dict__.get(name)
+    if state is None:
+        with _state_init:
+            state = owner.__dict__.setdefault(name, factory())
+    return state
 
 
 def _gathering(endpoint: Any) -> _Gathering:
-    state = endpoint.__dict__.get("_gathering")
-    if state is None:
-        with _gathering_init:
-            state = endpoint.__dict__.setdefault("_gathering", _Gathering())
-    return state
+    return attached_state(endpoint, "_gathering", _Gathering)
 
 
 def share_tokens(total: int, count: int) -> List[int]:
