@@ -105,6 +105,7 @@ class _Member:
         self.prompt_tokens = 0
         self.choice_tokens: Dict[int, int] = {}
         self.outcome: Any = None  # the stream, an error, or "alone" once the open is decided
+        self.wake: Optional[threading.Condition] = None  # on the group's lock (set by the group)
         self.stream: Optional["SharedTextStream"] = None
 
 
@@ -124,7 +125,8 @@ class _Group:
         self.usage_every_event = bool(self.usage_wanted and so is not None and so.continuous_usage_stats)
         self.members: List[_Member] = []
         self.decided = threading.Event()
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.waiting: List[_Member] = []  # members waiting for a chunk (or to read)
         self.response: Any = None
         self.raw: Optional[Iterator[bytes]] = None
         self.decoder = SSEDecoder()
@@ -137,6 +139,7 @@ class _Group:
     # ------------------------------------------------------------------ opening
     def add(self, request: CompletionRequest, start: float) -> _Member:
         member = _Member(request, start, len(self.members), self.n)
+        member.wake = threading.Condition(self.lock)
         self.members.append(member)
         return member
 
@@ -194,36 +197,54 @@ class _Group:
 
     # ------------------------------------------------------------------ reading
     def next_chunk(self, member: _Member) -> Optional[StreamChunk]:
-        """The member's next chunk; None at its end. Raises the call's error (a copy)."""
-        while True:
-            with self.cond:
-                while True:
-                    if member.buf:
-                        return member.buf.popleft()
-                    if member.error is not None:
-                        raise member.error
-                    if member.state != _OPEN:
-                        return None
-                    if not self.reading:
-                        self.reading = True
-                        break
-                    self.cond.wait(_MAX_NAP)
-            try:
-                self._read_once()
-            except BaseException as exc:  # noqa: BLE001 - every open member hears of it
-                with self.cond:
-                    self._fail_all(exc)
-            finally:
-                with self.cond:
+        """The member's next chunk; None at its end. Raises the call's error (a copy).
+
+        Only the members a read gave something are woken (not all: 32 callers woken for
+        every event would cost more than the events), and, when the reader leaves with
+        its own chunk, one waiting member, to read next."""
+        wake = member.wake
+        assert wake is not None
+        with self.lock:
+            while True:
+                if member.buf:
+                    chunk = member.buf.popleft()
+                    break
+                if member.error is not None:
+                    raise member.error
+                if member.state != _OPEN:
+                    chunk = None
+                    break
+                if self.reading:
+                    self.waiting.append(member)
+                    try:
+                        wake.wait(_MAX_NAP)
+                    finally:
+                        self.waiting.remove(member)
+                    continue
+                self.reading = True
+                self.lock.release()
+                try:
+                    self._read_once()
+                except BaseException as exc:  # noqa: BLE001 - every open member hears of it
+                    with self.lock:
+                        self._fail_all(exc)
+                finally:
+                    self.lock.acquire()
                     self.reading = False
-                    self.cond.notify_all()
+            if self.waiting and not self.reading:
+                self._wake(self.waiting[0])  # someone else must read now
+        return chunk
+
+    def _wake(self, member: _Member) -> None:
+        if member.wake is not None:
+            member.wake.notify()
 
     def _read_once(self) -> int:
         """One network read (its size is returned); its events go to their members' buffers."""
         raw = next(self.raw, None)  # type: ignore[arg-type]
         events = self.decoder.flush() if raw is None else self.decoder.feed(raw)
         adapter = self.client._adapter
-        with self.cond:
+        with self.lock:
             for data in events:
                 parsed = adapter.parse_stream_event(self.first, data)
                 if parsed is None:
@@ -231,6 +252,7 @@ class _Group:
                     for m in self.members:
                         if m.state == _OPEN:
                             self._end(m)
+                        self._wake(m)
                     return len(raw or b"")
                 self._dispatch(parsed)
             if raw is None:
@@ -256,7 +278,7 @@ class _Group:
             if m not in owners:
                 owners.append(m)
             if m.state == _OPEN:
-                m.buf.append(chunk.model_copy(update={"index": j}))
+                m.buf.append(chunk if j == chunk.index else chunk.model_copy(update={"index": j}))
                 if chunk.finish_reason is not None:
                     m.pending.discard(j)
         if usage is not None and len(owners) == 1 and len(parsed) == 2:
@@ -268,8 +290,7 @@ class _Group:
         for m in owners:
             if m.state == _OPEN and not m.pending:
                 self._end(m)
-        if owners:
-            self.cond.notify_all()
+            self._wake(m)
 
     def _end(self, m: _Member) -> None:
         """The member has all its text: its own usage (if asked for) is its last chunk."""
@@ -285,12 +306,13 @@ class _Group:
         for m in self.members:
             if m.state == _OPEN and m.error is None:
                 m.error = _copy_error(exc)
+            self._wake(m)
 
     # ------------------------------------------------------------------ leaving
     def leave(self, member: _Member) -> None:
         """The member's stream was closed (at its end or early); the last one out closes
         the call, after reading it to ``[DONE]`` when every member had its answer."""
-        with self.cond:
+        with self.lock:
             if member.state == _OPEN and member.error is None:
                 self.closed_early = True
             member.state = _CLOSED if member.state == _OPEN else member.state
