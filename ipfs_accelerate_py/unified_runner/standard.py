@@ -14,8 +14,7 @@ import json
 from typing import Any, Callable, Dict, List, Tuple
 
 from ..api_backends.base import BaseApiBackend, build_request, default_transport
-from ..api_backends.errors import (BadRequestError, NotFoundError, ResponseError,
-                                   ValidationError)
+from ..api_backends.errors import NotFoundError, ResponseError, ValidationError
 from ..api_backends.models import CompletionResult
 from ..api_backends.transport import HttpResponse
 from .checks import CheckFn, CheckRecorder
@@ -173,10 +172,14 @@ class StandardChecks:
         record = self.ctx.model_record()
         limit = record.get("max_model_len") if record else None
         if isinstance(limit, int) and limit > 0:
-            err = _expect(BadRequestError, lambda: self.client.run_inference(
+            # the client read max_model_len from /v1/models: it refuses without sending
+            self.client.list_models()
+            before = self.counter.total
+            err = _expect(ValidationError, lambda: self.client.run_inference(
                 self.model, "Hi", {"max_tokens": limit + 1}), "max_tokens above max_model_len")
-            assert err.status_code == 400, f"status {err.status_code}, expected 400"
-            d["server_side_400"] = {"error": type(err).__name__, "param": err.param}
+            assert str(limit) in str(err) and str(limit + 1) in str(err), str(err)
+            assert self.counter.total == before, "a max_tokens above the context reached the server"
+            d["context_checked_before_sending"] = {"max_model_len": limit, "field": err.field}
 
         handler = self.client.create_endpoint_handler(MISSING_MODEL, {"max_tokens": 4})
         out = handler("Hi")

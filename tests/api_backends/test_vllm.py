@@ -110,16 +110,17 @@ def test_list_models_and_version(client):
     assert client.default_model() == "tiny-llama"
 
 
-@pytest.mark.parametrize("model,params,error", [
-    ("no-such-model", {"max_tokens": 4}, errors.NotFoundError),
-    ("tiny-llama", {"max_tokens": 100_000}, errors.BadRequestError),
+@pytest.mark.parametrize("model,prompt,error", [
+    ("no-such-model", "Hi", errors.NotFoundError),
+    # a prompt longer than the context: the prompt's length is the server's to judge
+    ("tiny-llama", [7] * 600, errors.BadRequestError),
 ])
-def test_server_errors_are_typed(client, model, params, error):
+def test_server_errors_are_typed(client, model, prompt, error):
     with pytest.raises(error) as info:
-        client.run_inference(model, "Hi", params)
+        client.run_inference(model, prompt, {"max_tokens": 4})
     assert info.value.status_code in (400, 404) and info.value.message
     if error is errors.BadRequestError:
-        assert info.value.param == "max_tokens"
+        assert info.value.param == "input_tokens"
 
 
 def test_errors_are_not_retried(client):
