@@ -21,6 +21,7 @@ import threading
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 from .. import tracing
+from .circuit_breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
 from .queue import Job
 
@@ -193,12 +194,22 @@ class BatchingMixin:
                 return batch
             gathering.batches[key] = batch
             gathering.room[key] = limit
+        breaker = endpoint.breaker
         try:
-            endpoint.limit.wait_for_room(job.deadline, self._closing)  # type: ignore[attr-defined]
+            # A circuit that leaves CLOSED ends the wait: what is held here must then do
+            # what queued work does (fail-fast and routed work fails over at once).
+            endpoint.limit.wait_for_room(job.deadline, self._closing,  # type: ignore[attr-defined]
+                                         lambda: breaker.state != CLOSED)
         finally:
             with gathering.lock:
                 del gathering.batches[key]
                 del gathering.room[key]
+        if job.fail_fast and breaker.state != CLOSED and endpoint.settings.circuit_breaker_enabled:
+            for j in batch:
+                if j is not job:
+                    j.fail(breaker.open_error())
+                    self._record_unsent(endpoint, j)  # type: ignore[attr-defined]
+            return [job]  # its own call meets the breaker's fail-fast refusal
         return batch + endpoint.queue.take_compatible(key, limit - len(batch))
 
     def _run_batch(self, endpoint: Any, jobs: List[Job]) -> None:

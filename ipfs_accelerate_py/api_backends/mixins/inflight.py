@@ -116,17 +116,22 @@ class InFlightLimit:
             self._sent_at[threading.get_ident()] = now
         return now - start
 
-    def wait_for_room(self, deadline: float, cancel: Optional[threading.Event] = None) -> None:
+    def wait_for_room(self, deadline: float, cancel: Optional[threading.Event] = None,
+                      stop: Optional[Callable[[], bool]] = None) -> None:
         """Wait, taking nothing, until a slot is free (a batch gathers meanwhile). Returns
-        quietly at ``deadline`` or on ``cancel``: the caller's ``acquire`` then says why."""
+        quietly at ``deadline``, on ``cancel`` or once ``stop()`` (checked at least every
+        second): the caller's ``acquire`` then says why."""
         try:
             with self._cond:
-                self._wait_locked(self._clock.monotonic(), deadline, cancel)
+                self._wait_locked(self._clock.monotonic(), deadline, cancel, stop)
         except (TimeoutError, ClientClosedError):
             pass
 
-    def _wait_locked(self, start: float, deadline: float, cancel: Optional[threading.Event]) -> None:
+    def _wait_locked(self, start: float, deadline: float, cancel: Optional[threading.Event],
+                     stop: Optional[Callable[[], bool]] = None) -> None:
         while self._in_flight >= self.limit:
+            if stop is not None and stop():
+                return
             if cancel is not None and cancel.is_set():
                 raise ClientClosedError("client closed while waiting to send")
             now = self._clock.monotonic()
