@@ -15,8 +15,10 @@ stream that finds a burst under way (a compatible stream opened within ten
 ``batch_linger``s, a shared one ended within ``batch_timeout``, or one is open) gathers: the streams arriving within
 ``batch_linger`` of each other join it, up to ``max_batch_size``, never past
 ``batch_timeout``; its caller's thread opens the shared call for all (the others wait for
-it: each ``stream()`` still returns an open stream or raises the open's typed error). One
-that found no company opens a plain stream of its own. A
+it: each ``stream()`` still returns an open stream or raises the open's typed error).
+While callers of an open shared call are still reading, a gathering group waits for them
+(up to ``batch_timeout``): closed-loop callers come back as their streams end. One that
+found no company opens a plain stream of its own. A
 4xx on the shared open (one bad prompt fails a list) sends every stream alone.
 
 Reading needs no thread of its own: the caller that wants its next chunk and finds no one
@@ -74,6 +76,8 @@ class _Registry:
         self.gathering: Dict[Hashable, "_Group"] = {}
         self.open: Dict[Hashable, int] = {}
         self.burst_until: Dict[Hashable, float] = {}
+        #: callers of open shared calls still reading: under closed-loop load they come back
+        self.outstanding: Dict[Hashable, int] = {}
 
 
 def _registry(client: Any) -> _Registry:
@@ -177,6 +181,9 @@ class _Group:
             return
         self.raw = iter(self.response.chunks())
         self.active = len(self.members)
+        reg = _registry(client)
+        with reg.cond:
+            reg.outstanding[self.key] = reg.outstanding.get(self.key, 0) + len(self.members)
         client._metrics.record_batch(ep.id, merged.model, len(self.members))
         for m in self.members:
             m.stream = SharedTextStream(client, ep, m.request, _Handle(self, m), m.start)
@@ -322,6 +329,14 @@ class _Group:
             if last:
                 self.released = True
             drain = last and not self.done and not self.closed_early and not self.reading
+        reg = _registry(self.client)
+        with reg.cond:
+            left = reg.outstanding.get(self.key, 0) - 1
+            if left > 0:
+                reg.outstanding[self.key] = left
+            else:
+                reg.outstanding.pop(self.key, None)
+            reg.cond.notify_all()  # a gathering group may be waiting for this caller
         if not last:
             return
         try:
@@ -417,14 +432,15 @@ def join(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional[T
 def _gather(reg: _Registry, group: _Group, start: float, timeout: float, linger: float,
             clock: Any) -> None:
     """Wait (holding ``reg.cond``) while compatible streams keep joining: each within
-    ``linger`` of the last, never past ``timeout`` after the first; a group that found no
-    company while a compatible call is open waits for that call's callers (up to
-    ``timeout``), which come back together when it ends."""
+    ``linger`` of the last, never past ``timeout`` after the first. While callers of an open
+    compatible call are still reading, the group waits for them (up to ``timeout``): under
+    closed-loop load they come back as their streams end, and a group sent without them
+    would leave them to a call of their own, round after round."""
     until = start + timeout
     last = start
     while len(group.members) < group.room:
         now = clock.monotonic()
-        awaiting = len(group.members) == 1 and reg.open.get(group.key, 0) > 0
+        awaiting = reg.outstanding.get(group.key, 0) > 0
         wait_for = (until if awaiting else min(until, last + linger)) - now
         if wait_for <= 0:
             return

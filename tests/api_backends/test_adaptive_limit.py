@@ -147,8 +147,9 @@ def test_requests_arriving_while_the_limit_is_reached_join_the_next_shared_call(
         gated.append(GatedTransport(default_transport(settings)))
         return gated[-1]
 
+    # batch_timeout bounds how long a batch is held open at the limit: ample here
     client = VllmClient(base_url=server.base_url, model="tiny-llama", max_concurrent_requests=32,
-                        max_batch_size=32, transport_factory=factory)
+                        max_batch_size=32, batch_timeout=10.0, transport_factory=factory)
     try:
         assert client.run_inference(None, "warm", P).text
         client._endpoint(None).limit.slow_start()  # limit 1: the next call fills it

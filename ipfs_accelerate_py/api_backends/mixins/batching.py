@@ -185,8 +185,9 @@ class BatchingMixin:
         return False
 
     def _gather_while_full(self, endpoint: Any, job: Job, batch: List[Job], limit: int) -> List[Job]:
-        """The in-flight limit is reached: hold the batch open until a slot frees, so what
-        arrives meanwhile joins this call instead of queueing for a call of its own."""
+        """The in-flight limit is reached: hold the batch open until a slot frees (at most
+        ``batch_timeout``), so what arrives meanwhile joins this call instead of queueing for
+        a call of its own."""
         gathering = _gathering(endpoint)
         key = job.key
         with gathering.lock:
@@ -198,7 +199,10 @@ class BatchingMixin:
         try:
             # A circuit that leaves CLOSED ends the wait: what is held here must then do
             # what queued work does (fail-fast and routed work fails over at once).
-            endpoint.limit.wait_for_room(job.deadline, self._closing,  # type: ignore[attr-defined]
+            # At most batch_timeout: under steady load a freed slot may go to another
+            # worker's attempt each time, and a batch must not wait for a lull.
+            until = min(job.deadline, self._clock.monotonic() + endpoint.settings.batch_timeout)  # type: ignore[attr-defined]
+            endpoint.limit.wait_for_room(until, self._closing,  # type: ignore[attr-defined]
                                          lambda: breaker.state != CLOSED)
         finally:
             with gathering.lock:
