@@ -84,6 +84,15 @@ def _registry(client: Any) -> _Registry:
     return attached_state(client, "_stream_batches", _Registry)
 
 
+def _count_down(counts: Dict[Hashable, int], key: Hashable) -> None:
+    """One less for ``key``; a count that reaches zero is dropped (keys do not pile up)."""
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+
+
 def _copy_error(exc: BaseException) -> BaseException:
     """A caller's own copy of a shared error (each sets its own ``partial_text``)."""
     twin = exc.__class__.__new__(exc.__class__)
@@ -331,11 +340,7 @@ class _Group:
             drain = last and not self.done and not self.closed_early and not self.reading
         reg = _registry(self.client)
         with reg.cond:
-            left = reg.outstanding.get(self.key, 0) - 1
-            if left > 0:
-                reg.outstanding[self.key] = left
-            else:
-                reg.outstanding.pop(self.key, None)
+            _count_down(reg.outstanding, self.key)
             reg.cond.notify_all()  # a gathering group may be waiting for this caller
         if not last:
             return
@@ -353,11 +358,7 @@ class _Group:
     def _ended_call(self) -> None:
         reg = _registry(self.client)
         with reg.cond:
-            left = reg.open.get(self.key, 0) - 1
-            if left > 0:
-                reg.open[self.key] = left
-            else:
-                reg.open.pop(self.key, None)
+            _count_down(reg.open, self.key)
             # Its callers will be back at once (closed-loop load): let their streams gather.
             reg.burst_until[self.key] = self.client._clock.monotonic() + self.ep.settings.batch_timeout
             reg.cond.notify_all()
