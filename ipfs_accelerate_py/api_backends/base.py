@@ -604,16 +604,21 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         if request.model is None and ep.settings.model:
             request = request.model_copy(update={"model": ep.settings.model})
         request = cap_request(self, request)
-        from . import stream_batching  # it subclasses TextStream, below
-        shared = stream_batching.join(self, ep, request, self._fail_fast(ep, fail_fast))
-        if shared is not None:  # it shares one prompt-list stream with others (stream_batching.py)
-            return shared
         rid = f"{self._id_prefix}-{next(self._ids)}"
+        tracing.stream_opening(self, ep, request, rid)  # this caller's span, alone or shared
+        from . import stream_batching  # it subclasses TextStream, below
+        try:
+            shared = stream_batching.join(self, ep, request, self._fail_fast(ep, fail_fast))
+        except BaseException as exc:
+            tracing.stream_failed(exc)
+            raise
+        if shared is not None:  # it shares one prompt-list stream with others (stream_batching.py)
+            shared.adopt_caller_trace()
+            return shared
         http = self._adapter.format_request(request, priority=None, request_id=rid)
         start = self._clock.monotonic()
         deadline = start + ep.settings.effective_deadline
         idle = ep.settings.idle_timeout
-        tracing.stream_opening(self, ep, request, rid)
         ff = self._fail_fast(ep, fail_fast)
 
         def attempt(n: int) -> Any:
@@ -798,9 +803,13 @@ class TextStream:
         self.finish_reasons: Dict[int, Optional[str]] = {}
         self._gen = self._run()
         self._lease = _StreamLease(ep, response)
-        self._trace = tracing.stream_opened(self)  # its span, ended in _finish (tracing.py)
+        self._trace = self._adopt_trace()  # its span, ended in _finish (tracing.py)
         weakref.finalize(self, _release_dropped_stream, self._lease, client._metrics,
                          client._clock, request.model, start)
+
+    def _adopt_trace(self) -> Any:
+        """The span ``stream()`` started in this thread (see ``tracing.stream_opening``)."""
+        return tracing.stream_opened(self)
 
     @property
     def text(self) -> str:

@@ -38,7 +38,7 @@ import threading
 from collections import deque
 from typing import Any, Deque, Dict, Hashable, Iterator, List, Optional, Set
 
-from . import errors
+from . import errors, tracing
 from .base import Endpoint, TextStream
 from .mixins.batching import attached_state
 from .models import CompletionRequest, StreamChunk, Usage
@@ -380,6 +380,13 @@ class _Handle:
 class SharedTextStream(TextStream):
     """One caller's stream inside a shared call: its own choices, renumbered from 0, its own
     usage; everything else (metrics, TTFT, errors with ``partial_text``) as ``TextStream``."""
+
+    def _adopt_trace(self) -> Any:
+        return None  # built in the thread that opened the shared call, not its caller's
+
+    def adopt_caller_trace(self) -> None:
+        """In the caller's thread: take the span ``stream()`` started for this caller."""
+        self._trace = tracing.stream_opened(self)
 
     def _chunks(self) -> Iterator[StreamChunk]:
         handle: _Handle = self._response

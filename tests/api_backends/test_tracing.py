@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List
 
 import pytest
@@ -30,6 +31,7 @@ from fixtures_resilience import (COMPLETIONS, fake_server,  # noqa: F401,E402
 from otel_support import (OtelCapture, RecordingRelay, parse_traceparent, span_id,  # noqa: E402
                           trace_id)
 from ipfs_accelerate_py.api_backends import _otel, errors  # noqa: E402
+from ipfs_accelerate_py.api_backends.base import build_request  # noqa: E402
 from ipfs_accelerate_py.api_backends.vllm import VllmClient  # noqa: E402
 from ipfs_accelerate_py.servers.fake_vllm import Fault  # noqa: E402
 
@@ -159,6 +161,29 @@ def test_a_stream_that_waited_for_the_circuit_records_the_wait_and_its_first_chu
     assert wire_contexts(fake_server)[-1] == (trace_id(span), span_id(span))
     [point] = otel.metrics()["gen_ai.client.operation.time_to_first_chunk"]
     assert point.count == 1 and point.sum == pytest.approx(ttft)
+
+
+def test_streams_that_share_one_call_each_get_their_own_span(fake_server, make_client, otel):
+    """Three concurrent streams share one prompt-list call (stream_batching.py): each caller
+    still gets its own span, ended with its own usage and TTFT; the shared call carries the
+    context of the caller that opened it."""
+    c = make_client(fake_server, max_batch_size=3, batch_linger=1.0, batch_timeout=30.0)
+    c.stream_generation("prime", **P).close()  # a lone stream goes at once and starts a burst
+    with ThreadPoolExecutor(3) as pool:
+        streams = list(pool.map(lambda i: c.stream(build_request(
+            f"shared {i}", "tiny-llama", dict(P, stream=True))), range(3)))
+        texts = list(pool.map(lambda st: "".join(ch.text for ch in st), streams))
+    assert all(texts) and c.get_metrics()["batches"] == 1
+    shared_call = [r for r in fake_server.requests if r.path == COMPLETIONS][-1]
+    assert len(shared_call.json["prompt"]) == 3
+    shared = [sp for sp in otel.named("text_completion")
+              if sp.attributes.get("gen_ai.response.time_to_first_chunk")]
+    assert len(shared) == 3  # one per caller; the primer was closed before its first chunk
+    assert all(sp.attributes["gen_ai.response.finish_reasons"] == ("length",) for sp in shared)
+    mine = shared
+    assert len({span_id(sp) for sp in mine}) == len(mine)
+    assert parse_traceparent(shared_call.headers["traceparent"]) in {
+        (trace_id(sp), span_id(sp)) for sp in mine}
 
 
 def test_a_stream_closed_early_ends_its_span_as_closed_early(fake_server, make_client, otel):
