@@ -50,7 +50,7 @@ def replies(lim: InFlightLimit, clock: FakeClock, rtt: float, count: int, busy: 
 
 def test_a_lone_caller_never_moves_the_limit():
     clock = FakeClock()
-    lim = InFlightLimit(16, clock)
+    lim = InFlightLimit(16, clock, latency=True)
     replies(lim, clock, 0.01, 5, busy=1)
     replies(lim, clock, 1.0, 5, busy=1)  # 100x slower, but one in flight: app-limited
     assert lim.limit == 16
@@ -58,7 +58,7 @@ def test_a_lone_caller_never_moves_the_limit():
 
 def test_latency_past_the_tolerance_shrinks_the_limit_and_recovery_grows_it():
     clock = FakeClock()
-    lim = InFlightLimit(16, clock)
+    lim = InFlightLimit(16, clock, latency=True)
     replies(lim, clock, 0.02, 3, busy=12)
     assert lim.limit == 16
     replies(lim, clock, 0.2, 4, busy=12)  # 10x the unloaded round trip: queueing
@@ -94,6 +94,14 @@ def test_a_load_source_that_raises_is_no_figure():
     lim = InFlightLimit(8, clock, load_source=broken)
     replies(lim, clock, 0.02, 3, busy=8)
     assert lim.limit == 8
+
+
+def test_latency_alone_does_not_move_the_default_limit():
+    clock = FakeClock()
+    lim = InFlightLimit(16, clock)
+    replies(lim, clock, 0.02, 3, busy=12)
+    replies(lim, clock, 0.5, 4, busy=12)  # slow replies: faults or other load, by default
+    assert lim.limit == 16 and lim.stats()["decreases"] == 0
 
 
 def test_slow_start_still_ramps_one_per_healthy_reply_to_the_ceiling():
