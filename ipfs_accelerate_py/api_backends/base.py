@@ -546,7 +546,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             try:
                 response = io(timeout)
             except TransientError as exc:
-                ep.breaker.record_failure(probe, refused=bool(exc.context.get("refused")))
+                # a dropped connection alone makes the breaker check /health at once
+                ep.breaker.record_failure(probe, refused=bool(exc.context.get("refused")),
+                                          suspect=isinstance(exc, errors.ConnectionError))
                 raise
             except BaseException:
                 ep.breaker.release(probe)

@@ -633,3 +633,22 @@ def test_a_circuit_that_flaps_is_probed_less_and_less_often():
     start = clock.monotonic()
     prober._run()
     assert clock.monotonic() - start == pytest.approx(0.5)
+
+
+def test_a_fail_fast_call_waits_for_probe_windows_no_longer_than_one_longest_backoff():
+    """Scheduled probes say "next probe in 0.5 s" each time; against a server that stays down
+    a retrying fail-fast call would wait one short window after another until its deadline.
+    All its circuit waits together stay within max_retry_delay, then it raises (a router
+    fails it over)."""
+    clock = FakeClock()
+
+    def attempt(n):
+        if n == 0:
+            raise errors.ConnectionError("dropped")
+        raise errors.CircuitOpenError("open", retry_in=0.5)
+
+    policy = RetryPolicy(max_retries=3, retry_delay=0.1, max_retry_delay=2.0, rng=lambda: 0.0)
+    with pytest.raises(errors.CircuitOpenError):
+        call_with_retries(attempt, policy, deadline=clock.monotonic() + 300, clock=clock)
+    circuit_waits = clock.sleeps[1:]  # the first sleep is the backoff after the drop
+    assert circuit_waits and sum(circuit_waits) <= 2.0

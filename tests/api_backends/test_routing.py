@@ -119,9 +119,12 @@ def test_failover_on_5xx_and_refused_connections_then_skip_open_breakers(fakes):
         stats = c.get_routing_stats()
         assert stats["served_by"] == {"good": 12}
         # rotation: [broken, dead, good], [dead, good, broken], [good, broken, dead], ...
-        # broken is reached 4 times, dead 8 times; each fails twice, then its breaker is OPEN
-        assert stats["failovers"] == {"broken": 2, "dead": 2}
-        assert stats["skipped_open"] == {"broken": 2, "dead": 6}
+        # broken is reached 4 times, dead 8 times. broken fails twice, then its breaker is
+        # OPEN; dead's first refused connection has the breaker check /health (refused too):
+        # OPEN after one failure, or two if the next routed call came before the verdict
+        assert stats["failovers"]["broken"] == 2 and stats["skipped_open"]["broken"] == 2
+        assert stats["failovers"]["dead"] in (1, 2)
+        assert stats["failovers"]["dead"] + stats["skipped_open"]["dead"] == 8
         assert c.circuit_states()["broken"] == c.circuit_states()["dead"] == "OPEN"
         assert broken.request_count["/v1/completions"] == 2  # nothing sent while OPEN
 

@@ -11,9 +11,10 @@ Opening: on an outage, not on noise. The breaker keeps the outcome of every call
    server that just died); or
 3. ``REFUSED_RUN`` connections in a row were refused (nothing listens on the port: no noise
    makes that, and it lets even a lone caller ride out a restart); or
-4. with scheduled probes (below): ``failure_threshold`` failures in a row make the breaker
-   *suspect* an outage and ask ``on_suspect`` for one health check at once; a failed check
-   opens it (``verdict(False)``), a healthy one clears the suspicion (``verdict(True)``).
+4. with scheduled probes (below): a dropped or refused connection, or ``failure_threshold``
+   failures in a row, make the breaker *suspect* an outage and ask ``on_suspect`` for one
+   health check at once (one at a time); a failed check opens it (``verdict(False)``), a
+   healthy one clears the suspicion (``verdict(True)``).
    Random faults that leave ``/health`` answering never open it this way, and a dead server
    is found after a handful of failed calls, however few callers there are (a batching
    client has only a few calls in flight).
@@ -200,8 +201,10 @@ class CircuitBreaker:
                 self._push(False)
         self._flush()
 
-    def record_failure(self, probe: bool = False, refused: bool = False) -> None:
-        """A server fault; ``refused``: the connection was refused (nothing listens)."""
+    def record_failure(self, probe: bool = False, refused: bool = False,
+                       suspect: bool = False) -> None:
+        """A server fault; ``refused``: the connection was refused (nothing listens);
+        ``suspect``: a fault that alone makes an outage likely (a dropped connection)."""
         with self._lock:
             self._consecutive += 1
             self._refused_run = self._refused_run + 1 if refused else 0
@@ -215,7 +218,7 @@ class CircuitBreaker:
                 if self._should_open():
                     self._transition(OPEN)
                 elif (self.scheduled_probes and not self._suspect
-                      and self._consecutive >= self.failure_threshold):
+                      and (suspect or refused or self._consecutive >= self.failure_threshold)):
                     self._suspect = self._suspect_pending = True
         self._flush()
 

@@ -79,20 +79,26 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
     that is how it rides out a server restart. It waits only when the window opens within
     ``policy.max_retry_delay``; a longer one raises the ``CircuitOpenError`` at once. A
     fresh call (attempt 0) is rejected at once. Such waits send nothing, so they use no
-    retry budget; the probe they lead to does.
+    retry budget; the probe they lead to does. All of a call's circuit waits together stay
+    within ``max_retry_delay``.
     """
     attempt = 0
+    circuit_waited = 0.0
     while True:
         try:
             return attempt_fn(attempt)
         except CircuitOpenError as exc:
-            if attempt == 0 or (exc.retry_in or 0.0) > max(policy.max_retry_delay,
-                                                           policy.retry_delay):
+            budget = max(policy.max_retry_delay, policy.retry_delay)
+            if attempt == 0 or (exc.retry_in or 0.0) > budget:
                 raise
             wait = max(exc.retry_in or 0.0, policy.retry_delay, MIN_BREAKER_WAIT)
             wait *= 1.0 + 0.25 * policy.jitter()  # spread the callers over the probe window
-            if wait >= deadline - clock.monotonic():
+            # in all, a fail-fast call waits for probes no longer than one longest backoff:
+            # scheduled probes come every second, and a dead server would hold it to its
+            # deadline one short wait at a time (a router fails it over instead)
+            if wait >= deadline - clock.monotonic() or circuit_waited + wait > budget:
                 raise
+            circuit_waited += wait
             if not clock.sleep(wait, cancel):
                 raise ClientClosedError("client closed while waiting for the circuit") from exc
         except ApiError as exc:
