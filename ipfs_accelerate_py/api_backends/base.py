@@ -22,7 +22,7 @@ import threading
 import weakref
 from collections import deque
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from typing import Any, Callable, Tuple, ClassVar, Deque, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Tuple, ClassVar, Deque, Dict, Iterator, List, Optional, Sequence
 
 from . import errors, tracing
 from .adapter import BackendAdapter
@@ -31,7 +31,7 @@ from .context import learn_model_lengths
 from .limits import cap_request
 from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError, ValidationError
 from .mixins.batching import BatchingMixin, batch_key
-from .mixins.circuit_breaker import CLOSED, OPEN, CircuitBreakerMixin
+from .mixins.circuit_breaker import CLOSED, CircuitBreakerMixin
 from .mixins.inflight import InFlightLimit
 from .mixins.metrics import MetricsMixin, MetricsRecorder
 from .mixins.multiplexing import MultiplexingMixin

@@ -1264,6 +1264,7 @@ class FakeVllmServer:
         self._serve_thread: threading.Thread | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None  # (read end, write end)
         self._halt = threading.Event()
+        self._stall_gates: set[threading.Event] = set()  # one per stall in progress
         self._metrics = _Metrics()
         self._aliases = ", ".join(self.models)
         #: ``num_requests_waiting`` in the load report header; None reports the double's own count
@@ -1318,9 +1319,20 @@ class FakeVllmServer:
                 except Exception:
                     httpd.shutdown_request(request)
 
+    def release_stalls(self) -> int:
+        """End every stall in progress now (the stalled requests go on and are answered), so
+        a test gates a fault and releases it instead of betting on its length. Returns how
+        many were released."""
+        with self._lock:
+            gates = list(self._stall_gates)
+        for gate in gates:
+            gate.set()
+        return len(gates)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Close the listening socket and every client connection, wake sleepers, join threads."""
         self._halt.set()
+        self.release_stalls()  # they see the halt and end
         httpd, self._httpd = self._httpd, None
         wake, self._wake = self._wake, None
         if httpd is not None and wake is not None:
@@ -1490,10 +1502,18 @@ class FakeVllmServer:
         if waiting:
             with m.lock:
                 m.waiting += 1
+        gate = threading.Event()
+        with self._lock:
+            self._stall_gates.add(gate)
         try:
-            if halt.wait(min(seconds, MAX_SLEEP_S)):
+            if halt.is_set():
+                raise _Halt()
+            gate.wait(min(seconds, MAX_SLEEP_S))  # set by release_stalls() or stop()
+            if halt.is_set():
                 raise _Halt()
         finally:
+            with self._lock:
+                self._stall_gates.discard(gate)
             if waiting:
                 with m.lock:
                     m.waiting -= 1
