@@ -465,8 +465,11 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     # ------------------------------------------------------------------ one call
     def _call(self, ep: Endpoint, request: Request, deadline: float, model: Optional[str],
               request_id: str, queue_priority: Optional[int] = None,
-              fail_fast: bool = False) -> CompletionResult:
+              fail_fast: bool = False, first_attempt: int = 0,
+              last_attempt: Optional[int] = None, fresh_id: bool = False) -> CompletionResult:
         """Send ``request`` with retries; parse the reply. Raises typed errors only.
+        ``first_attempt`` / ``last_attempt``: see ``call_with_retries``; ``fresh_id``: see
+        ``RetryMixin._retry``.
 
         With ``forward_priority`` the server gets the request's own ``priority`` field, else
         the queue priority it was submitted with (0 HIGH .. 2 LOW; lower runs earlier in
@@ -497,7 +500,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                     raise
             return adapter.parse_response(request, response)
 
-        return self._retry(ep, attempt, deadline, model)
+        return self._retry(ep, attempt, deadline, model, first_attempt, last_attempt, fresh_id)
 
     def _admit(self, ep: Endpoint, deadline: float, fail_fast: bool) -> bool:
         """Pass the breaker: wait while the circuit is OPEN (within ``deadline``) unless

@@ -252,7 +252,8 @@ class Fault:
     request until :meth:`FakeVllmServer.clear_faults`). ``path`` matches a path prefix on any
     method; ``None`` matches any POST. ``headers`` are extra response headers for ``status``
     faults (for example a ``Retry-After`` on a 503). ``content_type`` overrides the
-    ``application/json`` that ``bad_body`` claims.
+    ``application/json`` that ``bad_body`` claims. ``prompt``: only requests whose prompt (or
+    an item of their prompt list) contains this text match (a prompt that breaks the server).
     """
 
     kind: str
@@ -265,6 +266,7 @@ class Fault:
     retry_after_ms: bool = False
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -280,10 +282,15 @@ class Fault:
         if isinstance(self.body, str):
             self.body = self.body.encode("utf-8")
 
-    def matches(self, method: str, path: str, is_stream: bool) -> bool:
+    def matches(self, method: str, path: str, is_stream: bool, body: Any = None) -> bool:
         """Whether this fault applies to a request (stream-only kinds need a stream)."""
         if self.kind in _STREAM_ONLY_KINDS and not is_stream:
             return False
+        if self.prompt is not None:
+            prompt = body.get("prompt") if isinstance(body, dict) else None
+            prompts = prompt if isinstance(prompt, list) else [prompt]
+            if not any(isinstance(p, str) and self.prompt in p for p in prompts):
+                return False
         if self.path is None:
             return method == "POST"
         return path.startswith(self.path)
@@ -1444,10 +1451,10 @@ class FakeVllmServer:
             return Fault("bad_body", body=b"<html><body>502 Bad Gateway</body></html>")
         return Fault(name)
 
-    def _take_fault(self, method: str, path: str, is_stream: bool) -> Fault | None:
+    def _take_fault(self, method: str, path: str, is_stream: bool, body: Any = None) -> Fault | None:
         with self._lock:
             for i, fault in enumerate(self._faults):
-                if fault.matches(method, path, is_stream):
+                if fault.matches(method, path, is_stream, body):
                     if fault.count > 0:
                         fault.count -= 1
                         if fault.count == 0:
@@ -1537,7 +1544,7 @@ class FakeVllmServer:
                 self.request_ids[rid] += 1
         is_stream = isinstance(parsed, dict) and parsed.get("stream") is True and path != "/v1/chat/completions/batch"
 
-        fault = self._take_fault(method, path, is_stream) if (self._faults or self._random_faults) else None
+        fault = self._take_fault(method, path, is_stream, parsed) if (self._faults or self._random_faults) else None
         if fault is not None:
             kind = fault.kind
             if kind in ("drop", "reset"):

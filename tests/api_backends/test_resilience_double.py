@@ -389,20 +389,26 @@ def _queue_behind_a_stalled_blocker(c, server, n: int, stall: float = 0.3):
     return blocker, futures
 
 
-def test_a_batch_dropped_once_is_retried_whole_and_every_caller_gets_its_result(
+def test_a_batch_dropped_once_is_retried_in_parts_and_every_caller_gets_its_result(
         fake_server, make_client):
-    c = make_client(fake_server, max_concurrent_requests=1, max_retries=2)
+    """The retry of a shared call of 4 goes as 4 calls of one job each (at most 8 parts).
+    The first part repeats the batch's request id (a retry, in the metrics as on the wire);
+    the others carry their own job's id for the first time."""
+    c = make_client(fake_server, max_concurrent_requests=2, max_retries=2)
     blocker, futures = _queue_behind_a_stalled_blocker(c, fake_server, 4)
     fake_server.add_fault(Fault("drop", count=1))
     assert blocker.result(5).usage.completion_tokens == 3
     results = [f.result(5) for f in futures]
     assert [r.usage.completion_tokens for r in results] == [2, 2, 2, 2]
     reqs = completion_requests(fake_server)
-    assert [r.json["prompt"] for r in reqs[1:]] == [[f"job {i}" for i in range(4)]] * 2
+    assert reqs[1].json["prompt"] == [f"job {i}" for i in range(4)]
+    assert sorted(r.json["prompt"] for r in reqs[2:]) == [[f"job {i}"] for i in range(4)]
     m = c.get_metrics()
     assert m["batches"] == 1 and m["batched_requests"] == 4
     assert m["requests"] == 5 and m["successes"] == 5
     assert m["retries"] == 1 == fake_server.retries_seen
+    # each caller got its own prompt's answer (as the same prompt sent alone gets)
+    assert [r.text for r in results] == [call(c, f"job {i}").text for i in range(4)]
 
 
 def test_a_batch_failing_with_5xx_fails_every_caller_and_loses_none(fake_server, make_client):
@@ -414,10 +420,39 @@ def test_a_batch_failing_with_5xx_fails_every_caller_and_loses_none(fake_server,
     for f in futures:
         with pytest.raises(errors.ServerError):
             f.result(5)
-    assert sent(fake_server) == 1 + 2  # the batch and its one retry
+    assert sent(fake_server) == 1 + 1 + 4  # the blocker, the batch, its retry in 4 parts
     m = c.get_metrics()
     assert m["requests"] == 5 and m["failures"] == 4
     assert m["retries"] == 1 == fake_server.retries_seen
+
+
+def test_a_prompt_that_breaks_the_server_is_cut_off_and_fails_alone(fake_server, make_client):
+    """Every call carrying the poison prompt gets a 500. The shared call of 16 is retried as
+    8 calls of 2, and the failing pair as 2 calls of 1: the 15 other callers succeed and only
+    the poison prompt's caller fails, after max_retries + 1 attempts like any request."""
+    c = make_client(fake_server, max_concurrent_requests=1, max_retries=3,
+                    failure_threshold=100)
+    fake_server.add_fault(Fault("status", status=500, count=-1, prompt="poison"))
+    blocker, _ = _queue_behind_a_stalled_blocker(c, fake_server, 0, stall=30)
+    prompts = [f"job {i}" for i in range(16)]
+    prompts[5] = "poison 5"
+    futures = [c.submit_inference(None, p, P) for p in prompts]
+    assert len(c.request_queue) == 16
+    fake_server.release_stalls()  # the blocker ends; the sixteen go as one call
+    blocker.result(5)
+    for i, f in enumerate(futures):
+        if i == 5:
+            with pytest.raises(errors.ServerError):
+                f.result(5)
+        else:
+            assert f.result(5).usage.completion_tokens == 2
+    sizes = sorted(len(r.json["prompt"]) for r in completion_requests(fake_server)[1:])
+    assert sizes == [1, 1, 1] + [2] * 8 + [16], sizes  # job 4, then poison alone twice
+    poisoned = [r.json["prompt"] for r in completion_requests(fake_server)
+                if any("poison" in p for p in r.json["prompt"])]
+    assert poisoned == [prompts, prompts[4:6], ["poison 5"], ["poison 5"]], poisoned
+    m = c.get_metrics()
+    assert m["requests"] == 17 and m["failures"] == 1 and m["batches"] == 1
 
 
 def test_a_batch_refused_with_400_is_split_and_retries_stay_honest(fake_server, make_client):

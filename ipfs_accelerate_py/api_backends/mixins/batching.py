@@ -11,7 +11,9 @@ no company while a compatible batch is in flight waits for that batch's callers 
 ``batch_timeout``): under closed-loop load that keeps every round to one call. Callers
 that are themselves waiting inside the batch cannot add to it, so a fixed wait would only
 add latency: the linger ends when the burst does. If the shared call fails with a 4xx,
-each request is retried alone so only the bad one fails; other failures go to every caller.
+each request is retried alone so only the bad one fails. A retried failure (5xx, a dropped
+connection, a timeout) is retried as up to eight calls of a share of the requests each, so
+a run of bad luck, or a prompt that breaks the server, does not fail every caller together.
 """
 
 from __future__ import annotations
@@ -23,11 +25,16 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 from .. import tracing
 from .circuit_breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
+from ..errors import ApiError, ClientClosedError
 from .queue import Job
+from .retry import RetryPolicy, retry_wait
 
 __all__ = ["batch_key", "merge_requests", "split_result", "share_tokens", "BatchingMixin"]
 
 log = logging.getLogger("ipfs_accelerate_py.api_backends")
+
+#: A failed shared call is retried as at most this many calls (see ``_retry_in_parts``).
+RETRY_PARTS = 8
 
 
 def batch_key(endpoint_id: str, request: Request, supports_prompt_list: bool,
@@ -216,22 +223,31 @@ class BatchingMixin:
             return [job]  # its own call meets the breaker's fail-fast refusal
         return batch + endpoint.queue.take_compatible(key, limit - len(batch))
 
-    def _run_batch(self, endpoint: Any, jobs: List[Job]) -> None:
-        """Send ``jobs`` as one call; resolve every job's future whatever happens."""
-        from ..errors import ApiError, TransientError, HTTPStatusError
+    def _run_batch(self, endpoint: Any, jobs: List[Job], first_attempt: int = 0,
+                   fresh_id: bool = False) -> None:
+        """Send ``jobs`` as one call; resolve every job's future whatever happens.
+
+        ``first_attempt``: the attempts these jobs already made (as part of a larger call
+        that failed; see ``_retry_in_parts``); ``fresh_id``: the first job's request id was
+        not sent before (a part other than the first)."""
+        from ..errors import TransientError, HTTPStatusError
 
         merged = merge_requests([j.request for j in jobs])
         deadline = min(j.deadline for j in jobs)
         model = jobs[0].model
-        self._metrics.record_batch(endpoint.id, model, len(jobs))  # type: ignore[attr-defined]
+        if first_attempt == 0:  # a batch as formed; its parts are retries
+            self._metrics.record_batch(endpoint.id, model, len(jobs))  # type: ignore[attr-defined]
         start = self._clock.monotonic()  # type: ignore[attr-defined]
         endpoint.queue.shared_call_started(jobs[0].key)
         tracing.shared_call_started(self, endpoint, jobs, start)  # a span linked to the callers'
         try:
             try:
                 # The shared call carries the first job's id and its most urgent priority.
+                # A call of several jobs makes one attempt here: its retry goes in parts.
                 result = self._call(endpoint, merged, deadline, model, jobs[0].request_id,  # type: ignore[attr-defined]
-                                    min(j.priority for j in jobs))
+                                    min(j.priority for j in jobs), first_attempt=first_attempt,
+                                    last_attempt=first_attempt if len(jobs) > 1 else None,
+                                    fresh_id=fresh_id)
                 # Its callers will be back at once (closed-loop load): let their next
                 # requests gather.
                 endpoint.burst_until = self._clock.monotonic() + endpoint.settings.batch_timeout  # type: ignore[attr-defined]
@@ -251,16 +267,69 @@ class BatchingMixin:
                 for j in jobs:
                     self._run_single(endpoint, j)  # type: ignore[attr-defined]
                 return
-            self._fail_jobs(endpoint, jobs, exc, start)
+            self._retry_in_parts(endpoint, jobs, exc, first_attempt, deadline, start)
             return
         except ApiError as exc:
-            self._fail_jobs(endpoint, jobs, exc, start)
+            self._retry_in_parts(endpoint, jobs, exc, first_attempt, deadline, start)
             return
         except BaseException as exc:  # noqa: BLE001 - never lose a caller
             self._fail_jobs(endpoint, jobs, exc, start)
             return
         for j, part in zip(jobs, split_result(result, len(jobs), merged.n or 1)):
             self._finish(endpoint, j, start, result=part)  # type: ignore[attr-defined]
+
+    def _retry_in_parts(self, endpoint: Any, jobs: List[Job], exc: BaseException, attempt: int,
+                        deadline: float, start: float) -> None:
+        """A shared call's attempt ``attempt`` failed with ``exc``: retry it as up to
+        ``RETRY_PARTS`` calls of an equal share of the jobs each (at the same time), or fail
+        every job when it is not retried.
+
+        Why split: a shared call's failure is every caller's failure. Each job still makes at
+        most ``max_retries + 1`` attempts, so the mean number of failed callers is the same
+        as unbatched (at 28 % faults and 4 retries, 0.28^5 = 0.17 % of callers), but retried
+        whole, a 32-prompt call fails its 32 callers together. Simulated over 400 callers in
+        13 calls: P(more than 4 callers fail) is 2.2 % retried whole, 2.3 % in halves (the
+        halves share their ancestors' luck), 0.4 % in quarters and 0.2 % in eighths, as low
+        as 400 unbatched requests. A prompt that makes the server fail is also cut off from
+        the others in one retry."""
+        if len(jobs) == 1 or not isinstance(exc, ApiError):
+            self._fail_jobs(endpoint, jobs, exc, start)
+            return
+        try:
+            wait = retry_wait(exc, attempt, RetryPolicy.from_settings(endpoint.settings),
+                              deadline, self._clock)  # type: ignore[attr-defined]
+        except ApiError as final:  # not retried, or the deadline comes first
+            self._fail_jobs(endpoint, jobs, final, start)
+            return
+        tracing.retrying(exc, attempt, wait)
+        if not self._clock.sleep(wait, self._closing):  # type: ignore[attr-defined]
+            self._fail_jobs(endpoint, jobs, ClientClosedError(
+                "client closed while waiting to retry"), start)
+            return
+        count = min(len(jobs), RETRY_PARTS)
+        size, extra = divmod(len(jobs), count)
+        parts, at = [], 0
+        for i in range(count):
+            parts.append(jobs[at:at + size + (1 if i < extra else 0)])
+            at += len(parts[-1])
+        # The first part repeats the shared call's request id (its first job's): a retry on
+        # the wire. The others carry their own first job's id, sent for the first time.
+        helpers = [threading.Thread(target=self._run_part, args=(endpoint, part, attempt + 1, True),
+                                    name=f"vllm-batch-retry-{endpoint.id}", daemon=True)
+                   for part in parts[1:]]
+        for helper in helpers:
+            helper.start()
+        self._run_part(endpoint, parts[0], attempt + 1, False)
+        for helper in helpers:
+            helper.join()  # bounded: each part ends by its deadline, like any call
+
+    def _run_part(self, endpoint: Any, jobs: List[Job], first_attempt: int, fresh_id: bool) -> None:
+        """``_run_batch`` of one part; whatever escapes it still reaches the callers."""
+        try:
+            self._run_batch(endpoint, jobs, first_attempt, fresh_id)
+        except BaseException as exc:  # noqa: BLE001 - never lose a caller
+            now = self._clock.monotonic()  # type: ignore[attr-defined]
+            self._fail_jobs(endpoint, [j for j in jobs if not j.future.done()], exc, now)
 
     def _fail_jobs(self, endpoint: Any, jobs: List[Job], exc: BaseException, start: float) -> None:
         for j in jobs:

@@ -28,7 +28,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import (ApiError, CircuitOpenError, ClientClosedError, TimeoutError,
                       TransientError)
 
-__all__ = ["RetryPolicy", "RetryMixin", "call_with_retries"]
+__all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "retry_wait"]
 
 #: Shortest wait for a circuit's probe window (HALF-OPEN with its probe already out says 0).
 MIN_BREAKER_WAIT = 0.05
@@ -69,9 +69,28 @@ class RetryPolicy:
         return base / 2 + self._rng() * base / 2
 
 
+def retry_wait(error: ApiError, attempt: int, policy: RetryPolicy, deadline: float,
+               clock: Clock = SYSTEM_CLOCK) -> float:
+    """Seconds to wait before attempt ``attempt + 1`` after ``error``; raises ``error`` when
+    it is not retried, or a ``TimeoutError`` when the wait would pass ``deadline``."""
+    if not policy.should_retry(error, attempt):
+        raise error
+    wait = policy.delay(error, attempt)
+    remaining = deadline - clock.monotonic()
+    if wait >= remaining:
+        if isinstance(error, TimeoutError):
+            raise error
+        raise TimeoutError(
+            f"gave up after {attempt + 1} attempt(s): the call deadline leaves "
+            f"{max(0.0, remaining):.2f}s but the next retry is due in {wait:.2f}s; "
+            f"last error: {error}") from error
+    return wait
+
+
 def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadline: float,
                       clock: Clock = SYSTEM_CLOCK, cancel: Optional[threading.Event] = None,
-                      on_retry: Optional[Callable[[BaseException, int, float], None]] = None) -> T:
+                      on_retry: Optional[Callable[[BaseException, int, float], None]] = None,
+                      first_attempt: int = 0, last_attempt: Optional[int] = None) -> T:
     """Run ``attempt_fn(attempt)`` until it returns, a non-retryable error, or the deadline.
 
     A call that is already retrying when the circuit opens (it was caught by the outage)
@@ -81,8 +100,12 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
     fresh call (attempt 0) is rejected at once. Such waits send nothing, so they use no
     retry budget; the probe they lead to does. All of a call's circuit waits together stay
     within ``max_retry_delay``.
+
+    ``first_attempt`` numbers the first attempt made here (a call that carries on the
+    attempts of an earlier one, as the halves of a failed shared call do); after attempt
+    ``last_attempt`` its error is raised as it is, for the caller to retry in its own way.
     """
-    attempt = 0
+    attempt = first_attempt
     circuit_waited = 0.0
     while True:
         try:
@@ -102,17 +125,9 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
             if not clock.sleep(wait, cancel):
                 raise ClientClosedError("client closed while waiting for the circuit") from exc
         except ApiError as exc:
-            if not policy.should_retry(exc, attempt):
+            if last_attempt is not None and attempt >= last_attempt:
                 raise
-            wait = policy.delay(exc, attempt)
-            remaining = deadline - clock.monotonic()
-            if wait >= remaining:
-                if isinstance(exc, TimeoutError):
-                    raise
-                raise TimeoutError(
-                    f"gave up after {attempt + 1} attempt(s): the call deadline leaves "
-                    f"{max(0.0, remaining):.2f}s but the next retry is due in {wait:.2f}s; "
-                    f"last error: {exc}") from exc
+            wait = retry_wait(exc, attempt, policy, deadline, clock)
             if on_retry is not None:
                 on_retry(exc, attempt, wait)
             attempt += 1
@@ -124,12 +139,18 @@ class RetryMixin:
     """Gives ``BaseApiBackend`` its retry loop, built from each endpoint's settings."""
 
     def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
-               model: Optional[str]) -> T:
+               model: Optional[str], first_attempt: int = 0,
+               last_attempt: Optional[int] = None, fresh_id: bool = False) -> T:
         """A retry is counted when its attempt was made, not when it was scheduled: an
         attempt the circuit breaker refused (it opened during the backoff), or one the call
-        deadline stopped before sending (``context["sent"] is False``), sent nothing."""
+        deadline stopped before sending (``context["sent"] is False``), sent nothing.
+        A retry is a request that repeats a request id on the wire, as the server counts
+        them: with ``fresh_id`` the first attempt here carries an id never sent before (a
+        part of a failed shared call), so only the attempts after it are retries."""
+        uncounted = first_attempt if fresh_id else 0
+
         def counted(attempt: int) -> T:
-            if attempt == 0:
+            if attempt == uncounted:
                 return attempt_fn(attempt)
             try:
                 result = attempt_fn(attempt)
@@ -147,4 +168,5 @@ class RetryMixin:
 
         return call_with_retries(counted, RetryPolicy.from_settings(endpoint.settings),
                                  deadline, self._clock, self._closing,  # type: ignore[attr-defined]
-                                 on_retry=tracing.retrying)  # span events (tracing.py)
+                                 on_retry=tracing.retrying,  # span events (tracing.py)
+                                 first_attempt=first_attempt, last_attempt=last_attempt)
