@@ -22,6 +22,7 @@ from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
 from ipfs_accelerate_py.api_backends.endpoint_load import LoadBoard, parse_load_header
 from ipfs_accelerate_py.api_backends.models import ChatRequest, CompletionRequest
 from ipfs_accelerate_py.api_backends.prefix_affinity import (affinity_key, bounded_choice,
+                                                             patience, patient_choice,
                                                              over_bound, prefix_text,
                                                              rendezvous_order)
 from ipfs_accelerate_py.api_backends.settings import ClientSettings
@@ -106,6 +107,31 @@ def test_bound_needs_both_the_absolute_and_the_relative_excess():
     assert bounded_choice(ranked, {"a": 9, "b": 8, "c": 0}, 4, 1.5) == ("c", True)
     assert bounded_choice(ranked, {"a": 9, "b": 3, "c": 0}, 4, 1.5) == ("b", True)
     assert bounded_choice([], {}, 4, 1.5) == (None, False)
+
+
+def test_a_steadily_busier_server_sheds_the_same_cold_keys_every_time():
+    """Averaged loads 10 : 6 (1.25 times the mean): of the keys that prefer "a", those whose
+    own threshold (1.1 to 1.5 times the mean) is below 1.25 move to "b", the same ones on
+    every call and in every process; a key that moved stays moved while the loads hold."""
+    keys = [affinity_key(doc(i)) for i in range(400)]
+    moved = [k for k in keys if patient_choice(["a", "b"], {"a": 10.0, "b": 6.0},
+                                               patience(k, 1.1, 1.5)) == ("b", True)]
+    share = len(moved) / len(keys)
+    assert 0.25 < share < 0.5, share  # (1.25 - 1.1) / 0.4 = 37.5 % expected
+    assert moved == [k for k in keys if patience(k, 1.1, 1.5) < 1.25]  # by the key alone
+    # balanced, or within one request of the mean: nobody moves
+    assert all(patient_choice(["a", "b"], {"a": 8.0, "b": 8.0}, patience(k, 1.1, 1.5))
+               == ("a", False) for k in keys)
+    assert patient_choice(["a", "b"], {"a": 1.5, "b": 0.0}, 1.1) == ("a", False)
+    # a moved key stays moved a little below its threshold (no flapping), and comes back
+    # when its first choice's load is well below it
+    t = patience(moved[0], 1.1, 1.5)
+
+    def at(ratio: float) -> Dict[str, float]:
+        return {"a": 8 * ratio, "b": 16 - 8 * ratio}
+    assert patient_choice(["a", "b"], at(t - 0.02), t) == ("a", False)
+    assert patient_choice(["a", "b"], at(t - 0.02), t, moved_to="b") == ("b", True)
+    assert patient_choice(["a", "b"], at(t - 0.1), t, moved_to="b") == ("a", False)
 
 
 def test_routing_setting_is_read_from_the_environment_and_checked():

@@ -49,8 +49,8 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 from ..endpoint_load import LoadBoard, LoadReport
 from ..errors import (ApiError, CircuitOpenError, CircuitWaitTimeoutError, ConfigurationError,
                       NoHealthyEndpointError, QueueFullError, TransientError, ValidationError)
-from ..prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key, bounded_choice, prefix_text,
-                               rendezvous_order)
+from ..prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key, bounded_choice, patience,
+                               patient_choice, prefix_text, rendezvous_order)
 from .circuit_breaker import OPEN
 
 __all__ = ["RoutingMixin", "STRATEGIES", "FAILOVER_ERRORS", "LoadProbe"]
@@ -70,6 +70,17 @@ SEEN_KEYS = 4096
 BALANCE_ABS = 4.0
 BALANCE_REL = 1.5
 LOAD_MAX_AGE = 1.0
+#: A cold prefix moves off its first choice only above this many times the mean load.
+COLD_CAPACITY = 1.5
+#: Recent cache-aware requests whose keys are counted to tell hot prefixes from cold ones.
+HEAT_WINDOW = 512
+#: A key is hot when it is at least this share of the recent requests (and seen 8+ times).
+HOT_SHARE = 0.05
+HOT_MIN_COUNT = 8
+#: Weight of each cache-aware decision's loads in their running average (about 50 decisions).
+LOAD_SMOOTHING = 0.02
+#: Cold keys' own thresholds on the averaged load, as multiples of the mean (prefix_affinity.patience).
+PATIENCE = (1.1, 1.5)
 
 LoadProbe = Callable[[Any], Optional[float]]
 _init_lock = threading.Lock()
@@ -105,6 +116,41 @@ class _RoutingState:
         self.expected_hits: Counter = Counter()
         self.ca_served: Counter = Counter()
         self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
+        self.recent_keys: Deque[bytes] = deque(maxlen=HEAT_WINDOW)
+        self.heat: Counter = Counter()  # key -> occurrences in recent_keys
+        self.smoothed: Dict[str, float] = {}  # endpoint -> running average of its load
+        self.moved: "OrderedDict[bytes, str]" = OrderedDict()  # cold key -> where it moved
+
+    def remember_move(self, key: bytes, moved_to: Optional[str]) -> None:
+        """Keep (or forget) where a cold key moved for load; bounded. Lock held."""
+        if moved_to is None:
+            self.moved.pop(key, None)
+            return
+        self.moved[key] = moved_to
+        self.moved.move_to_end(key)
+        if len(self.moved) > SEEN_KEYS:
+            self.moved.popitem(last=False)
+
+    def smooth(self, loads: Mapping[str, float]) -> Dict[str, float]:
+        """Fold ``loads`` into the running averages; the averages of these endpoints. Lock held."""
+        out = {}
+        for eid, load in loads.items():
+            prev = self.smoothed.get(eid, 0.0)  # from idle: a few decisions move nothing
+            out[eid] = self.smoothed[eid] = prev + LOAD_SMOOTHING * (load - prev)
+        return out
+
+    def note_key(self, key: bytes) -> bool:
+        """Count ``key`` among the recent requests; True when it is hot. Lock held."""
+        recent = self.recent_keys
+        if len(recent) == recent.maxlen:
+            old = recent[0]
+            self.heat[old] -= 1
+            if self.heat[old] <= 0:
+                del self.heat[old]
+        recent.append(key)
+        self.heat[key] += 1
+        count = self.heat[key]
+        return count >= HOT_MIN_COUNT and count >= HOT_SHARE * len(recent)
 
 
 class _Attempts:
@@ -315,7 +361,20 @@ class RoutingMixin:
         names = [self._endpoint(eid).settings.base_url for eid in ids]  # type: ignore[attr-defined]
         ranked = [ids[i] for i in rendezvous_order(key, names)]
         usable = [eid for eid in ranked if not self._is_open(eid)]
-        choice, diverted = bounded_choice(usable, self.cache_aware_loads(usable), abs_t, rel_t)
+        loads = self.cache_aware_loads(usable)
+        with state.lock:
+            hot = state.note_key(key)
+            smoothed = state.smooth(loads)
+            moved_to = state.moved.get(key)
+        if hot:  # cheap to move: cached on its second choice after one miss
+            choice, diverted = bounded_choice(usable, loads, abs_t / 2, (1 + rel_t) / 2)
+        else:  # a move is a miss and an eviction: only when also over capacity
+            choice, diverted = bounded_choice(usable, loads, abs_t, rel_t, COLD_CAPACITY)
+            if not diverted and usable:  # a steadily busier first choice: this key's turn?
+                choice, diverted = patient_choice(usable, smoothed, patience(key, *PATIENCE),
+                                                  moved_to)
+                with state.lock:
+                    state.remember_move(key, choice if diverted else None)
         if choice is None:
             return ranked, key
         with state.lock:
