@@ -94,7 +94,6 @@ class BackendAdapter(ABC):
     #: chat requests with equal sampling parameters may share one call (``ChatBatchRequest``)
     supports_chat_batch: ClassVar[bool] = False
     supports_streaming: ClassVar[bool] = True
-    supports_completions: ClassVar[bool] = True
     #: whether the unified test generator writes a runner for this backend
     unified_runner: ClassVar[bool] = True
 

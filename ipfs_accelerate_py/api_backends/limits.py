@@ -22,7 +22,7 @@ from .context import check_fits_context, model_length
 from .errors import ValidationError
 from .models import ChatRequest
 
-__all__ = ["set_max_tokens_cap", "max_tokens_cap", "max_tokens_caps", "apply_max_tokens_cap",
+__all__ = ["set_max_tokens_cap", "max_tokens_cap", "apply_max_tokens_cap",
            "cap_request", "COMPLETION_DEFAULT_MAX_TOKENS"]
 
 #: What OpenAI-compatible servers generate for a completion that names no ``max_tokens``.
@@ -50,12 +50,6 @@ def max_tokens_cap(client: Any, model: Optional[str]) -> Optional[int]:
     with _lock:
         caps = _caps.get(client)
         return caps.get(model) if caps else None
-
-
-def max_tokens_caps(client: Any) -> Dict[Optional[str], int]:
-    """Every cap set on ``client``, by model name."""
-    with _lock:
-        return dict(_caps.get(client) or {})
 
 
 def apply_max_tokens_cap(client: Any, model: Optional[str], params: Optional[Dict[str, Any]],

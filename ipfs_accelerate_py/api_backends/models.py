@@ -247,14 +247,6 @@ class CompletionRequest(_Sampling):
             raise ValueError("prompt list must hold only strings, or only token ids")
         raise ValueError(f"prompt must be a string or a list, not {type(v).__name__}")
 
-    @property
-    def prompt_count(self) -> int:
-        """How many prompts (not tokens) this request carries."""
-        p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
-            return 1
-        return len(p)
-
 
 class ChatMessage(_Strict):
     """One chat turn. ``content`` is text or a list of content parts."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pluggy
 
@@ -73,10 +73,6 @@ def get_backend(name: str) -> BackendAdapter:
     except KeyError:
         raise ConfigurationError(f"no backend named {name!r}; registered: {sorted(backends)}",
                                  field="backend") from None
-
-
-def backend_names() -> List[str]:
-    return list(get_backends())
 
 
 def reset_plugin_manager() -> None:

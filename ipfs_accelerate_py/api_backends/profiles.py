@@ -141,11 +141,8 @@ def get_profile(name: Any) -> Profile:
     return PROFILES[name]
 
 
-def _resize_endpoint(client: Any, endpoint: Any, n: int, old_n: int) -> Optional[str]:
-    """Match the endpoint's workers and connection pool to ``n`` concurrent requests.
-
-    Returns a note when the change cannot take full effect at once.
-    """
+def _resize_endpoint(client: Any, endpoint: Any, n: int, old_n: int) -> None:
+    """Match the endpoint's workers and connection pool to ``n`` concurrent requests."""
     if n > max(old_n, 10):
         # The pooled session was sized for the old limit: past it, every extra connection
         # would be opened and thrown away per request. Swap in one sized for ``n``; calls
@@ -153,7 +150,6 @@ def _resize_endpoint(client: Any, endpoint: Any, n: int, old_n: int) -> Optional
         old, endpoint.transport = endpoint.transport, client._transport_factory(endpoint.settings)
         old.close()
     endpoint.workers.resize(n)  # surplus idle workers retire; busy ones finish their call first
-    return None
 
 
 def apply_profile(client: Any, model: Optional[str], profile: Profile,
@@ -168,10 +164,7 @@ def apply_profile(client: Any, model: Optional[str], profile: Profile,
     notes: List[str] = list(profile.notes)
     n = profile.client_settings["max_concurrent_requests"]
     for eid in client.endpoint_ids:
-        ep = client._endpoint(eid)
-        note = _resize_endpoint(client, ep, n, before_by_endpoint[eid])
-        if note:
-            notes.append(note)
+        _resize_endpoint(client, client._endpoint(eid), n, before_by_endpoint[eid])
     cap = profile.max_tokens_cap
     if max_model_len:
         cap = min(cap, int(max_model_len))

@@ -57,7 +57,6 @@ class OpenAICompatAdapter(BackendAdapter):
     default_base_url = "http://localhost:8000"
     supports_prompt_list = False
     supports_streaming = True
-    supports_completions = False  # completions are sent as chat (one user message)
 
     def format_request(self, request: Request, *, priority: Optional[int] = None,
                        request_id: Optional[str] = None) -> HttpRequest:
