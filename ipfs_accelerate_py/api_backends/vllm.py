@@ -26,7 +26,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from .base import BaseApiBackend
 from .call_shapes import stream_call
-from .default_plugins.vllm_plugin import VllmAdapter, VllmLegacyAdapter
+from .adapter import BackendAdapter
+from .default_plugins.vllm_plugin import VllmLegacyAdapter
+from .plugins import get_backend
 from .errors import ApiError, ConfigurationError, ValidationError
 from .handlers import make_endpoint_handler, result_to_dict
 from .settings import ClientSettings, normalize_base_url
@@ -50,10 +52,14 @@ class VllmClient(BaseApiBackend):
                  max_concurrent_requests: Optional[int] = None,
                  failure_threshold: Optional[int] = None, reset_timeout: Optional[float] = None,
                  model: Optional[str] = None, api_flavor: str = "openai",
-                 settings: Optional[ClientSettings] = None, **options: Any) -> None:
+                 settings: Optional[ClientSettings] = None,
+                 adapter: Optional[BackendAdapter] = None, **options: Any) -> None:
         if api_flavor not in ("openai", "legacy", "auto"):
             raise ConfigurationError("must be 'openai', 'legacy' or 'auto'", field="api_flavor")
-        adapter = VllmLegacyAdapter() if api_flavor == "legacy" else VllmAdapter()
+        # The adapters the plugin manager registered, as for any backend (``adapter``: one
+        # the caller got from it, e.g. the unified runner).
+        if adapter is None and api_flavor == "legacy":
+            adapter = get_backend(VllmLegacyAdapter.name)
         super().__init__(settings, adapter=adapter, api_key=api_key, base_url=base_url,
                          timeout=timeout, max_retries=max_retries,
                          max_concurrent_requests=max_concurrent_requests,
@@ -72,7 +78,7 @@ class VllmClient(BaseApiBackend):
             self.request_raw(HttpRequest("GET", "/v1/models"), timeout=self.settings.timeout)
             return "openai"
         except NotFoundError:
-            self._adapter = VllmLegacyAdapter()
+            self._adapter = get_backend(VllmLegacyAdapter.name)
             return "legacy"
 
     def version(self, endpoint_id: Optional[str] = None) -> str:

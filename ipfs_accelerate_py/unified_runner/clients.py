@@ -2,7 +2,7 @@
 
 The runner is generic: it gets a backend *name*, asks the plugin manager for that
 adapter, and wraps it in ``BaseApiBackend`` (``VllmClient`` for ``vllm``, whose extra
-methods the framework relies on). A counting transport lets checks prove that invalid
+methods the framework relies on, given that same registered adapter). A counting transport lets checks prove that invalid
 input fails *before* anything is sent.
 """
 
@@ -79,7 +79,7 @@ def make_client(backend: str, base_url: str, timeout: float,
             lambda s: CountingTransport(default_transport(s), counter))  # noqa: E731
     cls = _client_class(backend)
     if cls is not None:
-        return cls(**overrides)
+        return cls(adapter=adapter, **overrides)  # the registered adapter, not a new one
     factory = overrides.pop("transport_factory", None)
     settings_obj = ClientSettings.from_env(adapter.env_prefix, overrides)
     return BackendClient(settings_obj, adapter=adapter, transport_factory=factory)

@@ -345,3 +345,20 @@ def test_module_level_calls_share_clients_and_threads(url):
     assert threading.active_count() == threads
     assert len(_live_clients) == clients
     assert vllm_module.vllm._default_instance()._client_for(url) is handler.client
+
+
+def test_the_vllm_client_and_the_runner_use_the_adapters_the_plugin_registered():
+    """The plugin is on the data path: no client builds an adapter of its own."""
+    from ipfs_accelerate_py.api_backends.plugins import get_backend
+    from ipfs_accelerate_py.unified_runner.clients import make_client
+
+    url = "http://127.0.0.1:9"  # nothing is sent
+    with VllmClient(base_url=url) as c, VllmClient(base_url=url, api_flavor="legacy") as legacy:
+        assert c.adapter is get_backend("vllm")
+        assert legacy.adapter is get_backend("vllm-legacy")
+    runner_client = make_client("vllm", url, timeout=1.0)
+    try:
+        assert isinstance(runner_client, VllmClient)
+        assert runner_client.adapter is get_backend("vllm")
+    finally:
+        runner_client.close()
