@@ -488,7 +488,7 @@ def test_requests_are_recorded(fake_vllm_server: FakeVllmServer) -> None:
 
 
 def test_recording_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fake_vllm, "MAX_RECORDED", 5)
+    monkeypatch.setattr(fake_vllm._server, "MAX_RECORDED", 5)  # read where the server is made
     with FakeVllmServer() as srv:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
         for i in range(8):
