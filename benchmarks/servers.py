@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,10 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from ipfs_accelerate_py.servers import free_port
+
 HERE = Path(__file__).resolve().parent
 Log = Callable[[str], None]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 5.0) -> "tuple[int, bytes]":

@@ -15,20 +15,14 @@ the same port. Later tests depend on that.
 from __future__ import annotations
 
 import platform
-import socket
 import sys
 from typing import Any, Callable, Iterator, List
 
 import pytest
 
+from ipfs_accelerate_py.servers import free_port as find_free_port  # the one helper, shared
+
 REAL_SERVER_API_KEY = "sk-test-key-123"
-
-
-def find_free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import re
-import socket
 import threading
 from pathlib import Path
 from typing import Any, Callable, Dict, List
@@ -24,6 +23,7 @@ import pytest
 from fixtures_resilience import real_base_url, wait_until  # noqa: F401
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
+from ipfs_accelerate_py.servers import free_port
 
 pytestmark = pytest.mark.real_server
 
@@ -128,9 +128,7 @@ def test_circuit_breaker_snippet(readme, real_base_url):  # noqa: F811
 
     # A server that is gone: two refused connections open the breaker. With fail_fast the
     # next call is rejected at once; the same README lines report it.
-    with socket.socket() as sock:  # a loopback port with nobody listening
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a loopback port with nobody listening
     dead = VllmClient(base_url=f"http://127.0.0.1:{port}", failure_threshold=5,
                       max_retries=0, reset_timeout=30, fail_fast=True)
     try:

@@ -13,6 +13,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+from ipfs_accelerate_py.servers import free_port
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
 from ipfs_accelerate_py.unified_runner import parse_config, run
 
@@ -37,12 +38,6 @@ def load(results: Path) -> Dict[str, dict]:
             if path.name.startswith(f"vllm_{key}"):
                 out[kind] = json.loads(path.read_text())
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_all_writes_four_files_with_typed_figures(fake_server: FakeVllmServer,
