@@ -22,7 +22,7 @@ from ipfs_accelerate_py.api_backends import VllmClient, errors
 from ipfs_accelerate_py.api_backends.base import _live_clients, default_transport
 from ipfs_accelerate_py.api_backends.limits import set_max_tokens_cap
 from ipfs_accelerate_py.api_backends.transport import HttpRequest, HttpResponse, Transport
-from ipfs_accelerate_py.api_backends.vllm_info import NO_STATS_MESSAGE, model_info, model_statistics
+from ipfs_accelerate_py.api_backends.vllm._info import NO_STATS_MESSAGE, model_info, model_statistics
 
 # ``import ...api_backends.vllm as m`` would give the CLASS: the package re-exports the class
 # under the submodule's name. The module itself comes from importlib.

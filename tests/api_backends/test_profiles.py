@@ -15,7 +15,7 @@ import pytest
 from ipfs_accelerate_py.api_backends import VllmClient, errors
 from ipfs_accelerate_py.api_backends.limits import (apply_max_tokens_cap, max_tokens_cap,
                                                     set_max_tokens_cap)
-from ipfs_accelerate_py.api_backends.profiles import PROFILES, apply_profile, get_profile
+from ipfs_accelerate_py.api_backends.vllm._profiles import PROFILES, apply_profile, get_profile
 
 # ``import ...api_backends.vllm as m`` would give the CLASS: the package re-exports the class
 # under the submodule's name. The module itself comes from importlib.

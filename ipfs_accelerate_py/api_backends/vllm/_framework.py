@@ -1,108 +1,19 @@
-"""vLLM for ipfs_accelerate_py: ``VllmClient`` and the framework-facing ``vllm`` backend.
-
-``VllmClient`` is ``BaseApiBackend`` bound to the vLLM plugin: typed results, typed errors,
-queue, breaker, retry, batching, metrics and endpoints. ``vllm(resources, metadata)`` is
-what the framework builds; its methods return plain dicts and share ONE client per
-endpoint (URL + key) for the whole process, closed at exit, so module-level calls never
-leak threads.
-
-The README's calls work three ways, all on the same shared clients::
-
-    from ipfs_accelerate_py.api_backends import vllm          # the class
-    vllm.process_batch(url, prompts, model)                    # class-level call
-    vllm(metadata={...}).process_batch(url, prompts, model)    # on an instance
-    from ipfs_accelerate_py.api_backends.vllm import process_batch
-    process_batch(url, prompts, model)                         # module-level function
-
-Note: ``import ipfs_accelerate_py.api_backends.vllm as m`` binds the CLASS (Python looks
-the name up on the package, which re-exports the class); every module-level call works on
-it too. ``importlib.import_module("ipfs_accelerate_py.api_backends.vllm")`` gives the module.
-"""
+"""The framework-facing ``vllm(resources, metadata)`` backend and its module-level calls:
+plain dicts out, typed errors, ONE shared ``VllmClient`` per endpoint (URL + key) for the
+whole process, closed at exit, so module-level calls never leak threads."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .base import BaseApiBackend
-from .call_shapes import stream_call
-from .adapter import BackendAdapter
-from .default_plugins.vllm_plugin import VllmLegacyAdapter
-from .plugins import get_backend
-from .errors import ApiError, ConfigurationError, ValidationError
-from .handlers import make_endpoint_handler, result_to_dict
-from .settings import ClientSettings, normalize_base_url
-from .transport import HttpRequest
+from ..call_shapes import stream_call
+from ..errors import ApiError, ValidationError
+from ..handlers import make_endpoint_handler, result_to_dict
+from ..settings import ClientSettings, normalize_base_url
+from ._client import VllmClient
 
-__all__ = ["VllmClient", "vllm", "shared_client", "close_shared_clients", "VLLM_LOAD_METRIC",
-           "vllm_load_probe"]
-
-
-class VllmClient(BaseApiBackend):
-    """A resilient vLLM client. Arguments win over ``VLLM_*`` environment variables.
-
-    ``api_flavor``: ``"openai"`` (``/v1/*``, default), ``"legacy"`` (the demo server's
-    ``/generate``), or ``"auto"`` (ask the server once which it speaks).
-    """
-
-    backend_name = "vllm"
-
-    def __init__(self, api_key: Optional[str] = None, base_url: Optional[str] = None,
-                 timeout: Optional[float] = None, max_retries: Optional[int] = None,
-                 max_concurrent_requests: Optional[int] = None,
-                 failure_threshold: Optional[int] = None, reset_timeout: Optional[float] = None,
-                 model: Optional[str] = None, api_flavor: str = "openai",
-                 settings: Optional[ClientSettings] = None,
-                 adapter: Optional[BackendAdapter] = None, **options: Any) -> None:
-        if api_flavor not in ("openai", "legacy", "auto"):
-            raise ConfigurationError("must be 'openai', 'legacy' or 'auto'", field="api_flavor")
-        # The adapters the plugin manager registered, as for any backend (``adapter``: one
-        # the caller got from it, e.g. the unified runner).
-        if adapter is None and api_flavor == "legacy":
-            adapter = get_backend(VllmLegacyAdapter.name)
-        super().__init__(settings, adapter=adapter, api_key=api_key, base_url=base_url,
-                         timeout=timeout, max_retries=max_retries,
-                         max_concurrent_requests=max_concurrent_requests,
-                         failure_threshold=failure_threshold, reset_timeout=reset_timeout,
-                         model=model, **options)
-        self.api_flavor = api_flavor
-        # least-loaded routing reads the server's own queue length (only when it routes)
-        self.set_load_probe(vllm_load_probe())
-        if api_flavor == "auto":
-            self.api_flavor = self.detect_api_flavor()
-
-    def detect_api_flavor(self) -> str:
-        """"openai" if the server lists models under /v1, else "legacy" (and switch to it)."""
-        from .errors import NotFoundError
-        try:
-            self.request_raw(HttpRequest("GET", "/v1/models"), timeout=self.settings.timeout)
-            return "openai"
-        except NotFoundError:
-            self._adapter = get_backend(VllmLegacyAdapter.name)
-            return "legacy"
-
-    def version(self, endpoint_id: Optional[str] = None) -> str:
-        """The server's vLLM version (``GET /version``)."""
-        from .adapter import load_json
-        data = load_json(self.request_raw(HttpRequest("GET", "/version"), endpoint_id))
-        return str(data.get("version", "")) if isinstance(data, dict) else ""
-
-    def health(self, endpoint_id: Optional[str] = None) -> bool:
-        """True when ``GET /health`` answers 200 (one try, no retries)."""
-        ep = self._endpoint(endpoint_id)
-        try:
-            resp = ep.transport.send(HttpRequest("GET", "/health"),
-                                     (ep.settings.connect_timeout, ep.settings.timeout))
-        except Exception:  # noqa: BLE001 - any failure means "not healthy"
-            return False
-        return resp.status == 200
-
-    def default_model(self, endpoint_id: Optional[str] = None) -> Optional[str]:
-        """The configured model, else the first model the server lists."""
-        if self.settings.model:
-            return self.settings.model
-        models = self.list_models(endpoint_id)
-        return models[0]["id"] if models else None
+__all__ = ["vllm", "shared_client", "close_shared_clients"]
 
 
 # --------------------------------------------------------------------------- shared clients
@@ -302,7 +213,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
                                    parameters: Optional[Dict[str, Any]] = None
                                    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
         """(results in input order, measured metrics of this batch)."""
-        from .batch_ops import run_prompt_batch
+        from ..batch_ops import run_prompt_batch
         client = self._client_for(endpoint_url)
         return run_prompt_batch(client, inputs, self._model(model), parameters)
 
@@ -315,7 +226,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         Returns the handler's result dict (a list for a list of prompts); raises typed
         errors, unknown parameter names included, instead of returning ``{"error": ...}``.
         """
-        from .request_format import run_with_params
+        from ..request_format import run_with_params
         return run_with_params(handler, input, params)
 
     @_either
@@ -324,7 +235,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         """Run ``{"prompt" | "messages", "context", "options", "parameters"}`` through
         ``handler``. ``context`` goes before the prompt; ``options.return_logprobs`` adds
         ``logprobs`` to the result. See ``request_format`` for every option."""
-        from .request_format import run_structured
+        from ..request_format import run_structured
         return run_structured(handler, request)
 
     # ------------------------------------------------------------------ server facts
@@ -335,7 +246,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         version, from ``/v1/models`` and ``/version``. ``NotFoundError`` when the server
         does not serve ``model`` (an alias missing from the list is checked with
         ``POST /tokenize``)."""
-        from .vllm_info import model_info
+        from ._info import model_info
         return model_info(self._client_for(endpoint_url), self._model(model))
 
     @_either
@@ -345,7 +256,7 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         use, token totals, finishes by reason, TTFT and end-to-end latency (count, mean,
         p50/p90/p99). ``available`` is False, with a ``message``, when the server publishes
         no ``vllm:*`` metrics."""
-        from .vllm_info import model_statistics
+        from ._info import model_statistics
         return model_statistics(self._client_for(endpoint_url), self._model(model))
 
     @_either
@@ -354,8 +265,8 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         """Apply the ``speed`` / ``memory`` / ``balanced`` client profile to the shared client
         of this endpoint, cap ``max_tokens`` for ``model`` there, and return what was applied
         plus the server launch flags the profile recommends (``requires_server_restart``)."""
-        from .profiles import apply_profile, get_profile
-        from .vllm_info import cache_config, model_info, server_metrics
+        from ._profiles import apply_profile, get_profile
+        from ._info import cache_config, model_info, server_metrics
         profile = get_profile(optimization_type)
         client = self._client_for(endpoint_url)
         info = model_info(client, self._model(model))
@@ -385,12 +296,3 @@ get_model_info = _module_function("get_model_info")
 get_model_statistics = _module_function("get_model_statistics")
 optimize_model = _module_function("optimize_model")
 
-#: The server-side queue length that ``least-loaded`` routing adds to the client's own count.
-VLLM_LOAD_METRIC = "vllm:num_requests_waiting"
-
-
-def vllm_load_probe(min_timeout: float = 2.0) -> Callable[[Any], Optional[float]]:
-    """A routing load probe reading ``vllm:num_requests_waiting`` from an endpoint's /metrics:
-    ``client.set_load_probe(vllm_load_probe())`` (refreshed at most once a second)."""
-    from .server_metrics import prometheus_probe
-    return prometheus_probe(VLLM_LOAD_METRIC, timeout=min_timeout)

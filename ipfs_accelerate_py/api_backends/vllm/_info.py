@@ -24,10 +24,10 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Optional
 
-from .adapter import load_json
-from .errors import NotFoundError, ResponseError
-from .server_metrics import Histogram, Metrics, PrometheusParseError, parse_prometheus_text
-from .transport import HttpRequest
+from ..adapter import load_json
+from ..errors import NotFoundError, ResponseError
+from ..server_metrics import Histogram, Metrics, PrometheusParseError, parse_prometheus_text
+from ..transport import HttpRequest
 
 __all__ = ["model_info", "model_statistics", "server_metrics", "cache_config", "NO_STATS_MESSAGE"]
 

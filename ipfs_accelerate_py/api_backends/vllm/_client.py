@@ -1,0 +1,95 @@
+"""``VllmClient``: ``BaseApiBackend`` bound to the vLLM plugin's adapters, with the calls
+only a vLLM server answers (``/version``, ``/health``, the legacy ``/generate`` flavour) and
+the ``/metrics`` load probe that ``least-loaded`` routing reads."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from ..adapter import BackendAdapter
+from ..base import BaseApiBackend
+from ..errors import ConfigurationError
+from ..plugins import get_backend
+from ..settings import ClientSettings
+from ..transport import HttpRequest
+from ._adapter import VllmLegacyAdapter
+
+__all__ = ["VllmClient", "VLLM_LOAD_METRIC", "vllm_load_probe"]
+
+
+class VllmClient(BaseApiBackend):
+    """A resilient vLLM client. Arguments win over ``VLLM_*`` environment variables.
+
+    ``api_flavor``: ``"openai"`` (``/v1/*``, default), ``"legacy"`` (the demo server's
+    ``/generate``), or ``"auto"`` (ask the server once which it speaks).
+    """
+
+    backend_name = "vllm"
+
+    def __init__(self, api_key: Optional[str] = None, base_url: Optional[str] = None,
+                 timeout: Optional[float] = None, max_retries: Optional[int] = None,
+                 max_concurrent_requests: Optional[int] = None,
+                 failure_threshold: Optional[int] = None, reset_timeout: Optional[float] = None,
+                 model: Optional[str] = None, api_flavor: str = "openai",
+                 settings: Optional[ClientSettings] = None,
+                 adapter: Optional[BackendAdapter] = None, **options: Any) -> None:
+        if api_flavor not in ("openai", "legacy", "auto"):
+            raise ConfigurationError("must be 'openai', 'legacy' or 'auto'", field="api_flavor")
+        # The adapters the plugin manager registered, as for any backend (``adapter``: one
+        # the caller got from it, e.g. the unified runner).
+        if adapter is None and api_flavor == "legacy":
+            adapter = get_backend(VllmLegacyAdapter.name)
+        super().__init__(settings, adapter=adapter, api_key=api_key, base_url=base_url,
+                         timeout=timeout, max_retries=max_retries,
+                         max_concurrent_requests=max_concurrent_requests,
+                         failure_threshold=failure_threshold, reset_timeout=reset_timeout,
+                         model=model, **options)
+        self.api_flavor = api_flavor
+        # least-loaded routing reads the server's own queue length (only when it routes)
+        self.set_load_probe(vllm_load_probe())
+        if api_flavor == "auto":
+            self.api_flavor = self.detect_api_flavor()
+
+    def detect_api_flavor(self) -> str:
+        """"openai" if the server lists models under /v1, else "legacy" (and switch to it)."""
+        from ..errors import NotFoundError
+        try:
+            self.request_raw(HttpRequest("GET", "/v1/models"), timeout=self.settings.timeout)
+            return "openai"
+        except NotFoundError:
+            self._adapter = get_backend(VllmLegacyAdapter.name)
+            return "legacy"
+
+    def version(self, endpoint_id: Optional[str] = None) -> str:
+        """The server's vLLM version (``GET /version``)."""
+        from ..adapter import load_json
+        data = load_json(self.request_raw(HttpRequest("GET", "/version"), endpoint_id))
+        return str(data.get("version", "")) if isinstance(data, dict) else ""
+
+    def health(self, endpoint_id: Optional[str] = None) -> bool:
+        """True when ``GET /health`` answers 200 (one try, no retries)."""
+        ep = self._endpoint(endpoint_id)
+        try:
+            resp = ep.transport.send(HttpRequest("GET", "/health"),
+                                     (ep.settings.connect_timeout, ep.settings.timeout))
+        except Exception:  # noqa: BLE001 - any failure means "not healthy"
+            return False
+        return resp.status == 200
+
+    def default_model(self, endpoint_id: Optional[str] = None) -> Optional[str]:
+        """The configured model, else the first model the server lists."""
+        if self.settings.model:
+            return self.settings.model
+        models = self.list_models(endpoint_id)
+        return models[0]["id"] if models else None
+
+
+#: The server-side queue length that ``least-loaded`` routing adds to the client's own count.
+VLLM_LOAD_METRIC = "vllm:num_requests_waiting"
+
+
+def vllm_load_probe(min_timeout: float = 2.0) -> Callable[[Any], Optional[float]]:
+    """A routing load probe reading ``vllm:num_requests_waiting`` from an endpoint's /metrics:
+    ``client.set_load_probe(vllm_load_probe())`` (refreshed at most once a second)."""
+    from ..server_metrics import prometheus_probe
+    return prometheus_probe(VLLM_LOAD_METRIC, timeout=min_timeout)
