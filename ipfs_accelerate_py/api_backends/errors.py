@@ -8,7 +8,9 @@ answer the server gave with a non-2xx status.
     ├── ValidationError            bad input, raised before anything is sent (names the field)
     ├── ConfigurationError         bad client settings (URL, port, header, profile name)
     ├── ResponseError              a reply that cannot be understood (non-JSON, truncated, HTML,
-    │   │                          empty, missing fields)
+    │   │                          empty, missing fields, broken framing such as two different
+    │   │                          ``Content-Length`` values)
+    │   ├── ResponseTooLargeError  a reply body over ``max_response_bytes``; refused while reading
     │   └── StreamError            an ``{"error": ...}`` event inside a 200 SSE stream
     ├── TransientError             worth retrying (and counted by the circuit breaker)
     │   ├── ConnectionError        refused, reset, dropped, DNS
@@ -44,7 +46,8 @@ import re
 from typing import Any, Dict, Optional, Type
 
 __all__ = [
-    "ApiError", "ValidationError", "ConfigurationError", "ResponseError", "StreamError",
+    "ApiError", "ValidationError", "ConfigurationError", "ResponseError",
+    "ResponseTooLargeError", "StreamError",
     "TransientError", "ConnectionError", "TimeoutError", "HTTPStatusError", "BadRequestError",
     "AuthenticationError", "PermissionDeniedError", "NotFoundError", "MethodNotAllowedError",
     "RequestTimeoutError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
@@ -109,6 +112,20 @@ class ResponseError(ApiError):
         super().__init__(message, **context)
         self.status_code = status_code
         self.body = redact(body[:2000]) if body else ""
+
+
+class ResponseTooLargeError(ResponseError):
+    """A reply body passed the ``max_response_bytes`` cap; ``limit`` is that cap in bytes.
+
+    Raised while reading (a declared ``Content-Length`` over the cap before any byte of the
+    body is read), so a hostile or broken server cannot make the client allocate without
+    bound. Not transient: the same request would get the same reply. The connection it came
+    on is closed, never reused."""
+
+    def __init__(self, message: str, limit: int, status_code: Optional[int] = None,
+                 **context: Any) -> None:
+        super().__init__(message, status_code=status_code, limit=limit, **context)
+        self.limit = limit
 
 
 class StreamError(ResponseError):

@@ -16,7 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from .errors import ConfigurationError, register_secret
 
-__all__ = ["ClientSettings", "ENV_FIELDS", "normalize_base_url"]
+__all__ = ["ClientSettings", "ENV_FIELDS", "MAX_RESPONSE_BYTES", "normalize_base_url"]
+
+#: Default cap on one reply body (``max_response_bytes``): twice the SSE event cap (32 MiB),
+#: far above any real reply (a long completion with logprobs is a few MiB), and low enough
+#: that a hostile server cannot make the client allocate without bound.
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
 #: Environment variable suffix -> settings field (the README's list, plus a few extras).
 ENV_FIELDS: Dict[str, str] = {
@@ -38,6 +43,7 @@ ENV_FIELDS: Dict[str, str] = {
     "DEADLINE": "deadline",
     "CA_BUNDLE": "ca_bundle",
     "ROUTING": "routing",
+    "MAX_RESPONSE_BYTES": "max_response_bytes",
 }
 
 
@@ -131,6 +137,8 @@ class ClientSettings(BaseModel):
     trust_env: bool = False
     proxies: Optional[Dict[str, str]] = None
     extra_headers: Dict[str, str] = Field(default_factory=dict)
+    # largest reply body read (bytes); more is refused while reading (ResponseTooLargeError)
+    max_response_bytes: int = Field(MAX_RESPONSE_BYTES, ge=1, le=1 << 40)
     # routing: every call that names no endpoint is routed over the endpoints (mixins/routing.py)
     routing: Optional[Literal["round-robin", "least-loaded", "fastest", "cache-aware"]] = None
 
