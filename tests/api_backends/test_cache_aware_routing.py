@@ -22,11 +22,11 @@ from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
 from ipfs_accelerate_py.api_backends.endpoint_load import LoadBoard, parse_load_header
 from ipfs_accelerate_py.api_backends.models import ChatRequest, CompletionRequest
 from ipfs_accelerate_py.api_backends.prefix_affinity import (affinity_key, bounded_choice,
-                                                             patience, patient_choice,
+                                                             demand_choice, key_rank,
                                                              over_bound, prefix_text,
                                                              rendezvous_order)
 from ipfs_accelerate_py.api_backends.settings import ClientSettings
-from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
+from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, Fault
 from support import wait_until
 from tests.api_backends.conftest import client_over
 from tests.conftest import find_free_port
@@ -109,29 +109,56 @@ def test_bound_needs_both_the_absolute_and_the_relative_excess():
     assert bounded_choice([], {}, 4, 1.5) == (None, False)
 
 
-def test_a_steadily_busier_server_sheds_the_same_cold_keys_every_time():
-    """Averaged loads 10 : 6 (1.25 times the mean): of the keys that prefer "a", those whose
-    own threshold (1.1 to 1.5 times the mean) is below 1.25 move to "b", the same ones on
-    every call and in every process; a key that moved stays moved while the loads hold."""
-    keys = [affinity_key(doc(i)) for i in range(400)]
-    moved = [k for k in keys if patient_choice(["a", "b"], {"a": 10.0, "b": 6.0},
-                                               patience(k, 1.1, 1.5)) == ("b", True)]
-    share = len(moved) / len(keys)
-    assert 0.25 < share < 0.5, share  # (1.25 - 1.1) / 0.4 = 37.5 % expected
-    assert moved == [k for k in keys if patience(k, 1.1, 1.5) < 1.25]  # by the key alone
-    # balanced, or within one request of the mean: nobody moves
-    assert all(patient_choice(["a", "b"], {"a": 8.0, "b": 8.0}, patience(k, 1.1, 1.5))
-               == ("a", False) for k in keys)
-    assert patient_choice(["a", "b"], {"a": 1.5, "b": 0.0}, 1.1) == ("a", False)
-    # a moved key stays moved a little below its threshold (no flapping), and comes back
-    # when its first choice's load is well below it
-    t = patience(moved[0], 1.1, 1.5)
+def test_an_unlucky_hash_is_evened_out_by_moving_the_same_few_keys_for_good():
+    """60 % of the cold requests prefer "a" (a hash that put 72 of 120 prefixes there): with
+    slack 0.1 "a" keeps 55 %, so the keys ranked below 1 - 0.55 / 0.6 (8 %) move to "b",
+    the same ones on every call and in every process (the rank comes from the key), and
+    moving them does not change the shares they are decided on."""
+    keys = [affinity_key(doc(i)) for i in range(1000)]
+    shares = {"a": 0.6, "b": 0.4}
+    moved = [k for k in keys if demand_choice(["a", "b"], shares, key_rank(k), 0.1) == ("b", True)]
+    assert 0.04 < len(moved) / len(keys) < 0.13, len(moved)  # 8.3 % expected
+    assert moved == [k for k in keys if key_rank(k) < 1 - 0.55 / 0.6]  # by the key alone
+    assert all(demand_choice(["a", "b"], shares, key_rank(k), 0.1) == ("a", False)
+               for k in keys if k not in moved)
+    # within the slack, or on the lighter side, nothing moves
+    assert all(demand_choice(["a", "b"], {"a": 0.54, "b": 0.46}, key_rank(k), 0.1) == ("a", False)
+               for k in keys)
+    assert all(demand_choice(["b", "a"], shares, key_rank(k), 0.1) == ("b", False) for k in keys)
+    # three servers: the next in the key's ranking that is under the target takes it
+    three = {"a": 0.5, "b": 0.4, "c": 0.1}
+    assert demand_choice(["a", "b", "c"], three, 0.0, 0.1) == ("c", True)
 
-    def at(ratio: float) -> Dict[str, float]:
-        return {"a": 8 * ratio, "b": 16 - 8 * ratio}
-    assert patient_choice(["a", "b"], at(t - 0.02), t) == ("a", False)
-    assert patient_choice(["a", "b"], at(t - 0.02), t, moved_to="b") == ("b", True)
-    assert patient_choice(["a", "b"], at(t - 0.1), t, moved_to="b") == ("a", False)
+
+def test_keys_move_for_an_unlucky_hash_only_under_load_and_after_enough_requests(fakes):
+    a, b = fakes
+    with client_over({"a": a.base_url, "b": b.base_url}) as c:
+        c.set_load_probe(None)
+        prefer_a = [doc(i) for i in range(400)
+                    if c.routing_order("cache-aware", ["a", "b"],
+                                       CompletionRequest(model="tiny-llama", prompt=doc(i)))[0] == "a"]
+        # a lone caller (nothing in flight): every cold request prefers "a", none moves
+        assert all(o == "a" for o in (c.routing_order("cache-aware", ["a", "b"],
+                                                       CompletionRequest(model="tiny-llama", prompt=p))[0]
+                                      for p in prefer_a))
+    with client_over({"a": a.base_url, "b": b.base_url}) as c:
+        c.set_load_probe(None)
+        for server in (a, b):  # two requests held in each server: the client is under load
+            server.add_fault(Fault("stall", seconds=30, count=2))
+        held = [c.route_submit(CompletionRequest(model="tiny-llama", prompt=f"held {i}", **FAST),
+                               endpoint_ids=[eid]) for i, eid in enumerate("aabb")]
+        wait_until(lambda: len(served_prompts(a)) + len(served_prompts(b)) == 4,
+                   what="the held requests to reach the servers")
+        # every cold request prefers "a": once 64 were seen, the lowest-ranked keys move
+        order = [c.routing_order("cache-aware", ["a", "b"],
+                                 CompletionRequest(model="tiny-llama", prompt=p))[0] for p in prefer_a]
+        assert order[:63] == ["a"] * 63
+        moved = [p for p, o in zip(prefer_a[63:], order[63:]) if o == "b"]
+        expected = [p for p in prefer_a[63:] if key_rank(affinity_key(p)) < 1 - 0.55]
+        assert moved == expected and moved
+        a.release_stalls()
+        b.release_stalls()
+        assert all(f.result(10).usage.completion_tokens == 2 for f in held)
 
 
 def test_routing_setting_is_read_from_the_environment_and_checked():

@@ -49,8 +49,8 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 from ..endpoint_load import LoadBoard, LoadReport
 from ..errors import (ApiError, CircuitOpenError, CircuitWaitTimeoutError, ConfigurationError,
                       NoHealthyEndpointError, QueueFullError, TransientError, ValidationError)
-from ..prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key, bounded_choice, patience,
-                               patient_choice, prefix_text, rendezvous_order)
+from ..prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key, bounded_choice,
+                               demand_choice, key_rank, prefix_text, rendezvous_order)
 from .circuit_breaker import OPEN
 
 __all__ = ["RoutingMixin", "STRATEGIES", "FAILOVER_ERRORS", "LoadProbe"]
@@ -77,10 +77,12 @@ HEAT_WINDOW = 512
 #: A key is hot when it is at least this share of the recent requests (and seen 8+ times).
 HOT_SHARE = 0.05
 HOT_MIN_COUNT = 8
-#: Weight of each cache-aware decision's loads in their running average (about 50 decisions).
-LOAD_SMOOTHING = 0.02
-#: Cold keys' own thresholds on the averaged load, as multiples of the mean (prefix_affinity.patience).
-PATIENCE = (1.1, 1.5)
+#: Cold requests' first choices counted to see an unlucky hash (prefix_affinity.demand_choice).
+DEMAND_WINDOW = 512
+#: ...and seen only past this many: few requests say nothing about the hash.
+DEMAND_MIN = 64
+#: An endpoint may be preferred by (1 + slack) / n of the cold requests before keys move.
+DEMAND_SLACK = 0.1
 
 LoadProbe = Callable[[Any], Optional[float]]
 _init_lock = threading.Lock()
@@ -118,26 +120,8 @@ class _RoutingState:
         self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
         self.recent_keys: Deque[bytes] = deque(maxlen=HEAT_WINDOW)
         self.heat: Counter = Counter()  # key -> occurrences in recent_keys
-        self.smoothed: Dict[str, float] = {}  # endpoint -> running average of its load
-        self.moved: "OrderedDict[bytes, str]" = OrderedDict()  # cold key -> where it moved
-
-    def remember_move(self, key: bytes, moved_to: Optional[str]) -> None:
-        """Keep (or forget) where a cold key moved for load; bounded. Lock held."""
-        if moved_to is None:
-            self.moved.pop(key, None)
-            return
-        self.moved[key] = moved_to
-        self.moved.move_to_end(key)
-        if len(self.moved) > SEEN_KEYS:
-            self.moved.popitem(last=False)
-
-    def smooth(self, loads: Mapping[str, float]) -> Dict[str, float]:
-        """Fold ``loads`` into the running averages; the averages of these endpoints. Lock held."""
-        out = {}
-        for eid, load in loads.items():
-            prev = self.smoothed.get(eid, 0.0)  # from idle: a few decisions move nothing
-            out[eid] = self.smoothed[eid] = prev + LOAD_SMOOTHING * (load - prev)
-        return out
+        self.demand: Deque[str] = deque(maxlen=DEMAND_WINDOW)  # cold requests' first choices
+        self.demand_count: Counter = Counter()
 
     def note_key(self, key: bytes) -> bool:
         """Count ``key`` among the recent requests; True when it is hot. Lock held."""
@@ -151,6 +135,18 @@ class _RoutingState:
         self.heat[key] += 1
         count = self.heat[key]
         return count >= HOT_MIN_COUNT and count >= HOT_SHARE * len(recent)
+
+    def demand_shares(self, first: str) -> Dict[str, float]:
+        """Count a cold request preferring ``first``; every endpoint's share of the recent
+        cold requests (empty until ``DEMAND_MIN`` were seen). Lock held."""
+        window = self.demand
+        if len(window) == window.maxlen:
+            self.demand_count[window[0]] -= 1
+        window.append(first)
+        self.demand_count[first] += 1
+        if len(window) < DEMAND_MIN:
+            return {}
+        return {eid: n / len(window) for eid, n in self.demand_count.items() if n > 0}
 
 
 class _Attempts:
@@ -364,17 +360,15 @@ class RoutingMixin:
         loads = self.cache_aware_loads(usable)
         with state.lock:
             hot = state.note_key(key)
-            smoothed = state.smooth(loads)
-            moved_to = state.moved.get(key)
+            shares = state.demand_shares(usable[0]) if usable and not hot else {}
         if hot:  # cheap to move: cached on its second choice after one miss
             choice, diverted = bounded_choice(usable, loads, abs_t / 2, (1 + rel_t) / 2)
         else:  # a move is a miss and an eviction: only when also over capacity
             choice, diverted = bounded_choice(usable, loads, abs_t, rel_t, COLD_CAPACITY)
-            if not diverted and usable:  # a steadily busier first choice: this key's turn?
-                choice, diverted = patient_choice(usable, smoothed, patience(key, *PATIENCE),
-                                                  moved_to)
-                with state.lock:
-                    state.remember_move(key, choice if diverted else None)
+            # an unlucky hash, under load (a lone caller gains nothing by moving): is this
+            # one of the keys that move?
+            if not diverted and shares and sum(loads.values()) >= len(usable):
+                choice, diverted = demand_choice(usable, shares, key_rank(key), DEMAND_SLACK)
         if choice is None:
             return ranked, key
         with state.lock:
