@@ -61,7 +61,8 @@ def default_transport(settings: ClientSettings) -> Transport:
     return make_transport(settings.base_url, settings.api_key_value,
                              pool_size=max(settings.max_concurrent_requests, 10), verify=verify,
                              trust_env=settings.trust_env, proxies=settings.proxies,
-                             extra_headers=settings.extra_headers)
+                             extra_headers=settings.extra_headers,
+                             max_response_bytes=settings.max_response_bytes)
 
 
 class Endpoint:

@@ -396,3 +396,11 @@ def test_max_response_bytes_is_a_setting_read_from_the_environment():
     with pytest.raises(errors.ConfigurationError) as info:
         ClientSettings.from_env("VLLM_", environ={"VLLM_MAX_RESPONSE_BYTES": "0"})
     assert "VLLM_MAX_RESPONSE_BYTES" in str(info.value)
+
+
+def test_the_setting_reaches_the_transport_a_client_builds_itself(server):
+    """No transport factory: the client's own default transport enforces its setting."""
+    server.script.append(head_then(b"Content-Length: 5000\r\n", b"{\"object\":"))
+    with VllmClient(base_url=server.base_url, max_response_bytes=4096, max_retries=0) as client:
+        exc = refused(client, errors.ResponseTooLargeError)
+        assert exc.limit == 4096 and "5000" in str(exc)
