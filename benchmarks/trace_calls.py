@@ -1,0 +1,65 @@
+"""Count what one ``run_inference`` does inside the package (issue "Architecture"):
+project function calls, files entered and file-to-file hops, on every thread.
+
+    python benchmarks/trace_calls.py
+
+The profiler is set before the client exists, so its worker threads are traced too; the
+warm-up call (pool, workers, first connection) is not counted, only a second call against
+the test double. A hop is a call whose file differs from the previous call's on the same
+thread. The double's own code is left out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Any, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ipfs_accelerate_py  # noqa: E402
+from ipfs_accelerate_py.api_backends import VllmClient  # noqa: E402
+from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer  # noqa: E402
+
+PACKAGE = os.path.dirname(ipfs_accelerate_py.__file__)
+
+
+def main() -> int:
+    events: List[Tuple[int, str]] = []
+    counting = [False]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event != "call" or not counting[0]:
+            return
+        path = frame.f_code.co_filename
+        if path.startswith(PACKAGE) and "fake_vllm" not in path:
+            events.append((threading.get_ident(), os.path.relpath(path, PACKAGE)))
+
+    server = FakeVllmServer().start()
+    threading.setprofile(profile)
+    sys.setprofile(profile)
+    try:
+        with VllmClient(base_url=server.base_url, model="tiny-llama") as client:
+            client.run_inference(None, "warm up", {"max_tokens": 2})
+            counting[0] = True
+            client.run_inference(None, "hello", {"max_tokens": 2})
+            counting[0] = False
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+        server.stop()
+    hops, last = 0, {}
+    for thread, path in events:
+        hops += thread in last and last[thread] != path
+        last[thread] = path
+    print(f"calls {len(events)}, files {len({p for _, p in events})}, hops {hops}")
+    for path, n in Counter(p for _, p in events).most_common():
+        print(f"  {n:4d}  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
