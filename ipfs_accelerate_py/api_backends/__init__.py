@@ -12,12 +12,14 @@ for prometheus-client); ``vllm`` (the vLLM client and the framework's ``vllm`` b
 """
 
 from . import errors
-from .adapter import BackendAdapter
+from .adapter import BackendAdapter, decode_stream_event, load_json, parse_model_list, wire_body
 from .base import BaseApiBackend, TextStream, build_request
 from .clock import Clock, FakeClock, SystemClock
 from .errors import *  # noqa: F401,F403 - the error tree is part of the public surface
+from .handlers import make_endpoint_handler
+from .hookspecs import hookimpl
 from .models import (ChatBatchRequest, ChatMessage, ChatRequest, Choice, CompletionRequest, CompletionResult,
-                     StreamChunk, Usage)
+                     Request, StreamChunk, Usage, validate_request)
 from .plugins import get_backend, get_backends, get_plugin_manager
 from .prometheus_export import register_prometheus
 from .settings import ClientSettings
@@ -28,4 +30,7 @@ __all__ = ["BackendAdapter", "BaseApiBackend", "TextStream", "build_request", "C
            "SystemClock", "ChatBatchRequest", "ChatMessage", "ChatRequest", "Choice", "CompletionRequest",
            "CompletionResult", "StreamChunk", "Usage", "get_backend", "get_backends",
            "get_plugin_manager", "ClientSettings", "HttpRequest", "HttpResponse",
-           "RequestsTransport", "Transport", "VllmClient", "vllm", "errors", "register_prometheus"] + list(errors.__all__)
+           "RequestsTransport", "Transport", "VllmClient", "vllm", "errors", "register_prometheus",
+           # what a backend plugin needs (plugins/openai_compat imports nothing else)
+           "hookimpl", "make_endpoint_handler", "decode_stream_event", "load_json",
+           "parse_model_list", "wire_body", "Request", "validate_request"] + list(errors.__all__)

@@ -362,3 +362,22 @@ def test_the_vllm_client_and_the_runner_use_the_adapters_the_plugin_registered()
         assert runner_client.adapter is get_backend("vllm")
     finally:
         runner_client.close()
+
+
+def test_a_third_party_plugin_needs_only_the_public_surface():
+    """plugins/openai_compat imports nothing of ours but ``ipfs_accelerate_py.api_backends``,
+    and every name it takes from there is in its ``__all__``."""
+    import ast
+
+    import ipfs_accelerate_py.api_backends as surface
+
+    root = Path(__file__).resolve().parents[2] / "plugins" / "openai_compat" / "iap_openai_compat"
+    taken = set()
+    for source in root.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ipfs_accelerate_py"):
+                assert node.module == "ipfs_accelerate_py.api_backends", (source.name, node.module)
+                taken |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("ipfs_accelerate_py") for a in node.names), source.name
+    assert taken and taken <= set(surface.__all__), taken - set(surface.__all__)

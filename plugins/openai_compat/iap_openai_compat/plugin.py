@@ -9,15 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional
 
-from ipfs_accelerate_py.api_backends.adapter import (BackendAdapter, decode_stream_event,
-                                                     load_json, parse_model_list, wire_body)
-from ipfs_accelerate_py.api_backends.errors import ResponseError, ValidationError
-from ipfs_accelerate_py.api_backends.handlers import make_endpoint_handler
-from ipfs_accelerate_py.api_backends.hookspecs import hookimpl
-from ipfs_accelerate_py.api_backends.models import (ChatRequest, Choice, CompletionResult,
-                                                    Request, StreamChunk, Usage,
-                                                    validate_request)
-from ipfs_accelerate_py.api_backends.transport import HttpRequest, HttpResponse
+from ipfs_accelerate_py.api_backends import (BackendAdapter, ChatRequest, Choice, CompletionResult,
+                                             HttpRequest, HttpResponse, Request, ResponseError,
+                                             StreamChunk, Usage, ValidationError,
+                                             decode_stream_event, hookimpl, load_json,
+                                             make_endpoint_handler, parse_model_list,
+                                             validate_request, wire_body)
 
 __all__ = ["OpenAICompatAdapter", "CHAT_PATH", "iap_register_backends"]
 
