@@ -522,7 +522,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def _send(self, ep: Endpoint, http: HttpRequest, deadline: float,
               fail_fast: bool = False) -> HttpResponse:
         """One attempt of a plain request (see ``_guarded``)."""
-        self._ask_for_load(ep, http)
         return self._guarded(ep, deadline, ep.settings.timeout, True,
                              lambda timeout: ep.transport.send(http, timeout), fail_fast)
 
