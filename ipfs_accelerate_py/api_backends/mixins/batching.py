@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 from .. import tracing
 from .circuit_breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
-from ..errors import ApiError, ClientClosedError
+from ..errors import ApiError, ClientClosedError, HTTPStatusError, TransientError
 from .queue import Job
 from .retry import RetryPolicy, retry_wait
 
@@ -230,8 +230,6 @@ class BatchingMixin:
         ``first_attempt``: the attempts these jobs already made (as part of a larger call
         that failed; see ``_retry_in_parts``); ``fresh_id``: the first job's request id was
         not sent before (a part other than the first)."""
-        from ..errors import TransientError, HTTPStatusError
-
         merged = merge_requests([j.request for j in jobs])
         deadline = min(j.deadline for j in jobs)
         model = jobs[0].model
@@ -306,12 +304,10 @@ class BatchingMixin:
             self._fail_jobs(endpoint, jobs, ClientClosedError(
                 "client closed while waiting to retry"), start)
             return
-        count = min(len(jobs), RETRY_PARTS)
-        size, extra = divmod(len(jobs), count)
         parts, at = [], 0
-        for i in range(count):
-            parts.append(jobs[at:at + size + (1 if i < extra else 0)])
-            at += len(parts[-1])
+        for size in share_tokens(len(jobs), min(len(jobs), RETRY_PARTS)):  # sizes that add up
+            parts.append(jobs[at:at + size])
+            at += size
         # The first part repeats the shared call's request id (its first job's): a retry on
         # the wire. The others carry their own first job's id, sent for the first time.
         helpers = [threading.Thread(target=self._run_part, args=(endpoint, part, attempt + 1, True),

@@ -118,35 +118,46 @@ class _RoutingState:
         self.expected_hits: Counter = Counter()
         self.ca_served: Counter = Counter()
         self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
-        self.recent_keys: Deque[bytes] = deque(maxlen=HEAT_WINDOW)
-        self.heat: Counter = Counter()  # key -> occurrences in recent_keys
-        self.demand: Deque[str] = deque(maxlen=DEMAND_WINDOW)  # cold requests' first choices
-        self.demand_count: Counter = Counter()
+        self.heat = _RecentCounts(HEAT_WINDOW)  # prefix keys of the recent requests
+        self.demand = _RecentCounts(DEMAND_WINDOW)  # cold requests' first choices
 
     def note_key(self, key: bytes) -> bool:
         """Count ``key`` among the recent requests; True when it is hot. Lock held."""
-        recent = self.recent_keys
-        if len(recent) == recent.maxlen:
-            old = recent[0]
-            self.heat[old] -= 1
-            if self.heat[old] <= 0:
-                del self.heat[old]
-        recent.append(key)
-        self.heat[key] += 1
-        count = self.heat[key]
-        return count >= HOT_MIN_COUNT and count >= HOT_SHARE * len(recent)
+        count = self.heat.add(key)
+        return count >= HOT_MIN_COUNT and count >= HOT_SHARE * len(self.heat)
 
     def demand_shares(self, first: str) -> Dict[str, float]:
         """Count a cold request preferring ``first``; every endpoint's share of the recent
         cold requests (empty until ``DEMAND_MIN`` were seen). Lock held."""
-        window = self.demand
-        if len(window) == window.maxlen:
-            self.demand_count[window[0]] -= 1
-        window.append(first)
-        self.demand_count[first] += 1
-        if len(window) < DEMAND_MIN:
-            return {}
-        return {eid: n / len(window) for eid, n in self.demand_count.items() if n > 0}
+        self.demand.add(first)
+        return self.demand.shares() if len(self.demand) >= DEMAND_MIN else {}
+
+
+class _RecentCounts:
+    """How often each item occurs among the last ``size`` added (not thread-safe: the
+    routing state's lock guards it)."""
+
+    def __init__(self, size: int) -> None:
+        self._items: Deque[Any] = deque(maxlen=size)
+        self._counts: Counter = Counter()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: Any) -> int:
+        """Add ``item`` (the oldest drops out of a full window); its count now."""
+        if len(self._items) == self._items.maxlen:
+            old = self._items[0]
+            self._counts[old] -= 1
+            if self._counts[old] <= 0:
+                del self._counts[old]
+        self._items.append(item)
+        self._counts[item] += 1
+        return self._counts[item]
+
+    def shares(self) -> Dict[Any, float]:
+        """Each item's share of the window."""
+        return {item: n / len(self._items) for item, n in self._counts.items()}
 
 
 class _Attempts:
