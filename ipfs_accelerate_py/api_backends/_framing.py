@@ -67,7 +67,7 @@ def too_large(limit: int, what: str, status: Optional[int] = None) -> ResponseTo
     return ResponseTooLargeError(
         f"reply body over the max_response_bytes cap of {limit} bytes ({_human(limit)}): "
         f"{what}; the connection was closed. Raise the max_response_bytes setting "
-        "(<prefix>MAX_RESPONSE_BYTES in the environment, e.g. VLLM_MAX_RESPONSE_BYTES) if "
+        "(<backend prefix>MAX_RESPONSE_BYTES in the environment) if "
         "replies this large are expected", limit=limit, status_code=status)
 
 

@@ -53,7 +53,7 @@ __all__ = [
     "RequestTimeoutError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
     "ServerError", "ServiceUnavailableError", "CircuitOpenError", "QueueFullError",
     "QueueTimeoutError", "CircuitWaitTimeoutError", "ClientClosedError", "NoHealthyEndpointError", "error_for_status",
-    "redact",
+    "describe_error_body", "redact",
 ]
 
 _BEARER = re.compile(r"(Bearer\s+)[^\s\"',;]+", re.IGNORECASE)
@@ -306,22 +306,21 @@ def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
             return None
 
 
-def _describe_body(body: str) -> "tuple[str, Optional[str], Optional[str]]":
-    """(message, type, param) from any of the error shapes vLLM and FastAPI send."""
+def describe_error_body(body: str) -> "tuple[str, Optional[str], Optional[str]]":
+    """(message, type, param) from the error shapes OpenAI-style servers and FastAPI send;
+    any other body gives its first 200 characters as the message. A backend with an error
+    shape of its own describes it first (``BackendAdapter.parse_error``)."""
     try:
         data = json.loads(body) if body else None
     except ValueError:
         data = None
     if isinstance(data, dict):
         err = data.get("error")
-        if isinstance(err, dict):  # vLLM >= 0.10.1, OpenAI style
+        if isinstance(err, dict):  # OpenAI style
             return (str(err.get("message") or err), err.get("type"),
                     err.get("param") if isinstance(err.get("param"), str) else None)
-        if isinstance(err, str):  # 401 from --api-key: {"error": "Unauthorized"}
+        if isinstance(err, str):  # a bare string, e.g. a 401: {"error": "Unauthorized"}
             return err, None, None
-        if data.get("object") == "error":  # vLLM < 0.10.1
-            return (str(data.get("message", "")), data.get("type"),
-                    data.get("param") if isinstance(data.get("param"), str) else None)
         if "detail" in data:  # FastAPI: {"detail": "Not Found"} or a list of problems
             return str(data["detail"]), None, None
     snippet = body.strip().replace("\n", " ")[:200] if body else ""
@@ -329,10 +328,15 @@ def _describe_body(body: str) -> "tuple[str, Optional[str], Optional[str]]":
 
 
 def error_for_status(status_code: int, body: str = "",
-                     headers: Optional[Dict[str, str]] = None) -> HTTPStatusError:
-    """Build the typed error for a non-2xx reply from its status, body and headers."""
+                     headers: Optional[Dict[str, str]] = None,
+                     described: "Optional[tuple[str, Optional[str], Optional[str]]]" = None
+                     ) -> HTTPStatusError:
+    """Build the typed error for a non-2xx reply from its status, body and headers.
+
+    ``described`` is (message, type, param) when the caller already read them from the body
+    (a backend's own error shape); by default ``describe_error_body`` reads them."""
     headers = headers or {}
-    message, error_type, param = _describe_body(body)
+    message, error_type, param = described if described is not None else describe_error_body(body)
     if status_code in _BY_STATUS:
         cls = _BY_STATUS[status_code]
     elif status_code >= 500:

@@ -2,19 +2,20 @@
 
 Built-in backends are listed in the same ``ipfs_accelerate_py.backends`` entry-point group
 as third-party ones (see setup.cfg). When the package runs from a source tree that was
-never installed, the built-ins are registered from ``DEFAULT_PLUGINS`` instead, so the
-result is the same either way.
+never installed, the built-ins are registered from ``DEFAULT_PLUGINS`` instead (every module
+of ``default_plugins/``), so the result is the same either way.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import threading
 from typing import Dict, Optional
 
 import pluggy
 
-from . import hookspecs
+from . import default_plugins, hookspecs
 from .adapter import BackendAdapter
 from .errors import ConfigurationError
 
@@ -22,7 +23,9 @@ __all__ = ["ENTRY_POINT_GROUP", "DEFAULT_PLUGINS", "get_plugin_manager", "get_ba
            "get_backend", "reset_plugin_manager"]
 
 ENTRY_POINT_GROUP = "ipfs_accelerate_py.backends"
-DEFAULT_PLUGINS = ("ipfs_accelerate_py.api_backends.default_plugins.vllm_plugin",)
+#: the built-in plugin modules: every module in ``default_plugins/``, so the base names none
+DEFAULT_PLUGINS = tuple(f"{default_plugins.__name__}.{m.name}"
+                        for m in pkgutil.iter_modules(default_plugins.__path__))
 
 _lock = threading.Lock()
 _pm: Optional[pluggy.PluginManager] = None

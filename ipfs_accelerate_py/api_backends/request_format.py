@@ -36,8 +36,8 @@ MAX_TOP_LOGPROBS = 20
 def _handler_run(handler: Any) -> Callable[..., Any]:
     run = getattr(handler, "run", None)
     if not callable(run):
-        raise ValidationError("must be a handler made by create_vllm_endpoint_handler or "
-                              "create_vllm_endpoint_handler_with_params", field="handler")
+        raise ValidationError("must be an endpoint handler made by this package (a backend's "
+                              "create_endpoint_handler)", field="handler")
     return run
 
 

@@ -10,6 +10,8 @@ from hypothesis import given, settings, strategies as st
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.errors import error_for_status, parse_retry_after, redact, register_secret
 from ipfs_accelerate_py.api_backends.sse import SSEDecoder, iter_sse_data
+from ipfs_accelerate_py.api_backends.transport import HttpResponse
+from ipfs_accelerate_py.api_backends.vllm import VllmAdapter
 
 VLLM_STREAM = (
     b'data: {"id":"cmpl-1","choices":[{"index":0,"text":"niri"}]}\n\n'
@@ -107,11 +109,19 @@ def test_multi_megabyte_event_within_limit():
      errors.ServiceUnavailableError, "overloaded", None),
 ])
 def test_error_shapes(status, body, cls, message, param):
-    err = error_for_status(status, body, {})
+    # the vLLM adapter reads its pre-0.10.1 shape and hands every other body to the generic parser
+    err = VllmAdapter().parse_error(HttpResponse(status, {}, body.encode()))
     assert type(err) is cls and err.status_code == status
     assert message in err.message and err.param == param
     assert isinstance(err, errors.ApiError)
     assert isinstance(err, errors.TransientError) == (status in (408, 409, 429) or status >= 500)
+
+
+def test_the_generic_parser_does_not_know_vllms_old_error_shape():
+    old = '{"object":"error","message":"old style","type":"BadRequestError","param":"temperature"}'
+    err = error_for_status(400, old, {})
+    assert type(err) is errors.BadRequestError and err.param is None and err.error_type is None
+    assert "old style" in err.message  # the body itself, not a message read from it
 
 
 def test_retry_after_headers():

