@@ -94,6 +94,10 @@ class BackendAdapter(ABC):
     #: chat requests with equal sampling parameters may share one call (``ChatBatchRequest``)
     supports_chat_batch: ClassVar[bool] = False
     supports_streaming: ClassVar[bool] = True
+    #: request headers that make the server put its load report on the reply (vLLM:
+    #: ``endpoint-load-metrics-format: JSON``); the client adds them when its last report
+    #: of that endpoint is getting old, not to every request (they cost the server time)
+    load_report_headers: ClassVar[Dict[str, str]] = {}
     #: whether the unified test generator writes a runner for this backend
     unified_runner: ClassVar[bool] = True
 

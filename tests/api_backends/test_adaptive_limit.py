@@ -4,14 +4,18 @@ gathering test gates the double's replies and releases them."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import threading
 from typing import Any, List, Optional, Tuple
 
 import pytest
 
 from ipfs_accelerate_py.api_backends.clock import FakeClock
+from ipfs_accelerate_py.api_backends.endpoint_load import LoadReport
 from ipfs_accelerate_py.api_backends.mixins.inflight import InFlightLimit
 from ipfs_accelerate_py.api_backends.base import default_transport
+from ipfs_accelerate_py.api_backends.errors import TimeoutError
 from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse, StreamResponse,
                                                         Transport)
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
@@ -73,7 +77,11 @@ def test_latency_past_the_tolerance_shrinks_the_limit_and_recovery_grows_it():
 def test_a_server_reporting_requests_waiting_shrinks_the_limit():
     clock = FakeClock()
     waiting: List[Optional[float]] = [None]
-    lim = InFlightLimit(16, clock, load_source=lambda: waiting[0])
+    stamps = itertools.count()
+
+    def report() -> Optional[LoadReport]:  # a new report with every reply
+        return LoadReport(waiting[0], None, float(next(stamps)), "header")
+    lim = InFlightLimit(16, clock, load_source=report)
     replies(lim, clock, 0.02, 3, busy=12)
     assert lim.limit == 16
     waiting[0] = 5.0
@@ -85,10 +93,26 @@ def test_a_server_reporting_requests_waiting_shrinks_the_limit():
     assert lim.limit > before
 
 
+def test_one_load_report_moves_the_limit_once_however_many_replies_read_it():
+    """The client asks for a report now and then: many replies finish while one report is
+    the freshest. Read by each, one "requests waiting" figure collapsed the limit to 1."""
+    clock = FakeClock()
+    one = LoadReport(5.0, None, clock.monotonic(), "header")
+    lim = InFlightLimit(64, clock, load_source=lambda: one)
+    replies(lim, clock, 0.02, 2, busy=64)  # 126 replies, all with the same report
+    assert lim.limit == 62 and lim.stats()["decreases"] == 1  # one step down, held there
+    one = LoadReport(5.0, None, clock.monotonic() + 1, "header")  # a new one: one more step
+    replies(lim, clock, 0.02, 1, busy=62)
+    assert lim.limit == 61 and lim.stats()["decreases"] == 2
+    one = LoadReport(0.0, None, clock.monotonic() + 2, "header")  # the queue emptied
+    replies(lim, clock, 0.02, 2, busy=61)
+    assert lim.limit == 64
+
+
 def test_a_load_source_that_raises_is_no_figure():
     clock = FakeClock()
 
-    def broken() -> float:
+    def broken() -> LoadReport:
         raise RuntimeError("bad report")
 
     lim = InFlightLimit(8, clock, load_source=broken)
@@ -175,3 +199,56 @@ def test_requests_arriving_while_the_limit_is_reached_join_the_next_shared_call(
         assert m["in_flight"]["default"]["maximum"] == 32 and m["in_flight_limit"]["default"] >= 2
     finally:
         client.close()
+
+
+def test_a_freed_slot_goes_to_the_caller_that_waited_not_to_one_that_just_arrived():
+    """FIFO: the release hands the slot to the queued waiter; a newcomer at that moment
+    finds it taken (before, a woken waiter could lose it to callers barging in, again and
+    again, until its deadline)."""
+    clock = FakeClock()
+    lim = InFlightLimit(1, clock)
+    lim.acquire(clock.monotonic() + 60, key="a")
+    got: List[str] = []
+    waiter = threading.Thread(target=lambda: (lim.acquire(clock.monotonic() + 60, key="b"),
+                                              got.append("b")))
+    waiter.start()
+    wait_until(lambda: lim.waiting == 1, what="b queued")
+    lim.release(True, key="a")
+    with pytest.raises(TimeoutError):
+        lim.acquire(clock.monotonic(), key="newcomer")  # its deadline is now: no slot free
+    waiter.join(10)
+    assert got == ["b"] and lim.in_flight == 1 and lim.waiting == 0
+    lim.release(True, key="b")
+    assert lim.in_flight == 0
+
+
+def test_threads_and_coroutines_wait_in_one_line_and_a_cancelled_waiter_leaves_it():
+    clock = FakeClock()
+    lim = InFlightLimit(1, clock)
+    lim.acquire(clock.monotonic() + 60, key="holder")
+    order: List[str] = []
+
+    async def main() -> None:
+        first = asyncio.create_task(lim.aacquire(clock.monotonic() + 60, key="coro-1"))
+        gone = asyncio.create_task(lim.aacquire(clock.monotonic() + 60, key="cancelled"))
+        while lim.waiting < 2:
+            await asyncio.sleep(0)  # let both tasks queue (a yield, not a timed wait)
+        thread = threading.Thread(target=lambda: (lim.acquire(clock.monotonic() + 60, key="t"),
+                                                  order.append("thread")))
+        thread.start()
+        while lim.waiting < 3:
+            await asyncio.sleep(0.001)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert lim.waiting == 2  # the cancelled one left the line
+        lim.release(True, key="holder")
+        await first
+        order.append("coro-1")
+        assert lim.in_flight == 1 and lim.waiting == 1
+        lim.release(True, key="coro-1")  # next in line: the thread
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+        lim.release(True, key="t")
+
+    asyncio.run(main())
+    assert order == ["coro-1", "thread"] and lim.in_flight == 0 and lim.waiting == 0

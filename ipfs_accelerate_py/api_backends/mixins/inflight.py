@@ -10,8 +10,12 @@ concurrency limit / Envoy's adaptive concurrency filter (our own formulation, no
   (at most halving per reply); otherwise it grows by ``sqrt(limit)`` per reply (the
   headroom that finds spare capacity), smoothed so one reply moves it little.
 - **The server's own queue.** A fresh ``endpoint-load-metrics`` report (vLLM's
-  ``num_requests_waiting``, read off every reply) above zero means the server already holds
-  more than it runs: the limit shrinks by ``QUEUE_BACKOFF`` per reply and does not grow.
+  ``num_requests_waiting``) above zero means the server already holds more than it runs:
+  the limit shrinks by ``QUEUE_BACKOFF`` per report and does not grow. Each report moves
+  the limit once: replies that finish before the next report arrives do not read the same
+  figure again (the client asks for reports now and then, not on every request, so one
+  report may be the freshest for a quarter second; read by every reply it halved the limit
+  dozens of times over).
 - **App-limited.** While fewer than half the slots are used the limit is not binding, so the
   replies say nothing about it and it stays where it is (a lone caller never lowers it).
 
@@ -28,22 +32,26 @@ load the client sends fewer, larger prompt lists, which is what costs the server
 After an outage (the circuit closed again) the limit restarts at one and grows by one with
 every healthy reply, so it doubles each round trip, as TCP's slow start does: a server that
 just came back is not hit by the whole queue at once. A caller that finds the limit reached
-waits for a slot (bounded by its deadline; nothing has been sent).
+waits for a slot (bounded by its deadline; nothing has been sent). Slots go to waiters
+first come, first served (a queue of tickets, threads and coroutines in one line): a caller
+that arrives when a slot frees cannot take it from one that has waited, so no waiter
+starves while others keep the endpoint busy.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 from collections import deque
-from typing import Callable, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Hashable, Optional, Protocol
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ClientClosedError, TimeoutError
 
-__all__ = ["InFlightLimit"]
+__all__ = ["InFlightLimit", "LoadFigure"]
 
-#: Longest single wait on the condition: a bound against a lost wake-up, not a poll interval.
+#: Longest single wait for a slot: a bound against a lost wake-up, not a poll interval.
 _MAX_NAP = 1.0
 #: Replies over which the unloaded round trip (the minimum) is taken; older ones age out, so
 #: a server that became slower for good is not judged against a time it no longer makes.
@@ -53,27 +61,72 @@ TOLERANCE = 2.0
 #: Weight of one reply in the moving average of the round trip, and in the limit's.
 RTT_WEIGHT = 0.2
 LIMIT_WEIGHT = 0.2
-#: Shrink factor per reply while the server reports requests waiting in its queue.
+#: Shrink factor per load report that says requests are waiting in the server's queue.
 QUEUE_BACKOFF = 0.9
 
-#: Where the server's latest queue length comes from (None: not known or not fresh).
-LoadSource = Callable[[], Optional[float]]
+
+class LoadFigure(Protocol):
+    """What the limit reads of a server load report (``endpoint_load.LoadReport`` is one)."""
+
+    waiting: Optional[float]
+    at: float
+
+
+#: Where the server's latest load report comes from (None: not known or not fresh).
+LoadSource = Callable[[], Optional[LoadFigure]]
+
+
+class _Ticket:
+    """One caller's place in the FIFO queue for a slot. ``granted`` is set under the limit's
+    lock by whoever hands the slot over; ``wake`` then rouses the waiter (a thread waiting
+    on its own condition, or a coroutine awaiting its future on its own loop)."""
+
+    __slots__ = ("key", "granted", "cond", "loop", "future")
+
+    def __init__(self, key: Hashable, cond: Optional[threading.Condition] = None,
+                 loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        self.key = key
+        self.granted = False
+        self.cond = cond
+        self.loop = loop
+        self.future: Optional["asyncio.Future[None]"] = loop.create_future() if loop else None
+
+    def wake(self) -> None:
+        """Called with the limit's lock held."""
+        if self.cond is not None:
+            self.cond.notify()
+        elif self.loop is not None and self.future is not None:
+            fut = self.future
+            try:
+                self.loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # its loop is closed: nobody is waiting any more
+                pass
+
+
+def _resolve(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class InFlightLimit:
-    """A counting gate whose size adapts (see the module docstring)."""
+    """A counting gate whose size adapts (see the module docstring). Slots are handed out
+    first come, first served, to threads (``acquire``) and coroutines (``aacquire``) alike."""
 
     def __init__(self, maximum: int, clock: Clock = SYSTEM_CLOCK,
                  load_source: Optional[LoadSource] = None, latency: bool = False) -> None:
         self._clock = clock
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        #: notified whenever a slot may have become free (``wait_for_room`` watches it)
+        self._room = threading.Condition(self._lock)
         self.maximum = maximum
         self._limit = float(maximum)
         self._in_flight = 0
+        self._queue: Deque[_Ticket] = deque()
         self._ramping = False  # slow start after an outage: +1 per healthy reply
-        self._sent_at: Dict[int, float] = {}  # thread -> when its attempt took its slot
+        self._sent_at: Dict[Hashable, float] = {}  # slot key -> when its attempt took the slot
         self._rtts: Deque[float] = deque(maxlen=RTT_WINDOW)
         self._rtt: Optional[float] = None
+        self._report_used: Optional[float] = None  # ``at`` of the last report that moved it
         self.load_source = load_source
         #: whether the round trip moves the limit (off by default: see the module docstring)
         self.latency = latency
@@ -89,93 +142,184 @@ class InFlightLimit:
         return self._in_flight
 
     @property
+    def waiting(self) -> int:
+        """Callers queued for a slot now."""
+        return len(self._queue)
+
+    @property
     def full(self) -> bool:
         """Whether a new attempt would have to wait for a slot now."""
-        return self._in_flight >= self.limit
+        return self._in_flight >= self.limit or bool(self._queue)
 
     def stats(self) -> Dict[str, Optional[float]]:
-        """For metrics: the limit, its ceiling, slots used, round trips seen (seconds)."""
-        with self._cond:
+        """For metrics: the limit, its ceiling, slots used, callers queued, round trips seen."""
+        with self._lock:
             return {"limit": self.limit, "maximum": self.maximum, "in_flight": self._in_flight,
+                    "queued": len(self._queue),
                     "min_rtt": min(self._rtts) if self._rtts else None, "rtt": self._rtt,
                     "increases": self.increases, "decreases": self.decreases}
 
     def resize(self, maximum: int) -> None:
         """A new ceiling (``max_concurrent_requests`` changed)."""
-        with self._cond:
+        with self._lock:
             self.maximum = maximum
             self._limit = min(self._limit, float(maximum)) if self._ramping else float(maximum)
-            self._cond.notify_all()
+            self._grant_locked()
 
     def slow_start(self) -> None:
         """Restart at one slot (the endpoint just came back)."""
-        with self._cond:
+        with self._lock:
             self._limit = 1.0
             self._ramping = True
 
-    def acquire(self, deadline: float, cancel: Optional[threading.Event] = None) -> float:
-        """Take a slot; return the seconds waited. Raises ``TimeoutError`` (nothing sent) at
-        monotonic ``deadline`` and ``ClientClosedError`` once ``cancel`` is set."""
-        start = self._clock.monotonic()
-        with self._cond:
-            self._wait_locked(start, deadline, cancel)
+    # ------------------------------------------------------------------ taking a slot
+    def _take_now_locked(self, key: Hashable) -> bool:
+        if self._queue or self._in_flight >= self.limit:
+            return False
+        self._in_flight += 1
+        self._sent_at[key] = self._clock.monotonic()
+        return True
+
+    def _grant_locked(self) -> None:
+        """Hand free slots to the longest-waiting callers, in order."""
+        while self._queue and self._in_flight < self.limit:
+            ticket = self._queue.popleft()
             self._in_flight += 1
-            now = self._clock.monotonic()
-            self._sent_at[threading.get_ident()] = now
-        return now - start
+            self._sent_at[ticket.key] = self._clock.monotonic()
+            ticket.granted = True
+            ticket.wake()
+        if self._in_flight < self.limit:
+            self._room.notify_all()
+
+    def _give_up_locked(self, ticket: _Ticket) -> None:
+        """A waiter leaves (deadline, close, cancelled): out of the queue, or, if the slot
+        reached it meanwhile, the slot goes on to the next in line."""
+        if ticket.granted:
+            self._in_flight -= 1
+            self._sent_at.pop(ticket.key, None)
+            self._grant_locked()
+        else:
+            try:
+                self._queue.remove(ticket)
+            except ValueError:
+                pass
+
+    def _refusal(self, start: float, now: float) -> TimeoutError:
+        return TimeoutError(
+            f"waited {now - start:.2f}s for one of the endpoint's {self.limit} in-flight "
+            "slots; the call deadline passed before it was sent", sent=False)
+
+    def acquire(self, deadline: float, cancel: Optional[threading.Event] = None,
+                key: Optional[Hashable] = None) -> float:
+        """Take a slot; return the seconds waited. Raises ``TimeoutError`` (nothing sent) at
+        monotonic ``deadline`` and ``ClientClosedError`` once ``cancel`` is set. ``key``
+        names the slot for ``release`` (default: this thread)."""
+        key = threading.get_ident() if key is None else key
+        start = self._clock.monotonic()
+        with self._lock:
+            if self._take_now_locked(key):
+                return 0.0
+            ticket = _Ticket(key, cond=threading.Condition(self._lock))
+            self._queue.append(ticket)
+            try:
+                while not ticket.granted:
+                    if cancel is not None and cancel.is_set():
+                        raise ClientClosedError("client closed while waiting to send")
+                    now = self._clock.monotonic()
+                    if now >= deadline:
+                        raise self._refusal(start, now)
+                    assert ticket.cond is not None
+                    ticket.cond.wait(min(deadline - now, _MAX_NAP))
+            except BaseException:
+                self._give_up_locked(ticket)
+                raise
+        return self._clock.monotonic() - start
+
+    async def aacquire(self, deadline: float, key: Hashable,
+                       cancel: Optional[threading.Event] = None) -> float:
+        """``acquire`` for a coroutine: waits in the same FIFO queue without blocking its
+        event loop. ``key`` names the slot for ``release`` (one per attempt: an object the
+        caller keeps, since every coroutine of a loop shares one thread)."""
+        start = self._clock.monotonic()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._take_now_locked(key):
+                return 0.0
+            ticket = _Ticket(key, loop=loop)
+            self._queue.append(ticket)
+        try:
+            while True:
+                with self._lock:
+                    if ticket.granted:
+                        break
+                    if cancel is not None and cancel.is_set():
+                        raise ClientClosedError("client closed while waiting to send")
+                    now = self._clock.monotonic()
+                    if now >= deadline:
+                        raise self._refusal(start, now)
+                    fut = ticket.future
+                    if fut is None or fut.done():  # woken without a slot: wait anew
+                        fut = ticket.future = loop.create_future()
+                await asyncio.wait({fut}, timeout=min(deadline - now, _MAX_NAP))
+        except BaseException:
+            with self._lock:
+                self._give_up_locked(ticket)
+            raise
+        return self._clock.monotonic() - start
 
     def wait_for_room(self, deadline: float, cancel: Optional[threading.Event] = None,
                       stop: Optional[Callable[[], bool]] = None) -> None:
-        """Wait, taking nothing, until a slot is free (a batch gathers meanwhile). Returns
-        quietly at ``deadline``, on ``cancel`` or once ``stop()`` (checked at least every
-        second): the caller's ``acquire`` then says why."""
-        try:
-            with self._cond:
-                self._wait_locked(self._clock.monotonic(), deadline, cancel, stop)
-        except (TimeoutError, ClientClosedError):
-            pass
+        """Wait, taking nothing, until a slot is free and nobody is queued for it (a batch
+        gathers meanwhile). Returns quietly at ``deadline``, on ``cancel`` or once ``stop()``
+        (checked at least every second): the caller's ``acquire`` then says why."""
+        with self._lock:
+            while self._queue or self._in_flight >= self.limit:
+                if (stop is not None and stop()) or (cancel is not None and cancel.is_set()):
+                    return
+                now = self._clock.monotonic()
+                if now >= deadline:
+                    return
+                self._room.wait(min(deadline - now, _MAX_NAP))
 
-    def _wait_locked(self, start: float, deadline: float, cancel: Optional[threading.Event],
-                     stop: Optional[Callable[[], bool]] = None) -> None:
-        while self._in_flight >= self.limit:
-            if stop is not None and stop():
-                return
-            if cancel is not None and cancel.is_set():
-                raise ClientClosedError("client closed while waiting to send")
-            now = self._clock.monotonic()
-            if now >= deadline:
-                raise TimeoutError(
-                    f"waited {now - start:.2f}s for one of the endpoint's {self.limit} "
-                    "in-flight slots; the call deadline passed before it was sent",
-                    sent=False)
-            self._cond.wait(min(deadline - now, _MAX_NAP))
-
-    def release(self, healthy: bool) -> None:
-        """Free a slot; a healthy reply's round trip (and the server's queue) move the limit."""
-        waiting = self._server_waiting() if healthy else None
-        with self._cond:
-            sent = self._sent_at.pop(threading.get_ident(), None)
+    # ------------------------------------------------------------------ giving it back
+    def release(self, healthy: bool, key: Optional[Hashable] = None) -> None:
+        """Free a slot; a healthy reply's round trip (and a new server load report) move the
+        limit. ``key``: the one given to ``acquire`` / ``aacquire`` (default: this thread)."""
+        key = threading.get_ident() if key is None else key
+        report = self._server_report() if healthy else None
+        with self._lock:
+            sent = self._sent_at.pop(key, None)
             busy = self._in_flight
             self._in_flight -= 1
-            before = self.limit
             if healthy:
                 if self._ramping:
                     self._limit = min(self._limit + 1.0, float(self.maximum))
                     self._ramping = self._limit < self.maximum
                 elif sent is not None:
-                    self._adapt(self._clock.monotonic() - sent, busy, waiting)
-            if self.limit > before:
-                self._cond.notify_all()
-            else:
-                self._cond.notify()
+                    self._adapt(self._clock.monotonic() - sent, busy, self._queue_signal(report))
+            self._grant_locked()
 
-    def _adapt(self, rtt: float, busy: int, waiting: Optional[float]) -> None:
+    def _queue_signal(self, report: Optional[LoadFigure]) -> Optional[str]:
+        """What ``report`` says of the server's queue: "new" (requests waiting, and no earlier
+        reply used this report), "held" (the same report again: the limit must not grow
+        while it stands, but one observation shrinks it once however many replies finish
+        before the next one arrives), or None (no queue). Called with the lock held."""
+        if report is None or report.waiting is None or report.waiting <= 0:
+            return None
+        if report.at == self._report_used:
+            return "held"
+        self._report_used = report.at
+        return "new"
+
+    def _adapt(self, rtt: float, busy: int, queued: Optional[str]) -> None:
         """One reply's verdict (see the module docstring); called with the lock held."""
         self._rtts.append(rtt)
         self._rtt = rtt if self._rtt is None else self._rtt + RTT_WEIGHT * (rtt - self._rtt)
         if busy < self._limit / 2:
             return  # app-limited: the limit was not what held the callers back
-        if waiting is not None and waiting > 0:
+        if queued == "held":
+            return
+        if queued == "new":
             target = self._limit * QUEUE_BACKOFF
         elif not self.latency:
             target = self._limit + math.sqrt(self._limit)  # back toward the ceiling
@@ -190,7 +334,7 @@ class InFlightLimit:
             self.decreases += 1
         self._limit = new
 
-    def _server_waiting(self) -> Optional[float]:
+    def _server_report(self) -> Optional[LoadFigure]:
         if self.load_source is None:
             return None
         try:
@@ -199,6 +343,8 @@ class InFlightLimit:
             return None
 
     def wake(self) -> None:
-        """Wake every waiter (the client is closing)."""
-        with self._cond:
-            self._cond.notify_all()
+        """Wake every waiter (the client is closing): each sees ``cancel`` and leaves."""
+        with self._lock:
+            for ticket in self._queue:
+                ticket.wake()
+            self._room.notify_all()

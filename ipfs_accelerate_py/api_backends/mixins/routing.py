@@ -223,6 +223,15 @@ class RoutingMixin:
             if load_max_age is not None:
                 state.board.max_age = float(load_max_age)
 
+    def _ask_for_load(self, ep: Any, http: Any) -> None:
+        """Add the adapter's load-report request headers to ``http`` when this endpoint's
+        last report is getting old (``LoadBoard.should_ask``): asking costs the server time
+        on every request that asks, and one fresh figure a quarter second is plenty."""
+        extra = self._adapter.load_report_headers  # type: ignore[attr-defined]
+        if (extra and http.method == "POST" and not http.stream
+                and self._routing().board.should_ask(ep.id, self._clock.monotonic())):  # type: ignore[attr-defined]
+            http.headers.update(extra)
+
     def _observe_reply(self, ep: Any, headers: Mapping[str, str]) -> None:
         """Keep the load report a reply carries (called for every reply the client reads)."""
         try:
