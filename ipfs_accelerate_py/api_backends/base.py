@@ -28,7 +28,7 @@ from . import errors, tracing
 from .adapter import BackendAdapter
 from .clock import SYSTEM_CLOCK, Clock
 from .context import learn_model_lengths
-from .limits import cap_request
+from .limits import RequestLimits, cap_request
 from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError, ValidationError
 from .mixins.batching import BatchingMixin, batch_key
 from .mixins.circuit_breaker import CLOSED, CircuitBreakerMixin
@@ -152,6 +152,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         self._closed = False
         self._lock = threading.Lock()
         self._metrics = MetricsRecorder(settings.latency_window)
+        #: this client's output caps and known context lengths, by model (limits.py)
+        self.request_limits = RequestLimits()
         self.recent_requests: Deque[Dict[str, Any]] = deque(maxlen=settings.recent_requests_size)
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
@@ -172,8 +174,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                                     self._on_circuit_transition, scheduled_probes=health is not None)
         ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue)
         # the adaptive in-flight limit reads the server's queue off its replies (inflight.py)
-        ep.limit.load_source = lambda: self._routing().board.fresh(endpoint_id,
-                                                                   self._clock.monotonic())
+        ep.limit.load_source = lambda: getattr(self._routing().board.fresh(
+            endpoint_id, self._clock.monotonic()), "waiting", None)
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = WorkerPool(queue, settings.max_concurrent_requests,
                                 lambda job: self._handle_job(job, ep), name=name)
@@ -522,7 +524,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def _send(self, ep: Endpoint, http: HttpRequest, deadline: float,
               fail_fast: bool = False) -> HttpResponse:
         """One attempt of a plain request (see ``_guarded``)."""
-        self._ask_for_load(ep, http)
         return self._guarded(ep, deadline, ep.settings.timeout, True,
                              lambda timeout: ep.transport.send(http, timeout), fail_fast)
 
