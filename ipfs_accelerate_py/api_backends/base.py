@@ -174,8 +174,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                                     self._on_circuit_transition, scheduled_probes=health is not None)
         ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue)
         # the adaptive in-flight limit reads the server's queue off its replies (inflight.py)
-        ep.limit.load_source = lambda: getattr(self._routing().board.fresh(
-            endpoint_id, self._clock.monotonic()), "waiting", None)
+        ep.limit.load_source = lambda: self._routing().board.fresh(endpoint_id,
+                                                                   self._clock.monotonic())
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = WorkerPool(queue, settings.max_concurrent_requests,
                                 lambda job: self._handle_job(job, ep), name=name)
@@ -524,6 +524,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def _send(self, ep: Endpoint, http: HttpRequest, deadline: float,
               fail_fast: bool = False) -> HttpResponse:
         """One attempt of a plain request (see ``_guarded``)."""
+        self._ask_for_load(ep, http)
         return self._guarded(ep, deadline, ep.settings.timeout, True,
                              lambda timeout: ep.transport.send(http, timeout), fail_fast)
 
