@@ -144,7 +144,7 @@ def test_keys_move_for_an_unlucky_hash_only_under_load_and_after_enough_requests
     with client_over({"a": a.base_url, "b": b.base_url}) as c:
         c.set_load_probe(None)
         for server in (a, b):  # two requests held in each server: the client is under load
-            server.add_fault(Fault("stall", seconds=30, count=2))
+            server.add_fault(Fault("gate", count=2))
         held = [c.route_submit(CompletionRequest(model="tiny-llama", prompt=f"held {i}", **FAST),
                                endpoint_ids=[eid]) for i, eid in enumerate("aabb")]
         wait_until(lambda: len(served_prompts(a)) + len(served_prompts(b)) == 4,

@@ -27,14 +27,14 @@ def conversation(text: str) -> List[dict]:
 
 
 def queue_chats_behind_a_stalled_blocker(client: VllmClient, server: Any) -> List[Any]:
-    """One worker busy on a stalled completion; the chats of QUESTIONS queued behind it."""
-    sent_before = server.request_count["/v1/completions"]
-    server.add_fault(Fault("stall", seconds=0.3, count=1))
+    """One worker busy on a gated completion; the chats of QUESTIONS queued behind it, then
+    the gate released."""
+    server.add_fault(Fault("gate", count=1))
     blocker = client.submit_inference(None, "blocker", {"max_tokens": 2})
-    wait_until(lambda: server.request_count["/v1/completions"] == sent_before + 1,
-               what="the blocker to reach the double")
+    server.wait_held(1)  # the blocker reached the double and waits at the gate
     futures = [client.submit_inference(None, conversation(q), PARAMS) for q in QUESTIONS]
     assert len(client.request_queue) == len(QUESTIONS)
+    server.release_stalls()
     assert blocker.result(5).usage.completion_tokens == 2
     return [f.result(5) for f in futures]
 
@@ -96,14 +96,16 @@ def test_a_server_without_the_route_is_asked_once_then_chats_go_alone(start_fake
 
 def test_chats_that_cannot_share_a_call_go_alone(fake_server, make_client):
     client = make_client(fake_server, max_concurrent_requests=1, batch_chat=True)
-    fake_server.add_fault(Fault("stall", seconds=0.3, count=1))
+    fake_server.add_fault(Fault("gate", count=1))
     blocker = client.submit_inference(None, "blocker", {"max_tokens": 2})
-    wait_until(lambda: fake_server.request_count["/v1/completions"] == 1, what="the blocker")
+    fake_server.wait_held(1)  # the blocker waits at the gate
     # n=2 (a chat batch refuses it) and two different temperatures: nothing may merge
     futures = [client.submit_inference(None, conversation("a"), {"max_tokens": 2, "n": 2}),
                client.submit_inference(None, conversation("b"), {"max_tokens": 2, "n": 2}),
                client.submit_inference(None, conversation("c"), {"max_tokens": 2, "temperature": 0}),
                client.submit_inference(None, conversation("d"), {"max_tokens": 2, "temperature": 1})]
+    assert len(client.request_queue) == 4
+    fake_server.release_stalls()
     blocker.result(5)
     results = [f.result(5) for f in futures]
     assert [len(r.choices) for r in results] == [2, 2, 1, 1]

@@ -255,7 +255,7 @@ def test_stream_generation_takes_every_run_inference_call_shape(fake_vllm_server
 
 
 def test_handler_timeout_is_the_call_deadline(fake_vllm_server):
-    fake_vllm_server.add_fault(Fault("stall", seconds=5.0, count=10))
+    fake_vllm_server.add_fault(Fault("gate", count=10))  # never answered
     with VllmClient(base_url=fake_vllm_server.base_url, timeout=30, max_retries=0) as client:
         handler = client.create_endpoint_handler("tiny-llama", {"timeout": 0.5, "max_tokens": 2})
         start = time.monotonic()

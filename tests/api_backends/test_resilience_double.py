@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from concurrent.futures import wait as wait_all
 
 import pytest
 
@@ -110,12 +111,14 @@ def test_half_open_probe_failure_reopens_and_only_one_probe_goes_through(
     # While the one probe is in flight (the server stalls it), others are rejected at once.
     clock.advance(2.0)
     assert c.circuit_state == "HALF-OPEN"
-    fake_server.add_fault(Fault("stall", seconds=0.5, count=1))
+    fake_server.add_fault(Fault("gate", count=1))
     probe = c.submit_inference(None, "probe", P)
-    wait_until(lambda: sent(fake_server) == 3, what="the probe to reach the server")
+    fake_server.wait_held(1)  # the probe reached the server and waits at the gate
+    assert sent(fake_server) == 3
     other = c.submit_inference(None, "other", P)
     with pytest.raises(errors.CircuitOpenError, match="HALF-OPEN"):
         other.result(timeout=5)
+    fake_server.release_stalls()
     assert probe.result(timeout=5).usage.completion_tokens == 2
     assert c.circuit_state == "CLOSED"
     assert sent(fake_server) == 3
@@ -345,7 +348,7 @@ def test_stall_past_the_read_timeout_raises_timeout_and_counts_as_breaker_failur
         fake_server, make_client):
     c = make_client(fake_server, timeout=0.3, max_retries=0, failure_threshold=1,
                     minimum_calls=1)
-    fake_server.add_fault(Fault("stall", seconds=3))
+    fake_server.add_fault(Fault("gate"))  # never answered while the test runs
     start = time.perf_counter()
     with pytest.raises(errors.TimeoutError):
         call(c)
@@ -357,7 +360,7 @@ def test_stall_past_the_read_timeout_raises_timeout_and_counts_as_breaker_failur
 
 def test_stall_is_retried_after_the_read_timeout(fake_server, make_client):
     c = make_client(fake_server, timeout=0.3, max_retries=2)
-    fake_server.add_fault(Fault("stall", seconds=3))
+    fake_server.add_fault(Fault("gate"))  # the first attempt is never answered
     start = time.perf_counter()
     assert call(c).usage.completion_tokens == 2
     assert 0.3 <= time.perf_counter() - start < 1.3
@@ -369,7 +372,7 @@ def test_stall_is_retried_after_the_read_timeout(fake_server, make_client):
 def test_the_call_deadline_bounds_every_retry_of_a_stalled_server(fake_server, make_client):
     c = make_client(fake_server, timeout=0.4, deadline=1.0, max_retries=50,
                     failure_threshold=1000)
-    fake_server.add_fault(Fault("stall", seconds=5, count=-1))
+    fake_server.add_fault(Fault("gate", count=-1))  # no attempt is answered
     start = time.perf_counter()
     with pytest.raises(errors.TimeoutError):
         call(c)
@@ -379,11 +382,13 @@ def test_the_call_deadline_bounds_every_retry_of_a_stalled_server(fake_server, m
 
 
 # ================================================================== batching under faults
-def _queue_behind_a_stalled_blocker(c, server, n: int, stall: float = 0.3):
-    """One worker busy on a stalled request; ``n`` compatible requests queued behind it."""
-    server.add_fault(Fault("stall", seconds=stall, count=1))
+def _queue_behind_a_gated_blocker(c, server, n: int):
+    """One worker busy on a request the double holds at a gate; ``n`` compatible requests
+    queued behind it. The caller releases the gate (``server.release_stalls()``)."""
+    server.add_fault(Fault("gate", count=1))
     blocker = c.submit_inference(None, "blocker", {"max_tokens": 3})
-    wait_until(lambda: sent(server) == 1, what="the blocker to reach the double")
+    server.wait_held(1)
+    assert sent(server) == 1
     futures = [c.submit_inference(None, f"job {i}", P) for i in range(n)]
     assert len(c.request_queue) == n
     return blocker, futures
@@ -395,8 +400,9 @@ def test_a_batch_dropped_once_is_retried_in_parts_and_every_caller_gets_its_resu
     The first part repeats the batch's request id (a retry, in the metrics as on the wire);
     the others carry their own job's id for the first time."""
     c = make_client(fake_server, max_concurrent_requests=2, max_retries=2)
-    blocker, futures = _queue_behind_a_stalled_blocker(c, fake_server, 4)
+    blocker, futures = _queue_behind_a_gated_blocker(c, fake_server, 4)
     fake_server.add_fault(Fault("drop", count=1))
+    fake_server.release_stalls()
     assert blocker.result(5).usage.completion_tokens == 3
     results = [f.result(5) for f in futures]
     assert [r.usage.completion_tokens for r in results] == [2, 2, 2, 2]
@@ -414,8 +420,9 @@ def test_a_batch_dropped_once_is_retried_in_parts_and_every_caller_gets_its_resu
 def test_a_batch_failing_with_5xx_fails_every_caller_and_loses_none(fake_server, make_client):
     c = make_client(fake_server, max_concurrent_requests=1, max_retries=1,
                     failure_threshold=100)
-    blocker, futures = _queue_behind_a_stalled_blocker(c, fake_server, 4)
+    blocker, futures = _queue_behind_a_gated_blocker(c, fake_server, 4)
     fake_server.add_fault(Fault("status", status=500, count=-1))
+    fake_server.release_stalls()
     blocker.result(5)
     for f in futures:
         with pytest.raises(errors.ServerError):
@@ -433,7 +440,7 @@ def test_a_prompt_that_breaks_the_server_is_cut_off_and_fails_alone(fake_server,
     c = make_client(fake_server, max_concurrent_requests=1, max_retries=3,
                     failure_threshold=100)
     fake_server.add_fault(Fault("status", status=500, count=-1, prompt="poison"))
-    blocker, _ = _queue_behind_a_stalled_blocker(c, fake_server, 0, stall=30)
+    blocker, _ = _queue_behind_a_gated_blocker(c, fake_server, 0)
     prompts = [f"job {i}" for i in range(16)]
     prompts[5] = "poison 5"
     futures = [c.submit_inference(None, p, P) for p in prompts]
@@ -459,8 +466,9 @@ def test_a_batch_refused_with_400_is_split_and_retries_stay_honest(fake_server, 
     """A 4xx on the shared call: each request goes alone, so only the bad one fails. The
     first job's id carried the batch, so its solo call is an extra request for that id."""
     c = make_client(fake_server, max_concurrent_requests=1, max_retries=2)
-    blocker, futures = _queue_behind_a_stalled_blocker(c, fake_server, 4)
+    blocker, futures = _queue_behind_a_gated_blocker(c, fake_server, 4)
     fake_server.add_fault(Fault("status", status=400, count=1))
+    fake_server.release_stalls()
     blocker.result(5)
     assert [f.result(5).usage.completion_tokens for f in futures] == [2, 2, 2, 2]
     reqs = completion_requests(fake_server)
@@ -481,13 +489,14 @@ def test_high_priority_submitted_later_finishes_before_low(fake_server, make_cli
                 order.append(name)
         return done
 
-    blocker, _ = _queue_behind_a_stalled_blocker(c, fake_server, 0)
+    blocker, _ = _queue_behind_a_gated_blocker(c, fake_server, 0)
     futures = []
     for name, prio in [(f"low{i}", 2) for i in range(4)] + [(f"high{i}", 0) for i in range(4)]:
         f = c.submit_inference(None, name, P, priority=prio)
         f.add_done_callback(track(name))
         futures.append(f)
     assert len(c.request_queue) == 8
+    fake_server.release_stalls()
     assert all(f.result(10).text for f in [blocker] + futures)
     assert order == [f"high{i}" for i in range(4)] + [f"low{i}" for i in range(4)]
     sent_prompts = [r.json["prompt"] for r in completion_requests(fake_server)]
@@ -547,19 +556,23 @@ def test_without_aging_low_priority_waits_for_the_high_stream_to_end(start_fake,
 
 def test_full_queue_raises_queue_full(fake_server, make_client):
     c = make_client(fake_server, max_concurrent_requests=1, queue_size=2)
-    blocker, futures = _queue_behind_a_stalled_blocker(c, fake_server, 2)
+    blocker, futures = _queue_behind_a_gated_blocker(c, fake_server, 2)
     with pytest.raises(errors.QueueFullError):
         c.submit_inference(None, "one too many", P)
     assert len(c.request_queue) == 2
+    fake_server.release_stalls()
     assert blocker.result(5).text and all(f.result(5).text for f in futures)
 
 
 def test_a_request_that_waits_past_its_deadline_fails_unsent(fake_server, make_client):
-    c = make_client(fake_server, max_concurrent_requests=1)
-    fake_server.add_fault(Fault("stall", seconds=0.5, count=1))
+    clock = FakeClock()
+    c = make_client(fake_server, max_concurrent_requests=1, clock=clock)
+    fake_server.add_fault(Fault("gate", count=1))
     blocker = c.submit(CompletionRequest(prompt="blocker", max_tokens=2), timeout=5)
-    wait_until(lambda: sent(fake_server) == 1, what="the blocker to be in flight")
+    fake_server.wait_held(1)  # the blocker is in flight, held at the gate
     late = c.submit(CompletionRequest(prompt="late", max_tokens=2), timeout=0.2)
+    clock.advance(1.0)  # past the late request's deadline while it waits, not the blocker's
+    fake_server.release_stalls()
     with pytest.raises(errors.QueueTimeoutError):
         late.result(5)
     assert blocker.result(5).text
@@ -570,14 +583,21 @@ def test_a_request_that_waits_past_its_deadline_fails_unsent(fake_server, make_c
 def test_close_stops_every_worker_and_fails_what_is_still_queued(fake_server, make_client):
     before = set(threading.enumerate())
     c = make_client(fake_server, max_concurrent_requests=3, queue_size=10)
-    fake_server.add_fault(Fault("stall", seconds=0.4, count=3))
+    fake_server.add_fault(Fault("gate", count=3))
     busy = [c.submit_inference(None, f"busy {i}", {"max_tokens": 2 + i}) for i in range(3)]
-    wait_until(lambda: sent(fake_server) == 3, what="three requests in flight")
+    fake_server.wait_held(3)  # three requests in flight, held at the gate
     queued = [c.submit_inference(None, f"queued {i}", {"max_tokens": 2 + i}) for i in range(5)]
     assert len(c.request_queue) == 5
     assert len(client_threads(before)) >= 3  # the workers
 
+    # close() fails the queue first, then waits for the workers: release the gate once the
+    # queued requests have failed, so the busy ones finish while close() waits for them
+    releaser = threading.Thread(target=lambda: (wait_all(queued, timeout=10),
+                                                fake_server.release_stalls()),
+                                name="fake-vllm-release-gate")
+    releaser.start()
     c.close()
+    releaser.join(10)
     assert client_threads(before) == []  # no worker thread is left alive
     for f in queued:
         with pytest.raises(errors.ClientClosedError):
@@ -610,9 +630,10 @@ def test_forward_priority_puts_the_queue_priority_in_the_body(fake_server, make_
 
 def test_a_batch_forwards_the_priority_of_its_most_urgent_member(fake_server, make_client):
     c = make_client(fake_server, forward_priority=True, max_concurrent_requests=1)
-    blocker, _ = _queue_behind_a_stalled_blocker(c, fake_server, 0)
+    blocker, _ = _queue_behind_a_gated_blocker(c, fake_server, 0)
     futures = [c.submit_inference(None, f"j{i}", P, priority=prio)
                for i, prio in enumerate([2, 1, 0, 2])]
+    fake_server.release_stalls()
     assert blocker.result(5).text and all(f.result(5).text for f in futures)
     reqs = completion_requests(fake_server)
     assert len(reqs) == 2  # the blocker, then one shared call

@@ -60,7 +60,7 @@ def wire_contexts(server, path: str = COMPLETIONS) -> List[tuple]:
 def test_a_batched_call_of_three_callers_is_one_call_span_linked_to_their_three_spans(
         fake_server, make_client, otel):
     c = make_client(fake_server, max_concurrent_requests=1)
-    fake_server.add_fault(Fault("stall", seconds=30, count=1))  # held until released
+    fake_server.add_fault(Fault("gate", count=1))  # held until released
     blocker = c.submit_inference(None, "blocker", {"max_tokens": 3})
     wait_until(lambda: fake_server.request_count[COMPLETIONS] == 1, what="the blocker sent")
     futures = [c.submit_inference(None, f"job {i}", P) for i in range(3)]

@@ -102,13 +102,13 @@ def test_close_with_work_in_flight_and_queued(make_client, baseline_threads, tra
 
 
 def test_close_with_work_stalled_past_the_read_timeout(make_client, baseline_threads):
-    """The server holds the 16 in-flight requests for 30 s; the read timeout is 2 s. close()
+    """The server holds the 16 in-flight requests at a gate; the read timeout is 2 s. close()
     returns once those reads time out: the 16 fail (no retry starts after close), the 200
     queued fail with ClientClosedError."""
     before_set = set(threading.enumerate())
     server = FakeVllmServer().start()
     try:
-        server.add_fault(Fault("stall", seconds=30.0, count=IN_FLIGHT))
+        server.add_fault(Fault("gate", count=IN_FLIGHT))
         client = make_client(server.base_url, max_concurrent_requests=IN_FLIGHT, queue_size=1000,
                              batch_enabled=False, timeout=2.0, max_retries=3, retry_delay=0.5)
         futures = load_up(client, server)
@@ -137,7 +137,7 @@ def test_close_timeout_shorter_than_the_stall_returns_on_time(make_client, basel
     before_set = set(threading.enumerate())
     server = FakeVllmServer().start()
     try:
-        server.add_fault(Fault("stall", seconds=30.0, count=IN_FLIGHT))
+        server.add_fault(Fault("gate", count=IN_FLIGHT))
         client = make_client(server.base_url, max_concurrent_requests=IN_FLIGHT, queue_size=1000,
                              batch_enabled=False, timeout=2.0, max_retries=3)
         futures = load_up(client, server)

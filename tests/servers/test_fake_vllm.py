@@ -125,7 +125,7 @@ def test_metrics_count_what_was_served(fake_vllm_server: FakeVllmServer) -> None
 
 
 def test_waiting_gauge_shows_a_stalled_request(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("stall", seconds=30))
+    fake_vllm_server.add_fault(Fault("gate"))
     results: list[Any] = []
     worker = threading.Thread(target=lambda: results.append(_swallow(lambda: completion(fake_vllm_server, prompt="Hi"))))
     worker.start()
@@ -557,9 +557,28 @@ def test_stall_delays_the_reply(fake_vllm_server: FakeVllmServer) -> None:
     t0 = time.monotonic()
     assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
     assert time.monotonic() - t0 >= 0.3
-    fake_vllm_server.add_fault(Fault("stall", seconds=30))
+    fake_vllm_server.add_fault(Fault("gate"))
     with pytest.raises(socket.timeout):
         call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi"}, timeout=0.2)
+
+
+def test_a_gate_holds_requests_until_the_test_releases_them(fake_vllm_server: FakeVllmServer) -> None:
+    fake_vllm_server.add_fault(Fault("gate", count=2))
+    replies: list[Any] = []
+    workers = [threading.Thread(target=lambda: replies.append(
+        post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0]))
+        for _ in range(2)]
+    for w in workers:
+        w.start()
+    fake_vllm_server.wait_held(2)  # both reached the double and wait at the gate
+    assert fake_vllm_server.held == 2 and replies == []
+    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
+    assert fake_vllm_server.release_stalls() == 2  # the third passed: the gate took two
+    for w in workers:
+        w.join(5)
+    assert replies == [200, 200] and fake_vllm_server.held == 0
+    with pytest.raises(TimeoutError):
+        fake_vllm_server.wait_held(1, timeout=0.05)  # nothing held: a bounded wait, no hang
 
 
 def test_stop_interrupts_a_stall_and_closes_keepalive_connections() -> None:
@@ -649,7 +668,7 @@ def test_stream_raw(fake_vllm_server: FakeVllmServer) -> None:
 
 
 def test_stall_mid_stream(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("stall", seconds=30, after_chunks=1))
+    fake_vllm_server.add_fault(Fault("gate", after_chunks=1))
     body = json.dumps(_STREAM).encode()
     with socket.create_connection(("127.0.0.1", fake_vllm_server.port), timeout=5) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -661,7 +680,7 @@ def test_stall_mid_stream(fake_vllm_server: FakeVllmServer) -> None:
             received += chunk
         assert received.startswith(b"HTTP/1.1 200 OK") and received.count(b"data: ") == 1
         sock.settimeout(0.3)
-        with pytest.raises(socket.timeout):  # the second event is held back by the stall
+        with pytest.raises(socket.timeout):  # the second event is held back by the gate
             sock.recv(65536)
 
 

@@ -44,6 +44,10 @@ Fault kinds (:class:`Fault`), consumed by the next matching request(s):
 ``reset``          abort the connection (RST) without replying
 ``stall``          sleep ``seconds`` before replying; for a stream, after ``after_chunks``
                    events (``after_chunks=0``: before the response head)
+``gate``           hold the request as ``stall`` does, until the test calls
+                   ``release_stalls()`` (or ``stop()``; at most ``MAX_SLEEP_S``):
+                   ``wait_held(n)`` returns once ``n`` requests wait there, so a test
+                   orders events without betting on a duration
 ``retry_after``    429 with ``Retry-After: seconds`` (or ``retry-after-ms`` when
                    ``retry_after_ms``)
 ``bad_body``       200 with ``body`` bytes as the body (non-JSON, HTML, truncated, empty)

@@ -23,6 +23,7 @@ FAULT_KINDS = frozenset(
         "drop",
         "reset",
         "stall",
+        "gate",
         "retry_after",
         "bad_body",
         "stream_error",
@@ -33,8 +34,15 @@ FAULT_KINDS = frozenset(
 )
 _STREAM_ONLY_KINDS = frozenset({"stream_error", "stream_no_done", "stream_drop", "stream_raw"})
 
-#: Upper bound for any sleep the double does, so a mistyped fault cannot hang a test run.
+#: Upper bound for any sleep the double does, so a mistyped fault cannot hang a test run
+#: (a ``gate`` the test forgot to release ends here, or at ``stop()``).
 MAX_SLEEP_S = 600.0
+
+
+def hold_seconds(fault: "Fault") -> float:
+    """How long ``fault`` holds its request: a ``gate`` until released (bounded by
+    ``MAX_SLEEP_S``), a ``stall`` its ``seconds``."""
+    return MAX_SLEEP_S if fault.kind == "gate" else fault.seconds
 
 
 @dataclass

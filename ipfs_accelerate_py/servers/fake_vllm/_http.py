@@ -18,6 +18,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ._faults import hold_seconds
 from ._wire import _DONE, _SSE, _ClientGone, _Halt, _Reply, _Stream, _dumps
 
 if TYPE_CHECKING:
@@ -139,8 +140,8 @@ class _Handler(BaseHTTPRequestHandler):
                 # Fire after ``after_chunks`` events, or just before [DONE] in a shorter stream.
                 if pending and fault is not None and (sent == fault.after_chunks or event == _DONE):
                     pending = False
-                    if kind == "stall":
-                        owner._sleep(fault.seconds, halt, waiting=False)
+                    if kind in ("stall", "gate"):
+                        owner._sleep(hold_seconds(fault), halt, waiting=False, fault=True)
                     elif kind == "stream_drop":
                         self.abort(rst=False)
                         return

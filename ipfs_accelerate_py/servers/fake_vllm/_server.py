@@ -13,7 +13,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Sequence
 
-from ._faults import MAX_SLEEP_S, Fault, FaultScript, _status_fault_reply
+from ._faults import MAX_SLEEP_S, Fault, FaultScript, _status_fault_reply, hold_seconds
 from ._http import _Handler, _HTTPServer
 from ._metrics import _Metrics
 from ._routes import _Routes
@@ -120,6 +120,8 @@ class FakeVllmServer(_Routes):
         self._wake: tuple[socket.socket, socket.socket] | None = None  # (read end, write end)
         self._halt = threading.Event()
         self._stall_gates: set[threading.Event] = set()  # one per stall in progress
+        self._held = 0  # requests a stall or gate fault holds now
+        self._held_changed = threading.Condition(self._lock)
         self._metrics = _Metrics()
         self._aliases = ", ".join(self.models)
         #: ``num_requests_waiting`` in the load report header; None reports the double's own count
@@ -174,10 +176,24 @@ class FakeVllmServer(_Routes):
                 except Exception:
                     httpd.shutdown_request(request)
 
+    @property
+    def held(self) -> int:
+        """How many requests a ``stall`` or ``gate`` fault holds right now."""
+        with self._lock:
+            return self._held
+
+    def wait_held(self, count: int = 1, timeout: float = 5.0) -> None:
+        """Block until ``count`` requests are held by ``stall``/``gate`` faults at once (the
+        test knows they reached the double and wait there); ``TimeoutError`` after
+        ``timeout`` seconds, so a test cannot hang on it."""
+        with self._held_changed:
+            if not self._held_changed.wait_for(lambda: self._held >= count, timeout):
+                raise TimeoutError(f"{self._held} of {count} requests held after {timeout}s")
+
     def release_stalls(self) -> int:
-        """End every stall in progress now (the stalled requests go on and are answered), so
-        a test gates a fault and releases it instead of betting on its length. Returns how
-        many were released."""
+        """End every stall and gate in progress now (the held requests go on and are
+        answered), so a test gates a fault and releases it instead of betting on its length.
+        Returns how many were released."""
         with self._lock:
             gates = list(self._stall_gates)
         for gate in gates:
@@ -299,7 +315,9 @@ class FakeVllmServer(_Routes):
         self._fault_script.reset_counts()
 
     # -- request handling --------------------------------------------------------------------
-    def _sleep(self, seconds: float, halt: threading.Event, waiting: bool) -> None:
+    def _sleep(self, seconds: float, halt: threading.Event, waiting: bool, fault: bool = False) -> None:
+        """Sleep until ``seconds`` pass, ``release_stalls()`` or ``stop()``; ``fault``: a
+        stall or gate fault holds the request (counted in ``held``)."""
         if seconds <= 0:
             return
         m = self._metrics
@@ -309,6 +327,9 @@ class FakeVllmServer(_Routes):
         gate = threading.Event()
         with self._lock:
             self._stall_gates.add(gate)
+            if fault:
+                self._held += 1
+                self._held_changed.notify_all()
         try:
             if halt.is_set():
                 raise _Halt()
@@ -318,6 +339,8 @@ class FakeVllmServer(_Routes):
         finally:
             with self._lock:
                 self._stall_gates.discard(gate)
+                if fault:
+                    self._held -= 1
             if waiting:
                 with m.lock:
                     m.waiting -= 1
@@ -365,8 +388,8 @@ class FakeVllmServer(_Routes):
             if kind == "bad_body":
                 h.send_reply(_Reply(200, fault.body, fault.content_type or _JSON))
                 return
-            if kind == "stall" and not (is_stream and fault.after_chunks > 0):
-                self._sleep(fault.seconds, halt, waiting=True)
+            if kind in ("stall", "gate") and not (is_stream and fault.after_chunks > 0):
+                self._sleep(hold_seconds(fault), halt, waiting=True, fault=True)
                 fault = None
             # stall mid-stream and stream_* faults are applied while streaming
 
