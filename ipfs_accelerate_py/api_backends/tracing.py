@@ -25,6 +25,7 @@ headers and URLs' user info are never recorded: the API key cannot reach a span.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -33,13 +34,14 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import urlsplit
 
 from . import _otel
 
 __all__ = ["configure", "job_created", "job_started", "shared_call_started",
            "shared_call_ended", "retrying", "waited", "circuit_changed", "in_span",
+           "stream_started", "working_for", "stream_adopted",
            "stream_opening", "stream_failed", "stream_opened", "stream_finished",
            "with_trace_context", "RequestLogFilter"]
 
@@ -339,17 +341,38 @@ def in_span(name: str, fn: Callable[[], T], **attributes: Any) -> T:
 
 
 # ---------------------------------------------------------------- streams
+def stream_started(client: Any, ep: Any, request: Any, rid: str) -> Optional[_Op]:
+    """A stream's operation (None when nothing is configured), under the caller's context.
+    An async stream keeps it itself: the coroutines of a loop share one thread, so its
+    events and trace headers go through ``working_for`` (async_face.py)."""
+    telemetry = _otel.current()
+    if telemetry is None:
+        return None
+    attrs = _attrs(client, ep, request, request.model)
+    span = _start(telemetry, _span_name(attrs), {**attrs, **_request_attrs(request, rid, ep)})
+    return _Op(telemetry, span, attrs)
+
+
+@contextlib.contextmanager
+def working_for(op: Optional[_Op], rid: str) -> Iterator[None]:
+    """Inside the block this thread works for ``op`` (request ``rid``): log lines, span
+    events and trace headers are its. Only around code that does not await."""
+    saved = (_local.rid, _local.future, _local.op, _local.span)
+    _local.rid, _local.future, _local.op = rid, None, op
+    _local.span = op.span if op is not None else None
+    try:
+        yield
+    finally:
+        _local.rid, _local.future, _local.op, _local.span = saved
+
+
 def stream_opening(client: Any, ep: Any, request: Any, rid: str) -> None:
     """``stream()``, caller's thread, before the first attempt."""
     saved = (_local.rid, _local.future, _local.op, _local.span)
-    telemetry = _otel.current()
-    op = span = None
-    if telemetry is not None:
-        attrs = _attrs(client, ep, request, request.model)
-        span = _start(telemetry, _span_name(attrs), {**attrs, **_request_attrs(request, rid, ep)})
-        op = _Op(telemetry, span, attrs)
+    op = stream_started(client, ep, request, rid)
     _local.pending = (op, saved)
-    _local.rid, _local.future, _local.op, _local.span = rid, None, op, span
+    _local.rid, _local.future, _local.op = rid, None, op
+    _local.span = op.span if op is not None else None
 
 
 def _clear() -> Optional[_Op]:
@@ -371,7 +394,11 @@ def stream_failed(error: BaseException) -> None:
 def stream_opened(stream: Any) -> Optional[_Op]:
     """The stream is open: hand its operation over to it (ended when it is collected
     unread, too)."""
-    op = _clear()
+    return stream_adopted(stream, _clear())
+
+
+def stream_adopted(stream: Any, op: Optional[_Op]) -> Optional[_Op]:
+    """``stream`` owns ``op`` now: it ends as "ClosedEarly" if the stream is collected unread."""
     if op is not None:
         weakref.finalize(stream, op.finish, error_type="ClosedEarly")
     return op

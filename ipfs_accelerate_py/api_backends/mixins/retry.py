@@ -28,7 +28,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import (ApiError, CircuitOpenError, ClientClosedError, TimeoutError,
                       TransientError)
 
-__all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "retry_wait"]
+__all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "circuit_wait", "retry_wait"]
 
 #: Shortest wait for a circuit's probe window (HALF-OPEN with its probe already out says 0).
 MIN_BREAKER_WAIT = 0.05
@@ -87,6 +87,26 @@ def retry_wait(error: ApiError, attempt: int, policy: RetryPolicy, deadline: flo
     return wait
 
 
+def circuit_wait(error: CircuitOpenError, attempt: int, policy: RetryPolicy, deadline: float,
+                 waited: float = 0.0, clock: Clock = SYSTEM_CLOCK) -> float:
+    """Seconds a call caught by an outage waits for the circuit's next probe window before
+    attempt ``attempt`` is made again (see ``call_with_retries``; the async face waits the
+    same); raises ``error`` when it must not wait: a fresh call (attempt 0), a window
+    further off than ``max_retry_delay``, the deadline, or ``waited`` (its circuit waits so
+    far) plus this one over that budget."""
+    budget = max(policy.max_retry_delay, policy.retry_delay)
+    if attempt == 0 or (error.retry_in or 0.0) > budget:
+        raise error
+    wait = max(error.retry_in or 0.0, policy.retry_delay, MIN_BREAKER_WAIT)
+    wait *= 1.0 + 0.25 * policy.jitter()  # spread the callers over the probe window
+    # in all, a fail-fast call waits for probes no longer than one longest backoff:
+    # scheduled probes come every second, and a dead server would hold it to its
+    # deadline one short wait at a time (a router fails it over instead)
+    if wait >= deadline - clock.monotonic() or waited + wait > budget:
+        raise error
+    return wait
+
+
 def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadline: float,
                       clock: Clock = SYSTEM_CLOCK, cancel: Optional[threading.Event] = None,
                       on_retry: Optional[Callable[[BaseException, int, float], None]] = None,
@@ -111,16 +131,7 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
         try:
             return attempt_fn(attempt)
         except CircuitOpenError as exc:
-            budget = max(policy.max_retry_delay, policy.retry_delay)
-            if attempt == 0 or (exc.retry_in or 0.0) > budget:
-                raise
-            wait = max(exc.retry_in or 0.0, policy.retry_delay, MIN_BREAKER_WAIT)
-            wait *= 1.0 + 0.25 * policy.jitter()  # spread the callers over the probe window
-            # in all, a fail-fast call waits for probes no longer than one longest backoff:
-            # scheduled probes come every second, and a dead server would hold it to its
-            # deadline one short wait at a time (a router fails it over instead)
-            if wait >= deadline - clock.monotonic() or circuit_waited + wait > budget:
-                raise
+            wait = circuit_wait(exc, attempt, policy, deadline, circuit_waited, clock)
             circuit_waited += wait
             if not clock.sleep(wait, cancel):
                 raise ClientClosedError("client closed while waiting for the circuit") from exc
