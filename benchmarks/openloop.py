@@ -160,49 +160,82 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+def _w5_step(d: OpenLoopDriver, rate: float, k: int, duration: float, bound: float,
+             prompts: Callable[[int, str], List[str]], phase: str,
+             log: Callable[[str], None]) -> Dict[str, Any]:
+    """One driver at one Poisson rate for ``duration`` seconds: its row (``passed`` set)."""
+    times = arrival_times(rate, duration, seed=1000 + k)
+    lat = d.run(prompts(len(times), f"w5-{k}-{d.name[:8]}"), times)
+    ok = [x for x in lat if math.isfinite(x)]
+    failed = len(lat) - len(ok)
+    p99 = percentile(lat, 0.99)
+    row = {"rate": round(rate, 1), "phase": phase, "requests": len(lat), "failed": failed,
+           "p50_ms": percentile(lat, 0.5) * 1000, "p99_ms": p99 * 1000,
+           "achieved_per_s": len(ok) / (times[-1] + (max(ok) if ok else 0.0)) if times else 0.0,
+           "passed": p99 <= bound and failed <= 0.01 * len(lat)}
+    log(f"[bench] W5 {d.name}: {rate:.0f}/s ({phase}) p50 {row['p50_ms']:.0f} ms p99 "
+        f"{'inf' if not math.isfinite(p99) else f'{p99 * 1000:.0f}'} ms"
+        f"{' (failed ' + str(failed) + ')' if failed else ''}{'' if row['passed'] else '  <- over'}")
+    return row
+
+
 def run_w5(drivers: List[OpenLoopDriver], prompts: Callable[[int, str], List[str]],
            start_rate: float, factor: float, duration: float, bound: float, max_steps: int,
-           log: Callable[[str], None], budget_left: Callable[[], float]) -> Dict[str, Any]:
-    """Step every driver's rate up until its p99 passes ``bound``; interleaved per step."""
+           log: Callable[[str], None], budget_left: Callable[[], float],
+           refine: int = 2) -> Dict[str, Any]:
+    """Step every driver's rate up by ``factor`` until its p99 passes ``bound``, interleaved
+    per step; then ``refine`` rounds of geometric bisection between each driver's last
+    passing and first failing rate (the drivers still refining interleaved, rotated), so
+    the sustained rate is known to ``factor ** (1 / 2 ** refine)`` (x1.057 for the
+    defaults), not to a whole step: with x1.25 steps a ratio of two sustained rates could
+    only be a power of 1.25 (1.56x or 1.95x, nothing between)."""
     steps: Dict[str, List[Dict[str, Any]]] = {d.name: [] for d in drivers}
     sustained: Dict[str, Optional[float]] = {d.name: None for d in drivers}
+    failed_at: Dict[str, float] = {}
     active = list(drivers)
     rate = start_rate
+    k = 0
     for k in range(max_steps):
         if not active or budget_left() < duration * len(active) * 1.5:
             break
-        times = arrival_times(rate, duration, seed=1000 + k)
         order = active[k % len(active):] + active[:k % len(active)]
         for d in order:
-            lat = d.run(prompts(len(times), f"w5-{k}-{d.name[:8]}"), times)
-            ok = [x for x in lat if math.isfinite(x)]
-            failed = len(lat) - len(ok)
-            p99 = percentile(lat, 0.99)
-            row = {"rate": round(rate, 1), "requests": len(lat), "failed": failed,
-                   "p50_ms": percentile(lat, 0.5) * 1000, "p99_ms": p99 * 1000,
-                   "achieved_per_s": len(ok) / (times[-1] + (max(ok) if ok else 0.0)) if times else 0.0}
+            row = _w5_step(d, rate, k, duration, bound, prompts, "step", log)
             steps[d.name].append(row)
-            passed = p99 <= bound and failed <= 0.01 * len(lat)
-            if passed:
+            if row["passed"]:
                 sustained[d.name] = rate
             else:
+                failed_at[d.name] = rate
                 active.remove(d)
-            log(f"[bench] W5 {d.name}: {rate:.0f}/s p50 {row['p50_ms']:.0f} ms p99 "
-                f"{'inf' if not math.isfinite(p99) else f'{p99 * 1000:.0f}'} ms"
-                f"{' (failed ' + str(failed) + ')' if failed else ''}{'' if passed else '  <- over'}")
         rate *= factor
-    return {"steps": steps, "sustained_per_s": sustained, "bound_s": bound,
-            "duration_s": duration, "factor": factor}
+    for r in range(refine):
+        racing = [d for d in drivers if sustained[d.name] is not None and d.name in failed_at]
+        if not racing or budget_left() < duration * len(racing) * 1.5:
+            break
+        k += 1
+        for d in racing[r % len(racing):] + racing[:r % len(racing)]:
+            low, high = sustained[d.name], failed_at[d.name]
+            mid = math.sqrt(low * high)  # type: ignore[operator]
+            row = _w5_step(d, mid, k, duration, bound, prompts, f"refine {r + 1}", log)
+            steps[d.name].append(row)
+            if row["passed"]:
+                sustained[d.name] = mid
+            else:
+                failed_at[d.name] = mid
+    return {"steps": steps, "sustained_per_s": sustained, "first_failed_per_s": failed_at,
+            "bound_s": bound, "duration_s": duration, "factor": factor, "refine": refine}
 
 
 def w5_table(w5: Dict[str, Any], project: str) -> str:
     sus = w5["sustained_per_s"]
-    lines = ["", f"W5 open-loop Poisson arrivals, rate x{w5['factor']} per step, "
+    lines = ["", f"W5 open-loop Poisson arrivals, rate x{w5['factor']} per step "
+                 f"(then {w5.get('refine', 0)} bisections), "
                  f"{w5['duration_s']:.1f} s per step: highest rate with p99 <= {w5['bound_s']:.1f} s",
              f"  {'client':42s} {'sustained/s':>11s}  {'p99 ms there':>12s}  {'project x':>9s}"]
     pv = sus.get(project)
     for name, rate in sus.items():
-        at = [s for s in w5["steps"][name] if rate is not None and s["rate"] == round(rate, 1)]
+        at = [s for s in w5["steps"][name] if rate is not None and s["rate"] == round(rate, 1)
+              and s.get("passed", True)]
         p99 = f"{at[0]['p99_ms']:.0f}" if at else "-"
         ratio = f"{pv / rate:.2f}x" if pv and rate and name != project else ""
         lines.append(f"  {name:42s} {('%.0f' % rate) if rate else '-':>11s}  {p99:>12s}  {ratio:>9s}")

@@ -45,6 +45,7 @@ NAMES = {
     "aiohttp": "aiohttp",
     "off": "project (batching off)",
     "on": "project (batching on)",
+    "async": "project (async)",
     "submit_on": "project (batching on, submit all)",
     "submit_off": "project (batching off, submit all)",
     "bare": "bare prompt lists (32/request)",
@@ -170,6 +171,9 @@ def build(args: argparse.Namespace, real: servers.RealServer,
         # the project with its default settings: queue, breaker, retry, metrics, batching on
         w.add("on", lambda: C.Project(url, model, params, batching=True, transport=tr))
         w.add("off", lambda: C.Project(url, model, params, batching=False, transport=tr))
+        if have_aio:  # the async face beside bare aiohttp: tasks on one loop, no caller threads
+            w.add("async", lambda: C.ProjectAsync(url, model, params, conc, batching=True,
+                                                  transport=tr))
         for c in w.rows.values():
             c.expect = None  # the no-op server's fixed reply does not answer prompt lists
         w.items = prompts(n, "w3")  # type: ignore[attr-defined]
@@ -221,7 +225,8 @@ def run_w5(args: argparse.Namespace, real: servers.RealServer, t_start: float) -
             d.run(prompts(8, "w5-warm"), [i * 0.01 for i in range(8)])
         w5_end = time.monotonic() + args.w5_budget
         w5 = OL.run_w5(drivers, prompts, args.w5_start_rate, args.w5_factor, args.w5_duration,
-                       args.w5_bound, 40, log, lambda: w5_end - time.monotonic())
+                       args.w5_bound, 40, log, lambda: w5_end - time.monotonic(),
+                       refine=args.w5_refine)
     finally:
         for d in drivers:
             try:
@@ -348,6 +353,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--w5-factor", type=float, default=1.25)
     ap.add_argument("--w5-duration", type=float, default=1.5, help="seconds of arrivals per step")
     ap.add_argument("--w5-bound", type=float, default=1.0, help="the p99 bound, seconds")
+    ap.add_argument("--w5-refine", type=int, default=2,
+                    help="bisections between each client's last passing and first failing rate")
     ap.add_argument("--noop", choices=["auto", "nginx", "python"], default="auto",
                     help="the no-op server for W3 (auto: nginx if installed)")
     ap.add_argument("--project-transport", choices=sorted(C.TRANSPORTS), default="default",
