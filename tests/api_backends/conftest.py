@@ -1,57 +1,19 @@
-"""Fixtures for the api_backends tests: a listener that counts connections, two test
-doubles, and a client over several endpoints."""
+"""Fixtures for the api_backends tests (the double, ``make_client`` and the real server are
+the root conftest's; helpers are in ``api_support``)."""
 
 from __future__ import annotations
 
-import socket
-import threading
-from typing import Any, Dict, Iterator, List
+from typing import Callable, Iterator, List
 
 import pytest
 
-from ipfs_accelerate_py.api_backends.vllm import VllmClient
+from api_support import CountingListener
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
-
-
-class CountingListener:
-    """A loopback TCP listener that accepts and counts connections and answers nothing.
-
-    Tests point a client at it to prove that bad input never reaches the wire.
-    """
-
-    def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
-        self.port = self._sock.getsockname()[1]
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        self._sock.settimeout(0.1)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except (socket.timeout, OSError):
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._sock.close()
 
 
 @pytest.fixture
 def counting_listener() -> Iterator[CountingListener]:
+    """A listener that counts connections: a client pointed at it proves nothing was sent."""
     listener = CountingListener()
     try:
         yield listener
@@ -60,20 +22,6 @@ def counting_listener() -> Iterator[CountingListener]:
 
 
 @pytest.fixture
-def fakes() -> Iterator[List[FakeVllmServer]]:
+def fakes(start_fake: Callable[..., FakeVllmServer]) -> List[FakeVllmServer]:
     """Two started test doubles (two servers to route over), stopped after the test."""
-    servers = [FakeVllmServer().start(), FakeVllmServer().start()]
-    try:
-        yield servers
-    finally:
-        for s in servers:
-            s.stop()
-
-
-def client_over(urls: Dict[str, str], **settings: Any) -> VllmClient:
-    """A client whose default endpoint is the first URL, plus one endpoint per URL (routing
-    leaves the default out: it is the same server as the first)."""
-    c = VllmClient(base_url=next(iter(urls.values())), timeout=10, **settings)
-    for eid, url in urls.items():
-        c.create_endpoint(endpoint_id=eid, base_url=url)
-    return c
+    return [start_fake(), start_fake()]

@@ -28,8 +28,8 @@ from ipfs_accelerate_py.api_backends.prefix_affinity import (affinity_key, bound
 from ipfs_accelerate_py.api_backends.settings import ClientSettings
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, Fault
 from support import wait_until
-from tests.api_backends.conftest import client_over
-from tests.conftest import find_free_port
+from api_support import client_over
+from ipfs_accelerate_py.servers import free_port as find_free_port
 
 FAST = {"max_tokens": 2, "temperature": 0}
 REPO = Path(__file__).resolve().parents[2]

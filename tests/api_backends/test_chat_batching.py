@@ -12,7 +12,6 @@ from typing import Any, List
 
 import pytest
 
-from fixtures_resilience import fake_server, make_client, real_base_url, wait_until  # noqa: F401
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 

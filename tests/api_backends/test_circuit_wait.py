@@ -16,8 +16,8 @@ from collections import Counter
 
 import pytest
 
-from fixtures_resilience import (COMPLETIONS, client_threads, fake_server,  # noqa: F401
-                                 make_client, wait_until)
+from api_support import COMPLETIONS, client_threads
+from support import wait_until
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 

@@ -8,7 +8,6 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fixtures_resilience import fake_server, make_client  # noqa: F401
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.prometheus_export import PREFIX, register_prometheus
 from ipfs_accelerate_py.servers.fake_vllm import Fault

@@ -131,12 +131,12 @@ DOUBLE_GAPS: Dict[str, str] = {
 }
 
 
-def test_the_double_gives_the_recorded_verdicts(fake_vllm_server):
+def test_the_double_gives_the_recorded_verdicts(fake_server):
     wrong = []
     for case in CASES:
         if case["name"] in DOUBLE_GAPS:
             continue
-        status, _ = send(fake_vllm_server.base_url, case["route"], case["body"])
+        status, _ = send(fake_server.base_url, case["route"], case["body"])
         if (status == 200) != (case["status"] == 200):
             wrong.append((case["name"], case["status"], status))
     assert wrong == []
@@ -156,14 +156,14 @@ def test_a_misspelt_field_suggests_the_right_name():
     assert "did you mean `temperature`?" in str(exc.value)
 
 
-def test_extra_body_is_forwarded_as_is_and_its_keys_logged(fake_vllm_server, caplog):
-    with VllmClient(base_url=fake_vllm_server.base_url, model="tiny-llama") as client:
+def test_extra_body_is_forwarded_as_is_and_its_keys_logged(fake_server, caplog):
+    with VllmClient(base_url=fake_server.base_url, model="tiny-llama") as client:
         with caplog.at_level(logging.DEBUG, logger="ipfs_accelerate_py.api_backends"):
             client.run_inference("tiny-llama", "Hi", {"max_tokens": 2, "extra_body": {
                 "brand_new_field": {"x": 1}, "another": "secret-value"}})
             client.chat_completion([{"role": "user", "content": "Hi"}], max_tokens=2,
                                    extra_body={"chat_only_thing": True})
-    bodies = [json.loads(r.body) for r in fake_vllm_server.requests if r.path.startswith("/v1/")]
+    bodies = [json.loads(r.body) for r in fake_server.requests if r.path.startswith("/v1/")]
     assert bodies[0]["brand_new_field"] == {"x": 1} and bodies[0]["another"] == "secret-value"
     assert "extra_body" not in bodies[0] and bodies[1]["chat_only_thing"] is True
     lines = [r.getMessage() for r in caplog.records if "extra_body" in r.getMessage()]
@@ -171,27 +171,27 @@ def test_extra_body_is_forwarded_as_is_and_its_keys_logged(fake_vllm_server, cap
     assert not any("secret-value" in m for m in lines)  # keys only, never values
 
 
-def test_extra_body_on_the_stream_handler_and_framework_paths(fake_vllm_server):
-    url = fake_vllm_server.base_url
+def test_extra_body_on_the_stream_handler_and_framework_paths(fake_server):
+    url = fake_server.base_url
     with VllmClient(base_url=url, model="tiny-llama") as client:
         assert "".join(client.stream_generation("Hi", max_tokens=2, extra_body={"on_stream": 1}))
         handler = client.create_endpoint_handler("tiny-llama", {"max_tokens": 2})
         assert "error" not in handler({"prompt": "Hi", "parameters": {"extra_body": {"on_handler": 2}}})
     backend = vllm(metadata={"vllm_api_url": url, "vllm_model": "tiny-llama"})
     assert isinstance(backend.generate_text("Hi", max_tokens=2, extra_body={"on_framework": 3}), str)
-    bodies = [json.loads(r.body) for r in fake_vllm_server.requests if r.path == "/v1/completions"]
+    bodies = [json.loads(r.body) for r in fake_server.requests if r.path == "/v1/completions"]
     assert [b.get(k) for b, k in zip(bodies, ("on_stream", "on_handler", "on_framework"))] == [1, 2, 3]
 
 
-def test_extra_body_comes_after_validation_of_the_known_fields(fake_vllm_server):
-    with VllmClient(base_url=fake_vllm_server.base_url) as client:
+def test_extra_body_comes_after_validation_of_the_known_fields(fake_server):
+    with VllmClient(base_url=fake_server.base_url) as client:
         with pytest.raises(ValidationError) as exc:
             client.run_inference("tiny-llama", "Hi", {"temperature": 3, "extra_body": {"a": 1}})
         assert exc.value.field == "temperature"
         with pytest.raises(ValidationError) as exc:
             client.run_inference("tiny-llama", "Hi", {"extra_body": ["not", "a", "dict"]})
         assert exc.value.field.startswith("extra_body")
-    assert not [r for r in fake_vllm_server.requests if r.path.startswith("/v1/completions")]
+    assert not [r for r in fake_server.requests if r.path.startswith("/v1/completions")]
 
 
 def test_max_tokens_beyond_the_known_context_is_refused_before_sending(start_fake):
@@ -213,8 +213,8 @@ def test_max_tokens_beyond_the_known_context_is_refused_before_sending(start_fak
     assert not [r for r in srv.requests if r.path == "/v1/chat/completions"]
 
 
-def test_results_expose_token_ids_and_prompt_logprobs(fake_vllm_server):
-    with VllmClient(base_url=fake_vllm_server.base_url, model="tiny-llama") as client:
+def test_results_expose_token_ids_and_prompt_logprobs(fake_server):
+    with VllmClient(base_url=fake_server.base_url, model="tiny-llama") as client:
         result = client.run_inference("tiny-llama", "Hello world", {
             "max_tokens": 3, "return_token_ids": True, "prompt_logprobs": 1})
     assert len(result.token_ids) == 3 == result.usage.completion_tokens
@@ -224,16 +224,16 @@ def test_results_expose_token_ids_and_prompt_logprobs(fake_vllm_server):
 
 
 # ----------------------------------------------------------------------------- framework face
-def test_framework_generate_text_returns_the_text(fake_vllm_server):
-    backend = vllm(metadata={"vllm_api_url": fake_vllm_server.base_url, "vllm_model": "tiny-llama"})
+def test_framework_generate_text_returns_the_text(fake_server):
+    backend = vllm(metadata={"vllm_api_url": fake_server.base_url, "vllm_model": "tiny-llama"})
     text = backend.generate_text("Hi", max_tokens=4, temperature=0)
     assert isinstance(text, str) and text
     assert text == backend.run_inference(inputs="Hi", max_tokens=4, temperature=0)["text"]
 
 
 @pytest.mark.parametrize("face", ["client", "framework"])
-def test_stream_generation_takes_every_run_inference_call_shape(fake_vllm_server, face):
-    url = fake_vllm_server.base_url
+def test_stream_generation_takes_every_run_inference_call_shape(fake_server, face):
+    url = fake_server.base_url
     with VllmClient(base_url=url) as client:
         target = client if face == "client" else vllm(metadata={"vllm_api_url": url})
         expected = client.run_inference("tiny-llama", "Hi", {"max_tokens": 5, "temperature": 0}).text
@@ -248,22 +248,22 @@ def test_stream_generation_takes_every_run_inference_call_shape(fake_vllm_server
         ]
         for shape in shapes:
             assert "".join(shape()) == expected
-        streamed = [r for r in fake_vllm_server.requests if r.path == "/v1/completions"
+        streamed = [r for r in fake_server.requests if r.path == "/v1/completions"
                     and json.loads(r.body).get("stream")]
         assert len(streamed) == len(shapes)
         assert all("parameters" not in json.loads(r.body) for r in streamed)
 
 
-def test_handler_timeout_is_the_call_deadline(fake_vllm_server):
-    fake_vllm_server.add_fault(Fault("gate", count=10))  # never answered
-    with VllmClient(base_url=fake_vllm_server.base_url, timeout=30, max_retries=0) as client:
+def test_handler_timeout_is_the_call_deadline(fake_server):
+    fake_server.add_fault(Fault("gate", count=10))  # never answered
+    with VllmClient(base_url=fake_server.base_url, timeout=30, max_retries=0) as client:
         handler = client.create_endpoint_handler("tiny-llama", {"timeout": 0.5, "max_tokens": 2})
         start = time.monotonic()
         out = handler("Hi")
         elapsed = time.monotonic() - start
     assert out["error_type"] in (ClientTimeout.__name__, "TimeoutError") and elapsed < 4.0
     with pytest.raises(ValidationError) as exc:
-        VllmClient(base_url=fake_vllm_server.base_url).create_endpoint_handler(
+        VllmClient(base_url=fake_server.base_url).create_endpoint_handler(
             "tiny-llama", {"timeout": -1})
     assert exc.value.field == "parameters.timeout"
 

@@ -18,8 +18,8 @@ from concurrent.futures import wait as wait_all
 
 import pytest
 
-from fixtures_resilience import (COMPLETIONS, client_threads, completion_requests,  # noqa: F401
-                                 fake_server, make_client, request_ids, wait_until)
+from api_support import COMPLETIONS, client_threads, completion_requests, request_ids
+from support import wait_until
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.clock import FakeClock
 from ipfs_accelerate_py.api_backends.models import CompletionRequest

@@ -20,7 +20,6 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 
-from fixtures_resilience import real_base_url, wait_until  # noqa: F401
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers import free_port

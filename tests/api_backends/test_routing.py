@@ -20,8 +20,9 @@ from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.vllm import VLLM_LOAD_METRIC, vllm_load_probe
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 from support import wait_until
-from tests.api_backends.conftest import client_over
-from tests.conftest import REAL_SERVER_API_KEY, find_free_port
+from api_support import client_over
+from ipfs_accelerate_py.servers import free_port as find_free_port
+from support import REAL_SERVER_API_KEY
 
 FAST = {"max_tokens": 4, "temperature": 0}
 

@@ -26,8 +26,7 @@ from collections import Counter
 
 import pytest
 
-from fixtures_resilience import (COMPLETIONS, client_threads, fake_server,  # noqa: F401
-                                 make_client)
+from api_support import COMPLETIONS, client_threads
 from ipfs_accelerate_py.api_backends import errors
 
 N_REQUESTS = 2000

@@ -26,10 +26,9 @@ pytest.importorskip("opentelemetry.sdk")
 from opentelemetry import trace as otel_trace  # noqa: E402
 from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
-from fixtures_resilience import (COMPLETIONS, fake_server,  # noqa: F401,E402
-                                 make_client, real_base_url, request_ids, wait_until)
-from otel_support import (OtelCapture, RecordingRelay, parse_traceparent, span_id,  # noqa: E402
-                          trace_id)
+from api_support import (COMPLETIONS, OtelCapture, RecordingRelay,  # noqa: E402
+                         parse_traceparent, request_ids, span_id, trace_id)
+from support import wait_until  # noqa: E402
 from ipfs_accelerate_py.api_backends import _otel, errors  # noqa: E402
 from ipfs_accelerate_py.api_backends.base import build_request  # noqa: E402
 from ipfs_accelerate_py.api_backends.vllm import VllmClient  # noqa: E402

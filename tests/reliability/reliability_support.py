@@ -1,8 +1,7 @@
 """Helpers shared by the reliability tests (imported as a plain module; no fixtures here).
 
-- ``wait_until``: a bounded poll on a condition that changes in another thread.
-- ``TRANSPORTS`` / ``transport_factory``: build a client on either transport
-  (``requests`` or the lean ``http.client`` one), so each hostile case runs on both.
+(``wait_until``, ``TRANSPORT_IDS`` and ``transport_factory`` are in the root ``support``.)
+
 - ``ScriptedTransport``: a ``Transport`` whose streams are exactly the bytes a test gives, in
   the chunks it gives (no server): it drives the client's SSE path at every byte boundary.
 - ``real_stream``: a real-shaped vLLM completion stream (from ``api_transcript.txt``, with
@@ -18,38 +17,14 @@ import threading
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from ipfs_accelerate_py.api_backends import errors
-from ipfs_accelerate_py.api_backends.transport import (HttpClientTransport, HttpRequest,
-                                                        HttpResponse, RequestsTransport,
-                                                        StreamResponse, Transport)
-from support import wait_until  # noqa: F401 - re-exported for the tests here
+from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse, StreamResponse,
+                                                        Transport)
 
-__all__ = ["wait_until", "TRANSPORTS", "transport_factory", "ScriptedTransport", "real_stream",
+__all__ = ["ScriptedTransport", "real_stream",
            "event", "rss_bytes", "worker_threads", "chunked", "DONE",
            "DoubleProcess"]
 
 DONE = b"data: [DONE]\n\n"
-
-
-def _requests_transport(s: Any) -> Transport:
-    return RequestsTransport(s.base_url, s.api_key_value, pool_size=max(s.max_concurrent_requests, 10),
-                             verify=s.ca_bundle or s.verify_tls, extra_headers=s.extra_headers)
-
-
-def _http_client_transport(s: Any) -> Transport:
-    return HttpClientTransport(s.base_url, s.api_key_value,
-                               pool_size=max(s.max_concurrent_requests, 10),
-                               verify=s.ca_bundle or s.verify_tls, extra_headers=s.extra_headers)
-
-
-#: The two transports a client can run on, by test id.
-TRANSPORTS: Dict[str, Callable[[Any], Transport]] = {
-    "requests": _requests_transport,
-    "httpclient": _http_client_transport,
-}
-
-
-def transport_factory(name: str) -> Callable[[Any], Transport]:
-    return TRANSPORTS[name]
 
 
 class ScriptedTransport(Transport):

@@ -33,7 +33,7 @@ from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 
 from netfaults import TcpRelay
-from reliability_support import wait_until
+from support import wait_until
 
 pytestmark = [pytest.mark.real_server, pytest.mark.slow]
 

@@ -27,13 +27,11 @@ import pytest
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.settings import MAX_RESPONSE_BYTES, ClientSettings
-from ipfs_accelerate_py.api_backends.transport import (HttpClientTransport, RequestsTransport,
-                                                        Transport)
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 
-from reliability_support import rss_bytes, wait_until
+from reliability_support import rss_bytes
+from support import TRANSPORT_IDS, wait_until
 
-TRANSPORT_IDS = ["requests", "httpclient"]
 MIB = 1 << 20
 BIG = 100 * 1000 * 1000  # the issue's 100 MB body
 MODELS = b'{"object":"list","data":[{"id":"tiny-llama","object":"model","max_model_len":2048}]}'
@@ -201,23 +199,12 @@ def server() -> Iterator[RawServer]:
 
 
 # =========================================================================== the client
-_CLASSES: Dict[str, Any] = {"requests": RequestsTransport, "httpclient": HttpClientTransport}
-
-
-def transport_for(name: str) -> Callable[[ClientSettings], Transport]:
-    """Like ``reliability_support.TRANSPORTS``, passing the client's ``max_response_bytes``."""
-    def make(s: ClientSettings) -> Transport:
-        return _CLASSES[name](s.base_url, s.api_key_value, pool_size=10,
-                              max_response_bytes=s.max_response_bytes)
-    return make
-
-
 @pytest.fixture
 def client_on(server: RawServer, make_client) -> Callable[..., VllmClient]:
     def make(transport: str, **settings: Any) -> VllmClient:
         opts: Dict[str, Any] = dict(max_retries=1, timeout=30.0, batch_enabled=False)
         opts.update(settings)
-        return make_client(server.base_url, transport_for(transport), **opts)
+        return make_client(server.base_url, transport, **opts)
     return make
 
 

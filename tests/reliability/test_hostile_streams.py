@@ -31,11 +31,10 @@ from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 
-from reliability_support import (DONE, ScriptedTransport, chunked, event, real_stream,
-                                 wait_until)
+from reliability_support import DONE, ScriptedTransport, chunked, event, real_stream
+from support import TRANSPORT_IDS, wait_until
 
 STREAM, TEXT, USAGE = real_stream()
-TRANSPORT_IDS = ["requests", "httpclient"]
 
 
 def stream_request(max_tokens: int = 6, **params: Any):
@@ -196,14 +195,14 @@ def test_a_stream_that_ends_without_done_is_a_typed_error(scripted):
 
 # =========================================================================== over the wire
 @pytest.fixture
-def wire(double, make_client):
+def wire(fake_server, make_client):
     """(double, make(transport, **settings)): leak baselines are taken before any client."""
     baseline = threading.active_count()
 
     def make(transport: str, **kw: Any) -> VllmClient:
-        return make_client(double.base_url, transport, max_retries=1, **kw)
+        return make_client(fake_server.base_url, transport, max_retries=1, **kw)
 
-    yield double, make, baseline
+    yield fake_server, make, baseline
 
 
 def assert_no_leaks(double, client: VllmClient, baseline_threads: int) -> None:

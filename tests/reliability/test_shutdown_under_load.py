@@ -24,7 +24,8 @@ import pytest
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.servers.fake_vllm import Fault, FakeVllmServer
 
-from reliability_support import wait_until, worker_threads
+from reliability_support import worker_threads
+from support import wait_until
 
 IN_FLIGHT = 16
 QUEUED = 200

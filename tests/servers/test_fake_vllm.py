@@ -73,17 +73,17 @@ def completion(server: FakeVllmServer, **body: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def test_health_and_ping_are_empty_200s(fake_vllm_server: FakeVllmServer) -> None:
+def test_health_and_ping_are_empty_200s(fake_server: FakeVllmServer) -> None:
     for method, path in (("GET", "/health"), ("GET", "/ping"), ("POST", "/ping")):
-        status, headers, body = call(fake_vllm_server, method, path)
+        status, headers, body = call(fake_server, method, path)
         assert (status, body, headers["content-length"]) == (200, b"", "0")
         assert "content-type" not in headers
 
 
-def test_version_and_models(fake_vllm_server: FakeVllmServer) -> None:
-    status, headers, body = call(fake_vllm_server, "GET", "/version")
+def test_version_and_models(fake_server: FakeVllmServer) -> None:
+    status, headers, body = call(fake_server, "GET", "/version")
     assert (status, headers["content-type"], json.loads(body)) == (200, "application/json", {"version": "0.32.0"})
-    status, _, body = call(fake_vllm_server, "GET", "/v1/models")
+    status, _, body = call(fake_server, "GET", "/v1/models")
     models = json.loads(body)
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["tiny-llama", "meta-llama/Llama-2-7b-chat-hf"]
@@ -92,17 +92,17 @@ def test_version_and_models(fake_vllm_server: FakeVllmServer) -> None:
     assert first["permission"][0]["object"] == "model_permission"
 
 
-def test_alias_is_accepted_and_response_names_the_first_model(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, model="meta-llama/Llama-2-7b-chat-hf", prompt="Hi", max_tokens=2)
+def test_alias_is_accepted_and_response_names_the_first_model(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, model="meta-llama/Llama-2-7b-chat-hf", prompt="Hi", max_tokens=2)
     assert data["model"] == "tiny-llama"
 
 
-def test_metrics_count_what_was_served(fake_vllm_server: FakeVllmServer) -> None:
-    completion(fake_vllm_server, prompt="one two three", max_tokens=5, temperature=0)  # 4 prompt tokens
-    stopped = completion(fake_vllm_server, prompt="Hello", max_tokens=30, temperature=0, stop=["e"])
+def test_metrics_count_what_was_served(fake_server: FakeVllmServer) -> None:
+    completion(fake_server, prompt="one two three", max_tokens=5, temperature=0)  # 4 prompt tokens
+    stopped = completion(fake_server, prompt="Hello", max_tokens=30, temperature=0, stop=["e"])
     assert stopped["choices"][0]["finish_reason"] == "stop"
-    call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 100000})  # a 400 serves nothing
-    status, headers, body = call(fake_vllm_server, "GET", "/metrics")
+    call(fake_server, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 100000})  # a 400 serves nothing
+    status, headers, body = call(fake_server, "GET", "/metrics")
     assert status == 200 and headers["content-type"] == "text/plain; version=1.0.0; charset=utf-8"
     text = body.decode()
     labels = '{engine="0",model_name="tiny-llama"}'
@@ -124,19 +124,19 @@ def test_metrics_count_what_was_served(fake_vllm_server: FakeVllmServer) -> None
         assert value(f"{hist}_sum{labels}") >= 0
 
 
-def test_waiting_gauge_shows_a_stalled_request(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("gate"))
+def test_waiting_gauge_shows_a_stalled_request(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("gate"))
     results: list[Any] = []
-    worker = threading.Thread(target=lambda: results.append(_swallow(lambda: completion(fake_vllm_server, prompt="Hi"))))
+    worker = threading.Thread(target=lambda: results.append(_swallow(lambda: completion(fake_server, prompt="Hi"))))
     worker.start()
     def one_waiting() -> bool:
-        text = call(fake_vllm_server, "GET", "/metrics")[2].decode()
+        text = call(fake_server, "GET", "/metrics")[2].decode()
         seen = re.search(r'^vllm:num_requests_waiting\{engine="0",model_name="tiny-llama"\} (\S+)$', text, re.M)
         return bool(seen) and float(seen.group(1)) == 1
 
     wait_until(one_waiting, timeout=10, what="the waiting gauge to show 1")
     t0 = time.monotonic()
-    fake_vllm_server.stop()
+    fake_server.stop()
     worker.join(10)
     assert not worker.is_alive() and time.monotonic() - t0 < 5
     assert isinstance(results[0], Exception)  # the stalled client saw the connection go
@@ -154,8 +154,8 @@ def _swallow(fn: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def test_completion_shape_and_defaults(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, prompt="Hello, my name is")
+def test_completion_shape_and_defaults(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, prompt="Hello, my name is")
     assert re.fullmatch(r"cmpl-[0-9a-f]{16}", data["id"])
     assert data["object"] == "text_completion"
     assert re.fullmatch(r"vllm-0\.32\.0-[0-9a-f]{8}", data["system_fingerprint"])
@@ -168,13 +168,13 @@ def test_completion_shape_and_defaults(fake_vllm_server: FakeVllmServer) -> None
                              "prompt_tokens_details": None, "completion_tokens_details": None}
 
 
-def test_output_is_deterministic_in_prompt_seed_and_index(fake_vllm_server: FakeVllmServer) -> None:
-    greedy = [completion(fake_vllm_server, prompt="Hello", max_tokens=8, temperature=0, seed=s)["choices"][0]["text"]
+def test_output_is_deterministic_in_prompt_seed_and_index(fake_server: FakeVllmServer) -> None:
+    greedy = [completion(fake_server, prompt="Hello", max_tokens=8, temperature=0, seed=s)["choices"][0]["text"]
               for s in (1, 2)]
     assert greedy[0] == greedy[1]  # greedy ignores the seed
-    a = completion(fake_vllm_server, prompt="Hello", max_tokens=8, n=2, temperature=1.0, seed=42)
-    b = completion(fake_vllm_server, prompt="Hello", max_tokens=8, n=2, temperature=1.0, seed=42)
-    c = completion(fake_vllm_server, prompt="Hello", max_tokens=8, n=2, temperature=1.0, seed=43)
+    a = completion(fake_server, prompt="Hello", max_tokens=8, n=2, temperature=1.0, seed=42)
+    b = completion(fake_server, prompt="Hello", max_tokens=8, n=2, temperature=1.0, seed=42)
+    c = completion(fake_server, prompt="Hello", max_tokens=8, n=2, temperature=1.0, seed=43)
     texts = [ch["text"] for ch in a["choices"]]
     assert texts == [ch["text"] for ch in b["choices"]]
     assert texts != [ch["text"] for ch in c["choices"]]
@@ -182,59 +182,59 @@ def test_output_is_deterministic_in_prompt_seed_and_index(fake_vllm_server: Fake
     assert a["usage"]["prompt_tokens"] == 2 and a["usage"]["completion_tokens"] == 16
 
 
-def test_prompt_list_indexes_and_sums_usage(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, prompt=["Tell me a story", "Hello", "word word word"], max_tokens=3,
+def test_prompt_list_indexes_and_sums_usage(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, prompt=["Tell me a story", "Hello", "word word word"], max_tokens=3,
                       n=2, temperature=0.5, seed=1)
     assert [c["index"] for c in data["choices"]] == list(range(6))  # index = prompt_i * n + j
     assert data["usage"]["prompt_tokens"] == 5 + 2 + 4
     assert data["usage"]["completion_tokens"] == 6 * 3
-    single = completion(fake_vllm_server, prompt="Hello", max_tokens=3, n=2, temperature=0.5, seed=1)
+    single = completion(fake_server, prompt="Hello", max_tokens=3, n=2, temperature=0.5, seed=1)
     assert [c["text"] for c in data["choices"][2:4]] == [c["text"] for c in single["choices"]]
 
 
-def test_token_id_prompts(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, prompt=[1, 20, 30, 40], max_tokens=4, temperature=0)
+def test_token_id_prompts(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, prompt=[1, 20, 30, 40], max_tokens=4, temperature=0)
     assert data["usage"]["prompt_tokens"] == 4
-    data = completion(fake_vllm_server, prompt=[[1, 2], [3, 4, 5]], max_tokens=2, temperature=0)
+    data = completion(fake_server, prompt=[[1, 2], [3, 4, 5]], max_tokens=2, temperature=0)
     assert len(data["choices"]) == 2 and data["usage"]["prompt_tokens"] == 5
 
 
-def test_stop_string_ends_the_choice(fake_vllm_server: FakeVllmServer) -> None:
-    full = completion(fake_vllm_server, prompt="Hello", max_tokens=40, temperature=0)["choices"][0]["text"]
+def test_stop_string_ends_the_choice(fake_server: FakeVllmServer) -> None:
+    full = completion(fake_server, prompt="Hello", max_tokens=40, temperature=0)["choices"][0]["text"]
     stop = full[len(full) // 2:][:2]  # a string that certainly occurs in the output
-    data = completion(fake_vllm_server, prompt="Hello", max_tokens=40, temperature=0, stop=[stop])
+    data = completion(fake_server, prompt="Hello", max_tokens=40, temperature=0, stop=[stop])
     choice = data["choices"][0]
     assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
     assert choice["text"] == full[: full.find(stop)]
     assert data["usage"]["completion_tokens"] < 40
-    kept = completion(fake_vllm_server, prompt="Hello", max_tokens=40, temperature=0, stop=stop,
+    kept = completion(fake_server, prompt="Hello", max_tokens=40, temperature=0, stop=stop,
                       include_stop_str_in_output=True)["choices"][0]["text"]
     assert kept == full[: full.find(stop) + len(stop)]
 
 
-def test_logprobs_and_echo(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
+def test_logprobs_and_echo(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
     lp = data["choices"][0]["logprobs"]
     assert list(lp) == ["text_offset", "token_logprobs", "tokens", "top_logprobs"]
     assert "".join(lp["tokens"]) == data["choices"][0]["text"]
     assert lp["text_offset"][0] == 0 and all(len(t) == 2 for t in lp["top_logprobs"])
-    echoed = completion(fake_vllm_server, prompt="Hello", max_tokens=3, temperature=0, echo=True)
+    echoed = completion(fake_server, prompt="Hello", max_tokens=3, temperature=0, echo=True)
     assert echoed["choices"][0]["text"] == "Hello" + data["choices"][0]["text"]
 
 
-def test_max_tokens_is_clipped_to_the_room_left(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, prompt="Hello", max_tokens=512, temperature=0)
+def test_max_tokens_is_clipped_to_the_room_left(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, prompt="Hello", max_tokens=512, temperature=0)
     assert data["usage"]["completion_tokens"] == 510 and data["usage"]["total_tokens"] == 512
-    status, err = post(fake_vllm_server, "/v1/completions", {"prompt": "word " * 510 + "word", "max_tokens": 4})
+    status, err = post(fake_server, "/v1/completions", {"prompt": "word " * 510 + "word", "max_tokens": 4})
     assert status == 400 and err["error"]["message"].startswith("max_tokens must be at least 1, got 0.")
-    status, err = post(fake_vllm_server, "/v1/completions", {"prompt": "word " * 511, "max_tokens": 4})
+    status, err = post(fake_server, "/v1/completions", {"prompt": "word " * 511, "max_tokens": 4})
     assert status == 400 and err["error"]["param"] == "input_tokens"  # the trailing space is a token too
 
 
-def test_completion_stream_framing_and_chunks(fake_vllm_server: FakeVllmServer) -> None:
+def test_completion_stream_framing_and_chunks(fake_server: FakeVllmServer) -> None:
     body = {"prompt": "Tell me a story", "max_tokens": 4, "temperature": 0}
-    full = completion(fake_vllm_server, **body)["choices"][0]["text"]
-    status, headers, payload = call(fake_vllm_server, "POST", "/v1/completions",
+    full = completion(fake_server, **body)["choices"][0]["text"]
+    status, headers, payload = call(fake_server, "POST", "/v1/completions",
                                     {**body, "stream": True, "stream_options": {"include_usage": True}})
     assert status == 200
     assert headers["content-type"] == "text/event-stream; charset=utf-8"
@@ -249,7 +249,7 @@ def test_completion_stream_framing_and_chunks(fake_vllm_server: FakeVllmServer) 
     assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 5, "total_tokens": 9, "completion_tokens": 4}
     assert "system_fingerprint" in usage
     assert len({c["id"] for c in events[:-1]}) == 1
-    plain = sse_events(call(fake_vllm_server, "POST", "/v1/completions", {**body, "stream": True})[2])
+    plain = sse_events(call(fake_server, "POST", "/v1/completions", {**body, "stream": True})[2])
     assert "system_fingerprint" in plain[-2] and len(plain) == 4 + 1
 
 
@@ -258,8 +258,8 @@ def test_completion_stream_framing_and_chunks(fake_vllm_server: FakeVllmServer) 
 # --------------------------------------------------------------------------------------------
 
 
-def test_chat_completion(fake_vllm_server: FakeVllmServer) -> None:
-    status, data = post(fake_vllm_server, "/v1/chat/completions", {
+def test_chat_completion(fake_server: FakeVllmServer) -> None:
+    status, data = post(fake_server, "/v1/chat/completions", {
         "model": "tiny-llama", "messages": [{"role": "system", "content": "Hello"}, {"role": "user", "content": "Hello"}],
         "max_tokens": 5, "temperature": 0})
     assert status == 200 and data["object"] == "chat.completion" and data["id"].startswith("chatcmpl-")
@@ -269,15 +269,15 @@ def test_chat_completion(fake_vllm_server: FakeVllmServer) -> None:
     assert data["usage"]["prompt_tokens"] == 15 and data["usage"]["completion_tokens"] == 5
 
 
-def test_chat_default_max_tokens_fills_the_context(fake_vllm_server: FakeVllmServer) -> None:
-    status, data = post(fake_vllm_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}]})
+def test_chat_default_max_tokens_fills_the_context(fake_server: FakeVllmServer) -> None:
+    status, data = post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}]})
     assert status == 200 and data["usage"]["total_tokens"] == 512
 
 
-def test_chat_stream(fake_vllm_server: FakeVllmServer) -> None:
+def test_chat_stream(fake_server: FakeVllmServer) -> None:
     body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, "temperature": 0}
-    full = post(fake_vllm_server, "/v1/chat/completions", body)[1]["choices"][0]["message"]["content"]
-    _, _, payload = call(fake_vllm_server, "POST", "/v1/chat/completions",
+    full = post(fake_server, "/v1/chat/completions", body)[1]["choices"][0]["message"]["content"]
+    _, _, payload = call(fake_server, "POST", "/v1/chat/completions",
                          {**body, "stream": True, "stream_options": {"include_usage": True}})
     events = sse_events(payload)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
@@ -288,8 +288,8 @@ def test_chat_stream(fake_vllm_server: FakeVllmServer) -> None:
     assert events[-2]["usage"]["prompt_tokens"] == 9 and events[-1] == "[DONE]"
 
 
-def test_chat_logprobs(fake_vllm_server: FakeVllmServer) -> None:
-    status, data = post(fake_vllm_server, "/v1/chat/completions", {
+def test_chat_logprobs(fake_server: FakeVllmServer) -> None:
+    status, data = post(fake_server, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 1, "seed": 7,
         "logprobs": True, "top_logprobs": 2, "n": 2})
     assert status == 200 and len(data["choices"]) == 2
@@ -298,60 +298,60 @@ def test_chat_logprobs(fake_vllm_server: FakeVllmServer) -> None:
     assert entry["bytes"] == list(entry["token"].encode()) and len(entry["top_logprobs"]) == 2
 
 
-def test_chat_batch_gives_one_choice_per_conversation(fake_vllm_server: FakeVllmServer) -> None:
+def test_chat_batch_gives_one_choice_per_conversation(fake_server: FakeVllmServer) -> None:
     convs = [[{"role": "user", "content": "Hello"}], [{"role": "user", "content": "Tell me a story"}]]
-    status, data = post(fake_vllm_server, "/v1/chat/completions/batch",
+    status, data = post(fake_server, "/v1/chat/completions/batch",
                         {"messages": convs, "max_tokens": 3, "temperature": 0, "stream": True})
     assert status == 200 and data["object"] == "chat.completion"
     assert [c["index"] for c in data["choices"]] == [0, 1]
     assert data["usage"]["prompt_tokens"] == 9 + 12 and data["usage"]["completion_tokens"] == 6
-    single = post(fake_vllm_server, "/v1/chat/completions", {"messages": convs[1], "max_tokens": 3, "temperature": 0})[1]
+    single = post(fake_server, "/v1/chat/completions", {"messages": convs[1], "max_tokens": 3, "temperature": 0})[1]
     assert data["choices"][1]["message"]["content"] == single["choices"][0]["message"]["content"]
-    status, err = post(fake_vllm_server, "/v1/chat/completions/batch", {"messages": convs, "n": 2})
+    status, err = post(fake_server, "/v1/chat/completions/batch", {"messages": convs, "n": 2})
     assert status == 400 and err["error"]["param"] == "n"
 
 
-def test_tokenize_and_detokenize(fake_vllm_server: FakeVllmServer) -> None:
-    status, data = post(fake_vllm_server, "/tokenize", {"model": "tiny-llama", "prompt": "Tell me a story"})
+def test_tokenize_and_detokenize(fake_server: FakeVllmServer) -> None:
+    status, data = post(fake_server, "/tokenize", {"model": "tiny-llama", "prompt": "Tell me a story"})
     assert status == 200 and data["count"] == 5 == len(data["tokens"]) and data["tokens"][0] == 1
     assert data["max_model_len"] == 512 and data["token_strs"] is None
-    _, data = post(fake_vllm_server, "/tokenize", {"prompt": "Hello world", "return_token_strs": True})
+    _, data = post(fake_server, "/tokenize", {"prompt": "Hello world", "return_token_strs": True})
     assert data["token_strs"] == ["<s>", "Hello", "\u0120world"]
-    _, chat = post(fake_vllm_server, "/tokenize", {"messages": [{"role": "user", "content": "Hello"}]})
+    _, chat = post(fake_server, "/tokenize", {"messages": [{"role": "user", "content": "Hello"}]})
     assert chat["count"] == 9
-    _, text = post(fake_vllm_server, "/detokenize", {"tokens": chat["tokens"][:3]})
+    _, text = post(fake_server, "/detokenize", {"tokens": chat["tokens"][:3]})
     assert text == {"prompt": "<|im_start|>user\n"}
-    status, err = post(fake_vllm_server, "/detokenize", {"tokens": "x"})
+    status, err = post(fake_server, "/detokenize", {"tokens": "x"})
     assert status == 400 and err["error"]["param"] == "body.tokens"
 
 
-def test_return_token_ids_agree_with_usage(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, prompt=["Hello", "Tell me a story"], max_tokens=3, temperature=0,
+def test_return_token_ids_agree_with_usage(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, prompt=["Hello", "Tell me a story"], max_tokens=3, temperature=0,
                       return_token_ids=True)
     assert [len(c["prompt_token_ids"]) for c in data["choices"]] == [2, 5]
     assert sum(len(c["token_ids"]) for c in data["choices"]) == data["usage"]["completion_tokens"] == 6
-    _, text = post(fake_vllm_server, "/detokenize", {"tokens": data["choices"][0]["token_ids"]})
+    _, text = post(fake_server, "/detokenize", {"tokens": data["choices"][0]["token_ids"]})
     assert text["prompt"] == data["choices"][0]["text"]
-    _, chat = post(fake_vllm_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}],
+    _, chat = post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}],
                                                                "max_tokens": 2, "return_token_ids": True})
     assert len(chat["prompt_token_ids"]) == chat["usage"]["prompt_tokens"] == 9
     assert len(chat["choices"][0]["token_ids"]) == 2
-    events = sse_events(call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 3,
+    events = sse_events(call(fake_server, "POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 3,
                                                                           "stream": True, "return_token_ids": True})[2])
     assert events[0]["choices"][0]["prompt_token_ids"] == data["choices"][0]["prompt_token_ids"]
     assert [len(e["choices"][0]["token_ids"]) for e in events[:-1]] == [1, 1, 1]
-    assert completion(fake_vllm_server, prompt="Hello", max_tokens=1)["choices"][0]["token_ids"] is None
+    assert completion(fake_server, prompt="Hello", max_tokens=1)["choices"][0]["token_ids"] is None
 
 
-def test_generated_token_ids_detokenize_to_the_text(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, prompt="Hello", max_tokens=4, temperature=0, logprobs=0)
+def test_generated_token_ids_detokenize_to_the_text(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, prompt="Hello", max_tokens=4, temperature=0, logprobs=0)
     tokens = data["choices"][0]["logprobs"]["tokens"]
     assert "".join(tokens) == data["choices"][0]["text"]
 
 
-def test_legacy_generate(fake_vllm_server: FakeVllmServer) -> None:
-    status, data = post(fake_vllm_server, "/generate", {"prompt": "Hello", "max_tokens": 3, "temperature": 0})
-    expected = completion(fake_vllm_server, prompt="Hello", max_tokens=3, temperature=0)["choices"][0]["text"]
+def test_legacy_generate(fake_server: FakeVllmServer) -> None:
+    status, data = post(fake_server, "/generate", {"prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    expected = completion(fake_server, prompt="Hello", max_tokens=3, temperature=0)["choices"][0]["text"]
     assert status == 200 and data == {"text": ["Hello" + expected]}
 
 
@@ -401,9 +401,9 @@ _ERRORS = [
 
 
 @pytest.mark.parametrize(("path", "body", "status", "err_type", "param", "message"), _ERRORS)
-def test_validation_errors(fake_vllm_server: FakeVllmServer, path: str, body: Any, status: int, err_type: str,
+def test_validation_errors(fake_server: FakeVllmServer, path: str, body: Any, status: int, err_type: str,
                            param: str | None, message: str | None) -> None:
-    got_status, headers, payload = call(fake_vllm_server, "POST", path, body)
+    got_status, headers, payload = call(fake_server, "POST", path, body)
     err = json.loads(payload)["error"]
     assert (got_status, headers["content-type"]) == (status, "application/json")
     assert (err["type"], err["param"], err["code"]) == (err_type, param, status)
@@ -411,27 +411,27 @@ def test_validation_errors(fake_vllm_server: FakeVllmServer, path: str, body: An
         assert err["message"] == message
 
 
-def test_malformed_json(fake_vllm_server: FakeVllmServer) -> None:
+def test_malformed_json(fake_server: FakeVllmServer) -> None:
     raw = b'{"model":"tiny-llama","prompt":"Hi", "max_tokens": 4,'
-    status, _, payload = call(fake_vllm_server, "POST", "/v1/completions", raw)
+    status, _, payload = call(fake_server, "POST", "/v1/completions", raw)
     assert status == 400
     assert json.loads(payload) == {"error": {
         "message": "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.53', 'msg': 'JSON decode error', "
                    "'input': '<dict of 0 items>', 'ctx': {'error': 'Expecting property name enclosed in double quotes'}}",
         "type": "Bad Request", "param": "body.53", "code": 400}}
-    status, _, payload = call(fake_vllm_server, "POST", "/v1/completions", b"")
+    status, _, payload = call(fake_server, "POST", "/v1/completions", b"")
     assert status == 400 and json.loads(payload)["error"]["param"] == "body"
 
 
-def test_unknown_route_and_wrong_method(fake_vllm_server: FakeVllmServer) -> None:
-    assert call(fake_vllm_server, "GET", "/v1/no-such-endpoint")[::2] == (404, b'{"detail":"Not Found"}')
-    status, headers, body = call(fake_vllm_server, "GET", "/v1/completions")
+def test_unknown_route_and_wrong_method(fake_server: FakeVllmServer) -> None:
+    assert call(fake_server, "GET", "/v1/no-such-endpoint")[::2] == (404, b'{"detail":"Not Found"}')
+    status, headers, body = call(fake_server, "GET", "/v1/completions")
     assert (status, headers["allow"], body) == (405, "POST", b'{"detail":"Method Not Allowed"}')
-    assert call(fake_vllm_server, "POST", "/health")[0] == 405
+    assert call(fake_server, "POST", "/health")[0] == 405
 
 
-def test_lax_types_are_coerced_like_pydantic(fake_vllm_server: FakeVllmServer) -> None:
-    data = completion(fake_vllm_server, prompt="Hi", max_tokens="3", temperature="0")
+def test_lax_types_are_coerced_like_pydantic(fake_server: FakeVllmServer) -> None:
+    data = completion(fake_server, prompt="Hi", max_tokens="3", temperature="0")
     assert data["usage"]["completion_tokens"] == 3
 
 
@@ -448,25 +448,25 @@ def test_api_key_guards_v1_only() -> None:
             assert call(srv, "GET", path)[0] == 200
 
 
-def test_priority_is_ignored_under_fcfs_and_rejected_when_asked(fake_vllm_server: FakeVllmServer) -> None:
-    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "priority": 5})[0] == 200
+def test_priority_is_ignored_under_fcfs_and_rejected_when_asked(fake_server: FakeVllmServer) -> None:
+    assert post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "priority": 5})[0] == 200
     with FakeVllmServer(scheduling_policy="reject_priority") as srv:
         status, err = post(srv, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "priority": 5})
         assert status == 400 and "priority" in err["error"]["message"].lower()
         assert post(srv, "/v1/completions", {"prompt": "Hi", "max_tokens": 1, "priority": 0})[0] == 200
 
 
-def test_request_id_header_sets_the_id_and_counts_retries(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("status", status=503, count=2))
-    statuses = [post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1},
+def test_request_id_header_sets_the_id_and_counts_retries(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("status", status=503, count=2))
+    statuses = [post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1},
                      headers={"X-Request-Id": "abc"})[0] for _ in range(3)]
     assert statuses == [503, 503, 200]
-    _, chat = post(fake_vllm_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+    _, chat = post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
                                                                "max_tokens": 1}, headers={"X-Request-Id": "xyz"})
     assert chat["id"] == "chatcmpl-xyz"
-    assert fake_vllm_server.times_seen("abc") == 3 and fake_vllm_server.times_seen("xyz") == 1
-    assert fake_vllm_server.retries_seen == 2
-    _, data = post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}, headers={"X-Request-Id": "q"})
+    assert fake_server.times_seen("abc") == 3 and fake_server.times_seen("xyz") == 1
+    assert fake_server.retries_seen == 2
+    _, data = post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}, headers={"X-Request-Id": "q"})
     assert data["id"] == "cmpl-q"
 
 
@@ -475,16 +475,16 @@ def test_request_id_header_sets_the_id_and_counts_retries(fake_vllm_server: Fake
 # --------------------------------------------------------------------------------------------
 
 
-def test_requests_are_recorded(fake_vllm_server: FakeVllmServer) -> None:
-    call(fake_vllm_server, "POST", "/v1/completions?x=1", {"prompt": "Hi", "max_tokens": 1},
+def test_requests_are_recorded(fake_server: FakeVllmServer) -> None:
+    call(fake_server, "POST", "/v1/completions?x=1", {"prompt": "Hi", "max_tokens": 1},
          headers={"X-Custom": "yes"})
-    call(fake_vllm_server, "GET", "/health")
-    first, second = fake_vllm_server.requests
+    call(fake_server, "GET", "/health")
+    first, second = fake_server.requests
     assert (first.method, first.path, first.query, first.json) == ("POST", "/v1/completions", "x=1",
                                                                     {"prompt": "Hi", "max_tokens": 1})
     assert first.headers["x-custom"] == "yes" and first.timestamp <= second.timestamp
     assert (second.method, second.path, second.json) == ("GET", "/health", None)
-    assert fake_vllm_server.request_count == {"/v1/completions": 1, "/health": 1}
+    assert fake_server.request_count == {"/v1/completions": 1, "/health": 1}
 
 
 def test_recording_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -498,15 +498,15 @@ def test_recording_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         assert srv.request_count["/health"] == 8
 
 
-def test_connections_accepted_counts_tcp_connections(fake_vllm_server: FakeVllmServer) -> None:
-    assert fake_vllm_server.connections_accepted == 0
-    conn = http.client.HTTPConnection("127.0.0.1", fake_vllm_server.port, timeout=10)
+def test_connections_accepted_counts_tcp_connections(fake_server: FakeVllmServer) -> None:
+    assert fake_server.connections_accepted == 0
+    conn = http.client.HTTPConnection("127.0.0.1", fake_server.port, timeout=10)
     for _ in range(5):
-        assert call(fake_vllm_server, "GET", "/health", conn=conn)[0] == 200
+        assert call(fake_server, "GET", "/health", conn=conn)[0] == 200
     conn.close()
-    assert fake_vllm_server.connections_accepted == 1  # keep-alive: one connection, five requests
-    call(fake_vllm_server, "GET", "/health")
-    assert fake_vllm_server.connections_accepted == 2
+    assert fake_server.connections_accepted == 1  # keep-alive: one connection, five requests
+    call(fake_server, "GET", "/health")
+    assert fake_server.connections_accepted == 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,71 +514,71 @@ def test_connections_accepted_counts_tcp_connections(fake_vllm_server: FakeVllmS
 # --------------------------------------------------------------------------------------------
 
 
-def test_status_fault_has_vllm_error_shape_and_count(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("status", status=500, count=2))
-    results = [post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}) for _ in range(3)]
+def test_status_fault_has_vllm_error_shape_and_count(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("status", status=500, count=2))
+    results = [post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}) for _ in range(3)]
     assert [s for s, _ in results] == [500, 500, 200]
     err = results[0][1]["error"]
     assert (err["type"], err["param"], err["code"]) == ("InternalServerError", None, 500)
-    assert fake_vllm_server.faults_injected["status500"] == 2 and fake_vllm_server.pending_faults == 0
+    assert fake_server.faults_injected["status500"] == 2 and fake_server.pending_faults == 0
 
 
-def test_faults_match_by_path_prefix_and_post_by_default(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("status", status=503))
-    assert call(fake_vllm_server, "GET", "/health")[0] == 200  # path None: POSTs only
-    fake_vllm_server.add_fault(Fault("status", status=502, path="/v1/chat"))
-    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 503
-    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
-    assert post(fake_vllm_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})[0] == 502
-    fake_vllm_server.add_fault(Fault("status", status=503, path="/health", count=-1))
-    assert [call(fake_vllm_server, "GET", "/health")[0] for _ in range(3)] == [503, 503, 503]
-    fake_vllm_server.clear_faults()
-    assert call(fake_vllm_server, "GET", "/health")[0] == 200
+def test_faults_match_by_path_prefix_and_post_by_default(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("status", status=503))
+    assert call(fake_server, "GET", "/health")[0] == 200  # path None: POSTs only
+    fake_server.add_fault(Fault("status", status=502, path="/v1/chat"))
+    assert post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 503
+    assert post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
+    assert post(fake_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]})[0] == 502
+    fake_server.add_fault(Fault("status", status=503, path="/health", count=-1))
+    assert [call(fake_server, "GET", "/health")[0] for _ in range(3)] == [503, 503, 503]
+    fake_server.clear_faults()
+    assert call(fake_server, "GET", "/health")[0] == 200
 
 
-def test_status_fault_with_custom_body_and_headers(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("status", status=503, body=b"upstream down", content_type="text/plain",
+def test_status_fault_with_custom_body_and_headers(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("status", status=503, body=b"upstream down", content_type="text/plain",
                                      headers={"Retry-After": "2"}))
-    status, headers, body = call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi"})
+    status, headers, body = call(fake_server, "POST", "/v1/completions", {"prompt": "Hi"})
     assert (status, headers["retry-after"], headers["content-type"], body) == (503, "2", "text/plain", b"upstream down")
 
 
 @pytest.mark.parametrize("kind", ["drop", "reset"])
-def test_drop_and_reset_close_without_reply(fake_vllm_server: FakeVllmServer, kind: str) -> None:
-    fake_vllm_server.add_fault(Fault(kind))
+def test_drop_and_reset_close_without_reply(fake_server: FakeVllmServer, kind: str) -> None:
+    fake_server.add_fault(Fault(kind))
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
-        call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi"})
-    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
-    assert fake_vllm_server.request_count["/v1/completions"] == 2
+        call(fake_server, "POST", "/v1/completions", {"prompt": "Hi"})
+    assert post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
+    assert fake_server.request_count["/v1/completions"] == 2
 
 
-def test_stall_delays_the_reply(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("stall", seconds=0.3))
+def test_stall_delays_the_reply(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("stall", seconds=0.3))
     t0 = time.monotonic()
-    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
+    assert post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
     assert time.monotonic() - t0 >= 0.3
-    fake_vllm_server.add_fault(Fault("gate"))
+    fake_server.add_fault(Fault("gate"))
     with pytest.raises(socket.timeout):
-        call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi"}, timeout=0.2)
+        call(fake_server, "POST", "/v1/completions", {"prompt": "Hi"}, timeout=0.2)
 
 
-def test_a_gate_holds_requests_until_the_test_releases_them(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("gate", count=2))
+def test_a_gate_holds_requests_until_the_test_releases_them(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("gate", count=2))
     replies: list[Any] = []
     workers = [threading.Thread(target=lambda: replies.append(
-        post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0]))
+        post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0]))
         for _ in range(2)]
     for w in workers:
         w.start()
-    fake_vllm_server.wait_held(2)  # both reached the double and wait at the gate
-    assert fake_vllm_server.held == 2 and replies == []
-    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
-    assert fake_vllm_server.release_stalls() == 2  # the third passed: the gate took two
+    fake_server.wait_held(2)  # both reached the double and wait at the gate
+    assert fake_server.held == 2 and replies == []
+    assert post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
+    assert fake_server.release_stalls() == 2  # the third passed: the gate took two
     for w in workers:
         w.join(5)
-    assert replies == [200, 200] and fake_vllm_server.held == 0
+    assert replies == [200, 200] and fake_server.held == 0
     with pytest.raises(TimeoutError):
-        fake_vllm_server.wait_held(1, timeout=0.05)  # nothing held: a bounded wait, no hang
+        fake_server.wait_held(1, timeout=0.05)  # nothing held: a bounded wait, no hang
 
 
 def test_stop_interrupts_a_stall_and_closes_keepalive_connections() -> None:
@@ -602,54 +602,54 @@ def test_stop_interrupts_a_stall_and_closes_keepalive_connections() -> None:
     srv.stop()  # idempotent
 
 
-def test_retry_after(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("retry_after", seconds=2))
-    status, headers, body = call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi"})
+def test_retry_after(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("retry_after", seconds=2))
+    status, headers, body = call(fake_server, "POST", "/v1/completions", {"prompt": "Hi"})
     assert (status, headers["retry-after"]) == (429, "2")
     assert json.loads(body)["error"]["code"] == 429
-    fake_vllm_server.add_fault(Fault("retry_after", seconds=0.25, retry_after_ms=True))
-    status, headers, _ = call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi"})
+    fake_server.add_fault(Fault("retry_after", seconds=0.25, retry_after_ms=True))
+    status, headers, _ = call(fake_server, "POST", "/v1/completions", {"prompt": "Hi"})
     assert (status, headers["retry-after-ms"], "retry-after" in headers) == (429, "250", False)
 
 
 @pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b'{"id": "cmpl-1", "choi', b""])
-def test_bad_body(fake_vllm_server: FakeVllmServer, body: bytes) -> None:
-    fake_vllm_server.add_fault(Fault("bad_body", body=body))
-    status, headers, got = call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi"})
+def test_bad_body(fake_server: FakeVllmServer, body: bytes) -> None:
+    fake_server.add_fault(Fault("bad_body", body=body))
+    status, headers, got = call(fake_server, "POST", "/v1/completions", {"prompt": "Hi"})
     assert (status, headers["content-type"], got) == (200, "application/json", body)
 
 
 _STREAM = {"prompt": "Tell me a story", "max_tokens": 5, "temperature": 0, "stream": True}
 
 
-def test_stream_faults_skip_non_stream_requests(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("stream_error", after_chunks=2))
-    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
-    assert fake_vllm_server.pending_faults == 1
-    _, _, payload = call(fake_vllm_server, "POST", "/v1/completions", _STREAM)
+def test_stream_faults_skip_non_stream_requests(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("stream_error", after_chunks=2))
+    assert post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
+    assert fake_server.pending_faults == 1
+    _, _, payload = call(fake_server, "POST", "/v1/completions", _STREAM)
     events = sse_events(payload)
     assert [e["choices"][0]["text"] != "" for e in events[:2]] == [True, True]
     assert events[2]["error"]["code"] == 500 and set(events[2]["error"]) == {"message", "type", "param", "code"}
     assert events[3:] == ["[DONE]"]
 
 
-def test_stream_error_past_the_end_comes_before_done(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("stream_error", after_chunks=100))
-    events = sse_events(call(fake_vllm_server, "POST", "/v1/completions", _STREAM)[2])
+def test_stream_error_past_the_end_comes_before_done(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("stream_error", after_chunks=100))
+    events = sse_events(call(fake_server, "POST", "/v1/completions", _STREAM)[2])
     assert len(events) == 5 + 2 and "error" in events[-2] and events[-1] == "[DONE]"
 
 
-def test_stream_no_done(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("stream_no_done"))
-    _, _, payload = call(fake_vllm_server, "POST", "/v1/completions", _STREAM)
+def test_stream_no_done(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("stream_no_done"))
+    _, _, payload = call(fake_server, "POST", "/v1/completions", _STREAM)
     events = sse_events(payload)
     assert len(events) == 5 and "[DONE]" not in events
     assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_stream_drop_cuts_the_body(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("stream_drop", after_chunks=2))
-    conn = http.client.HTTPConnection("127.0.0.1", fake_vllm_server.port, timeout=10)
+def test_stream_drop_cuts_the_body(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("stream_drop", after_chunks=2))
+    conn = http.client.HTTPConnection("127.0.0.1", fake_server.port, timeout=10)
     conn.request("POST", "/v1/completions", body=json.dumps(_STREAM), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
@@ -659,18 +659,18 @@ def test_stream_drop_cuts_the_body(fake_vllm_server: FakeVllmServer) -> None:
     conn.close()
 
 
-def test_stream_raw(fake_vllm_server: FakeVllmServer) -> None:
+def test_stream_raw(fake_server: FakeVllmServer) -> None:
     hostile = b"data: {not json}\n\nevent: weird\r\ndata: [DONE]\n\n"
-    fake_vllm_server.add_fault(Fault("stream_raw", body=hostile))
-    status, headers, payload = call(fake_vllm_server, "POST", "/v1/chat/completions",
+    fake_server.add_fault(Fault("stream_raw", body=hostile))
+    status, headers, payload = call(fake_server, "POST", "/v1/chat/completions",
                                     {"messages": [{"role": "user", "content": "Hi"}], "stream": True})
     assert (status, headers["content-type"], payload) == (200, "text/event-stream; charset=utf-8", hostile)
 
 
-def test_stall_mid_stream(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.add_fault(Fault("gate", after_chunks=1))
+def test_stall_mid_stream(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("gate", after_chunks=1))
     body = json.dumps(_STREAM).encode()
-    with socket.create_connection(("127.0.0.1", fake_vllm_server.port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", fake_server.port), timeout=5) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         received = b""
@@ -701,14 +701,14 @@ def test_fail_rate_is_seeded_and_counted() -> None:
     assert {500, 503, 200} == set(first)
 
 
-def test_fail_rate_drop_and_clear(fake_vllm_server: FakeVllmServer) -> None:
-    fake_vllm_server.fail_rate(1.0, kinds=("drop",))
+def test_fail_rate_drop_and_clear(fake_server: FakeVllmServer) -> None:
+    fake_server.fail_rate(1.0, kinds=("drop",))
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
-        call(fake_vllm_server, "POST", "/v1/completions", {"prompt": "Hi"})
-    fake_vllm_server.clear_faults()
-    assert post(fake_vllm_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
+        call(fake_server, "POST", "/v1/completions", {"prompt": "Hi"})
+    fake_server.clear_faults()
+    assert post(fake_server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1})[0] == 200
     with pytest.raises(ValueError):
-        fake_vllm_server.fail_rate(0.5, kinds=("explode",))
+        fake_server.fail_rate(0.5, kinds=("explode",))
 
 
 def test_fault_validation() -> None:

@@ -1,16 +1,9 @@
-"""Fixtures for the unified runner's tests (the real-server ones live in ``tests/conftest.py``)."""
+"""Fixtures for the unified runner's tests (the double and the real server are the root
+conftest's)."""
 
 from __future__ import annotations
 
 import pytest
-
-from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
-
-
-@pytest.fixture
-def fake_server(fake_vllm_server: FakeVllmServer) -> FakeVllmServer:
-    """The root conftest's double under the name these tests use."""
-    return fake_vllm_server
 
 
 @pytest.fixture(autouse=True)
