@@ -6,45 +6,48 @@
         ──> metrics + recent_requests ──> the caller's future
 
 Every request path (``run_inference``, ``generate_text``, ``chat_completion``, handlers,
-``submit``) goes through ``submit``; streams take the same breaker, retry (before the first
-chunk only) and metrics. A backend is a subclass that names its adapter
-(``backend_name``); the adapter comes from the plugin manager.
+``submit``) goes through ``submit``; streams (streaming.py) take the same breaker, retry
+(before the first chunk only) and metrics. Each concern is a mixin holding its own state
+(mixins/), and calling of this class only what ``mixins/_host.Host`` declares. A backend is
+a subclass that names its adapter (``backend_name``); the adapter comes from the plugin
+manager.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import itertools
 import logging
 import os
 import threading
 import weakref
-from collections import deque
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from typing import Any, Callable, Tuple, ClassVar, Deque, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Tuple, ClassVar, Dict, Iterator, List, Optional, Sequence
 
 from . import errors, tracing
 from .adapter import BackendAdapter
 from .clock import SYSTEM_CLOCK, Clock
 from .context import learn_model_lengths
 from .limits import RequestLimits, cap_request
-from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError, ValidationError
+from .errors import ClientClosedError, ConfigurationError, TransientError, ValidationError
 from .mixins.batching import BatchingMixin, batch_key
-from .mixins.circuit_breaker import CLOSED, CircuitBreakerMixin
+from .mixins.circuit_breaker import CircuitBreakerMixin
+from .mixins.circuit_wait import CircuitWaitMixin
 from .mixins.inflight import InFlightLimit
-from .mixins.metrics import MetricsMixin, MetricsRecorder
+from .mixins.metrics import MetricsMixin
 from .mixins.multiplexing import MultiplexingMixin
 from .mixins.probing import CircuitProber
 from .mixins.queue import Job, PriorityRequestQueue, QueueMixin, WorkerPool, check_priority
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
 from .call_shapes import stream_call
-from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk,
-                     coerce_messages, validate_request)
+from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, coerce_messages,
+                     validate_request)
 from .plugins import get_backend
 from .settings import ClientSettings
-from .sse import SSEDecoder
+from .streaming import StreamingMixin, TextStream
 from .transport import HttpRequest, HttpResponse, StreamResponse, Transport, make_transport
 
 __all__ = ["BaseApiBackend", "Endpoint", "TextStream", "build_request"]
@@ -124,8 +127,8 @@ def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[s
     return validate_request(CompletionRequest, {**params, "model": model, "prompt": inputs})
 
 
-class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin, MetricsMixin,
-                     MultiplexingMixin, RoutingMixin):
+class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin, CircuitWaitMixin,
+                     MetricsMixin, MultiplexingMixin, RoutingMixin, StreamingMixin):
     """A resilient client for one backend kind, over one or many endpoints."""
 
     #: the adapter's registered name; subclasses set it
@@ -151,16 +154,18 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         self._closing = threading.Event()
         self._closed = False
         self._lock = threading.Lock()
-        self._metrics = MetricsRecorder(settings.latency_window)
         #: this client's output caps and known context lengths, by model (limits.py)
         self.request_limits = RequestLimits()
-        self.recent_requests: Deque[Dict[str, Any]] = deque(maxlen=settings.recent_requests_size)
         self._ids = itertools.count(1)
         self._id_prefix = os.urandom(4).hex()
         self._endpoint_ids = itertools.count(1)
         self._endpoints: Dict[str, Endpoint] = {}
-        # callers (routed requests) waiting for any of several circuits to close
-        self._circuit_waiters: List["_CircuitWaiter"] = []
+        # each mixin's own state (mixins/_host.py: what they may use of this class)
+        self._init_metrics(settings.latency_window, settings.recent_requests_size)
+        self._init_batching()
+        self._init_circuit_wait()
+        self._init_routing()
+        self._init_streaming()
         self._endpoints["default"] = self._make_endpoint("default", settings)
         _live_clients.add(self)
 
@@ -178,7 +183,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                                                                    self._clock.monotonic())
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = WorkerPool(queue, settings.max_concurrent_requests,
-                                lambda job: self._handle_job(job, ep), name=name)
+                                functools.partial(self._handle_job, ep), name=name)
         if health is not None:
             ep.prober = CircuitProber(
                 breaker, lambda: self._probe_health(ep, health), self._closing, self._clock,
@@ -189,97 +194,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 flap_max_interval=settings.reset_timeout)
             breaker.on_suspect = ep.prober.verify
         return ep
-
-    # ------------------------------------------------------------------ circuit outages
-    def _on_circuit_transition(self, endpoint_id: str, old: str, new: str) -> None:
-        """OPEN: hold the endpoint's queue (fail-fast jobs fail now) and start probing.
-        CLOSED after an outage: the in-flight limit restarts low and the queue drains."""
-        self._metrics.record_transition(endpoint_id, old, new)
-        ep = self._endpoints.get(endpoint_id)
-        if ep is None:
-            return
-        tracing.circuit_changed(ep, new, self._clock.monotonic())  # held requests' span events
-        if new == CLOSED and old != CLOSED:
-            ep.limit.slow_start()
-        self._hold_queue_while_down(ep)
-        if new == CLOSED:
-            self._wake_circuit_waiters(lambda w: endpoint_id in w.endpoints)
-
-    def _hold_queue_while_down(self, ep: Endpoint) -> None:
-        """Pause the endpoint's queue (failing its fail-fast jobs) and probe while the circuit
-        is not CLOSED; resume it once it is. Read from the breaker's state now, not from the
-        transition that called: callbacks of quick successive transitions may run out of
-        order in different threads, and the queue must end as the circuit is."""
-        if ep.prober is None:
-            return
-        with ep.circuit_sync:
-            down = ep.breaker.state != CLOSED
-            failed = ep.queue.pause() if down else []
-            held = [] if down else ep.queue.resume()
-        for job in failed:
-            job.fail(ep.breaker.open_error())
-            self._record_unsent(ep, job)
-        for seconds in held:
-            self._metrics.record_circuit_wait(ep.id, seconds)
-        if down:
-            ep.prober.start()
-
-    def _can_wait_for_circuits(self, endpoint_ids: Sequence[str]) -> bool:
-        """True when every one of ``endpoint_ids`` is down (circuit not CLOSED) and probed on
-        a schedule, so that waiting for one of them to come back can end."""
-        eps = [self._endpoint(eid) for eid in endpoint_ids]
-        return bool(eps) and all(ep.settings.circuit_breaker_enabled and ep.prober is not None
-                                 and ep.breaker.state != CLOSED for ep in eps)
-
-    def _wait_for_any_circuit(self, endpoint_ids: Sequence[str], deadline: float,
-                              on_closed: Callable[[], None],
-                              on_deadline: Callable[[float], None]) -> None:
-        """Call ``on_closed()`` once any of ``endpoint_ids`` closes its circuit, or
-        ``on_deadline(waited)`` at monotonic ``deadline`` (checked on the probers' ticks);
-        from a prober thread, or at once if one closed meanwhile. No thread waits for it."""
-        waiter = _CircuitWaiter(set(endpoint_ids), deadline, self._clock.monotonic(),
-                                on_closed, on_deadline)
-        with self._lock:
-            self._circuit_waiters.append(waiter)
-        if not self._can_wait_for_circuits(endpoint_ids) or self._closed:
-            self._wake_circuit_waiters(lambda w: w is waiter)  # closed while registering
-
-    def _wake_circuit_waiters(self, which: Callable[["_CircuitWaiter"], bool],
-                              expired: bool = False) -> None:
-        with self._lock:
-            woken = [w for w in self._circuit_waiters if which(w)]
-            self._circuit_waiters = [w for w in self._circuit_waiters if not which(w)]
-        for w in woken:
-            try:
-                if expired:
-                    w.on_deadline(self._clock.monotonic() - w.since)
-                else:
-                    w.on_closed()
-            except Exception:  # noqa: BLE001 - a waiter's callback must not stop the prober
-                log.exception("a circuit waiter's callback failed")
-
-    def _probe_health(self, ep: Endpoint, health: HttpRequest) -> bool:
-        """One scheduled probe: the server answered the health request below 500."""
-        timeout = (min(ep.settings.connect_timeout, 2.0), min(ep.settings.timeout, 5.0))
-        try:
-            response = ep.transport.send(health, timeout)
-        except ApiError:
-            return False
-        return response.status < 500
-
-    def _expire_held(self, ep: Endpoint) -> None:
-        """Fail the queued requests whose deadline passed while the circuit held them."""
-        now = self._clock.monotonic()
-        if self._circuit_waiters:
-            self._wake_circuit_waiters(lambda w: w.deadline <= now, expired=True)
-        for job in ep.queue.expire(now):
-            waited = now - job.enqueued_at
-            job.fail(errors.CircuitWaitTimeoutError(
-                f"waited {waited:.2f}s in the queue for the circuit of {ep.id} "
-                f"({ep.breaker.state}); the call deadline passed before it closed, and the "
-                "request was never sent", waited=waited, endpoint=ep.id))
-            self._metrics.record_circuit_wait(ep.id, waited)
-            self._record_unsent(ep, job)
 
     _warned_hosts: "set[str]" = set()
 
@@ -348,10 +262,14 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                         ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported)
         if key is not None:
             key = (key, fail_fast)  # fail-fast and waiting callers never share a call
-        rid = f"{self._id_prefix}-{next(self._ids)}"
+        rid = self._new_request_id()
         job = Job(request, priority, deadline, key, model, rid, now, fail_fast)
         tracing.job_created(self, ep, job)  # a span under the caller's context (tracing.py)
         return job
+
+    def _new_request_id(self) -> str:
+        """Unique per process and client: the prefix is random, the count is this client's."""
+        return f"{self._id_prefix}-{next(self._ids)}"
 
     def _fail_fast(self, ep: Endpoint, fail_fast: Optional[bool]) -> bool:
         return ep.settings.fail_fast if fail_fast is None else bool(fail_fast)
@@ -384,7 +302,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 job.fail(ep.breaker.open_error())  # the circuit opened as it was queued
                 self._record_unsent(ep, job)
         else:
-            self._handle_job(job, ep)
+            self._handle_job(ep, job)
         return job.future
 
     def execute(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
@@ -404,66 +322,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 except Exception:  # noqa: BLE001 - the worker resolved it just now
                     pass
             return fut.result(0)
-
-    # ------------------------------------------------------------------ worker side
-    def _handle_job(self, job: Job, ep: Endpoint) -> None:
-        if not self._check_queue_deadline(job):
-            self._record_unsent(ep, job)
-            return
-        batch = self._collect_batch(ep, job)
-        if not batch:
-            return  # handed to the worker gathering its batch (mixins/batching.py)
-        if len(batch) > 1:
-            self._run_batch(ep, batch)
-        else:
-            self._run_single(ep, job)
-
-    def _record_unsent(self, ep: Endpoint, job: Job) -> None:
-        exc = job.future.exception() if job.future.done() else None
-        self._metrics.record_request(ep.id, job.model, False, self._clock.monotonic() - job.enqueued_at,
-                                     error_type=type(exc).__name__ if exc else "Cancelled")
-
-    def _run_single(self, ep: Endpoint, job: Job) -> None:
-        start = self._clock.monotonic()
-        tracing.job_started(ep, job, start)
-        try:
-            result = self._call(ep, job.request, job.deadline, job.model, job.request_id,
-                                job.priority, job.fail_fast)
-        except BaseException as exc:  # noqa: BLE001 - delivered to the caller
-            self._finish(ep, job, start, error=exc)
-        else:
-            self._finish(ep, job, start, result=result)
-
-    def _finish(self, ep: Endpoint, job: Job, start: float, result: Optional[CompletionResult] = None,
-                error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
-                output_tokens: Optional[int] = None) -> None:
-        if error is None:
-            job.succeed(result)
-        else:
-            job.fail(error)
-        # The caller may have given up first: count what the caller saw.
-        exc = job.future.exception()
-        ok = exc is None
-        now = self._clock.monotonic()
-        if ok and result is not None:
-            if input_tokens is None:
-                input_tokens = result.usage.prompt_tokens
-            if output_tokens is None:
-                output_tokens = result.usage.completion_tokens
-        self._metrics.record_request(
-            ep.id, job.model, ok, now - job.enqueued_at, start - job.enqueued_at,
-            None if ok else type(exc).__name__, input_tokens or 0, output_tokens or 0)
-        if self.recent_requests.maxlen:
-            entry = {"request_id": job.request_id, "endpoint": ep.id, "model": job.model,
-                     "priority": job.priority, "ok": ok,
-                     "error": None if ok else type(exc).__name__,
-                     "latency_seconds": now - job.enqueued_at,
-                     "queue_wait_seconds": start - job.enqueued_at,
-                     "time": self._clock.wall()}
-            if ep.settings.store_prompts:
-                entry["prompt"] = (job.request.prompt if isinstance(job.request, CompletionRequest)
-                                   else "(chat)")
-            self.recent_requests.append(entry)
 
     # ------------------------------------------------------------------ one call
     def _call(self, ep: Endpoint, request: Request, deadline: float, model: Optional[str],
@@ -571,12 +429,12 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 body = b"".join(response.chunks())
                 response.close()
                 response = HttpResponse(response.status, response.headers, body)
-            exc = self._adapter.parse_error(response)
-            if isinstance(exc, errors.ServerError):
+            error = self._adapter.parse_error(response)
+            if isinstance(error, errors.ServerError):
                 ep.breaker.record_failure(probe)
             else:
                 ep.breaker.record_success(probe)
-            raise exc
+            raise error
         ep.breaker.record_success(probe)
         return response
 
@@ -593,56 +451,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError("client is closed")
-
-    # ------------------------------------------------------------------ streaming
-    def stream(self, request: Request, endpoint_id: Optional[str] = None,
-               fail_fast: Optional[bool] = None) -> "TextStream":
-        """Open a stream now (errors raise here) and return an iterator of ``StreamChunk``.
-
-        An OPEN circuit is waited out before the first byte, within the deadline, unless
-        ``fail_fast``."""
-        self._check_open()
-        if not self._adapter.supports_streaming:
-            raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
-        routed = self._routed_stream(request) if endpoint_id is None else None
-        if routed is not None:
-            return routed
-        ep = self._endpoint(endpoint_id)
-        if not request.stream:
-            request = request.model_copy(update={"stream": True})
-        if request.model is None and ep.settings.model:
-            request = request.model_copy(update={"model": ep.settings.model})
-        request = cap_request(self, request)
-        rid = f"{self._id_prefix}-{next(self._ids)}"
-        tracing.stream_opening(self, ep, request, rid)  # this caller's span, alone or shared
-        from . import stream_batching  # it subclasses TextStream, below
-        try:
-            shared = stream_batching.join(self, ep, request, self._fail_fast(ep, fail_fast))
-        except BaseException as exc:
-            tracing.stream_failed(exc)
-            raise
-        if shared is not None:  # it shares one prompt-list stream with others (stream_batching.py)
-            shared.adopt_caller_trace()
-            return shared
-        http = self._adapter.format_request(request, priority=None, request_id=rid)
-        start = self._clock.monotonic()
-        deadline = start + ep.settings.effective_deadline
-        idle = ep.settings.idle_timeout
-        ff = self._fail_fast(ep, fail_fast)
-
-        def attempt(n: int) -> Any:
-            return self._guarded(ep, deadline, idle, False,
-                                 lambda timeout: ep.transport.open_stream(http, timeout), ff)
-
-        try:
-            resp = self._retry(ep, attempt, deadline, request.model)
-        except BaseException as exc:
-            tracing.stream_failed(exc)
-            self._metrics.record_request(ep.id, request.model, False,
-                                         self._clock.monotonic() - start,
-                                         error_type=type(exc).__name__, stream=True)
-            raise
-        return TextStream(self, ep, request, resp, start)
 
     # ------------------------------------------------------------------ high level, generic
     def run_inference(self, model_id: Optional[str], inputs: Any,
@@ -744,189 +552,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self._settings.base_url} endpoints={len(self._endpoints)}"
                 f"{' closed' if self._closed else ''}>")
-
-
-class _CircuitWaiter:
-    """One caller waiting for any of ``endpoints`` to close its circuit (see
-    ``BaseApiBackend._wait_for_any_circuit``)."""
-
-    __slots__ = ("endpoints", "deadline", "since", "on_closed", "on_deadline")
-
-    def __init__(self, endpoints: "set[str]", deadline: float, since: float,
-                 on_closed: Callable[[], None], on_deadline: Callable[[float], None]) -> None:
-        self.endpoints = endpoints
-        self.deadline = deadline
-        self.since = since
-        self.on_closed = on_closed
-        self.on_deadline = on_deadline
-
-
-class _StreamLease:
-    """What an open stream holds: its connection and its place in ``current_requests``.
-
-    Released exactly once: when the stream ends, is closed, or is garbage-collected unread
-    (a finalizer holds the lease, not the stream, so dropping the stream can trigger it)."""
-
-    __slots__ = ("ep", "response", "released")
-
-    def __init__(self, ep: Endpoint, response: Any) -> None:
-        self.ep = ep
-        self.response = response
-        self.released = False
-        ep.enter()
-
-    def release(self) -> bool:
-        """Close the connection and leave the endpoint; False if that was done already."""
-        if self.released:
-            return False
-        self.released = True
-        try:
-            self.response.close()
-        finally:
-            self.ep.leave()
-        return True
-
-
-def _release_dropped_stream(lease: _StreamLease, metrics: Any, clock: Clock, model: Optional[str],
-                            start: float) -> None:
-    if lease.release():
-        metrics.record_request(lease.ep.id, model, False, clock.monotonic() - start,
-                               error_type="ClosedEarly", stream=True)
-
-
-class TextStream:
-    """An open stream: iterate for ``StreamChunk``s, or ``texts()`` for strings. Closing it
-    early closes the connection, which makes vLLM abort the generation. A stream dropped
-    without being read to its end or closed is closed when it is garbage-collected."""
-
-    def __init__(self, client: BaseApiBackend, ep: Endpoint, request: Request, response: Any,
-                 start: float) -> None:
-        self._client = client
-        self._ep = ep
-        self._request = request
-        self._response = response
-        self._start = start
-        self._ttft: Optional[float] = None
-        self._parts: List[str] = []
-        self.usage = None
-        self.finish_reasons: Dict[int, Optional[str]] = {}
-        self._gen = self._run()
-        self._lease = _StreamLease(ep, response)
-        self._trace = self._adopt_trace()  # its span, ended in _finish (tracing.py)
-        weakref.finalize(self, _release_dropped_stream, self._lease, client._metrics,
-                         client._clock, request.model, start)
-
-    def _adopt_trace(self) -> Any:
-        """The span ``stream()`` started in this thread (see ``tracing.stream_opening``)."""
-        return tracing.stream_opened(self)
-
-    @property
-    def text(self) -> str:
-        """Everything received so far (choice 0 and others concatenated in arrival order)."""
-        return "".join(self._parts)
-
-    def __iter__(self) -> "TextStream":
-        return self
-
-    def __next__(self) -> StreamChunk:
-        return next(self._gen)
-
-    def texts(self) -> Iterator[str]:
-        """Only the text pieces, as a generator that closes the stream when it is closed,
-        dropped or exhausted: also before its first ``next`` (the request is already open)."""
-        gen = self._texts()
-        next(gen)  # run into the try block, so close() before the first piece still closes
-        return gen
-
-    def _texts(self) -> Iterator[Optional[str]]:
-        try:
-            yield None  # the priming stop of texts(); never seen by the caller
-            for chunk in self:
-                if chunk.text:
-                    yield chunk.text
-        finally:
-            self.close()
-
-    def _chunks(self) -> Iterator[StreamChunk]:
-        """The reply's chunks in order; returns at the end marker, raises if it never came.
-        (A stream sharing one call with others reads its own choices instead: stream_batching.)"""
-        adapter = self._client._adapter
-        decoder = SSEDecoder()
-        for raw in self._response.chunks():
-            for data in decoder.feed(raw):
-                parsed = adapter.parse_stream_event(self._request, data)
-                if parsed is None:
-                    return
-                yield from parsed
-        for data in decoder.flush():
-            if adapter.parse_stream_event(self._request, data) is None:
-                return
-        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
-                                   "the reply is incomplete")
-
-    def _run(self) -> Iterator[StreamChunk]:
-        client = self._client
-        error: Optional[BaseException] = None
-        finished = False
-        try:
-            for chunk in self._chunks():
-                if chunk.usage is not None:
-                    self.usage = chunk.usage
-                if chunk.finish_reason is not None:
-                    self.finish_reasons[chunk.index] = chunk.finish_reason
-                if chunk.text:
-                    if self._ttft is None:
-                        self._ttft = client._clock.monotonic() - self._start
-                    self._parts.append(chunk.text)
-                yield chunk
-            finished = True
-        except errors.StreamError as exc:
-            exc.partial_text = self.text
-            error = exc
-            raise
-        except ApiError as exc:
-            exc.context["partial_text"] = self.text
-            error = exc
-            if isinstance(exc, TransientError):
-                self._ep.breaker.record_failure(False)
-            raise
-        except GeneratorExit:
-            error = None
-            raise
-        except BaseException as exc:  # noqa: BLE001
-            error = exc
-            raise
-        finally:
-            self._finish(finished, error)
-
-    def _finish(self, finished: bool, error: Optional[BaseException]) -> None:
-        if not self._lease.release():
-            return
-        c = self._client
-        usage = self.usage
-        c._metrics.record_request(
-            self._ep.id, self._request.model, finished and error is None,
-            c._clock.monotonic() - self._start,
-            error_type=None if finished and error is None else
-            (type(error).__name__ if error else "ClosedEarly"),
-            input_tokens=usage.prompt_tokens if usage else 0,
-            output_tokens=usage.completion_tokens if usage else 0,
-            ttft=self._ttft, stream=True)
-        tracing.stream_finished(self._trace, error, None if finished and error is None else
-                                (type(error).__name__ if error else "ClosedEarly"),
-                                usage, self._ttft, list(self.finish_reasons.values()))
-
-    def close(self) -> None:
-        """Stop reading and drop the connection (idempotent)."""
-        self._gen.close()
-        self._finish(False, None)
-
-    def __enter__(self) -> "TextStream":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
 
 _live_clients: "weakref.WeakSet[BaseApiBackend]" = weakref.WeakSet()
 

@@ -13,13 +13,13 @@ instead of raising: the framework expects ``{"error": message, "error_type": nam
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .call_shapes import check_timeout
 from .errors import ApiError, ValidationError
 from .models import ChatRequest, CompletionRequest, CompletionResult, unknown_field_message
 
-__all__ = ["make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters"]
+__all__ = ["EndpointHandler", "make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters"]
 
 #: Handler settings that shape how the handler calls the client; never sent to the server.
 HANDLER_OPTIONS = {"batch_size", "priority", "timeout"}
@@ -76,23 +76,30 @@ def _unpack(data: Any) -> "tuple[Any, Dict[str, Any]]":
     return data, {}
 
 
-def make_endpoint_handler(client: Any, model: Optional[str] = None,
-                          parameters: Optional[Dict[str, Any]] = None) -> Callable[[Any], Any]:
-    """A one-argument handler bound to ``client`` and ``model`` with default ``parameters``.
+class EndpointHandler:
+    """The handler ``make_endpoint_handler`` returns: call it with one framework input.
 
-    Per-call parameters override the defaults. ``batch_size`` splits a list of prompts into
-    calls of at most that many prompts (sent concurrently); ``priority`` sets the queue
-    priority and ``timeout`` (seconds) the deadline of each call, queueing and retries
-    included (a call past it fails with ``TimeoutError``).
-    """
-    defaults, options = split_handler_parameters(parameters)
+    Its attributes say what it is bound to (``client``, ``model``, default ``parameters``
+    and handler ``options``); ``run(inputs, parameters)`` does the same work but raises
+    typed errors, for callers that are not the framework."""
 
-    def run(inputs: Any, call_params: Optional[Dict[str, Any]] = None) -> Any:
+    def __init__(self, client: Any, model: Optional[str], defaults: Dict[str, Any],
+                 options: Dict[str, Any]) -> None:
+        self.client = client
+        self.model = model
+        self.parameters = dict(defaults)
+        self.options = dict(options)
+        self._defaults = defaults
+        self._options = options
+
+    def run(self, inputs: Any, call_params: Optional[Dict[str, Any]] = None) -> Any:
         """The handler's work, raising typed errors (for callers that are not the framework)."""
         if not isinstance(call_params, (dict, type(None))):
             raise ValidationError("must be a dict", field="parameters")
         from .base import build_request  # the base imports the plugins that import this
-        sampling, call_options = split_handler_parameters({**defaults, **options, **(call_params or {})})
+        client, model = self.client, self.model
+        sampling, call_options = split_handler_parameters(
+            {**self._defaults, **self._options, **(call_params or {})})
         priority = call_options.get("priority", 1)
         timeout = call_options.get("timeout")  # this call's deadline (checked when split)
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
@@ -113,15 +120,24 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
         return result_to_dict(client.execute(build_request(inputs, model, sampling), priority,
                                              timeout=timeout))
 
-    def handler(data: Any) -> Any:
+    def __call__(self, data: Any) -> Any:
         try:
-            return run(*_unpack(data))
+            return self.run(*_unpack(data))
         except ApiError as exc:
             return {"error": str(exc), "error_type": type(exc).__name__}
 
-    handler.model = model  # type: ignore[attr-defined]
-    handler.parameters = dict(defaults)  # type: ignore[attr-defined]
-    handler.options = dict(options)  # type: ignore[attr-defined]
-    handler.client = client  # type: ignore[attr-defined]
-    handler.run = run  # type: ignore[attr-defined]
-    return handler
+    def __repr__(self) -> str:
+        return f"<EndpointHandler model={self.model!r} options={self.options!r}>"
+
+
+def make_endpoint_handler(client: Any, model: Optional[str] = None,
+                          parameters: Optional[Dict[str, Any]] = None) -> EndpointHandler:
+    """A one-argument handler bound to ``client`` and ``model`` with default ``parameters``.
+
+    Per-call parameters override the defaults. ``batch_size`` splits a list of prompts into
+    calls of at most that many prompts (sent concurrently); ``priority`` sets the queue
+    priority and ``timeout`` (seconds) the deadline of each call, queueing and retries
+    included (a call past it fails with ``TimeoutError``).
+    """
+    defaults, options = split_handler_parameters(parameters)
+    return EndpointHandler(client, model, defaults, options)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 __all__ = ["Sample", "MetricFamily", "Histogram", "Metrics", "PrometheusParseError",
-           "parse_prometheus_text", "histogram_quantile", "prometheus_probe"]
+           "parse_prometheus_text", "histogram_quantile", "prometheus_probe", "PrometheusProbe"]
 
 #: Suffixes that attach a sample to its family (``x_bucket`` belongs to histogram ``x``).
 _SUFFIXES = ("_bucket", "_count", "_sum", "_created", "_total", "_gcount", "_gsum", "_info")
@@ -318,8 +318,36 @@ def parse_prometheus_text(text: str) -> Metrics:
     return Metrics(families)
 
 
+class PrometheusProbe:
+    """A load probe (see ``prometheus_probe``): call it with an endpoint; ``metric`` names
+    the gauge it sums."""
+
+    def __init__(self, metric: str, path: str, timeout: float,
+                 labels: Optional[Mapping[str, str]]) -> None:
+        self.metric = metric
+        self.path = path
+        self.timeout = timeout
+        self.labels = labels
+
+    def __call__(self, endpoint: Any) -> Optional[float]:
+        from .transport import HttpRequest  # local: keep the parser importable on its own
+
+        connect = min(self.timeout, endpoint.settings.connect_timeout)
+        try:
+            resp = endpoint.transport.send(HttpRequest("GET", self.path), (connect, self.timeout))
+        except Exception:  # noqa: BLE001 - unreachable: no figure, not an error
+            return None
+        if resp.status != 200:
+            return None
+        try:
+            return parse_prometheus_text(resp.body.decode("utf-8", "replace")).value(
+                self.metric, self.labels)
+        except PrometheusParseError:
+            return None
+
+
 def prometheus_probe(metric: str, path: str = "/metrics", timeout: float = 2.0,
-                     labels: Optional[Mapping[str, str]] = None) -> Callable[[Any], Optional[float]]:
+                     labels: Optional[Mapping[str, str]] = None) -> PrometheusProbe:
     """A load probe for routing: GET ``path`` on an endpoint and sum gauge ``metric``.
 
     The returned callable takes an endpoint (anything with ``transport`` and ``settings``)
@@ -327,21 +355,5 @@ def prometheus_probe(metric: str, path: str = "/metrics", timeout: float = 2.0,
     probe must never fail a request, and routing falls back to the client's own counts.
     One attempt, short timeouts, no retries: it runs on the caller's thread.
     """
-    from .transport import HttpRequest  # local: keep the parser importable on its own
-
-    def probe(endpoint: Any) -> Optional[float]:
-        connect = min(timeout, endpoint.settings.connect_timeout)
-        try:
-            resp = endpoint.transport.send(HttpRequest("GET", path), (connect, timeout))
-        except Exception:  # noqa: BLE001 - unreachable: no figure, not an error
-            return None
-        if resp.status != 200:
-            return None
-        try:
-            return parse_prometheus_text(resp.body.decode("utf-8", "replace")).value(metric, labels)
-        except PrometheusParseError:
-            return None
-
-    probe.metric = metric  # type: ignore[attr-defined]
-    return probe
+    return PrometheusProbe(metric, path, timeout, labels)
 

@@ -36,13 +36,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Deque, Dict, Hashable, Iterator, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Deque, Dict, Hashable, Iterator, List, Optional, Set
 
 from . import errors, tracing
-from .base import Endpoint, TextStream
-from .mixins.batching import attached_state
+from .streaming import TextStream
 from .models import CompletionRequest, StreamChunk, Usage
 from .sse import SSEDecoder
+
+if TYPE_CHECKING:
+    from .base import Endpoint
 
 __all__ = ["join", "stream_key", "SharedTextStream"]
 
@@ -81,7 +83,9 @@ class _Registry:
 
 
 def _registry(client: Any) -> _Registry:
-    return attached_state(client, "_stream_batches", _Registry)
+    """The client's registry (``StreamingMixin._init_streaming`` made it)."""
+    registry: _Registry = client._stream_batches
+    return registry
 
 
 def _count_down(counts: Dict[Hashable, int], key: Hashable) -> None:
@@ -98,8 +102,8 @@ def _copy_error(exc: BaseException) -> BaseException:
     twin = exc.__class__.__new__(exc.__class__)
     twin.__dict__.update(exc.__dict__)
     twin.args = exc.args
-    if isinstance(twin, errors.ApiError):
-        twin.context = dict(exc.context)  # type: ignore[attr-defined]
+    if isinstance(twin, errors.ApiError) and isinstance(exc, errors.ApiError):
+        twin.context = dict(exc.context)
     twin.__cause__ = exc.__cause__
     return twin
 
@@ -167,7 +171,7 @@ class _Group:
         """Open the shared call (in the gathering caller's thread) and tell every member."""
         client, ep = self.client, self.ep
         merged = self.merged()
-        rid = f"{client._id_prefix}-{next(client._ids)}"
+        rid = client._new_request_id()
         http = client._adapter.format_request(merged, priority=None, request_id=rid)
         deadline = min(m.start for m in self.members) + ep.settings.effective_deadline
         idle = ep.settings.idle_timeout
@@ -220,6 +224,7 @@ class _Group:
         its own chunk, one waiting member, to read next."""
         wake = member.wake
         assert wake is not None
+        chunk: Optional[StreamChunk]
         with self.lock:
             while True:
                 if member.buf:
@@ -397,7 +402,7 @@ class SharedTextStream(TextStream):
             yield chunk
 
 
-def join(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional[TextStream]:
+def join(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional["SharedTextStream"]:
     """A stream sharing a call with others, or None: the caller opens it alone (at once)."""
     key = stream_key(client, ep, request, fail_fast)
     if key is None:

@@ -2,12 +2,13 @@
 
 from .batching import BatchingMixin
 from .circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitBreakerMixin
+from .circuit_wait import CircuitWaitMixin
 from .metrics import MetricsMixin, MetricsRecorder
 from .queue import PriorityRequestQueue, QueueMixin, WorkerPool
 from .retry import RetryMixin, RetryPolicy, call_with_retries
 from .multiplexing import MultiplexingMixin
 from .routing import RoutingMixin
 
-__all__ = ["BatchingMixin", "CircuitBreaker", "CircuitBreakerMixin", "CLOSED", "OPEN", "HALF_OPEN",
+__all__ = ["BatchingMixin", "CircuitBreaker", "CircuitBreakerMixin", "CircuitWaitMixin", "CLOSED", "OPEN", "HALF_OPEN",
            "MetricsMixin", "MetricsRecorder", "PriorityRequestQueue", "QueueMixin", "WorkerPool",
            "RetryMixin", "RetryPolicy", "call_with_retries", "MultiplexingMixin", "RoutingMixin"]

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
+from typing import Any, Dict, Hashable, List, Optional, Sequence
 
 from .. import tracing
+from ._host import HostBase
 from .circuit_breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
 from ..errors import ApiError, ClientClosedError, HTTPStatusError, TransientError
@@ -97,55 +98,76 @@ class _Gathering:
         self.room: Dict[Hashable, int] = {}
 
 
-_state_init = threading.Lock()
-
-
-def attached_state(owner: Any, name: str, factory: Callable[[], Any]) -> Any:
-    """``owner``'s state called ``name``, made by ``factory`` on first use (thread-safe):
-    state kept by a module on objects whose constructor it does not own."""
-    state = owner.__dict__.get(name)
-    if state is None:
-        with _state_init:
-            state = owner.__dict__.setdefault(name, factory())
-    return state
-
-
-def _gathering(endpoint: Any) -> _Gathering:
-    return attached_state(endpoint, "_gathering", _Gathering)
-
-
 def share_tokens(total: int, count: int) -> List[int]:
     """Split an integer total over ``count`` callers so the parts add up exactly."""
     base, rest = divmod(total, count)
     return [base + (1 if i < rest else 0) for i in range(count)]
 
 
-class BatchingMixin:
-    """README surface: ``batch_enabled``, ``max_batch_size``, ``batch_timeout``."""
+class BatchingMixin(HostBase):
+    """A worker's job, sent alone or in one shared call with compatible ones.
+
+    README surface: ``batch_enabled``, ``max_batch_size``, ``batch_timeout``."""
+
+    #: per endpoint id: the batch a worker holds open while the in-flight limit is reached
+    _gatherings: Dict[str, _Gathering]
+
+    def _init_batching(self) -> None:
+        self._gatherings = {}
+
+    def _gathering(self, endpoint: Any) -> _Gathering:
+        gathering = self._gatherings.get(endpoint.id)
+        if gathering is None:  # setdefault: two first callers end with the same one
+            gathering = self._gatherings.setdefault(endpoint.id, _Gathering())
+        return gathering
+
+    def _handle_job(self, ep: Any, job: Job) -> None:
+        """A worker's turn: drop a job past its deadline, else send it alone or batched."""
+        if not self._check_queue_deadline(job):
+            self._record_unsent(ep, job)
+            return
+        batch = self._collect_batch(ep, job)
+        if not batch:
+            return  # handed to the worker gathering its batch
+        if len(batch) > 1:
+            self._run_batch(ep, batch)
+        else:
+            self._run_single(ep, job)
+
+    def _run_single(self, ep: Any, job: Job) -> None:
+        start = self._clock.monotonic()
+        tracing.job_started(ep, job, start)
+        try:
+            result = self._call(ep, job.request, job.deadline, job.model, job.request_id,
+                                job.priority, job.fail_fast)
+        except BaseException as exc:  # noqa: BLE001 - delivered to the caller
+            self._finish(ep, job, start, error=exc)
+        else:
+            self._finish(ep, job, start, result=result)
 
     @property
     def batch_enabled(self) -> bool:
-        return self._settings.batch_enabled  # type: ignore[attr-defined]
+        return self._settings.batch_enabled
 
     @batch_enabled.setter
     def batch_enabled(self, value: bool) -> None:
-        self._set_on_all_endpoints(batch_enabled=bool(value))  # type: ignore[attr-defined]
+        self._set_on_all_endpoints(batch_enabled=bool(value))
 
     @property
     def max_batch_size(self) -> int:
-        return self._settings.max_batch_size  # type: ignore[attr-defined]
+        return self._settings.max_batch_size
 
     @max_batch_size.setter
     def max_batch_size(self, value: int) -> None:
-        self._set_on_all_endpoints(max_batch_size=value)  # type: ignore[attr-defined]
+        self._set_on_all_endpoints(max_batch_size=value)
 
     @property
     def batch_timeout(self) -> float:
-        return self._settings.batch_timeout  # type: ignore[attr-defined]
+        return self._settings.batch_timeout
 
     @batch_timeout.setter
     def batch_timeout(self, value: float) -> None:
-        self._set_on_all_endpoints(batch_timeout=value)  # type: ignore[attr-defined]
+        self._set_on_all_endpoints(batch_timeout=value)
 
     def _collect_batch(self, endpoint: Any, job: Job) -> List[Job]:
         settings = endpoint.settings
@@ -160,30 +182,29 @@ class BatchingMixin:
         # Linger only amid a burst: company is waiting now, a shared call is in flight, or one
         # just finished and its callers are coming back. A lone sequential caller is sent at once.
         burst = (len(batch) > 1 or endpoint.queue.shared_calls_in_flight(job.key) > 0
-                 or self._clock.monotonic() < endpoint.burst_until)  # type: ignore[attr-defined]
+                 or self._clock.monotonic() < endpoint.burst_until)
         if burst and len(batch) < limit and settings.batch_timeout > 0 and settings.batch_linger > 0:
             until = max(job.enqueued_at + settings.batch_timeout,
-                        self._clock.monotonic() + settings.batch_linger)  # type: ignore[attr-defined]
+                        self._clock.monotonic() + settings.batch_linger)
             batch += endpoint.queue.wait_compatible(job.key, limit - len(batch), until,
                                                     settings.batch_linger)
         if len(batch) < limit and endpoint.limit.full:
             batch = self._gather_while_full(endpoint, job, batch, limit)
-        return [j for j in batch if j is job or self._check_queue_deadline(j)]  # type: ignore[attr-defined]
+        return [j for j in batch if j is job or self._check_queue_deadline(j)]
 
     def _hand_over(self, endpoint: Any, job: Job) -> bool:
         """Give ``job`` to the worker gathering its key, if one is (True: it took it).
 
         Workers woken for a burst's first arrivals would otherwise each send what they
         hold while another gathers: several small calls where one would do."""
-        gathering = _gathering(endpoint)
+        gathering = self._gathering(endpoint)
         with gathering.lock:
             batch = gathering.batches.get(job.key)
             if batch is not None and len(batch) < gathering.room[job.key]:
                 batch.append(job)
                 return True
         queue = endpoint.queue
-        buf = queue._collecting.get(job.key)  # a collector's batch: put() hands the job to it
-        if buf is not None and len(buf) < queue._collect_room.get(job.key, 0):
+        if queue.collector_room(job.key) > 0:  # a collector's batch: put() hands the job to it
             try:
                 queue.put(job)  # joins the collector's batch (or, just filled, waits in the queue)
             except Exception:  # noqa: BLE001 - full or closing: send it here instead
@@ -195,7 +216,7 @@ class BatchingMixin:
         """The in-flight limit is reached: hold the batch open until a slot frees (at most
         ``batch_timeout``), so what arrives meanwhile joins this call instead of queueing for
         a call of its own."""
-        gathering = _gathering(endpoint)
+        gathering = self._gathering(endpoint)
         key = job.key
         with gathering.lock:
             if key in gathering.batches:
@@ -208,8 +229,8 @@ class BatchingMixin:
             # what queued work does (fail-fast and routed work fails over at once).
             # At most batch_timeout: under steady load a freed slot may go to another
             # worker's attempt each time, and a batch must not wait for a lull.
-            until = min(job.deadline, self._clock.monotonic() + endpoint.settings.batch_timeout)  # type: ignore[attr-defined]
-            endpoint.limit.wait_for_room(until, self._closing,  # type: ignore[attr-defined]
+            until = min(job.deadline, self._clock.monotonic() + endpoint.settings.batch_timeout)
+            endpoint.limit.wait_for_room(until, self._closing,
                                          lambda: breaker.state != CLOSED)
         finally:
             with gathering.lock:
@@ -219,7 +240,7 @@ class BatchingMixin:
             for j in batch:
                 if j is not job:
                     j.fail(breaker.open_error())
-                    self._record_unsent(endpoint, j)  # type: ignore[attr-defined]
+                    self._record_unsent(endpoint, j)
             return [job]  # its own call meets the breaker's fail-fast refusal
         return batch + endpoint.queue.take_compatible(key, limit - len(batch))
 
@@ -234,36 +255,36 @@ class BatchingMixin:
         deadline = min(j.deadline for j in jobs)
         model = jobs[0].model
         if first_attempt == 0:  # a batch as formed; its parts are retries
-            self._metrics.record_batch(endpoint.id, model, len(jobs))  # type: ignore[attr-defined]
-        start = self._clock.monotonic()  # type: ignore[attr-defined]
+            self._metrics.record_batch(endpoint.id, model, len(jobs))
+        start = self._clock.monotonic()
         endpoint.queue.shared_call_started(jobs[0].key)
         tracing.shared_call_started(self, endpoint, jobs, start)  # a span linked to the callers'
         try:
             try:
                 # The shared call carries the first job's id and its most urgent priority.
                 # A call of several jobs makes one attempt here: its retry goes in parts.
-                result = self._call(endpoint, merged, deadline, model, jobs[0].request_id,  # type: ignore[attr-defined]
+                result = self._call(endpoint, merged, deadline, model, jobs[0].request_id,
                                     min(j.priority for j in jobs), first_attempt=first_attempt,
                                     last_attempt=first_attempt if len(jobs) > 1 else None,
                                     fresh_id=fresh_id)
                 # Its callers will be back at once (closed-loop load): let their next
                 # requests gather.
-                endpoint.burst_until = self._clock.monotonic() + endpoint.settings.batch_timeout  # type: ignore[attr-defined]
+                endpoint.burst_until = self._clock.monotonic() + endpoint.settings.batch_timeout
             finally:
                 endpoint.queue.shared_call_ended(jobs[0].key)
                 tracing.shared_call_ended()
         except HTTPStatusError as exc:
             if not isinstance(exc, TransientError):
-                if isinstance(merged, ChatBatchRequest) and self._adapter.is_missing_route(exc):  # type: ignore[attr-defined]
+                if isinstance(merged, ChatBatchRequest) and self._adapter.is_missing_route(exc):
                     endpoint.chat_batch_supported = False
                     log.info("endpoint %s has no chat batch route; chat requests go alone",
                              endpoint.id)
                 # One bad prompt (e.g. too long) fails the whole list: find it by going alone.
                 # The first job's id already went out with the batch, so its solo call
                 # repeats that id on the wire: count it as the retry it is.
-                self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
+                self._metrics.record_retry(endpoint.id, model)
                 for j in jobs:
-                    self._run_single(endpoint, j)  # type: ignore[attr-defined]
+                    self._run_single(endpoint, j)
                 return
             self._retry_in_parts(endpoint, jobs, exc, first_attempt, deadline, start)
             return
@@ -274,7 +295,7 @@ class BatchingMixin:
             self._fail_jobs(endpoint, jobs, exc, start)
             return
         for j, part in zip(jobs, split_result(result, len(jobs), merged.n or 1)):
-            self._finish(endpoint, j, start, result=part)  # type: ignore[attr-defined]
+            self._finish(endpoint, j, start, result=part)
 
     def _retry_in_parts(self, endpoint: Any, jobs: List[Job], exc: BaseException, attempt: int,
                         deadline: float, start: float) -> None:
@@ -295,12 +316,12 @@ class BatchingMixin:
             return
         try:
             wait = retry_wait(exc, attempt, RetryPolicy.from_settings(endpoint.settings),
-                              deadline, self._clock)  # type: ignore[attr-defined]
+                              deadline, self._clock)
         except ApiError as final:  # not retried, or the deadline comes first
             self._fail_jobs(endpoint, jobs, final, start)
             return
         tracing.retrying(exc, attempt, wait)
-        if not self._clock.sleep(wait, self._closing):  # type: ignore[attr-defined]
+        if not self._clock.sleep(wait, self._closing):
             self._fail_jobs(endpoint, jobs, ClientClosedError(
                 "client closed while waiting to retry"), start)
             return
@@ -324,10 +345,10 @@ class BatchingMixin:
         try:
             self._run_batch(endpoint, jobs, first_attempt, fresh_id)
         except BaseException as exc:  # noqa: BLE001 - never lose a caller
-            now = self._clock.monotonic()  # type: ignore[attr-defined]
+            now = self._clock.monotonic()
             self._fail_jobs(endpoint, [j for j in jobs if not j.future.done()], exc, now)
 
     def _fail_jobs(self, endpoint: Any, jobs: List[Job], exc: BaseException, start: float) -> None:
         for j in jobs:
-            self._finish(endpoint, j, start, error=exc)  # type: ignore[attr-defined]
+            self._finish(endpoint, j, start, error=exc)
 

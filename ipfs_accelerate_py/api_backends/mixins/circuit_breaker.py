@@ -55,6 +55,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import CircuitOpenError, CircuitWaitTimeoutError, ClientClosedError, ConfigurationError
+from ._host import HostBase
 
 __all__ = ["CircuitBreaker", "CircuitBreakerMixin", "CLOSED", "OPEN", "HALF_OPEN", "REFUSED_RUN"]
 
@@ -360,7 +361,7 @@ class CircuitBreaker:
                 pass
 
 
-class CircuitBreakerMixin:
+class CircuitBreakerMixin(HostBase):
     """README surface: ``circuit_state`` (settable to "CLOSED") and ``failure_count``."""
 
     def _new_breaker(self, name: str, settings: Any, clock: Clock, on_transition: Transition,
@@ -376,19 +377,19 @@ class CircuitBreakerMixin:
     @property
     def circuit_state(self) -> str:
         """The default endpoint's breaker state: "CLOSED", "OPEN" or "HALF-OPEN"."""
-        return self._default_endpoint().breaker.state  # type: ignore[attr-defined]
+        return self._default_endpoint().breaker.state
 
     @circuit_state.setter
     def circuit_state(self, value: str) -> None:
         if str(value).upper() != CLOSED:
             raise ConfigurationError("can only be set to 'CLOSED' (a manual reset)",
                                      field="circuit_state")
-        self._default_endpoint().breaker.reset()  # type: ignore[attr-defined]
+        self._default_endpoint().breaker.reset()
 
     @property
     def failure_count(self) -> int:
-        return self._default_endpoint().breaker.failure_count  # type: ignore[attr-defined]
+        return self._default_endpoint().breaker.failure_count
 
     def circuit_states(self) -> Dict[str, str]:
         """Breaker state of every endpoint, by endpoint id."""
-        return {eid: ep.breaker.state for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
+        return {eid: ep.breaker.state for eid, ep in self._endpoints.items()}

@@ -9,10 +9,17 @@ Names follow the OpenTelemetry GenAI semantic conventions where one exists
 from __future__ import annotations
 
 import threading
-from collections import Counter
-from typing import Any, Dict, Optional
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
 
 import numpy as np
+
+from ..models import CompletionRequest, CompletionResult
+from ._host import HostBase
+from .queue import Job
+
+if TYPE_CHECKING:
+    from ..base import Endpoint
 
 __all__ = ["Series", "MetricsRecorder", "MetricsMixin"]
 
@@ -196,15 +203,62 @@ class MetricsRecorder:
             return s.to_dict() if s else _Scope(1).to_dict()
 
 
-class MetricsMixin:
-    """README surface: ``get_metrics(reset=False)``."""
+class MetricsMixin(HostBase):
+    """README surface: ``get_metrics(reset=False)``, ``recent_requests``; and the record of
+    every request's outcome (``_finish``, ``_record_unsent``)."""
+
+    _metrics: MetricsRecorder
+    #: the last requests' outcomes (id, endpoint, model, latency, error), newest last
+    recent_requests: Deque[Dict[str, Any]]
+
+    def _init_metrics(self, latency_window: int, recent_requests_size: int) -> None:
+        self._metrics = MetricsRecorder(latency_window)
+        self.recent_requests = deque(maxlen=recent_requests_size)
 
     def get_metrics(self, reset: bool = False) -> Dict[str, Any]:
         """Counts, latency percentiles, tokens, batches and breaker state; ``reset`` clears."""
-        snap = self._metrics.snapshot(reset=reset)  # type: ignore[attr-defined]
-        snap["circuit_state"] = self.circuit_states()  # type: ignore[attr-defined]
-        snap["queue_length"] = {eid: len(ep.queue) for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
-        snap["current_requests"] = self.current_requests  # type: ignore[attr-defined]
-        snap["in_flight_limit"] = {eid: ep.limit.limit for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
-        snap["in_flight"] = {eid: ep.limit.stats() for eid, ep in self._endpoints.items()}  # type: ignore[attr-defined]
+        snap = self._metrics.snapshot(reset=reset)
+        snap["circuit_state"] = self.circuit_states()
+        snap["queue_length"] = {eid: len(ep.queue) for eid, ep in self._endpoints.items()}
+        snap["current_requests"] = self.current_requests
+        snap["in_flight_limit"] = {eid: ep.limit.limit for eid, ep in self._endpoints.items()}
+        snap["in_flight"] = {eid: ep.limit.stats() for eid, ep in self._endpoints.items()}
         return snap
+
+    def _record_unsent(self, ep: "Endpoint", job: Job) -> None:
+        """Count a request that ended before it was sent (expired, closed, circuit held)."""
+        exc = job.future.exception() if job.future.done() else None
+        self._metrics.record_request(ep.id, job.model, False, self._clock.monotonic() - job.enqueued_at,
+                                     error_type=type(exc).__name__ if exc else "Cancelled")
+
+    def _finish(self, ep: "Endpoint", job: Job, start: float,
+                result: Optional[CompletionResult] = None,
+                error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
+                output_tokens: Optional[int] = None) -> None:
+        """Resolve ``job`` and record what its caller saw (``start``: when it was sent)."""
+        if error is None:
+            job.succeed(result)
+        else:
+            job.fail(error)
+        # The caller may have given up first: count what the caller saw.
+        exc = job.future.exception()
+        ok = exc is None
+        now = self._clock.monotonic()
+        if ok and result is not None:
+            if input_tokens is None:
+                input_tokens = result.usage.prompt_tokens
+            if output_tokens is None:
+                output_tokens = result.usage.completion_tokens
+        self._metrics.record_request(
+            ep.id, job.model, ok, now - job.enqueued_at, start - job.enqueued_at,
+            None if ok else type(exc).__name__, input_tokens or 0, output_tokens or 0)
+        if self.recent_requests.maxlen:
+            entry: Dict[str, Any] = {
+                "request_id": job.request_id, "endpoint": ep.id, "model": job.model,
+                "priority": job.priority, "ok": ok, "error": None if ok else type(exc).__name__,
+                "latency_seconds": now - job.enqueued_at,
+                "queue_wait_seconds": start - job.enqueued_at, "time": self._clock.wall()}
+            if ep.settings.store_prompts:
+                entry["prompt"] = (job.request.prompt if isinstance(job.request, CompletionRequest)
+                                   else "(chat)")
+            self.recent_requests.append(entry)

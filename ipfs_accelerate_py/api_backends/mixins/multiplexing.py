@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+from ._host import HostBase
+
 __all__ = ["MultiplexingMixin"]
 
 
-class MultiplexingMixin:
+class MultiplexingMixin(HostBase):
     """README surface: ``create_endpoint``, ``make_request_with_endpoint``, ``get_stats``."""
 
     def create_endpoint(self, api_key: Optional[str] = None, base_url: Optional[str] = None,
@@ -20,7 +22,7 @@ class MultiplexingMixin:
                         max_retries: Optional[int] = None, queue_size: Optional[int] = None,
                         endpoint_id: Optional[str] = None, **settings: Any) -> str:
         """Add an endpoint (defaults: this client's settings); returns its id."""
-        return self.add_endpoint(endpoint_id, api_key=api_key, base_url=base_url,  # type: ignore[attr-defined]
+        return self.add_endpoint(endpoint_id, api_key=api_key, base_url=base_url,
                                  max_concurrent_requests=max_concurrent_requests,
                                  max_retries=max_retries, queue_size=queue_size, **settings)
 
@@ -40,21 +42,21 @@ class MultiplexingMixin:
                 inputs = body.pop("prompt", None)
             model = body.pop("model", None) or model
             data, parameters = inputs, {**body, **(parameters or {})}
-        return self.run_inference(model, data, parameters, priority, endpoint_id=endpoint_id)  # type: ignore[attr-defined]
+        return self.run_inference(model, data, parameters, priority, endpoint_id=endpoint_id)
 
     def get_stats(self, endpoint_id: Optional[str] = None) -> Dict[str, Any]:
         """One endpoint's figures, or ``{"endpoints": {...}, "total": {...}}`` for all."""
         if endpoint_id is not None:
             return self._endpoint_stats(endpoint_id)
-        per = {eid: self._endpoint_stats(eid) for eid in self._endpoints}  # type: ignore[attr-defined]
+        per = {eid: self._endpoint_stats(eid) for eid in self._endpoints}
         keys = ("requests", "successes", "failures", "retries", "input_tokens", "output_tokens",
                 "queue_length", "in_flight")
         total = {k: sum(s[k] for s in per.values()) for k in keys}
         return {"endpoints": per, "total": total}
 
     def _endpoint_stats(self, endpoint_id: str) -> Dict[str, Any]:
-        ep = self._endpoint(endpoint_id)  # type: ignore[attr-defined]
-        counts = self._metrics.endpoint_counts(ep.id)  # type: ignore[attr-defined]
+        ep = self._endpoint(endpoint_id)
+        counts = self._metrics.endpoint_counts(ep.id)
         usage = counts["gen_ai.client.token.usage"]
         return {"endpoint_id": ep.id, "base_url": ep.settings.base_url,
                 "requests": counts["requests"], "successes": counts["successes"],

@@ -19,6 +19,7 @@ from typing import Any, Callable, Deque, Dict, Hashable, List, Optional
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ClientClosedError, QueueFullError, QueueTimeoutError, ValidationError
+from ._host import HostBase
 
 __all__ = ["Job", "PriorityRequestQueue", "WorkerPool", "QueueMixin", "PRIORITIES"]
 
@@ -240,6 +241,12 @@ class PriorityRequestQueue:
         """Whether a worker is gathering a batch for ``key`` right now."""
         return key in self._collecting
 
+    def collector_room(self, key: Hashable) -> int:
+        """Jobs the batch gathered for ``key`` can still take (0: none is gathered)."""
+        with self._cond:
+            buf = self._collecting.get(key)
+            return 0 if buf is None else max(0, self._collect_room.get(key, 0) - len(buf))
+
     def wait_compatible(self, key: Hashable, limit: int, until: float, gap: float) -> List[Job]:
         """Gather up to ``limit`` jobs with ``key``: those waiting now, then arrivals, which
         come straight to this collector (other workers are not woken for them). Stops when
@@ -365,26 +372,26 @@ class WorkerPool:
         return sum(t.is_alive() for t in self._threads)
 
 
-class QueueMixin:
+class QueueMixin(HostBase):
     """README surface: ``queue_enabled``, ``request_queue``, ``current_requests``."""
 
     @property
     def queue_enabled(self) -> bool:
-        return self._settings.queue_enabled  # type: ignore[attr-defined]
+        return self._settings.queue_enabled
 
     @queue_enabled.setter
     def queue_enabled(self, value: bool) -> None:
-        self._set_on_all_endpoints(queue_enabled=bool(value))  # type: ignore[attr-defined]
+        self._set_on_all_endpoints(queue_enabled=bool(value))
 
     @property
     def request_queue(self) -> PriorityRequestQueue:
         """The default endpoint's queue (``len()`` is how many wait)."""
-        return self._default_endpoint().queue  # type: ignore[attr-defined]
+        return self._default_endpoint().queue
 
     @property
     def current_requests(self) -> int:
         """Requests being sent right now, over every endpoint."""
-        return sum(ep.in_flight for ep in self._endpoints.values())  # type: ignore[attr-defined]
+        return sum(ep.in_flight for ep in self._endpoints.values())
 
     def _enqueue(self, endpoint: Any, job: Job) -> None:
         endpoint.queue.put(job)
@@ -394,9 +401,9 @@ class QueueMixin:
         """Fail a job that waited past its deadline; True if it may still run."""
         if job.future.done():  # the caller gave up (timeout/cancel) while it waited
             return False
-        if self._clock.monotonic() > job.deadline:  # type: ignore[attr-defined]
+        if self._clock.monotonic() > job.deadline:
             job.fail(QueueTimeoutError(
-                f"request waited {self._clock.monotonic() - job.enqueued_at:.2f}s in the queue, "  # type: ignore[attr-defined]
+                f"request waited {self._clock.monotonic() - job.enqueued_at:.2f}s in the queue, "
                 "past its deadline; it was never sent"))
             return False
         return True

@@ -27,6 +27,7 @@ from .. import tracing
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import (ApiError, CircuitOpenError, ClientClosedError, TimeoutError,
                       TransientError)
+from ._host import HostBase
 
 __all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "circuit_wait", "retry_wait"]
 
@@ -146,7 +147,7 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
                 raise ClientClosedError("client closed while waiting to retry") from exc
 
 
-class RetryMixin:
+class RetryMixin(HostBase):
     """Gives ``BaseApiBackend`` its retry loop, built from each endpoint's settings."""
 
     def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
@@ -169,15 +170,15 @@ class RetryMixin:
                 raise
             except ApiError as exc:
                 if exc.context.get("sent") is not False:
-                    self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
+                    self._metrics.record_retry(endpoint.id, model)
                 raise
             except BaseException:
-                self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
+                self._metrics.record_retry(endpoint.id, model)
                 raise
-            self._metrics.record_retry(endpoint.id, model)  # type: ignore[attr-defined]
+            self._metrics.record_retry(endpoint.id, model)
             return result
 
         return call_with_retries(counted, RetryPolicy.from_settings(endpoint.settings),
-                                 deadline, self._clock, self._closing,  # type: ignore[attr-defined]
+                                 deadline, self._clock, self._closing,
                                  on_retry=tracing.retrying,  # span events (tracing.py)
                                  first_attempt=first_attempt, last_attempt=last_attempt)

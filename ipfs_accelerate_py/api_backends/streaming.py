@@ -1,0 +1,254 @@
+"""Streaming: ``stream()`` opens one SSE reply, and ``TextStream`` reads it to its end.
+
+A stream takes the same breaker, in-flight slot, retry (before the first chunk only) and
+metrics as any request; a compatible concurrent stream may share one prompt-list call
+instead (``stream_batching``, whose ``SharedTextStream`` subclasses ``TextStream``). What an
+open stream holds (its connection, its place in ``current_requests``) is a ``_StreamLease``,
+released exactly once: at the end, on close, or when the stream is dropped unread.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Dict, Generator, Iterator, List, Optional, cast
+
+from . import errors, tracing
+from .clock import Clock
+from .errors import ApiError, ConfigurationError, TransientError
+from .limits import cap_request
+from .mixins._host import Host, HostBase
+from .models import Request, StreamChunk, Usage
+from .sse import SSEDecoder
+
+if TYPE_CHECKING:
+    from .base import Endpoint
+    from .stream_batching import _Registry
+
+__all__ = ["StreamingMixin", "TextStream"]
+
+
+class StreamingMixin(HostBase):
+    """``stream()``: one open stream of ``StreamChunk``s, alone or sharing a call."""
+
+    #: the shared prompt-list streams gathering or open (stream_batching.py)
+    _stream_batches: "_Registry"
+
+    def _init_streaming(self) -> None:
+        from .stream_batching import _Registry  # it imports this module
+        self._stream_batches = _Registry()
+
+    def stream(self, request: Request, endpoint_id: Optional[str] = None,
+               fail_fast: Optional[bool] = None) -> "TextStream":
+        """Open a stream now (errors raise here) and return an iterator of ``StreamChunk``.
+
+        An OPEN circuit is waited out before the first byte, within the deadline, unless
+        ``fail_fast``."""
+        self._check_open()
+        if not self._adapter.supports_streaming:
+            raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
+        routed = self._routed_stream(request) if endpoint_id is None else None
+        if routed is not None:
+            return routed
+        ep = self._endpoint(endpoint_id)
+        if not request.stream:
+            request = request.model_copy(update={"stream": True})
+        if request.model is None and ep.settings.model:
+            request = request.model_copy(update={"model": ep.settings.model})
+        request = cap_request(self, request)
+        rid = self._new_request_id()
+        tracing.stream_opening(self, ep, request, rid)  # this caller's span, alone or shared
+        from . import stream_batching  # it subclasses TextStream (below): imported late
+        try:
+            shared = stream_batching.join(self, ep, request, self._fail_fast(ep, fail_fast))
+        except BaseException as exc:
+            tracing.stream_failed(exc)
+            raise
+        if shared is not None:  # it shares one prompt-list stream with others (stream_batching.py)
+            shared.adopt_caller_trace()
+            return shared
+        http = self._adapter.format_request(request, priority=None, request_id=rid)
+        start = self._clock.monotonic()
+        deadline = start + ep.settings.effective_deadline
+        idle = ep.settings.idle_timeout
+        ff = self._fail_fast(ep, fail_fast)
+
+        def attempt(n: int) -> Any:
+            return self._guarded(ep, deadline, idle, False,
+                                 lambda timeout: ep.transport.open_stream(http, timeout), ff)
+
+        try:
+            resp = self._retry(ep, attempt, deadline, request.model)
+        except BaseException as exc:
+            tracing.stream_failed(exc)
+            self._metrics.record_request(ep.id, request.model, False,
+                                         self._clock.monotonic() - start,
+                                         error_type=type(exc).__name__, stream=True)
+            raise
+        return TextStream(self, ep, request, resp, start)
+
+
+class _StreamLease:
+    """What an open stream holds: its connection and its place in ``current_requests``.
+
+    Released exactly once: when the stream ends, is closed, or is garbage-collected unread
+    (a finalizer holds the lease, not the stream, so dropping the stream can trigger it)."""
+
+    __slots__ = ("ep", "response", "released")
+
+    def __init__(self, ep: Endpoint, response: Any) -> None:
+        self.ep = ep
+        self.response = response
+        self.released = False
+        ep.enter()
+
+    def release(self) -> bool:
+        """Close the connection and leave the endpoint; False if that was done already."""
+        if self.released:
+            return False
+        self.released = True
+        try:
+            self.response.close()
+        finally:
+            self.ep.leave()
+        return True
+
+
+def _release_dropped_stream(lease: _StreamLease, metrics: Any, clock: Clock, model: Optional[str],
+                            start: float) -> None:
+    if lease.release():
+        metrics.record_request(lease.ep.id, model, False, clock.monotonic() - start,
+                               error_type="ClosedEarly", stream=True)
+
+
+class TextStream:
+    """An open stream: iterate for ``StreamChunk``s, or ``texts()`` for strings. Closing it
+    early closes the connection, which makes vLLM abort the generation. A stream dropped
+    without being read to its end or closed is closed when it is garbage-collected."""
+
+    def __init__(self, client: Host, ep: Endpoint, request: Request, response: Any,
+                 start: float) -> None:
+        self._client = client
+        self._ep = ep
+        self._request = request
+        self._response = response
+        self._start = start
+        self._ttft: Optional[float] = None
+        self._parts: List[str] = []
+        self.usage: Optional[Usage] = None
+        self.finish_reasons: Dict[int, Optional[str]] = {}
+        self._gen = self._run()
+        self._lease = _StreamLease(ep, response)
+        self._trace = self._adopt_trace()  # its span, ended in _finish (tracing.py)
+        weakref.finalize(self, _release_dropped_stream, self._lease, client._metrics,
+                         client._clock, request.model, start)
+
+    def _adopt_trace(self) -> Any:
+        """The span ``stream()`` started in this thread (see ``tracing.stream_opening``)."""
+        return tracing.stream_opened(self)
+
+    @property
+    def text(self) -> str:
+        """Everything received so far (choice 0 and others concatenated in arrival order)."""
+        return "".join(self._parts)
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> StreamChunk:
+        return next(self._gen)
+
+    def texts(self) -> Iterator[str]:
+        """Only the text pieces, as a generator that closes the stream when it is closed,
+        dropped or exhausted: also before its first ``next`` (the request is already open)."""
+        gen = self._texts()
+        next(gen)  # run into the try block, so close() before the first piece still closes
+        return cast(Iterator[str], gen)  # past the priming None, only strings come
+
+    def _texts(self) -> Iterator[Optional[str]]:
+        try:
+            yield None  # the priming stop of texts(); never seen by the caller
+            for chunk in self:
+                if chunk.text:
+                    yield chunk.text
+        finally:
+            self.close()
+
+    def _chunks(self) -> Iterator[StreamChunk]:
+        """The reply's chunks in order; returns at the end marker, raises if it never came.
+        (A stream sharing one call with others reads its own choices instead: stream_batching.)"""
+        adapter = self._client._adapter
+        decoder = SSEDecoder()
+        for raw in self._response.chunks():
+            for data in decoder.feed(raw):
+                parsed = adapter.parse_stream_event(self._request, data)
+                if parsed is None:
+                    return
+                yield from parsed
+        for data in decoder.flush():
+            if adapter.parse_stream_event(self._request, data) is None:
+                return
+        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
+                                   "the reply is incomplete")
+
+    def _run(self) -> Generator[StreamChunk, None, None]:
+        client = self._client
+        error: Optional[BaseException] = None
+        finished = False
+        try:
+            for chunk in self._chunks():
+                if chunk.usage is not None:
+                    self.usage = chunk.usage
+                if chunk.finish_reason is not None:
+                    self.finish_reasons[chunk.index] = chunk.finish_reason
+                if chunk.text:
+                    if self._ttft is None:
+                        self._ttft = client._clock.monotonic() - self._start
+                    self._parts.append(chunk.text)
+                yield chunk
+            finished = True
+        except errors.StreamError as exc:
+            exc.partial_text = self.text
+            error = exc
+            raise
+        except ApiError as exc:
+            exc.context["partial_text"] = self.text
+            error = exc
+            if isinstance(exc, TransientError):
+                self._ep.breaker.record_failure(False)
+            raise
+        except GeneratorExit:
+            error = None
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            error = exc
+            raise
+        finally:
+            self._finish(finished, error)
+
+    def _finish(self, finished: bool, error: Optional[BaseException]) -> None:
+        if not self._lease.release():
+            return
+        c = self._client
+        usage = self.usage
+        c._metrics.record_request(
+            self._ep.id, self._request.model, finished and error is None,
+            c._clock.monotonic() - self._start,
+            error_type=None if finished and error is None else
+            (type(error).__name__ if error else "ClosedEarly"),
+            input_tokens=usage.prompt_tokens if usage else 0,
+            output_tokens=usage.completion_tokens if usage else 0,
+            ttft=self._ttft, stream=True)
+        tracing.stream_finished(self._trace, error, None if finished and error is None else
+                                (type(error).__name__ if error else "ClosedEarly"),
+                                usage, self._ttft, list(self.finish_reasons.values()))
+
+    def close(self) -> None:
+        """Stop reading and drop the connection (idempotent)."""
+        self._gen.close()
+        self._finish(False, None)
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
