@@ -68,8 +68,11 @@ QUEUE_BACKOFF = 0.9
 class LoadFigure(Protocol):
     """What the limit reads of a server load report (``endpoint_load.LoadReport`` is one)."""
 
-    waiting: Optional[float]
-    at: float
+    @property
+    def waiting(self) -> Optional[float]: ...
+
+    @property
+    def at(self) -> float: ...
 
 
 #: Where the server's latest load report comes from (None: not known or not fresh).
