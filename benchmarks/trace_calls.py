@@ -7,6 +7,10 @@ The profiler is set before the client exists, so its worker threads are traced t
 warm-up call (pool, workers, first connection) is not counted, only a second call against
 the test double. A hop is a call whose file differs from the previous call's on the same
 thread. The double's own code is left out.
+
+It also prints, per thread, the ORDERED path of files the request passes (consecutive calls
+in one file collapsed to one step), so a reader sees the path down and back: a step that
+returns to a file already passed is a hop back into a layer.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import sys
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -25,6 +29,15 @@ from ipfs_accelerate_py.api_backends import VllmClient  # noqa: E402
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer  # noqa: E402
 
 PACKAGE = os.path.dirname(ipfs_accelerate_py.__file__)
+
+
+def ordered_path(paths: List[str]) -> List[str]:
+    """``paths`` with each run of consecutive equal entries collapsed to one."""
+    steps: List[str] = []
+    for path in paths:
+        if not steps or steps[-1] != path:
+            steps.append(path)
+    return steps
 
 
 def main() -> int:
@@ -58,6 +71,14 @@ def main() -> int:
     print(f"calls {len(events)}, files {len({p for _, p in events})}, hops {hops}")
     for path, n in Counter(p for _, p in events).most_common():
         print(f"  {n:4d}  {path}")
+    threads: Dict[int, List[str]] = {}
+    for thread, path in events:
+        threads.setdefault(thread, []).append(path.replace("api_backends/", ""))
+    for i, paths in enumerate(threads.values()):
+        steps = ordered_path(paths)
+        name = "caller thread" if i == 0 else f"thread {i} (a worker)"
+        print(f"path, {name}: {len(paths)} calls, {len(steps) - 1} hops")
+        print("  " + " -> ".join(steps))
     return 0
 
 
