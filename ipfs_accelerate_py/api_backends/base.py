@@ -179,8 +179,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                                     self._on_circuit_transition, scheduled_probes=health is not None)
         ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue)
         # the adaptive in-flight limit reads the server's queue off its replies (inflight.py)
-        ep.limit.load_source = lambda: self._routing().board.fresh(endpoint_id,
-                                                                   self._clock.monotonic())
+        board, clock = self._routing_state.board, self._clock
+        ep.limit.load_source = lambda: board.fresh(endpoint_id, clock.monotonic())
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = WorkerPool(queue, settings.max_concurrent_requests,
                                 functools.partial(self._handle_job, ep), name=name)
@@ -363,13 +363,15 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
 
         return self._retry(ep, attempt, deadline, model, first_attempt, last_attempt, fresh_id)
 
-    def _admit(self, ep: Endpoint, deadline: float, fail_fast: bool) -> bool:
+    def _admit(self, ep: Endpoint, deadline: float, fail_fast: bool,
+               now: float) -> Tuple[bool, float]:
         """Pass the breaker: wait while the circuit is OPEN (within ``deadline``) unless
-        ``fail_fast``. True if this attempt is a HALF-OPEN probe."""
+        ``fail_fast``. Returns whether this attempt is a HALF-OPEN probe, and the clock
+        (``now`` plus any wait) as it passed."""
         if not ep.settings.circuit_breaker_enabled:
-            return False
+            return False, now
         try:
-            probe, waited = ep.breaker.admit(deadline, self._closing, wait=not fail_fast)
+            probe, waited = ep.breaker.admit(deadline, self._closing, wait=not fail_fast, now=now)
         except errors.CircuitWaitTimeoutError as exc:
             self._metrics.record_circuit_wait(ep.id, exc.waited)
             tracing.waited("circuit.wait", exc.waited)
@@ -377,30 +379,39 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         if waited > 0.001:
             self._metrics.record_circuit_wait(ep.id, waited)
             tracing.waited("circuit.wait", waited)
-        return probe
+        return probe, now + waited
 
     def _send(self, ep: Endpoint, http: HttpRequest, deadline: float,
               fail_fast: bool = False) -> HttpResponse:
         """One attempt of a plain request (see ``_guarded``)."""
-        self._ask_for_load(ep, http)
+        now = self._clock.monotonic()  # one reading on the way down (``_guarded``)
+        self._ask_for_load(ep, http, now)
         return self._guarded(ep, deadline, ep.settings.timeout, True,
-                             lambda timeout: ep.transport.send(http, timeout), fail_fast)
+                             lambda timeout: ep.transport.send(http, timeout), fail_fast, now)
 
     def _guarded(self, ep: Endpoint, deadline: float, read_timeout: float, clip_read: bool,
-                 io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False) -> Any:
+                 io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False,
+                 now: Optional[float] = None) -> Any:
         """One attempt under the breaker: admission (waiting out an OPEN circuit unless
         ``fail_fast``), an in-flight slot, the deadline, the transport call, and the
         breaker's verdict (5xx and transport faults count against the server; any other
-        answer proves it alive). A non-2xx reply is raised as its typed error."""
-        probe = self._admit(ep, deadline, fail_fast)
+        answer proves it alive). A non-2xx reply is raised as its typed error.
+
+        The clock is read once on the way down (``now``, the caller's reading if it has one:
+        breaker, slot and deadline share it, advanced only by what they waited) and once as
+        the reply comes (slot, load report and breaker share that)."""
+        probe, now = self._admit(ep, deadline, fail_fast,
+                                 self._clock.monotonic() if now is None else now)
         try:
-            tracing.waited("in_flight_limit.wait", ep.limit.acquire(deadline, self._closing))
+            waited = ep.limit.acquire(deadline, self._closing, now=now)
         except BaseException:
             ep.breaker.release(probe)
             raise
+        if waited:
+            tracing.waited("in_flight_limit.wait", waited)
         healthy = False
         try:
-            remaining = deadline - self._clock.monotonic()
+            remaining = deadline - (now + waited)
             if remaining <= 0:
                 ep.breaker.release(probe)
                 raise errors.TimeoutError("the call deadline passed before the request was sent",
@@ -422,8 +433,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 ep.leave()
             healthy = response.status < 500
         finally:
-            ep.limit.release(healthy)
-        self._observe_reply(ep, response.headers)  # the server's load report, for routing
+            now = self._clock.monotonic()  # the one reading as the reply came
+            ep.limit.release(healthy, now=now)
+        self._observe_reply(ep, response.headers, now)  # the server's load report, for routing
         if response.status >= 400:
             if isinstance(response, StreamResponse):  # an error reply is a plain body
                 body = b"".join(response.chunks())
@@ -435,7 +447,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             else:
                 ep.breaker.record_success(probe)
             raise error
-        ep.breaker.record_success(probe)
+        ep.breaker.record_success(probe, now)
         return response
 
     def request_raw(self, http: HttpRequest, endpoint_id: Optional[str] = None,

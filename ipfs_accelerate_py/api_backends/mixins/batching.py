@@ -123,10 +123,11 @@ class BatchingMixin(HostBase):
 
     def _handle_job(self, ep: Any, job: Job) -> None:
         """A worker's turn: drop a job past its deadline, else send it alone or batched."""
-        if not self._check_queue_deadline(job):
+        now = self._clock.monotonic()  # one reading for the deadline and the burst checks
+        if not self._check_queue_deadline(job, now):
             self._record_unsent(ep, job)
             return
-        batch = self._collect_batch(ep, job)
+        batch = self._collect_batch(ep, job, now)
         if not batch:
             return  # handed to the worker gathering its batch
         if len(batch) > 1:
@@ -169,7 +170,7 @@ class BatchingMixin(HostBase):
     def batch_timeout(self, value: float) -> None:
         self._set_on_all_endpoints(batch_timeout=value)
 
-    def _collect_batch(self, endpoint: Any, job: Job) -> List[Job]:
+    def _collect_batch(self, endpoint: Any, job: Job, now: Optional[float] = None) -> List[Job]:
         settings = endpoint.settings
         if job.key is None or not settings.batch_enabled or settings.max_batch_size <= 1:
             return [job]
@@ -182,7 +183,7 @@ class BatchingMixin(HostBase):
         # Linger only amid a burst: company is waiting now, a shared call is in flight, or one
         # just finished and its callers are coming back. A lone sequential caller is sent at once.
         burst = (len(batch) > 1 or endpoint.queue.shared_calls_in_flight(job.key) > 0
-                 or self._clock.monotonic() < endpoint.burst_until)
+                 or (self._clock.monotonic() if now is None else now) < endpoint.burst_until)
         if burst and len(batch) < limit and settings.batch_timeout > 0 and settings.batch_linger > 0:
             until = max(job.enqueued_at + settings.batch_timeout,
                         self._clock.monotonic() + settings.batch_linger)

@@ -146,28 +146,30 @@ class CircuitBreaker:
         return self.admit(0.0, wait=False)[0]
 
     def admit(self, deadline: float, cancel: Optional[threading.Event] = None,
-              wait: bool = True) -> Tuple[bool, float]:
+              wait: bool = True, now: Optional[float] = None) -> Tuple[bool, float]:
         """Let a call through: ``(is_probe, seconds waited)``.
 
         With ``wait`` a call that finds the circuit OPEN (or its probe out) waits until it
         closes, or raises ``CircuitWaitTimeoutError`` at monotonic ``deadline``, or
-        ``ClientClosedError`` once ``cancel`` is set. Without, it raises ``CircuitOpenError``."""
-        start = self._clock.monotonic()
+        ``ClientClosedError`` once ``cancel`` is set. Without, it raises ``CircuitOpenError``.
+        ``now``: the caller's reading of the clock, when it has one (the clock is read again
+        only after a wait)."""
+        start = self._clock.monotonic() if now is None else now
+        now = start
         try:
             with self._lock:
                 while True:
-                    self._maybe_half_open()
+                    self._maybe_half_open(now)
                     if self._state == CLOSED:
-                        return False, self._clock.monotonic() - start
+                        return False, now - start
                     if (self._state == HALF_OPEN and not self.scheduled_probes
                             and self._probes < self.half_open_max_calls):
                         self._probes += 1
-                        return True, self._clock.monotonic() - start
+                        return True, now - start
                     if not wait:
                         raise self._open_error()
                     if cancel is not None and cancel.is_set():
                         raise ClientClosedError("client closed while waiting for the circuit")
-                    now = self._clock.monotonic()
                     if now >= deadline:
                         raise CircuitWaitTimeoutError(
                             f"waited {now - start:.2f}s for the circuit of "
@@ -182,6 +184,7 @@ class CircuitBreaker:
                         self._changed.wait(nap)
                     finally:
                         self._waiting -= 1
+                    now = self._clock.monotonic()
         finally:
             self._flush()
 
@@ -190,7 +193,8 @@ class CircuitBreaker:
         with self._lock:
             self._changed.notify_all()
 
-    def record_success(self, probe: bool = False) -> None:
+    def record_success(self, probe: bool = False, now: Optional[float] = None) -> None:
+        """A reply that proves the server alive (``now``: the caller's clock reading, if any)."""
         with self._lock:
             self._consecutive = 0
             self._refused_run = 0
@@ -199,7 +203,7 @@ class CircuitBreaker:
                     self._probes = max(0, self._probes - 1)
                 self._transition(CLOSED)
             elif self._state == CLOSED:
-                self._push(False)
+                self._push(False, now)
         self._flush()
 
     def record_failure(self, probe: bool = False, refused: bool = False,
@@ -283,8 +287,8 @@ class CircuitBreaker:
         return (n >= self.minimum_calls and f >= self.failure_threshold
                 and f / n >= self.failure_rate_threshold)
 
-    def _push(self, failure: bool) -> None:
-        now = self._clock.monotonic()
+    def _push(self, failure: bool, now: Optional[float] = None) -> None:
+        now = self._clock.monotonic() if now is None else now
         if len(self._window) == self._window.maxlen and self._window[0][1]:
             self._window_failures -= 1
         self._window.append((now, failure))
@@ -314,9 +318,10 @@ class CircuitBreaker:
             f"circuit breaker for {self.name or 'endpoint'} is {what}; next probe in {wait:.2f}s",
             retry_at=self._clock.wall() + wait, retry_in=wait, endpoint=self.name)
 
-    def _maybe_half_open(self) -> None:
+    def _maybe_half_open(self, now: Optional[float] = None) -> None:
         if (self._state == OPEN and not self.scheduled_probes
-                and self._clock.monotonic() - self._opened_at >= self.reset_timeout):
+                and (self._clock.monotonic() if now is None else now) - self._opened_at
+                >= self.reset_timeout):
             self._transition(HALF_OPEN)
 
     def _transition(self, new: str) -> None:

@@ -176,11 +176,11 @@ class InFlightLimit:
             self._ramping = True
 
     # ------------------------------------------------------------------ taking a slot
-    def _take_now_locked(self, key: Hashable) -> bool:
+    def _take_now_locked(self, key: Hashable, now: float) -> bool:
         if self._queue or self._in_flight >= self.limit:
             return False
         self._in_flight += 1
-        self._sent_at[key] = self._clock.monotonic()
+        self._sent_at[key] = now
         return True
 
     def _grant_locked(self) -> None:
@@ -213,14 +213,15 @@ class InFlightLimit:
             "slots; the call deadline passed before it was sent", sent=False)
 
     def acquire(self, deadline: float, cancel: Optional[threading.Event] = None,
-                key: Optional[Hashable] = None) -> float:
+                key: Optional[Hashable] = None, now: Optional[float] = None) -> float:
         """Take a slot; return the seconds waited. Raises ``TimeoutError`` (nothing sent) at
         monotonic ``deadline`` and ``ClientClosedError`` once ``cancel`` is set. ``key``
-        names the slot for ``release`` (default: this thread)."""
+        names the slot for ``release`` (default: this thread); ``now``: the caller's reading
+        of the clock, when it has one."""
         key = threading.get_ident() if key is None else key
-        start = self._clock.monotonic()
+        start = self._clock.monotonic() if now is None else now
         with self._lock:
-            if self._take_now_locked(key):
+            if self._take_now_locked(key, start):
                 return 0.0
             ticket = _Ticket(key, cond=threading.Condition(self._lock))
             self._queue.append(ticket)
@@ -246,7 +247,7 @@ class InFlightLimit:
         start = self._clock.monotonic()
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._take_now_locked(key):
+            if self._take_now_locked(key, start):
                 return 0.0
             ticket = _Ticket(key, loop=loop)
             self._queue.append(ticket)
@@ -285,9 +286,11 @@ class InFlightLimit:
                 self._room.wait(min(deadline - now, _MAX_NAP))
 
     # ------------------------------------------------------------------ giving it back
-    def release(self, healthy: bool, key: Optional[Hashable] = None) -> None:
+    def release(self, healthy: bool, key: Optional[Hashable] = None,
+                now: Optional[float] = None) -> None:
         """Free a slot; a healthy reply's round trip (and a new server load report) move the
-        limit. ``key``: the one given to ``acquire`` / ``aacquire`` (default: this thread)."""
+        limit. ``key``: the one given to ``acquire`` / ``aacquire`` (default: this thread);
+        ``now``: the caller's reading of the clock as the reply came, when it has one."""
         key = threading.get_ident() if key is None else key
         report = self._server_report() if healthy else None
         with self._lock:
@@ -299,7 +302,8 @@ class InFlightLimit:
                     self._limit = min(self._limit + 1.0, float(self.maximum))
                     self._ramping = self._limit < self.maximum
                 elif sent is not None:
-                    self._adapt(self._clock.monotonic() - sent, busy, self._queue_signal(report))
+                    now = self._clock.monotonic() if now is None else now
+                    self._adapt(now - sent, busy, self._queue_signal(report))
             self._grant_locked()
 
     def _queue_signal(self, report: Optional[LoadFigure]) -> Optional[str]:

@@ -397,13 +397,15 @@ class QueueMixin(HostBase):
         endpoint.queue.put(job)
         endpoint.workers.ensure_started()
 
-    def _check_queue_deadline(self, job: Job) -> bool:
-        """Fail a job that waited past its deadline; True if it may still run."""
+    def _check_queue_deadline(self, job: Job, now: Optional[float] = None) -> bool:
+        """Fail a job that waited past its deadline; True if it may still run. ``now``: the
+        caller's reading of the clock, when it has one."""
         if job.future.done():  # the caller gave up (timeout/cancel) while it waited
             return False
-        if self._clock.monotonic() > job.deadline:
+        now = self._clock.monotonic() if now is None else now
+        if now > job.deadline:
             job.fail(QueueTimeoutError(
-                f"request waited {self._clock.monotonic() - job.enqueued_at:.2f}s in the queue, "
+                f"request waited {now - job.enqueued_at:.2f}s in the queue, "
                 "past its deadline; it was never sent"))
             return False
         return True

@@ -109,19 +109,24 @@ class RoutingMixin(HostBase):
             if load_max_age is not None:
                 state.board.max_age = float(load_max_age)
 
-    def _ask_for_load(self, ep: Any, http: Any) -> None:
+    def _ask_for_load(self, ep: Any, http: Any, now: Optional[float] = None) -> None:
         """Add the adapter's load-report request headers to ``http`` when this endpoint's
         last report is getting old (``LoadBoard.should_ask``): asking costs the server time
-        on every request that asks, and one fresh figure a quarter second is plenty."""
+        on every request that asks, and one fresh figure a quarter second is plenty.
+        ``now``: the caller's reading of the clock, when it has one."""
         extra = self._adapter.load_report_headers
         if (extra and http.method == "POST" and not http.stream
-                and self._routing().board.should_ask(ep.id, self._clock.monotonic())):
+                and self._routing_state.board.should_ask(
+                    ep.id, self._clock.monotonic() if now is None else now)):
             http.headers.update(extra)
 
-    def _observe_reply(self, ep: Any, headers: Mapping[str, str]) -> None:
-        """Keep the load report a reply carries (called for every reply the client reads)."""
+    def _observe_reply(self, ep: Any, headers: Mapping[str, str],
+                       now: Optional[float] = None) -> None:
+        """Keep the load report a reply carries (called for every reply the client reads;
+        ``now``: the caller's reading of the clock as it came, when it has one)."""
         try:
-            self._routing().board.record_header(ep.id, headers, self._clock.monotonic())
+            self._routing_state.board.record_header(
+                ep.id, headers, self._clock.monotonic() if now is None else now)
         except Exception:  # noqa: BLE001 - a load report must never fail the request
             pass
 
