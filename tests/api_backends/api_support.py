@@ -5,6 +5,10 @@ are in ``conftest.py``).
 - ``client_threads``: threads a client left alive (the double's own are not counted).
 - ``client_over``: a client over several endpoints (routing).
 - ``CountingListener``: a loopback listener that counts connections and answers nothing.
+- ``readme_snippet`` / ``run_snippet``: the README's python blocks, run as they stand.
+- ``serve_http``: a stdlib HTTP server on loopback in a thread (``EchoAuthHandler`` answers
+  500 with the Authorization header echoed back; ``MetricsHandler`` publishes the recorded
+  real ``/metrics`` text).
 - ``OtelCapture``: an SDK tracer provider (in-memory span exporter) and meter provider
   (in-memory reader) wired into ``tracing.configure``; ``RecordingRelay`` sits in front of a
   server's port on loopback and keeps every byte the client sent, so a test can read the
@@ -14,11 +18,16 @@ are in ``conftest.py``).
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import io
 import json
 import re
 import socket
+import ssl
 import threading
-from typing import TYPE_CHECKING, Any, Dict, List, Set, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Set, Tuple, Type
 
 from ipfs_accelerate_py.api_backends import tracing
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
@@ -29,10 +38,16 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
 
 __all__ = ["COMPLETIONS", "completion_requests", "request_ids", "client_threads", "client_over",
-           "CountingListener", "OtelCapture", "RecordingRelay", "parse_traceparent", "span_id",
+           "CountingListener", "README", "README_URL", "README_MODEL", "readme_snippet",
+           "run_snippet", "serve_http", "EchoAuthHandler", "MetricsHandler", "DATA", "OtelCapture", "RecordingRelay", "parse_traceparent", "span_id",
            "trace_id"]
 
 COMPLETIONS = "/v1/completions"
+DATA = Path(__file__).parent / "data"
+README = Path(__file__).resolve().parents[2] / "docs" / "VLLM_TESTING_README.md"
+#: the base URL and model name the README's blocks use (a test substitutes the URL)
+README_URL = "http://localhost:8000"
+README_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 
 
 def completion_requests(server: FakeVllmServer) -> List[Any]:
@@ -97,6 +112,90 @@ class CountingListener:
         self._sock.close()
 
 
+# ------------------------------------------------------------------ the README's blocks
+def readme_snippet(section: str) -> str:
+    """The first ```python block under the README heading ``### {section}``, verbatim."""
+    text = README.read_text(encoding="utf-8")
+    match = re.search(rf"^### {re.escape(section)}\n(.*?)^```python\n(.*?)^```",
+                      text, re.MULTILINE | re.DOTALL)
+    assert match, f"README has no python block under '### {section}'"
+    assert not re.search(r"^#", match.group(1), re.MULTILINE), "that block is in a later section"
+    return match.group(2)
+
+
+def run_snippet(section: str, ns: Dict[str, Any], base_url: str) -> str:
+    """Execute the README block in ``ns`` with only the base URL substituted; return stdout."""
+    code = readme_snippet(section).replace(README_URL, base_url)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f"<README: {section}>", "exec"), ns)  # noqa: S102 - the README
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------ small HTTP servers
+@contextlib.contextmanager
+def serve_http(handler: Type[http.server.BaseHTTPRequestHandler],
+               tls: Optional[ssl.SSLContext] = None) -> Iterator[str]:
+    """A stdlib HTTP server for ``handler`` on a free loopback port, in a thread; yields its
+    base URL (``https://`` with a server-side ``tls`` context) and stops it afterwards."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class EchoAuthHandler(http.server.BaseHTTPRequestHandler):
+    """Answers 500 with the Authorization header echoed back (a hostile server)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        echoed = self.headers.get("authorization", "")
+        if self.path == "/v1/completions":
+            body = json.dumps({"error": {"message": f"bad auth {echoed}", "type": "X", "code": 500}})
+            status = 500
+        else:
+            body, status = '{"choices":[{"index":0,"text":"ok"}],"usage":{}}', 200
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST
+
+
+class MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """Publishes the recorded real ``/metrics`` text, with ``num_requests_waiting`` set to 3."""
+
+    body = (DATA / "vllm_metrics_sample.txt").read_bytes().replace(
+        b'vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 0.0',
+        b'vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 3.0')
+
+    def do_GET(self) -> None:  # noqa: N802 - stdlib name
+        status, body = (200, self.body) if self.path == "/metrics" else (404, b"{}")
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+# ------------------------------------------------------------------ OpenTelemetry
 _TRACEPARENT = re.compile(rb"\r\ntraceparent: *([0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2})",
                           re.IGNORECASE)
 

@@ -107,17 +107,10 @@ SETTINGS_CASES: List[Tuple[str, Dict[str, Any], str]] = [
 ]
 
 
-@pytest.fixture
-def client(counting_listener):
-    c = VllmClient(base_url=counting_listener.base_url, max_retries=0, timeout=2)
-    yield c
-    c.close()
-
-
 @pytest.mark.parametrize("case_id,call,field", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_refused_before_sending(case_id, call, field, client, counting_listener):
+def test_bad_input_is_refused_before_sending(case_id, call, field, listener_client, counting_listener):
     with pytest.raises(errors.ValidationError) as info:
-        call(client)
+        call(listener_client)
     err = info.value
     assert err.field is not None and field in err.field, (case_id, err.field, str(err))
     assert field in str(err)

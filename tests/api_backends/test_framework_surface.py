@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
+from api_support import DATA, README_MODEL, README_URL, readme_snippet
 from ipfs_accelerate_py.api_backends import VllmClient, errors
 from ipfs_accelerate_py.api_backends.base import _live_clients, default_transport
-from ipfs_accelerate_py.api_backends.limits import set_max_tokens_cap
 from ipfs_accelerate_py.api_backends.transport import HttpRequest, HttpResponse, Transport
 from ipfs_accelerate_py.api_backends.vllm._info import NO_STATS_MESSAGE, model_info, model_statistics
 
@@ -28,10 +27,6 @@ from ipfs_accelerate_py.api_backends.vllm._info import NO_STATS_MESSAGE, model_i
 # under the submodule's name. The module itself comes from importlib.
 vllm_module = importlib.import_module("ipfs_accelerate_py.api_backends.vllm")
 
-README = Path(__file__).resolve().parents[2] / "docs" / "VLLM_TESTING_README.md"
-DATA = Path(__file__).parent / "data"
-README_URL = "http://localhost:8000"
-README_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 SECTIONS = ["Parameterized Endpoint Handlers", "Request Formatting with Parameters",
             "Batch Processing", "Model Information and Statistics", "Model Optimization"]
 FUNCTIONS = ["create_vllm_endpoint_handler", "create_vllm_endpoint_handler_with_params",
@@ -40,26 +35,7 @@ FUNCTIONS = ["create_vllm_endpoint_handler", "create_vllm_endpoint_handler_with_
              "get_model_statistics", "optimize_model"]
 
 
-def readme_snippet(section: str) -> str:
-    """The first python block under ``### section`` in the README, exactly as written."""
-    text = README.read_text(encoding="utf-8")
-    found = re.search(rf"^### {re.escape(section)}\n.*?```python\n(.*?)```", text, re.S | re.M)
-    assert found, f"README has no python snippet under {section!r}"
-    return found.group(1)
 
-
-@pytest.fixture
-def url(real_vllm_server) -> Iterator[str]:
-    """The real server's URL; its shared client is put back as it was after the test."""
-    base = real_vllm_server.base_url
-    client = vllm_module.shared_client(base)
-    keys = ("max_concurrent_requests", "batch_enabled", "max_batch_size", "batch_timeout",
-            "timeout", "connect_timeout", "max_retries")
-    saved = {k: getattr(client.settings, k) for k in keys}
-    yield base
-    client._set_on_all_endpoints(**saved)
-    for model in (README_MODEL, "tiny-llama"):
-        set_max_tokens_cap(client, model, None)
 
 
 def bound_vllm(kind: str, base_url: str) -> Any:

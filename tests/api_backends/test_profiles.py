@@ -8,11 +8,11 @@ asking for 1000 tokens (a 400 from this server, whose context is 512) gets exact
 from __future__ import annotations
 
 import importlib
-from typing import Iterator
 
 import pytest
 
-from ipfs_accelerate_py.api_backends import VllmClient, errors
+from api_support import README_MODEL
+from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.limits import (apply_max_tokens_cap, max_tokens_cap,
                                                     set_max_tokens_cap)
 from ipfs_accelerate_py.api_backends.vllm._profiles import PROFILES, apply_profile, get_profile
@@ -21,13 +21,6 @@ from ipfs_accelerate_py.api_backends.vllm._profiles import PROFILES, apply_profi
 # under the submodule's name. The module itself comes from importlib.
 vllm_module = importlib.import_module("ipfs_accelerate_py.api_backends.vllm")
 
-README_MODEL = "meta-llama/Llama-2-7b-chat-hf"
-
-
-@pytest.fixture
-def offline_client(free_port) -> Iterator[VllmClient]:
-    with VllmClient(base_url=f"http://127.0.0.1:{free_port}") as c:
-        yield c
 
 
 # ---------------------------------------------------------------------------- profiles
@@ -119,25 +112,12 @@ def test_cap_rules(offline_client):
 
 
 # ---------------------------------------------------------------------------- real server
-@pytest.fixture
-def restore_shared(real_vllm_server) -> Iterator[VllmClient]:
-    """The shared client of the real server, put back as it was after the test."""
-    client = vllm_module.vllm(metadata={"vllm_api_url": real_vllm_server.base_url}).client
-    keys = ("max_concurrent_requests", "batch_enabled", "max_batch_size", "batch_timeout",
-            "timeout", "connect_timeout", "max_retries")
-    saved = {k: getattr(client.settings, k) for k in keys}
-    yield client
-    client._set_on_all_endpoints(**saved)
-    for model in (README_MODEL, "tiny-llama"):
-        set_max_tokens_cap(client, model, None)
-
-
 @pytest.mark.real_server
-def test_optimize_model_on_a_real_server(real_vllm_server, restore_shared):
+def test_optimize_model_on_a_real_server(real_vllm_server, shared_real_client):
     url = real_vllm_server.base_url
     out = vllm_module.optimize_model(url, README_MODEL, optimization_type="memory")
     assert out["applied"]["client_settings"]["max_concurrent_requests"] == 4
-    assert restore_shared.settings.max_concurrent_requests == 4  # the SHARED client changed
+    assert shared_real_client.settings.max_concurrent_requests == 4  # the SHARED client changed
     assert vllm_module.vllm.optimize_model(url, README_MODEL, "memory")["model"] == README_MODEL
     # what the running server reports through vllm:cache_config_info is used, not guessed
     speed = vllm_module.optimize_model(url, README_MODEL, optimization_type="speed")
@@ -150,13 +130,13 @@ def test_optimize_model_on_a_real_server(real_vllm_server, restore_shared):
 
 
 @pytest.mark.real_server
-def test_memory_cap_is_enforced_on_real_requests(real_vllm_server, restore_shared):
+def test_memory_cap_is_enforced_on_real_requests(real_vllm_server, shared_real_client):
     url = real_vllm_server.base_url
     handler = vllm_module.create_vllm_endpoint_handler(url, README_MODEL)
     too_many = {"max_tokens": 1000, "temperature": 0}
     # Without a cap, 1000 > max_model_len 512: refused before sending once the client has
     # read the model's length from /v1/models (it lists every served name).
-    restore_shared.list_models()
+    shared_real_client.list_models()
     with pytest.raises(errors.ValidationError, match="max_tokens=1000.*max_model_len=512"):
         vllm_module.format_request_with_params(handler, "Hello", too_many)
     vllm_module.optimize_model(url, README_MODEL, optimization_type="memory")

@@ -11,62 +11,26 @@ checks that the block did what the README says, on the real server.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import re
 import threading
-from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
 
+from api_support import README_MODEL, run_snippet
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers import free_port
 
 pytestmark = pytest.mark.real_server
 
-README = Path(__file__).resolve().parents[2] / "docs" / "VLLM_TESTING_README.md"
-README_URL = "http://localhost:8000"
-README_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 PROMPT = "What is machine learning?"
 INPUT_PROMPTS = [f"Tell me fact number {i} about the sea:" for i in range(10)]
 LATENCY_FIELDS = {"count", "min", "max", "mean", "p50", "p90", "p95", "p99"}
 
 
-def readme_snippet(section: str) -> str:
-    """The first ```python block under the README heading ``### {section}``, verbatim."""
-    text = README.read_text(encoding="utf-8")
-    match = re.search(rf"^### {re.escape(section)}\n(.*?)^```python\n(.*?)^```",
-                      text, re.MULTILINE | re.DOTALL)
-    assert match, f"README has no python block under '### {section}'"
-    assert not re.search(r"^#", match.group(1), re.MULTILINE), "that block is in a later section"
-    return match.group(2)
-
-
-def run_snippet(section: str, ns: Dict[str, Any], base_url: str) -> str:
-    """Execute the README block in ``ns`` with only the base URL substituted; return stdout."""
-    code = readme_snippet(section).replace(README_URL, base_url)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, f"<README: {section}>", "exec"), ns)  # noqa: S102 - the README
-    return out.getvalue()
-
-
 def http_calls(metrics: Dict[str, Any]) -> int:
     """HTTP calls behind ``metrics``: one per request, except a batch is one for many."""
     return metrics["requests"] - metrics["batched_requests"] + metrics["batches"]
-
-
-@pytest.fixture
-def readme(real_base_url) -> Dict[str, Any]:  # noqa: F811
-    """The namespace after the README's first block ("VllmClient Class") ran."""
-    ns: Dict[str, Any] = {}
-    run_snippet("VllmClient Class", ns, real_base_url)
-    try:
-        yield ns
-    finally:
-        ns["client"].close()
 
 
 def test_vllmclient_class_snippet(readme):

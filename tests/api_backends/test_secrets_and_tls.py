@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
-import ssl
-import subprocess
-import threading
-from pathlib import Path
 
 import pytest
 
@@ -19,40 +14,7 @@ from ipfs_accelerate_py.api_backends.transport import HttpRequest
 CANARY = "sk-canary-7f3a9e1b2c4d"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """Answers 500 with the Authorization header echoed back (a hostile server)."""
 
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):  # quiet
-        pass
-
-    def do_POST(self):  # noqa: N802
-        self.rfile.read(int(self.headers.get("content-length") or 0))
-        echoed = self.headers.get("authorization", "")
-        if self.path == "/v1/completions":
-            body = json.dumps({"error": {"message": f"bad auth {echoed}", "type": "X", "code": 500}})
-            status = 500
-        else:
-            body, status = '{"choices":[{"index":0,"text":"ok"}],"usage":{}}', 200
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    do_GET = do_POST
-
-
-@pytest.fixture
-def echo_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
 
 
 def test_key_never_appears_in_errors_reprs_metrics_or_logs(echo_server, caplog):
@@ -97,24 +59,6 @@ def test_settings_dump_hides_the_key():
 
 
 # ------------------------------------------------------------------ TLS
-@pytest.fixture(scope="module")
-def tls_server(tmp_path_factory):
-    d: Path = tmp_path_factory.mktemp("tls")
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}", str(cert)
-    server.shutdown()
-    server.server_close()
-
-
 def test_tls_is_verified_by_default(tls_server):
     url, _ = tls_server
     with VllmClient(base_url=url, max_retries=0) as c:

@@ -7,11 +7,7 @@ is the same server started with ``--disable-log-stats``: no ``vllm:*`` series at
 
 from __future__ import annotations
 
-import http.server
 import math
-import threading
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -21,18 +17,7 @@ from ipfs_accelerate_py.api_backends.server_metrics import (Histogram, Prometheu
                                                             parse_prometheus_text,
                                                             prometheus_probe)
 
-DATA = Path(__file__).parent / "data"
 TINY = {"model_name": "tiny-llama"}
-
-
-@pytest.fixture(scope="module")
-def sample():
-    return parse_prometheus_text((DATA / "vllm_metrics_sample.txt").read_text())
-
-
-@pytest.fixture(scope="module")
-def no_stats():
-    return parse_prometheus_text((DATA / "vllm_metrics_disable_log_stats.txt").read_text())
 
 
 # ---------------------------------------------------------------------------- real text
@@ -166,33 +151,7 @@ def test_histograms_sum_over_matching_series():
 
 
 # ---------------------------------------------------------------------------- the probe
-class _MetricsHandler(http.server.BaseHTTPRequestHandler):
-    body = (DATA / "vllm_metrics_sample.txt").read_bytes().replace(
-        b'vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 0.0',
-        b'vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 3.0')
 
-    def do_GET(self) -> None:  # noqa: N802 - stdlib name
-        status, body = (200, self.body) if self.path == "/metrics" else (404, b"{}")
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def metrics_http() -> Iterator[str]:
-    """A plain HTTP server publishing the recorded real /metrics text (waiting set to 3)."""
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MetricsHandler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    try:
-        yield f"http://127.0.0.1:{srv.server_address[1]}"
-    finally:
-        srv.shutdown()
-        srv.server_close()
 
 
 def test_prometheus_probe_reads_a_gauge_over_http(metrics_http, free_port):

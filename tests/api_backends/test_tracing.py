@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, List
+from typing import List
 
 import pytest
 
@@ -36,15 +36,6 @@ from ipfs_accelerate_py.servers.fake_vllm import Fault  # noqa: E402
 
 P = {"max_tokens": 2}
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def otel() -> Iterator[OtelCapture]:
-    capture = OtelCapture()
-    try:
-        yield capture
-    finally:
-        capture.close()
 
 
 def events(span, name: str) -> List[dict]:

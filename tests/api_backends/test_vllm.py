@@ -11,103 +11,96 @@ import threading
 
 import pytest
 
+from api_support import README_MODEL
 from ipfs_accelerate_py.api_backends import (ChatRequest, CompletionRequest, VllmClient, errors,
                                              vllm)
 from ipfs_accelerate_py.api_backends.base import build_request
 
 pytestmark = pytest.mark.real_server
 
-README_MODEL = "meta-llama/Llama-2-7b-chat-hf"
 
 
-@pytest.fixture(scope="module")
-def client(real_vllm_server):
-    c = VllmClient(base_url=real_vllm_server.base_url, timeout=60)
-    yield c
-    c.close()
-
-
-def test_single_completion(client):
-    r = client.run_inference("tiny-llama", "What is machine learning?",
+def test_single_completion(real_client):
+    r = real_client.run_inference("tiny-llama", "What is machine learning?",
                              {"temperature": 0, "max_tokens": 12})
     assert r.text and r.finish_reason == "length"
     assert r.usage.completion_tokens == 12
     assert r.usage.total_tokens == r.usage.prompt_tokens + 12
     assert r.model == "tiny-llama" and r.id.startswith("cmpl-")
-    again = client.run_inference("tiny-llama", "What is machine learning?",
+    again = real_client.run_inference("tiny-llama", "What is machine learning?",
                                  {"temperature": 0, "max_tokens": 12})
     assert again.text == r.text  # greedy is deterministic
 
 
-def test_readme_model_name_is_served(client):
-    r = client.run_inference(README_MODEL, "Hello", {"max_tokens": 4, "temperature": 0})
+def test_readme_model_name_is_served(real_client):
+    r = real_client.run_inference(README_MODEL, "Hello", {"max_tokens": 4, "temperature": 0})
     assert r.usage.completion_tokens == 4
 
 
-def test_prompt_list_is_one_request_mapped_by_index(client):
+def test_prompt_list_is_one_request_mapped_by_index(real_client):
     prompts = ["The capital of France is", "def f(x):", "one two three"]
-    singles = [client.run_inference("tiny-llama", p, {"temperature": 0, "max_tokens": 6}).text
+    singles = [real_client.run_inference("tiny-llama", p, {"temperature": 0, "max_tokens": 6}).text
                for p in prompts]
-    before = client.get_metrics()["requests"]
-    r = client.run_inference("tiny-llama", prompts, {"temperature": 0, "max_tokens": 6})
-    assert client.get_metrics()["requests"] == before + 1  # ONE call
+    before = real_client.get_metrics()["requests"]
+    r = real_client.run_inference("tiny-llama", prompts, {"temperature": 0, "max_tokens": 6})
+    assert real_client.get_metrics()["requests"] == before + 1  # ONE call
     assert [texts[0] for texts in r.texts_by_prompt()] == singles
     assert r.usage.completion_tokens == 18
 
 
-def test_prompt_list_with_n_maps_choices_back(client):
+def test_prompt_list_with_n_maps_choices_back(real_client):
     prompts = ["alpha", "beta"]
     params = {"temperature": 1.0, "seed": 7, "max_tokens": 5, "n": 2}
-    r = client.run_inference("tiny-llama", prompts, params)
+    r = real_client.run_inference("tiny-llama", prompts, params)
     assert len(r.choices) == 4
     assert [c.prompt_index for c in r.choices] == [0, 0, 1, 1]
-    one = client.run_inference("tiny-llama", "beta", params)
+    one = real_client.run_inference("tiny-llama", "beta", params)
     assert r.texts_by_prompt()[1] == one.texts  # seeded: same as asking alone
 
 
-def test_chat_completion(client):
-    r = client.chat_completion([{"role": "system", "content": "You are terse."},
+def test_chat_completion(real_client):
+    r = real_client.chat_completion([{"role": "system", "content": "You are terse."},
                                 {"role": "user", "content": "Say hi"}],
                                model="tiny-llama", max_tokens=7, temperature=0)
     assert r.text and r.object == "chat.completion" and r.usage.completion_tokens == 7
 
 
-def test_completion_stream_matches_non_stream_and_reports_usage(client):
+def test_completion_stream_matches_non_stream_and_reports_usage(real_client):
     params = {"temperature": 0, "max_tokens": 8}
-    full = client.run_inference("tiny-llama", "Tell me a story", params).text
+    full = real_client.run_inference("tiny-llama", "Tell me a story", params).text
     req = build_request("Tell me a story", "tiny-llama",
                         {**params, "stream_options": {"include_usage": True}}, stream=True)
-    stream = client.stream(req)
+    stream = real_client.stream(req)
     pieces = [c.text for c in stream if c.text]
     assert "".join(pieces) == full and len(pieces) > 1
     assert stream.usage is not None and stream.usage.completion_tokens == 8
     assert stream.finish_reasons == {0: "length"}
 
 
-def test_chat_stream_matches_non_stream(client):
+def test_chat_stream_matches_non_stream(real_client):
     msgs = [{"role": "user", "content": "Say hi"}]
-    full = client.chat_completion(msgs, model="tiny-llama", max_tokens=6, temperature=0).text
-    pieces = list(client.stream_generation(msgs, model="tiny-llama", max_tokens=6, temperature=0))
+    full = real_client.chat_completion(msgs, model="tiny-llama", max_tokens=6, temperature=0).text
+    pieces = list(real_client.stream_generation(msgs, model="tiny-llama", max_tokens=6, temperature=0))
     assert "".join(pieces) == full
 
 
-def test_closing_a_stream_early_aborts_on_the_server(client, real_vllm_server):
+def test_closing_a_stream_early_aborts_on_the_server(real_client, real_vllm_server):
     req = build_request("A long story", "tiny-llama", {"max_tokens": 400, "temperature": 0},
                         stream=True)
-    stream = client.stream(req)
+    stream = real_client.stream(req)
     first = next(iter(stream))
     assert first.index == 0
     stream.close()
-    # The connection is gone: the server finishes nothing more for it, and the client is usable.
-    assert client.run_inference("tiny-llama", "x", {"max_tokens": 2}).usage.completion_tokens == 2
-    assert client.current_requests == 0
+    # The connection is gone: the server finishes nothing more for it, and the real_client is usable.
+    assert real_client.run_inference("tiny-llama", "x", {"max_tokens": 2}).usage.completion_tokens == 2
+    assert real_client.current_requests == 0
 
 
-def test_list_models_and_version(client):
-    models = client.list_models()
+def test_list_models_and_version(real_client):
+    models = real_client.list_models()
     assert models[0]["id"] == "tiny-llama" and models[0]["max_model_len"] == 512
-    assert client.version().startswith("0.")
-    assert client.default_model() == "tiny-llama"
+    assert real_client.version().startswith("0.")
+    assert real_client.default_model() == "tiny-llama"
 
 
 @pytest.mark.parametrize("model,prompt,error", [
@@ -115,35 +108,35 @@ def test_list_models_and_version(client):
     # a prompt longer than the context: the prompt's length is the server's to judge
     ("tiny-llama", [7] * 600, errors.BadRequestError),
 ])
-def test_server_errors_are_typed(client, model, prompt, error):
+def test_server_errors_are_typed(real_client, model, prompt, error):
     with pytest.raises(error) as info:
-        client.run_inference(model, prompt, {"max_tokens": 4})
+        real_client.run_inference(model, prompt, {"max_tokens": 4})
     assert info.value.status_code in (400, 404) and info.value.message
     if error is errors.BadRequestError:
         assert info.value.param == "input_tokens"
 
 
-def test_errors_are_not_retried(client):
-    before = client.get_metrics()["retries"]
+def test_errors_are_not_retried(real_client):
+    before = real_client.get_metrics()["retries"]
     with pytest.raises(errors.NotFoundError):
-        client.run_inference("no-such-model", "Hi", {"max_tokens": 4})
-    assert client.get_metrics()["retries"] == before
-    assert client.circuit_state == "CLOSED"
+        real_client.run_inference("no-such-model", "Hi", {"max_tokens": 4})
+    assert real_client.get_metrics()["retries"] == before
+    assert real_client.circuit_state == "CLOSED"
 
 
-def test_bad_temperature_is_caught_before_the_server(client):
-    before = client.get_metrics()["requests"]
+def test_bad_temperature_is_caught_before_the_server(real_client):
+    before = real_client.get_metrics()["requests"]
     with pytest.raises(errors.ValidationError) as info:
-        client.run_inference("tiny-llama", "Hi", {"temperature": -1})
+        real_client.run_inference("tiny-llama", "Hi", {"temperature": -1})
     assert info.value.field == "temperature"
-    assert client.get_metrics()["requests"] == before
+    assert real_client.get_metrics()["requests"] == before
 
 
-def test_server_rejects_bad_temperature_when_sent_raw(client):
+def test_server_rejects_bad_temperature_when_sent_raw(real_client):
     # A request built outside our validation still gets the typed server error.
     from ipfs_accelerate_py.api_backends.transport import HttpRequest
     with pytest.raises(errors.BadRequestError) as info:
-        client.request_raw(HttpRequest("POST", "/v1/completions",
+        real_client.request_raw(HttpRequest("POST", "/v1/completions",
                                        json={"model": "tiny-llama", "prompt": "Hi",
                                              "temperature": -1}))
     assert info.value.param == "temperature"

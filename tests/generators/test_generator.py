@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict
 
 import pytest
 
@@ -44,14 +44,6 @@ class DemoPlugin:
     def iap_register_backends(self, register) -> None:  # type: ignore[no-untyped-def]
         register(DemoAdapter())
         register(HiddenAdapter())
-
-
-@pytest.fixture
-def fresh_plugins() -> Iterator[None]:
-    """A plugin manager rebuilt before and after the test, so registrations do not leak."""
-    plugins.reset_plugin_manager()
-    yield
-    plugins.reset_plugin_manager()
 
 
 def repo_backends(monkeypatch: pytest.MonkeyPatch) -> Dict[str, BackendAdapter]:

@@ -13,16 +13,20 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from ipfs_accelerate_py.api_backends import errors
+from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse, StreamResponse,
                                                         Transport)
 
 __all__ = ["ScriptedTransport", "real_stream",
            "event", "rss_bytes", "worker_threads", "chunked", "DONE",
-           "DoubleProcess"]
+           "DoubleProcess", "MODELS", "Reply", "RawServer", "ok", "PROMPTS", "LIST_HEAD", "pieces",
+           "list_body", "ListStreamTransport", "list_stream_request"]
 
 DONE = b"data: [DONE]\n\n"
 
@@ -160,3 +164,204 @@ class DoubleProcess:
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
+
+
+# =========================================================================== a raw server
+MODELS = b'{"object":"list","data":[{"id":"tiny-llama","object":"model","max_model_len":2048}]}'
+
+#: A scripted reply: writes to the socket and says what the server does next with it:
+#: "keep" (serve the next request on it), "hold" (wait for the client to close it).
+Reply = Callable[[socket.socket], str]
+
+
+class RawServer:
+    """HTTP/1.1 on 127.0.0.1 from raw sockets, one thread per connection.
+
+    ``script`` holds the replies for the next requests, in order; when it is empty a
+    request gets the models list (keep-alive). ``requests`` records (connection number,
+    request line); ``closed_by_client`` the connections whose peer closed them (EOF or a
+    reset while the server read or wrote)."""
+
+    def __init__(self) -> None:
+        self.script: Deque[Reply] = deque()
+        self.requests: List[Tuple[int, str]] = []
+        self.closed_by_client: Set[int] = set()
+        self._lock = threading.Lock()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._threads: List[threading.Thread] = []
+        self._conns: List[socket.socket] = []
+        self._stop = threading.Event()
+        self._accept = threading.Thread(target=self._accept_loop, daemon=True, name="raw-server")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def start(self) -> "RawServer":
+        self._accept.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        self._sock.close()
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        self._accept.join(5)
+        for t in self._threads:
+            t.join(5)
+
+    def connection_of(self, index: int) -> int:
+        with self._lock:
+            return self.requests[index][0]
+
+    def _accept_loop(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(conn)
+            t = threading.Thread(target=self._serve, args=(conn, n), daemon=True)
+            self._threads.append(t)
+            t.start()
+            n += 1
+
+    def _closed(self, n: int) -> None:
+        with self._lock:
+            self.closed_by_client.add(n)
+
+    def _serve(self, conn: socket.socket, n: int) -> None:
+        conn.settimeout(20)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    more = conn.recv(65536)
+                    if not more:
+                        self._closed(n)
+                        return
+                    buf += more
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                with self._lock:
+                    self.requests.append((n, head.split(b"\r\n", 1)[0].decode("latin-1")))
+                    reply = self.script.popleft() if self.script else ok
+                if reply(conn) == "hold":
+                    while conn.recv(65536):
+                        pass
+                    self._closed(n)
+                    return
+        except (ConnectionError, socket.timeout, OSError):
+            # a reset or broken pipe while writing: the client closed it
+            if not self._stop.is_set():
+                self._closed(n)
+        finally:
+            conn.close()
+
+
+def ok(conn: socket.socket) -> str:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(MODELS), MODELS))
+    return "keep"
+
+
+# =========================================================================== prompt-list streams
+PROMPTS = ["alpha", "beta prompt", "gamma \u65e5\u672c"]
+LIST_HEAD = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "tiny-llama"}
+
+
+def pieces(prompt: str) -> List[str]:
+    """What the scripted server generates for ``prompt`` (multi-byte text included)."""
+    return [f"<{prompt}>", " caf\u00e9", f" {len(prompt)}", " \U0001f680"]
+
+
+def list_body(prompts: List[str], error_after: Optional[int] = None) -> bytes:
+    """vLLM's prompt-list stream: choices interleaved, per-prompt usage in every event."""
+    out: List[bytes] = []
+    rows = [pieces(p) for p in prompts]
+    for t in range(max(len(r) for r in rows)):
+        for i, row in enumerate(rows):
+            if t >= len(row):
+                continue
+            if error_after is not None and len(out) == error_after:
+                out.append(event({"error": {"message": "engine died", "type": "InternalServerError",
+                                            "code": 500}}))
+                return b"".join(out)
+            last = t == len(row) - 1
+            out.append(event({**LIST_HEAD, "choices": [{"index": i, "text": row[t],
+                                                    "finish_reason": "length" if last else None}],
+                              "usage": {"prompt_tokens": len(prompts[i]), "completion_tokens": t + 1,
+                                        "total_tokens": len(prompts[i]) + t + 1}}))
+    total_p, total_c = sum(map(len, prompts)), sum(len(r) for r in rows)
+    out.append(event({**LIST_HEAD, "choices": [], "usage": {"prompt_tokens": total_p,
+                                                        "completion_tokens": total_c,
+                                                        "total_tokens": total_p + total_c}}))
+    out.append(DONE)
+    return b"".join(out)
+
+
+class ListStreamTransport(Transport):
+    """Streams for whatever prompts a request carries; ``cut(body)`` -> the reads."""
+
+    def __init__(self) -> None:
+        self.cut: Callable[[bytes], Iterable[bytes]] = lambda body: [body]
+        self.body: Callable[[List[str]], bytes] = list_body
+        self.reject: Callable[[List[str]], bool] = lambda prompts: False
+        self.calls: List[List[str]] = []
+        self.closed = 0
+        self.read_to_end: List[bool] = []
+        self._lock = threading.Lock()
+
+    def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
+        raise errors.ConnectionError("no server behind this transport")
+
+    def open_stream(self, request: HttpRequest, timeout: Tuple[float, float]) -> StreamResponse:
+        prompt = request.json["prompt"]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        with self._lock:
+            self.calls.append(prompts)
+            slot = len(self.read_to_end)
+            self.read_to_end.append(False)
+        if self.reject(prompts):
+            body = json.dumps({"error": {"message": "prompt too long", "type": "BadRequestError",
+                                         "code": 400}}).encode()
+            return StreamResponse(400, {"content-type": "application/json"}, iter([body]),
+                                  lambda: None)
+
+        def reads() -> Iterator[bytes]:
+            body = self.body(prompts)
+            handed = 0
+            for chunk in self.cut(body):
+                handed += len(chunk)
+                self.read_to_end[slot] = handed == len(body)  # its last byte was read
+                yield chunk
+
+        def closer() -> None:
+            with self._lock:
+                self.closed += 1
+
+        return StreamResponse(200, {"content-type": "text/event-stream"}, reads(), closer)
+
+
+def list_stream_request(prompt: str, **params: Any):
+    """A streamed completion request as the prompt-list stream tests send it."""
+    return build_request(prompt, "tiny-llama", {"max_tokens": 4, "temperature": 0,
+                                                "stream_options": {"include_usage": True},
+                                                **params}, stream=True)

@@ -27,7 +27,7 @@ import pytest
 
 from ipfs_accelerate_py.api_backends import errors
 
-from reliability_support import DoubleProcess, rss_bytes
+from reliability_support import rss_bytes
 
 N_REQUESTS = 100_000
 WARMUP = 1_000
@@ -36,16 +36,6 @@ WINDOW = 32
 MAX_GROWTH = 50 * 1024 * 1024
 BUDGET_S = 300.0  # a hard bound; a run takes 15-60 s on 2 shared cores
 PARAMS = {"max_tokens": 1, "temperature": 0}
-
-
-@pytest.fixture
-def double_process():
-    proc = DoubleProcess(fail_rate=0.01)
-    try:
-        yield proc
-    finally:
-        proc.stop()
-    assert proc.proc.returncode is not None
 
 
 def drive(client, n: int, first: int, outcomes: Counter, deadline: float) -> int:

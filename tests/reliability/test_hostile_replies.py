@@ -17,10 +17,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import socket
-import threading
 import time
-from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, List, Optional
 
 import pytest
 
@@ -29,129 +27,15 @@ from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.settings import MAX_RESPONSE_BYTES, ClientSettings
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 
-from reliability_support import rss_bytes
+from reliability_support import MODELS, RawServer, Reply, rss_bytes
 from support import TRANSPORT_IDS, wait_until
 
 MIB = 1 << 20
 BIG = 100 * 1000 * 1000  # the issue's 100 MB body
-MODELS = b'{"object":"list","data":[{"id":"tiny-llama","object":"model","max_model_len":2048}]}'
 QUICK = 10.0  # seconds; the client's read timeout is 30 s, so a hang cannot pass
 
 
 # =========================================================================== the server
-#: A scripted reply: writes to the socket and says what the server does next with it:
-#: "keep" (serve the next request on it), "hold" (wait for the client to close it).
-Reply = Callable[[socket.socket], str]
-
-
-class RawServer:
-    """HTTP/1.1 on 127.0.0.1 from raw sockets, one thread per connection.
-
-    ``script`` holds the replies for the next requests, in order; when it is empty a
-    request gets the models list (keep-alive). ``requests`` records (connection number,
-    request line); ``closed_by_client`` the connections whose peer closed them (EOF or a
-    reset while the server read or wrote)."""
-
-    def __init__(self) -> None:
-        self.script: Deque[Reply] = deque()
-        self.requests: List[Tuple[int, str]] = []
-        self.closed_by_client: Set[int] = set()
-        self._lock = threading.Lock()
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self._threads: List[threading.Thread] = []
-        self._conns: List[socket.socket] = []
-        self._stop = threading.Event()
-        self._accept = threading.Thread(target=self._accept_loop, daemon=True, name="raw-server")
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-
-    def start(self) -> "RawServer":
-        self._accept.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
-        except OSError:
-            pass
-        self._sock.close()
-        with self._lock:
-            for c in self._conns:
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        self._accept.join(5)
-        for t in self._threads:
-            t.join(5)
-
-    def connection_of(self, index: int) -> int:
-        with self._lock:
-            return self.requests[index][0]
-
-    def _accept_loop(self) -> None:
-        n = 0
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-            t = threading.Thread(target=self._serve, args=(conn, n), daemon=True)
-            self._threads.append(t)
-            t.start()
-            n += 1
-
-    def _closed(self, n: int) -> None:
-        with self._lock:
-            self.closed_by_client.add(n)
-
-    def _serve(self, conn: socket.socket, n: int) -> None:
-        conn.settimeout(20)
-        buf = b""
-        try:
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    more = conn.recv(65536)
-                    if not more:
-                        self._closed(n)
-                        return
-                    buf += more
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                while len(buf) < length:
-                    buf += conn.recv(65536)
-                buf = buf[length:]
-                with self._lock:
-                    self.requests.append((n, head.split(b"\r\n", 1)[0].decode("latin-1")))
-                    reply = self.script.popleft() if self.script else ok
-                if reply(conn) == "hold":
-                    while conn.recv(65536):
-                        pass
-                    self._closed(n)
-                    return
-        except (ConnectionError, socket.timeout, OSError):
-            # a reset or broken pipe while writing: the client closed it
-            if not self._stop.is_set():
-                self._closed(n)
-        finally:
-            conn.close()
-
-
-def ok(conn: socket.socket) -> str:
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(MODELS), MODELS))
-    return "keep"
-
-
 def head_then(head: bytes, body: Optional[bytes] = None, then: str = "hold") -> Reply:
     def reply(conn: socket.socket) -> str:
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head
@@ -189,25 +73,7 @@ HEADS = {"length": b"Content-Length: %d\r\n" % BIG, "chunked": b"Transfer-Encodi
          "one-chunk": b"Transfer-Encoding: chunked\r\n", "close": b"Connection: close\r\n"}
 
 
-@pytest.fixture
-def server() -> Iterator[RawServer]:
-    srv = RawServer().start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 # =========================================================================== the client
-@pytest.fixture
-def client_on(server: RawServer, make_client) -> Callable[..., VllmClient]:
-    def make(transport: str, **settings: Any) -> VllmClient:
-        opts: Dict[str, Any] = dict(max_retries=1, timeout=30.0, batch_enabled=False)
-        opts.update(settings)
-        return make_client(server.base_url, transport, **opts)
-    return make
-
-
 def refused(client: VllmClient, error: type, call: Optional[Callable[[], Any]] = None
             ) -> errors.ApiError:
     """Make the call (``list_models`` by default); it must raise ``error`` within QUICK."""
@@ -219,75 +85,75 @@ def refused(client: VllmClient, error: type, call: Optional[Callable[[], Any]] =
     return info.value
 
 
-def assert_dropped_and_next_works(server: RawServer, client: VllmClient) -> None:
+def assert_dropped_and_next_works(raw_server: RawServer, client: VllmClient) -> None:
     """The hostile reply's connection is closed by the client, and the next request gets
     the models list on another connection."""
-    assert len(server.requests) == 1, server.requests  # a typed error is not retried
-    bad = server.connection_of(0)
-    wait_until(lambda: bad in server.closed_by_client, 10,
+    assert len(raw_server.requests) == 1, raw_server.requests  # a typed error is not retried
+    bad = raw_server.connection_of(0)
+    wait_until(lambda: bad in raw_server.closed_by_client, 10,
                what=f"the client to close connection {bad}")
     assert [m["id"] for m in client.list_models()] == ["tiny-llama"]
-    assert server.connection_of(1) != bad
+    assert raw_server.connection_of(1) != bad
 
 
 # =========================================================================== framing
 @pytest.mark.parametrize("transport", TRANSPORT_IDS)
-def test_a_terabyte_content_length_is_refused_before_reading(server, client_on, transport):
-    server.script.append(head_then(b"Content-Length: 1000000000000\r\n", b"{\"object\":"))
+def test_a_terabyte_content_length_is_refused_before_reading(raw_server, client_on, transport):
+    raw_server.script.append(head_then(b"Content-Length: 1000000000000\r\n", b"{\"object\":"))
     client = client_on(transport)
     exc = refused(client, errors.ResponseTooLargeError)
     assert exc.limit == MAX_RESPONSE_BYTES
     assert "1000000000000" in str(exc) and "max_response_bytes" in str(exc)
     assert "MAX_RESPONSE_BYTES" in str(exc)
-    assert_dropped_and_next_works(server, client)
+    assert_dropped_and_next_works(raw_server, client)
 
 
 @pytest.mark.parametrize("transport", TRANSPORT_IDS)
 @pytest.mark.parametrize("head", [b"Content-Length: 5\r\nContent-Length: 7\r\n",
                                   b"Content-Length: 5, 7\r\n"], ids=["two-fields", "one-list"])
-def test_two_different_content_lengths_are_refused(server, client_on, transport, head):
-    server.script.append(head_then(head, b"12345\r\n"))
+def test_two_different_content_lengths_are_refused(raw_server, client_on, transport, head):
+    raw_server.script.append(head_then(head, b"12345\r\n"))
     client = client_on(transport)
     exc = refused(client, errors.ResponseError)
     assert not isinstance(exc, errors.TransientError)
     assert "Content-Length" in str(exc) and "9112" in str(exc)
-    assert_dropped_and_next_works(server, client)
+    assert_dropped_and_next_works(raw_server, client)
 
 
 @pytest.mark.parametrize("transport", TRANSPORT_IDS)
 @pytest.mark.parametrize("value", [b"1_0", b"+10", b"-1", b"0x10", b"ten"])
-def test_a_content_length_that_is_not_digits_is_refused(server, client_on, transport, value):
+def test_a_content_length_that_is_not_digits_is_refused(raw_server, client_on, transport, value):
     # int() reads "1_0" and "+10" as 10; RFC 9112 allows only digits
-    server.script.append(head_then(b"Content-Length: " + value + b"\r\n", b"0123456789"))
+    raw_server.script.append(head_then(b"Content-Length: " + value + b"\r\n", b"0123456789"))
     client = client_on(transport)
     exc = refused(client, errors.ResponseError)
     assert "invalid Content-Length" in str(exc)
-    assert_dropped_and_next_works(server, client)
+    assert_dropped_and_next_works(raw_server, client)
 
 
 @pytest.mark.parametrize("transport", TRANSPORT_IDS)
-def test_identical_content_lengths_are_one_length(server, client_on, transport):
+def test_identical_content_lengths_are_one_length(raw_server, client_on, transport):
     n = b"%d" % len(MODELS)
-    server.script.append(head_then(b"Content-Length: " + n + b"\r\nContent-Length: " + n
+    raw_server.script.append(head_then(b"Content-Length: " + n + b"\r\nContent-Length: " + n
                                    + b"\r\n", MODELS, then="keep"))
     client = client_on(transport)
     assert [m["id"] for m in client.list_models()] == ["tiny-llama"]
     assert [m["id"] for m in client.list_models()] == ["tiny-llama"]
-    assert server.connection_of(1) == server.connection_of(0)  # a good reply keeps its socket
+    assert raw_server.connection_of(1) == raw_server.connection_of(0)  # a good reply keeps its socket
 
 
 @pytest.mark.parametrize("transport", TRANSPORT_IDS)
-def test_chunked_wins_over_content_length_and_the_connection_is_not_reused(server, client_on,
+def test_chunked_wins_over_content_length_and_the_connection_is_not_reused(raw_server, client_on,
                                                                            transport):
     body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(MODELS), MODELS)
-    server.script.append(head_then(b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", body,
+    raw_server.script.append(head_then(b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n", body,
                                    then="keep"))
     client = client_on(transport)
     assert [m["id"] for m in client.list_models()] == ["tiny-llama"]  # framed by chunked
-    wait_until(lambda: server.connection_of(0) in server.closed_by_client, 10,
+    wait_until(lambda: raw_server.connection_of(0) in raw_server.closed_by_client, 10,
                what="the client to close the connection of a reply with both framings")
     assert [m["id"] for m in client.list_models()] == ["tiny-llama"]
-    assert server.connection_of(1) != server.connection_of(0)
+    assert raw_server.connection_of(1) != raw_server.connection_of(0)
 
 
 # =========================================================================== 100 MB bodies
@@ -337,9 +203,9 @@ SLACK = 24 * MIB
 @pytest.mark.parametrize("transport", TRANSPORT_IDS)
 @pytest.mark.parametrize("framing", ["length", "chunked", "one-chunk", "close"])
 @pytest.mark.parametrize("cap", [MAX_RESPONSE_BYTES, 4 * MIB], ids=["default-cap", "4MiB-cap"])
-def test_a_100_mb_body_is_refused_with_memory_near_the_cap(server, client_on, transport, framing,
+def test_a_100_mb_body_is_refused_with_memory_near_the_cap(raw_server, client_on, transport, framing,
                                                            cap, record_property):
-    server.script.append(big_body(HEADS[framing], framing))
+    raw_server.script.append(big_body(HEADS[framing], framing))
     client = client_on(transport, max_response_bytes=cap)
     caught: List[errors.ApiError] = []
     grew = peak_growth(lambda: caught.append(refused(client, errors.ResponseTooLargeError)))
@@ -348,7 +214,7 @@ def test_a_100_mb_body_is_refused_with_memory_near_the_cap(server, client_on, tr
     assert caught[0].limit == cap
     assert grew < cap + SLACK, f"peak RSS grew {grew / MIB:.1f} MiB reading a 100 MB body"
     assert grew < BIG
-    assert_dropped_and_next_works(server, client)
+    assert_dropped_and_next_works(raw_server, client)
 
 
 # =========================================================================== streams
@@ -357,22 +223,22 @@ def _stream_request():
 
 
 @pytest.mark.parametrize("transport", TRANSPORT_IDS)
-def test_a_100_mb_error_reply_to_a_stream_is_refused(server, client_on, transport):
+def test_a_100_mb_error_reply_to_a_stream_is_refused(raw_server, client_on, transport):
     # an error reply to a stream is read whole by the client: it gets the same cap
-    server.script.append(big_body(HEADS["chunked"], "chunked", status=b"500 Internal Server Error"))
+    raw_server.script.append(big_body(HEADS["chunked"], "chunked", status=b"500 Internal Server Error"))
     client = client_on(transport, max_response_bytes=4 * MIB, max_retries=0)
     exc = refused(client, errors.ResponseTooLargeError, lambda: client.stream(_stream_request()))
     assert exc.limit == 4 * MIB
-    assert_dropped_and_next_works(server, client)
+    assert_dropped_and_next_works(raw_server, client)
 
 
 @pytest.mark.parametrize("transport", TRANSPORT_IDS)
-def test_a_stream_with_two_content_lengths_is_refused(server, client_on, transport):
-    server.script.append(head_then(b"Content-Length: 5\r\nContent-Length: 70\r\n", b"data:"))
+def test_a_stream_with_two_content_lengths_is_refused(raw_server, client_on, transport):
+    raw_server.script.append(head_then(b"Content-Length: 5\r\nContent-Length: 70\r\n", b"data:"))
     client = client_on(transport, max_retries=0)
     exc = refused(client, errors.ResponseError, lambda: client.stream(_stream_request()))
     assert "Content-Length" in str(exc)
-    assert_dropped_and_next_works(server, client)
+    assert_dropped_and_next_works(raw_server, client)
 
 
 # =========================================================================== the setting
@@ -385,9 +251,9 @@ def test_max_response_bytes_is_a_setting_read_from_the_environment():
     assert "VLLM_MAX_RESPONSE_BYTES" in str(info.value)
 
 
-def test_the_setting_reaches_the_transport_a_client_builds_itself(server):
+def test_the_setting_reaches_the_transport_a_client_builds_itself(raw_server):
     """No transport factory: the client's own default transport enforces its setting."""
-    server.script.append(head_then(b"Content-Length: 5000\r\n", b"{\"object\":"))
-    with VllmClient(base_url=server.base_url, max_response_bytes=4096, max_retries=0) as client:
+    raw_server.script.append(head_then(b"Content-Length: 5000\r\n", b"{\"object\":"))
+    with VllmClient(base_url=raw_server.base_url, max_response_bytes=4096, max_retries=0) as client:
         exc = refused(client, errors.ResponseTooLargeError)
         assert exc.limit == 4096 and "5000" in str(exc)

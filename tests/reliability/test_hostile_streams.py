@@ -44,17 +44,6 @@ def stream_request(max_tokens: int = 6, **params: Any):
 
 
 # =========================================================================== no server
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[tuple]:
-    transport = ScriptedTransport()
-    client = VllmClient(base_url="http://127.0.0.1:9", model="tiny-llama", max_retries=0,
-                        transport_factory=lambda s: transport)
-    try:
-        yield client, transport
-    finally:
-        client.close()
-
-
 def read_all(client: VllmClient, transport: ScriptedTransport, chunks: List[bytes]):
     """Stream ``chunks`` through the client; (text, usage, finish reasons)."""
     transport.script = lambda: list(chunks)
@@ -194,17 +183,6 @@ def test_a_stream_that_ends_without_done_is_a_typed_error(scripted):
 
 
 # =========================================================================== over the wire
-@pytest.fixture
-def wire(fake_server, make_client):
-    """(double, make(transport, **settings)): leak baselines are taken before any client."""
-    baseline = threading.active_count()
-
-    def make(transport: str, **kw: Any) -> VllmClient:
-        return make_client(fake_server.base_url, transport, max_retries=1, **kw)
-
-    yield fake_server, make, baseline
-
-
 def assert_no_leaks(double, client: VllmClient, baseline_threads: int) -> None:
     """Close the client; the double's connections and our threads go back to the baseline."""
     assert client.current_requests == 0

@@ -54,13 +54,6 @@ def load_up(client, server: FakeVllmServer) -> List["concurrent.futures.Future[A
     return futures
 
 
-@pytest.fixture
-def baseline_threads():
-    """Thread count before the test's double and client exist; checked again at the end."""
-    before = threading.active_count()
-    yield before
-
-
 def finish(server: FakeVllmServer, client, before_threads: int, before_set) -> None:
     assert worker_threads(WORKER_PREFIX, before_set) == []
     server.stop()

@@ -10,122 +10,20 @@ Reading is pull-based, so one thread can read the members in any order a test pi
 
 from __future__ import annotations
 
-import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ipfs_accelerate_py.api_backends import errors
-from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.stream_batching import SharedTextStream
-from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse, StreamResponse,
-                                                        Transport)
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 
-from reliability_support import DONE, chunked, event
-
-PROMPTS = ["alpha", "beta prompt", "gamma \u65e5\u672c"]
-_HEAD = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "tiny-llama"}
+from reliability_support import (DONE, LIST_HEAD, PROMPTS, chunked, event,
+                                 list_body, list_stream_request, pieces)
 
 
-def pieces(prompt: str) -> List[str]:
-    """What the scripted server generates for ``prompt`` (multi-byte text included)."""
-    return [f"<{prompt}>", " caf\u00e9", f" {len(prompt)}", " \U0001f680"]
-
-
-def list_body(prompts: List[str], error_after: Optional[int] = None) -> bytes:
-    """vLLM's prompt-list stream: choices interleaved, per-prompt usage in every event."""
-    out: List[bytes] = []
-    rows = [pieces(p) for p in prompts]
-    for t in range(max(len(r) for r in rows)):
-        for i, row in enumerate(rows):
-            if t >= len(row):
-                continue
-            if error_after is not None and len(out) == error_after:
-                out.append(event({"error": {"message": "engine died", "type": "InternalServerError",
-                                            "code": 500}}))
-                return b"".join(out)
-            last = t == len(row) - 1
-            out.append(event({**_HEAD, "choices": [{"index": i, "text": row[t],
-                                                    "finish_reason": "length" if last else None}],
-                              "usage": {"prompt_tokens": len(prompts[i]), "completion_tokens": t + 1,
-                                        "total_tokens": len(prompts[i]) + t + 1}}))
-    total_p, total_c = sum(map(len, prompts)), sum(len(r) for r in rows)
-    out.append(event({**_HEAD, "choices": [], "usage": {"prompt_tokens": total_p,
-                                                        "completion_tokens": total_c,
-                                                        "total_tokens": total_p + total_c}}))
-    out.append(DONE)
-    return b"".join(out)
-
-
-class ListStreamTransport(Transport):
-    """Streams for whatever prompts a request carries; ``cut(body)`` -> the reads."""
-
-    def __init__(self) -> None:
-        self.cut: Callable[[bytes], Iterable[bytes]] = lambda body: [body]
-        self.body: Callable[[List[str]], bytes] = list_body
-        self.reject: Callable[[List[str]], bool] = lambda prompts: False
-        self.calls: List[List[str]] = []
-        self.closed = 0
-        self.read_to_end: List[bool] = []
-        self._lock = threading.Lock()
-
-    def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
-        raise errors.ConnectionError("no server behind this transport")
-
-    def open_stream(self, request: HttpRequest, timeout: Tuple[float, float]) -> StreamResponse:
-        prompt = request.json["prompt"]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        with self._lock:
-            self.calls.append(prompts)
-            slot = len(self.read_to_end)
-            self.read_to_end.append(False)
-        if self.reject(prompts):
-            body = json.dumps({"error": {"message": "prompt too long", "type": "BadRequestError",
-                                         "code": 400}}).encode()
-            return StreamResponse(400, {"content-type": "application/json"}, iter([body]),
-                                  lambda: None)
-
-        def reads() -> Iterator[bytes]:
-            body = self.body(prompts)
-            handed = 0
-            for chunk in self.cut(body):
-                handed += len(chunk)
-                self.read_to_end[slot] = handed == len(body)  # its last byte was read
-                yield chunk
-
-        def closer() -> None:
-            with self._lock:
-                self.closed += 1
-
-        return StreamResponse(200, {"content-type": "text/event-stream"}, reads(), closer)
-
-
-def request(prompt: str, **params: Any):
-    return build_request(prompt, "tiny-llama", {"max_tokens": 4, "temperature": 0,
-                                                "stream_options": {"include_usage": True},
-                                                **params}, stream=True)
-
-
-@pytest.fixture
-def scripted() -> Iterator[Tuple[VllmClient, ListStreamTransport]]:
-    transport = ListStreamTransport()
-    client = VllmClient(base_url="http://127.0.0.1:9", model="tiny-llama", max_retries=0,
-                        max_batch_size=len(PROMPTS), batch_linger=1.0, batch_timeout=60.0,
-                        transport_factory=lambda s: transport)
-    prime = client.stream(request("prime"))  # a lone stream goes at once and starts a burst
-    assert not isinstance(prime, SharedTextStream)
-    assert "".join(c.text for c in prime) == "".join(pieces("prime"))
-    transport.calls.clear()
-    transport.read_to_end.clear()
-    transport.closed = 0
-    try:
-        yield client, transport
-    finally:
-        client.close()
 
 
 _CALLERS = ThreadPoolExecutor(8, thread_name_prefix="stream-caller")
@@ -133,7 +31,7 @@ _CALLERS = ThreadPoolExecutor(8, thread_name_prefix="stream-caller")
 
 def open_group(client: VllmClient, prompts: List[str] = PROMPTS, **params: Any) -> List[Any]:
     """``stream()`` from one thread per prompt (a group opens when full); the streams."""
-    return list(_CALLERS.map(lambda p: client.stream(request(p, **params)), prompts))
+    return list(_CALLERS.map(lambda p: client.stream(list_stream_request(p, **params)), prompts))
 
 
 def expected(prompt: str) -> Tuple[str, Tuple[int, int], Dict[int, str]]:
@@ -153,8 +51,8 @@ def read_in_order(streams: List[Any], schedule: Iterable[int]) -> None:
             pass
 
 
-def test_every_byte_boundary_gives_each_caller_its_own_text_and_usage(scripted):
-    client, transport = scripted
+def test_every_byte_boundary_gives_each_caller_its_own_text_and_usage(primed_list_stream):
+    client, transport = primed_list_stream
     size = len(list_body(PROMPTS))  # the same for any order of the prompts
     splits: List[Callable[[bytes], List[bytes]]] = [
         (lambda b, i=i: [b[:i], b[i:]]) for i in range(size + 1)]
@@ -176,18 +74,18 @@ def test_every_byte_boundary_gives_each_caller_its_own_text_and_usage(scripted):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=30),
        schedule=st.lists(st.integers(min_value=0, max_value=2), max_size=20))
-def test_any_chunking_and_any_read_order_demultiplexes_the_same(scripted, cuts, schedule):
+def test_any_chunking_and_any_read_order_demultiplexes_the_same(primed_list_stream, cuts, schedule):
     """Hypothesis: random cut points (empty reads included) and callers pulling in any order
     (one buffering while another reads) never change what each caller gets."""
-    client, transport = scripted
+    client, transport = primed_list_stream
     transport.cut = lambda b: list(chunked(b, sorted(cuts)))
     streams = open_group(client)
     read_in_order(streams, schedule)
     assert [outcome(s) for s in streams] == [expected(p) for p in PROMPTS]
 
 
-def test_callers_reading_from_their_own_threads_get_their_own_text(scripted):
-    client, transport = scripted
+def test_callers_reading_from_their_own_threads_get_their_own_text(primed_list_stream):
+    client, transport = primed_list_stream
     transport.cut = lambda b: [bytes([x]) for x in b]
     streams = open_group(client)
     with ThreadPoolExecutor(len(streams)) as pool:
@@ -197,8 +95,8 @@ def test_callers_reading_from_their_own_threads_get_their_own_text(scripted):
     assert metrics["batches"] == 1 and metrics["batched_requests"] == len(PROMPTS)
 
 
-def test_a_caller_that_closes_early_stops_receiving_and_the_others_finish(scripted):
-    client, transport = scripted
+def test_a_caller_that_closes_early_stops_receiving_and_the_others_finish(primed_list_stream):
+    client, transport = primed_list_stream
     streams = open_group(client)
     first = next(streams[0])
     assert first.text == pieces(PROMPTS[0])[0]
@@ -211,8 +109,8 @@ def test_a_caller_that_closes_early_stops_receiving_and_the_others_finish(script
     assert transport.closed == 1
 
 
-def test_the_shared_call_is_closed_when_its_last_caller_closes(scripted):
-    client, transport = scripted
+def test_the_shared_call_is_closed_when_its_last_caller_closes(primed_list_stream):
+    client, transport = primed_list_stream
     transport.cut = lambda b: [b[i:i + 50] for i in range(0, len(b), 50)]
     streams = open_group(client)
     next(streams[1])
@@ -222,8 +120,8 @@ def test_the_shared_call_is_closed_when_its_last_caller_closes(scripted):
     assert client.current_requests == 0
 
 
-def test_an_error_event_mid_stream_reaches_every_caller_with_its_own_text(scripted):
-    client, transport = scripted
+def test_an_error_event_mid_stream_reaches_every_caller_with_its_own_text(primed_list_stream):
+    client, transport = primed_list_stream
     transport.body = lambda prompts: list_body(prompts, error_after=4)  # 4 events, then the error
     streams = open_group(client)
     got = []
@@ -239,8 +137,8 @@ def test_an_error_event_mid_stream_reaches_every_caller_with_its_own_text(script
     assert transport.closed == 1
 
 
-def test_a_dropped_connection_reaches_every_caller_with_its_own_text(scripted):
-    client, transport = scripted
+def test_a_dropped_connection_reaches_every_caller_with_its_own_text(primed_list_stream):
+    client, transport = primed_list_stream
 
     def dropped(body: bytes) -> Iterator[bytes]:
         cut = body.index(b"data:", len(event({})) * 3 + 100)  # a few events in
@@ -259,8 +157,8 @@ def test_a_dropped_connection_reaches_every_caller_with_its_own_text(scripted):
     assert client.current_requests == 0
 
 
-def test_a_stream_that_ends_without_done_is_an_error_for_every_caller(scripted):
-    client, transport = scripted
+def test_a_stream_that_ends_without_done_is_an_error_for_every_caller(primed_list_stream):
+    client, transport = primed_list_stream
     transport.body = lambda prompts: list_body(prompts)[:-len(DONE)]
     # every choice finished before the cut, so the callers already had their answer:
     streams = open_group(client)
@@ -274,12 +172,12 @@ def test_a_stream_that_ends_without_done_is_an_error_for_every_caller(scripted):
                 pass
 
 
-def test_a_rejected_list_sends_each_stream_alone_so_only_the_bad_one_fails(scripted):
-    client, transport = scripted
+def test_a_rejected_list_sends_each_stream_alone_so_only_the_bad_one_fails(primed_list_stream):
+    client, transport = primed_list_stream
     transport.reject = lambda prompts: "BAD" in prompts
     prompts = ["ok one", "BAD", "ok two"]
     with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(client.stream, request(p)) for p in prompts]
+        futures = [pool.submit(client.stream, list_stream_request(p)) for p in prompts]
     with pytest.raises(errors.BadRequestError):
         futures[1].result()
     for f, p in ((futures[0], prompts[0]), (futures[2], prompts[2])):
@@ -290,11 +188,11 @@ def test_a_rejected_list_sends_each_stream_alone_so_only_the_bad_one_fails(scrip
         (p,) for p in prompts)
 
 
-def test_n_choices_per_prompt_are_renumbered_for_each_caller(scripted):
-    client, transport = scripted
+def test_n_choices_per_prompt_are_renumbered_for_each_caller(primed_list_stream):
+    client, transport = primed_list_stream
 
     def body(prompts: List[str]) -> bytes:  # prompt i's choice j has index i * 2 + j
-        out = [event({**_HEAD, "choices": [{"index": i * 2 + j, "text": f"{p}/{j}",
+        out = [event({**LIST_HEAD, "choices": [{"index": i * 2 + j, "text": f"{p}/{j}",
                                             "finish_reason": "length"}]})
                for j in range(2) for i, p in enumerate(prompts)]
         return b"".join(out) + DONE
@@ -307,11 +205,11 @@ def test_n_choices_per_prompt_are_renumbered_for_each_caller(scripted):
     assert [s.text for s in streams] == [f"{p}/0{p}/1" for p in PROMPTS]
 
 
-def test_batch_streams_off_sends_every_stream_alone(scripted):
-    client, transport = scripted
+def test_batch_streams_off_sends_every_stream_alone(primed_list_stream):
+    client, transport = primed_list_stream
     client._set_on_all_endpoints(batch_streams=False)
     with ThreadPoolExecutor(3) as pool:
-        streams = list(pool.map(lambda p: client.stream(request(p)), PROMPTS))
+        streams = list(pool.map(lambda p: client.stream(list_stream_request(p)), PROMPTS))
     assert not any(isinstance(s, SharedTextStream) for s in streams)
     assert sorted(transport.calls) == sorted([p] for p in PROMPTS)
     assert [s.text for s in streams] == ["", "", ""]  # not read yet: opened only
@@ -329,7 +227,7 @@ def test_real_server_streams_a_shared_prompt_list_to_each_caller(real_vllm_serve
                         max_batch_size=len(prompts), batch_linger=1.0, batch_timeout=30.0)
     try:
         solo = [client.run_inference(None, p, params) for p in prompts]
-        client.stream(request("prime", **params)).close()  # starts a burst
+        client.stream(list_stream_request("prime", **params)).close()  # starts a burst
         client.get_metrics(reset=True)
         streams = open_group(client, prompts, **params)
         with ThreadPoolExecutor(len(streams)) as pool:

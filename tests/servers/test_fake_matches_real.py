@@ -23,16 +23,16 @@ import http.client
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
+from support import REAL_SERVER_API_KEY as API_KEY
 
 pytestmark = pytest.mark.real_server
 
-API_KEY = "sk-test-key-123"
 _USER_HELLO = [{"role": "user", "content": "Hello"}]
 
 
@@ -417,31 +417,8 @@ def assert_same_reply(real: Reply, fake: Reply, case: Case) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Fixtures and tests
+# Tests (the mirrored doubles are fixtures in conftest.py)
 # --------------------------------------------------------------------------------------------
-
-
-def _mirror(real_base_url: str, api_key: str | None) -> FakeVllmServer:
-    """A double configured like the real server: same served names, context length and key."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    reply = exchange(real_base_url, Case("models", "GET", "/v1/models", headers=headers))
-    assert reply.status == 200, reply.body
-    data = json.loads(reply.body)["data"]
-    version = json.loads(exchange(real_base_url, Case("version", "GET", "/version")).body)["version"]
-    return FakeVllmServer(models=[m["id"] for m in data], max_model_len=data[0]["max_model_len"], api_key=api_key,
-                          version=version)
-
-
-@pytest.fixture(scope="module")
-def mirrored_fake(real_vllm_server: Any) -> Iterator[FakeVllmServer]:
-    with _mirror(real_vllm_server.base_url, None) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def mirrored_fake_with_key(real_vllm_server_with_key: Any) -> Iterator[FakeVllmServer]:
-    with _mirror(real_vllm_server_with_key.base_url, API_KEY) as fake:
-        yield fake
 
 
 def compare_servers(real_url: str, fake_url: str, case: Case) -> None:

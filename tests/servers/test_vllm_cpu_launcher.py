@@ -15,19 +15,11 @@ import pytest
 import requests
 
 from ipfs_accelerate_py.servers.vllm_cpu import DEFAULT_SERVED_NAMES, MAX_MODEL_LEN, VllmCpuServer
+from support import REAL_SERVER_API_KEY as API_KEY
 
 pytestmark = pytest.mark.real_server
 
-API_KEY = "sk-test-key-123"  # the key of the real_vllm_server_with_key fixture
 TIMEOUT = 30.0  # 2 cores shared with the server: be generous
-
-
-@pytest.fixture(scope="module")
-def http() -> requests.Session:
-    """A session that never goes through an HTTP proxy from the environment (loopback only)."""
-    session = requests.Session()
-    session.trust_env = False
-    return session
 
 
 def _auth(key: Optional[str]) -> Dict[str, str]:
