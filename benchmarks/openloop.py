@@ -324,6 +324,49 @@ class AioHttpStream(C.AioHttp):
         return {"wall_s": time.perf_counter() - t0, "prompts": len(prompts), "ttft": ttft}
 
 
+class BareListStream(C.AioHttp):
+    """The ceiling of batched streaming for N closed-loop callers: the prompts as N-prompt
+    list streams (aiohttp), one call at a time, every event parsed and sorted by its
+    choice ``index``; TTFT per prompt from its call's start. What a perfect batcher of N
+    callers could send; no client-side queueing, threads or callers to hand chunks to."""
+
+    name = "bare prompt-list streams"
+    note = "aiohttp, one N-prompt list stream at a time, events sorted by choice index"
+
+    def __init__(self, url: str, model: str, params: Dict[str, Any], per_request: int) -> None:
+        super().__init__(url, model, params, 1)
+        self.per_request = per_request
+
+    async def _stream_list(self, prompts: Sequence[str]) -> List[float]:
+        t0 = time.perf_counter()
+        first: List[Optional[float]] = [None] * len(prompts)
+        texts: List[List[str]] = [[] for _ in prompts]
+        body = {"model": self.model, "prompt": list(prompts), **_stream_params(self.params)}
+        body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+        async with self._session.post(self._endpoint, json=body) as r:
+            r.raise_for_status()
+            async for line in r.content:
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                for c in json.loads(line[6:]).get("choices") or ():
+                    i = c["index"]
+                    if c.get("text"):
+                        texts[i].append(c["text"])
+                        if first[i] is None:
+                            first[i] = time.perf_counter() - t0
+        return [math.inf if f is None else f for f in first]
+
+    def throughput(self, callers: C.Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        async def many() -> List[float]:
+            out: List[float] = []
+            for k in range(0, len(prompts), self.per_request):
+                out += await self._stream_list(prompts[k:k + self.per_request])
+            return out
+        t0 = time.perf_counter()
+        ttft = self._loop.run_until_complete(many())
+        return {"wall_s": time.perf_counter() - t0, "prompts": len(prompts), "ttft": ttft}
+
+
 class ProjectStream(C.Project):
     """The project's ``stream()``: compatible concurrent streams share prompt-list calls."""
 

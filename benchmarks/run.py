@@ -57,6 +57,7 @@ NAMES = {
     "on_c10": "project (batching on, max_concurrent 10)",
     "on_c64": "project (batching on, max_concurrent 64)",
     "aio_stream": "aiohttp streams",
+    "bare_stream": "bare prompt-list streams (32/request)",
     "proj_stream": "project streams",
 }
 THROUGHPUT = ("W1", "W4", "W6")  # workloads measured in prompts/s by closed-loop callers
@@ -201,6 +202,7 @@ def build(args: argparse.Namespace, real: servers.RealServer,
         url, model = real.url, real.model
         if have_aio:
             w.add("aio_stream", lambda: OL.AioHttpStream(url, model, params, conc))
+            w.add("bare_stream", lambda: OL.BareListStream(url, model, params, conc))
         w.add("proj_stream", lambda: OL.ProjectStream(url, model, params, batching=True,
                                                       max_batch_size=conc, label=NAMES["proj_stream"],
                                                       max_concurrent_requests=conc, transport=tr))
