@@ -15,7 +15,7 @@ Who provides what (and who uses it):
   ``run_inference``);
 * ``metrics.MetricsMixin``: ``_metrics``, ``_finish``, ``_record_unsent`` (batching, retry,
   circuit waiting, streaming);
-* ``queue.QueueMixin``: ``_check_queue_deadline``, ``current_requests`` (batching, metrics);
+* ``queue.QueueMixin``: ``current_requests`` (metrics);
 * ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics);
 * ``circuit_wait.CircuitWaitMixin``: ``_can_wait_for_circuits``, ``_wait_for_any_circuit``
   (routing);
@@ -107,8 +107,6 @@ class Host(Protocol):
     def _record_unsent(self, ep: "Endpoint", job: Job) -> None: ...
 
     # -- queue.QueueMixin
-    def _check_queue_deadline(self, job: Job, now: Optional[float] = None) -> bool: ...
-
     @property
     def current_requests(self) -> int: ...
 

@@ -26,7 +26,7 @@ from .. import tracing
 from ._host import HostBase
 from .circuit_breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
-from ..errors import ApiError, ClientClosedError, HTTPStatusError, TransientError
+from ..errors import ApiError, ClientClosedError, HTTPStatusError, QueueTimeoutError, TransientError
 from .queue import Job
 from .retry import RetryPolicy, retry_wait
 
@@ -123,7 +123,8 @@ class BatchingMixin(HostBase):
 
     def _handle_job(self, ep: Any, job: Job) -> None:
         """A worker's turn: drop a job past its deadline, else send it alone or batched."""
-        now = self._clock.monotonic()  # one reading for the deadline and the burst checks
+        # one reading for the deadline and the burst checks: the queue's as it handed it over
+        now = job.picked_at if job.picked_at is not None else self._clock.monotonic()
         if not self._check_queue_deadline(job, now):
             self._record_unsent(ep, job)
             return
@@ -134,6 +135,19 @@ class BatchingMixin(HostBase):
             self._run_batch(ep, batch)
         else:
             self._run_single(ep, job)
+
+    def _check_queue_deadline(self, job: Job, now: Optional[float] = None) -> bool:
+        """Fail a job that waited past its deadline; True if it may still run. ``now``: the
+        caller's reading of the clock, when it has one."""
+        if job.future.done():  # the caller gave up (timeout/cancel) while it waited
+            return False
+        now = self._clock.monotonic() if now is None else now
+        if now > job.deadline:
+            job.fail(QueueTimeoutError(
+                f"request waited {now - job.enqueued_at:.2f}s in the queue, "
+                "past its deadline; it was never sent"))
+            return False
+        return True
 
     def _run_single(self, ep: Any, job: Job) -> None:
         start = self._clock.monotonic()

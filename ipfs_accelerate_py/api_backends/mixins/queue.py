@@ -18,7 +18,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Deque, Dict, Hashable, List, Optional
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ClientClosedError, QueueFullError, QueueTimeoutError, ValidationError
+from ..errors import ClientClosedError, QueueFullError, ValidationError
 from ._host import HostBase
 
 __all__ = ["Job", "PriorityRequestQueue", "WorkerPool", "QueueMixin", "PRIORITIES"]
@@ -38,7 +38,7 @@ class Job:
     """One submitted request and the future its caller waits on."""
 
     __slots__ = ("request", "priority", "future", "enqueued_at", "deadline", "key", "seq",
-                 "model", "request_id", "started_at", "fail_fast")
+                 "model", "request_id", "picked_at", "fail_fast")
 
     def __init__(self, request: Any, priority: int, deadline: float, key: Optional[Hashable],
                  model: Optional[str], request_id: str, now: float,
@@ -52,7 +52,8 @@ class Job:
         self.model = model
         self.request_id = request_id
         self.seq = 0
-        self.started_at = 0.0
+        #: when a worker took it off the queue (that worker's turn reads no clock of its own)
+        self.picked_at: Optional[float] = None
         self.fail_fast = fail_fast  # an OPEN circuit fails it at once instead of holding it
 
     def fail(self, exc: BaseException) -> None:
@@ -134,6 +135,7 @@ class PriorityRequestQueue:
         if best is not None:
             self._lanes[best.priority].popleft()
             self._size -= 1
+            best.picked_at = now
         return best
 
     def get(self, timeout: Optional[float] = None,
@@ -397,15 +399,3 @@ class QueueMixin(HostBase):
         endpoint.queue.put(job)
         endpoint.workers.ensure_started()
 
-    def _check_queue_deadline(self, job: Job, now: Optional[float] = None) -> bool:
-        """Fail a job that waited past its deadline; True if it may still run. ``now``: the
-        caller's reading of the clock, when it has one."""
-        if job.future.done():  # the caller gave up (timeout/cancel) while it waited
-            return False
-        now = self._clock.monotonic() if now is None else now
-        if now > job.deadline:
-            job.fail(QueueTimeoutError(
-                f"request waited {now - job.enqueued_at:.2f}s in the queue, "
-                "past its deadline; it was never sent"))
-            return False
-        return True
