@@ -183,6 +183,27 @@ class OpenAISDK(Contender):
         self._client.close()
 
 
+# --------------------------------------------------------------------------- one event loop
+async def on_tasks(one: Callable[[str], Any], prompts: Sequence[str], concurrency: int) -> List[int]:
+    """``concurrency`` tasks on the running loop, each awaiting ``one(prompt)`` in turn."""
+    out: List[int] = [0] * len(prompts)
+    work = iter(enumerate(prompts))
+
+    async def worker() -> None:
+        for i, p in work:
+            out[i] = await one(p)
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
+
+
+def loop_cpu(loop: asyncio.AbstractEventLoop, run: Any) -> Dict[str, Any]:
+    """CPU seconds (every thread of this process) and wall seconds of running ``run``."""
+    gc.collect()
+    c0, t0 = time.process_time(), time.perf_counter()
+    loop.run_until_complete(run)
+    return {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0}
+
+
 # --------------------------------------------------------------------------- aiohttp
 class AioHttp(Contender):
     name = "aiohttp"
@@ -208,14 +229,7 @@ class AioHttp(Contender):
         return _check(data["usage"]["completion_tokens"], self.expect)
 
     async def _many(self, prompts: Sequence[str], concurrency: int) -> List[int]:
-        out: List[int] = [0] * len(prompts)
-        work = iter(enumerate(prompts))
-
-        async def worker() -> None:
-            for i, p in work:
-                out[i] = await self._one(p)
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return out
+        return await on_tasks(self._one, prompts, concurrency)
 
     def throughput(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
         t0 = time.perf_counter()
@@ -233,10 +247,7 @@ class AioHttp(Contender):
         return self._loop.run_until_complete(go())
 
     def cpu(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
-        gc.collect()
-        c0, t0 = time.process_time(), time.perf_counter()
-        self._loop.run_until_complete(self._many(prompts, callers.n))
-        return {"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0}
+        return loop_cpu(self._loop, self._many(prompts, callers.n))
 
     def one(self, prompt: str) -> int:  # not used: the loop is driven directly
         return self._loop.run_until_complete(self._one(prompt))
@@ -313,6 +324,34 @@ class Project(Contender):
 
     def close(self) -> None:
         self.client.close()
+
+
+class ProjectAsync(Project):
+    """``VllmClient``'s async face: N tasks on one event loop awaiting ``arun_inference``
+    (queued and sent by the client's workers as a sync call is; no thread waits for a
+    caller), beside bare aiohttp's N tasks on one loop."""
+
+    def __init__(self, url: str, model: str, params: Dict[str, Any], concurrency: int,
+                 **kw: Any) -> None:
+        super().__init__(url, model, params, label="project (async)", **kw)
+        self._loop = asyncio.new_event_loop()
+
+    async def _one(self, prompt: str) -> int:
+        r = await self.client.arun_inference(self.model, prompt, self.params)
+        return _check(r.usage.completion_tokens, self.expect)
+
+    async def _many(self, prompts: Sequence[str], concurrency: int) -> List[int]:
+        return await on_tasks(self._one, prompts, concurrency)
+
+    def cpu(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        return loop_cpu(self._loop, self._many(prompts, callers.n))
+
+    def one(self, prompt: str) -> int:
+        return self._loop.run_until_complete(self._one(prompt))
+
+    def close(self) -> None:
+        super().close()
+        self._loop.close()
 
 
 class ProjectSubmitAll(Project):

@@ -15,7 +15,6 @@ manager.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import functools
 import itertools
@@ -42,6 +41,7 @@ from .mixins.probing import CircuitProber
 from .mixins.queue import Job, PriorityRequestQueue, QueueMixin, WorkerPool, check_priority
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
+from .async_face import AsyncFaceMixin
 from .call_shapes import stream_call
 from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, coerce_messages,
                      validate_request)
@@ -101,8 +101,9 @@ class Endpoint:
 
 
 def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[str, Any]] = None,
-                  stream: bool = False) -> Request:
-    """Caller input -> typed request: text or a list of texts -> completion, messages -> chat."""
+                  stream: bool = False, adapter: Optional[BackendAdapter] = None) -> Request:
+    """Caller input -> typed request: text or a list of texts -> completion, messages -> chat,
+    as ``adapter``'s request classes (the OpenAI surface without one)."""
     if not isinstance(parameters, (dict, type(None))):
         raise ValidationError(f"must be a dict, got {type(parameters).__name__}", field="parameters")
     params = dict(parameters or {})
@@ -112,8 +113,8 @@ def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[s
         params["stream"] = True
     if isinstance(inputs, (list, tuple)) and inputs and all(
             isinstance(m, dict) and "role" in m for m in inputs):
-        return validate_request(ChatRequest, {**params, "model": model,
-                                              "messages": coerce_messages(inputs)})
+        return validate_request(adapter.chat_request if adapter else ChatRequest,
+                                {**params, "model": model, "messages": coerce_messages(inputs)})
     if isinstance(inputs, (list, tuple)) and inputs and not all(isinstance(p, str) for p in inputs) \
             and any(isinstance(m, dict) for m in inputs):
         raise ValidationError("a list must hold only prompts (strings) or only chat messages "
@@ -124,11 +125,12 @@ def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[s
     if not isinstance(inputs, (str, list, tuple)):
         raise ValidationError(f"must be a string, a list of strings or chat messages, "
                               f"not {type(inputs).__name__}", field="inputs")
-    return validate_request(CompletionRequest, {**params, "model": model, "prompt": inputs})
+    return validate_request(adapter.completion_request if adapter else CompletionRequest,
+                            {**params, "model": model, "prompt": inputs})
 
 
 class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin, CircuitWaitMixin,
-                     MetricsMixin, MultiplexingMixin, RoutingMixin, StreamingMixin):
+                     MetricsMixin, MultiplexingMixin, RoutingMixin, StreamingMixin, AsyncFaceMixin):
     """A resilient client for one backend kind, over one or many endpoints."""
 
     #: the adapter's registered name; subclasses set it
@@ -291,9 +293,10 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                                   field="stream")
         if self._closed:
             raise ClientClosedError("client is closed")
-        routed = self._routed_submit(request, priority, timeout) if endpoint_id is None else None
-        if routed is not None:  # the routing setting: over every endpoint (mixins/routing.py)
-            return routed
+        if endpoint_id is None and self._settings.routing:
+            routed = self._routed_submit(request, priority, timeout)
+            if routed is not None:  # the routing setting: over every endpoint (mixins/routing.py)
+                return routed
         ep = self._endpoint(endpoint_id)
         job = self._new_job(ep, request, priority, timeout, self._fail_fast(ep, fail_fast))
         if ep.settings.queue_enabled:
@@ -324,45 +327,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             return fut.result(0)
 
     # ------------------------------------------------------------------ one call
-    def _call(self, ep: Endpoint, request: Request, deadline: float, model: Optional[str],
-              request_id: str, queue_priority: Optional[int] = None,
-              fail_fast: bool = False, first_attempt: int = 0,
-              last_attempt: Optional[int] = None, fresh_id: bool = False) -> CompletionResult:
-        """Send ``request`` with retries; parse the reply. Raises typed errors only.
-        ``first_attempt`` / ``last_attempt``: see ``call_with_retries``; ``fresh_id``: see
-        ``RetryMixin._retry``.
-
-        With ``forward_priority`` the server gets the request's own ``priority`` field, else
-        the queue priority it was submitted with (0 HIGH .. 2 LOW; lower runs earlier in
-        vLLM too)."""
-        adapter = self._adapter
-        forward = ep.settings.forward_priority and ep.priority_supported
-        wire_priority = request.priority
-        if wire_priority is None:
-            wire_priority = queue_priority
-
-        def attempt(n: int) -> CompletionResult:
-            nonlocal forward
-            priority = wire_priority if forward else None
-            http = adapter.format_request(request, priority=priority, request_id=request_id)
-            try:
-                response = self._send(ep, http, deadline, fail_fast)
-            except errors.HTTPStatusError as exc:
-                if priority is not None and adapter.is_priority_rejection(exc):
-                    # The server runs without --scheduling-policy priority: stop sending it.
-                    ep.priority_supported = False
-                    forward = False
-                    log.info("endpoint %s refused the priority field; sending without it", ep.id)
-                    # The same request id goes out again: that is a retry, count it.
-                    self._metrics.record_retry(ep.id, model)
-                    http = adapter.format_request(request, priority=None, request_id=request_id)
-                    response = self._send(ep, http, deadline, fail_fast)
-                else:
-                    raise
-            return adapter.parse_response(request, response)
-
-        return self._retry(ep, attempt, deadline, model, first_attempt, last_attempt, fresh_id)
-
+    # ``_call`` (retries around one attempt) is RetryMixin._call (mixins/retry.py)
     def _admit(self, ep: Endpoint, deadline: float, fail_fast: bool,
                now: float) -> Tuple[bool, float]:
         """Pass the breaker: wait while the circuit is OPEN (within ``deadline``) unless
@@ -421,13 +386,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             ep.enter()
             try:
                 response = io(timeout)
-            except TransientError as exc:
-                # a dropped connection alone makes the breaker check /health at once
-                ep.breaker.record_failure(probe, refused=bool(exc.context.get("refused")),
-                                          suspect=isinstance(exc, errors.ConnectionError))
-                raise
-            except BaseException:
-                ep.breaker.release(probe)
+            except BaseException as exc:
+                self._transport_failed(ep, probe, exc)
                 raise
             finally:
                 ep.leave()
@@ -441,14 +401,30 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 body = b"".join(response.chunks())
                 response.close()
                 response = HttpResponse(response.status, response.headers, body)
-            error = self._adapter.parse_error(response)
-            if isinstance(error, errors.ServerError):
-                ep.breaker.record_failure(probe)
-            else:
-                ep.breaker.record_success(probe)
-            raise error
+            raise self._error_reply(ep, response, probe)
         ep.breaker.record_success(probe, now)
         return response
+
+    @staticmethod
+    def _transport_failed(ep: Endpoint, probe: bool, exc: BaseException) -> None:
+        """The breaker's verdict on an attempt whose transport call raised (both faces): a
+        transport fault counts against the server, and a dropped connection alone makes it
+        check /health at once; anything else (cancelled, closed) only frees a probe's slot."""
+        if isinstance(exc, TransientError):
+            ep.breaker.record_failure(probe, refused=bool(exc.context.get("refused")),
+                                      suspect=isinstance(exc, errors.ConnectionError))
+        else:
+            ep.breaker.release(probe)
+
+    def _error_reply(self, ep: Endpoint, response: HttpResponse, probe: bool) -> errors.ApiError:
+        """The typed error of a reply of status 400 or more, after the breaker's verdict
+        (both faces): a 5xx counts against the server, any other answer proves it alive."""
+        error = self._adapter.parse_error(response)
+        if isinstance(error, errors.ServerError):
+            ep.breaker.record_failure(probe)
+        else:
+            ep.breaker.record_success(probe)
+        return error
 
     def request_raw(self, http: HttpRequest, endpoint_id: Optional[str] = None,
                     timeout: Optional[float] = None) -> HttpResponse:
@@ -470,21 +446,15 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                       endpoint_id: Optional[str] = None,
                       fail_fast: Optional[bool] = None) -> CompletionResult:
         """Text, a list of texts (ONE call, a prompt list) or chat messages -> a result."""
-        request = build_request(inputs, model_id, parameters)
+        request = build_request(inputs, model_id, parameters, adapter=self._adapter)
         return self.execute(request, priority, endpoint_id, fail_fast=fail_fast)
 
     def submit_inference(self, model_id: Optional[str], inputs: Any,
                          parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
                          endpoint_id: Optional[str] = None) -> "Future[CompletionResult]":
         """Non-blocking ``run_inference``: returns a future (lets one thread fill a batch)."""
-        return self.submit(build_request(inputs, model_id, parameters), priority, endpoint_id)
-
-    async def arun_inference(self, model_id: Optional[str], inputs: Any,
-                             parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
-                             endpoint_id: Optional[str] = None) -> CompletionResult:
-        """``run_inference`` for asyncio code."""
-        return await asyncio.wrap_future(
-            self.submit_inference(model_id, inputs, parameters, priority, endpoint_id))
+        return self.submit(build_request(inputs, model_id, parameters, adapter=self._adapter),
+                           priority, endpoint_id)
 
     def generate_text(self, prompt: str, model: Optional[str] = None, priority: int = 1,
                       **parameters: Any) -> str:
@@ -498,8 +468,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         """Chat messages -> the assistant's reply (``.text``)."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValidationError("must be a non-empty list of chat messages", field="messages")
-        request = validate_request(ChatRequest, {**parameters, "model": model,
-                                                 "messages": coerce_messages(messages)})
+        request = validate_request(self._adapter.chat_request,
+                                   {**parameters, "model": model,
+                                    "messages": coerce_messages(messages)})
         return self.execute(request, priority)
 
     def stream_generation(self, *args: Any, **kwargs: Any) -> Iterator[str]:
@@ -512,7 +483,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         model, prompt, parameters = stream_call(args, kwargs)
         if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
             raise ValidationError("stream one prompt (a string) or chat messages", field="prompt")
-        return self.stream(build_request(prompt, model, parameters, stream=True)).texts()
+        return self.stream(build_request(prompt, model, parameters, stream=True,
+                                         adapter=self._adapter)).texts()
 
     def list_models(self, endpoint_id: Optional[str] = None) -> List[Dict[str, Any]]:
         """The models the server serves (dicts with at least ``id``). Their ``max_model_len``
@@ -549,6 +521,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 ep.prober.join(wait)
         for ep in self._endpoints.values():
             ep.transport.close()
+        self._close_aio_transports()  # async streams' sessions (async_face.py)
         _live_clients.discard(self)
 
     @property

@@ -191,39 +191,42 @@ class TextStream:
                                    "the reply is incomplete")
 
     def _run(self) -> Generator[StreamChunk, None, None]:
-        client = self._client
         error: Optional[BaseException] = None
         finished = False
         try:
             for chunk in self._chunks():
-                if chunk.usage is not None:
-                    self.usage = chunk.usage
-                if chunk.finish_reason is not None:
-                    self.finish_reasons[chunk.index] = chunk.finish_reason
-                if chunk.text:
-                    if self._ttft is None:
-                        self._ttft = client._clock.monotonic() - self._start
-                    self._parts.append(chunk.text)
+                self._take(chunk)
                 yield chunk
             finished = True
-        except errors.StreamError as exc:
-            exc.partial_text = self.text
-            error = exc
-            raise
-        except ApiError as exc:
-            exc.context["partial_text"] = self.text
-            error = exc
-            if isinstance(exc, TransientError):
-                self._ep.breaker.record_failure(False)
-            raise
         except GeneratorExit:
-            error = None
             raise
-        except BaseException as exc:  # noqa: BLE001
-            error = exc
+        except BaseException as exc:  # noqa: BLE001 - kept for the metrics, re-raised
+            error = self._failed(exc)
             raise
         finally:
             self._finish(finished, error)
+
+    def _take(self, chunk: StreamChunk) -> None:
+        """One chunk's bookkeeping: usage, finish reason, time to first text, the text."""
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        if chunk.finish_reason is not None:
+            self.finish_reasons[chunk.index] = chunk.finish_reason
+        if chunk.text:
+            if self._ttft is None:
+                self._ttft = self._client._clock.monotonic() - self._start
+            self._parts.append(chunk.text)
+
+    def _failed(self, exc: BaseException) -> BaseException:
+        """The text so far goes with the error; a transport fault counts against the server.
+        (The async face's streams share both: async_face.py.)"""
+        if isinstance(exc, errors.StreamError):
+            exc.partial_text = self.text
+        elif isinstance(exc, ApiError):
+            exc.context["partial_text"] = self.text
+            if isinstance(exc, TransientError):
+                self._ep.breaker.record_failure(False)
+        return exc
 
     def _finish(self, finished: bool, error: Optional[BaseException]) -> None:
         if not self._lease.release():

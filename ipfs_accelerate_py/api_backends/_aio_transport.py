@@ -1,0 +1,260 @@
+"""The asyncio side of the transport seam: streams over aiohttp, one session per event loop.
+
+Private: ``async_face.py`` is its only user. The sync transports (``transport.py``,
+``_http11.py``) move bytes in the caller's thread, so a service relaying thousands of streams
+would need thousands of threads; here every stream is a coroutine on its caller's loop.
+
+Why one ``aiohttp.ClientSession`` per (endpoint, event loop): a session and its connections
+belong to the loop that made them and cannot be used from another, while one client may be
+used from several loops (threads each running their own, ``asyncio.run`` called twice). The
+session is made on first use in a loop and forgotten once that loop is closed.
+
+The same rules as the sync transports:
+
+* timeouts from the endpoint's settings: ``connect`` (including the TLS handshake) and a
+  read timeout that bounds every socket read, so for a stream it is the idle timeout;
+* TLS trust as ``HttpClientTransport`` reads ``verify`` (certifi's bundle, off, or a CA
+  bundle file or directory; ``_http11._tls_context``);
+* the reply of an error status is read whole, capped at ``max_response_bytes`` (a declared
+  ``Content-Length`` over the cap is refused before reading, an undeclared body as it
+  arrives: ``_framing``); a 2xx stream is bounded per event by the SSE decoder above;
+* aiohttp's own parser (llhttp) refuses the framing errors ``_framing`` names (two
+  different lengths, a signed or non-digit length, both framings at once): those become a
+  ``ResponseError``, the connection closed;
+* every failure is one of the project's typed errors, its message redacted;
+* closing a stream before its end closes its connection (vLLM then aborts the generation);
+  only a reply read to its end returns its connection to the keep-alive pool.
+
+Connections: aiohttp's pool keeps released ones alive for ``KEEPALIVE`` seconds; the number
+open at once is not capped here (as in ``HttpClientTransport``, which may open more than its
+``pool_size``): the endpoint's in-flight limit bounds the requests being sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, AsyncIterator, Dict, Optional, Tuple
+
+import aiohttp
+
+from . import errors
+from ._framing import NO_CAP, check_size, declared_length
+from ._http11 import Headers, _check_header, _tls_context
+from .errors import redact
+from .settings import MAX_RESPONSE_BYTES
+from .transport import HttpRequest
+
+__all__ = ["AioTransport", "AioStreamResponse", "KEEPALIVE"]
+
+#: Seconds an idle pooled connection is kept: below uvicorn's (vLLM's) 5 s keep-alive, so a
+#: connection the server is about to close is not picked for the next request.
+KEEPALIVE = 4.0
+_READ = 65536
+#: How long ``close()`` from another thread waits for a loop to close its session.
+_CLOSE_WAIT = 2.0
+
+
+def _map(exc: BaseException, base_url: str, what: str) -> errors.ApiError:
+    """An aiohttp / asyncio / OS failure -> the project's typed error (message redacted)."""
+    if isinstance(exc, errors.ApiError):
+        return exc
+    text = redact(f"{type(exc).__name__}: {exc}")[:500]
+    if isinstance(exc, getattr(aiohttp, "ConnectionTimeoutError", ())):
+        return errors.TimeoutError(f"connect timeout to {base_url}: {text}")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return errors.TimeoutError(f"{what} timeout from {base_url}: {text}")
+    if isinstance(exc, aiohttp.InvalidURL):
+        return errors.ConfigurationError(text, field="base_url")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        refused = isinstance(exc.os_error, ConnectionRefusedError)
+        return errors.ConnectionError(f"connection to {base_url} failed: {text}", refused=refused)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        # raised by aiohttp's parser, not a status (raise_for_status is off): bad framing
+        return errors.ResponseError(f"reply from {base_url} has broken framing (RFC 9112 "
+                                    f"section 6.3); the connection was closed: {text}")
+    return errors.ConnectionError(f"connection to {base_url} failed: {text}")
+
+
+class AioStreamResponse:
+    """An open streamed reply: ``async for piece in chunks()``, then ``close()``.
+
+    ``close`` is synchronous (aiohttp closes a connection without awaiting), so the
+    stream's lease and its garbage-collection finalizer can call it from anywhere."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, base_url: str, limit: int) -> None:
+        self._resp = resp
+        self._base = base_url
+        self._limit = limit
+        self.status = resp.status
+        self.headers = Headers((k.lower(), v) for k, v in resp.headers.items())
+        self.closed = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; each read waits at most the read (idle) timeout."""
+        seen = 0
+        try:
+            while True:
+                piece = await self._resp.content.readany()
+                if not piece:
+                    return
+                seen += len(piece)
+                check_size(seen, self._limit, self.status)
+                yield piece
+        except (Exception, asyncio.CancelledError) as exc:
+            self.close()  # a failed, refused or cancelled read leaves the connection unusable
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+                raise errors.TimeoutError(
+                    f"stream idle timeout: no data from {self._base} within the read timeout: "
+                    f"{redact(f'{type(exc).__name__}: {exc}')[:500]}") from None
+            raise _map(exc, self._base, "read") from None
+
+    async def read_body(self) -> bytes:
+        """The whole body of an error reply (capped), then the connection is released."""
+        parts = [piece async for piece in self.chunks()]
+        self.close()
+        return b"".join(parts)
+
+    def close(self) -> None:
+        """Drop the connection unless the reply was read to its end (then aiohttp has
+        already returned it to the pool). Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._resp.close()
+
+
+class AioTransport:
+    """Streams to one endpoint from any event loop (see the module docstring)."""
+
+    def __init__(self, base_url: str, api_key: Optional[str] = None, verify: Any = True,
+                 extra_headers: Optional[Dict[str, str]] = None,
+                 user_agent: str = "ipfs-accelerate-py",
+                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise errors.ConfigurationError(f"not an http(s) URL: {self.base_url!r}",
+                                            field="base_url")
+        self._ssl = _tls_context(verify) if self.base_url.startswith("https://") else None
+        headers = {"User-Agent": user_agent, "Accept": "text/event-stream",
+                   "Accept-Encoding": "identity", **(extra_headers or {})}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        for k, v in headers.items():
+            _check_header(k, v)
+        self._headers = headers
+        self._max_body = max_response_bytes
+        self._lock = threading.Lock()
+        self._sessions: Dict[asyncio.AbstractEventLoop,
+                             Tuple[aiohttp.ClientSession, "asyncio.Task[None]"]] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AioTransport({self.base_url!r})"
+
+    # -- sessions ------------------------------------------------------------------------
+    def _session(self) -> aiohttp.ClientSession:
+        """This loop's session, made on first use. With it a keeper task that closes it when
+        the task is cancelled: ``asyncio.run`` cancels what is left when its main coroutine
+        ends, so a session closes with the loop it belongs to (there is no loop-close hook).
+        Read without the lock (one loop, one thread); the lock guards the map's changes."""
+        loop = asyncio.get_running_loop()
+        entry = self._sessions.get(loop)
+        if entry is not None and not entry[0].closed:
+            return entry[0]
+        if self._closed:
+            raise errors.ClientClosedError("transport is closed")
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE,
+                                           ssl=self._ssl if self._ssl is not None else True),
+            headers=self._headers, auto_decompress=False, trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
+        keeper = loop.create_task(_close_when_cancelled(session), name=f"{self!r} session")
+        with self._lock:
+            for old in [lp for lp in self._sessions if lp.is_closed()]:
+                del self._sessions[old]  # a finished loop: its session went with it
+            self._sessions[loop] = (session, keeper)
+        return session
+
+    async def open_stream(self, request: HttpRequest, timeout: Tuple[float, float],
+                          headers: Optional[Dict[str, str]] = None) -> AioStreamResponse:
+        """Send ``request`` and return once the reply head is in. ``timeout``: (connect,
+        read) seconds; ``headers``: the request's own (trace context included by the
+        caller: coroutines share a thread, so the transport cannot read it from there)."""
+        sent = dict(headers if headers is not None else request.headers)
+        for k, v in sent.items():
+            _check_header(k, v)
+        body = request.encoded()
+        if body is not None:
+            sent["Content-Type"] = "application/json"
+        limits = aiohttp.ClientTimeout(total=None, connect=timeout[0], sock_connect=timeout[0],
+                                       sock_read=timeout[1])
+        try:
+            resp = await self._session().request(
+                request.method, self.base_url + request.path, data=body, headers=sent,
+                timeout=limits, allow_redirects=False)
+        except Exception as exc:  # noqa: BLE001 - mapped into our tree
+            failed = _map(exc, self.base_url, "read")
+        else:
+            failed = None
+        if failed is not None:
+            raise failed  # outside the handler: the original's frames hold the connection
+        # An error reply is read whole by the caller: it gets the cap of a complete reply.
+        limit = self._max_body if resp.status >= 300 else NO_CAP
+        lengths = resp.headers.getall("Content-Length", [])
+        try:
+            declared_length(", ".join(lengths) if lengths else None, limit, resp.status)
+        except errors.ApiError:
+            resp.close()
+            raise
+        return AioStreamResponse(resp, self.base_url, limit)
+
+    # -- closing -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the sessions of loops that are not closed: from the loop's own thread
+        scheduled on it, from another thread waited for (briefly), on a stopped loop run
+        there. A closed loop's session went with it (its keeper was cancelled)."""
+        self._closed = True
+        with self._lock:
+            entries, self._sessions = list(self._sessions.items()), {}
+        try:
+            current: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, (session, keeper) in entries:
+            if loop.is_closed() or keeper.done():
+                continue
+            if loop is current:
+                keeper.cancel()  # it closes the session on this loop once we yield
+                continue
+            try:
+                if loop.is_running():
+                    asyncio.run_coroutine_threadsafe(_cancel(keeper), loop).result(_CLOSE_WAIT)
+                else:
+                    loop.run_until_complete(_cancel(keeper))
+            except Exception:  # noqa: BLE001 - it stopped or started meanwhile, or is stuck
+                pass
+
+    async def aclose(self) -> None:
+        """Close the running loop's session, awaited, and take no new requests. The sessions
+        of other loops are left to ``close()``, which may wait for those loops: the client's
+        ``aclose`` runs it off this loop."""
+        self._closed = True
+        with self._lock:
+            mine = self._sessions.pop(asyncio.get_running_loop(), None)
+        if mine is not None:
+            await _cancel(mine[1])
+
+
+async def _close_when_cancelled(session: aiohttp.ClientSession) -> None:
+    try:
+        await asyncio.get_running_loop().create_future()  # until cancelled
+    finally:
+        await session.close()
+
+
+async def _cancel(keeper: "asyncio.Task[None]") -> None:
+    """Cancel a session's keeper and wait until it has closed the session."""
+    keeper.cancel()
+    await asyncio.wait({keeper})

@@ -1,0 +1,519 @@
+"""The client's asyncio face: thousands of streams on one event loop, no thread per stream.
+
+``astream`` / ``astream_generation`` are ``stream`` / ``stream_generation`` for coroutines.
+They share the sync face's state, not a copy of it: the same routing choice
+(``_order`` over ``_routing_candidates``, failing over while a stream opens), the same
+circuit breaker (admission, verdicts, the wait for an OPEN circuit), the same per-endpoint
+in-flight limit (``InFlightLimit.aacquire``: one FIFO queue for threads and coroutines),
+the same retry policy before the first byte (``retry_wait`` / ``circuit_wait``, waited with
+``asyncio.sleep``), metrics, tracing spans, request validation, the adapter's formatting
+and parsing, and the SSE decoder with its event-size cap. Only the bytes move differently:
+``_aio_transport.AioTransport``, one aiohttp session per (endpoint, event loop). So a
+``transport_factory`` given to the client does not reach async streams, and an endpoint
+configured with proxies or ``trust_env`` (which need ``RequestsTransport``) cannot stream
+asynchronously.
+
+Nothing here blocks the loop: no sync transport call, no ``time.sleep``, no wait on a lock
+that another thread may hold for long (the breaker's and the limit's locks guard state only,
+for microseconds). An OPEN circuit is waited out by a future that the prober's thread
+settles (``_wait_for_any_circuit``), or, with no prober, by sleeping until the breaker's
+next probe window.
+
+An async stream goes alone: the shared prompt-list streams of ``stream_batching`` are
+thread-based (one reader thread hands each caller its choices), so ``astream`` never joins
+one, whatever ``stream_batching`` settings say.
+
+Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``,
+``asubmit``) go through the queue, the batcher and the worker threads as the sync ones do:
+the job's ``concurrent.futures.Future`` is awaited through ``asyncio.wrap_future``, a done
+callback that wakes the loop, so no thread waits for the caller (the worker that sends the
+request is the pool's, as for a sync caller). With ``queue_enabled`` off there is no worker:
+the call then runs in the loop's default executor, one thread for the call's duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Optional, Sequence
+
+from . import errors, tracing
+from .call_shapes import stream_call
+from .errors import (ApiError, CircuitOpenError, ClientClosedError, ConfigurationError,
+                     NoHealthyEndpointError, ValidationError)
+from .limits import cap_request
+from .mixins._host import HostBase
+from .mixins.retry import MIN_BREAKER_WAIT, RetryPolicy, circuit_wait, retry_wait
+from .mixins.routing import FAILOVER_ERRORS
+from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
+    coerce_messages, validate_request
+from .sse import SSEDecoder
+from .streaming import TextStream
+from .transport import HttpResponse
+
+if TYPE_CHECKING:  # aiohttp is imported by the first async stream, not by the sync face
+    from ._aio_transport import AioStreamResponse, AioTransport
+
+__all__ = ["AsyncFaceMixin", "AsyncTextStream"]
+
+#: Longest single wait for a circuit or a retry: a bound against a lost wake-up, and how
+#: soon a closing client is noticed; not a poll interval.
+_MAX_NAP = 1.0
+
+
+class AsyncFaceMixin(HostBase):
+    """``astream``, ``astream_generation``, ``arun_inference``, ``achat_completion``,
+    ``agenerate_text``, ``asubmit`` and ``aclose`` (see the module docstring)."""
+
+    # ------------------------------------------------------------------ streams
+    def astream(self, request: Request, endpoint_id: Optional[str] = None,
+                fail_fast: Optional[bool] = None) -> "AsyncTextStream":
+        """An async iterator (and async context manager) of ``StreamChunk``s. The request is
+        checked now; it is sent on the first ``__anext__`` / ``__aenter__``, where opening
+        errors raise. An OPEN circuit is waited out before the first byte, within the
+        deadline, unless ``fail_fast``."""
+        if not isinstance(request, (CompletionRequest, ChatRequest)):
+            raise ValidationError(f"must be a CompletionRequest or ChatRequest, not "
+                                  f"{type(request).__name__}", field="request")
+        self._check_open()
+        if not self._adapter.supports_streaming:
+            raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream",
+                                     field="stream")
+        if endpoint_id is not None:
+            self._endpoint(endpoint_id)  # an unknown id raises now
+        return AsyncTextStream(self, request, endpoint_id, fail_fast)
+
+    def astream_generation(self, *args: Any, **kwargs: Any) -> AsyncIterator[str]:
+        """``stream_generation`` for coroutines: the same call shapes, an async iterator of
+        text pieces. Bad input raises here, before anything is sent."""
+        from .base import build_request  # base imports this module
+
+        model, prompt, parameters = stream_call(args, kwargs)
+        if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
+            raise ValidationError("stream one prompt (a string) or chat messages", field="prompt")
+        return self.astream(build_request(prompt, model, parameters, stream=True)).texts()
+
+    async def _aopen(self, request: Request, endpoint_id: Optional[str],
+                     fail_fast: Optional[bool]) -> "_AioTextStream":
+        """Open the stream: routed by the ``routing`` setting when no endpoint is named."""
+        if endpoint_id is None:
+            routed = await self._aopen_routed(request)
+            if routed is not None:
+                return routed
+        return await self._aopen_on(self._endpoint(endpoint_id), request, fail_fast)
+
+    async def _aopen_routed(self, request: Request) -> "Optional[_AioTextStream]":
+        """``_routed_stream`` for coroutines: the best healthy endpoint first, the next one
+        when opening fails in a way another server might not; None when routing is off.
+        With a load probe set (``set_load_probe``), a blocking call, the order is worked out
+        in the default executor."""
+        strategy = self._settings.routing
+        ids = self._routing_candidates() if strategy else []  # type: ignore[attr-defined]
+        if len(ids) < 2:
+            return None
+        if self._routing().probe is None:  # type: ignore[attr-defined]
+            order, _ = self._order(strategy, ids, request)  # type: ignore[attr-defined]
+        else:  # a load probe is a blocking HTTP call: it must not run on the loop
+            order, _ = await asyncio.get_running_loop().run_in_executor(
+                None, self._order, strategy, ids, request)  # type: ignore[attr-defined]
+        tried: List[str] = []
+        last: Optional[BaseException] = None
+        for eid in order:
+            if self._is_open(eid):  # type: ignore[attr-defined]
+                tried.append(f"{eid}: circuit OPEN (skipped)")
+                continue
+            try:
+                return await self._aopen_on(self._endpoint(eid), request, None)
+            except FAILOVER_ERRORS as exc:
+                last = exc
+                tried.append(f"{eid}: {type(exc).__name__}: {exc}")
+        raise NoHealthyEndpointError(f"no healthy endpoint among {len(order)}: " + "; ".join(tried),
+                                     attempts=tried) from last
+
+    async def _aopen_on(self, ep: Any, request: Request,
+                        fail_fast: Optional[bool]) -> "_AioTextStream":
+        self._check_open()
+        if not request.stream:
+            request = request.model_copy(update={"stream": True})
+        if request.model is None and ep.settings.model:
+            request = request.model_copy(update={"model": ep.settings.model})
+        request = cap_request(self, request)
+        rid = self._new_request_id()
+        op = tracing.stream_started(self, ep, request, rid)
+        http = self._adapter.format_request(request, priority=None, request_id=rid)
+        with tracing.working_for(op, rid):
+            headers = tracing.with_trace_context(http.headers)  # this stream's span, not the thread's
+        clock = self._clock
+        start = clock.monotonic()
+        deadline = start + ep.settings.effective_deadline
+        ff = self._fail_fast(ep, fail_fast)
+        aio = self._aio_transport(ep)
+
+        async def attempt() -> AioStreamResponse:
+            return await self._aguarded(ep, deadline, ff, op, rid, lambda timeout: aio.open_stream(
+                http, timeout, headers))
+
+        try:
+            response = await self._aretry(ep, attempt, deadline, request.model, op, rid)
+        except BaseException as exc:
+            tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
+            self._metrics.record_request(ep.id, request.model, False,
+                                         clock.monotonic() - start,
+                                         error_type=type(exc).__name__, stream=True)
+            raise
+        return _AioTextStream(self, ep, request, response, start, op)
+
+    # ------------------------------------------------------------------ one attempt
+    async def _aretry(self, ep: Any, attempt_fn: Any, deadline: float, model: Optional[str],
+                      op: Any, rid: str) -> AioStreamResponse:
+        """``call_with_retries`` (with ``RetryMixin._retry``'s counting) for coroutines: the
+        same policy and circuit waits, slept with ``asyncio.sleep``. A retry is counted
+        when its attempt was made (not refused by the breaker, not stopped unsent)."""
+        policy = RetryPolicy.from_settings(ep.settings)
+        clock = self._clock
+        attempt = 0
+        circuit_waited = 0.0
+        while True:
+            try:
+                result = await attempt_fn()
+            except CircuitOpenError as exc:
+                wait = circuit_wait(exc, attempt, policy, deadline, circuit_waited, clock)
+                circuit_waited += wait
+                await self._asleep(wait, "waiting for the circuit")
+                continue
+            except ApiError as exc:
+                if attempt and exc.context.get("sent") is not False:
+                    self._metrics.record_retry(ep.id, model)
+                wait = retry_wait(exc, attempt, policy, deadline, clock)
+                with tracing.working_for(op, rid):
+                    tracing.retrying(exc, attempt, wait)
+                attempt += 1
+                await self._asleep(wait, "waiting to retry")
+                continue
+            except BaseException:
+                if attempt:
+                    self._metrics.record_retry(ep.id, model)
+                raise
+            if attempt:
+                self._metrics.record_retry(ep.id, model)
+            return result
+
+    async def _asleep(self, seconds: float, doing: str) -> None:
+        """Sleep ``seconds``; a client closed meanwhile ends it with ``ClientClosedError``."""
+        end = self._clock.monotonic() + seconds
+        while True:
+            if self._closing.is_set():
+                raise ClientClosedError(f"client closed while {doing}")
+            left = end - self._clock.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, _MAX_NAP))
+
+    async def _aguarded(self, ep: Any, deadline: float, fail_fast: bool, op: Any, rid: str,
+                        io: Any) -> AioStreamResponse:
+        """``_guarded`` for coroutines: breaker admission, an in-flight slot (its own key:
+        every coroutine of a loop shares one thread), the deadline, the transport call and
+        the breaker's verdict; a non-2xx reply is read (capped) and raised as its error."""
+        probe = await self._aadmit(ep, deadline, fail_fast, op, rid)
+        key = object()
+        try:
+            waited = await ep.limit.aacquire(deadline, key, self._closing)
+        except BaseException:
+            ep.breaker.release(probe)
+            raise
+        with tracing.working_for(op, rid):
+            tracing.waited("in_flight_limit.wait", waited)
+        healthy = False
+        try:
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                ep.breaker.release(probe)
+                raise errors.TimeoutError("the call deadline passed before the request was sent",
+                                          sent=False)
+            ep.enter()
+            try:
+                response = await io((min(ep.settings.connect_timeout, remaining),
+                                     ep.settings.idle_timeout))
+            except BaseException as exc:
+                self._transport_failed(ep, probe, exc)  # type: ignore[attr-defined]
+                raise
+            finally:
+                ep.leave()
+            healthy = response.status < 500
+        finally:
+            ep.limit.release(healthy, key)
+        self._observe_reply(ep, response.headers)  # type: ignore[attr-defined]
+        if response.status >= 400:
+            body = await response.read_body()
+            raise self._error_reply(ep, HttpResponse(response.status, response.headers, body),  # type: ignore[attr-defined]
+                                    probe)
+        ep.breaker.record_success(probe)
+        return response
+
+    async def _aadmit(self, ep: Any, deadline: float, fail_fast: bool, op: Any, rid: str) -> bool:
+        """``_admit`` for coroutines: True if this attempt is a HALF-OPEN probe. An OPEN
+        circuit raises ``CircuitOpenError`` when ``fail_fast``; otherwise it is waited out
+        within ``deadline`` (then ``CircuitWaitTimeoutError``, nothing sent)."""
+        if not ep.settings.circuit_breaker_enabled:
+            return False
+        clock = self._clock
+        start = clock.monotonic()
+        while True:
+            try:
+                probe = ep.breaker.admit(deadline, wait=False)[0]
+                break
+            except CircuitOpenError as exc:
+                if fail_fast:
+                    raise
+                if self._closing.is_set():
+                    raise ClientClosedError("client closed while waiting for the circuit") from None
+                now = clock.monotonic()
+                if now >= deadline:
+                    self._note_circuit_wait(ep, now - start, op, rid)
+                    raise errors.CircuitWaitTimeoutError(
+                        f"waited {now - start:.2f}s for the circuit of {ep.id} "
+                        f"({ep.breaker.state}); the call deadline passed before it closed, and "
+                        "the request was never sent", waited=now - start, endpoint=ep.id) from None
+                await self._circuit_change(ep, deadline, exc.retry_in or 0.0)
+        self._note_circuit_wait(ep, clock.monotonic() - start, op, rid)
+        return probe
+
+    def _note_circuit_wait(self, ep: Any, waited: float, op: Any, rid: str) -> None:
+        if waited > 0.001:
+            self._metrics.record_circuit_wait(ep.id, waited)
+            with tracing.working_for(op, rid):
+                tracing.waited("circuit.wait", waited)
+
+    async def _circuit_change(self, ep: Any, deadline: float, retry_in: float) -> None:
+        """Wait until the circuit may admit again: with a prober, until it closes (its thread
+        settles a future of this loop); without, until the breaker's next probe window."""
+        now = self._clock.monotonic()
+        nap = min(deadline - now, _MAX_NAP)
+        if not self._can_wait_for_circuits([ep.id]):
+            await asyncio.sleep(max(MIN_BREAKER_WAIT, min(retry_in, nap)))
+            return
+        loop = asyncio.get_running_loop()
+        closed = loop.create_future()
+
+        def wake(*_: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, closed)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self._wait_for_any_circuit([ep.id], deadline, wake, wake)
+        await asyncio.wait({closed}, timeout=nap)
+
+    def _aio_transport(self, ep: Any) -> AioTransport:
+        """The endpoint's async transport, made on first use (one per endpoint)."""
+        transports: Dict[str, AioTransport] = self.__dict__.setdefault("_aio_transports", {})
+        aio = transports.get(ep.id)
+        if aio is not None:
+            return aio
+        s = ep.settings
+        if s.proxies or s.trust_env:
+            raise ConfigurationError("async streams do not use proxies or the environment "
+                                     "(trust_env); stream from a thread instead", field="proxies")
+        from ._aio_transport import AioTransport  # here: sync users never load aiohttp
+
+        with _init_lock:
+            aio = transports.get(ep.id)
+            if aio is None:
+                aio = transports[ep.id] = AioTransport(
+                    s.base_url, s.api_key_value, verify=s.ca_bundle or s.verify_tls,
+                    extra_headers=s.extra_headers, max_response_bytes=s.max_response_bytes)
+        return aio
+
+    def _close_aio_transports(self) -> None:
+        """``close()``: the async transports' sessions on loops still running."""
+        for aio in list(self.__dict__.get("_aio_transports", {}).values()):
+            aio.close()
+
+    # ------------------------------------------------------------------ non-streamed calls
+    async def asubmit(self, request: Request, priority: int = 1,
+                      endpoint_id: Optional[str] = None, timeout: Optional[float] = None,
+                      fail_fast: Optional[bool] = None) -> CompletionResult:
+        """``execute`` for coroutines: queued as ``submit`` queues it, awaited without a
+        thread (see the module docstring), never longer than the call's deadline."""
+        ep = self._endpoint(endpoint_id)
+        submit = functools.partial(self.submit, request, priority, endpoint_id, timeout,
+                                   fail_fast)
+        if ep.settings.queue_enabled:
+            future = submit()
+        else:  # no worker to hand it to: the call runs in the default executor
+            future = await asyncio.get_running_loop().run_in_executor(None, submit)
+        limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
+        waiter = asyncio.wrap_future(future)
+        done, _ = await asyncio.wait({waiter}, timeout=limit)
+        if not done and not future.done():
+            try:
+                future.set_exception(errors.TimeoutError(
+                    f"no result within the call deadline of {limit - 1.0:.1f}s"))
+            except Exception:  # noqa: BLE001 - the worker resolved it just now
+                pass
+        return await waiter
+
+    async def arun_inference(self, model_id: Optional[str], inputs: Any,
+                             parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
+                             endpoint_id: Optional[str] = None,
+                             fail_fast: Optional[bool] = None) -> CompletionResult:
+        """``run_inference`` for coroutines (no thread waits for the result)."""
+        from .base import build_request  # base imports this module
+
+        return await self.asubmit(build_request(inputs, model_id, parameters), priority,
+                                  endpoint_id, fail_fast=fail_fast)
+
+    async def agenerate_text(self, prompt: str, model: Optional[str] = None, priority: int = 1,
+                             **parameters: Any) -> str:
+        """``generate_text`` for coroutines."""
+        if not isinstance(prompt, str):
+            raise ValidationError(f"must be a string, got {type(prompt).__name__}", field="prompt")
+        return (await self.arun_inference(model, prompt, parameters, priority)).text
+
+    async def achat_completion(self, messages: Sequence[Dict[str, Any]],
+                               model: Optional[str] = None, priority: int = 1,
+                               **parameters: Any) -> CompletionResult:
+        """``chat_completion`` for coroutines."""
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValidationError("must be a non-empty list of chat messages", field="messages")
+        request = validate_request(ChatRequest, {**parameters, "model": model,
+                                                 "messages": coerce_messages(messages)})
+        return await self.asubmit(request, priority)
+
+    async def aclose(self) -> None:
+        """``close()`` for coroutines: this loop's sessions are closed here, awaited; the rest
+        of ``close()`` (it joins worker threads) runs in the default executor, so the loop
+        is not blocked while the workers finish."""
+        for aio in list(self.__dict__.get("_aio_transports", {}).values()):
+            await aio.aclose()
+        await asyncio.get_running_loop().run_in_executor(None, self.close)  # type: ignore[attr-defined]
+
+
+_init_lock = threading.Lock()
+
+
+def _settle(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class AsyncTextStream:
+    """What ``astream`` returns: ``async for chunk in s`` / ``async with ... as s``;
+    ``texts()`` for the text pieces; ``aclose()`` stops early (the connection is closed,
+    vLLM aborts the generation, and the stream's place is freed). Opened on first use."""
+
+    def __init__(self, client: Any, request: Request, endpoint_id: Optional[str],
+                 fail_fast: Optional[bool]) -> None:
+        self._client = client
+        self._request = request
+        self._endpoint_id = endpoint_id
+        self._fail_fast = fail_fast
+        self._open: Optional[_AioTextStream] = None
+        self._closed = False
+
+    async def _opened(self) -> "_AioTextStream":
+        if self._open is None:
+            self._open = await self._client._aopen(self._request, self._endpoint_id,
+                                                   self._fail_fast)
+        return self._open
+
+    @property
+    def text(self) -> str:
+        """Everything received so far."""
+        return self._open.text if self._open is not None else ""
+
+    @property
+    def usage(self) -> Any:
+        return self._open.usage if self._open is not None else None
+
+    @property
+    def finish_reasons(self) -> Dict[int, Optional[str]]:
+        return self._open.finish_reasons if self._open is not None else {}
+
+    def __aiter__(self) -> "AsyncTextStream":
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._closed and self._open is None:
+            raise StopAsyncIteration  # closed before it was opened: nothing was sent
+        return await (await self._opened())._agen.__anext__()
+
+    async def texts(self) -> AsyncIterator[str]:
+        """Only the text pieces; the stream is closed when this generator is closed."""
+        try:
+            async for chunk in self:
+                if chunk.text:
+                    yield chunk.text
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop reading and drop the connection (idempotent)."""
+        self._closed = True
+        if self._open is not None:
+            await self._open.aclose()
+
+    async def __aenter__(self) -> "AsyncTextStream":
+        await self._opened()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+class _AioTextStream(TextStream):
+    """An open async stream: ``TextStream``'s lease, bookkeeping, metrics and span, with the
+    reply read by ``async for`` (``_agen``) instead of in a thread."""
+
+    _response: AioStreamResponse
+
+    def __init__(self, client: Any, ep: Any, request: Request, response: AioStreamResponse,
+                 start: float, op: Any) -> None:
+        self._op = op
+        super().__init__(client, ep, request, response, start)
+        self._agen = self._arun()
+
+    def _adopt_trace(self) -> Any:
+        return tracing.stream_adopted(self, self._op)
+
+    def __next__(self) -> StreamChunk:
+        raise TypeError("an async stream is read with 'async for'")
+
+    async def _achunks(self) -> AsyncIterator[StreamChunk]:
+        """The reply's chunks in order, as ``TextStream._chunks``."""
+        adapter = self._client._adapter
+        decoder = SSEDecoder()
+        async for raw in self._response.chunks():
+            for data in decoder.feed(raw):
+                parsed = adapter.parse_stream_event(self._request, data)
+                if parsed is None:
+                    return
+                for chunk in parsed:
+                    yield chunk
+        for data in decoder.flush():
+            if adapter.parse_stream_event(self._request, data) is None:
+                return
+        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
+                                   "the reply is incomplete")
+
+    async def _arun(self) -> AsyncIterator[StreamChunk]:
+        error: Optional[BaseException] = None
+        finished = False
+        try:
+            async for chunk in self._achunks():
+                self._take(chunk)
+                yield chunk
+            finished = True
+        except GeneratorExit:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - kept for the metrics, re-raised
+            error = self._failed(exc)
+            raise
+        finally:
+            self._finish(finished, error)
+
+    async def aclose(self) -> None:
+        """Stop reading; the connection is closed and the stream's place freed."""
+        await self._agen.aclose()
+        self._finish(False, None)
