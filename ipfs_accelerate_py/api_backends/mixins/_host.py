@@ -10,8 +10,8 @@ member declared here and defined nowhere makes the client abstract, an error for
 
 Who provides what (and who uses it):
 
-* the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, lifecycle, the
-  one call (``_call``, ``_guarded``) and the request paths (``submit``, ``stream``,
+* the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, lifecycle, one
+  attempt (``_send``, ``_guarded``) and the request paths (``submit``, ``stream``,
   ``run_inference``);
 * ``metrics.MetricsMixin``: ``_metrics``, ``_finish``, ``_record_unsent`` (batching, retry,
   circuit waiting, streaming);
@@ -19,8 +19,8 @@ Who provides what (and who uses it):
 * ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics);
 * ``circuit_wait.CircuitWaitMixin``: ``_can_wait_for_circuits``, ``_wait_for_any_circuit``
   (routing);
-* ``retry.RetryMixin``: ``_retry`` (streaming); ``routing.RoutingMixin``: ``_routed_stream``
-  (streaming).
+* ``retry.RetryMixin``: ``_call`` (batching), ``_retry`` (streaming); ``routing.RoutingMixin``:
+  ``_routed_stream`` (streaming).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # types only: the mixins import this module, and these import
     from ..models import CompletionResult, Request
     from ..settings import ClientSettings
     from ..streaming import TextStream
+    from ..transport import HttpRequest, HttpResponse
     from .metrics import MetricsRecorder
     from .queue import Job
 
@@ -89,10 +90,8 @@ class Host(Protocol):
     def stream(self, request: Request, endpoint_id: Optional[str] = None,
                fail_fast: Optional[bool] = None) -> "TextStream": ...
 
-    def _call(self, ep: "Endpoint", request: Request, deadline: float, model: Optional[str],
-              request_id: str, queue_priority: Optional[int] = None,
-              fail_fast: bool = False, first_attempt: int = 0,
-              last_attempt: Optional[int] = None, fresh_id: bool = False) -> CompletionResult: ...
+    def _send(self, ep: "Endpoint", http: "HttpRequest", deadline: float,
+              fail_fast: bool = False) -> "HttpResponse": ...
 
     def _guarded(self, ep: "Endpoint", deadline: float, read_timeout: float, clip_read: bool,
                  io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False,
@@ -120,6 +119,11 @@ class Host(Protocol):
                               on_deadline: Callable[[float], None]) -> None: ...
 
     # -- retry.RetryMixin, routing.RoutingMixin
+    def _call(self, ep: "Endpoint", request: Request, deadline: float, model: Optional[str],
+              request_id: str, queue_priority: Optional[int] = None,
+              fail_fast: bool = False, first_attempt: int = 0,
+              last_attempt: Optional[int] = None, fresh_id: bool = False) -> CompletionResult: ...
+
     def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
                model: Optional[str], first_attempt: int = 0,
                last_attempt: Optional[int] = None, fresh_id: bool = False) -> T: ...

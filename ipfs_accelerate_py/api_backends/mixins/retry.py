@@ -19,14 +19,16 @@ a callback around the same dozen lines.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from typing import Any, Callable, Optional, TypeVar
 
 from .. import tracing
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import (ApiError, CircuitOpenError, ClientClosedError, TimeoutError,
-                      TransientError)
+from ..errors import (ApiError, CircuitOpenError, ClientClosedError, HTTPStatusError,
+                      TimeoutError, TransientError)
+from ..models import CompletionResult, Request
 from ._host import HostBase
 
 __all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "circuit_wait", "retry_wait"]
@@ -35,6 +37,7 @@ __all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "circuit_wait", "re
 MIN_BREAKER_WAIT = 0.05
 
 T = TypeVar("T")
+log = logging.getLogger("ipfs_accelerate_py.api_backends")
 
 
 class RetryPolicy:
@@ -149,6 +152,46 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
 
 class RetryMixin(HostBase):
     """Gives ``BaseApiBackend`` its retry loop, built from each endpoint's settings."""
+
+    def _call(self, ep: Any, request: Request, deadline: float, model: Optional[str],
+              request_id: str, queue_priority: Optional[int] = None,
+              fail_fast: bool = False, first_attempt: int = 0,
+              last_attempt: Optional[int] = None, fresh_id: bool = False) -> CompletionResult:
+        """Send ``request`` with retries; parse the reply. Raises typed errors only.
+        ``first_attempt`` / ``last_attempt``: see ``call_with_retries``; ``fresh_id``: see
+        ``_retry``. Here, not in the client, so that a worker's call enters this layer once
+        and goes on down (the client's ``_send``: breaker, slot, transport) from it.
+
+        With ``forward_priority`` the server gets the request's own ``priority`` field, else
+        the queue priority it was submitted with (0 HIGH .. 2 LOW; lower runs earlier in
+        vLLM too)."""
+        adapter = self._adapter
+        forward = ep.settings.forward_priority and ep.priority_supported
+        wire_priority = request.priority
+        if wire_priority is None:
+            wire_priority = queue_priority
+
+        def attempt(n: int) -> CompletionResult:
+            nonlocal forward
+            priority = wire_priority if forward else None
+            http = adapter.format_request(request, priority=priority, request_id=request_id)
+            try:
+                response = self._send(ep, http, deadline, fail_fast)
+            except HTTPStatusError as exc:
+                if priority is not None and adapter.is_priority_rejection(exc):
+                    # The server runs without --scheduling-policy priority: stop sending it.
+                    ep.priority_supported = False
+                    forward = False
+                    log.info("endpoint %s refused the priority field; sending without it", ep.id)
+                    # The same request id goes out again: that is a retry, count it.
+                    self._metrics.record_retry(ep.id, model)
+                    http = adapter.format_request(request, priority=None, request_id=request_id)
+                    response = self._send(ep, http, deadline, fail_fast)
+                else:
+                    raise
+            return adapter.parse_response(request, response)
+
+        return self._retry(ep, attempt, deadline, model, first_attempt, last_attempt, fresh_id)
 
     def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
                model: Optional[str], first_attempt: int = 0,
