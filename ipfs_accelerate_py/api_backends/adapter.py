@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Collection, Dict, List, Optional
+from typing import Any, Callable, ClassVar, Collection, Dict, FrozenSet, List, Optional, Type
 
 from .errors import HTTPStatusError, ResponseError, StreamError, error_for_status
-from .models import CompletionResult, Request, StreamChunk
+from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk
 from .transport import HttpRequest, HttpResponse
 
 __all__ = ["BackendAdapter", "load_json", "decode_stream_event", "parse_model_list", "wire_body"]
@@ -100,6 +100,16 @@ class BackendAdapter(ABC):
     load_report_headers: ClassVar[Dict[str, str]] = {}
     #: whether the unified test generator writes a runner for this backend
     unified_runner: ClassVar[bool] = True
+    #: the typed requests this server takes: the OpenAI surface, or subclasses with the
+    #: server's own fields (every path of the client builds these)
+    completion_request: ClassVar[Type[CompletionRequest]] = CompletionRequest
+    chat_request: ClassVar[Type[ChatRequest]] = ChatRequest
+
+    @classmethod
+    def request_fields(cls) -> FrozenSet[str]:
+        """Every field a completion or chat request to this server may carry."""
+        return frozenset(cls.completion_request.model_fields) | frozenset(
+            cls.chat_request.model_fields)
 
     @abstractmethod
     def format_request(self, request: Request, *, priority: Optional[int] = None,

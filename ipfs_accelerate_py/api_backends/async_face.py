@@ -92,7 +92,8 @@ class AsyncFaceMixin(HostBase):
         model, prompt, parameters = stream_call(args, kwargs)
         if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
             raise ValidationError("stream one prompt (a string) or chat messages", field="prompt")
-        return self.astream(build_request(prompt, model, parameters, stream=True)).texts()
+        return self.astream(build_request(prompt, model, parameters, stream=True,
+                                          adapter=self._adapter)).texts()
 
     async def _aopen(self, request: Request, endpoint_id: Optional[str],
                      fail_fast: Optional[bool]) -> "_AioTextStream":
@@ -361,7 +362,8 @@ class AsyncFaceMixin(HostBase):
         """``run_inference`` for coroutines (no thread waits for the result)."""
         from .base import build_request  # base imports this module
 
-        return await self.asubmit(build_request(inputs, model_id, parameters), priority,
+        return await self.asubmit(build_request(inputs, model_id, parameters,
+                                                adapter=self._adapter), priority,
                                   endpoint_id, fail_fast=fail_fast)
 
     async def agenerate_text(self, prompt: str, model: Optional[str] = None, priority: int = 1,
@@ -377,8 +379,8 @@ class AsyncFaceMixin(HostBase):
         """``chat_completion`` for coroutines."""
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValidationError("must be a non-empty list of chat messages", field="messages")
-        request = validate_request(ChatRequest, {**parameters, "model": model,
-                                                 "messages": coerce_messages(messages)})
+        request = validate_request(self._adapter.chat_request, {
+            **parameters, "model": model, "messages": coerce_messages(messages)})
         return await self.asubmit(request, priority)
 
     async def aclose(self) -> None:

@@ -40,13 +40,17 @@ def result_to_dict(result: CompletionResult) -> Dict[str, Any]:
     return out
 
 
-def split_handler_parameters(parameters: Optional[Dict[str, Any]]) -> "tuple[Dict[str, Any], Dict[str, Any]]":
-    """(sampling parameters for the server, handler options); unknown names raise now."""
+def split_handler_parameters(parameters: Optional[Dict[str, Any]], adapter: Any = None
+                             ) -> "tuple[Dict[str, Any], Dict[str, Any]]":
+    """(sampling parameters for the server, handler options); names that are neither a field
+    of ``adapter``'s requests (the OpenAI surface without one) nor an option raise now."""
     params = dict(parameters or {})
     if not isinstance(parameters, (dict, type(None))):
         raise ValidationError("must be a dict", field="parameters")
     options = {k: params.pop(k) for k in list(params) if k in HANDLER_OPTIONS}
-    known = (set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)) - {"prompt", "messages"}
+    fields = adapter.request_fields() if adapter is not None else (
+        set(CompletionRequest.model_fields) | set(ChatRequest.model_fields))
+    known = set(fields) - {"prompt", "messages"}
     unknown = sorted(set(params) - known - {"prompt", "messages"})
     if unknown:
         raise ValidationError(f"{unknown_field_message(unknown[0], known | HANDLER_OPTIONS)}; "
@@ -98,14 +102,16 @@ class EndpointHandler:
             raise ValidationError("must be a dict", field="parameters")
         from .base import build_request  # the base imports the plugins that import this
         client, model = self.client, self.model
+        adapter = client.adapter
         sampling, call_options = split_handler_parameters(
-            {**self._defaults, **self._options, **(call_params or {})})
+            {**self._defaults, **self._options, **(call_params or {})}, adapter)
         priority = call_options.get("priority", 1)
         timeout = call_options.get("timeout")  # this call's deadline (checked when split)
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
             size = call_options.get("batch_size") or len(inputs)
             futures: List[Future] = [
-                client.submit(build_request(list(inputs[i:i + size]), model, sampling),
+                client.submit(build_request(list(inputs[i:i + size]), model, sampling,
+                                            adapter=adapter),
                               priority, timeout=timeout)
                 for i in range(0, len(inputs), size)]
             n = sampling.get("n") or 1
@@ -117,7 +123,8 @@ class EndpointHandler:
                     part.batch_usage = result.usage
                     out.append(result_to_dict(part))
             return out
-        return result_to_dict(client.execute(build_request(inputs, model, sampling), priority,
+        return result_to_dict(client.execute(build_request(inputs, model, sampling,
+                                                           adapter=adapter), priority,
                                              timeout=timeout))
 
     def __call__(self, data: Any) -> Any:
@@ -139,5 +146,5 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
     priority and ``timeout`` (seconds) the deadline of each call, queueing and retries
     included (a call past it fails with ``TimeoutError``).
     """
-    defaults, options = split_handler_parameters(parameters)
+    defaults, options = split_handler_parameters(parameters, client.adapter)
     return EndpointHandler(client, model, defaults, options)

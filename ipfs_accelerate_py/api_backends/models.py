@@ -1,9 +1,11 @@
 """Typed requests and results shared by every OpenAI-compatible backend.
 
 Requests are pydantic models so bad input fails *before* anything goes on the wire, with
-an error that names the field (``errors.ValidationError.field``). Results are plain typed
-objects the caller can rely on (``.text``, ``.texts``, ``.usage``) whatever the server's
-JSON looked like.
+an error that names the field (``errors.ValidationError.field``). These are the OpenAI
+surface; a backend whose server takes more fields subclasses them and names its classes on
+its adapter (``BackendAdapter.completion_request`` / ``chat_request``). Results are plain
+typed objects the caller can rely on (``.text``, ``.texts``, ``.usage``) whatever the
+server's JSON looked like.
 """
 
 from __future__ import annotations
@@ -16,15 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from typing_extensions import Annotated
 
 from .errors import ValidationError
-from .request_params import (INT64_MAX, INT64_MIN, MAX_LOGPROB_TOKEN_IDS, MAX_LOGPROBS,
-                             MAX_N, MAX_PROMPTS_PER_REQUEST, MAX_STOP_STRINGS, NamedToolChoice,
-                             ResponseFormat, StreamOptions, StructuredOutputs, TokenId, Tool,
-                             ToolChoice, check_cache_salt, check_logit_bias)
+from .request_params import (INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_N, MAX_PROMPTS_PER_REQUEST,
+                             MAX_STOP_STRINGS, NamedToolChoice, ResponseFormat, StreamOptions,
+                             Tool, ToolChoice, check_logit_bias)
 
 __all__ = [
-    "ChatMessage", "CompletionRequest", "ChatRequest", "Request", "Usage", "Choice",
-    "CompletionResult", "StreamChunk", "validate_request", "MAX_PROMPT_CHARS",
-    "did_you_mean", "unknown_field_message",
+    "ChatMessage", "CompletionRequest", "ChatRequest", "ChatBatchRequest", "Request", "Usage",
+    "Choice", "CompletionResult", "StreamChunk", "validate_request", "MAX_PROMPT_CHARS",
+    "MAX_TOKENS_LIMIT", "did_you_mean", "unknown_field_message", "check_text", "numeric_count",
 ]
 
 #: Longest prompt (characters) accepted client-side. Real models' contexts end far below
@@ -33,14 +34,15 @@ MAX_PROMPT_CHARS = 2_000_000
 #: Largest ``max_tokens`` accepted client-side; the model's own length is checked once the
 #: client knows it (``context.py``), and the server checks it again.
 MAX_TOKENS_LIMIT = 1_048_576
-#: what vLLM generates for a completion that names no ``max_tokens``
+#: what OpenAI-style servers generate for a completion that names no ``max_tokens``
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 Prompt = Union[str, List[str], List[int], List[List[int]]]
 _Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 
-def _check_text(value: str, what: str) -> str:
+def check_text(value: str, what: str) -> str:
+    """``value`` if it fits ``MAX_PROMPT_CHARS`` and is valid Unicode; ValueError naming ``what``."""
     if len(value) > MAX_PROMPT_CHARS:
         raise ValueError(f"{what} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}")
     try:
@@ -50,7 +52,7 @@ def _check_text(value: str, what: str) -> str:
     return value
 
 
-def _numeric_count(v: Any) -> Any:
+def numeric_count(v: Any) -> Any:
     """The server checks logprob counts before its lax coercion: ``"2"`` is refused."""
     if v is not None and not isinstance(v, (int, float)):
         raise ValueError("must be an integer")
@@ -66,56 +68,28 @@ class _Strict(BaseModel):
 
 
 class _Sampling(_Strict):
-    """Fields common to completions and chat, with vLLM 0.32/0.33's names and bounds.
+    """Fields common to completions and chat: the OpenAI API's names and bounds.
 
-    Types are checked in pydantic's lax mode, as the server's own pydantic models do
-    (``"4"`` is an int, ``1.5`` is not). Bounds are the server's: ``SamplingParams``
-    checks and the protocol classes' cross-field rules.
+    Types are checked in pydantic's lax mode, as OpenAI-compatible servers' own pydantic
+    models do (``"4"`` is an int, ``1.5`` is not).
     """
 
     model: Optional[str] = Field(default=None, min_length=1, max_length=512)
     max_tokens: Optional[int] = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
     temperature: Optional[float] = Field(default=None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(default=None, ge=-1)
-    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Optional[Union[str, List[str]]] = None
-    stop_token_ids: Optional[List[TokenId]] = None
     seed: Optional[_Int64] = None
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
-    repetition_penalty: Optional[float] = Field(default=None, gt=0.0)
-    ignore_eos: Optional[bool] = None
-    min_tokens: Optional[int] = Field(default=None, ge=0, le=MAX_TOKENS_LIMIT)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    #: the scheduling priority, for servers that schedule by it (lower runs earlier)
     priority: Optional[_Int64] = None
     user: Optional[str] = None
     logit_bias: Optional[Dict[str, float]] = None
     response_format: Optional[ResponseFormat] = None
-    structured_outputs: Optional[StructuredOutputs] = None
-    prompt_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    logprob_token_ids: Optional[List[TokenId]] = Field(default=None, max_length=MAX_LOGPROB_TOKEN_IDS)
-    return_token_ids: Optional[bool] = None
-    return_tokens_as_token_ids: Optional[bool] = None
-    allowed_token_ids: Optional[List[TokenId]] = Field(default=None, min_length=1)
-    bad_words: Optional[List[str]] = None
-    include_stop_str_in_output: Optional[bool] = None
-    skip_special_tokens: Optional[bool] = None
-    spaces_between_special_tokens: Optional[bool] = None
-    add_special_tokens: Optional[bool] = None
-    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)
-    truncation_side: Optional[Literal["left", "right"]] = None
-    cache_salt: Optional[str] = None
-    kv_transfer_params: Optional[Dict[str, Any]] = None
-    vllm_xargs: Optional[Dict[str, Any]] = None
-    use_beam_search: Optional[bool] = None
-    length_penalty: Optional[float] = None
-    stream_interval: Optional[int] = Field(default=None, ge=1)
-    repetition_detection: Optional[Dict[str, Any]] = None
-    thinking_token_budget: Optional[int] = Field(default=None, ge=-1)
-    session_id: Optional[str] = None
     #: fields the client does not know yet, forwarded as-is after the known ones validate
     extra_body: Optional[Dict[str, Any]] = None
 
@@ -128,25 +102,8 @@ class _Sampling(_Strict):
         for s in items:
             if not s:
                 raise ValueError("stop strings must be non-empty")
-            _check_text(s, "stop")
+            check_text(s, "stop")
         return v
-
-    @field_validator("prompt_logprobs", mode="before")
-    @classmethod
-    def _count(cls, v: Any) -> Any:
-        return _numeric_count(v)
-
-    @field_validator("bad_words")
-    @classmethod
-    def _bad_words(cls, v: Any) -> Any:
-        if v and any(not w for w in v):
-            raise ValueError("bad_words must not contain an empty string")
-        return v
-
-    @field_validator("cache_salt")
-    @classmethod
-    def _cache_salt(cls, v: Any) -> Any:
-        return check_cache_salt(v)
 
     @field_validator("logit_bias")
     @classmethod
@@ -155,18 +112,10 @@ class _Sampling(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> "_Sampling":
-        if self.n > 1 and self.temperature == 0:
-            # vLLM answers 400 "n must be 1 when using greedy sampling": say it before sending.
-            raise ValueError("n: n must be 1 when temperature is 0 (greedy sampling)")
-        limit = self.output_limit()
-        if self.min_tokens and limit is not None and self.min_tokens > limit:
-            raise ValueError(f"min_tokens: must not exceed max_tokens ({limit})")
         so = self.stream_options
         if so is not None and (so.model_fields_set or so.model_extra) and not self.stream:
             # the server refuses a non-empty stream_options without stream (an empty one passes)
             raise ValueError("stream_options: only allowed when stream is true")
-        if self.prompt_logprobs and self.stream:
-            raise ValueError("prompt_logprobs: not available when stream is true")
         return self
 
     def output_limit(self) -> Optional[int]:
@@ -187,7 +136,6 @@ class CompletionRequest(_Sampling):
     prompt: Prompt
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: Optional[bool] = None
-    #: vLLM refuses ``suffix`` ("not currently supported"); kept so the refusal is clear
     suffix: Optional[str] = None
 
     PROMPT_FIELDS: ClassVar[FrozenSet[str]] = frozenset({"prompt", "priority", "stream"})
@@ -195,21 +143,12 @@ class CompletionRequest(_Sampling):
     @field_validator("logprobs", mode="before")
     @classmethod
     def _logprobs_count(cls, v: Any) -> Any:
-        return _numeric_count(v)
-
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v: Any) -> Any:
-        if v is not None:
-            raise ValueError("vLLM does not support suffix")
-        return v
+        return numeric_count(v)
 
     @model_validator(mode="after")
     def _completion(self) -> "CompletionRequest":
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: must be at least 1 (0 only with echo)")
-        if self.logprob_token_ids and self.logprobs is None:
-            raise ValueError("logprob_token_ids: needs logprobs")
         return self
 
     def output_limit(self) -> Optional[int]:
@@ -223,7 +162,7 @@ class CompletionRequest(_Sampling):
         if isinstance(v, str):
             if not v:
                 raise ValueError("prompt must not be empty")
-            return _check_text(v, "prompt")
+            return check_text(v, "prompt")
         if isinstance(v, (list, tuple)):
             if not v:
                 raise ValueError("prompt list must not be empty")
@@ -232,7 +171,7 @@ class CompletionRequest(_Sampling):
             if all(isinstance(p, str) for p in v):
                 total = 0
                 for i, p in enumerate(v):
-                    _check_text(p, f"prompt[{i}]")
+                    check_text(p, f"prompt[{i}]")
                     total += len(p)
                 if total > MAX_PROMPT_CHARS * 4:
                     raise ValueError("prompt list is too large in total")
@@ -262,7 +201,7 @@ class ChatMessage(_Strict):
     @classmethod
     def _content(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return _check_text(v, "content")
+            return check_text(v, "content")
         return v
 
 
@@ -279,36 +218,36 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: Optional[bool] = None
     reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh",
                                        "max"]] = None
-    include_reasoning: Optional[bool] = None
-    echo: Optional[bool] = None
-    add_generation_prompt: Optional[bool] = None
-    continue_final_message: Optional[bool] = None
-    documents: Optional[List[Dict[str, str]]] = None
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[Dict[str, Any]] = None
-    mm_processor_kwargs: Optional[Dict[str, Any]] = None
-    media_io_kwargs: Optional[Dict[str, Dict[str, Any]]] = None
-    return_prompt_text: Optional[bool] = None
 
     PROMPT_FIELDS: ClassVar[FrozenSet[str]] = frozenset({"messages", "priority", "stream"})
 
     @field_validator("top_logprobs", mode="before")
     @classmethod
     def _top_count(cls, v: Any) -> Any:
-        return _numeric_count(v)
+        return numeric_count(v)
 
     def output_limit(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
 
+    @classmethod
+    def _batch_model(cls) -> "type[ChatBatchRequest]":
+        """The class of several of these sent as one call (a subclass names its own)."""
+        return ChatBatchRequest
+
+    def batch_of(self, conversations: List[List["ChatMessage"]]) -> "ChatBatchRequest":
+        """ONE request for ``conversations`` with this request's sampling fields: what the
+        batching mixin sends when the adapter has a chat batch route (requests whose
+        ``sampling_key()`` is equal; built without validating again: each was validated)."""
+        fields = dict(self)
+        fields["conversations"] = conversations
+        return self._batch_model().model_construct(self.model_fields_set | {"conversations"},
+                                                   **fields)
+
     @model_validator(mode="after")
     def _chat(self) -> "ChatRequest":
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs=true")
-        if self.logprob_token_ids and not self.logprobs:
-            raise ValueError("logprob_token_ids: needs logprobs=true")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message: cannot be true with add_generation_prompt")
         if self.tools is not None and not self.tools:
             raise ValueError("tools: must not be an empty list (omit it instead)")
         choice = self.tool_choice
@@ -319,17 +258,13 @@ class ChatRequest(_Sampling):
             if choice.function.name not in names:
                 raise ValueError(f"tool_choice: names {choice.function.name!r}, which is not "
                                  f"one of the tools {names}")
-            so = self.structured_outputs
-            if so is not None and (so.json_ is not None or so.regex is not None
-                                   or so.choice is not None):
-                raise ValueError("structured_outputs: cannot be used with a named tool_choice")
         return self
 
 
 class ChatBatchRequest(ChatRequest):
-    """Several conversations with equal sampling fields sent as ONE call (vLLM's
-    ``/v1/chat/completions/batch``). Built by the batching mixin from validated
-    ``ChatRequest``s; ``messages`` is the first conversation, so every ``ChatRequest``
+    """Several conversations with equal sampling fields sent as ONE call (on the adapter's
+    chat batch route, ``supports_chat_batch``). Built by ``ChatRequest.batch_of`` from
+    validated requests; ``messages`` is the first conversation, so every ``ChatRequest``
     field keeps its meaning, and ``conversations`` holds all of them in order."""
 
     conversations: List[List[ChatMessage]] = Field(min_length=1)
@@ -402,7 +337,7 @@ class Choice(BaseModel):
     stop_reason: Optional[Union[str, int]] = None
     logprobs: Optional[Dict[str, Any]] = None
     prompt_index: int = 0
-    #: per-choice token counts, when the server reported them (prompt lists on vLLM)
+    #: per-choice token counts, when the server reported them (per prompt of a prompt list)
     prompt_tokens: Optional[int] = None
     completion_tokens: Optional[int] = None
     #: what the server returns when asked (``return_token_ids``, ``prompt_logprobs``, tools,

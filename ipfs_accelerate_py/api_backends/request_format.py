@@ -29,7 +29,8 @@ __all__ = ["run_with_params", "run_structured", "structured_to_call"]
 _REQUEST_KEYS = ("prompt", "messages", "context", "options", "parameters")
 _ALIASES = {"max_new_tokens": "max_tokens", "stop_sequences": "stop"}
 _OWN_OPTIONS = ("return_logprobs", "top_logprobs", "echo")
-#: The most alternatives per token vLLM returns (``--max-logprobs`` default).
+#: The most alternatives per token an OpenAI-style server returns (vLLM's ``--max-logprobs``
+#: default, OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
 
 
@@ -74,8 +75,8 @@ def _with_context(inputs: Any, context: str, chat: bool) -> Any:
     return messages
 
 
-def _map_options(options: Mapping[str, Any], chat: bool) -> Dict[str, Any]:
-    sampling_names = _known_sampling()
+def _map_options(options: Mapping[str, Any], chat: bool, adapter: Any = None) -> Dict[str, Any]:
+    sampling_names = _known_sampling(adapter)
     out: Dict[str, Any] = {}
     for name, value in options.items():
         if name in _OWN_OPTIONS:
@@ -117,14 +118,19 @@ def _map_options(options: Mapping[str, Any], chat: bool) -> Dict[str, Any]:
     return out
 
 
-def _known_sampling() -> "set[str]":
-    from .models import ChatRequest, CompletionRequest
-    return (set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)) - {
-        "model", "prompt", "messages", "stream", "stream_options"}
+def _known_sampling(adapter: Any = None) -> "set[str]":
+    """The sampling names ``adapter``'s requests take (the OpenAI surface without one)."""
+    if adapter is not None:
+        fields = set(adapter.request_fields())
+    else:
+        from .models import ChatRequest, CompletionRequest
+        fields = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
+    return fields - {"model", "prompt", "messages", "stream", "stream_options"}
 
 
-def structured_to_call(request: Any) -> Tuple[Any, Dict[str, Any]]:
-    """A structured request -> (inputs for the handler, per-call parameters)."""
+def structured_to_call(request: Any, adapter: Any = None) -> Tuple[Any, Dict[str, Any]]:
+    """A structured request -> (inputs for the handler, per-call parameters); ``options``
+    may name any sampling field of ``adapter``'s requests."""
     if not isinstance(request, Mapping):
         raise ValidationError(f"must be a dict with 'prompt' (or 'messages'), 'context' and "
                               f"'options', not {type(request).__name__}", field="request")
@@ -157,12 +163,12 @@ def structured_to_call(request: Any) -> Tuple[Any, Dict[str, Any]]:
     parameters = request.get("parameters") or {}
     if not isinstance(parameters, Mapping):
         raise ValidationError("must be a dict", field="request.parameters")
-    params = {**parameters, **_map_options(options, chat)}
+    params = {**parameters, **_map_options(options, chat, adapter)}
     return _with_context(inputs, context_text, chat), params
 
 
 def run_structured(handler: Any, request: Any) -> Any:
     """Run a structured request through ``handler``; the result carries ``logprobs`` if asked."""
     run = _handler_run(handler)
-    inputs, params = structured_to_call(request)
+    inputs, params = structured_to_call(request, handler.client.adapter)
     return run(inputs, params)

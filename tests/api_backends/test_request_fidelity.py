@@ -27,6 +27,7 @@ from ipfs_accelerate_py.api_backends.errors import BadRequestError
 from ipfs_accelerate_py.api_backends.errors import TimeoutError as ClientTimeout
 from ipfs_accelerate_py.api_backends.errors import ValidationError
 from ipfs_accelerate_py.api_backends.models import ChatRequest, CompletionRequest, validate_request
+from ipfs_accelerate_py.api_backends.vllm import VllmChatRequest, VllmCompletionRequest
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 
 DATA = Path(__file__).with_name("data")
@@ -66,7 +67,7 @@ DIFFERENCES: Dict[str, str] = {
 
 
 def _route_cls(route: str) -> type:
-    return CompletionRequest if route == "completions" else ChatRequest
+    return VllmCompletionRequest if route == "completions" else VllmChatRequest
 
 
 def client_verdict(case: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
@@ -313,3 +314,22 @@ def test_vllm_features_through_the_client_on_the_real_server(real_vllm_server, c
                                               parameters={"max_tokens": 6, "temperature": 0}))
         assert len(pieces) >= 1 and "".join(pieces) == client.run_inference(
             "tiny-llama", "Once upon", {"max_tokens": 6, "temperature": 0}).text
+
+
+def test_vllm_only_fields_belong_to_the_vllm_requests_and_a_chat_batch_keeps_them():
+    from ipfs_accelerate_py.api_backends.base import build_request
+    from ipfs_accelerate_py.api_backends.mixins.batching import merge_requests
+    from ipfs_accelerate_py.api_backends.vllm import VllmChatBatchRequest
+
+    with pytest.raises(ValidationError) as exc:  # the generic requests are the OpenAI surface
+        build_request("Hi", "tiny-llama", {"top_k": 5})
+    assert exc.value.field == "top_k" and "extra_body" in str(exc.value)
+    adapter = VllmAdapter()
+    one = build_request("Hi", "tiny-llama", {"top_k": 5}, adapter=adapter)
+    assert isinstance(one, VllmCompletionRequest) and one.top_k == 5
+    chats = [build_request([{"role": "user", "content": t}], "tiny-llama",
+                           {"top_k": 5, "max_tokens": 2}, adapter=adapter) for t in ("a", "b")]
+    merged = merge_requests(chats)
+    assert isinstance(merged, VllmChatBatchRequest) and merged.top_k == 5
+    body = adapter.format_request(merged).json
+    assert body["top_k"] == 5 and [m[0]["content"] for m in body["messages"]] == ["a", "b"]

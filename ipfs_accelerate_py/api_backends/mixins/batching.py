@@ -60,10 +60,8 @@ def merge_requests(requests: Sequence[Request]) -> Request:
     """One request carrying every prompt (or conversation), in order (sampling fields are
     equal by key)."""
     first = requests[0]
-    if isinstance(first, ChatRequest):
-        fields = dict(first)
-        fields["conversations"] = [r.messages for r in requests]  # type: ignore[union-attr]
-        return ChatBatchRequest.model_construct(first.model_fields_set | {"conversations"}, **fields)
+    if isinstance(first, ChatRequest):  # the batch class of the backend's chat requests
+        return first.batch_of([r.messages for r in requests])  # type: ignore[union-attr]
     return first.model_copy(update={"prompt": [r.prompt for r in requests]})  # type: ignore[union-attr]
 
 

