@@ -345,7 +345,8 @@ class BatchingMixin(HostBase):
         # The first part repeats the shared call's request id (its first job's): a retry on
         # the wire. The others carry their own first job's id, sent for the first time.
         helpers = [threading.Thread(target=self._run_part, args=(endpoint, part, attempt + 1, True),
-                                    name=f"vllm-batch-retry-{endpoint.id}", daemon=True)
+                                    name=f"{self._adapter.name}-batch-retry-{endpoint.id}",
+                                    daemon=True)
                    for part in parts[1:]]
         for helper in helpers:
             helper.start()
