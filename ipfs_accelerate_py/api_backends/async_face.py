@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, List, Optional, Sequence
 
 from . import errors, tracing
 from .call_shapes import stream_call
@@ -110,18 +110,18 @@ class AsyncFaceMixin(HostBase):
         With a load probe set (``set_load_probe``), a blocking call, the order is worked out
         in the default executor."""
         strategy = self._settings.routing
-        ids = self._routing_candidates() if strategy else []  # type: ignore[attr-defined]
+        ids = self._routing_candidates() if strategy else []
         if len(ids) < 2:
             return None
-        if self._routing().probe is None:  # type: ignore[attr-defined]
-            order, _ = self._order(strategy, ids, request)  # type: ignore[attr-defined]
+        if self._routing().probe is None:
+            order, _ = self._order(strategy, ids, request)
         else:  # a load probe is a blocking HTTP call: it must not run on the loop
             order, _ = await asyncio.get_running_loop().run_in_executor(
-                None, self._order, strategy, ids, request)  # type: ignore[attr-defined]
+                None, self._order, strategy, ids, request)
         tried: List[str] = []
         last: Optional[BaseException] = None
         for eid in order:
-            if self._is_open(eid):  # type: ignore[attr-defined]
+            if self._is_open(eid):
                 tried.append(f"{eid}: circuit OPEN (skipped)")
                 continue
             try:
@@ -237,17 +237,17 @@ class AsyncFaceMixin(HostBase):
                 response = await io((min(ep.settings.connect_timeout, remaining),
                                      ep.settings.idle_timeout))
             except BaseException as exc:
-                self._transport_failed(ep, probe, exc)  # type: ignore[attr-defined]
+                self._transport_failed(ep, probe, exc)
                 raise
             finally:
                 ep.leave()
             healthy = response.status < 500
         finally:
             ep.limit.release(healthy, key)
-        self._observe_reply(ep, response.headers)  # type: ignore[attr-defined]
+        self._observe_reply(ep, response.headers)
         if response.status >= 400:
             body = await response.read_body()
-            raise self._error_reply(ep, HttpResponse(response.status, response.headers, body),  # type: ignore[attr-defined]
+            raise self._error_reply(ep, HttpResponse(response.status, response.headers, body),
                                     probe)
         ep.breaker.record_success(probe)
         return response
@@ -389,7 +389,7 @@ class AsyncFaceMixin(HostBase):
         is not blocked while the workers finish."""
         for aio in list(self.__dict__.get("_aio_transports", {}).values()):
             await aio.aclose()
-        await asyncio.get_running_loop().run_in_executor(None, self.close)  # type: ignore[attr-defined]
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
 
 
 _init_lock = threading.Lock()
@@ -499,7 +499,7 @@ class _AioTextStream(TextStream):
         raise errors.ResponseError("stream ended without its end marker ([DONE]); "
                                    "the reply is incomplete")
 
-    async def _arun(self) -> AsyncIterator[StreamChunk]:
+    async def _arun(self) -> AsyncGenerator[StreamChunk, None]:
         error: Optional[BaseException] = None
         finished = False
         try:

@@ -20,7 +20,10 @@ Who provides what (and who uses it):
 * ``circuit_wait.CircuitWaitMixin``: ``_can_wait_for_circuits``, ``_wait_for_any_circuit``
   (routing);
 * ``retry.RetryMixin``: ``_call`` (batching), ``_retry`` (streaming); ``routing.RoutingMixin``:
-  ``_routed_stream`` (streaming).
+  ``_routed_stream`` (streaming), and the routing choice the async face makes itself
+  (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``, ``_observe_reply``);
+* the client again, for the async face: the breaker's verdicts (``_transport_failed``,
+  ``_error_reply``) and ``close``.
 """
 
 from __future__ import annotations
@@ -129,6 +132,26 @@ class Host(Protocol):
                last_attempt: Optional[int] = None, fresh_id: bool = False) -> T: ...
 
     def _routed_stream(self, request: Any) -> Any: ...
+
+    # -- routing.RoutingMixin (the async face routes its streams as the sync face does)
+    def _routing(self) -> Any: ...
+
+    def _routing_candidates(self) -> List[str]: ...
+
+    def _order(self, strategy: Any, ids: List[str],
+               request: Any) -> Tuple[List[str], Optional[bytes]]: ...
+
+    def _is_open(self, endpoint_id: str) -> bool: ...
+
+    def _observe_reply(self, ep: Any, headers: Any, now: Optional[float] = None) -> None: ...
+
+    # -- the client: the breaker's verdicts, both faces; closing
+    def _transport_failed(self, ep: "Endpoint", probe: bool, exc: BaseException) -> None: ...
+
+    def _error_reply(self, ep: "Endpoint", response: "HttpResponse",
+                     probe: bool) -> Any: ...
+
+    def close(self, timeout: Optional[float] = None) -> None: ...
 
 
 if TYPE_CHECKING:
