@@ -164,11 +164,6 @@ class FaultScript:
         with self._lock:
             return len(self._faults)
 
-    def reset_counts(self) -> None:
-        """Forget the tally of injected faults (the queue is kept)."""
-        with self._lock:
-            self.injected.clear()
-
     def fail_rate(self, rate: float, kinds: Sequence[str | Fault], seed: int, path: str | None) -> None:
         """See :meth:`FakeVllmServer.fail_rate`."""
         if not 0.0 <= rate <= 1.0:

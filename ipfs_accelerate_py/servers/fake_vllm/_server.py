@@ -305,15 +305,6 @@ class FakeVllmServer(_Routes):
         with self._lock:
             return sum(c - 1 for c in self.request_ids.values())
 
-    def reset_stats(self) -> None:
-        """Forget recorded requests and counters (metrics counters are kept, like a real server)."""
-        with self._lock:
-            self._recorded.clear()
-            self.request_count.clear()
-            self.request_ids.clear()
-            self.connections_accepted = 0
-        self._fault_script.reset_counts()
-
     # -- request handling --------------------------------------------------------------------
     def _sleep(self, seconds: float, halt: threading.Event, waiting: bool, fault: bool = False) -> None:
         """Sleep until ``seconds`` pass, ``release_stalls()`` or ``stop()``; ``fault``: a
