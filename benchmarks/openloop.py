@@ -373,7 +373,8 @@ class ProjectStream(C.Project):
     def one_stream(self, prompt: str) -> float:
         t0 = time.perf_counter()
         ttft: Optional[float] = None
-        s = self.client.stream(build_request(prompt, self.model, _stream_params(self.params)))
+        s = self.client.stream(build_request(prompt, self.model, _stream_params(self.params),
+                                             adapter=self.client.adapter))
         for chunk in s:
             if ttft is None and chunk.text:
                 ttft = time.perf_counter() - t0
