@@ -18,7 +18,7 @@ import threading
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from ipfs_accelerate_py.api_backends import errors
+from ipfs_accelerate_py.api_backends import errors, get_backend
 from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse, StreamResponse,
                                                         Transport)
@@ -361,7 +361,9 @@ class ListStreamTransport(Transport):
 
 
 def list_stream_request(prompt: str, **params: Any):
-    """A streamed completion request as the prompt-list stream tests send it."""
+    """A streamed completion request as the prompt-list stream tests send it (vLLM's request
+    class, so vLLM's own fields such as ``ignore_eos`` are accepted)."""
     return build_request(prompt, "tiny-llama", {"max_tokens": 4, "temperature": 0,
                                                 "stream_options": {"include_usage": True},
-                                                **params}, stream=True)
+                                                **params}, stream=True,
+                         adapter=get_backend("vllm"))
