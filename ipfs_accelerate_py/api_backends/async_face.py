@@ -36,16 +36,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, Optional, Sequence
 
 from . import errors, tracing
 from .call_shapes import stream_call
 from .errors import (ApiError, CircuitOpenError, ClientClosedError, ConfigurationError,
-                     NoHealthyEndpointError, ValidationError)
+                     ValidationError)
 from .limits import cap_request
 from .mixins._host import HostBase
 from .mixins.retry import MIN_BREAKER_WAIT, RetryPolicy, circuit_wait, retry_wait
 from .mixins.routing import FAILOVER_ERRORS
+from .mixins.routing_state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
     coerce_messages, validate_request
 from .sse import SSEDecoder
@@ -118,19 +119,13 @@ class AsyncFaceMixin(HostBase):
         else:  # a load probe is a blocking HTTP call: it must not run on the loop
             order, _ = await asyncio.get_running_loop().run_in_executor(
                 None, self._order, strategy, ids, request)
-        tried: List[str] = []
-        last: Optional[BaseException] = None
-        for eid in order:
-            if self._is_open(eid):
-                tried.append(f"{eid}: circuit OPEN (skipped)")
-                continue
+        opening = OpeningOrder(order, self._is_open)
+        for eid in opening:
             try:
                 return await self._aopen_on(self._endpoint(eid), request, None)
             except FAILOVER_ERRORS as exc:
-                last = exc
-                tried.append(f"{eid}: {type(exc).__name__}: {exc}")
-        raise NoHealthyEndpointError(f"no healthy endpoint among {len(order)}: " + "; ".join(tried),
-                                     attempts=tried) from last
+                opening.failed(eid, exc)
+        raise opening.exhausted() from opening.last
 
     async def _aopen_on(self, ep: Any, request: Request,
                         fail_fast: Optional[bool]) -> "_AioTextStream":

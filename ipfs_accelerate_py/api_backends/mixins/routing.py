@@ -51,7 +51,7 @@ from ..prefix_affinity import (affinity_key, bounded_choice, demand_choice, key_
                                prefix_text, rendezvous_order)
 from ._host import HostBase
 from .circuit_breaker import OPEN
-from .routing_state import (COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY, FAILOVER_ERRORS,
+from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY, FAILOVER_ERRORS,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
 
@@ -446,19 +446,13 @@ class RoutingMixin(HostBase):
         if not strategy or len(ids) < 2:
             return None
         order, _ = self._order(strategy, ids, request)
-        tried: List[str] = []
-        last: Optional[BaseException] = None
-        for eid in order:
-            if self._is_open(eid):
-                tried.append(f"{eid}: circuit OPEN (skipped)")
-                continue
+        opening = OpeningOrder(order, self._is_open)
+        for eid in opening:
             try:
                 return self.stream(request, endpoint_id=eid)
             except FAILOVER_ERRORS as exc:
-                last = exc
-                tried.append(f"{eid}: {type(exc).__name__}: {exc}")
-        raise NoHealthyEndpointError(f"no healthy endpoint among {len(order)}: " + "; ".join(tried),
-                                     attempts=tried) from last
+                opening.failed(eid, exc)
+        raise opening.exhausted() from opening.last
 
     def get_routing_stats(self) -> Dict[str, Any]:
         """Routed calls, which endpoint served them, failovers and skips by endpoint, and for

@@ -10,10 +10,10 @@ import itertools
 import threading
 from collections import Counter, OrderedDict, deque
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, Type
 
 from ..endpoint_load import LoadBoard
-from ..errors import CircuitOpenError, QueueFullError, TransientError
+from ..errors import CircuitOpenError, NoHealthyEndpointError, QueueFullError, TransientError
 from ..prefix_affinity import DEFAULT_PREFIX_CHARS
 
 STRATEGIES = ("round-robin", "least-loaded", "fastest", "cache-aware")
@@ -130,3 +130,33 @@ class Attempts:
         self.tried: List[str] = []
         self.last: Optional[BaseException] = None
         self.future: "Future[Any]" = Future()
+
+
+class OpeningOrder:
+    """The endpoints a routed stream tries while it opens (failover ends at the first
+    chunk), in routing order: one with an OPEN circuit is skipped and noted, each failure
+    is noted, and ``exhausted()`` is the error that names them all. Both faces' routed
+    streams walk one (``RoutingMixin._routed_stream``, the async face's ``_aopen_routed``),
+    so they skip, note and give up alike."""
+
+    def __init__(self, order: List[str], is_open: Callable[[str], bool]) -> None:
+        self.order = order
+        self._is_open = is_open
+        self.tried: List[str] = []
+        self.last: Optional[BaseException] = None
+
+    def __iter__(self) -> Iterator[str]:
+        for eid in self.order:
+            if self._is_open(eid):
+                self.tried.append(f"{eid}: circuit OPEN (skipped)")
+                continue
+            yield eid
+
+    def failed(self, eid: str, exc: BaseException) -> None:
+        self.last = exc
+        self.tried.append(f"{eid}: {type(exc).__name__}: {exc}")
+
+    def exhausted(self) -> NoHealthyEndpointError:
+        return NoHealthyEndpointError(f"no healthy endpoint among {len(self.order)}: "
+                                      + "; ".join(self.tried), attempts=self.tried)
+
