@@ -299,7 +299,10 @@ class _Group:
             if m not in owners:
                 owners.append(m)
             if m.state == _OPEN:
-                m.buf.append(chunk if j == chunk.index else chunk.model_copy(update={"index": j}))
+                # renumbered in place: each parsed chunk goes to one member only, and a
+                # copy per event (10 us) was a tenth of the demultiplexing's CPU
+                chunk.index = j
+                m.buf.append(chunk)
                 if chunk.finish_reason is not None:
                     m.pending.discard(j)
         if usage is not None and len(owners) == 1 and len(parsed) == 2:
