@@ -195,7 +195,7 @@ class AioTransport:
                 request.method, self.base_url + request.path, data=body, headers=sent,
                 timeout=limits, allow_redirects=False)
         except Exception as exc:  # noqa: BLE001 - mapped into our tree
-            failed = _map(exc, self.base_url, "read")
+            failed: Optional[errors.ApiError] = _map(exc, self.base_url, "read")
         else:
             failed = None
         if failed is not None:

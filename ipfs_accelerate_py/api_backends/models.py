@@ -11,7 +11,7 @@ server's JSON looked like.
 from __future__ import annotations
 
 import difflib
-from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Optional, Sequence, Union
+from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Mapping, Optional, Sequence, Type, Union, cast
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -275,7 +275,7 @@ class ChatBatchRequest(ChatRequest):
 Request = Union[CompletionRequest, ChatRequest]
 
 
-def _field_of(err: Dict[str, Any]) -> str:
+def _field_of(err: Mapping[str, Any]) -> str:
     loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith(("function-", "list[", "union["))]
     return ".".join(loc) or "request"
 
@@ -292,10 +292,10 @@ def unknown_field_message(name: str, known: Any) -> str:
             f"not know yet goes in extra_body={{...}}, which is forwarded as-is)")
 
 
-def validate_request(cls: type, data: Dict[str, Any]) -> Request:
+def validate_request(cls: Type[BaseModel], data: Dict[str, Any]) -> Request:
     """Build ``cls`` from ``data`` or raise ``ValidationError`` naming the first bad field."""
     try:
-        return cls.model_validate(data)
+        return cast(Request, cls.model_validate(data))
     except pydantic.ValidationError as exc:
         errs = exc.errors(include_url=False)
         first = errs[0]

@@ -201,7 +201,7 @@ class RequestsTransport(Transport):
             resp = self._session.request(request.method, url, data=body, headers=headers,
                                          timeout=timeout, allow_redirects=False, stream=True)
         except Exception as exc:  # noqa: BLE001 - mapped into our tree
-            failed = _map_exception(exc, self.base_url)
+            failed: Optional[errors.ApiError] = _map_exception(exc, self.base_url)
         else:
             failed = None
         if failed is not None:
@@ -250,7 +250,7 @@ class RequestsTransport(Transport):
             resp = self._session.request(request.method, url, data=body, headers=headers,
                                          timeout=timeout, stream=True, allow_redirects=False)
         except Exception as exc:  # noqa: BLE001
-            failed = _map_exception(exc, self.base_url)
+            failed: Optional[errors.ApiError] = _map_exception(exc, self.base_url)
         else:
             failed = None
         if failed is not None:

@@ -95,7 +95,7 @@ class VllmAdapter(BackendAdapter):
                                 body=response.text())
         n = request.n or 1
         chat = isinstance(request, ChatRequest)
-        choices = []
+        choices: List[Choice] = []
         # chat sends the prompt's ids and logprobs once, beside the choices (one
         # conversation only: a chat batch's choices have different prompts)
         single_chat = chat and not isinstance(request, ChatBatchRequest)

@@ -52,7 +52,7 @@ class _either:
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
 
-    def __get__(self, obj: Any, owner: type) -> Callable[..., Any]:
+    def __get__(self, obj: Any, owner: Any) -> Callable[..., Any]:
         target = obj if obj is not None else owner._default_instance()
         return self.fn.__get__(target, owner)
 
