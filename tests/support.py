@@ -7,17 +7,25 @@ Plain functions and constants, no fixtures (those live in the ``conftest.py`` fi
   (what the root conftest's ``make_client`` starts from).
 - ``TRANSPORT_IDS`` / ``transport_factory``: build a client on either transport (``requests``
   or the lean ``http.client`` one), so a case can run on both.
+- ``DoubleProcess``: the test double in a child process (its own memory and threads),
+  stopped by PID.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from typing import Any, Callable, Dict, Tuple
 
 from ipfs_accelerate_py.api_backends.transport import (HttpClientTransport, RequestsTransport,
                                                         Transport)
 
-__all__ = ["wait_until", "FAST", "TRANSPORT_IDS", "transport_factory", "REAL_SERVER_API_KEY"]
+__all__ = ["wait_until", "FAST", "TRANSPORT_IDS", "transport_factory", "REAL_SERVER_API_KEY",
+           "DoubleProcess"]
 
 #: The key ``real_vllm_server_with_key`` requires (``Authorization: Bearer ...`` on /v1/*).
 REAL_SERVER_API_KEY = "sk-test-key-123"
@@ -54,3 +62,54 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+_DOUBLE_LAUNCHER = """
+import json, sys
+from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
+opts = json.loads(sys.argv[1])
+if opts.get("backlog"):  # many connections arriving at once
+    from ipfs_accelerate_py.servers.fake_vllm import _http
+    _http._HTTPServer.request_queue_size = opts["backlog"]
+server = FakeVllmServer(**opts.get("server", {})).start()
+if opts.get("fail_rate"):
+    server.fail_rate(opts["fail_rate"], opts.get("kinds", ["status500", "drop"]), seed=7,
+                     path="/v1/completions")
+print(server.port, flush=True)
+sys.stdin.read()  # serve until the parent closes our stdin (or kills us)
+server.stop()
+"""
+
+
+class DoubleProcess:
+    """The test double in a process of its own: its memory (it keeps every request id it
+    saw) and its threads (one per connection) are not the process under test's. Stopped
+    by its PID. ``backlog``: its listen queue, for many connections arriving at once."""
+
+    def __init__(self, fail_rate: float = 0.0, backlog: int = 0, **server: Any) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _DOUBLE_LAUNCHER,
+             json.dumps({"fail_rate": fail_rate, "backlog": backlog, "server": server})],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"the double's process did not start (said {line!r})")
+        self.port = int(line)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()

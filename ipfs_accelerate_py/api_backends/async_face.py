@@ -49,8 +49,7 @@ from .mixins.routing import FAILOVER_ERRORS
 from .mixins.routing_state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
     coerce_messages, validate_request
-from .sse import SSEDecoder
-from .streaming import TextStream
+from .streaming import ReplyChunks, TextStream
 from .transport import HttpResponse
 
 if TYPE_CHECKING:  # aiohttp is imported by the first async stream, not by the sync face
@@ -479,20 +478,13 @@ class _AioTextStream(TextStream):
 
     async def _achunks(self) -> AsyncIterator[StreamChunk]:
         """The reply's chunks in order, as ``TextStream._chunks``."""
-        adapter = self._client._adapter
-        decoder = SSEDecoder()
+        reply = ReplyChunks(self._client._adapter, self._request)
         async for raw in self._response.chunks():
-            for data in decoder.feed(raw):
-                parsed = adapter.parse_stream_event(self._request, data)
-                if parsed is None:
-                    return
-                for chunk in parsed:
-                    yield chunk
-        for data in decoder.flush():
-            if adapter.parse_stream_event(self._request, data) is None:
+            for chunk in reply.feed(raw):
+                yield chunk
+            if reply.ended:
                 return
-        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
-                                   "the reply is incomplete")
+        reply.finish()
 
     async def _arun(self) -> AsyncGenerator[StreamChunk, None]:
         error: Optional[BaseException] = None

@@ -24,7 +24,38 @@ if TYPE_CHECKING:
     from .base import Endpoint
     from .stream_batching import _Registry
 
-__all__ = ["StreamingMixin", "TextStream"]
+__all__ = ["StreamingMixin", "TextStream", "ReplyChunks"]
+
+
+class ReplyChunks:
+    """One streamed reply's bytes -> its chunks, for both faces (``TextStream._chunks``
+    reads the sync transport, the async face's stream awaits aiohttp's): ``feed`` yields
+    each network read's chunks in order, one event at a time (so a bad event raises after
+    the good ones before it were taken: they count in ``partial_text``) and sets
+    ``ended`` at the end marker; ``finish`` checks what the reply left when it closed."""
+
+    def __init__(self, adapter: Any, request: Request) -> None:
+        self._adapter = adapter
+        self._request = request
+        self._decoder = SSEDecoder()
+        self.ended = False
+
+    def feed(self, raw: bytes) -> Iterator[StreamChunk]:
+        for data in self._decoder.feed(raw):
+            parsed = self._adapter.parse_stream_event(self._request, data)
+            if parsed is None:
+                self.ended = True
+                return
+            yield from parsed
+
+    def finish(self) -> None:
+        """The reply closed without the end marker in a read: fine if its unterminated
+        last event was the marker, else ``ResponseError`` (the reply is incomplete)."""
+        for data in self._decoder.flush():
+            if self._adapter.parse_stream_event(self._request, data) is None:
+                return
+        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
+                                   "the reply is incomplete")
 
 
 class StreamingMixin(HostBase):
@@ -176,19 +207,12 @@ class TextStream:
     def _chunks(self) -> Iterator[StreamChunk]:
         """The reply's chunks in order; returns at the end marker, raises if it never came.
         (A stream sharing one call with others reads its own choices instead: stream_batching.)"""
-        adapter = self._client._adapter
-        decoder = SSEDecoder()
+        reply = ReplyChunks(self._client._adapter, self._request)
         for raw in self._response.chunks():
-            for data in decoder.feed(raw):
-                parsed = adapter.parse_stream_event(self._request, data)
-                if parsed is None:
-                    return
-                yield from parsed
-        for data in decoder.flush():
-            if adapter.parse_stream_event(self._request, data) is None:
+            yield from reply.feed(raw)
+            if reply.ended:
                 return
-        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
-                                   "the reply is incomplete")
+        reply.finish()
 
     def _run(self) -> Generator[StreamChunk, None, None]:
         error: Optional[BaseException] = None

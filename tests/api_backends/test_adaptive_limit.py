@@ -236,8 +236,7 @@ def test_threads_and_coroutines_wait_in_one_line_and_a_cancelled_waiter_leaves_i
         thread = threading.Thread(target=lambda: (lim.acquire(clock.monotonic() + 60, key="t"),
                                                   order.append("thread")))
         thread.start()
-        while lim.waiting < 3:
-            await asyncio.sleep(0.001)
+        wait_until(lambda: lim.waiting == 3, what="the thread queued behind both")  # bounded
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import resource
-import signal
-import subprocess
-import sys
 import threading
 from typing import Any, Dict, List
 
 import pytest
 
 from api_support import COMPLETIONS, client_over, request_ids
-from support import wait_until
+from support import DoubleProcess, wait_until
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
@@ -48,43 +44,6 @@ async def collect(client: VllmClient, prompt: str, **params: Any) -> str:
 
 
 # ------------------------------------------------------------------ the double, alone
-_LAUNCHER = """
-import sys
-from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, _http
-_http._HTTPServer.request_queue_size = 4096  # 2 000 connections arrive at once
-server = FakeVllmServer().start()
-print(server.port, flush=True)
-sys.stdin.read()  # serve until the test closes our stdin (or kills us by PID)
-server.stop()
-"""
-
-
-class _DoubleProcess:
-    """The test double in a process of its own, so that its thread per connection is not
-    counted among the client's threads. Stopped by its PID."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line.strip().isdigit():
-            self.stop()
-            raise RuntimeError(f"the double's process did not start (said {line!r})")
-        self.base_url = f"http://127.0.0.1:{int(line)}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                f.close()
-
-
 async def _streams_at_once(client: VllmClient, prompts: List[str]) -> "tuple[List[str], int]":
     """Open one stream per prompt, all at once; when every one has its first piece (all
     open together), count the threads; then read them all to the end."""
@@ -115,7 +74,7 @@ def test_2000_concurrent_streams_on_one_loop_use_no_thread_each() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 4500:  # 2 000 sockets here and 2 000 in the double (it inherits the limit)
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
-    double = _DoubleProcess()
+    double = DoubleProcess(backlog=4096)  # 2 000 connections arrive at once
     try:
         prompts = [f"stream number {i} says" for i in range(2000)]
         with VllmClient(base_url=double.base_url, model="tiny-llama") as sync:
@@ -268,8 +227,8 @@ def test_a_stalled_stream_does_not_block_the_loop(fake_server, make_client) -> N
 
     async def both() -> "tuple[str, str]":
         stalled = asyncio.ensure_future(collect(c, "stalled"))
-        while not fake_server.held:  # the gated one waits at the double
-            await asyncio.sleep(0.005)
+        # the gated one waits at the double (waited for off the loop, which must run it)
+        await asyncio.get_running_loop().run_in_executor(None, fake_server.wait_held, 1)
         other = await collect(c, "other")  # completes while the first waits for its head
         assert not stalled.done() and fake_server.held == 1
         fake_server.release_stalls()

@@ -19,6 +19,8 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from ipfs_accelerate_py.api_backends import errors, get_backend
+
+from support import DoubleProcess  # noqa: F401 - re-exported for this folder's tests
 from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse, StreamResponse,
                                                         Transport)
@@ -112,58 +114,6 @@ def chunked(data: bytes, cuts: Iterable[int]) -> Iterator[bytes]:
         yield data[prev:c]
         prev = c
     yield data[prev:]
-
-
-_DOUBLE_LAUNCHER = """
-import json, sys
-from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
-opts = json.loads(sys.argv[1])
-server = FakeVllmServer(**opts.get("server", {})).start()
-if opts.get("fail_rate"):
-    server.fail_rate(opts["fail_rate"], opts.get("kinds", ["status500", "drop"]), seed=7,
-                     path="/v1/completions")
-print(server.port, flush=True)
-sys.stdin.read()  # serve until the parent closes our stdin (or kills us)
-server.stop()
-"""
-
-
-class DoubleProcess:
-    """The test double in a process of its own (it keeps every request id it saw, which
-    would grow the memory of the process under test). Stopped by its PID."""
-
-    def __init__(self, fail_rate: float = 0.0, **server: Any) -> None:
-        import subprocess
-        import sys
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _DOUBLE_LAUNCHER,
-             json.dumps({"fail_rate": fail_rate, "server": server})],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if not line.strip().isdigit():
-            self.stop()
-            raise RuntimeError(f"the double's process did not start (said {line!r})")
-        self.port = int(line)
-        self.base_url = f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        import os
-        import signal
-        import subprocess
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                f.close()
 
 
 # =========================================================================== a raw server
