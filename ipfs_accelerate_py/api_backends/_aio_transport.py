@@ -43,7 +43,8 @@ from ._framing import NO_CAP, check_size, declared_length
 from ._http11 import Headers, _check_header, _tls_context
 from .errors import redact
 from .settings import MAX_RESPONSE_BYTES
-from .transport import HttpRequest
+from .tracing import with_trace_context
+from .transport import HttpRequest, HttpResponse
 
 __all__ = ["AioTransport", "AioStreamResponse", "KEEPALIVE"]
 
@@ -180,11 +181,27 @@ class AioTransport:
     async def open_stream(self, request: HttpRequest, timeout: Tuple[float, float],
                           headers: Optional[Dict[str, str]] = None) -> AioStreamResponse:
         """Send ``request`` and return once the reply head is in. ``timeout``: (connect,
-        read) seconds; ``headers``: the request's own (trace context included by the
-        caller: coroutines share a thread, so the transport cannot read it from there)."""
-        sent = dict(headers if headers is not None else request.headers)
+        read) seconds; ``headers``: the request's own (default: its headers with the trace
+        context of the task that sends it)."""
+        return await self._open(request, timeout, headers, None)
+
+    async def send(self, request: HttpRequest, timeout: Tuple[float, float],
+                   headers: Optional[Dict[str, str]] = None) -> HttpResponse:
+        """A complete reply, read whole and capped at ``max_response_bytes`` while reading,
+        whatever its status (a declared length over the cap is refused before reading).
+        Read to its end, its connection goes back to the pool."""
+        response = await self._open(request, timeout, headers, "application/json")
+        return HttpResponse(response.status, response.headers, await response.read_body())
+
+    async def _open(self, request: HttpRequest, timeout: Tuple[float, float],
+                    headers: Optional[Dict[str, str]], accept: Optional[str]) -> AioStreamResponse:
+        """Send, and return the reply once its head is in. ``accept``: the Accept header of
+        a complete reply (its body is capped whatever the status); None for a stream."""
+        sent = dict(headers if headers is not None else with_trace_context(request.headers))
         for k, v in sent.items():
             _check_header(k, v)
+        if accept is not None:
+            sent.setdefault("Accept", accept)
         body = request.encoded()
         if body is not None:
             sent["Content-Type"] = "application/json"
@@ -200,8 +217,9 @@ class AioTransport:
             failed = None
         if failed is not None:
             raise failed  # outside the handler: the original's frames hold the connection
-        # An error reply is read whole by the caller: it gets the cap of a complete reply.
-        limit = self._max_body if resp.status >= 300 else NO_CAP
+        # An error reply (or any complete one) is read whole: it gets the cap of a complete
+        # reply; a 2xx stream is bounded per event by the SSE decoder instead.
+        limit = self._max_body if accept is not None or resp.status >= 300 else NO_CAP
         lengths = resp.headers.getall("Content-Length", [])
         try:
             declared_length(", ".join(lengths) if lengths else None, limit, resp.status)

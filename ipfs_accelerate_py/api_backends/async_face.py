@@ -34,32 +34,23 @@ the call then runs in the loop's default executor, one thread for the call's dur
 from __future__ import annotations
 
 import asyncio
-import functools
-import threading
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, Optional, Sequence
 
 from . import errors, tracing
 from .call_shapes import stream_call
-from .errors import (ApiError, CircuitOpenError, ClientClosedError, ConfigurationError,
-                     ValidationError)
+from .errors import ConfigurationError, ValidationError
 from .limits import cap_request
 from .mixins._host import HostBase
-from .mixins.retry import MIN_BREAKER_WAIT, RetryPolicy, circuit_wait, retry_wait
 from .mixins.routing import FAILOVER_ERRORS
 from .mixins.routing_state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
     coerce_messages, validate_request
 from .streaming import ReplyChunks, TextStream
-from .transport import HttpResponse
 
 if TYPE_CHECKING:  # aiohttp is imported by the first async stream, not by the sync face
-    from ._aio_transport import AioStreamResponse, AioTransport
+    from ._aio_transport import AioStreamResponse
 
 __all__ = ["AsyncFaceMixin", "AsyncTextStream"]
-
-#: Longest single wait for a circuit or a retry: a bound against a lost wake-up, and how
-#: soon a closing client is noticed; not a poll interval.
-_MAX_NAP = 1.0
 
 
 class AsyncFaceMixin(HostBase):
@@ -145,12 +136,19 @@ class AsyncFaceMixin(HostBase):
         ff = self._fail_fast(ep, fail_fast)
         aio = self._aio_transport(ep)
 
-        async def attempt() -> AioStreamResponse:
-            return await self._aguarded(ep, deadline, ff, op, rid, lambda timeout: aio.open_stream(
-                http, timeout, headers))
+        async def attempt(n: int) -> AioStreamResponse:
+            response: AioStreamResponse = await self._aguarded(
+                ep, deadline, ep.settings.idle_timeout, False,
+                lambda timeout: aio.open_stream(http, timeout, headers), ff, op=op, rid=rid)
+            return response
+
+        def retrying(exc: BaseException, attempt: int, wait: float) -> None:
+            with tracing.working_for(op, rid):
+                tracing.retrying(exc, attempt, wait)
 
         try:
-            response = await self._aretry(ep, attempt, deadline, request.model, op, rid)
+            response = await self._aretry(ep, attempt, deadline, request.model,
+                                          on_retry=retrying)
         except BaseException as exc:
             tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
             self._metrics.record_request(ep.id, request.model, False,
@@ -159,185 +157,14 @@ class AsyncFaceMixin(HostBase):
             raise
         return _AioTextStream(self, ep, request, response, start, op)
 
-    # ------------------------------------------------------------------ one attempt
-    async def _aretry(self, ep: Any, attempt_fn: Any, deadline: float, model: Optional[str],
-                      op: Any, rid: str) -> AioStreamResponse:
-        """``call_with_retries`` (with ``RetryMixin._retry``'s counting) for coroutines: the
-        same policy and circuit waits, slept with ``asyncio.sleep``. A retry is counted
-        when its attempt was made (not refused by the breaker, not stopped unsent)."""
-        policy = RetryPolicy.from_settings(ep.settings)
-        clock = self._clock
-        attempt = 0
-        circuit_waited = 0.0
-        while True:
-            try:
-                result = await attempt_fn()
-            except CircuitOpenError as exc:
-                wait = circuit_wait(exc, attempt, policy, deadline, circuit_waited, clock)
-                circuit_waited += wait
-                await self._asleep(wait, "waiting for the circuit")
-                continue
-            except ApiError as exc:
-                if attempt and exc.context.get("sent") is not False:
-                    self._metrics.record_retry(ep.id, model)
-                wait = retry_wait(exc, attempt, policy, deadline, clock)
-                with tracing.working_for(op, rid):
-                    tracing.retrying(exc, attempt, wait)
-                attempt += 1
-                await self._asleep(wait, "waiting to retry")
-                continue
-            except BaseException:
-                if attempt:
-                    self._metrics.record_retry(ep.id, model)
-                raise
-            if attempt:
-                self._metrics.record_retry(ep.id, model)
-            return result
-
-    async def _asleep(self, seconds: float, doing: str) -> None:
-        """Sleep ``seconds``; a client closed meanwhile ends it with ``ClientClosedError``."""
-        end = self._clock.monotonic() + seconds
-        while True:
-            if self._closing.is_set():
-                raise ClientClosedError(f"client closed while {doing}")
-            left = end - self._clock.monotonic()
-            if left <= 0:
-                return
-            await asyncio.sleep(min(left, _MAX_NAP))
-
-    async def _aguarded(self, ep: Any, deadline: float, fail_fast: bool, op: Any, rid: str,
-                        io: Any) -> AioStreamResponse:
-        """``_guarded`` for coroutines: breaker admission, an in-flight slot (its own key:
-        every coroutine of a loop shares one thread), the deadline, the transport call and
-        the breaker's verdict; a non-2xx reply is read (capped) and raised as its error."""
-        probe = await self._aadmit(ep, deadline, fail_fast, op, rid)
-        key = object()
-        try:
-            waited = await ep.limit.aacquire(deadline, key, self._closing)
-        except BaseException:
-            ep.breaker.release(probe)
-            raise
-        with tracing.working_for(op, rid):
-            tracing.waited("in_flight_limit.wait", waited)
-        healthy = False
-        try:
-            remaining = deadline - self._clock.monotonic()
-            if remaining <= 0:
-                ep.breaker.release(probe)
-                raise errors.TimeoutError("the call deadline passed before the request was sent",
-                                          sent=False)
-            ep.enter()
-            try:
-                response = await io((min(ep.settings.connect_timeout, remaining),
-                                     ep.settings.idle_timeout))
-            except BaseException as exc:
-                self._transport_failed(ep, probe, exc)
-                raise
-            finally:
-                ep.leave()
-            healthy = response.status < 500
-        finally:
-            ep.limit.release(healthy, key)
-        self._observe_reply(ep, response.headers)
-        if response.status >= 400:
-            body = await response.read_body()
-            raise self._error_reply(ep, HttpResponse(response.status, response.headers, body),
-                                    probe)
-        ep.breaker.record_success(probe)
-        return response
-
-    async def _aadmit(self, ep: Any, deadline: float, fail_fast: bool, op: Any, rid: str) -> bool:
-        """``_admit`` for coroutines: True if this attempt is a HALF-OPEN probe. An OPEN
-        circuit raises ``CircuitOpenError`` when ``fail_fast``; otherwise it is waited out
-        within ``deadline`` (then ``CircuitWaitTimeoutError``, nothing sent)."""
-        if not ep.settings.circuit_breaker_enabled:
-            return False
-        clock = self._clock
-        start = clock.monotonic()
-        while True:
-            try:
-                probe = ep.breaker.admit(deadline, wait=False)[0]
-                break
-            except CircuitOpenError as exc:
-                if fail_fast:
-                    raise
-                if self._closing.is_set():
-                    raise ClientClosedError("client closed while waiting for the circuit") from None
-                now = clock.monotonic()
-                if now >= deadline:
-                    self._note_circuit_wait(ep, now - start, op, rid)
-                    raise errors.CircuitWaitTimeoutError(
-                        f"waited {now - start:.2f}s for the circuit of {ep.id} "
-                        f"({ep.breaker.state}); the call deadline passed before it closed, and "
-                        "the request was never sent", waited=now - start, endpoint=ep.id) from None
-                await self._circuit_change(ep, deadline, exc.retry_in or 0.0)
-        self._note_circuit_wait(ep, clock.monotonic() - start, op, rid)
-        return probe
-
-    def _note_circuit_wait(self, ep: Any, waited: float, op: Any, rid: str) -> None:
-        if waited > 0.001:
-            self._metrics.record_circuit_wait(ep.id, waited)
-            with tracing.working_for(op, rid):
-                tracing.waited("circuit.wait", waited)
-
-    async def _circuit_change(self, ep: Any, deadline: float, retry_in: float) -> None:
-        """Wait until the circuit may admit again: with a prober, until it closes (its thread
-        settles a future of this loop); without, until the breaker's next probe window."""
-        now = self._clock.monotonic()
-        nap = min(deadline - now, _MAX_NAP)
-        if not self._can_wait_for_circuits([ep.id]):
-            await asyncio.sleep(max(MIN_BREAKER_WAIT, min(retry_in, nap)))
-            return
-        loop = asyncio.get_running_loop()
-        closed = loop.create_future()
-
-        def wake(*_: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(_settle, closed)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-
-        self._wait_for_any_circuit([ep.id], deadline, wake, wake)
-        await asyncio.wait({closed}, timeout=nap)
-
-    def _aio_transport(self, ep: Any) -> AioTransport:
-        """The endpoint's async transport, made on first use (one per endpoint)."""
-        transports: Dict[str, AioTransport] = self.__dict__.setdefault("_aio_transports", {})
-        aio = transports.get(ep.id)
-        if aio is not None:
-            return aio
-        s = ep.settings
-        if s.proxies or s.trust_env:
-            raise ConfigurationError("async streams do not use proxies or the environment "
-                                     "(trust_env); stream from a thread instead", field="proxies")
-        from ._aio_transport import AioTransport  # here: sync users never load aiohttp
-
-        with _init_lock:
-            aio = transports.get(ep.id)
-            if aio is None:
-                aio = transports[ep.id] = AioTransport(
-                    s.base_url, s.api_key_value, verify=s.ca_bundle or s.verify_tls,
-                    extra_headers=s.extra_headers, max_response_bytes=s.max_response_bytes)
-        return aio
-
-    def _close_aio_transports(self) -> None:
-        """``close()``: the async transports' sessions on loops still running."""
-        for aio in list(self.__dict__.get("_aio_transports", {}).values()):
-            aio.close()
-
     # ------------------------------------------------------------------ non-streamed calls
     async def asubmit(self, request: Request, priority: int = 1,
                       endpoint_id: Optional[str] = None, timeout: Optional[float] = None,
                       fail_fast: Optional[bool] = None) -> CompletionResult:
-        """``execute`` for coroutines: queued as ``submit`` queues it, awaited without a
-        thread (see the module docstring), never longer than the call's deadline."""
+        """``execute`` for coroutines: queued as ``submit`` queues it (the work runs on the
+        client's loop), awaited without a thread, never longer than the call's deadline."""
         ep = self._endpoint(endpoint_id)
-        submit = functools.partial(self.submit, request, priority, endpoint_id, timeout,
-                                   fail_fast)
-        if ep.settings.queue_enabled:
-            future = submit()
-        else:  # no worker to hand it to: the call runs in the default executor
-            future = await asyncio.get_running_loop().run_in_executor(None, submit)
+        future = self.submit(request, priority, endpoint_id, timeout, fail_fast)
         limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
         waiter = asyncio.wrap_future(future)
         done, _ = await asyncio.wait({waiter}, timeout=limit)
@@ -379,19 +206,11 @@ class AsyncFaceMixin(HostBase):
 
     async def aclose(self) -> None:
         """``close()`` for coroutines: this loop's sessions are closed here, awaited; the rest
-        of ``close()`` (it joins worker threads) runs in the default executor, so the loop
-        is not blocked while the workers finish."""
-        for aio in list(self.__dict__.get("_aio_transports", {}).values()):
+        of ``close()`` (it waits for the requests under way) runs in the default executor,
+        so the loop is not blocked meanwhile."""
+        for aio in list(self._aio_transports.values()):
             await aio.aclose()
         await asyncio.get_running_loop().run_in_executor(None, self.close)
-
-
-_init_lock = threading.Lock()
-
-
-def _settle(future: "asyncio.Future[None]") -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class AsyncTextStream:

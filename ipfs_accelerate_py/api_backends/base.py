@@ -1,13 +1,16 @@
 """``BaseApiBackend``: the request pipeline every backend shares. Nothing here knows vLLM.
 
-    submit(request) ──> queue (priority, aging) ──> worker ──> batch collect
+    submit(request) ──> queue (priority, aging) ──> dispatcher task ──> batch collect
         ──> call: [breaker admit ─> adapter.format_request ─> transport ─> adapter.parse_*]
                   wrapped in the retry loop, bounded by the call's deadline
         ──> metrics + recent_requests ──> the caller's future
 
-Every request path (``run_inference``, ``generate_text``, ``chat_completion``, handlers,
-``submit``) goes through ``submit``; streams (streaming.py) take the same breaker, retry
-(before the first chunk only) and metrics. Each concern is a mixin holding its own state
+Everything right of the queue runs as coroutines on the client's own event loop
+(``_loop.ClientLoop``, one thread per client): the sync face (``run_inference``,
+``generate_text``, ``chat_completion``, handlers, ``submit``) queues a job from the caller's
+thread and waits on its future; the async face (async_face.py) awaits the same future.
+Streams (streaming.py) take the same breaker, retry (before the first chunk only) and
+metrics. Each concern is a mixin holding its own state
 (mixins/), and calling of this class only what ``mixins/_host.Host`` declares. A backend is
 a subclass that names its adapter (``backend_name``); the adapter comes from the plugin
 manager.
@@ -38,7 +41,9 @@ from .mixins.inflight import InFlightLimit
 from .mixins.metrics import MetricsMixin
 from .mixins.multiplexing import MultiplexingMixin
 from .mixins.probing import CircuitProber
-from .mixins.queue import Job, PriorityRequestQueue, QueueMixin, WorkerPool, check_priority
+from .mixins.queue import Dispatcher, Job, PriorityRequestQueue, QueueMixin, check_priority
+from .mixins.attempt import AttemptMixin
+from ._loop import ClientLoop
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
 from .async_face import AsyncFaceMixin
@@ -48,7 +53,8 @@ from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, 
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
-from .transport import HttpRequest, HttpResponse, StreamResponse, Transport, make_transport
+from .transport import (HttpRequest, HttpResponse, StreamResponse, ThreadedTransport, Transport,
+                        make_transport)
 
 __all__ = ["BaseApiBackend", "Endpoint", "TextStream", "build_request"]
 
@@ -69,16 +75,21 @@ def default_transport(settings: ClientSettings) -> Transport:
 
 
 class Endpoint:
-    """One server as this client sees it: its own settings, session, queue, workers, breaker."""
+    """One server as this client sees it: its own settings, session, queue, dispatcher,
+    breaker."""
 
     def __init__(self, endpoint_id: str, settings: ClientSettings, transport: Transport,
-                 breaker: Any, queue: PriorityRequestQueue) -> None:
+                 breaker: Any, queue: PriorityRequestQueue, custom_transport: bool = False) -> None:
         self.id = endpoint_id
         self.settings = settings
-        self.transport = transport
+        self.transport = transport  # sync: streams read in their caller's thread, probes
+        #: the transport came from a ``transport_factory`` the caller gave: complete
+        #: requests use it too (through ``threaded``), not aiohttp
+        self.custom_transport = custom_transport
+        self.threaded: Optional[ThreadedTransport] = None
         self.breaker = breaker
         self.queue = queue
-        self.workers: WorkerPool  # set right after construction (the pool calls back into it)
+        self.workers: Dispatcher  # set right after construction (it calls back into it)
         self.prober: Optional[CircuitProber] = None  # set when the adapter has a health request
         self.limit = InFlightLimit(settings.max_concurrent_requests)
         self.circuit_sync = threading.RLock()  # queue pause/resume follows the circuit
@@ -129,8 +140,9 @@ def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[s
                             {**params, "model": model, "prompt": inputs})
 
 
-class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin, CircuitWaitMixin,
-                     MetricsMixin, MultiplexingMixin, RoutingMixin, StreamingMixin, AsyncFaceMixin):
+class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, CircuitBreakerMixin,
+                     CircuitWaitMixin, MetricsMixin, MultiplexingMixin, RoutingMixin,
+                     StreamingMixin, AsyncFaceMixin):
     """A resilient client for one backend kind, over one or many endpoints."""
 
     #: the adapter's registered name; subclasses set it
@@ -152,7 +164,10 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             settings = settings.replace(**overrides)
         self._settings = settings
         self._clock = clock or SYSTEM_CLOCK
+        self._custom_transport = transport_factory is not None
         self._transport_factory = transport_factory or default_transport
+        #: where the pipeline's coroutines run (started by the first request)
+        self._loop = ClientLoop(f"{self.backend_name or 'api'}-client")
         self._closing = threading.Event()
         self._closed = False
         self._lock = threading.Lock()
@@ -168,6 +183,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         self._init_circuit_wait()
         self._init_routing()
         self._init_streaming()
+        self._init_attempts()
         self._endpoints["default"] = self._make_endpoint("default", settings)
         _live_clients.add(self)
 
@@ -179,13 +195,14 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         health = None if settings.fail_fast else self._adapter.health_request()
         breaker = self._new_breaker(endpoint_id, settings, self._clock,
                                     self._on_circuit_transition, scheduled_probes=health is not None)
-        ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue)
+        ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue,
+                      self._custom_transport)
         # the adaptive in-flight limit reads the server's queue off its replies (inflight.py)
         board, clock = self._routing_state.board, self._clock
         ep.limit.load_source = lambda: board.fresh(endpoint_id, clock.monotonic())
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
-        ep.workers = WorkerPool(queue, settings.max_concurrent_requests,
-                                functools.partial(self._handle_job, ep), name=name)
+        ep.workers = Dispatcher(queue, settings.max_concurrent_requests,
+                                functools.partial(self._handle_job, ep), self._loop)
         if health is not None:
             ep.prober = CircuitProber(
                 breaker, lambda: self._probe_health(ep, health), self._closing, self._clock,
@@ -305,13 +322,18 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 job.fail(ep.breaker.open_error())  # the circuit opened as it was queued
                 self._record_unsent(ep, job)
         else:
-            self._handle_job(ep, job)
+            self._loop.spawn(self._handle_job(ep, job))
         return job.future
 
     def execute(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
                 timeout: Optional[float] = None,
                 fail_fast: Optional[bool] = None) -> CompletionResult:
-        """``submit`` and wait; never longer than the call's deadline (plus a little grace)."""
+        """``submit`` and wait; never longer than the call's deadline (plus a little grace).
+        Not from the client's own loop (a done callback of its futures): use ``asubmit``."""
+        if self._loop.in_loop():
+            raise errors.ConfigurationError(
+                "a blocking call from the client's event loop would never finish; "
+                "use submit() or the async face there", field="execute")
         fut = self.submit(request, priority, endpoint_id, timeout, fail_fast)
         ep = self._endpoint(endpoint_id)
         limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
@@ -345,14 +367,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
             self._metrics.record_circuit_wait(ep.id, waited)
             tracing.waited("circuit.wait", waited)
         return probe, now + waited
-
-    def _send(self, ep: Endpoint, http: HttpRequest, deadline: float,
-              fail_fast: bool = False) -> HttpResponse:
-        """One attempt of a plain request (see ``_guarded``)."""
-        now = self._clock.monotonic()  # one reading on the way down (``_guarded``)
-        self._ask_for_load(ep, http, now)
-        return self._guarded(ep, deadline, ep.settings.timeout, True,
-                             lambda timeout: ep.transport.send(http, timeout), fail_fast, now)
 
     def _guarded(self, ep: Endpoint, deadline: float, read_timeout: float, clip_read: bool,
                  io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False,
@@ -431,10 +445,16 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
         """A non-inference call (models, version, metrics) with breaker and retries."""
         self._check_open()
         ep = self._endpoint(endpoint_id)
-        deadline = self._clock.monotonic() + (timeout or ep.settings.effective_deadline)
+        limit = timeout or ep.settings.effective_deadline
+        response: HttpResponse = self._loop.run(self._arequest_raw(http, ep, limit), limit + 1.0)
+        return response
+
+    async def _arequest_raw(self, http: HttpRequest, ep: Endpoint, timeout: float) -> HttpResponse:
+        deadline = self._clock.monotonic() + timeout
         ff = ep.settings.fail_fast
-        return tracing.in_span(f"{http.method} {http.path}", lambda: self._retry(
-            ep, lambda n: self._send(ep, http, deadline, ff), deadline, None))
+        response: HttpResponse = await tracing.ain_span(f"{http.method} {http.path}", lambda: self._aretry(
+            ep, lambda n: self._asend(ep, http, deadline, ff), deadline, None))
+        return response
 
     def _check_open(self) -> None:
         if self._closed:
@@ -501,13 +521,14 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, timeout: Optional[float] = None) -> None:
-        """Stop the workers, fail what is still queued, release connections. Idempotent."""
+        """Stop serving, fail what is still queued, release connections. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self._closing.set()
         self._wake_circuit_waiters(lambda w: True)  # they find the client closed
+        self._wake_sleepers()  # retries' backoffs end now (attempt.py)
         for ep in self._endpoints.values():
             ep.breaker.wake()  # callers waiting for a circuit or a slot see the close
             ep.limit.wake()
@@ -515,13 +536,17 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, CircuitBreakerMixin,
                 job.fail(ClientClosedError("client closed before this request was sent"))
                 self._record_unsent(ep, job)
         wait = timeout if timeout is not None else self._settings.timeout + 1.0
+        end = self._clock.monotonic() + wait
+        idle = True
         for ep in self._endpoints.values():
-            ep.workers.join(wait)
+            # the jobs being sent end (answered, or failed closing)
+            idle = ep.workers.join(max(0.0, end - self._clock.monotonic())) and idle
             if ep.prober is not None:
                 ep.prober.join(wait)
         for ep in self._endpoints.values():
             ep.transport.close()
-        self._close_aio_transports()  # async streams' sessions (async_face.py)
+        self._close_transports(idle)  # aiohttp sessions, on their loops; the executor
+        self._loop.stop(wait)
         _live_clients.discard(self)
 
     @property

@@ -12,6 +12,10 @@ __all__ = ["Clock", "SystemClock", "FakeClock", "SYSTEM_CLOCK"]
 class Clock:
     """``monotonic()`` for durations, ``wall()`` for timestamps, ``sleep()`` that can be cut short."""
 
+    #: True for a clock that moves only when told (a test's): a coroutine's wait then
+    #: moves it through ``sleep`` instead of waiting on the event loop's timer
+    virtual = False
+
     def monotonic(self) -> float:
         raise NotImplementedError
 
@@ -40,6 +44,8 @@ class SystemClock(Clock):
 
 class FakeClock(Clock):
     """A clock that only moves when told to; ``sleep`` advances it and records the wait."""
+
+    virtual = True
 
     def __init__(self, start: float = 1000.0) -> None:
         self.now = start

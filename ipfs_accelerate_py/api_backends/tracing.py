@@ -26,15 +26,15 @@ headers and URLs' user info are never recorded: the API key cannot reach a span.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import sys
-import threading
 import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Awaitable, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 from urllib.parse import urlsplit
 
 from . import _otel
@@ -56,17 +56,28 @@ def configure(tracer_provider: Any = None, meter_provider: Any = None) -> None:
     _otel.set_providers(tracer_provider, meter_provider)
 
 
-class _Local(threading.local):
-    """What this thread is working on: the request (for logs) and the span (for events
-    and the wire)."""
+class _Local:
+    """What this thread, or this task of an event loop, is working on: the request (for
+    logs) and the span (for events and the wire). Each attribute is a ``ContextVar``: a
+    thread sees its own values, and so does each task of the client's loop, where many
+    requests are under way on one thread."""
 
-    rid: Optional[str] = None
-    future: Optional[Future] = None  # once done, ``rid`` no longer describes the thread
-    op: Optional["_Op"] = None
-    span: Any = None
-    #: set by ``stream_opening`` until the stream opened or failed: its operation and what
-    #: the thread was doing before
-    pending: Optional[Tuple[Optional["_Op"], Tuple[Any, ...]]] = None
+    __slots__ = ()
+    _vars: Dict[str, "contextvars.ContextVar[Any]"] = {
+        name: contextvars.ContextVar(f"ipfs_accelerate.{name}", default=None)
+        for name in ("rid", "future", "op", "span", "pending")}
+    #: rid (str), future (once done, ``rid`` no longer describes the work), op (_Op), span,
+    #: pending: set by ``stream_opening`` until the stream opened or failed: its operation
+    #: and what the thread was doing before
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return _Local._vars[name].get()
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        _Local._vars[name].set(value)
 
 
 _local = _Local()
@@ -332,6 +343,24 @@ def in_span(name: str, fn: Callable[[], T], **attributes: Any) -> T:
         if isinstance(result, bool):
             span.set_attribute("ipfs_accelerate.healthy", result)
         return result
+    except BaseException as exc:
+        _set_error(span, type(exc).__name__, exc)
+        raise
+    finally:
+        span.end()
+        _local.op, _local.span = saved
+
+
+async def ain_span(name: str, fn: Callable[[], Awaitable[T]], **attributes: Any) -> T:
+    """``in_span`` for a coroutine (``fn()`` is awaited; the span is this task's meanwhile)."""
+    telemetry = _otel.current()
+    if telemetry is None or telemetry.tracer is None:
+        return await fn()
+    span = _start(telemetry, name, attributes)
+    saved = _local.op, _local.span
+    _local.op, _local.span = _Op(telemetry, span, {}, metrics=False), span
+    try:
+        return await fn()
     except BaseException as exc:
         _set_error(span, type(exc).__name__, exc)
         raise

@@ -25,6 +25,8 @@ instead, since a long generation is a long stream.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
 import logging
 import socket
@@ -43,7 +45,7 @@ from .settings import MAX_RESPONSE_BYTES
 from .tracing import with_trace_context
 
 __all__ = ["HttpRequest", "HttpResponse", "StreamResponse", "Transport", "RequestsTransport",
-           "HttpClientTransport", "Headers", "make_transport", "dumps"]
+           "HttpClientTransport", "Headers", "make_transport", "dumps", "ThreadedTransport"]
 
 log = logging.getLogger(__name__)
 
@@ -329,3 +331,22 @@ def make_transport(base_url: str, api_key: Optional[str] = None, pool_size: int 
     return cls(base_url, api_key, pool_size=pool_size, verify=verify, trust_env=trust_env,
                proxies=proxies, extra_headers=extra_headers,
                max_response_bytes=max_response_bytes)
+
+
+class ThreadedTransport:
+    """A sync ``Transport`` as the client's event loop uses one: each ``send`` runs in a
+    thread of ``executor`` and is awaited there. For what aiohttp does not replace: a
+    ``transport_factory`` the caller gave (a test's scripted transport, a custom seam) and
+    ``RequestsTransport`` (proxies, ``trust_env``). The task's context goes with the call,
+    so the trace headers the transport adds are the task's request's."""
+
+    __slots__ = ("transport", "_executor")
+
+    def __init__(self, transport: Transport, executor: Any) -> None:
+        self.transport = transport
+        self._executor = executor
+
+    async def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
+        call = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, call, self.transport.send, request, timeout)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -12,7 +14,8 @@ from ipfs_accelerate_py.api_backends.clock import SYSTEM_CLOCK, FakeClock
 from ipfs_accelerate_py.api_backends.mixins.batching import batch_key, merge_requests, share_tokens, split_result
 from ipfs_accelerate_py.api_backends.mixins.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Series
-from ipfs_accelerate_py.api_backends.mixins.queue import Job, PriorityRequestQueue, WorkerPool
+from ipfs_accelerate_py.api_backends._loop import ClientLoop, Signal
+from ipfs_accelerate_py.api_backends.mixins.queue import Dispatcher, Job, PriorityRequestQueue
 from ipfs_accelerate_py.api_backends.mixins.retry import RetryPolicy, call_with_retries
 from ipfs_accelerate_py.api_backends.models import (ChatBatchRequest, ChatRequest, Choice, CompletionRequest,
                                                     CompletionResult, Usage)
@@ -399,107 +402,133 @@ def test_queue_take_compatible_keeps_others_in_order():
     assert [q.get(0).request for _ in range(3)] == ["b1", "a3", "b4"]
 
 
-def collect_in_thread(q: PriorityRequestQueue, key, limit: int, until: float, gap: float):
-    got: list = []
-    t = threading.Thread(target=lambda: got.extend(q.wait_compatible(key, limit, until, gap)))
-    t.start()
-    return t, got
+@pytest.fixture
+def client_loop() -> Iterator[ClientLoop]:
+    """A started ``ClientLoop`` (the one a client runs its pipeline on), stopped after."""
+    loop = ClientLoop("test")
+    loop.loop  # started
+    try:
+        yield loop
+    finally:
+        loop.stop(5)
 
 
-def test_a_lone_collector_gives_up_after_the_gap_when_no_batch_is_in_flight():
+def collect_on_loop(loop: ClientLoop, q: PriorityRequestQueue, key, limit: int, until: float,
+                    gap: float):
+    """A collector on ``loop``, as a dispatcher task runs one; its future gives the batch."""
+    return asyncio.run_coroutine_threadsafe(
+        q.await_compatible(key, limit, until, gap, Signal(loop)), loop.loop)
+
+
+def test_a_lone_collector_gives_up_after_the_gap_when_no_batch_is_in_flight(client_loop):
     clock = FakeClock()
     q = PriorityRequestQueue(maxsize=10, clock=clock)
-    t, got = collect_in_thread(q, "k", 4, until=clock.now + 30, gap=0.0)
-    t.join(5)
-    assert not t.is_alive() and got == []
+    got = collect_on_loop(client_loop, q, "k", 4, until=clock.now + 30, gap=0.0)
+    assert got.result(5) == []
 
 
-def test_a_lone_collector_waits_for_the_callers_of_a_batch_in_flight():
+def test_a_lone_collector_waits_for_the_callers_of_a_batch_in_flight(client_loop):
     """Closed loop: the batch's callers come back as soon as it returns. A lone request
     that arrived meanwhile waits for them (past the gap) instead of going alone."""
     clock = FakeClock()
     q = PriorityRequestQueue(maxsize=10, clock=clock)
     q.shared_call_started("k")
-    t, got = collect_in_thread(q, "k", 4, until=clock.now + 30, gap=0.0)
+    got = collect_on_loop(client_loop, q, "k", 4, until=clock.now + 30, gap=0.0)
     wait_until(lambda: q.collecting("k"), 5, what="the collector to start")
     q.put(job(1, clock, key="other", name="unrelated"))
-    assert t.is_alive()  # the gap (0 s) is long past, but the batch is still out
+    assert not got.done()  # the gap (0 s) is long past, but the batch is still out
     q.put(job(1, clock, key="k", name="back"))  # goes straight to the collector
-    t.join(5)
-    assert not t.is_alive() and [j.request for j in got] == ["back"]
+    assert [j.request for j in got.result(5)] == ["back"]
     assert len(q) == 1 and q.get(0).request == "unrelated"
 
 
-def test_a_collector_stops_waiting_when_the_batch_comes_back_empty_handed():
+def test_a_collector_stops_waiting_when_the_batch_comes_back_empty_handed(client_loop):
     clock = FakeClock()
     q = PriorityRequestQueue(maxsize=10, clock=clock)
     q.shared_call_started("k")
-    t, got = collect_in_thread(q, "k", 4, until=clock.now + 30, gap=0.0)
+    got = collect_on_loop(client_loop, q, "k", 4, until=clock.now + 30, gap=0.0)
     wait_until(lambda: q.collecting("k"), 5, what="the collector to start")
     q.shared_call_ended("k")
-    t.join(5)
-    assert not t.is_alive() and got == [] and q.shared_calls_in_flight("k") == 0
+    assert got.result(5) == [] and q.shared_calls_in_flight("k") == 0
 
 
-def test_queue_close_returns_waiting_jobs_and_wakes_workers():
+def test_queue_close_returns_waiting_jobs_and_the_dispatcher_ends(client_loop):
     clock = FakeClock()
     q = PriorityRequestQueue(maxsize=10, clock=clock)
-    handled = []
-    pool = WorkerPool(q, 3, lambda j: handled.append(j), name="t")
-    pool.ensure_started()
-    assert pool.alive() == 3
-    left_behind = [job(1, clock) for _ in range(0)]
+    q.pause()  # held (an OPEN circuit): nothing is taken, so close finds them waiting
+
+    async def handle(j):
+        j.succeed("sent")
+    pool = Dispatcher(q, 3, handle, client_loop)
+    left_behind = [job(1, clock, name=f"j{i}") for i in range(2)]
+    for j in left_behind:
+        q.put(j)
+    assert pool.active == 0  # no task waits idle, none serves a held queue
     assert q.close() == left_behind
-    assert pool.join(5)
-    assert pool.alive() == 0
+    assert pool.join(5) and pool.active == 0
     with pytest.raises(errors.ClientClosedError):
         q.put(job(1, clock))
 
 
-def test_worker_pool_never_dies_on_a_handler_error():
+def test_the_dispatcher_never_stops_on_a_handler_error(client_loop):
     q = PriorityRequestQueue(maxsize=10)
     clock = FakeClock()
 
-    def handle(j):
+    async def handle(j):
         raise RuntimeError("bug")
 
-    pool = WorkerPool(q, 1, handle, name="t")
-    pool.ensure_started()
+    pool = Dispatcher(q, 1, handle, client_loop)
     jobs = [job(1, clock) for _ in range(3)]
     for j in jobs:
         q.put(j)
     for j in jobs:
         with pytest.raises(RuntimeError):
             j.future.result(5)
-    assert pool.alive() == 1
+    after = job(1, clock)
+    q.put(after)  # still served
+    with pytest.raises(RuntimeError):
+        after.future.result(5)
     q.close()
     assert pool.join(5)
 
 
-def test_worker_pool_grows_and_shrinks():
+def test_the_dispatcher_grows_and_shrinks(client_loop):
+    """``n`` jobs handled at once, no more: resized to 5, five gated jobs are all under way
+    together; resized to 1, the next five go one at a time."""
     q = PriorityRequestQueue(maxsize=100)
     clock = FakeClock()
-    done = []
-    pool = WorkerPool(q, 2, lambda j: (done.append(j), j.succeed(threading.current_thread().name)),
-                      name="resize")
-    pool.ensure_started()
+    running, most = [0], [0]
+    release = asyncio.Event()  # set on the loop: the gated jobs' way out
+
+    async def handle(j):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        try:
+            if j.request == "gated":
+                await release.wait()
+            else:
+                await asyncio.sleep(0)  # a turn for any other task to start meanwhile
+        finally:
+            running[0] -= 1
+        j.succeed(j.request)
+
+    pool = Dispatcher(q, 2, handle, client_loop)
     pool.resize(5)
-    assert pool.alive() == 5
+    gated = [job(1, clock, name="gated") for _ in range(5)]
+    for j in gated:
+        q.put(j)
+    wait_until(lambda: running[0] == 5, 5, what="five jobs under way at once")
+    client_loop.call_soon(release.set)
+    assert [j.future.result(5) for j in gated] == ["gated"] * 5
     pool.resize(1)
-    for _ in range(200):  # bounded wait for the surplus idle workers to retire
-        if pool.alive() == 1:
-            break
-        threading.Event().wait(0.01)
-    assert pool.alive() == 1
-    jobs = [job(1, clock) for _ in range(5)]
+    most[0] = 0
+    jobs = [job(1, clock, name=f"j{i}") for i in range(5)]
     for j in jobs:
         q.put(j)
-    names = {j.future.result(5) for j in jobs}
-    assert len(names) == 1  # one thread served them all
+    assert [j.future.result(5) for j in jobs] == [f"j{i}" for i in range(5)]
+    assert most[0] == 1  # one at a time
     with pytest.raises(errors.ValidationError):
         pool.resize(0)
-    q.close()
-    assert pool.join(5)
 
 
 # ------------------------------------------------------------------ batching

@@ -580,7 +580,7 @@ def test_a_request_that_waits_past_its_deadline_fails_unsent(fake_server, make_c
     assert c.get_metrics()["failures_by_type"] == {"QueueTimeoutError": 1}
 
 
-def test_close_stops_every_worker_and_fails_what_is_still_queued(fake_server, make_client):
+def test_close_stops_the_loop_and_fails_what_is_still_queued(fake_server, make_client):
     before = set(threading.enumerate())
     c = make_client(fake_server, max_concurrent_requests=3, queue_size=10)
     fake_server.add_fault(Fault("gate", count=3))
@@ -588,7 +588,8 @@ def test_close_stops_every_worker_and_fails_what_is_still_queued(fake_server, ma
     fake_server.wait_held(3)  # three requests in flight, held at the gate
     queued = [c.submit_inference(None, f"queued {i}", {"max_tokens": 2 + i}) for i in range(5)]
     assert len(c.request_queue) == 5
-    assert len(client_threads(before)) >= 3  # the workers
+    # the client's loop serves all three: no thread per request
+    assert [t.name for t in client_threads(before)] == ["vllm-client-loop"]
 
     # close() fails the queue first, then waits for the workers: release the gate once the
     # queued requests have failed, so the busy ones finish while close() waits for them
@@ -598,7 +599,7 @@ def test_close_stops_every_worker_and_fails_what_is_still_queued(fake_server, ma
     releaser.start()
     c.close()
     releaser.join(10)
-    assert client_threads(before) == []  # no worker thread is left alive
+    assert client_threads(before) == []  # the loop's thread is not left alive
     for f in queued:
         with pytest.raises(errors.ClientClosedError):
             f.result(0)

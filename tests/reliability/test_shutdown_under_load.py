@@ -3,7 +3,8 @@
 What ``close()`` promises (``BaseApiBackend.close``): it returns within a bounded time
 (its ``timeout``, by default the read timeout + 1 s); every queued request fails at once
 with ``ClientClosedError`` and is never sent; every in-flight request finishes or fails
-(no future is left pending); no worker thread is left; the endpoint's sockets are closed.
+(no future is left pending); no thread of the client's is left (its loop, the threads of a
+sync transport); the endpoint's sockets are closed.
 
 Three cases: in-flight work that ends before the read timeout (it succeeds), in-flight work
 stalled past the read timeout (it fails, and a retry is not attempted after close), and a
@@ -29,7 +30,9 @@ from support import wait_until
 
 IN_FLIGHT = 16
 QUEUED = 200
-WORKER_PREFIX = "vllm-default-worker"
+#: the threads a client runs: its loop, and the threads of a sync transport it was given
+WORKER_PREFIX = "vllm-"
+TRANSPORT_PREFIX = "vllm-transport"
 PARAMS = {"max_tokens": 2, "temperature": 0}
 
 
@@ -71,7 +74,9 @@ def test_close_with_work_in_flight_and_queued(make_client, baseline_threads, tra
         client = make_client(server.base_url, transport, max_concurrent_requests=IN_FLIGHT,
                              queue_size=1000, batch_enabled=False, timeout=3.0, max_retries=2)
         futures = load_up(client, server)
-        assert len(worker_threads(WORKER_PREFIX, before_set)) == IN_FLIGHT
+        # the test's sync transports: each call in flight holds one of the client's
+        # transport threads (aiohttp, the default, would hold none)
+        assert len(worker_threads(TRANSPORT_PREFIX, before_set)) == IN_FLIGHT
 
         t0 = time.monotonic()
         client.close()
@@ -127,7 +132,8 @@ def test_close_with_work_stalled_past_the_read_timeout(make_client, baseline_thr
 
 def test_close_timeout_shorter_than_the_stall_returns_on_time(make_client, baseline_threads):
     """close(timeout=0.5) returns in about 0.5 s even though 16 reads are still waiting; the
-    stragglers end by their own read timeout (2 s) and their workers exit then."""
+    stragglers end by their own read timeout (2 s) or as the loop stops, and no client
+    thread is left then."""
     before_set = set(threading.enumerate())
     server = FakeVllmServer().start()
     try:
@@ -152,7 +158,7 @@ def test_close_timeout_shorter_than_the_stall_returns_on_time(make_client, basel
                 pass
         assert {outcome(f) for f in futures[:IN_FLIGHT]} <= {"TimeoutError", "ClientClosedError"}
         wait_until(lambda: worker_threads(WORKER_PREFIX, before_set) == [], 3,
-                   what="the workers to exit after their reads timed out")
+                   what="the client's threads to exit")
         assert time.monotonic() - t0 < 2.0 + 3.0
         finish(server, client, baseline_threads, before_set)
     finally:

@@ -4,11 +4,11 @@ from .batching import BatchingMixin
 from .circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitBreakerMixin
 from .circuit_wait import CircuitWaitMixin
 from .metrics import MetricsMixin, MetricsRecorder
-from .queue import PriorityRequestQueue, QueueMixin, WorkerPool
+from .queue import Dispatcher, PriorityRequestQueue, QueueMixin
 from .retry import RetryMixin, RetryPolicy, call_with_retries
 from .multiplexing import MultiplexingMixin
 from .routing import RoutingMixin
 
 __all__ = ["BatchingMixin", "CircuitBreaker", "CircuitBreakerMixin", "CircuitWaitMixin", "CLOSED", "OPEN", "HALF_OPEN",
-           "MetricsMixin", "MetricsRecorder", "PriorityRequestQueue", "QueueMixin", "WorkerPool",
+           "MetricsMixin", "MetricsRecorder", "PriorityRequestQueue", "QueueMixin", "Dispatcher",
            "RetryMixin", "RetryPolicy", "call_with_retries", "MultiplexingMixin", "RoutingMixin"]

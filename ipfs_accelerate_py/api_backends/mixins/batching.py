@@ -18,11 +18,13 @@ a run of bad luck, or a prompt that breaks the server, does not fail every calle
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Any, Dict, Hashable, List, Optional, Sequence
 
 from .. import tracing
+from .._loop import Signal
 from ._host import HostBase
 from .circuit_breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
@@ -119,20 +121,21 @@ class BatchingMixin(HostBase):
             gathering = self._gatherings.setdefault(endpoint.id, _Gathering())
         return gathering
 
-    def _handle_job(self, ep: Any, job: Job) -> None:
-        """A worker's turn: drop a job past its deadline, else send it alone or batched."""
+    async def _handle_job(self, ep: Any, job: Job) -> None:
+        """A dispatcher task's turn (on the client's loop): drop a job past its deadline,
+        else send it alone or batched."""
         # one reading for the deadline and the burst checks: the queue's as it handed it over
         now = job.picked_at if job.picked_at is not None else self._clock.monotonic()
         if not self._check_queue_deadline(job, now):
             self._record_unsent(ep, job)
             return
-        batch = self._collect_batch(ep, job, now)
+        batch = await self._collect_batch(ep, job, now)
         if not batch:
-            return  # handed to the worker gathering its batch
+            return  # handed to the task gathering its batch
         if len(batch) > 1:
-            self._run_batch(ep, batch)
+            await self._run_batch(ep, batch)
         else:
-            self._run_single(ep, job)
+            await self._run_single(ep, job)
 
     def _check_queue_deadline(self, job: Job, now: Optional[float] = None) -> bool:
         """Fail a job that waited past its deadline; True if it may still run. ``now``: the
@@ -147,12 +150,12 @@ class BatchingMixin(HostBase):
             return False
         return True
 
-    def _run_single(self, ep: Any, job: Job) -> None:
+    async def _run_single(self, ep: Any, job: Job) -> None:
         start = self._clock.monotonic()
         tracing.job_started(ep, job, start)
         try:
-            result = self._call(ep, job.request, job.deadline, job.model, job.request_id,
-                                job.priority, job.fail_fast)
+            result = await self._call(ep, job.request, job.deadline, job.model, job.request_id,
+                                      job.priority, job.fail_fast)
         except BaseException as exc:  # noqa: BLE001 - delivered to the caller
             self._finish(ep, job, start, error=exc)
         else:
@@ -182,7 +185,8 @@ class BatchingMixin(HostBase):
     def batch_timeout(self, value: float) -> None:
         self._set_on_all_endpoints(batch_timeout=value)
 
-    def _collect_batch(self, endpoint: Any, job: Job, now: Optional[float] = None) -> List[Job]:
+    async def _collect_batch(self, endpoint: Any, job: Job,
+                             now: Optional[float] = None) -> List[Job]:
         settings = endpoint.settings
         if job.key is None or not settings.batch_enabled or settings.max_batch_size <= 1:
             return [job]
@@ -199,16 +203,17 @@ class BatchingMixin(HostBase):
         if burst and len(batch) < limit and settings.batch_timeout > 0 and settings.batch_linger > 0:
             until = max(job.enqueued_at + settings.batch_timeout,
                         self._clock.monotonic() + settings.batch_linger)
-            batch += endpoint.queue.wait_compatible(job.key, limit - len(batch), until,
-                                                    settings.batch_linger)
+            batch += await endpoint.queue.await_compatible(
+                job.key, limit - len(batch), until, settings.batch_linger,
+                Signal(self._loop))
         if len(batch) < limit and endpoint.limit.full:
-            batch = self._gather_while_full(endpoint, job, batch, limit)
+            batch = await self._gather_while_full(endpoint, job, batch, limit)
         return [j for j in batch if j is job or self._check_queue_deadline(j)]
 
     def _hand_over(self, endpoint: Any, job: Job) -> bool:
         """Give ``job`` to the worker gathering its key, if one is (True: it took it).
 
-        Workers woken for a burst's first arrivals would otherwise each send what they
+        Tasks started for a burst's first arrivals would otherwise each send what they
         hold while another gathers: several small calls where one would do."""
         gathering = self._gathering(endpoint)
         with gathering.lock:
@@ -225,7 +230,8 @@ class BatchingMixin(HostBase):
             return True
         return False
 
-    def _gather_while_full(self, endpoint: Any, job: Job, batch: List[Job], limit: int) -> List[Job]:
+    async def _gather_while_full(self, endpoint: Any, job: Job, batch: List[Job],
+                                 limit: int) -> List[Job]:
         """The in-flight limit is reached: hold the batch open until a slot frees (at most
         ``batch_timeout``), so what arrives meanwhile joins this call instead of queueing for
         a call of its own."""
@@ -243,8 +249,8 @@ class BatchingMixin(HostBase):
             # At most batch_timeout: under steady load a freed slot may go to another
             # worker's attempt each time, and a batch must not wait for a lull.
             until = min(job.deadline, self._clock.monotonic() + endpoint.settings.batch_timeout)
-            endpoint.limit.wait_for_room(until, self._closing,
-                                         lambda: breaker.state != CLOSED)
+            await endpoint.limit.await_room(until, self._closing,
+                                            lambda: breaker.state != CLOSED)
         finally:
             with gathering.lock:
                 del gathering.batches[key]
@@ -257,8 +263,8 @@ class BatchingMixin(HostBase):
             return [job]  # its own call meets the breaker's fail-fast refusal
         return batch + endpoint.queue.take_compatible(key, limit - len(batch))
 
-    def _run_batch(self, endpoint: Any, jobs: List[Job], first_attempt: int = 0,
-                   fresh_id: bool = False) -> None:
+    async def _run_batch(self, endpoint: Any, jobs: List[Job], first_attempt: int = 0,
+                         fresh_id: bool = False) -> None:
         """Send ``jobs`` as one call; resolve every job's future whatever happens.
 
         ``first_attempt``: the attempts these jobs already made (as part of a larger call
@@ -276,10 +282,10 @@ class BatchingMixin(HostBase):
             try:
                 # The shared call carries the first job's id and its most urgent priority.
                 # A call of several jobs makes one attempt here: its retry goes in parts.
-                result = self._call(endpoint, merged, deadline, model, jobs[0].request_id,
-                                    min(j.priority for j in jobs), first_attempt=first_attempt,
-                                    last_attempt=first_attempt if len(jobs) > 1 else None,
-                                    fresh_id=fresh_id)
+                result = await self._call(
+                    endpoint, merged, deadline, model, jobs[0].request_id,
+                    min(j.priority for j in jobs), first_attempt=first_attempt,
+                    last_attempt=first_attempt if len(jobs) > 1 else None, fresh_id=fresh_id)
                 # Its callers will be back at once (closed-loop load): let their next
                 # requests gather.
                 endpoint.burst_until = self._clock.monotonic() + endpoint.settings.batch_timeout
@@ -297,12 +303,12 @@ class BatchingMixin(HostBase):
                 # repeats that id on the wire: count it as the retry it is.
                 self._metrics.record_retry(endpoint.id, model)
                 for j in jobs:
-                    self._run_single(endpoint, j)
+                    await self._run_single(endpoint, j)
                 return
-            self._retry_in_parts(endpoint, jobs, exc, first_attempt, deadline, start)
+            await self._retry_in_parts(endpoint, jobs, exc, first_attempt, deadline, start)
             return
         except ApiError as exc:
-            self._retry_in_parts(endpoint, jobs, exc, first_attempt, deadline, start)
+            await self._retry_in_parts(endpoint, jobs, exc, first_attempt, deadline, start)
             return
         except BaseException as exc:  # noqa: BLE001 - never lose a caller
             self._fail_jobs(endpoint, jobs, exc, start)
@@ -310,8 +316,8 @@ class BatchingMixin(HostBase):
         for j, part in zip(jobs, split_result(result, len(jobs), merged.n or 1)):
             self._finish(endpoint, j, start, result=part)
 
-    def _retry_in_parts(self, endpoint: Any, jobs: List[Job], exc: BaseException, attempt: int,
-                        deadline: float, start: float) -> None:
+    async def _retry_in_parts(self, endpoint: Any, jobs: List[Job], exc: BaseException,
+                              attempt: int, deadline: float, start: float) -> None:
         """A shared call's attempt ``attempt`` failed with ``exc``: retry it as up to
         ``RETRY_PARTS`` calls of an equal share of the jobs each (at the same time), or fail
         every job when it is not retried.
@@ -334,9 +340,10 @@ class BatchingMixin(HostBase):
             self._fail_jobs(endpoint, jobs, final, start)
             return
         tracing.retrying(exc, attempt, wait)
-        if not self._clock.sleep(wait, self._closing):
-            self._fail_jobs(endpoint, jobs, ClientClosedError(
-                "client closed while waiting to retry"), start)
+        try:
+            await self._asleep(wait, "waiting to retry")
+        except ClientClosedError as closed:
+            self._fail_jobs(endpoint, jobs, closed, start)
             return
         parts, at = [], 0
         for size in share_tokens(len(jobs), min(len(jobs), RETRY_PARTS)):  # sizes that add up
@@ -344,20 +351,15 @@ class BatchingMixin(HostBase):
             at += size
         # The first part repeats the shared call's request id (its first job's): a retry on
         # the wire. The others carry their own first job's id, sent for the first time.
-        helpers = [threading.Thread(target=self._run_part, args=(endpoint, part, attempt + 1, True),
-                                    name=f"{self._adapter.name}-batch-retry-{endpoint.id}",
-                                    daemon=True)
-                   for part in parts[1:]]
-        for helper in helpers:
-            helper.start()
-        self._run_part(endpoint, parts[0], attempt + 1, False)
-        for helper in helpers:
-            helper.join()  # bounded: each part ends by its deadline, like any call
+        # (at the same time; each part ends by its deadline, like any call)
+        await asyncio.gather(*(self._run_part(endpoint, part, attempt + 1, i > 0)
+                               for i, part in enumerate(parts)))
 
-    def _run_part(self, endpoint: Any, jobs: List[Job], first_attempt: int, fresh_id: bool) -> None:
+    async def _run_part(self, endpoint: Any, jobs: List[Job], first_attempt: int,
+                        fresh_id: bool) -> None:
         """``_run_batch`` of one part; whatever escapes it still reaches the callers."""
         try:
-            self._run_batch(endpoint, jobs, first_attempt, fresh_id)
+            await self._run_batch(endpoint, jobs, first_attempt, fresh_id)
         except BaseException as exc:  # noqa: BLE001 - never lose a caller
             now = self._clock.monotonic()
             self._fail_jobs(endpoint, [j for j in jobs if not j.future.done()], exc, now)

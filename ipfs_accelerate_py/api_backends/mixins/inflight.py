@@ -44,7 +44,7 @@ import asyncio
 import math
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Hashable, Optional, Protocol
+from typing import Callable, Deque, Dict, Hashable, List, Optional, Protocol, Tuple
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ClientClosedError, TimeoutError
@@ -119,8 +119,8 @@ class InFlightLimit:
                  load_source: Optional[LoadSource] = None, latency: bool = False) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        #: notified whenever a slot may have become free (``wait_for_room`` watches it)
-        self._room = threading.Condition(self._lock)
+        #: woken whenever a slot may have become free (``await_room`` waits there)
+        self._room_waiters: List[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
         self.maximum = maximum
         self._limit = float(maximum)
         self._in_flight = 0
@@ -191,8 +191,8 @@ class InFlightLimit:
             self._sent_at[ticket.key] = self._clock.monotonic()
             ticket.granted = True
             ticket.wake()
-        if self._in_flight < self.limit:
-            self._room.notify_all()
+        if self._in_flight < self.limit and self._room_waiters:
+            self._wake_room_locked()
 
     def _give_up_locked(self, ticket: _Ticket) -> None:
         """A waiter leaves (deadline, close, cancelled): out of the queue, or, if the slot
@@ -240,11 +240,13 @@ class InFlightLimit:
         return self._clock.monotonic() - start
 
     async def aacquire(self, deadline: float, key: Hashable,
-                       cancel: Optional[threading.Event] = None) -> float:
+                       cancel: Optional[threading.Event] = None,
+                       now: Optional[float] = None) -> float:
         """``acquire`` for a coroutine: waits in the same FIFO queue without blocking its
         event loop. ``key`` names the slot for ``release`` (one per attempt: an object the
-        caller keeps, since every coroutine of a loop shares one thread)."""
-        start = self._clock.monotonic()
+        caller keeps, since every coroutine of a loop shares one thread); ``now``: the
+        caller's reading of the clock, when it has one."""
+        start = self._clock.monotonic() if now is None else now
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._take_now_locked(key, start):
@@ -271,19 +273,37 @@ class InFlightLimit:
             raise
         return self._clock.monotonic() - start
 
-    def wait_for_room(self, deadline: float, cancel: Optional[threading.Event] = None,
-                      stop: Optional[Callable[[], bool]] = None) -> None:
+    async def await_room(self, deadline: float, cancel: Optional[threading.Event] = None,
+                         stop: Optional[Callable[[], bool]] = None) -> None:
         """Wait, taking nothing, until a slot is free and nobody is queued for it (a batch
         gathers meanwhile). Returns quietly at ``deadline``, on ``cancel`` or once ``stop()``
-        (checked at least every second): the caller's ``acquire`` then says why."""
-        with self._lock:
-            while self._queue or self._in_flight >= self.limit:
+        (checked at least every second): the caller's ``aacquire`` then says why."""
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._lock:
+                if not (self._queue or self._in_flight >= self.limit):
+                    return
                 if (stop is not None and stop()) or (cancel is not None and cancel.is_set()):
                     return
                 now = self._clock.monotonic()
                 if now >= deadline:
                     return
-                self._room.wait(min(deadline - now, _MAX_NAP))
+                entry = (loop, loop.create_future())
+                self._room_waiters.append(entry)
+            try:
+                await asyncio.wait({entry[1]}, timeout=min(deadline - now, _MAX_NAP))
+            finally:
+                with self._lock:
+                    if entry in self._room_waiters:
+                        self._room_waiters.remove(entry)
+
+    def _wake_room_locked(self) -> None:
+        for loop, fut in self._room_waiters:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # its loop is closed: nobody is waiting any more
+                pass
+        self._room_waiters.clear()
 
     # ------------------------------------------------------------------ giving it back
     def release(self, healthy: bool, key: Optional[Hashable] = None,
@@ -354,4 +374,4 @@ class InFlightLimit:
         with self._lock:
             for ticket in self._queue:
                 ticket.wake()
-            self._room.notify_all()
+            self._wake_room_locked()

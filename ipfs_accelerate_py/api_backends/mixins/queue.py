@@ -1,27 +1,30 @@
-"""Bounded priority queue with aging, served by a fixed pool of worker threads.
+"""Bounded priority queue with aging, served on the client's event loop by a ``Dispatcher``.
 
 Priorities: 0 HIGH, 1 NORMAL, 2 LOW; FIFO within a priority. A waiting request's
 effective priority improves by one level every ``aging_interval`` seconds, so LOW work
-still runs under a steady stream of HIGH work. ``max_concurrent_requests`` workers block
-on a condition variable (no polling, no thread per request). Putting into a full queue
-raises ``QueueFullError``. Every job ends: a result, its own error, ``QueueTimeoutError``
-when it waited past its deadline, or ``ClientClosedError`` when the client closes.
+still runs under a steady stream of HIGH work. Jobs are put from any thread; the
+endpoint's ``Dispatcher`` handles up to ``max_concurrent_requests`` of them at once, each
+in a task of the client's loop (no thread per request, none waiting idle). Putting into a
+full queue raises ``QueueFullError``. Every job ends: a result, its own error,
+``QueueTimeoutError`` when it waited past its deadline, or ``ClientClosedError`` when the
+client closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
-import time
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Callable, Deque, Dict, Hashable, List, Optional
+from typing import Any, Awaitable, Callable, Deque, Dict, Hashable, List, Optional
 
+from .._loop import ClientLoop, Signal
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ClientClosedError, QueueFullError, ValidationError
 from ._host import HostBase
 
-__all__ = ["Job", "PriorityRequestQueue", "WorkerPool", "QueueMixin", "PRIORITIES"]
+__all__ = ["Job", "PriorityRequestQueue", "Dispatcher", "QueueMixin", "PRIORITIES"]
 
 PRIORITIES = (0, 1, 2)
 HIGH, NORMAL, LOW = PRIORITIES
@@ -57,6 +60,8 @@ class Job:
         self.fail_fast = fail_fast  # an OPEN circuit fails it at once instead of holding it
 
     def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError):  # the client's loop stopped under it
+            exc = ClientClosedError("client closed while the request was in flight")
         if not self.future.done():
             try:
                 self.future.set_exception(exc)
@@ -82,12 +87,13 @@ class PriorityRequestQueue:
         self._lanes: Dict[int, Deque[Job]] = {p: deque() for p in PRIORITIES}
         self._size = 0
         self._seq = itertools.count()
-        lock = threading.Lock()
-        self._cond = threading.Condition(lock)      # idle workers wait here
-        self._arrived = threading.Condition(lock)   # batch collectors wait here
-        # key -> the batch a worker is collecting; compatible arrivals go straight into it
+        self._cond = threading.Condition(threading.Lock())  # ``get`` waits here
+        #: called (outside the lock) when a job may be taken: the dispatcher's ``kick``
+        self.on_ready: Callable[[], None] = _nothing
+        # key -> the batch a task is collecting; compatible arrivals go straight into it
         self._collecting: Dict[Hashable, List[Job]] = {}
         self._collect_room: Dict[Hashable, int] = {}
+        self._collect_wake: Dict[Hashable, Signal] = {}  # each collector's wake-up
         # key -> shared (batched) calls in flight: their callers are likely to come back
         self._shared_in_flight: Dict[Hashable, int] = {}
         self._closed = False
@@ -114,13 +120,14 @@ class PriorityRequestQueue:
             job.seq = next(self._seq)
             buf = self._collecting.get(job.key) if job.key is not None else None
             if buf is not None and len(buf) < self._collect_room[job.key]:
-                # A worker is gathering a batch for this key: join it, wake no one else.
+                # A task is gathering a batch for this key: join it, wake no one else.
                 buf.append(job)
-                self._arrived.notify_all()
+                self._collect_wake[job.key].set()
                 return
             self._lanes[job.priority].append(job)
             self._size += 1
             self._cond.notify()
+        self.on_ready()
 
     def _pick(self) -> Optional[Job]:
         now = self._clock.monotonic()
@@ -137,6 +144,13 @@ class PriorityRequestQueue:
             self._size -= 1
             best.picked_at = now
         return best
+
+    def take(self) -> Optional[Job]:
+        """The next job if one may be taken now (not paused), else None; never waits."""
+        with self._cond:
+            if not self._size or self._paused:
+                return None
+            return self._pick()
 
     def get(self, timeout: Optional[float] = None,
             should_exit: Optional[Callable[[], bool]] = None) -> Optional[Job]:
@@ -172,7 +186,8 @@ class PriorityRequestQueue:
             held = [now - max(j.enqueued_at, self._paused_at)
                     for lane in self._lanes.values() for j in lane]
             self._cond.notify_all()
-            return held
+        self.on_ready()
+        return held
 
     def remove(self, job: Job) -> bool:
         """Take ``job`` out if it is still waiting; False when a worker has it already."""
@@ -234,7 +249,9 @@ class PriorityRequestQueue:
                 self._shared_in_flight[key] = left
             else:
                 self._shared_in_flight.pop(key, None)
-            self._arrived.notify_all()
+            wake = self._collect_wake.get(key)
+        if wake is not None:
+            wake.set()
 
     def shared_calls_in_flight(self, key: Hashable) -> int:
         return self._shared_in_flight.get(key, 0)
@@ -249,11 +266,13 @@ class PriorityRequestQueue:
             buf = self._collecting.get(key)
             return 0 if buf is None else max(0, self._collect_room.get(key, 0) - len(buf))
 
-    def wait_compatible(self, key: Hashable, limit: int, until: float, gap: float) -> List[Job]:
+    async def await_compatible(self, key: Hashable, limit: int, until: float, gap: float,
+                               wake: Signal) -> List[Job]:
         """Gather up to ``limit`` jobs with ``key``: those waiting now, then arrivals, which
-        come straight to this collector (other workers are not woken for them). Stops when
+        come straight to this collector (no other task is started for them). Stops when
         full, at monotonic ``until``, or once no compatible job arrived for ``gap`` seconds
         (the burst ended). A second collector for the same key only takes what waits.
+        ``wake``: this collector's wake-up (set by ``put``, ``shared_call_ended``, close).
 
         A collector that has found no company yet while a shared call with ``key`` is in
         flight keeps waiting (up to ``until``) for that call to come back, then ``gap`` for
@@ -267,22 +286,29 @@ class PriorityRequestQueue:
             buf: List[Job] = []
             self._collecting[key] = buf
             self._collect_room[key] = limit - len(out)
-            try:
-                last = self._clock.monotonic()
-                while len(buf) < self._collect_room[key] and not self._closed:
+            self._collect_wake[key] = wake
+        try:
+            last = self._clock.monotonic()
+            while True:
+                with self._cond:
+                    if len(buf) >= self._collect_room[key] or self._closed:
+                        break
                     now = self._clock.monotonic()
                     awaiting_batch = not out and not buf and self._shared_in_flight.get(key, 0) > 0
                     wait_for = (until if awaiting_batch else min(until, last + gap)) - now
                     if wait_for <= 0:
                         break
                     seen = len(buf)
-                    self._arrived.wait(wait_for)
-                    if len(buf) > seen or awaiting_batch:
-                        last = self._clock.monotonic()
-            finally:
+                await wake.wait(wait_for)
+                if len(buf) > seen or awaiting_batch:
+                    last = self._clock.monotonic()
+        finally:
+            with self._cond:
                 del self._collecting[key]
                 del self._collect_room[key]
-            return out + buf
+                del self._collect_wake[key]
+                out += buf
+        return out
 
     def close(self) -> List[Job]:
         """Stop accepting; wake every waiter; return what was still queued."""
@@ -293,85 +319,83 @@ class PriorityRequestQueue:
                 lane.clear()
             self._size = 0
             self._cond.notify_all()
-            self._arrived.notify_all()
+            wakes = list(self._collect_wake.values())
+        for wake in wakes:
+            wake.set()
         return left
 
 
-class WorkerPool:
-    """``n`` daemon threads running ``handle(job)`` for each job ``queue`` hands out."""
+class Dispatcher:
+    """Serves one endpoint's queue on the client's loop: up to ``n`` jobs handled at once,
+    each by a task that takes the next job when it is done with its own, and ends when
+    the queue has none to give (no task waits idle). ``kick`` (from any thread: the
+    queue's ``on_ready``) starts tasks for what waits; a handler's error fails its job and
+    never stops the service."""
 
-    def __init__(self, queue: PriorityRequestQueue, n: int, handle: Callable[[Job], None],
-                 name: str) -> None:
+    def __init__(self, queue: PriorityRequestQueue, n: int,
+                 handle: Callable[[Job], Awaitable[None]], loop: ClientLoop) -> None:
         self._queue = queue
         self._handle = handle
         self._n = n
-        self._name = name
-        self._threads: List[threading.Thread] = []
-        self._numbers = itertools.count()
+        self._loop = loop
         self._lock = threading.Lock()
-        self.active = 0  # jobs being handled right now
+        self._kicked = False  # a fill is scheduled on the loop and has not run yet
+        self.active = 0  # tasks serving now (each handles one job at a time)
+        self._idle = threading.Event()  # set while no task serves
+        self._idle.set()
+        queue.on_ready = self.kick
 
-    def ensure_started(self) -> None:
-        if len(self._threads) >= self._n:
-            return
+    def kick(self) -> None:
+        """Start tasks for waiting jobs, soon, on the loop (one fill per burst of kicks)."""
         with self._lock:
-            while len(self._threads) < self._n and not self._queue.closed:
-                t = threading.Thread(target=self._run, daemon=True,
-                                     name=f"{self._name}-worker-{next(self._numbers)}")
-                self._threads.append(t)
-                t.start()
+            if self._kicked:
+                return
+            self._kicked = True
+        self._loop.call_soon(self._fill)
+
+    def _fill(self) -> None:
+        with self._lock:
+            self._kicked = False  # a kick from now on schedules another fill
+        while self.active < self._n and len(self._queue) and not self._queue.paused:
+            self.active += 1
+            self._idle.clear()
+            self._loop.spawn(self._serve())
+
+    async def _serve(self) -> None:
+        try:
+            while self.active <= self._n:  # a pool shrunk by ``resize`` loses its surplus
+                job = self._queue.take()
+                if job is None:
+                    return
+                try:
+                    await self._handle(job)
+                except BaseException as exc:  # noqa: BLE001 - a job's error is its caller's
+                    job.fail(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
 
     def resize(self, n: int) -> None:
-        """Serve with ``n`` threads: start the missing ones, or let surplus idle ones retire."""
+        """Serve up to ``n`` jobs at once (surplus tasks end after their current job)."""
         if n < 1:
             raise ValidationError("must be at least 1", field="max_concurrent_requests")
-        with self._lock:
-            shrinking = n < len(self._threads)
-            self._n = n
-        if shrinking:
-            self._queue.wake_all()
-        else:
-            self.ensure_started()
-
-    def _surplus(self) -> bool:
-        """Called by an idle worker: retire it if the pool holds more threads than wanted."""
-        with self._lock:
-            if len(self._threads) > self._n:
-                me = threading.current_thread()
-                if me in self._threads:
-                    self._threads.remove(me)
-                    return True
-            return False
+        self._n = n
+        self.kick()
 
     @property
     def size(self) -> int:
         return self._n
 
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get(should_exit=self._surplus)
-            if job is None:
-                return
-            with self._lock:
-                self.active += 1
-            try:
-                self._handle(job)
-            except BaseException as exc:  # noqa: BLE001 - a worker must never die silently
-                job.fail(exc)
-            finally:
-                with self._lock:
-                    self.active -= 1
-
     def join(self, timeout: float) -> bool:
-        """Wait for the threads to end; True when none is alive."""
-        end = time.monotonic() + timeout
-        threads = list(self._threads)
-        for t in threads:
-            t.join(max(0.0, end - time.monotonic()))
-        return not any(t.is_alive() for t in threads)
+        """Wait (from another thread) until no task serves; True if none does."""
+        return self._idle.wait(timeout)
 
-    def alive(self) -> int:
-        return sum(t.is_alive() for t in self._threads)
+
+def _nothing() -> None:
+    return None
 
 
 class QueueMixin(HostBase):
@@ -396,6 +420,5 @@ class QueueMixin(HostBase):
         return sum(ep.in_flight for ep in self._endpoints.values())
 
     def _enqueue(self, endpoint: Any, job: Job) -> None:
-        endpoint.queue.put(job)
-        endpoint.workers.ensure_started()
+        endpoint.queue.put(job)  # its dispatcher is kicked (``on_ready``)
 

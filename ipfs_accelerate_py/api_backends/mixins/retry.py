@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 from .. import tracing
 from ..clock import SYSTEM_CLOCK, Clock
@@ -31,7 +31,8 @@ from ..errors import (ApiError, CircuitOpenError, ClientClosedError, HTTPStatusE
 from ..models import CompletionResult, Request
 from ._host import HostBase
 
-__all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "circuit_wait", "retry_wait"]
+__all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "acall_with_retries", "circuit_wait",
+           "retry_wait"]
 
 #: Shortest wait for a circuit's probe window (HALF-OPEN with its probe already out says 0).
 MIN_BREAKER_WAIT = 0.05
@@ -150,17 +151,44 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
                 raise ClientClosedError("client closed while waiting to retry") from exc
 
 
+async def acall_with_retries(attempt_fn: Callable[[int], Awaitable[T]], policy: RetryPolicy,
+                             deadline: float, clock: Clock,
+                             sleep: Callable[[float, str], Awaitable[None]],
+                             on_retry: Optional[Callable[[BaseException, int, float], None]] = None,
+                             first_attempt: int = 0, last_attempt: Optional[int] = None) -> T:
+    """``call_with_retries`` for coroutines: the same rules, each wait ``await sleep(s,
+    doing)`` (the client's ``_asleep``, which a closing client cuts short)."""
+    attempt = first_attempt
+    circuit_waited = 0.0
+    while True:
+        try:
+            return await attempt_fn(attempt)
+        except CircuitOpenError as exc:
+            wait = circuit_wait(exc, attempt, policy, deadline, circuit_waited, clock)
+            circuit_waited += wait
+            await sleep(wait, "waiting for the circuit")
+        except ApiError as exc:
+            if last_attempt is not None and attempt >= last_attempt:
+                raise
+            wait = retry_wait(exc, attempt, policy, deadline, clock)
+            if on_retry is not None:
+                on_retry(exc, attempt, wait)
+            attempt += 1
+            await sleep(wait, "waiting to retry")
+
+
 class RetryMixin(HostBase):
     """Gives ``BaseApiBackend`` its retry loop, built from each endpoint's settings."""
 
-    def _call(self, ep: Any, request: Request, deadline: float, model: Optional[str],
-              request_id: str, queue_priority: Optional[int] = None,
-              fail_fast: bool = False, first_attempt: int = 0,
-              last_attempt: Optional[int] = None, fresh_id: bool = False) -> CompletionResult:
+    async def _call(self, ep: Any, request: Request, deadline: float, model: Optional[str],
+                    request_id: str, queue_priority: Optional[int] = None,
+                    fail_fast: bool = False, first_attempt: int = 0,
+                    last_attempt: Optional[int] = None,
+                    fresh_id: bool = False) -> CompletionResult:
         """Send ``request`` with retries; parse the reply. Raises typed errors only.
         ``first_attempt`` / ``last_attempt``: see ``call_with_retries``; ``fresh_id``: see
-        ``_retry``. Here, not in the client, so that a worker's call enters this layer once
-        and goes on down (the client's ``_send``: breaker, slot, transport) from it.
+        ``_retry``. Here, not in the client, so that a job's call enters this layer once
+        and goes on down (``_asend``: breaker, slot, transport) from it.
 
         With ``forward_priority`` the server gets the request's own ``priority`` field, else
         the queue priority it was submitted with (0 HIGH .. 2 LOW; lower runs earlier in
@@ -171,12 +199,12 @@ class RetryMixin(HostBase):
         if wire_priority is None:
             wire_priority = queue_priority
 
-        def attempt(n: int) -> CompletionResult:
+        async def attempt(n: int) -> CompletionResult:
             nonlocal forward
             priority = wire_priority if forward else None
             http = adapter.format_request(request, priority=priority, request_id=request_id)
             try:
-                response = self._send(ep, http, deadline, fail_fast)
+                response = await self._asend(ep, http, deadline, fail_fast)
             except HTTPStatusError as exc:
                 if priority is not None and adapter.is_priority_rejection(exc):
                     # The server runs without --scheduling-policy priority: stop sending it.
@@ -186,12 +214,39 @@ class RetryMixin(HostBase):
                     # The same request id goes out again: that is a retry, count it.
                     self._metrics.record_retry(ep.id, model)
                     http = adapter.format_request(request, priority=None, request_id=request_id)
-                    response = self._send(ep, http, deadline, fail_fast)
+                    response = await self._asend(ep, http, deadline, fail_fast)
                 else:
                     raise
             return adapter.parse_response(request, response)
 
-        return self._retry(ep, attempt, deadline, model, first_attempt, last_attempt, fresh_id)
+        return await self._aretry(ep, attempt, deadline, model, first_attempt, last_attempt,
+                                  fresh_id)
+
+    async def _aretry(self, endpoint: Any, attempt_fn: Callable[[int], Awaitable[T]],
+                      deadline: float, model: Optional[str], first_attempt: int = 0,
+                      last_attempt: Optional[int] = None, fresh_id: bool = False,
+                      on_retry: Optional[Callable[[BaseException, int, float], None]] = None
+                      ) -> T:
+        """``_retry`` for coroutines: the same counting (see there), waits by ``_asleep``.
+        ``on_retry``: the span event of a retry (default: on the current task's span)."""
+        counting = _Counting(self._metrics, endpoint.id, model,
+                             first_attempt if fresh_id else 0)
+
+        async def counted(attempt: int) -> T:
+            if attempt == counting.uncounted:
+                return await attempt_fn(attempt)
+            try:
+                result = await attempt_fn(attempt)
+            except BaseException as exc:
+                counting.failed(exc)
+                raise
+            counting.made()
+            return result
+
+        return await acall_with_retries(
+            counted, RetryPolicy.from_settings(endpoint.settings), deadline, self._clock,
+            self._asleep, on_retry=on_retry or tracing.retrying, first_attempt=first_attempt,
+            last_attempt=last_attempt)
 
     def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
                model: Optional[str], first_attempt: int = 0,
@@ -202,26 +257,45 @@ class RetryMixin(HostBase):
         A retry is a request that repeats a request id on the wire, as the server counts
         them: with ``fresh_id`` the first attempt here carries an id never sent before (a
         part of a failed shared call), so only the attempts after it are retries."""
-        uncounted = first_attempt if fresh_id else 0
+        counting = _Counting(self._metrics, endpoint.id, model,
+                             first_attempt if fresh_id else 0)
 
         def counted(attempt: int) -> T:
-            if attempt == uncounted:
+            if attempt == counting.uncounted:
                 return attempt_fn(attempt)
             try:
                 result = attempt_fn(attempt)
-            except CircuitOpenError:
+            except BaseException as exc:
+                counting.failed(exc)
                 raise
-            except ApiError as exc:
-                if exc.context.get("sent") is not False:
-                    self._metrics.record_retry(endpoint.id, model)
-                raise
-            except BaseException:
-                self._metrics.record_retry(endpoint.id, model)
-                raise
-            self._metrics.record_retry(endpoint.id, model)
+            counting.made()
             return result
 
         return call_with_retries(counted, RetryPolicy.from_settings(endpoint.settings),
                                  deadline, self._clock, self._closing,
                                  on_retry=tracing.retrying,  # span events (tracing.py)
                                  first_attempt=first_attempt, last_attempt=last_attempt)
+
+
+class _Counting:
+    """Which attempts are retries, as the server counts them (``RetryMixin._retry``)."""
+
+    __slots__ = ("_metrics", "_endpoint", "_model", "uncounted")
+
+    def __init__(self, metrics: Any, endpoint: str, model: Optional[str], uncounted: int) -> None:
+        self._metrics = metrics
+        self._endpoint = endpoint
+        self._model = model
+        self.uncounted = uncounted  # the attempt whose request id was never sent before
+
+    def made(self) -> None:
+        self._metrics.record_retry(self._endpoint, self._model)
+
+    def failed(self, exc: BaseException) -> None:
+        """A retry that failed: counted unless the breaker refused it (sent nothing) or
+        the deadline stopped it unsent."""
+        if isinstance(exc, CircuitOpenError):
+            return
+        if isinstance(exc, ApiError) and exc.context.get("sent") is False:
+            return
+        self.made()

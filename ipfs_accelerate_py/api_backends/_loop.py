@@ -1,0 +1,164 @@
+"""The client's event loop: one daemon thread per client, where the request pipeline runs.
+
+Why a loop of its own: the pipeline of a complete request (the queue's dispatch, batching,
+breaker admission, the in-flight gate, retries, the transport) is written once, as
+coroutines. The sync face (``submit``, ``run_inference``, handlers) puts a job in the queue
+from the caller's thread and waits on the job's ``concurrent.futures.Future``; the async face
+(``asubmit``, ``arun_inference``) awaits the same future from the caller's own loop through
+``asyncio.wrap_future``. Either way the work runs here, so no thread waits per request, and
+a caller's loop is never blocked by the client's I/O.
+
+The loop starts on first use (a client that only streams from threads never starts it) and
+stops at ``close()``. ``Signal`` is how a coroutine here waits for a change another thread
+makes (a job handed to a batch, a slot freed): set from anywhere, awaited here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable, Coroutine, Optional, Set, TypeVar
+
+__all__ = ["ClientLoop", "Signal"]
+
+T = TypeVar("T")
+
+
+class ClientLoop:
+    """An asyncio loop in a daemon thread, made on first use, stopped by ``stop``."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._thread_id: Optional[int] = None
+        self._tasks: Set["asyncio.Task[Any]"] = set()  # strong references until they end
+        self._stopped = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop (started now if it was not)."""
+        loop = self._loop
+        if loop is not None:
+            return loop
+        with self._lock:
+            if self._loop is None:
+                if self._stopped:
+                    raise RuntimeError("the client's event loop was stopped")
+                ready = threading.Event()
+                loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._run, args=(loop, ready),
+                                                name=f"{self._name}-loop", daemon=True)
+                self._thread.start()
+                ready.wait()
+                self._loop = loop
+            return self._loop
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
+    def _run(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
+        asyncio.set_event_loop(loop)
+        self._thread_id = threading.get_ident()
+        loop.call_soon(ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def in_loop(self) -> bool:
+        """Whether the caller runs on this loop's thread (blocking there would deadlock)."""
+        return self._thread_id is not None and threading.get_ident() == self._thread_id
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop soon, from any thread."""
+        loop = self.loop
+        if self.in_loop():
+            loop.call_soon(fn, *args)
+        else:
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # stopped meanwhile: nobody is left to wake
+                pass
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Start ``coro`` as a task on the loop (from any thread); it must settle its own
+        outcome (a job's future): nothing waits for the task."""
+        if self.in_loop():
+            self._start(coro)
+        else:
+            self.call_soon(self._start, coro)
+
+    def _start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
+        """Run ``coro`` on the loop and wait for its result (from another thread only)."""
+        if self.in_loop():
+            coro.close()
+            raise RuntimeError("a blocking call on the client's own event loop; "
+                               "use the async face (asubmit, arun_inference) there")
+        future: "Future[T]" = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def stop(self, timeout: float) -> None:
+        """Cancel what still runs, stop the loop and wait for its thread (idempotent)."""
+        with self._lock:
+            self._stopped = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._cancel_all(), loop).result(timeout)
+        except Exception:  # noqa: BLE001 - a task that would not end: stop anyway
+            pass
+        try:
+            loop.call_soon_threadsafe(loop.stop)
+        except RuntimeError:
+            pass
+        thread.join(timeout)
+
+    async def _cancel_all(self) -> None:
+        tasks = [t for t in self._tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+
+class Signal:
+    """A wake-up for one coroutine on a ``ClientLoop``: ``set()`` from any thread,
+    ``await wait(timeout)`` on the loop. A ``set`` between the waiter's last look at what
+    it waits for and its ``wait`` is not lost: the wake runs on the loop, after the waiter
+    has begun to wait (or before its look, which then sees the change)."""
+
+    __slots__ = ("_loop", "_future")
+
+    def __init__(self, loop: ClientLoop) -> None:
+        self._loop = loop
+        self._future: "Optional[asyncio.Future[None]]" = None
+
+    def set(self) -> None:
+        self._loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        fut = self._future
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        """Until ``set`` or ``timeout`` seconds, whichever comes first."""
+        loop = asyncio.get_running_loop()
+        fut = self._future = loop.create_future()
+        timer = loop.call_later(max(0.0, timeout), self._settle)
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self._future = None

@@ -1,0 +1,275 @@
+"""One attempt, as a coroutine: breaker admission, an in-flight slot, the transport, the verdict.
+
+Every complete request runs its attempts here, on the client's event loop (``_loop.py``),
+and so do the async face's streams on their caller's loop. Nothing here blocks a loop: the
+breaker's and the limit's locks guard state for microseconds; an OPEN circuit is waited out
+by a future the prober's thread settles (or, with no prober, until the breaker's next probe
+window); a slot by the limit's FIFO line; a retry's backoff by a timer that ``close()`` cuts
+short.
+
+The bytes of a complete request move by aiohttp (``_aio_transport``), unless the endpoint's
+transport is one aiohttp does not replace: one from a ``transport_factory`` the caller gave,
+or ``requests`` for proxies and ``trust_env``; such a transport is called in a thread of the
+client's executor (``transport.ThreadedTransport``).
+
+Tracing: a job's task on the client loop carries its request's span in its context
+(``tracing``'s state is context-local); an async stream on its caller's loop passes its
+operation (``op``, ``rid``) instead, and its events are recorded under ``working_for``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Set, Tuple
+
+from .. import errors, tracing
+from ..errors import CircuitOpenError, ClientClosedError, ConfigurationError
+from ..transport import HttpRequest, HttpResponse, ThreadedTransport
+from ._host import HostBase
+from .retry import MIN_BREAKER_WAIT
+
+if TYPE_CHECKING:  # aiohttp is imported on first use
+    from .._aio_transport import AioTransport
+
+__all__ = ["AttemptMixin"]
+
+#: Longest single wait for a circuit: a bound against a lost wake-up, not a poll interval.
+_MAX_NAP = 1.0
+#: Threads for transports called from the loop (made on demand, up to this many).
+_THREADED_MAX = 256
+_init_lock = threading.Lock()
+
+
+class AttemptMixin(HostBase):
+    """``_asend`` / ``_aguarded``: one attempt; ``_asleep``: a wait that ``close`` ends."""
+
+    def _init_attempts(self) -> None:
+        self._sleepers: Set[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = set()
+        self._sleepers_lock = threading.Lock()
+        self._threaded: Optional[ThreadPoolExecutor] = None
+        self._aio_transports: Dict[str, "AioTransport"] = {}
+
+    # ------------------------------------------------------------------ transports
+    def _plain_sender(self, ep: Any) -> Any:
+        """What sends ``ep``'s complete requests from a loop (see the module docstring)."""
+        s = ep.settings
+        if ep.custom_transport or s.proxies or s.trust_env:
+            threaded = ep.threaded
+            if threaded is None or threaded.transport is not ep.transport:
+                ep.threaded = threaded = ThreadedTransport(ep.transport, self._executor())
+            return threaded
+        return self._aio_transport(ep)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        executor = self._threaded
+        if executor is None:
+            with _init_lock:
+                if self._threaded is None:
+                    self._threaded = ThreadPoolExecutor(
+                        _THREADED_MAX, thread_name_prefix=f"{self._adapter.name}-transport")
+                executor = self._threaded
+        return executor
+
+    def _aio_transport(self, ep: Any) -> "AioTransport":
+        """The endpoint's aiohttp transport, made on first use (one per endpoint; a session
+        per event loop inside it)."""
+        aio = self._aio_transports.get(ep.id)
+        if aio is not None:
+            return aio
+        s = ep.settings
+        if s.proxies or s.trust_env:
+            raise ConfigurationError("async streams do not use proxies or the environment "
+                                     "(trust_env); stream from a thread instead", field="proxies")
+        from .._aio_transport import AioTransport  # here: a client that never sends skips it
+
+        with _init_lock:
+            aio = self._aio_transports.get(ep.id)
+            if aio is None:
+                aio = self._aio_transports[ep.id] = AioTransport(
+                    s.base_url, s.api_key_value, verify=s.ca_bundle or s.verify_tls,
+                    extra_headers=s.extra_headers, max_response_bytes=s.max_response_bytes)
+        return aio
+
+    def _close_transports(self, idle: bool) -> None:
+        """``close()``: aiohttp sessions on loops still running, then the executor, whose
+        threads are waited for when ``idle`` (no request is under way: they end at once);
+        else they end with the calls they are in (each within its read timeout)."""
+        for aio in list(self._aio_transports.values()):
+            aio.close()
+        if self._threaded is not None:
+            self._threaded.shutdown(wait=idle)
+
+    # ------------------------------------------------------------------ one attempt
+    async def _asend(self, ep: Any, http: HttpRequest, deadline: float,
+                     fail_fast: bool = False) -> HttpResponse:
+        """One attempt of a complete request (see ``_aguarded``)."""
+        now = self._clock.monotonic()  # one reading on the way down
+        self._ask_for_load(ep, http, now)
+        sender = self._plain_sender(ep)
+        response: HttpResponse = await self._aguarded(
+            ep, deadline, ep.settings.timeout, True, lambda timeout: sender.send(http, timeout),
+            fail_fast, now)
+        return response
+
+    async def _aguarded(self, ep: Any, deadline: float, read_timeout: float, clip_read: bool,
+                        io: Callable[[Tuple[float, float]], Awaitable[Any]],
+                        fail_fast: bool = False, now: Optional[float] = None,
+                        op: Any = None, rid: str = "") -> Any:
+        """One attempt under the breaker: admission (waiting out an OPEN circuit unless
+        ``fail_fast``), an in-flight slot (its own key: the coroutines of a loop share one
+        thread), the deadline, the transport call (``read_timeout`` clipped to the deadline
+        when ``clip_read``: a stream's idle timeout is not), and the breaker's verdict (5xx
+        and transport faults count against the server; any other answer proves it alive).
+        A non-2xx reply is read (capped) and raised as its typed error.
+
+        The clock is read once on the way down (``now``: breaker, slot and deadline share
+        it, advanced only by what they waited) and once as the reply comes (slot, load
+        report and breaker share that)."""
+        clock = self._clock
+        probe, now = await self._aadmit(ep, deadline, fail_fast,
+                                        clock.monotonic() if now is None else now, op, rid)
+        key = object()
+        try:
+            waited = await ep.limit.aacquire(deadline, key, self._closing, now=now)
+        except BaseException:
+            ep.breaker.release(probe)
+            raise
+        if waited:
+            _note(op, rid, tracing.waited, "in_flight_limit.wait", waited)
+        healthy = False
+        try:
+            remaining = deadline - (now + waited)
+            if remaining <= 0:
+                ep.breaker.release(probe)
+                raise errors.TimeoutError("the call deadline passed before the request was sent",
+                                          sent=False)
+            timeout = (min(ep.settings.connect_timeout, remaining),
+                       min(read_timeout, remaining) if clip_read else read_timeout)
+            ep.enter()
+            try:
+                response = await io(timeout)
+            except BaseException as exc:
+                self._transport_failed(ep, probe, exc)
+                raise
+            finally:
+                ep.leave()
+            healthy = response.status < 500
+        finally:
+            now = clock.monotonic()  # the one reading as the reply came
+            ep.limit.release(healthy, key, now=now)
+        self._observe_reply(ep, response.headers, now)  # the server's load report, for routing
+        if response.status >= 400:
+            if not isinstance(response, HttpResponse):  # an error reply to a stream
+                response = HttpResponse(response.status, response.headers,
+                                        await response.read_body())
+            raise self._error_reply(ep, response, probe)
+        ep.breaker.record_success(probe, now)
+        return response
+
+    async def _aadmit(self, ep: Any, deadline: float, fail_fast: bool, now: float,
+                      op: Any = None, rid: str = "") -> Tuple[bool, float]:
+        """Pass the breaker: ``(is a HALF-OPEN probe, the clock as it passed)``. An OPEN
+        circuit raises ``CircuitOpenError`` when ``fail_fast``; otherwise it is waited out
+        within ``deadline`` (then ``CircuitWaitTimeoutError``, nothing sent)."""
+        if not ep.settings.circuit_breaker_enabled:
+            return False, now
+        clock = self._clock
+        start = now
+        while True:
+            try:
+                probe = ep.breaker.admit(deadline, wait=False, now=now)[0]
+                break
+            except CircuitOpenError as exc:
+                if fail_fast:
+                    raise
+                if self._closing.is_set():
+                    raise ClientClosedError("client closed while waiting for the circuit") from None
+                now = clock.monotonic()
+                if now >= deadline:
+                    self._note_circuit_wait(ep, now - start, op, rid)
+                    raise errors.CircuitWaitTimeoutError(
+                        f"waited {now - start:.2f}s for the circuit of {ep.id} "
+                        f"({ep.breaker.state}); the call deadline passed before it closed, and "
+                        "the request was never sent", waited=now - start, endpoint=ep.id) from None
+                await self._circuit_change(ep, deadline, exc.retry_in or 0.0)
+                now = clock.monotonic()
+        self._note_circuit_wait(ep, now - start, op, rid)
+        return probe, now
+
+    def _note_circuit_wait(self, ep: Any, waited: float, op: Any, rid: str) -> None:
+        if waited > 0.001:
+            self._metrics.record_circuit_wait(ep.id, waited)
+            _note(op, rid, tracing.waited, "circuit.wait", waited)
+
+    async def _circuit_change(self, ep: Any, deadline: float, retry_in: float) -> None:
+        """Wait until the circuit may admit again: with a prober, until it closes (its thread
+        settles a future of this loop); without, until the breaker's next probe window."""
+        now = self._clock.monotonic()
+        nap = min(deadline - now, _MAX_NAP)
+        if not self._can_wait_for_circuits([ep.id]):
+            await asyncio.sleep(max(MIN_BREAKER_WAIT, min(retry_in, nap)))
+            return
+        loop = asyncio.get_running_loop()
+        closed = loop.create_future()
+
+        def wake(*_: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(_settle, closed)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self._wait_for_any_circuit([ep.id], deadline, wake, wake)
+        await asyncio.wait({closed}, timeout=nap)
+
+    # ------------------------------------------------------------------ waiting
+    async def _asleep(self, seconds: float, doing: str) -> None:
+        """Sleep ``seconds`` (a test's virtual clock just moves); a client closed meanwhile
+        ends it at once with ``ClientClosedError``."""
+        if self._clock.virtual:
+            if not self._clock.sleep(seconds, self._closing):
+                raise ClientClosedError(f"client closed while {doing}")
+            await asyncio.sleep(0)
+            return
+        if self._closing.is_set():
+            raise ClientClosedError(f"client closed while {doing}")
+        if seconds > 0:
+            loop = asyncio.get_running_loop()
+            woken = loop.create_future()
+            entry = (loop, woken)
+            with self._sleepers_lock:
+                self._sleepers.add(entry)
+            timer = loop.call_later(seconds, _settle, woken)
+            try:
+                await woken
+            finally:
+                timer.cancel()
+                with self._sleepers_lock:
+                    self._sleepers.discard(entry)
+        if self._closing.is_set():
+            raise ClientClosedError(f"client closed while {doing}")
+
+    def _wake_sleepers(self) -> None:
+        """``close()``: every ``_asleep`` ends now (it then sees the client closed)."""
+        with self._sleepers_lock:
+            sleepers = list(self._sleepers)
+        for loop, woken in sleepers:
+            try:
+                loop.call_soon_threadsafe(_settle, woken)
+            except RuntimeError:  # its loop is closed: nobody waits any more
+                pass
+
+
+def _settle(future: "asyncio.Future[None]") -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _note(op: Any, rid: str, record: Callable[..., None], *args: Any) -> None:
+    """A span event: on ``op`` (an async stream's) when given, else on the current task's."""
+    if op is None:
+        record(*args)
+    else:
+        with tracing.working_for(op, rid):
+            record(*args)
