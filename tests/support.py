@@ -19,12 +19,12 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ipfs_accelerate_py.api_backends.transport import (HttpClientTransport, RequestsTransport,
                                                         Transport)
 
-__all__ = ["wait_until", "FAST", "TRANSPORT_IDS", "transport_factory", "REAL_SERVER_API_KEY",
+__all__ = ["wait_until", "FAST", "TRANSPORT_IDS", "COMPLETE_TRANSPORT_IDS", "transport_factory", "REAL_SERVER_API_KEY",
            "DoubleProcess"]
 
 #: The key ``real_vllm_server_with_key`` requires (``Authorization: Bearer ...`` on /v1/*).
@@ -34,14 +34,20 @@ REAL_SERVER_API_KEY = "sk-test-key-123"
 FAST: Dict[str, Any] = dict(model="tiny-llama", retry_delay=0.002, max_retry_delay=0.01,
                             timeout=5.0, connect_timeout=2.0)
 
-#: The two transports a client can run on, by test id.
+#: The two sync transports a client can be given, by test id (a stream read in its caller's
+#: thread uses it; so do complete requests, from the client's loop, through its threads).
 TRANSPORT_IDS: Tuple[str, ...] = ("requests", "httpclient")
+#: ... and "aiohttp": no transport given, the default: complete requests go by aiohttp.
+COMPLETE_TRANSPORT_IDS: Tuple[str, ...] = ("aiohttp",) + TRANSPORT_IDS
 _TRANSPORTS = {"requests": RequestsTransport, "httpclient": HttpClientTransport}
 
 
-def transport_factory(name: str) -> Callable[[Any], Transport]:
-    """A client's ``transport_factory`` for the transport ``name`` (one of ``TRANSPORT_IDS``),
-    built from the client's settings as the default factory builds it."""
+def transport_factory(name: str) -> Optional[Callable[[Any], Transport]]:
+    """A client's ``transport_factory`` for the transport ``name`` (one of
+    ``COMPLETE_TRANSPORT_IDS``), built from the client's settings as the default factory
+    builds it; None for "aiohttp" (the client's default)."""
+    if name == "aiohttp":
+        return None
     cls = _TRANSPORTS[name]
 
     def make(s: Any) -> Transport:

@@ -19,8 +19,9 @@ The same rules as the sync transports:
   ``Content-Length`` over the cap is refused before reading, an undeclared body as it
   arrives: ``_framing``); a 2xx stream is bounded per event by the SSE decoder above;
 * aiohttp's own parser (llhttp) refuses the framing errors ``_framing`` names (two
-  different lengths, a signed or non-digit length, both framings at once): those become a
-  ``ResponseError``, the connection closed;
+  different lengths, a signed or non-digit length) and, stricter than the sync transports
+  and as RFC 9112 section 6.3 allows, two identical lengths and a reply with both framings:
+  each becomes a ``ResponseError``, the connection closed;
 * every failure is one of the project's typed errors, its message redacted;
 * closing a stream before its end closes its connection (vLLM then aborts the generation);
   only a reply read to its end returns its connection to the keep-alive pool.
@@ -72,7 +73,8 @@ def _map(exc: BaseException, base_url: str, what: str) -> errors.ApiError:
         return errors.ConnectionError(f"connection to {base_url} failed: {text}", refused=refused)
     if isinstance(exc, aiohttp.ClientResponseError):
         # raised by aiohttp's parser, not a status (raise_for_status is off): bad framing
-        return errors.ResponseError(f"reply from {base_url} has broken framing (RFC 9112 "
+        what = " (an invalid Content-Length)" if "Content-Length" in str(exc) else ""
+        return errors.ResponseError(f"reply from {base_url} has broken framing{what} (RFC 9112 "
                                     f"section 6.3); the connection was closed: {text}")
     return errors.ConnectionError(f"connection to {base_url} failed: {text}")
 

@@ -10,16 +10,19 @@ member declared here and defined nowhere makes the client abstract, an error for
 
 Who provides what (and who uses it):
 
-* the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, lifecycle, one
-  attempt (``_send``, ``_guarded``) and the request paths (``submit``, ``stream``,
-  ``run_inference``);
+* the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, its event loop,
+  lifecycle, a stream's attempt from a thread (``_guarded``) and the request paths
+  (``submit``, ``stream``, ``run_inference``);
+* ``attempt.AttemptMixin``: one attempt as a coroutine (``_asend``, ``_aguarded``), the
+  transports of a loop, ``_asleep`` (batching, retry, the async face);
 * ``metrics.MetricsMixin``: ``_metrics``, ``_finish``, ``_record_unsent`` (batching, retry,
   circuit waiting, streaming);
 * ``queue.QueueMixin``: ``current_requests`` (metrics);
 * ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics);
 * ``circuit_wait.CircuitWaitMixin``: ``_can_wait_for_circuits``, ``_wait_for_any_circuit``
   (routing);
-* ``retry.RetryMixin``: ``_call`` (batching), ``_retry`` (streaming); ``routing.RoutingMixin``:
+* ``retry.RetryMixin``: ``_call`` (batching), ``_retry`` (streaming), ``_aretry`` (the async
+  face); ``routing.RoutingMixin``:
   ``_routed_stream`` (streaming), and the routing choice the async face makes itself
   (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``, ``_observe_reply``);
 * the client again, for the async face: the breaker's verdicts (``_transport_failed``,
@@ -30,8 +33,8 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import (TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple,
-                    TypeVar)
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Protocol,
+                    Sequence, Tuple, TypeVar)
 
 if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
     from ..adapter import BackendAdapter
@@ -41,6 +44,8 @@ if TYPE_CHECKING:  # types only: the mixins import this module, and these import
     from ..settings import ClientSettings
     from ..streaming import TextStream
     from ..transport import HttpRequest, HttpResponse
+    from .._aio_transport import AioTransport
+    from .._loop import ClientLoop
     from .metrics import MetricsRecorder
     from .queue import Job
 
@@ -93,8 +98,21 @@ class Host(Protocol):
     def stream(self, request: Request, endpoint_id: Optional[str] = None,
                fail_fast: Optional[bool] = None) -> "TextStream": ...
 
-    def _send(self, ep: "Endpoint", http: "HttpRequest", deadline: float,
-              fail_fast: bool = False) -> "HttpResponse": ...
+    # -- attempt.AttemptMixin: one attempt on a loop, and the waits close() ends
+    _loop: "ClientLoop"
+    _aio_transports: Dict[str, "AioTransport"]
+
+    async def _asend(self, ep: "Endpoint", http: "HttpRequest", deadline: float,
+                     fail_fast: bool = False) -> "HttpResponse": ...
+
+    async def _aguarded(self, ep: "Endpoint", deadline: float, read_timeout: float,
+                        clip_read: bool, io: Callable[[Tuple[float, float]], Awaitable[Any]],
+                        fail_fast: bool = False, now: Optional[float] = None,
+                        op: Any = None, rid: str = "") -> Any: ...
+
+    async def _asleep(self, seconds: float, doing: str) -> None: ...
+
+    def _aio_transport(self, ep: "Endpoint") -> "AioTransport": ...
 
     def _guarded(self, ep: "Endpoint", deadline: float, read_timeout: float, clip_read: bool,
                  io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False,
@@ -122,10 +140,17 @@ class Host(Protocol):
                               on_deadline: Callable[[float], None]) -> None: ...
 
     # -- retry.RetryMixin, routing.RoutingMixin
-    def _call(self, ep: "Endpoint", request: Request, deadline: float, model: Optional[str],
-              request_id: str, queue_priority: Optional[int] = None,
-              fail_fast: bool = False, first_attempt: int = 0,
-              last_attempt: Optional[int] = None, fresh_id: bool = False) -> CompletionResult: ...
+    async def _call(self, ep: "Endpoint", request: Request, deadline: float,
+                    model: Optional[str], request_id: str, queue_priority: Optional[int] = None,
+                    fail_fast: bool = False, first_attempt: int = 0,
+                    last_attempt: Optional[int] = None,
+                    fresh_id: bool = False) -> CompletionResult: ...
+
+    async def _aretry(self, endpoint: Any, attempt_fn: Callable[[int], Awaitable[T]],
+                      deadline: float, model: Optional[str], first_attempt: int = 0,
+                      last_attempt: Optional[int] = None, fresh_id: bool = False,
+                      on_retry: Optional[Callable[[BaseException, int, float], None]] = None
+                      ) -> T: ...
 
     def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
                model: Optional[str], first_attempt: int = 0,
@@ -144,6 +169,8 @@ class Host(Protocol):
     def _is_open(self, endpoint_id: str) -> bool: ...
 
     def _observe_reply(self, ep: Any, headers: Any, now: Optional[float] = None) -> None: ...
+
+    def _ask_for_load(self, ep: Any, http: Any, now: Optional[float] = None) -> None: ...
 
     # -- the client: the breaker's verdicts, both faces; closing
     def _transport_failed(self, ep: "Endpoint", probe: bool, exc: BaseException) -> None: ...

@@ -282,9 +282,10 @@ class BatchingMixin(HostBase):
             try:
                 # The shared call carries the first job's id and its most urgent priority.
                 # A call of several jobs makes one attempt here: its retry goes in parts.
+                # (``fail_fast`` is part of the batching key: every job's is the same)
                 result = await self._call(
                     endpoint, merged, deadline, model, jobs[0].request_id,
-                    min(j.priority for j in jobs), first_attempt=first_attempt,
+                    min(j.priority for j in jobs), jobs[0].fail_fast, first_attempt=first_attempt,
                     last_attempt=first_attempt if len(jobs) > 1 else None, fresh_id=fresh_id)
                 # Its callers will be back at once (closed-loop load): let their next
                 # requests gather.
