@@ -114,6 +114,9 @@ class ClientLoop:
             loop, thread = self._loop, self._thread
         if loop is None or thread is None or not thread.is_alive():
             return
+        if self.in_loop():  # close() from a callback of the loop itself: it ends after this
+            loop.call_soon(loop.stop)
+            return
         try:
             asyncio.run_coroutine_threadsafe(self._cancel_all(), loop).result(timeout)
         except Exception:  # noqa: BLE001 - a task that would not end: stop anyway

@@ -329,44 +329,40 @@ def _held(ep: Any, since: float, now: float) -> float:
 
 
 # ---------------------------------------------------------------- other calls
-def in_span(name: str, fn: Callable[[], T], **attributes: Any) -> T:
-    """Run ``fn`` (a health probe, a raw call) in a span of its own, so what it sends
-    carries trace context."""
+@contextlib.contextmanager
+def _own_span(name: str, attributes: Dict[str, Any]) -> Iterator[Any]:
+    """A span of its own for the block (None when tracing is off): the current work's
+    meanwhile, so what the block sends carries its trace context."""
     telemetry = _otel.current()
     if telemetry is None or telemetry.tracer is None:
-        return fn()
+        yield None
+        return
     span = _start(telemetry, name, attributes)
     saved = _local.op, _local.span
     _local.op, _local.span = _Op(telemetry, span, {}, metrics=False), span
     try:
-        result = fn()
-        if isinstance(result, bool):
-            span.set_attribute("ipfs_accelerate.healthy", result)
-        return result
+        yield span
     except BaseException as exc:
         _set_error(span, type(exc).__name__, exc)
         raise
     finally:
         span.end()
         _local.op, _local.span = saved
+
+
+def in_span(name: str, fn: Callable[[], T], **attributes: Any) -> T:
+    """Run ``fn`` (a health probe, a raw call) in a span of its own."""
+    with _own_span(name, attributes) as span:
+        result = fn()
+        if span is not None and isinstance(result, bool):
+            span.set_attribute("ipfs_accelerate.healthy", result)
+        return result
 
 
 async def ain_span(name: str, fn: Callable[[], Awaitable[T]], **attributes: Any) -> T:
     """``in_span`` for a coroutine (``fn()`` is awaited; the span is this task's meanwhile)."""
-    telemetry = _otel.current()
-    if telemetry is None or telemetry.tracer is None:
+    with _own_span(name, attributes):
         return await fn()
-    span = _start(telemetry, name, attributes)
-    saved = _local.op, _local.span
-    _local.op, _local.span = _Op(telemetry, span, {}, metrics=False), span
-    try:
-        return await fn()
-    except BaseException as exc:
-        _set_error(span, type(exc).__name__, exc)
-        raise
-    finally:
-        span.end()
-        _local.op, _local.span = saved
 
 
 # ---------------------------------------------------------------- streams

@@ -659,3 +659,28 @@ def test_refused_priority_is_retried_once_without_it_and_then_never_sent(start_f
     m = c.get_metrics()
     assert m["successes"] == 4 and m["failures"] == 0
     assert m["retries"] == server.retries_seen == 1
+
+
+def test_a_blocking_call_from_the_clients_loop_is_refused_not_hung(fake_server, make_client):
+    """A future's done callback runs on the client's loop: a blocking call made there could
+    never finish (the loop would wait for itself). It raises at once; submit works there."""
+    c = make_client(fake_server)
+    seen: list = []
+    done = threading.Event()
+
+    def callback(f):
+        try:
+            c.run_inference(None, "from the loop", P)
+        except errors.ConfigurationError as exc:
+            seen.append(exc)
+        seen.append(c.submit_inference(None, "queued from the loop", P))
+        done.set()
+
+    fake_server.add_fault(Fault("gate", count=1))
+    first = c.submit_inference(None, "first", P)
+    fake_server.wait_held(1)  # not done yet: the callback will run where the future is set
+    first.add_done_callback(callback)
+    fake_server.release_stalls()
+    assert done.wait(10)
+    assert isinstance(seen[0], errors.ConfigurationError) and "async face" in str(seen[0])
+    assert seen[1].result(10).text  # submit from the loop is served

@@ -219,7 +219,7 @@ def test_readme_client_snippet_runs_verbatim(real_vllm_server):
         client.close()
 
 
-def test_close_stops_every_worker_thread(real_vllm_server):
+def test_close_stops_every_client_thread(real_vllm_server):
     before = threading.active_count()
     c = VllmClient(base_url=real_vllm_server.base_url, max_concurrent_requests=6)
     futures = [c.submit(CompletionRequest(model="tiny-llama", prompt=f"p{i}", max_tokens=2))

@@ -356,7 +356,10 @@ class Dispatcher:
     def _fill(self) -> None:
         with self._lock:
             self._kicked = False  # a kick from now on schedules another fill
-        while self.active < self._n and len(self._queue) and not self._queue.paused:
+        if self._queue.paused:
+            return
+        # a serving task is busy with its own job: each waiting job may need a task
+        for _ in range(min(self._n - self.active, len(self._queue))):
             self.active += 1
             self._idle.clear()
             self._loop.spawn(self._serve())
