@@ -94,6 +94,7 @@ class PriorityRequestQueue:
         self._collecting: Dict[Hashable, List[Job]] = {}
         self._collect_room: Dict[Hashable, int] = {}
         self._collect_wake: Dict[Hashable, Signal] = {}  # each collector's wake-up
+        self._collect_last: Dict[Hashable, float] = {}  # when its last company arrived
         # key -> shared (batched) calls in flight: their callers are likely to come back
         self._shared_in_flight: Dict[Hashable, int] = {}
         self._closed = False
@@ -120,9 +121,13 @@ class PriorityRequestQueue:
             job.seq = next(self._seq)
             buf = self._collecting.get(job.key) if job.key is not None else None
             if buf is not None and len(buf) < self._collect_room[job.key]:
-                # A task is gathering a batch for this key: join it, wake no one else.
+                # A task is gathering a batch for this key: join it, wake no one else. The
+                # collector needs waking only for its first company (its wait becomes the
+                # gap) and when full; else it reads the arrival time when its timer fires.
                 buf.append(job)
-                self._collect_wake[job.key].set()
+                self._collect_last[job.key] = self._clock.monotonic()
+                if len(buf) == 1 or len(buf) >= self._collect_room[job.key]:
+                    self._collect_wake[job.key].set()
                 return
             self._lanes[job.priority].append(job)
             self._size += 1
@@ -294,19 +299,20 @@ class PriorityRequestQueue:
                     if len(buf) >= self._collect_room[key] or self._closed:
                         break
                     now = self._clock.monotonic()
+                    last = max(last, self._collect_last.get(key, last))
                     awaiting_batch = not out and not buf and self._shared_in_flight.get(key, 0) > 0
                     wait_for = (until if awaiting_batch else min(until, last + gap)) - now
                     if wait_for <= 0:
                         break
-                    seen = len(buf)
                 await wake.wait(wait_for)
-                if len(buf) > seen or awaiting_batch:
+                if awaiting_batch:  # the batch came back, or company came: the gap starts
                     last = self._clock.monotonic()
         finally:
             with self._cond:
                 del self._collecting[key]
                 del self._collect_room[key]
                 del self._collect_wake[key]
+                self._collect_last.pop(key, None)
                 out += buf
         return out
 
@@ -356,10 +362,13 @@ class Dispatcher:
     def _fill(self) -> None:
         with self._lock:
             self._kicked = False  # a kick from now on schedules another fill
-        if self._queue.paused:
-            return
-        # a serving task is busy with its own job: each waiting job may need a task
-        for _ in range(min(self._n - self.active, len(self._queue))):
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Start one task if a job waits and a slot is free. Each task, once it has taken
+        its job and that job's first step has run (a batch gathers what waits), tops up
+        again: so a burst that one batch takes costs one task, not one per job."""
+        if self.active < self._n and len(self._queue) and not self._queue.paused:
             self.active += 1
             self._idle.clear()
             self._loop.spawn(self._serve())
@@ -370,6 +379,7 @@ class Dispatcher:
                 job = self._queue.take()
                 if job is None:
                     return
+                self._loop.call_soon(self._top_up)  # runs once this job's first step has
                 try:
                     await self._handle(job)
                 except BaseException as exc:  # noqa: BLE001 - a job's error is its caller's
