@@ -181,7 +181,8 @@ def run_blocking(loop: ClientLoop, coro: Coroutine[Any, Any, T], deadline: float
     try:
         return future.result(max(0.0, deadline - clock.monotonic()) + _OPEN_GRACE)
     except FutureTimeout:
-        future.cancel()
+        if not future.cancel() and future.done() and future.exception() is None:
+            return future.result()  # it opened just now: the caller takes it (and closes it)
         raise errors.TimeoutError("the stream did not open within its deadline") from None
     except CancelledError:
         raise ClientClosedError("client closed while the stream was opening") from None
