@@ -285,7 +285,7 @@ def shared_call_ended() -> None:
 
 # ---------------------------------------------------------------- events on the current span
 def retrying(error: BaseException, attempt: int, delay: float) -> None:
-    """``call_with_retries``' ``on_retry``: attempt ``attempt`` failed, the next in ``delay`` s."""
+    """``acall_with_retries``' ``on_retry``: attempt ``attempt`` failed, the next in ``delay`` s."""
     op = _local.op
     if op is None:
         return
