@@ -1,8 +1,9 @@
 """The asyncio side of the transport seam: streams over aiohttp, one session per event loop.
 
-Private: ``async_face.py`` is its only user. The sync transports (``transport.py``,
-``_http11.py``) move bytes in the caller's thread, so a service relaying thousands of streams
-would need thousands of threads; here every stream is a coroutine on its caller's loop.
+Private: the client's attempts (mixins/attempt.py) use it on the client's own loop, for
+complete requests and sync streams, and the async face on its caller's loop. The sync
+transports (``transport.py``, ``_http11.py``) move bytes in a thread, so a service relaying
+thousands of streams would need thousands of threads; here every stream is a coroutine.
 
 Why one ``aiohttp.ClientSession`` per (endpoint, event loop): a session and its connections
 belong to the loop that made them and cannot be used from another, while one client may be
@@ -119,6 +120,10 @@ class AioStreamResponse:
         parts = [piece async for piece in self.chunks()]
         self.close()
         return b"".join(parts)
+
+    async def aclose(self) -> None:
+        """``close`` for a reader on the loop (the same face as ``ThreadedStream``'s)."""
+        self.close()
 
     def close(self) -> None:
         """Drop the connection unless the reply was read to its end (then aiohttp has

@@ -103,10 +103,19 @@ class ClientLoop:
         else:
             self.call_soon(self._start, coro)
 
-    def _start(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _start(self, coro: Coroutine[Any, Any, Any]) -> "asyncio.Task[Any]":
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def start(self, coro: Coroutine[Any, Any, T]) -> "asyncio.Task[T]":
+        """``spawn`` from the loop itself, returning the task (a stream's reader, which its
+        consumer cancels); ``stop`` cancels it with the rest."""
+        if not self.in_loop():
+            coro.close()
+            raise RuntimeError("ClientLoop.start is for coroutines on the loop")
+        return self._start(coro)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
         """Run ``coro`` on the loop and wait for its result (from another thread only)."""

@@ -19,9 +19,10 @@ for microseconds). An OPEN circuit is waited out by a future that the prober's t
 settles (``_wait_for_any_circuit``), or, with no prober, by sleeping until the breaker's
 next probe window.
 
-An async stream goes alone: the shared prompt-list streams of ``stream_batching`` are
-thread-based (one reader thread hands each caller its choices), so ``astream`` never joins
-one, whatever ``stream_batching`` settings say.
+An async stream goes alone: the shared prompt-list streams of ``stream_batching`` hand
+their callers' chunks to threads (their reader runs on the client's loop, not the caller's),
+so ``astream`` never joins one, whatever ``stream_batching`` settings say. The opening
+coroutine (``StreamingMixin._aopen_reply``) is the sync face's too.
 
 Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``,
 ``asubmit``) go through the queue, the batcher and the worker threads as the sync ones do:
@@ -134,22 +135,10 @@ class AsyncFaceMixin(HostBase):
         clock = self._clock
         start = clock.monotonic()
         deadline = start + ep.settings.effective_deadline
-        ff = self._fail_fast(ep, fail_fast)
-        aio = self._aio_transport(ep)
-
-        async def attempt(n: int) -> AioStreamResponse:
-            response: AioStreamResponse = await self._aguarded(
-                ep, deadline, ep.settings.idle_timeout, False,
-                lambda timeout: aio.open_stream(http, timeout, headers), ff, op=op, rid=rid)
-            return response
-
-        def retrying(exc: BaseException, attempt: int, wait: float) -> None:
-            with tracing.working_for(op, rid):
-                tracing.retrying(exc, attempt, wait)
-
         try:
-            response = await self._aretry(ep, attempt, deadline, request.model,
-                                          on_retry=retrying)
+            response = await self._aopen_reply(ep, http, headers, self._aio_transport(ep),
+                                               deadline, request.model,
+                                               self._fail_fast(ep, fail_fast), op, rid)
         except BaseException as exc:
             tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
             self._metrics.record_request(ep.id, request.model, False,
@@ -294,12 +283,8 @@ class _AioTextStream(TextStream):
 
     def __init__(self, client: Any, ep: Any, request: Request, response: AioStreamResponse,
                  start: float, op: Any) -> None:
-        self._op = op
-        super().__init__(client, ep, request, response, start)
+        super().__init__(client, ep, request, response, start, op)
         self._agen = self._arun()
-
-    def _adopt_trace(self) -> Any:
-        return tracing.stream_adopted(self, self._op)
 
     def __next__(self) -> StreamChunk:
         raise TypeError("an async stream is read with 'async for'")

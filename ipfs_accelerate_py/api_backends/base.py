@@ -26,7 +26,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from typing import Any, Callable, Tuple, ClassVar, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence
 
 from . import errors, tracing
 from .adapter import BackendAdapter
@@ -53,7 +53,7 @@ from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, 
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
-from .transport import (HttpRequest, HttpResponse, StreamResponse, ThreadedTransport, Transport,
+from .transport import (HttpRequest, HttpResponse, ThreadedTransport, Transport,
                         make_transport)
 
 __all__ = ["BaseApiBackend", "Endpoint", "TextStream", "build_request"]
@@ -350,75 +350,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
 
     # ------------------------------------------------------------------ one call
     # ``_call`` (retries around one attempt) is RetryMixin._call (mixins/retry.py)
-    def _admit(self, ep: Endpoint, deadline: float, fail_fast: bool,
-               now: float) -> Tuple[bool, float]:
-        """Pass the breaker: wait while the circuit is OPEN (within ``deadline``) unless
-        ``fail_fast``. Returns whether this attempt is a HALF-OPEN probe, and the clock
-        (``now`` plus any wait) as it passed."""
-        if not ep.settings.circuit_breaker_enabled:
-            return False, now
-        try:
-            probe, waited = ep.breaker.admit(deadline, self._closing, wait=not fail_fast, now=now)
-        except errors.CircuitWaitTimeoutError as exc:
-            self._metrics.record_circuit_wait(ep.id, exc.waited)
-            tracing.waited("circuit.wait", exc.waited)
-            raise
-        if waited > 0.001:
-            self._metrics.record_circuit_wait(ep.id, waited)
-            tracing.waited("circuit.wait", waited)
-        return probe, now + waited
-
-    def _guarded(self, ep: Endpoint, deadline: float, read_timeout: float, clip_read: bool,
-                 io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False,
-                 now: Optional[float] = None) -> Any:
-        """One attempt under the breaker: admission (waiting out an OPEN circuit unless
-        ``fail_fast``), an in-flight slot, the deadline, the transport call, and the
-        breaker's verdict (5xx and transport faults count against the server; any other
-        answer proves it alive). A non-2xx reply is raised as its typed error.
-
-        The clock is read once on the way down (``now``, the caller's reading if it has one:
-        breaker, slot and deadline share it, advanced only by what they waited) and once as
-        the reply comes (slot, load report and breaker share that)."""
-        probe, now = self._admit(ep, deadline, fail_fast,
-                                 self._clock.monotonic() if now is None else now)
-        try:
-            waited = ep.limit.acquire(deadline, self._closing, now=now)
-        except BaseException:
-            ep.breaker.release(probe)
-            raise
-        if waited:
-            tracing.waited("in_flight_limit.wait", waited)
-        healthy = False
-        try:
-            remaining = deadline - (now + waited)
-            if remaining <= 0:
-                ep.breaker.release(probe)
-                raise errors.TimeoutError("the call deadline passed before the request was sent",
-                                          sent=False)
-            timeout = (min(ep.settings.connect_timeout, remaining),
-                       min(read_timeout, remaining) if clip_read else read_timeout)
-            ep.enter()
-            try:
-                response = io(timeout)
-            except BaseException as exc:
-                self._transport_failed(ep, probe, exc)
-                raise
-            finally:
-                ep.leave()
-            healthy = response.status < 500
-        finally:
-            now = self._clock.monotonic()  # the one reading as the reply came
-            ep.limit.release(healthy, now=now)
-        self._observe_reply(ep, response.headers, now)  # the server's load report, for routing
-        if response.status >= 400:
-            if isinstance(response, StreamResponse):  # an error reply is a plain body
-                body = b"".join(response.chunks())
-                response.close()
-                response = HttpResponse(response.status, response.headers, body)
-            raise self._error_reply(ep, response, probe)
-        ep.breaker.record_success(probe, now)
-        return response
-
     @staticmethod
     def _transport_failed(ep: Endpoint, probe: bool, exc: BaseException) -> None:
         """The breaker's verdict on an attempt whose transport call raised (both faces): a

@@ -21,25 +21,27 @@ While callers of an open shared call are still reading, a gathering group waits 
 found no company opens a plain stream of its own. A
 4xx on the shared open (one bad prompt fails a list) sends every stream alone.
 
-Reading needs no thread of its own: the caller that wants its next chunk and finds no one
-reading reads one network chunk and sorts its events into every caller's buffer; the others
-wait for it. So the shared call has the solo stream's idle timeout (the transport's read
-timeout). A caller's stream ends when each of its choices has its finish reason (or at
+Reading: the shared call is opened on the client's loop (as a solo stream is: streaming.py)
+and read there by one reader task, which sorts each network read's events into every
+caller's feed (``_pump.Feed``; one hand-over per caller and read), so the shared call has
+the solo stream's idle timeout (the transport's read timeout). A caller's stream ends when each of its choices has its finish reason (or at
 ``[DONE]``); with ``include_usage`` the shared call asks for ``continuous_usage_stats``,
 whose per-event usage is per prompt, so each caller gets its own exact token counts. A
-caller that closes early stops receiving; the call is closed (vLLM aborts the generation)
-when the last caller leaves. An error (an error event, a dropped connection, an idle
+caller that closes early stops receiving; the call is closed (its reader cancelled, vLLM
+aborts the generation) when the last caller leaves. An error (an error event, a dropped connection, an idle
 timeout, no ``[DONE]``) reaches every caller still reading, each with the text it got.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, Hashable, Iterator, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Set
 
 from . import errors, tracing
-from .streaming import TextStream
+from ._loop import Signal
+from ._pump import Feed, Reader, wait_for_room
+from .streaming import TextStream, run_blocking
 from .models import CompletionRequest, StreamChunk, Usage
 from .sse import SSEDecoder
 
@@ -48,8 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = ["join", "stream_key", "SharedTextStream"]
 
-#: Longest single wait on a condition: a bound against a lost wake-up, not a poll interval.
-_MAX_NAP = 1.0
 #: Bytes at most read to finish a call whose callers all got their answer (usage + [DONE]),
 #: so that its connection is reused rather than aborted.
 _DRAIN_BYTES = 64 * 1024
@@ -109,25 +109,25 @@ def _copy_error(exc: BaseException) -> BaseException:
 
 
 class _Member:
-    """One caller's place in a shared call: its prompt slot, buffer and state."""
+    """One caller's place in a shared call: its prompt slot, its feed and state."""
 
     def __init__(self, request: CompletionRequest, start: float, slot: int, n: int) -> None:
         self.request = request
         self.start = start
         self.slot = slot
-        self.buf: Deque[StreamChunk] = deque()
+        self.feed: Optional[Feed] = None  # made when the call opens
+        self.staged: List[StreamChunk] = []  # this network read's chunks, handed over at once
         self.pending: Set[int] = set(range(n))
         self.state = _OPEN
-        self.error: Optional[BaseException] = None
         self.prompt_tokens = 0
         self.choice_tokens: Dict[int, int] = {}
         self.outcome: Any = None  # the stream, an error, or "alone" once the open is decided
-        self.wake: Optional[threading.Condition] = None  # on the group's lock (set by the group)
         self.stream: Optional["SharedTextStream"] = None
 
 
 class _Group:
-    """One shared prompt-list stream: its members and the reading protocol between them."""
+    """One shared prompt-list stream: its members, and its reader task on the client's loop,
+    which sorts every event's choices into the members' feeds."""
 
     def __init__(self, client: Any, ep: Endpoint, key: Hashable, first: CompletionRequest,
                  room: int) -> None:
@@ -142,12 +142,8 @@ class _Group:
         self.usage_every_event = bool(self.usage_wanted and so is not None and so.continuous_usage_stats)
         self.members: List[_Member] = []
         self.decided = threading.Event()
-        self.lock = threading.Lock()
-        self.waiting: List[_Member] = []  # members waiting for a chunk (or to read)
-        self.response: Any = None
-        self.raw: Optional[Iterator[bytes]] = None
-        self.decoder = SSEDecoder()
-        self.reading = False
+        self.lock = threading.Lock()  # the members' states: the reader's and the leavers'
+        self.reader: Optional[Reader] = None
         self.done = False  # [DONE] seen, or the call failed
         self.active = 0
         self.closed_early = False
@@ -156,7 +152,6 @@ class _Group:
     # ------------------------------------------------------------------ opening
     def add(self, request: CompletionRequest, start: float) -> _Member:
         member = _Member(request, start, len(self.members), self.n)
-        member.wake = threading.Condition(self.lock)
         self.members.append(member)
         return member
 
@@ -167,21 +162,30 @@ class _Group:
             update["stream_options"] = so.model_copy(update={"continuous_usage_stats": True})  # type: ignore[union-attr]
         return self.first.model_copy(update=update)
 
-    def open(self, fail_fast: bool) -> None:
-        """Open the shared call (in the gathering caller's thread) and tell every member."""
+    def open(self, fail_fast: bool, op: Any) -> None:
+        """Open the shared call on the client's loop (the gathering caller waits for it; its
+        span, ``op``, is the call's) and tell every member."""
         client, ep = self.client, self.ep
         merged = self.merged()
         rid = client._new_request_id()
         http = client._adapter.format_request(merged, priority=None, request_id=rid)
+        with tracing.working_for(op, rid):
+            headers = tracing.with_trace_context(http.headers)
         deadline = min(m.start for m in self.members) + ep.settings.effective_deadline
-        idle = ep.settings.idle_timeout
+        loop = client._loop
+        signal = Signal(loop)
+        for m in self.members:
+            m.feed = Feed(signal, ep.settings.idle_timeout)
 
-        def attempt(n: int) -> Any:
-            return client._guarded(ep, deadline, idle, False,
-                                   lambda timeout: ep.transport.open_stream(http, timeout), fail_fast)
+        async def open_and_read() -> Reader:
+            response = await client._aopen_reply(ep, http, headers, client._plain_sender(ep),
+                                                 deadline, merged.model, fail_fast, op, rid)
+            reader = Reader(loop, response, Feed(signal, 0.0))
+            reader.start(self._read(response, signal))
+            return reader
 
         try:
-            self.response = client._retry(ep, attempt, deadline, merged.model)
+            self.reader = run_blocking(loop, open_and_read(), deadline)
         except errors.HTTPStatusError as exc:
             if not isinstance(exc, errors.TransientError) and len(self.members) > 1:
                 self._ended_call()
@@ -192,7 +196,6 @@ class _Group:
         except BaseException as exc:  # noqa: BLE001 - every member hears of it
             self._fail_open(exc)
             return
-        self.raw = iter(self.response.chunks())
         self.active = len(self.members)
         reg = _registry(client)
         with reg.cond:
@@ -215,71 +218,72 @@ class _Group:
             m.outcome = outcome(m)
         self.decided.set()
 
-    # ------------------------------------------------------------------ reading
-    def next_chunk(self, member: _Member) -> Optional[StreamChunk]:
-        """The member's next chunk; None at its end. Raises the call's error (a copy).
-
-        Only the members a read gave something are woken (not all: 32 callers woken for
-        every event would cost more than the events), and, when the reader leaves with
-        its own chunk, one waiting member, to read next."""
-        wake = member.wake
-        assert wake is not None
-        chunk: Optional[StreamChunk]
-        with self.lock:
-            while True:
-                if member.buf:
-                    chunk = member.buf.popleft()
-                    break
-                if member.error is not None:
-                    raise member.error
-                if member.state != _OPEN:
-                    chunk = None
-                    break
-                if self.reading:
-                    self.waiting.append(member)
-                    try:
-                        wake.wait(_MAX_NAP)
-                    finally:
-                        self.waiting.remove(member)
-                    continue
-                self.reading = True
-                self.lock.release()
-                try:
-                    self._read_once()
-                except BaseException as exc:  # noqa: BLE001 - every open member hears of it
-                    with self.lock:
-                        self._fail_all(exc)
-                finally:
-                    self.lock.acquire()
-                    self.reading = False
-            if self.waiting and not self.reading:
-                self._wake(self.waiting[0])  # someone else must read now
-        return chunk
-
-    def _wake(self, member: _Member) -> None:
-        if member.wake is not None:
-            member.wake.notify()
-
-    def _read_once(self) -> int:
-        """One network read (its size is returned); its events go to their members' buffers."""
-        raw = next(self.raw, None)  # type: ignore[arg-type]
-        events = self.decoder.flush() if raw is None else self.decoder.feed(raw)
+    # ------------------------------------------------------------------ reading (on the loop)
+    async def _read(self, response: Any, signal: Signal) -> None:
+        """The call's reader: every network read's events, sorted into the members' feeds
+        (one hand-over per member and read); at ``[DONE]`` or an error, every member still
+        reading hears of it. Once every member has its answer it reads on to ``[DONE]``
+        (at most ``_DRAIN_BYTES``) so that the connection is reused rather than aborted."""
+        decoder = SSEDecoder()
         adapter = self.client._adapter
-        with self.lock:
-            for data in events:
-                parsed = adapter.parse_stream_event(self.first, data)
-                if parsed is None:
-                    self.done = True
-                    for m in self.members:
-                        if m.state == _OPEN:
-                            self._end(m)
-                        self._wake(m)
-                    return len(raw or b"")
-                self._dispatch(parsed)
-            if raw is None:
-                raise errors.ResponseError("stream ended without its end marker ([DONE]); "
-                                           "the reply is incomplete")
-        return len(raw)
+        feeds = [m.feed for m in self.members if m.feed is not None]
+        pieces = response.chunks()
+        drained = 0
+        try:
+            async for raw in pieces:
+                with self.lock:
+                    try:
+                        for data in decoder.feed(raw):
+                            parsed = adapter.parse_stream_event(self.first, data)
+                            if parsed is None:
+                                self._all_done()
+                                return
+                            self._dispatch(parsed)
+                    finally:
+                        self._hand_over()
+                    answered = all(m.state != _OPEN for m in self.members)
+                if answered:
+                    drained += len(raw)
+                    if self.closed_early or drained > _DRAIN_BYTES:
+                        return
+                await wait_for_room(feeds, signal)
+            with self.lock:
+                for data in decoder.flush():
+                    if adapter.parse_stream_event(self.first, data) is None:
+                        self._all_done()
+                        return
+            raise errors.ResponseError("stream ended without its end marker ([DONE]); "
+                                       "the reply is incomplete")
+        except asyncio.CancelledError:
+            with self.lock:
+                self._fail_all(errors.ClientClosedError("the shared stream was cancelled "
+                                                        "(client closed)"))
+            raise
+        except BaseException as exc:  # noqa: BLE001 - every open member hears of it
+            with self.lock:
+                self._fail_all(exc)
+        finally:
+            try:
+                await pieces.aclose()
+            finally:
+                await response.aclose()
+
+    def _hand_over(self) -> None:
+        """Each member's chunks of this read go to its feed at once (with the lock held)."""
+        for m in self.members:
+            if m.staged:
+                batch, m.staged = m.staged, []
+                if m.feed is not None:
+                    m.feed.put(batch)
+            if m.state == _ENDED and m.feed is not None:
+                m.feed.end()
+
+    def _all_done(self) -> None:
+        self.done = True
+        for m in self.members:
+            if m.state == _OPEN:
+                self._end(m)
+        self._hand_over()
 
     def _dispatch(self, parsed: List[StreamChunk]) -> None:
         """Sort one event's chunks: choice ``i`` goes to member ``i // n`` as choice ``i % n``;
@@ -302,7 +306,7 @@ class _Group:
                 # renumbered in place: each parsed chunk goes to one member only, and a
                 # copy per event (10 us) was a tenth of the demultiplexing's CPU
                 chunk.index = j
-                m.buf.append(chunk)
+                m.staged.append(chunk)
                 if chunk.finish_reason is not None:
                     m.pending.discard(j)
         if usage is not None and len(owners) == 1 and len(parsed) == 2:
@@ -310,42 +314,45 @@ class _Group:
             m.prompt_tokens = u.prompt_tokens  # type: ignore[union-attr]
             m.choice_tokens[parsed[0].index % self.n] = u.completion_tokens  # type: ignore[union-attr]
             if self.usage_every_event and m.state == _OPEN:
-                m.buf.append(usage)
+                m.staged.append(usage)
         for m in owners:
             if m.state == _OPEN and not m.pending:
                 self._end(m)
-            self._wake(m)
 
     def _end(self, m: _Member) -> None:
         """The member has all its text: its own usage (if asked for) is its last chunk."""
         if self.usage_wanted:
             out = sum(m.choice_tokens.values())
-            m.buf.append(StreamChunk(usage=Usage(prompt_tokens=m.prompt_tokens, completion_tokens=out,
-                                                 total_tokens=m.prompt_tokens + out),
-                                     model=self.first.model or ""))
+            m.staged.append(StreamChunk(usage=Usage(prompt_tokens=m.prompt_tokens, completion_tokens=out,
+                                                    total_tokens=m.prompt_tokens + out),
+                                        model=self.first.model or ""))
         m.state = _ENDED
 
     def _fail_all(self, exc: BaseException) -> None:
+        """The call failed: each member still reading gets its own copy of the error, after
+        the chunks it was given before it."""
         self.done = True
+        self._hand_over()
         for m in self.members:
-            if m.state == _OPEN and m.error is None:
-                m.error = _copy_error(exc)
-            self._wake(m)
+            if m.state == _OPEN and m.feed is not None:
+                m.feed.end(_copy_error(exc))
 
     # ------------------------------------------------------------------ leaving
     def leave(self, member: _Member) -> None:
-        """The member's stream was closed (at its end or early); the last one out closes
-        the call, after reading it to ``[DONE]`` when every member had its answer."""
+        """The member's stream was closed (at its end or early); the last one out ends the
+        call: its reader is stopped (the connection dropped, vLLM aborts) unless every member
+        had its answer, in which case the reader finishes its drain to ``[DONE]`` first."""
         with self.lock:
-            if member.state == _OPEN and member.error is None:
+            if member.state == _OPEN:
                 self.closed_early = True
-            member.state = _CLOSED if member.state == _OPEN else member.state
-            member.buf.clear()
+                member.state = _CLOSED
+            if member.feed is not None:
+                member.feed.leave()
             self.active -= 1
             last = self.active == 0 and not self.released
             if last:
                 self.released = True
-            drain = last and not self.done and not self.closed_early and not self.reading
+            drain = last and not self.done and not self.closed_early
         reg = _registry(self.client)
         with reg.cond:
             _count_down(reg.outstanding, self.key)
@@ -353,14 +360,12 @@ class _Group:
         if not last:
             return
         try:
-            budget = _DRAIN_BYTES if drain else 0
-            while budget > 0 and not self.done:
-                try:
-                    budget -= max(self._read_once(), 1)
-                except BaseException:  # noqa: BLE001 - nobody is left to tell
-                    break
+            reader = self.reader
+            if reader is not None:
+                if drain:
+                    reader.wait(self.ep.settings.idle_timeout + 1.0)
+                reader.close()
         finally:
-            self.response.close()
             self._ended_call()
 
     def _ended_call(self) -> None:
@@ -373,13 +378,15 @@ class _Group:
 
 
 class _Handle:
-    """What a member's ``TextStream`` holds as its "response": closing it leaves the group."""
+    """What a member's ``TextStream`` holds as its "response": its feed, and closing it
+    leaves the group."""
 
-    __slots__ = ("group", "member")
+    __slots__ = ("group", "member", "feed")
 
     def __init__(self, group: _Group, member: _Member) -> None:
         self.group = group
         self.member = member
+        self.feed = member.feed
 
     def close(self) -> None:
         self.group.leave(self.member)
@@ -387,25 +394,16 @@ class _Handle:
 
 class SharedTextStream(TextStream):
     """One caller's stream inside a shared call: its own choices, renumbered from 0, its own
-    usage; everything else (metrics, TTFT, errors with ``partial_text``) as ``TextStream``."""
+    usage; everything else (metrics, TTFT, errors with ``partial_text``) as ``TextStream``.
+    Built in the thread that opened the shared call; its caller then adopts its own span."""
 
-    def _adopt_trace(self) -> Any:
-        return None  # built in the thread that opened the shared call, not its caller's
-
-    def adopt_caller_trace(self) -> None:
+    def adopt_trace(self, op: Any) -> None:
         """In the caller's thread: take the span ``stream()`` started for this caller."""
-        self._trace = tracing.stream_opened(self)
-
-    def _chunks(self) -> Iterator[StreamChunk]:
-        handle: _Handle = self._response
-        while True:
-            chunk = handle.group.next_chunk(handle.member)
-            if chunk is None:
-                return
-            yield chunk
+        self._trace = tracing.stream_adopted(self, op)
 
 
-def join(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional["SharedTextStream"]:
+def join(client: Any, ep: Endpoint, request: Any, fail_fast: bool,
+         op: Any = None) -> Optional["SharedTextStream"]:
     """A stream sharing a call with others, or None: the caller opens it alone (at once)."""
     key = stream_key(client, ep, request, fail_fast)
     if key is None:
@@ -433,7 +431,7 @@ def join(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional["
                 return None  # no company came: a plain stream of its own
             reg.open[key] = reg.open.get(key, 0) + 1
     if member.slot == 0:
-        group.open(fail_fast)
+        group.open(fail_fast, op)
     elif not group.decided.wait(settings.effective_deadline + 1.0):
         raise errors.TimeoutError("the shared stream this request joined did not open within "
                                   "its deadline", sent=False)

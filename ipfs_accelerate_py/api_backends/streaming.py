@@ -5,26 +5,43 @@ metrics as any request; a compatible concurrent stream may share one prompt-list
 instead (``stream_batching``, whose ``SharedTextStream`` subclasses ``TextStream``). What an
 open stream holds (its connection, its place in ``current_requests``) is a ``_StreamLease``,
 released exactly once: at the end, on close, or when the stream is dropped unread.
+
+One asyncio core, two faces: every stream opens by ``_aopen_reply`` (retry, breaker, slot,
+as coroutines). A sync caller's stream opens on the client's loop (the caller's thread
+waits for it) and is read there by a reader task that hands the caller its chunks
+(``_pump``); the bytes move by aiohttp, or, for a transport the caller gave or one with
+proxies, by that sync transport in the client's executor (``transport.ThreadedStream``).
+The async face (async_face.py) opens by the same coroutine on its caller's loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, Generator, Iterator, List, Optional, cast
+from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
+from typing import (TYPE_CHECKING, Any, Coroutine, Dict, Generator, Iterator, List, Optional,
+                    TypeVar, cast)
 
 from . import errors, tracing
-from .clock import Clock
-from .errors import ApiError, ConfigurationError, TransientError
+from ._loop import ClientLoop, Signal
+from ._pump import Feed, Reader, read_reply
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError
 from .limits import cap_request
 from .mixins._host import Host, HostBase
 from .models import Request, StreamChunk, Usage
 from .sse import SSEDecoder
+from .transport import HttpRequest
 
 if TYPE_CHECKING:
     from .base import Endpoint
     from .stream_batching import _Registry
 
-__all__ = ["StreamingMixin", "TextStream", "ReplyChunks"]
+__all__ = ["StreamingMixin", "TextStream", "ReplyChunks", "run_blocking"]
+
+T = TypeVar("T")
+#: Seconds past an opening's deadline its caller waits for the loop (see ``run_blocking``).
+_OPEN_GRACE = 2.0
 
 
 class ReplyChunks:
@@ -59,7 +76,8 @@ class ReplyChunks:
 
 
 class StreamingMixin(HostBase):
-    """``stream()``: one open stream of ``StreamChunk``s, alone or sharing a call."""
+    """``stream()``: one open stream of ``StreamChunk``s, alone or sharing a call; and the
+    opening coroutine both faces share (``_aopen_reply``)."""
 
     #: the shared prompt-list streams gathering or open (stream_batching.py)
     _stream_batches: "_Registry"
@@ -73,10 +91,14 @@ class StreamingMixin(HostBase):
         """Open a stream now (errors raise here) and return an iterator of ``StreamChunk``.
 
         An OPEN circuit is waited out before the first byte, within the deadline, unless
-        ``fail_fast``."""
+        ``fail_fast``. The opening and the reading run on the client's loop; the caller's
+        thread waits for them (not from the loop itself: use ``astream`` there)."""
         self._check_open()
         if not self._adapter.supports_streaming:
             raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
+        if self._loop.in_loop():
+            raise ConfigurationError("a sync stream from the client's event loop would never "
+                                     "open; use astream() there", field="stream")
         routed = self._routed_stream(request) if endpoint_id is None else None
         if routed is not None:
             return routed
@@ -87,35 +109,83 @@ class StreamingMixin(HostBase):
             request = request.model_copy(update={"model": ep.settings.model})
         request = cap_request(self, request)
         rid = self._new_request_id()
-        tracing.stream_opening(self, ep, request, rid)  # this caller's span, alone or shared
+        op = tracing.stream_started(self, ep, request, rid)  # this caller's span, alone or shared
+        ff = self._fail_fast(ep, fail_fast)
         from . import stream_batching  # it subclasses TextStream (below): imported late
         try:
-            shared = stream_batching.join(self, ep, request, self._fail_fast(ep, fail_fast))
+            shared = stream_batching.join(self, ep, request, ff, op)
         except BaseException as exc:
-            tracing.stream_failed(exc)
+            tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
             raise
         if shared is not None:  # it shares one prompt-list stream with others (stream_batching.py)
-            shared.adopt_caller_trace()
+            shared.adopt_trace(op)
             return shared
         http = self._adapter.format_request(request, priority=None, request_id=rid)
         start = self._clock.monotonic()
         deadline = start + ep.settings.effective_deadline
-        idle = ep.settings.idle_timeout
-        ff = self._fail_fast(ep, fail_fast)
-
-        def attempt(n: int) -> Any:
-            return self._guarded(ep, deadline, idle, False,
-                                 lambda timeout: ep.transport.open_stream(http, timeout), ff)
-
         try:
-            resp = self._retry(ep, attempt, deadline, request.model)
+            reader = self._open_on_loop(ep, request, http, deadline, ff, op, rid)
         except BaseException as exc:
-            tracing.stream_failed(exc)
+            tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
             self._metrics.record_request(ep.id, request.model, False,
                                          self._clock.monotonic() - start,
                                          error_type=type(exc).__name__, stream=True)
             raise
-        return TextStream(self, ep, request, resp, start)
+        return TextStream(self, ep, request, reader, start, op)
+
+    def _open_on_loop(self, ep: "Endpoint", request: Request, http: HttpRequest,
+                      deadline: float, fail_fast: bool, op: Any, rid: str) -> Reader:
+        """From the caller's thread: open the reply on the client's loop (``_aopen_reply``)
+        and start its reader there; the caller then reads the reader's feed."""
+        with tracing.working_for(op, rid):
+            headers = tracing.with_trace_context(http.headers)  # the stream's span, not the loop's
+        loop = self._loop
+        room = Signal(loop)
+        feed = Feed(room, ep.settings.idle_timeout)
+
+        async def open_and_read() -> Reader:
+            response = await self._aopen_reply(ep, http, headers, self._plain_sender(ep),
+                                               deadline, request.model, fail_fast, op, rid)
+            reader = Reader(loop, response, feed)
+            reader.start(read_reply(response, self._adapter, request, feed, room))
+            return reader
+
+        return run_blocking(loop, open_and_read(), deadline)
+
+    async def _aopen_reply(self, ep: "Endpoint", http: HttpRequest, headers: Dict[str, str],
+                           sender: Any, deadline: float, model: Optional[str], fail_fast: bool,
+                           op: Any, rid: str) -> Any:
+        """Open one streamed reply: the retry loop (before the first byte only) around one
+        attempt under the breaker and the in-flight slot (``_aguarded``), by ``sender``
+        (aiohttp, or a ``ThreadedTransport``). Span events go on ``op``. Both faces and the
+        shared streams open here."""
+        async def attempt(n: int) -> Any:
+            return await self._aguarded(
+                ep, deadline, ep.settings.idle_timeout, False,
+                lambda timeout: sender.open_stream(http, timeout, headers), fail_fast,
+                op=op, rid=rid)
+
+        def retrying(exc: BaseException, attempt: int, wait: float) -> None:
+            with tracing.working_for(op, rid):
+                tracing.retrying(exc, attempt, wait)
+
+        return await self._aretry(ep, attempt, deadline, model, on_retry=retrying)
+
+
+def run_blocking(loop: ClientLoop, coro: Coroutine[Any, Any, T], deadline: float,
+                 clock: Clock = SYSTEM_CLOCK) -> T:
+    """Run ``coro`` (an opening) on the client's loop and wait for it, a little past its
+    deadline at most: the coroutine itself stops at the deadline, so the bound only guards
+    against a loop that stopped (the client closed) under it."""
+    future = asyncio.run_coroutine_threadsafe(coro, loop.loop)
+    try:
+        return future.result(max(0.0, deadline - clock.monotonic()) + _OPEN_GRACE)
+    except FutureTimeout:
+        if not future.cancel() and future.done() and future.exception() is None:
+            return future.result()  # it opened just now: the caller takes it (and closes it)
+        raise errors.TimeoutError("the stream did not open within its deadline") from None
+    except CancelledError:
+        raise ClientClosedError("client closed while the stream was opening") from None
 
 
 class _StreamLease:
@@ -157,7 +227,7 @@ class TextStream:
     without being read to its end or closed is closed when it is garbage-collected."""
 
     def __init__(self, client: Host, ep: Endpoint, request: Request, response: Any,
-                 start: float) -> None:
+                 start: float, op: Any = None) -> None:
         self._client = client
         self._ep = ep
         self._request = request
@@ -169,13 +239,9 @@ class TextStream:
         self.finish_reasons: Dict[int, Optional[str]] = {}
         self._gen = self._run()
         self._lease = _StreamLease(ep, response)
-        self._trace = self._adopt_trace()  # its span, ended in _finish (tracing.py)
+        self._trace = tracing.stream_adopted(self, op)  # its span, ended in _finish (tracing.py)
         weakref.finalize(self, _release_dropped_stream, self._lease, client._metrics,
                          client._clock, request.model, start)
-
-    def _adopt_trace(self) -> Any:
-        """The span ``stream()`` started in this thread (see ``tracing.stream_opening``)."""
-        return tracing.stream_opened(self)
 
     @property
     def text(self) -> str:
@@ -205,14 +271,11 @@ class TextStream:
             self.close()
 
     def _chunks(self) -> Iterator[StreamChunk]:
-        """The reply's chunks in order; returns at the end marker, raises if it never came.
-        (A stream sharing one call with others reads its own choices instead: stream_batching.)"""
-        reply = ReplyChunks(self._client._adapter, self._request)
-        for raw in self._response.chunks():
-            yield from reply.feed(raw)
-            if reply.ended:
-                return
-        reply.finish()
+        """The reply's chunks in order, as the reader on the client's loop hands them over
+        (``_pump``); returns at the end marker, raises if it never came. (A stream sharing
+        one call with others gets its own choices the same way: stream_batching.)"""
+        feed: Feed = self._response.feed
+        return feed.chunks()
 
     def _run(self) -> Generator[StreamChunk, None, None]:
         error: Optional[BaseException] = None

@@ -42,7 +42,7 @@ from . import _otel
 __all__ = ["configure", "job_created", "job_started", "shared_call_started",
            "shared_call_ended", "retrying", "waited", "circuit_changed", "in_span",
            "stream_started", "working_for", "stream_adopted",
-           "stream_opening", "stream_failed", "stream_opened", "stream_finished",
+           "stream_finished",
            "with_trace_context", "RequestLogFilter"]
 
 T = TypeVar("T")
@@ -65,10 +65,8 @@ class _Local:
     __slots__ = ()
     _vars: Dict[str, "contextvars.ContextVar[Any]"] = {
         name: contextvars.ContextVar(f"ipfs_accelerate.{name}", default=None)
-        for name in ("rid", "future", "op", "span", "pending")}
-    #: rid (str), future (once done, ``rid`` no longer describes the work), op (_Op), span,
-    #: pending: set by ``stream_opening`` until the stream opened or failed: its operation
-    #: and what the thread was doing before
+        for name in ("rid", "future", "op", "span")}
+    #: rid (str), future (once done, ``rid`` no longer describes the work), op (_Op), span
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -287,7 +285,7 @@ def shared_call_ended() -> None:
 
 # ---------------------------------------------------------------- events on the current span
 def retrying(error: BaseException, attempt: int, delay: float) -> None:
-    """``call_with_retries``' ``on_retry``: attempt ``attempt`` failed, the next in ``delay`` s."""
+    """``acall_with_retries``' ``on_retry``: attempt ``attempt`` failed, the next in ``delay`` s."""
     op = _local.op
     if op is None:
         return
@@ -368,8 +366,8 @@ async def ain_span(name: str, fn: Callable[[], Awaitable[T]], **attributes: Any)
 # ---------------------------------------------------------------- streams
 def stream_started(client: Any, ep: Any, request: Any, rid: str) -> Optional[_Op]:
     """A stream's operation (None when nothing is configured), under the caller's context.
-    An async stream keeps it itself: the coroutines of a loop share one thread, so its
-    events and trace headers go through ``working_for`` (async_face.py)."""
+    The stream keeps it itself (both faces open on a loop, whose coroutines share one
+    thread), so its events and trace headers go through ``working_for``."""
     telemetry = _otel.current()
     if telemetry is None:
         return None
@@ -389,37 +387,6 @@ def working_for(op: Optional[_Op], rid: str) -> Iterator[None]:
         yield
     finally:
         _local.rid, _local.future, _local.op, _local.span = saved
-
-
-def stream_opening(client: Any, ep: Any, request: Any, rid: str) -> None:
-    """``stream()``, caller's thread, before the first attempt."""
-    saved = (_local.rid, _local.future, _local.op, _local.span)
-    op = stream_started(client, ep, request, rid)
-    _local.pending = (op, saved)
-    _local.rid, _local.future, _local.op = rid, None, op
-    _local.span = op.span if op is not None else None
-
-
-def _clear() -> Optional[_Op]:
-    """The stream ``stream_opening`` announced, if any; the thread's state as before it."""
-    pending, _local.pending = _local.pending, None
-    if pending is None:
-        return None  # a stream made elsewhere (a shared stream's member)
-    op, (_local.rid, _local.future, _local.op, _local.span) = pending
-    return op
-
-
-def stream_failed(error: BaseException) -> None:
-    """The stream could not be opened."""
-    op = _clear()
-    if op is not None:
-        op.finish(error=error)
-
-
-def stream_opened(stream: Any) -> Optional[_Op]:
-    """The stream is open: hand its operation over to it (ended when it is collected
-    unread, too)."""
-    return stream_adopted(stream, _clear())
 
 
 def stream_adopted(stream: Any, op: Optional[_Op]) -> Optional[_Op]:

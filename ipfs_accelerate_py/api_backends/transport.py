@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import json
 import logging
 import socket
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
 
 import requests
 import urllib3.exceptions
@@ -45,7 +47,8 @@ from .settings import MAX_RESPONSE_BYTES
 from .tracing import with_trace_context
 
 __all__ = ["HttpRequest", "HttpResponse", "StreamResponse", "Transport", "RequestsTransport",
-           "HttpClientTransport", "Headers", "make_transport", "dumps", "ThreadedTransport"]
+           "HttpClientTransport", "Headers", "make_transport", "dumps", "ThreadedTransport",
+           "ThreadedStream"]
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +337,9 @@ def make_transport(base_url: str, api_key: Optional[str] = None, pool_size: int 
 
 
 class ThreadedTransport:
-    """A sync ``Transport`` as the client's event loop uses one: each ``send`` runs in a
-    thread of ``executor`` and is awaited there. For what aiohttp does not replace: a
+    """A sync ``Transport`` as the client's event loop uses one: each ``send`` and
+    ``open_stream`` runs in a thread of ``executor`` and is awaited there, and so is each
+    read of a stream (``ThreadedStream``). For what aiohttp does not replace: a
     ``transport_factory`` the caller gave (a test's scripted transport, a custom seam) and
     ``RequestsTransport`` (proxies, ``trust_env``). The task's context goes with the call,
     so the trace headers the transport adds are the task's request's."""
@@ -350,3 +354,91 @@ class ThreadedTransport:
         call = contextvars.copy_context().run
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, call, self.transport.send, request, timeout)
+
+    async def open_stream(self, request: HttpRequest, timeout: Tuple[float, float],
+                          headers: Optional[Dict[str, str]] = None) -> "ThreadedStream":
+        """``AioTransport.open_stream``'s face: ``headers`` (the stream's, trace context
+        included) replace the request's."""
+        if headers is not None and headers is not request.headers:
+            request = dataclasses.replace(request, headers=headers)
+        call = contextvars.copy_context().run
+        response = await asyncio.get_running_loop().run_in_executor(
+            self._executor, call, self.transport.open_stream, request, timeout)
+        return ThreadedStream(response, self._executor)
+
+
+class ThreadedStream:
+    """A sync ``StreamResponse`` read from a loop: each read runs in a thread of the executor
+    (``async for piece in chunks()``). ``close`` may come from any thread while a read is
+    under way (a reader cancelled on the loop, a consumer leaving): the sync transports'
+    responses are not made for two threads at once, so a close that finds a read in flight
+    is left to the read's thread, which closes the response as the read returns (within
+    the read timeout); otherwise it closes at once."""
+
+    __slots__ = ("_response", "_executor", "_pieces", "_lock", "_reading", "_inflight",
+                 "closed", "status", "headers")
+
+    def __init__(self, response: StreamResponse, executor: Any) -> None:
+        self._response = response
+        self._executor = executor
+        self._pieces = iter(response.chunks())
+        self._lock = threading.Lock()
+        self._reading = False
+        self._inflight: Optional["Future[Optional[bytes]]"] = None
+        self.closed = False
+        self.status = response.status
+        self.headers = response.headers
+
+    def _read(self) -> Optional[bytes]:
+        try:
+            return next(self._pieces, None)
+        finally:
+            with self._lock:
+                self._reading = False
+                late = self.closed
+            if late:
+                self._response.close()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; each read waits at most the transport's read timeout."""
+        while True:
+            with self._lock:
+                if self.closed:
+                    return
+                self._reading = True
+            self._inflight = read = self._executor.submit(self._read)
+            try:
+                piece = await asyncio.wrap_future(read)
+            except asyncio.CancelledError:
+                if read.cancelled():  # it never started: no thread will close for it
+                    with self._lock:
+                        self._reading = False
+                raise
+            if piece is None:
+                return
+            yield piece
+
+    async def read_body(self) -> bytes:
+        """The whole body of an error reply (the transport caps it), then closed."""
+        parts = [piece async for piece in self.chunks()]
+        self.close()
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        """``close``, and wait for a read still under way in its thread (a cancelled reader
+        leaves one behind): once this returns the connection is closed."""
+        read = self._inflight
+        self.close()
+        if read is not None and not read.done():
+            await asyncio.wait({asyncio.wrap_future(read)})
+        self._response.close()  # no read is under way now (idempotent)
+
+    def close(self) -> None:
+        """Drop the connection (unless read to its end; see the transport). Idempotent."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            busy = self._reading
+        if not busy:
+            self._response.close()

@@ -16,7 +16,7 @@ from ipfs_accelerate_py.api_backends.mixins.circuit_breaker import CLOSED, HALF_
 from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Series
 from ipfs_accelerate_py.api_backends._loop import ClientLoop, Signal
 from ipfs_accelerate_py.api_backends.mixins.queue import Dispatcher, Job, PriorityRequestQueue
-from ipfs_accelerate_py.api_backends.mixins.retry import RetryPolicy, call_with_retries
+from ipfs_accelerate_py.api_backends.mixins.retry import RetryPolicy, acall_with_retries
 from ipfs_accelerate_py.api_backends.models import (ChatBatchRequest, ChatRequest, Choice, CompletionRequest,
                                                     CompletionResult, Usage)
 from support import wait_until
@@ -230,6 +230,20 @@ def test_retry_after_is_honoured_and_capped():
     assert policy.delay(errors.RateLimitError("slow", retry_after=30.0), 0) == 3.0
 
 
+def run_retries(attempt_fn, policy, deadline, clock=SYSTEM_CLOCK, cancel=None, on_retry=None):
+    """``acall_with_retries`` over a plain ``attempt_fn``, its waits the client's way: the
+    clock's sleep, which a set ``cancel`` (the client closing) ends with ClientClosedError."""
+    async def attempt(n):
+        return attempt_fn(n)
+
+    async def sleep(seconds, doing):
+        if not clock.sleep(seconds, cancel):
+            raise errors.ClientClosedError(f"client closed while {doing}")
+
+    return asyncio.run(acall_with_retries(attempt, policy, deadline, clock, sleep,
+                                          on_retry=on_retry))
+
+
 @pytest.mark.parametrize("error,retried", [
     (errors.ConnectionError("refused"), True),
     (errors.TimeoutError("read"), True),
@@ -253,7 +267,7 @@ def test_retry_classification(error, retried):
         raise error
 
     with pytest.raises(type(error)):
-        call_with_retries(attempt, RetryPolicy(max_retries=2, rng=lambda: 0.5), deadline=1e9,
+        run_retries(attempt, RetryPolicy(max_retries=2, rng=lambda: 0.5), deadline=1e9,
                           clock=clock)
     assert len(calls) == (3 if retried else 1)
 
@@ -267,7 +281,7 @@ def test_retry_counts_honestly_and_succeeds():
             raise errors.ServerError("boom", status_code=503)
         return "ok"
 
-    out = call_with_retries(attempt, RetryPolicy(max_retries=5, retry_delay=1, rng=lambda: 0.5),
+    out = run_retries(attempt, RetryPolicy(max_retries=5, retry_delay=1, rng=lambda: 0.5),
                             deadline=clock.now + 100, clock=clock,
                             on_retry=lambda e, a, w: seen.append(a))
     assert out == "ok" and seen == [0, 1] and len(clock.sleeps) == 2
@@ -280,7 +294,7 @@ def test_retry_stops_at_the_deadline():
         raise errors.ConnectionError("down")
 
     with pytest.raises(errors.TimeoutError) as info:
-        call_with_retries(attempt, RetryPolicy(max_retries=100, retry_delay=1, rng=lambda: 1.0),
+        run_retries(attempt, RetryPolicy(max_retries=100, retry_delay=1, rng=lambda: 1.0),
                           deadline=clock.now + 5, clock=clock)
     assert "deadline" in str(info.value)
     assert sum(clock.sleeps) <= 5
@@ -297,7 +311,7 @@ def test_a_retrying_call_waits_for_the_circuit_probe_window():
             raise out
         return out, n
 
-    result = call_with_retries(attempt, RetryPolicy(max_retries=1, retry_delay=0.1, rng=lambda: 0.0),
+    result = run_retries(attempt, RetryPolicy(max_retries=1, retry_delay=0.1, rng=lambda: 0.0),
                                deadline=clock.now + 60, clock=clock)
     # one real retry (attempt 1); the two circuit waits used no retry budget
     assert result == ("ok", 1)
@@ -311,7 +325,7 @@ def test_a_fresh_call_is_rejected_at_once_by_an_open_circuit():
         raise errors.CircuitOpenError("open", retry_in=1.0)
 
     with pytest.raises(errors.CircuitOpenError):
-        call_with_retries(attempt, RetryPolicy(max_retries=5), deadline=clock.now + 60, clock=clock)
+        run_retries(attempt, RetryPolicy(max_retries=5), deadline=clock.now + 60, clock=clock)
     assert clock.sleeps == []
 
 
@@ -323,7 +337,7 @@ def test_a_circuit_wait_never_passes_the_deadline():
         raise outcomes.pop(0)
 
     with pytest.raises(errors.CircuitOpenError):
-        call_with_retries(attempt, RetryPolicy(max_retries=3, retry_delay=0.1, max_retry_delay=20.0,
+        run_retries(attempt, RetryPolicy(max_retries=3, retry_delay=0.1, max_retry_delay=20.0,
                                                rng=lambda: 0.0),
                           deadline=clock.now + 5, clock=clock)
     assert sum(clock.sleeps) < 5
@@ -339,7 +353,7 @@ def test_a_probe_window_beyond_the_longest_backoff_fails_the_call_at_once():
         raise outcomes.pop(0)
 
     with pytest.raises(errors.CircuitOpenError) as info:
-        call_with_retries(attempt, RetryPolicy(max_retries=3, retry_delay=0.1, max_retry_delay=8.0,
+        run_retries(attempt, RetryPolicy(max_retries=3, retry_delay=0.1, max_retry_delay=8.0,
                                                rng=lambda: 0.0),
                           deadline=clock.now + 600, clock=clock)
     assert info.value.retry_in == 120.0
@@ -354,7 +368,7 @@ def test_retry_wait_is_cut_short_by_close():
         raise errors.ConnectionError("down")
 
     with pytest.raises(errors.ClientClosedError):
-        call_with_retries(attempt, RetryPolicy(max_retries=3), deadline=1e12, cancel=cancel)
+        run_retries(attempt, RetryPolicy(max_retries=3), deadline=1e12, cancel=cancel)
 
 
 # ------------------------------------------------------------------ queue
@@ -678,6 +692,6 @@ def test_a_fail_fast_call_waits_for_probe_windows_no_longer_than_one_longest_bac
 
     policy = RetryPolicy(max_retries=3, retry_delay=0.1, max_retry_delay=2.0, rng=lambda: 0.0)
     with pytest.raises(errors.CircuitOpenError):
-        call_with_retries(attempt, policy, deadline=clock.monotonic() + 300, clock=clock)
+        run_retries(attempt, policy, deadline=clock.monotonic() + 300, clock=clock)
     circuit_waits = clock.sleeps[1:]  # the first sleep is the backoff after the drop
     assert circuit_waits and sum(circuit_waits) <= 2.0

@@ -11,18 +11,19 @@ member declared here and defined nowhere makes the client abstract, an error for
 Who provides what (and who uses it):
 
 * the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, its event loop,
-  lifecycle, a stream's attempt from a thread (``_guarded``) and the request paths
-  (``submit``, ``stream``, ``run_inference``);
+  lifecycle and the request paths (``submit``, ``stream``, ``run_inference``);
 * ``attempt.AttemptMixin``: one attempt as a coroutine (``_asend``, ``_aguarded``), the
-  transports of a loop, ``_asleep`` (batching, retry, the async face);
+  transports of a loop (``_aio_transport``, ``_plain_sender``), ``_asleep`` (batching,
+  retry, streaming, the async face);
+* ``streaming.StreamingMixin``: ``_aopen_reply``, the opening of a streamed reply that
+  both faces and the shared streams use;
 * ``metrics.MetricsMixin``: ``_metrics``, ``_finish``, ``_record_unsent`` (batching, retry,
   circuit waiting, streaming);
 * ``queue.QueueMixin``: ``current_requests`` (metrics);
 * ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics);
 * ``circuit_wait.CircuitWaitMixin``: ``_can_wait_for_circuits``, ``_wait_for_any_circuit``
   (routing);
-* ``retry.RetryMixin``: ``_call`` (batching), ``_retry`` (streaming), ``_aretry`` (the async
-  face); ``routing.RoutingMixin``:
+* ``retry.RetryMixin``: ``_call`` (batching), ``_aretry`` (streaming); ``routing.RoutingMixin``:
   ``_routed_stream`` (streaming), and the routing choice the async face makes itself
   (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``, ``_observe_reply``);
 * the client again, for the async face: the breaker's verdicts (``_transport_failed``,
@@ -114,9 +115,12 @@ class Host(Protocol):
 
     def _aio_transport(self, ep: "Endpoint") -> "AioTransport": ...
 
-    def _guarded(self, ep: "Endpoint", deadline: float, read_timeout: float, clip_read: bool,
-                 io: Callable[[Tuple[float, float]], Any], fail_fast: bool = False,
-                 now: Optional[float] = None) -> Any: ...
+    def _plain_sender(self, ep: "Endpoint") -> Any: ...
+
+    # -- streaming.StreamingMixin
+    async def _aopen_reply(self, ep: "Endpoint", http: "HttpRequest", headers: Dict[str, str],
+                           sender: Any, deadline: float, model: Optional[str], fail_fast: bool,
+                           op: Any, rid: str) -> Any: ...
 
     # -- metrics.MetricsMixin
     def _finish(self, ep: "Endpoint", job: Job, start: float,
@@ -151,10 +155,6 @@ class Host(Protocol):
                       last_attempt: Optional[int] = None, fresh_id: bool = False,
                       on_retry: Optional[Callable[[BaseException, int, float], None]] = None
                       ) -> T: ...
-
-    def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
-               model: Optional[str], first_attempt: int = 0,
-               last_attempt: Optional[int] = None, fresh_id: bool = False) -> T: ...
 
     def _routed_stream(self, request: Any) -> Any: ...
 

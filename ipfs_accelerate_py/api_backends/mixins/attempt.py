@@ -1,13 +1,13 @@
 """One attempt, as a coroutine: breaker admission, an in-flight slot, the transport, the verdict.
 
-Every complete request runs its attempts here, on the client's event loop (``_loop.py``),
-and so do the async face's streams on their caller's loop. Nothing here blocks a loop: the
+Every complete request and every sync stream runs its attempts here, on the client's event
+loop (``_loop.py``), and so do the async face's streams on their caller's loop. Nothing here blocks a loop: the
 breaker's and the limit's locks guard state for microseconds; an OPEN circuit is waited out
 by a future the prober's thread settles (or, with no prober, until the breaker's next probe
 window); a slot by the limit's FIFO line; a retry's backoff by a timer that ``close()`` cuts
 short.
 
-The bytes of a complete request move by aiohttp (``_aio_transport``), unless the endpoint's
+The bytes of a complete request or a sync stream move by aiohttp (``_aio_transport``), unless the endpoint's
 transport is one aiohttp does not replace: one from a ``transport_factory`` the caller gave,
 or ``requests`` for proxies and ``trust_env``; such a transport is called in a thread of the
 client's executor (``transport.ThreadedTransport``).
@@ -193,7 +193,11 @@ class AttemptMixin(HostBase):
                         f"waited {now - start:.2f}s for the circuit of {ep.id} "
                         f"({ep.breaker.state}); the call deadline passed before it closed, and "
                         "the request was never sent", waited=now - start, endpoint=ep.id) from None
-                await self._circuit_change(ep, deadline, exc.retry_in or 0.0)
+                ep.breaker.enter_wait()
+                try:
+                    await self._circuit_change(ep, deadline, exc.retry_in or 0.0)
+                finally:
+                    ep.breaker.leave_wait()
                 now = clock.monotonic()
         self._note_circuit_wait(ep, now - start, op, rid)
         return probe, now

@@ -126,8 +126,18 @@ class CircuitBreaker:
 
     @property
     def waiting(self) -> int:
-        """Callers waiting in ``admit`` for the circuit to close right now."""
+        """Callers waiting for the circuit to close right now (in ``admit``, or a coroutine
+        between ``enter_wait`` and ``leave_wait``)."""
         return self._waiting
+
+    def enter_wait(self) -> None:
+        """A coroutine waits for the circuit (mixins/attempt.py): counted in ``waiting``."""
+        with self._lock:
+            self._waiting += 1
+
+    def leave_wait(self) -> None:
+        with self._lock:
+            self._waiting -= 1
 
     def open_error(self) -> CircuitOpenError:
         """The ``CircuitOpenError`` a fail-fast caller gets now (with ``retry_in``)."""

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 from .. import tracing
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import (ApiError, CircuitOpenError, ClientClosedError, HTTPStatusError,
+from ..errors import (ApiError, CircuitOpenError, HTTPStatusError,
                       TimeoutError, TransientError)
 from ..models import CompletionResult, Request
 from ._host import HostBase
 
-__all__ = ["RetryPolicy", "RetryMixin", "call_with_retries", "acall_with_retries", "circuit_wait",
+__all__ = ["RetryPolicy", "RetryMixin", "acall_with_retries", "circuit_wait",
            "retry_wait"]
 
 #: Shortest wait for a circuit's probe window (HALF-OPEN with its probe already out says 0).
@@ -95,7 +94,7 @@ def retry_wait(error: ApiError, attempt: int, policy: RetryPolicy, deadline: flo
 def circuit_wait(error: CircuitOpenError, attempt: int, policy: RetryPolicy, deadline: float,
                  waited: float = 0.0, clock: Clock = SYSTEM_CLOCK) -> float:
     """Seconds a call caught by an outage waits for the circuit's next probe window before
-    attempt ``attempt`` is made again (see ``call_with_retries``; the async face waits the
+    attempt ``attempt`` is made again (see ``acall_with_retries``; the async face waits the
     same); raises ``error`` when it must not wait: a fresh call (attempt 0), a window
     further off than ``max_retry_delay``, the deadline, or ``waited`` (its circuit waits so
     far) plus this one over that budget."""
@@ -112,11 +111,12 @@ def circuit_wait(error: CircuitOpenError, attempt: int, policy: RetryPolicy, dea
     return wait
 
 
-def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadline: float,
-                      clock: Clock = SYSTEM_CLOCK, cancel: Optional[threading.Event] = None,
-                      on_retry: Optional[Callable[[BaseException, int, float], None]] = None,
-                      first_attempt: int = 0, last_attempt: Optional[int] = None) -> T:
-    """Run ``attempt_fn(attempt)`` until it returns, a non-retryable error, or the deadline.
+async def acall_with_retries(attempt_fn: Callable[[int], Awaitable[T]], policy: RetryPolicy,
+                             deadline: float, clock: Clock,
+                             sleep: Callable[[float, str], Awaitable[None]],
+                             on_retry: Optional[Callable[[BaseException, int, float], None]] = None,
+                             first_attempt: int = 0, last_attempt: Optional[int] = None) -> T:
+    """Run ``await attempt_fn(attempt)`` until it returns, a non-retryable error, or the deadline.
 
     A call that is already retrying when the circuit opens (it was caught by the outage)
     waits for the breaker's next probe window, within its deadline, instead of failing:
@@ -129,35 +129,10 @@ def call_with_retries(attempt_fn: Callable[[int], T], policy: RetryPolicy, deadl
     ``first_attempt`` numbers the first attempt made here (a call that carries on the
     attempts of an earlier one, as the halves of a failed shared call do); after attempt
     ``last_attempt`` its error is raised as it is, for the caller to retry in its own way.
+
+    Each wait is ``await sleep(s, doing)`` (the client's ``_asleep``, which a closing
+    client cuts short).
     """
-    attempt = first_attempt
-    circuit_waited = 0.0
-    while True:
-        try:
-            return attempt_fn(attempt)
-        except CircuitOpenError as exc:
-            wait = circuit_wait(exc, attempt, policy, deadline, circuit_waited, clock)
-            circuit_waited += wait
-            if not clock.sleep(wait, cancel):
-                raise ClientClosedError("client closed while waiting for the circuit") from exc
-        except ApiError as exc:
-            if last_attempt is not None and attempt >= last_attempt:
-                raise
-            wait = retry_wait(exc, attempt, policy, deadline, clock)
-            if on_retry is not None:
-                on_retry(exc, attempt, wait)
-            attempt += 1
-            if not clock.sleep(wait, cancel):
-                raise ClientClosedError("client closed while waiting to retry") from exc
-
-
-async def acall_with_retries(attempt_fn: Callable[[int], Awaitable[T]], policy: RetryPolicy,
-                             deadline: float, clock: Clock,
-                             sleep: Callable[[float, str], Awaitable[None]],
-                             on_retry: Optional[Callable[[BaseException, int, float], None]] = None,
-                             first_attempt: int = 0, last_attempt: Optional[int] = None) -> T:
-    """``call_with_retries`` for coroutines: the same rules, each wait ``await sleep(s,
-    doing)`` (the client's ``_asleep``, which a closing client cuts short)."""
     attempt = first_attempt
     circuit_waited = 0.0
     while True:
@@ -186,8 +161,8 @@ class RetryMixin(HostBase):
                     last_attempt: Optional[int] = None,
                     fresh_id: bool = False) -> CompletionResult:
         """Send ``request`` with retries; parse the reply. Raises typed errors only.
-        ``first_attempt`` / ``last_attempt``: see ``call_with_retries``; ``fresh_id``: see
-        ``_retry``. Here, not in the client, so that a job's call enters this layer once
+        ``first_attempt`` / ``last_attempt``: see ``acall_with_retries``; ``fresh_id``: see
+        ``_aretry``. Here, not in the client, so that a job's call enters this layer once
         and goes on down (``_asend``: breaker, slot, transport) from it.
 
         With ``forward_priority`` the server gets the request's own ``priority`` field, else
@@ -227,7 +202,13 @@ class RetryMixin(HostBase):
                       last_attempt: Optional[int] = None, fresh_id: bool = False,
                       on_retry: Optional[Callable[[BaseException, int, float], None]] = None
                       ) -> T:
-        """``_retry`` for coroutines: the same counting (see there), waits by ``_asleep``.
+        """The retry loop around ``attempt_fn`` (``acall_with_retries``), waits by ``_asleep``.
+        A retry is counted when its attempt was made, not when it was scheduled: an
+        attempt the circuit breaker refused (it opened during the backoff), or one the call
+        deadline stopped before sending (``context["sent"] is False``), sent nothing.
+        A retry is a request that repeats a request id on the wire, as the server counts
+        them: with ``fresh_id`` the first attempt here carries an id never sent before (a
+        part of a failed shared call), so only the attempts after it are retries.
         ``on_retry``: the span event of a retry (default: on the current task's span)."""
         counting = _Counting(self._metrics, endpoint.id, model,
                              first_attempt if fresh_id else 0)
@@ -247,34 +228,6 @@ class RetryMixin(HostBase):
             counted, RetryPolicy.from_settings(endpoint.settings), deadline, self._clock,
             self._asleep, on_retry=on_retry or tracing.retrying, first_attempt=first_attempt,
             last_attempt=last_attempt)
-
-    def _retry(self, endpoint: Any, attempt_fn: Callable[[int], T], deadline: float,
-               model: Optional[str], first_attempt: int = 0,
-               last_attempt: Optional[int] = None, fresh_id: bool = False) -> T:
-        """A retry is counted when its attempt was made, not when it was scheduled: an
-        attempt the circuit breaker refused (it opened during the backoff), or one the call
-        deadline stopped before sending (``context["sent"] is False``), sent nothing.
-        A retry is a request that repeats a request id on the wire, as the server counts
-        them: with ``fresh_id`` the first attempt here carries an id never sent before (a
-        part of a failed shared call), so only the attempts after it are retries."""
-        counting = _Counting(self._metrics, endpoint.id, model,
-                             first_attempt if fresh_id else 0)
-
-        def counted(attempt: int) -> T:
-            if attempt == counting.uncounted:
-                return attempt_fn(attempt)
-            try:
-                result = attempt_fn(attempt)
-            except BaseException as exc:
-                counting.failed(exc)
-                raise
-            counting.made()
-            return result
-
-        return call_with_retries(counted, RetryPolicy.from_settings(endpoint.settings),
-                                 deadline, self._clock, self._closing,
-                                 on_retry=tracing.retrying,  # span events (tracing.py)
-                                 first_attempt=first_attempt, last_attempt=last_attempt)
 
 
 class _Counting:

@@ -1,0 +1,201 @@
+"""A sync stream's reader: a task on the client's loop reads the reply, a thread consumes it.
+
+Why: the waiting of a stream (for the breaker, a slot, a retry's backoff, the next bytes) is
+written once, as coroutines (mixins/attempt.py, async_face.py). A sync caller's stream is
+opened by the same coroutines on the client's loop; then a reader task there reads the
+reply and parses it, and hands each network read's chunks to the caller's thread through a
+``Feed``, a thread-safe queue the caller blocks on. One hand-over per network read, not one
+loop round trip per chunk; the caller's thread wakes only when there is something for it.
+
+The reader reads ahead at most ``HIGH`` reads: past that it waits for the consumer (a slow
+caller does not make the client hold a whole reply). Its reads carry the transport's read
+timeout, so the idle timeout is the transport's; the consumer's wait is bounded besides
+(``idle + GRACE``) so that no caller hangs if the loop does. Closing early cancels the
+reader on the loop, which closes the connection (vLLM then aborts the generation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import Any, Deque, Iterator, List, Optional
+
+from . import errors
+from ._loop import ClientLoop, Signal
+from .models import StreamChunk
+
+__all__ = ["Feed", "Reader", "read_reply", "HIGH"]
+
+#: Network reads a reader may be ahead of its consumer before it waits for it.
+HIGH = 64
+#: Longest single wait (consumer or reader): a bound against a lost wake-up, not a poll.
+_MAX_NAP = 1.0
+#: Seconds past the idle timeout a consumer waits for its reader before it gives up.
+GRACE = 5.0
+#: How long a consumer that closes early waits for its reader to have closed the connection.
+_CLOSE_WAIT = 2.0
+
+
+class Feed:
+    """One sync consumer's queue: batches of chunks put on the loop, taken in its thread.
+
+    ``room`` is the reader's wake-up when the consumer has taken enough (a group of shared
+    streams has one reader, so its members' feeds share one)."""
+
+    def __init__(self, room: Signal, idle: float) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._items: Deque[List[StreamChunk]] = deque()
+        self._ended = False
+        self._error: Optional[BaseException] = None
+        self._room = room
+        self._idle = idle
+        self.closed = False  # the consumer left: nothing more is put
+
+    # -- the reader's side (on the loop)
+    def put(self, batch: List[StreamChunk]) -> None:
+        if not batch:
+            return
+        with self._cond:
+            if self.closed or self._ended:
+                return
+            self._items.append(batch)
+            self._cond.notify()
+
+    def end(self, error: Optional[BaseException] = None) -> None:
+        """No more chunks: the reply's end (``error`` None) or its failure."""
+        with self._cond:
+            if self._ended:
+                return
+            self._ended = True
+            self._error = error
+            self._cond.notify_all()
+
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= HIGH and not self.closed and not self._ended
+
+    # -- the consumer's side (its own thread)
+    def get(self) -> Optional[List[StreamChunk]]:
+        """The next batch; None at the end; raises the reply's error. Waits at most the idle
+        timeout plus ``GRACE`` for something to come."""
+        with self._cond:
+            limit = time.monotonic() + self._idle + GRACE
+            while not self._items:
+                if self._error is not None:
+                    raise self._error
+                if self._ended:
+                    return None
+                left = limit - time.monotonic()
+                if left <= 0:
+                    raise errors.TimeoutError(
+                        f"stream idle timeout: nothing from the reader within {self._idle:.1f}s "
+                        f"(+{GRACE:.0f}s)")
+                self._cond.wait(min(left, _MAX_NAP))
+            batch = self._items.popleft()
+            wake = len(self._items) == HIGH // 2
+        if wake:
+            self._room.set()
+        return batch
+
+    def chunks(self) -> Iterator[StreamChunk]:
+        """Every chunk in order, to the end (or the error)."""
+        while True:
+            batch = self.get()
+            if batch is None:
+                return
+            yield from batch
+
+    def leave(self) -> None:
+        """The consumer is gone: drop what is queued."""
+        with self._cond:
+            self.closed = True
+            self._items.clear()
+        self._room.set()
+
+
+async def wait_for_room(feeds: List[Feed], room: Signal) -> None:
+    """Wait while every feed still wanted is full (a consumer that reads lets it go on)."""
+    while True:
+        wanted = [f for f in feeds if not f.closed]
+        if not wanted or not all(f.full for f in wanted):
+            return
+        await room.wait(_MAX_NAP)
+
+
+async def read_reply(response: Any, adapter: Any, request: Any, feed: Feed, room: Signal) -> None:
+    """The reader of one stream: network reads -> parsed chunks -> ``feed``, until the end
+    marker, an error (after the good chunks before it), or cancellation (the consumer left).
+    The response is closed when it returns, so the consumer that sees the end finds the
+    connection already released."""
+    from .streaming import ReplyChunks  # streaming imports this module
+
+    reply = ReplyChunks(adapter, request)
+    pieces = response.chunks()
+    error: Optional[BaseException] = None
+    try:
+        async for raw in pieces:
+            batch: List[StreamChunk] = []
+            try:
+                for chunk in reply.feed(raw):
+                    batch.append(chunk)
+            finally:
+                feed.put(batch)  # the good chunks before a bad event count too
+            if reply.ended or feed.closed:
+                break
+            await wait_for_room([feed], room)
+        else:
+            reply.finish()
+    except asyncio.CancelledError:
+        error = errors.ClientClosedError("the stream was cancelled (client closed)")
+        raise
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+        error = exc
+    finally:
+        try:
+            await pieces.aclose()
+        finally:
+            try:
+                await response.aclose()
+            finally:
+                feed.end(error)
+
+
+class Reader:
+    """A sync stream's hold on its reader task: ``close`` (any thread) stops it and drops the
+    connection; from a thread other than the loop's it waits (briefly) until that is done."""
+
+    __slots__ = ("feed", "_loop", "_response", "_task", "_done")
+
+    def __init__(self, loop: ClientLoop, response: Any, feed: Feed) -> None:
+        self.feed = feed
+        self._loop = loop
+        self._response = response
+        self._task: "Optional[asyncio.Task[None]]" = None
+        self._done = threading.Event()
+
+    def start(self, coro: Any) -> None:
+        """On the loop: run ``coro`` (the reader) as a task."""
+        self._task = task = self._loop.start(coro)
+        task.add_done_callback(lambda _: self._done.set())
+
+    def wait(self, timeout: float) -> bool:
+        """Until the reader has ended (from a thread other than the loop's)."""
+        return self._done.wait(timeout)
+
+    def _cancel(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        else:
+            self._response.close()
+
+    def close(self, wait: bool = True) -> None:
+        """Stop reading: the reader is cancelled on the loop (idempotent)."""
+        self.feed.leave()
+        if self._done.is_set():
+            return
+        self._loop.call_soon(self._cancel)
+        if wait and not self._loop.in_loop() and self._loop.loop.is_running():
+            self._done.wait(_CLOSE_WAIT)
