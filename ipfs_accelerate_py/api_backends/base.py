@@ -461,8 +461,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         self._wake_circuit_waiters(lambda w: True)  # they find the client closed
         self._wake_sleepers()  # retries' backoffs end now (attempt.py)
         for ep in self._endpoints.values():
-            ep.breaker.wake()  # callers waiting for a circuit or a slot see the close
-            ep.limit.wake()
+            ep.limit.wake()  # callers waiting for a slot see the close
             for job in ep.queue.close():
                 job.fail(ClientClosedError("client closed before this request was sent"))
                 self._record_unsent(ep, job)

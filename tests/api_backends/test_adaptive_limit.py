@@ -27,29 +27,18 @@ P = {"max_tokens": 2, "temperature": 0}
 
 def replies(lim: InFlightLimit, clock: FakeClock, rtt: float, count: int, busy: int) -> None:
     """``count`` rounds of ``busy`` concurrent attempts (at most the limit) that each take
-    ``rtt`` seconds."""
-    for _ in range(count):
-        done: List[threading.Thread] = []
-        for _ in range(min(busy, lim.limit)):  # never more than fit: a round never waits
-            # each attempt in its own thread: the limit times a slot per thread
-            gate = threading.Event()
-            took = threading.Event()
-
-            def attempt() -> None:
-                lim.acquire(clock.monotonic() + 60)
-                took.set()
-                gate.wait(10)
-                lim.release(True)
-
-            t = threading.Thread(target=attempt)
-            t.start()
-            took.wait(10)
-            done.append(t)
-            t.gate = gate  # type: ignore[attr-defined]
+    ``rtt`` seconds: each takes its slot (never waiting: no more than fit), the clock moves
+    ``rtt``, each gives it back."""
+    async def one_round() -> None:
+        keys = [object() for _ in range(min(busy, lim.limit))]
+        for key in keys:
+            assert await lim.aacquire(clock.monotonic() + 60, key) == 0.0
         clock.advance(rtt)
-        for t in done:
-            t.gate.set()  # type: ignore[attr-defined]
-            t.join(10)
+        for key in keys:
+            lim.release(True, key)
+
+    for _ in range(count):
+        asyncio.run(one_round())
 
 
 def test_a_lone_caller_never_moves_the_limit():
@@ -207,36 +196,49 @@ def test_a_freed_slot_goes_to_the_caller_that_waited_not_to_one_that_just_arrive
     again, until its deadline)."""
     clock = FakeClock()
     lim = InFlightLimit(1, clock)
-    lim.acquire(clock.monotonic() + 60, key="a")
     got: List[str] = []
-    waiter = threading.Thread(target=lambda: (lim.acquire(clock.monotonic() + 60, key="b"),
-                                              got.append("b")))
-    waiter.start()
-    wait_until(lambda: lim.waiting == 1, what="b queued")
-    lim.release(True, key="a")
-    with pytest.raises(TimeoutError):
-        lim.acquire(clock.monotonic(), key="newcomer")  # its deadline is now: no slot free
-    waiter.join(10)
+
+    async def main() -> None:
+        await lim.aacquire(clock.monotonic() + 60, key="a")
+
+        async def b() -> None:
+            await lim.aacquire(clock.monotonic() + 60, key="b")
+            got.append("b")
+        waiter = asyncio.create_task(b())
+        while lim.waiting < 1:
+            await asyncio.sleep(0)  # let b queue (a yield, not a timed wait)
+        lim.release(True, key="a")
+        with pytest.raises(TimeoutError):
+            # its deadline is now: no slot free (b was handed the freed one)
+            await lim.aacquire(clock.monotonic(), key="newcomer")
+        await waiter
+
+    asyncio.run(main())
     assert got == ["b"] and lim.in_flight == 1 and lim.waiting == 0
     lim.release(True, key="b")
     assert lim.in_flight == 0
 
 
-def test_threads_and_coroutines_wait_in_one_line_and_a_cancelled_waiter_leaves_it():
+def test_waiters_are_served_in_line_and_a_cancelled_waiter_leaves_it():
+    """Coroutines of any loop wait in one FIFO line (here: a waiter on a loop in another
+    thread queued behind two on this one); one cancelled leaves it."""
     clock = FakeClock()
     lim = InFlightLimit(1, clock)
-    lim.acquire(clock.monotonic() + 60, key="holder")
     order: List[str] = []
 
     async def main() -> None:
+        await lim.aacquire(clock.monotonic() + 60, key="holder")
         first = asyncio.create_task(lim.aacquire(clock.monotonic() + 60, key="coro-1"))
         gone = asyncio.create_task(lim.aacquire(clock.monotonic() + 60, key="cancelled"))
         while lim.waiting < 2:
             await asyncio.sleep(0)  # let both tasks queue (a yield, not a timed wait)
-        thread = threading.Thread(target=lambda: (lim.acquire(clock.monotonic() + 60, key="t"),
-                                                  order.append("thread")))
+
+        async def elsewhere() -> None:
+            await lim.aacquire(clock.monotonic() + 60, key="t")
+            order.append("other loop")
+        thread = threading.Thread(target=lambda: asyncio.run(elsewhere()))
         thread.start()
-        wait_until(lambda: lim.waiting == 3, what="the thread queued behind both")  # bounded
+        wait_until(lambda: lim.waiting == 3, what="the other loop's waiter queued behind both")
         gone.cancel()
         with pytest.raises(asyncio.CancelledError):
             await gone
@@ -245,9 +247,9 @@ def test_threads_and_coroutines_wait_in_one_line_and_a_cancelled_waiter_leaves_i
         await first
         order.append("coro-1")
         assert lim.in_flight == 1 and lim.waiting == 1
-        lim.release(True, key="coro-1")  # next in line: the thread
+        lim.release(True, key="coro-1")  # next in line: the other loop's
         await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
         lim.release(True, key="t")
 
     asyncio.run(main())
-    assert order == ["coro-1", "thread"] and lim.in_flight == 0 and lim.waiting == 0
+    assert order == ["coro-1", "other loop"] and lim.in_flight == 0 and lim.waiting == 0

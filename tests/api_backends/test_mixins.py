@@ -167,51 +167,20 @@ def test_breaker_manual_reset():
     b.before_call()
 
 
-def test_scheduled_probes_callers_wait_and_go_on_when_the_probe_succeeds():
+def test_scheduled_probes_callers_are_refused_and_never_probe_until_the_probe_succeeds():
+    """With scheduled probes, a caller never probes: ``admit`` refuses while the prober's
+    probe is out, and admits once it succeeded. (Waiting out the refusal is the caller's, a
+    coroutine: test_circuit_wait.py shows requests that wait and go on, a wait that ends at
+    the deadline with ``CircuitWaitTimeoutError``, and close ending every wait.)"""
     b = make_breaker(SYSTEM_CLOCK, scheduled_probes=True)
     open_it(b)
-    out = []
-    waiter = threading.Thread(target=lambda: out.append(b.admit(time.monotonic() + 60)))
-    waiter.start()
-    wait_until(lambda: b.waiting == 1)
+    with pytest.raises(errors.CircuitOpenError):
+        b.admit()
     assert b.begin_probe() and b.state == HALF_OPEN
     with pytest.raises(errors.CircuitOpenError):
-        b.before_call()  # a fail-fast caller is refused while the probe is out
-    assert b.waiting == 1  # callers never probe: they keep waiting
+        b.before_call()  # a caller is refused while the probe is out
     b.end_probe(True)
-    waiter.join(5)
-    assert not waiter.is_alive() and b.state == CLOSED
-    assert out[0][0] is False and out[0][1] > 0
-
-
-def test_a_circuit_wait_ends_at_the_deadline_with_a_typed_error():
-    b = make_breaker(SYSTEM_CLOCK, scheduled_probes=True)
-    open_it(b)
-    with pytest.raises(errors.CircuitWaitTimeoutError) as info:
-        b.admit(time.monotonic() + 0.05)
-    assert info.value.waited >= 0.05 and "never sent" in str(info.value)
-    assert isinstance(info.value, errors.TimeoutError)
-
-
-def test_a_circuit_wait_ends_when_the_client_closes():
-    b = make_breaker(SYSTEM_CLOCK, scheduled_probes=True)
-    open_it(b)
-    cancel = threading.Event()
-    out = []
-
-    def wait() -> None:
-        try:
-            b.admit(time.monotonic() + 60, cancel)
-        except errors.ClientClosedError as exc:
-            out.append(exc)
-
-    t = threading.Thread(target=wait)
-    t.start()
-    wait_until(lambda: b.waiting == 1)
-    cancel.set()
-    b.wake()
-    t.join(5)
-    assert not t.is_alive() and isinstance(out[0], errors.ClientClosedError)
+    assert b.state == CLOSED and b.admit() is False
 
 
 # ------------------------------------------------------------------ retry

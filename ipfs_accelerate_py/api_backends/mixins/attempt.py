@@ -179,7 +179,7 @@ class AttemptMixin(HostBase):
         start = now
         while True:
             try:
-                probe = ep.breaker.admit(deadline, wait=False, now=now)[0]
+                probe = ep.breaker.admit(now)
                 break
             except CircuitOpenError as exc:
                 if fail_fast:

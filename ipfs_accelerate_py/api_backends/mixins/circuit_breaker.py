@@ -33,8 +33,9 @@ rule 2 within a second at 30 or more attempts a second, rule 3 on the second ref
 Only server faults count (5xx, connection errors, timeouts): a 400 for a too-long prompt is
 the caller's fault and proves the server is alive.
 
-While OPEN: a caller waits in ``admit`` (bounded by its deadline; ``fail_fast`` raises
-``CircuitOpenError`` at once instead). Recovery is noticed in one of two ways:
+While OPEN: ``admit`` refuses with ``CircuitOpenError``; a caller then waits, as a coroutine
+on its loop (mixins/attempt.py), bounded by its deadline (``fail_fast`` gets the error at
+once instead). Recovery is noticed in one of two ways:
 
 * scheduled probes (``scheduled_probes``, when the adapter has a cheap health request): a
   ``CircuitProber`` (see ``probing.py``) calls ``begin_probe`` / ``end_probe`` on its own
@@ -54,7 +55,7 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import CircuitOpenError, CircuitWaitTimeoutError, ClientClosedError, ConfigurationError
+from ..errors import CircuitOpenError, ConfigurationError
 from ._host import HostBase
 
 __all__ = ["CircuitBreaker", "CircuitBreakerMixin", "CLOSED", "OPEN", "HALF_OPEN", "REFUSED_RUN"]
@@ -62,14 +63,12 @@ __all__ = ["CircuitBreaker", "CircuitBreakerMixin", "CLOSED", "OPEN", "HALF_OPEN
 CLOSED, OPEN, HALF_OPEN = "CLOSED", "OPEN", "HALF-OPEN"
 #: Refused connections in a row that open the breaker (rule 3 above).
 REFUSED_RUN = 2
-#: Longest single wait on the condition: a bound against a lost wake-up, not a poll interval.
-_MAX_NAP = 1.0
 
 Transition = Callable[[str, str, str], None]
 
 
 class CircuitBreaker:
-    """Thread-safe breaker; ``admit`` lets a call through (or waits), ``record_*`` report."""
+    """Thread-safe breaker; ``admit`` lets a call through (or refuses), ``record_*`` report."""
 
     def __init__(self, failure_threshold: int = 5, reset_timeout: float = 30.0,
                  failure_rate_threshold: float = 0.8, window_seconds: float = 10.0,
@@ -89,7 +88,6 @@ class CircuitBreaker:
         self._clock = clock
         self._on_transition = on_transition
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
         self._state = CLOSED
         self._window: Deque[Tuple[float, bool]] = deque(maxlen=window_size)  # (time, failed)
         self._window_failures = 0
@@ -126,8 +124,8 @@ class CircuitBreaker:
 
     @property
     def waiting(self) -> int:
-        """Callers waiting for the circuit to close right now (in ``admit``, or a coroutine
-        between ``enter_wait`` and ``leave_wait``)."""
+        """Callers waiting for the circuit to close right now (coroutines between
+        ``enter_wait`` and ``leave_wait``)."""
         return self._waiting
 
     def enter_wait(self) -> None:
@@ -153,55 +151,26 @@ class CircuitBreaker:
     # -- admitting -----------------------------------------------------------------------
     def before_call(self) -> bool:
         """Admit a call or raise ``CircuitOpenError`` at once. True if it is a probe."""
-        return self.admit(0.0, wait=False)[0]
+        return self.admit()
 
-    def admit(self, deadline: float, cancel: Optional[threading.Event] = None,
-              wait: bool = True, now: Optional[float] = None) -> Tuple[bool, float]:
-        """Let a call through: ``(is_probe, seconds waited)``.
-
-        With ``wait`` a call that finds the circuit OPEN (or its probe out) waits until it
-        closes, or raises ``CircuitWaitTimeoutError`` at monotonic ``deadline``, or
-        ``ClientClosedError`` once ``cancel`` is set. Without, it raises ``CircuitOpenError``.
-        ``now``: the caller's reading of the clock, when it has one (the clock is read again
-        only after a wait)."""
-        start = self._clock.monotonic() if now is None else now
-        now = start
+    def admit(self, now: Optional[float] = None) -> bool:
+        """Let a call through now, or raise ``CircuitOpenError`` (with ``retry_in``): True
+        if it is the HALF-OPEN probe. Waiting out an OPEN circuit is the caller's, as a
+        coroutine (mixins/attempt.py: ``enter_wait`` / ``leave_wait`` count it in
+        ``waiting``). ``now``: the caller's reading of the clock, when it has one."""
+        now = self._clock.monotonic() if now is None else now
         try:
             with self._lock:
-                while True:
-                    self._maybe_half_open(now)
-                    if self._state == CLOSED:
-                        return False, now - start
-                    if (self._state == HALF_OPEN and not self.scheduled_probes
-                            and self._probes < self.half_open_max_calls):
-                        self._probes += 1
-                        return True, now - start
-                    if not wait:
-                        raise self._open_error()
-                    if cancel is not None and cancel.is_set():
-                        raise ClientClosedError("client closed while waiting for the circuit")
-                    if now >= deadline:
-                        raise CircuitWaitTimeoutError(
-                            f"waited {now - start:.2f}s for the circuit of "
-                            f"{self.name or 'endpoint'} ({self._state}); the call deadline "
-                            "passed before it closed, and the request was never sent",
-                            waited=now - start, endpoint=self.name)
-                    nap = min(deadline - now, _MAX_NAP)
-                    if self._state == OPEN and not self.scheduled_probes:
-                        nap = min(nap, max(0.001, self._retry_in_locked()))
-                    self._waiting += 1
-                    try:
-                        self._changed.wait(nap)
-                    finally:
-                        self._waiting -= 1
-                    now = self._clock.monotonic()
+                self._maybe_half_open(now)
+                if self._state == CLOSED:
+                    return False
+                if (self._state == HALF_OPEN and not self.scheduled_probes
+                        and self._probes < self.half_open_max_calls):
+                    self._probes += 1
+                    return True
+                raise self._open_error()
         finally:
             self._flush()
-
-    def wake(self) -> None:
-        """Wake every waiter (the client is closing: they re-check ``cancel``)."""
-        with self._lock:
-            self._changed.notify_all()
 
     def record_success(self, probe: bool = False, now: Optional[float] = None) -> None:
         """A reply that proves the server alive (``now``: the caller's clock reading, if any)."""
@@ -253,7 +222,6 @@ class CircuitBreaker:
         if probe:
             with self._lock:
                 self._probes = max(0, self._probes - 1)
-                self._changed.notify_all()
 
     def reset(self) -> None:
         """Force CLOSED and forget history (README: ``client.circuit_state = "CLOSED"``)."""
@@ -351,7 +319,6 @@ class CircuitBreaker:
         self.transitions.append((self._clock.wall(), old, new))
         del self.transitions[:-100]
         self._pending.append((old, new))
-        self._changed.notify_all()
 
     def _flush(self) -> None:
         """Run transition callbacks (and a suspicion) outside the lock, in order."""

@@ -33,7 +33,7 @@ After an outage (the circuit closed again) the limit restarts at one and grows b
 every healthy reply, so it doubles each round trip, as TCP's slow start does: a server that
 just came back is not hit by the whole queue at once. A caller that finds the limit reached
 waits for a slot (bounded by its deadline; nothing has been sent). Slots go to waiters
-first come, first served (a queue of tickets, threads and coroutines in one line): a caller
+first come, first served (a queue of tickets, one per waiting coroutine): a caller
 that arrives when a slot frees cannot take it from one that has waited, so no waiter
 starves while others keep the endpoint busy.
 """
@@ -80,25 +80,21 @@ LoadSource = Callable[[], Optional[LoadFigure]]
 
 
 class _Ticket:
-    """One caller's place in the FIFO queue for a slot. ``granted`` is set under the limit's
-    lock by whoever hands the slot over; ``wake`` then rouses the waiter (a thread waiting
-    on its own condition, or a coroutine awaiting its future on its own loop)."""
+    """One coroutine's place in the FIFO queue for a slot. ``granted`` is set under the
+    limit's lock by whoever hands the slot over; ``wake`` then settles the future the
+    waiter awaits on its own loop."""
 
-    __slots__ = ("key", "granted", "cond", "loop", "future")
+    __slots__ = ("key", "granted", "loop", "future")
 
-    def __init__(self, key: Hashable, cond: Optional[threading.Condition] = None,
-                 loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+    def __init__(self, key: Hashable, loop: asyncio.AbstractEventLoop) -> None:
         self.key = key
         self.granted = False
-        self.cond = cond
         self.loop = loop
-        self.future: Optional["asyncio.Future[None]"] = loop.create_future() if loop else None
+        self.future: Optional["asyncio.Future[None]"] = loop.create_future()
 
     def wake(self) -> None:
         """Called with the limit's lock held."""
-        if self.cond is not None:
-            self.cond.notify()
-        elif self.loop is not None and self.future is not None:
+        if self.future is not None:
             fut = self.future
             try:
                 self.loop.call_soon_threadsafe(_resolve, fut)
@@ -113,7 +109,8 @@ def _resolve(fut: "asyncio.Future[None]") -> None:
 
 class InFlightLimit:
     """A counting gate whose size adapts (see the module docstring). Slots are handed out
-    first come, first served, to threads (``acquire``) and coroutines (``aacquire``) alike."""
+    first come, first served (``aacquire``: every attempt is a coroutine, on the client's loop
+    or an async stream's)."""
 
     def __init__(self, maximum: int, clock: Clock = SYSTEM_CLOCK,
                  load_source: Optional[LoadSource] = None, latency: bool = False) -> None:
@@ -212,39 +209,14 @@ class InFlightLimit:
             f"waited {now - start:.2f}s for one of the endpoint's {self.limit} in-flight "
             "slots; the call deadline passed before it was sent", sent=False)
 
-    def acquire(self, deadline: float, cancel: Optional[threading.Event] = None,
-                key: Optional[Hashable] = None, now: Optional[float] = None) -> float:
-        """Take a slot; return the seconds waited. Raises ``TimeoutError`` (nothing sent) at
-        monotonic ``deadline`` and ``ClientClosedError`` once ``cancel`` is set. ``key``
-        names the slot for ``release`` (default: this thread); ``now``: the caller's reading
-        of the clock, when it has one."""
-        key = threading.get_ident() if key is None else key
-        start = self._clock.monotonic() if now is None else now
-        with self._lock:
-            if self._take_now_locked(key, start):
-                return 0.0
-            ticket = _Ticket(key, cond=threading.Condition(self._lock))
-            self._queue.append(ticket)
-            try:
-                while not ticket.granted:
-                    if cancel is not None and cancel.is_set():
-                        raise ClientClosedError("client closed while waiting to send")
-                    now = self._clock.monotonic()
-                    if now >= deadline:
-                        raise self._refusal(start, now)
-                    assert ticket.cond is not None
-                    ticket.cond.wait(min(deadline - now, _MAX_NAP))
-            except BaseException:
-                self._give_up_locked(ticket)
-                raise
-        return self._clock.monotonic() - start
-
     async def aacquire(self, deadline: float, key: Hashable,
                        cancel: Optional[threading.Event] = None,
                        now: Optional[float] = None) -> float:
-        """``acquire`` for a coroutine: waits in the same FIFO queue without blocking its
-        event loop. ``key`` names the slot for ``release`` (one per attempt: an object the
-        caller keeps, since every coroutine of a loop shares one thread); ``now``: the
+        """Take a slot; return the seconds waited. Raises ``TimeoutError`` (nothing sent) at
+        monotonic ``deadline`` and ``ClientClosedError`` once ``cancel`` is set; waits in
+        the FIFO queue without blocking its event loop. ``key`` names the slot for
+        ``release`` (one per attempt: an object the caller keeps, since every coroutine of
+        a loop shares one thread); ``now``: the
         caller's reading of the clock, when it has one."""
         start = self._clock.monotonic() if now is None else now
         loop = asyncio.get_running_loop()
@@ -306,12 +278,10 @@ class InFlightLimit:
         self._room_waiters.clear()
 
     # ------------------------------------------------------------------ giving it back
-    def release(self, healthy: bool, key: Optional[Hashable] = None,
-                now: Optional[float] = None) -> None:
+    def release(self, healthy: bool, key: Hashable, now: Optional[float] = None) -> None:
         """Free a slot; a healthy reply's round trip (and a new server load report) move the
-        limit. ``key``: the one given to ``acquire`` / ``aacquire`` (default: this thread);
+        limit. ``key``: the one given to ``aacquire``;
         ``now``: the caller's reading of the clock as the reply came, when it has one."""
-        key = threading.get_ident() if key is None else key
         report = self._server_report() if healthy else None
         with self._lock:
             sent = self._sent_at.pop(key, None)
