@@ -20,9 +20,19 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable, Coroutine, Optional, Set, TypeVar
 
-__all__ = ["ClientLoop", "Signal"]
+__all__ = ["ClientLoop", "Signal", "MAX_NAP", "settle"]
+
+#: Longest single wait of any waiter (a slot, a circuit, a stream's next read): a bound
+#: against a lost wake-up, and how soon a closing client is noticed; not a poll interval.
+MAX_NAP = 1.0
 
 T = TypeVar("T")
+
+
+def settle(future: "asyncio.Future[None]") -> None:
+    """Wake whoever awaits ``future`` (a no-op once it is done): run on its loop."""
+    if not future.done():
+        future.set_result(None)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:

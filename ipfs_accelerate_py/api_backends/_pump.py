@@ -23,15 +23,13 @@ from collections import deque
 from typing import Any, Deque, Iterator, List, Optional
 
 from . import errors
-from ._loop import ClientLoop, Signal
+from ._loop import MAX_NAP, ClientLoop, Signal
 from .models import StreamChunk
 
 __all__ = ["Feed", "Reader", "read_reply", "HIGH"]
 
 #: Network reads a reader may be ahead of its consumer before it waits for it.
 HIGH = 64
-#: Longest single wait (consumer or reader): a bound against a lost wake-up, not a poll.
-_MAX_NAP = 1.0
 #: Seconds past the idle timeout a consumer waits for its reader before it gives up.
 GRACE = 5.0
 #: How long a consumer that closes early waits for its reader to have closed the connection.
@@ -92,7 +90,7 @@ class Feed:
                     raise errors.TimeoutError(
                         f"stream idle timeout: nothing from the reader within {self._idle:.1f}s "
                         f"(+{GRACE:.0f}s)")
-                self._cond.wait(min(left, _MAX_NAP))
+                self._cond.wait(min(left, MAX_NAP))
             batch = self._items.popleft()
             wake = len(self._items) == HIGH // 2
         if wake:
@@ -121,7 +119,7 @@ async def wait_for_room(feeds: List[Feed], room: Signal) -> None:
         wanted = [f for f in feeds if not f.closed]
         if not wanted or not all(f.full for f in wanted):
             return
-        await room.wait(_MAX_NAP)
+        await room.wait(MAX_NAP)
 
 
 async def read_reply(response: Any, adapter: Any, request: Any, feed: Feed, room: Signal) -> None:

@@ -352,7 +352,7 @@ def test_queue_priority_then_fifo():
     q = PriorityRequestQueue(maxsize=10, aging_interval=1000, clock=clock)
     for name, p in [("low1", 2), ("norm1", 1), ("high1", 0), ("low2", 2), ("high2", 0)]:
         q.put(job(p, clock, name=name))
-    order = [q.get(0).request for _ in range(5)]
+    order = [q.take().request for _ in range(5)]
     assert order == ["high1", "high2", "norm1", "low1", "low2"]
 
 
@@ -362,7 +362,7 @@ def test_queue_aging_lets_low_priority_through():
     q.put(job(2, clock, name="old-low"))
     clock.advance(2.5)  # aged by 2.5 levels: now better than a fresh HIGH
     q.put(job(0, clock, name="new-high"))
-    assert q.get(0).request == "old-low"
+    assert q.take().request == "old-low"
 
 
 def test_queue_full_raises_and_len_works():
@@ -382,7 +382,7 @@ def test_queue_take_compatible_keeps_others_in_order():
         q.put(job(1, clock, key=key, name=f"{key}{i}"))
     taken = q.take_compatible("a", 2)
     assert [j.request for j in taken] == ["a0", "a2"]
-    assert [q.get(0).request for _ in range(3)] == ["b1", "a3", "b4"]
+    assert [q.take().request for _ in range(3)] == ["b1", "a3", "b4"]
 
 
 @pytest.fixture
@@ -422,7 +422,7 @@ def test_a_lone_collector_waits_for_the_callers_of_a_batch_in_flight(client_loop
     assert not got.done()  # the gap (0 s) is long past, but the batch is still out
     q.put(job(1, clock, key="k", name="back"))  # goes straight to the collector
     assert [j.request for j in got.result(5)] == ["back"]
-    assert len(q) == 1 and q.get(0).request == "unrelated"
+    assert len(q) == 1 and q.take().request == "unrelated"
 
 
 def test_a_collector_stops_waiting_when_the_batch_comes_back_empty_handed(client_loop):

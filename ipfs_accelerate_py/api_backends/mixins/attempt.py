@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Set, Tuple
 
 from .. import errors, tracing
+from .._loop import MAX_NAP, settle
 from ..errors import CircuitOpenError, ClientClosedError, ConfigurationError
 from ..transport import HttpRequest, HttpResponse, ThreadedTransport
 from ._host import HostBase
@@ -35,8 +36,6 @@ if TYPE_CHECKING:  # aiohttp is imported on first use
 
 __all__ = ["AttemptMixin"]
 
-#: Longest single wait for a circuit: a bound against a lost wake-up, not a poll interval.
-_MAX_NAP = 1.0
 #: Threads for transports called from the loop (made on demand, up to this many).
 _THREADED_MAX = 256
 _init_lock = threading.Lock()
@@ -211,7 +210,7 @@ class AttemptMixin(HostBase):
         """Wait until the circuit may admit again: with a prober, until it closes (its thread
         settles a future of this loop); without, until the breaker's next probe window."""
         now = self._clock.monotonic()
-        nap = min(deadline - now, _MAX_NAP)
+        nap = min(deadline - now, MAX_NAP)
         if not self._can_wait_for_circuits([ep.id]):
             await asyncio.sleep(max(MIN_BREAKER_WAIT, min(retry_in, nap)))
             return
@@ -220,7 +219,7 @@ class AttemptMixin(HostBase):
 
         def wake(*_: Any) -> None:
             try:
-                loop.call_soon_threadsafe(_settle, closed)
+                loop.call_soon_threadsafe(settle, closed)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
@@ -244,7 +243,7 @@ class AttemptMixin(HostBase):
             entry = (loop, woken)
             with self._sleepers_lock:
                 self._sleepers.add(entry)
-            timer = loop.call_later(seconds, _settle, woken)
+            timer = loop.call_later(seconds, settle, woken)
             try:
                 await woken
             finally:
@@ -260,14 +259,9 @@ class AttemptMixin(HostBase):
             sleepers = list(self._sleepers)
         for loop, woken in sleepers:
             try:
-                loop.call_soon_threadsafe(_settle, woken)
+                loop.call_soon_threadsafe(settle, woken)
             except RuntimeError:  # its loop is closed: nobody waits any more
                 pass
-
-
-def _settle(future: "asyncio.Future[None]") -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _note(op: Any, rid: str, record: Callable[..., None], *args: Any) -> None:

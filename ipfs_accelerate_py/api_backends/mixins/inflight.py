@@ -46,13 +46,12 @@ import threading
 from collections import deque
 from typing import Callable, Deque, Dict, Hashable, List, Optional, Protocol, Tuple
 
+from .._loop import MAX_NAP, settle
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ClientClosedError, TimeoutError
 
 __all__ = ["InFlightLimit", "LoadFigure"]
 
-#: Longest single wait for a slot: a bound against a lost wake-up, not a poll interval.
-_MAX_NAP = 1.0
 #: Replies over which the unloaded round trip (the minimum) is taken; older ones age out, so
 #: a server that became slower for good is not judged against a time it no longer makes.
 RTT_WINDOW = 200
@@ -97,14 +96,9 @@ class _Ticket:
         if self.future is not None:
             fut = self.future
             try:
-                self.loop.call_soon_threadsafe(_resolve, fut)
+                self.loop.call_soon_threadsafe(settle, fut)
             except RuntimeError:  # its loop is closed: nobody is waiting any more
                 pass
-
-
-def _resolve(fut: "asyncio.Future[None]") -> None:
-    if not fut.done():
-        fut.set_result(None)
 
 
 class InFlightLimit:
@@ -238,7 +232,7 @@ class InFlightLimit:
                     fut = ticket.future
                     if fut is None or fut.done():  # woken without a slot: wait anew
                         fut = ticket.future = loop.create_future()
-                await asyncio.wait({fut}, timeout=min(deadline - now, _MAX_NAP))
+                await asyncio.wait({fut}, timeout=min(deadline - now, MAX_NAP))
         except BaseException:
             with self._lock:
                 self._give_up_locked(ticket)
@@ -263,7 +257,7 @@ class InFlightLimit:
                 entry = (loop, loop.create_future())
                 self._room_waiters.append(entry)
             try:
-                await asyncio.wait({entry[1]}, timeout=min(deadline - now, _MAX_NAP))
+                await asyncio.wait({entry[1]}, timeout=min(deadline - now, MAX_NAP))
             finally:
                 with self._lock:
                     if entry in self._room_waiters:
@@ -272,7 +266,7 @@ class InFlightLimit:
     def _wake_room_locked(self) -> None:
         for loop, fut in self._room_waiters:
             try:
-                loop.call_soon_threadsafe(_resolve, fut)
+                loop.call_soon_threadsafe(settle, fut)
             except RuntimeError:  # its loop is closed: nobody is waiting any more
                 pass
         self._room_waiters.clear()

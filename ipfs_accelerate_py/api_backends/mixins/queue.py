@@ -87,7 +87,7 @@ class PriorityRequestQueue:
         self._lanes: Dict[int, Deque[Job]] = {p: deque() for p in PRIORITIES}
         self._size = 0
         self._seq = itertools.count()
-        self._cond = threading.Condition(threading.Lock())  # ``get`` waits here
+        self._lock = threading.Lock()  # every waiter is a coroutine: nothing waits on it
         #: called (outside the lock) when a job may be taken: the dispatcher's ``kick``
         self.on_ready: Callable[[], None] = _nothing
         # key -> the batch a task is collecting; compatible arrivals go straight into it
@@ -112,7 +112,7 @@ class PriorityRequestQueue:
         return self._closed
 
     def put(self, job: Job) -> None:
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise ClientClosedError("client is closed; request not queued")
             if self._size >= self.maxsize:
@@ -131,7 +131,6 @@ class PriorityRequestQueue:
                 return
             self._lanes[job.priority].append(job)
             self._size += 1
-            self._cond.notify()
         self.on_ready()
 
     def _pick(self) -> Optional[Job]:
@@ -152,21 +151,9 @@ class PriorityRequestQueue:
 
     def take(self) -> Optional[Job]:
         """The next job if one may be taken now (not paused), else None; never waits."""
-        with self._cond:
+        with self._lock:
             if not self._size or self._paused:
                 return None
-            return self._pick()
-
-    def get(self, timeout: Optional[float] = None,
-            should_exit: Optional[Callable[[], bool]] = None) -> Optional[Job]:
-        """Next job, waiting for one; ``None`` once closed, on timeout, or when
-        ``should_exit()`` says this waiter is no longer wanted (a shrinking pool)."""
-        with self._cond:
-            while not self._size or self._paused:
-                if self._closed or (should_exit is not None and should_exit()):
-                    return None
-                if not self._cond.wait(timeout):
-                    return None
             return self._pick()
 
     @property
@@ -175,7 +162,7 @@ class PriorityRequestQueue:
 
     def pause(self) -> List[Job]:
         """Hold every job (the circuit opened); return the fail-fast ones, removed."""
-        with self._cond:
+        with self._lock:
             if not self._paused:
                 self._paused, self._paused_at = True, self._clock.monotonic()
             return self._take_where(lambda j: j.fail_fast)
@@ -183,25 +170,24 @@ class PriorityRequestQueue:
     def resume(self) -> List[float]:
         """Hand jobs out again (the circuit closed); return how long each waiting job was
         held by the pause (seconds)."""
-        with self._cond:
+        with self._lock:
             if not self._paused:
                 return []
             self._paused = False
             now = self._clock.monotonic()
             held = [now - max(j.enqueued_at, self._paused_at)
                     for lane in self._lanes.values() for j in lane]
-            self._cond.notify_all()
         self.on_ready()
         return held
 
     def remove(self, job: Job) -> bool:
         """Take ``job`` out if it is still waiting; False when a worker has it already."""
-        with self._cond:
+        with self._lock:
             return bool(self._take_where(lambda j: j is job))
 
     def expire(self, now: float) -> List[Job]:
         """Remove and return the jobs whose deadline has passed."""
-        with self._cond:
+        with self._lock:
             return self._take_where(lambda j: j.deadline <= now)
 
     def _take_where(self, pred: Callable[[Job], bool]) -> List[Job]:
@@ -213,16 +199,11 @@ class PriorityRequestQueue:
         self._size -= len(taken)
         return taken
 
-    def wake_all(self) -> None:
-        """Wake every idle waiter (they re-check why they wait)."""
-        with self._cond:
-            self._cond.notify_all()
-
     def take_compatible(self, key: Hashable, limit: int) -> List[Job]:
         """Remove up to ``limit`` waiting jobs with batching key ``key`` (oldest first)."""
         if limit <= 0:
             return []
-        with self._cond:
+        with self._lock:
             return self._take_locked(key, limit)
 
     def _take_locked(self, key: Hashable, limit: int) -> List[Job]:
@@ -243,12 +224,12 @@ class PriorityRequestQueue:
 
     def shared_call_started(self, key: Hashable) -> None:
         """A batch with ``key`` went on the wire (see ``wait_compatible``)."""
-        with self._cond:
+        with self._lock:
             self._shared_in_flight[key] = self._shared_in_flight.get(key, 0) + 1
 
     def shared_call_ended(self, key: Hashable) -> None:
         """That batch came back: wake a collector waiting for its callers."""
-        with self._cond:
+        with self._lock:
             left = self._shared_in_flight.get(key, 0) - 1
             if left > 0:
                 self._shared_in_flight[key] = left
@@ -267,7 +248,7 @@ class PriorityRequestQueue:
 
     def collector_room(self, key: Hashable) -> int:
         """Jobs the batch gathered for ``key`` can still take (0: none is gathered)."""
-        with self._cond:
+        with self._lock:
             buf = self._collecting.get(key)
             return 0 if buf is None else max(0, self._collect_room.get(key, 0) - len(buf))
 
@@ -284,7 +265,7 @@ class PriorityRequestQueue:
         its callers: under closed-loop load (each caller sends again as soon as it has its
         answer) a request that went alone once would otherwise stay out of phase with the
         batch for good, and every round would cost two calls instead of one."""
-        with self._cond:
+        with self._lock:
             out = self._take_locked(key, limit)
             if key in self._collecting or self._closed:
                 return out
@@ -295,7 +276,7 @@ class PriorityRequestQueue:
         try:
             last = self._clock.monotonic()
             while True:
-                with self._cond:
+                with self._lock:
                     if len(buf) >= self._collect_room[key] or self._closed:
                         break
                     now = self._clock.monotonic()
@@ -308,7 +289,7 @@ class PriorityRequestQueue:
                 if awaiting_batch:  # the batch came back, or company came: the gap starts
                     last = self._clock.monotonic()
         finally:
-            with self._cond:
+            with self._lock:
                 del self._collecting[key]
                 del self._collect_room[key]
                 del self._collect_wake[key]
@@ -318,13 +299,12 @@ class PriorityRequestQueue:
 
     def close(self) -> List[Job]:
         """Stop accepting; wake every waiter; return what was still queued."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             left = [j for lane in self._lanes.values() for j in lane]
             for lane in self._lanes.values():
                 lane.clear()
             self._size = 0
-            self._cond.notify_all()
             wakes = list(self._collect_wake.values())
         for wake in wakes:
             wake.set()
