@@ -35,6 +35,7 @@ open at once is not capped here (as in ``HttpClientTransport``, which may open m
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from typing import Any, AsyncIterator, Dict, Optional, Tuple
 
@@ -204,7 +205,10 @@ class AioTransport:
                     headers: Optional[Dict[str, str]], accept: Optional[str]) -> AioStreamResponse:
         """Send, and return the reply once its head is in. ``accept``: the Accept header of
         a complete reply (its body is capped whatever the status); None for a stream."""
-        sent = dict(headers if headers is not None else with_trace_context(request.headers))
+        if headers is None:  # trace context only once OpenTelemetry is loaded at all
+            headers = (with_trace_context(request.headers) if "opentelemetry" in sys.modules
+                       else request.headers)
+        sent = dict(headers)
         for k, v in sent.items():
             _check_header(k, v)
         if accept is not None:

@@ -41,15 +41,15 @@ from .mixins.inflight import InFlightLimit
 from .mixins.metrics import MetricsMixin
 from .mixins.multiplexing import MultiplexingMixin
 from .mixins.probing import CircuitProber
-from .mixins.queue import Dispatcher, Job, PriorityRequestQueue, QueueMixin, check_priority
+from .mixins.queue import Dispatcher, Job, PriorityRequestQueue, QueueMixin
 from .mixins.attempt import AttemptMixin
 from ._loop import ClientLoop
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
 from .async_face import AsyncFaceMixin
 from .call_shapes import stream_call
-from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, coerce_messages,
-                     validate_request)
+from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, check_priority,
+                     coerce_messages, validate_request)
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
@@ -97,15 +97,21 @@ class Endpoint:
         self.chat_batch_supported = True  # cleared when the server has no chat batch route
         self.burst_until = 0.0  # monotonic time until which a lone request may linger
         self._lock = threading.Lock()
-        self.in_flight = 0
+        self._open_streams = 0
 
-    def enter(self) -> None:
-        with self._lock:
-            self.in_flight += 1
+    @property
+    def in_flight(self) -> int:
+        """Requests on the wire now: attempts holding an in-flight slot (a complete request's
+        whole call, a stream's opening), and streams open after that."""
+        return self.limit.in_flight + self._open_streams
 
-    def leave(self) -> None:
+    def stream_opened(self) -> None:
         with self._lock:
-            self.in_flight -= 1
+            self._open_streams += 1
+
+    def stream_closed(self) -> None:
+        with self._lock:
+            self._open_streams -= 1
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.id} {self.settings.base_url}>"
@@ -197,9 +203,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                                     self._on_circuit_transition, scheduled_probes=health is not None)
         ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue,
                       self._custom_transport)
-        # the adaptive in-flight limit reads the server's queue off its replies (inflight.py)
-        board, clock = self._routing_state.board, self._clock
-        ep.limit.load_source = lambda: board.fresh(endpoint_id, clock.monotonic())
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = Dispatcher(queue, settings.max_concurrent_requests,
                                 functools.partial(self._handle_job, ep), self._loop)

@@ -119,13 +119,16 @@ class LoadBoard:
             if old is None or report.at >= old.at:
                 self._reports[endpoint_id] = report
 
-    def record_header(self, endpoint_id: str, headers: Mapping[str, str], now: float) -> bool:
-        """Read a reply's load header, if any; True when it held a figure."""
+    def record_header(self, endpoint_id: str, headers: Mapping[str, str],
+                      now: float) -> Optional[LoadReport]:
+        """Keep a reply's load header, if it has one; return the endpoint's fresh report
+        (the one just kept, else ``fresh``'s)."""
         named = parse_load_header(headers.get(LOAD_HEADER))
         if not named or (WAITING not in named and KV_USAGE not in named):
-            return False
-        self.record(endpoint_id, LoadReport(named.get(WAITING), named.get(KV_USAGE), now, "header"))
-        return True
+            return self.fresh(endpoint_id, now)
+        report = LoadReport(named.get(WAITING), named.get(KV_USAGE), now, "header")
+        self.record(endpoint_id, report)
+        return report
 
     def fresh(self, endpoint_id: str, now: float) -> Optional[LoadReport]:
         """The endpoint's report if it is at most ``max_age`` old, else None (unknown)."""

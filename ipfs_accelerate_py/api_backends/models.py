@@ -28,6 +28,18 @@ __all__ = [
     "MAX_TOKENS_LIMIT", "did_you_mean", "unknown_field_message", "check_text", "numeric_count",
 ]
 
+
+#: Request priorities: 0 HIGH, 1 NORMAL, 2 LOW (the queue serves them in that order, with aging).
+PRIORITIES = (0, 1, 2)
+
+
+def check_priority(priority: Any) -> int:
+    """``priority`` if it is one of ``PRIORITIES``; else ``ValidationError`` naming it."""
+    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in PRIORITIES:
+        raise ValidationError(f"must be 0 (HIGH), 1 (NORMAL) or 2 (LOW), got {priority!r}",
+                              field="priority")
+    return priority
+
 #: Longest prompt (characters) accepted client-side. Real models' contexts end far below
 #: this (128k tokens ~ 500k characters); anything larger is a mistake to stop before sending.
 MAX_PROMPT_CHARS = 2_000_000

@@ -200,7 +200,7 @@ class _StreamLease:
         self.ep = ep
         self.response = response
         self.released = False
-        ep.enter()
+        ep.stream_opened()
 
     def release(self) -> bool:
         """Close the connection and leave the endpoint; False if that was done already."""
@@ -210,7 +210,7 @@ class _StreamLease:
         try:
             self.response.close()
         finally:
-            self.ep.leave()
+            self.ep.stream_closed()
         return True
 
 

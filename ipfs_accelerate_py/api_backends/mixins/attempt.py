@@ -137,7 +137,7 @@ class AttemptMixin(HostBase):
             raise
         if waited:
             _note(op, rid, tracing.waited, "in_flight_limit.wait", waited)
-        healthy = False
+        released = False
         try:
             remaining = deadline - (now + waited)
             if remaining <= 0:
@@ -146,19 +146,20 @@ class AttemptMixin(HostBase):
                                           sent=False)
             timeout = (min(ep.settings.connect_timeout, remaining),
                        min(read_timeout, remaining) if clip_read else read_timeout)
-            ep.enter()
             try:
                 response = await io(timeout)
             except BaseException as exc:
                 self._transport_failed(ep, probe, exc)
                 raise
-            finally:
-                ep.leave()
             healthy = response.status < 500
-        finally:
             now = clock.monotonic()  # the one reading as the reply came
-            ep.limit.release(healthy, key, now=now)
-        self._observe_reply(ep, response.headers, now)  # the server's load report, for routing
+            # the server's load report (kept for routing) is the one the slot's verdict reads
+            report = self._observe_reply(ep, response.headers, now)
+            released = True
+            ep.limit.release(healthy, key, now=now, report=report)
+        finally:
+            if not released:
+                ep.limit.release(False, key, now=clock.monotonic())
         if response.status >= 400:
             if not isinstance(response, HttpResponse):  # an error reply to a stream
                 response = HttpResponse(response.status, response.headers,

@@ -194,11 +194,15 @@ class BatchingMixin(HostBase):
             return [job]  # queued before the server turned out to lack the route
         limit = settings.max_batch_size
         if self._hand_over(endpoint, job):
-            return []  # another worker is gathering this key's next call: it takes this job
-        batch = [job] + endpoint.queue.take_compatible(job.key, limit - 1)
+            return []  # a worker holding its batch open while the limit is reached takes it
+        got = endpoint.queue.join_or_take(job, limit - 1)
+        if got is None:
+            return []  # a collector's batch took it (``put`` hands arrivals to it likewise)
+        companions, shared_calls = got
+        batch = [job] + companions
         # Linger only amid a burst: company is waiting now, a shared call is in flight, or one
         # just finished and its callers are coming back. A lone sequential caller is sent at once.
-        burst = (len(batch) > 1 or endpoint.queue.shared_calls_in_flight(job.key) > 0
+        burst = (len(batch) > 1 or shared_calls > 0
                  or (self._clock.monotonic() if now is None else now) < endpoint.burst_until)
         if burst and len(batch) < limit and settings.batch_timeout > 0 and settings.batch_linger > 0:
             until = max(job.enqueued_at + settings.batch_timeout,
@@ -211,23 +215,19 @@ class BatchingMixin(HostBase):
         return [j for j in batch if j is job or self._check_queue_deadline(j)]
 
     def _hand_over(self, endpoint: Any, job: Job) -> bool:
-        """Give ``job`` to the worker gathering its key, if one is (True: it took it).
+        """Give ``job`` to the worker holding its key's batch open while the in-flight limit
+        is reached, if one is and has room (True: it took it).
 
         Tasks started for a burst's first arrivals would otherwise each send what they
         hold while another gathers: several small calls where one would do."""
-        gathering = self._gathering(endpoint)
+        gathering = self._gatherings.get(endpoint.id)
+        if gathering is None or not gathering.batches:
+            return False
         with gathering.lock:
             batch = gathering.batches.get(job.key)
             if batch is not None and len(batch) < gathering.room[job.key]:
                 batch.append(job)
                 return True
-        queue = endpoint.queue
-        if queue.collector_room(job.key) > 0:  # a collector's batch: put() hands the job to it
-            try:
-                queue.put(job)  # joins the collector's batch (or, just filled, waits in the queue)
-            except Exception:  # noqa: BLE001 - full or closing: send it here instead
-                return False
-            return True
         return False
 
     async def _gather_while_full(self, endpoint: Any, job: Job, batch: List[Job],

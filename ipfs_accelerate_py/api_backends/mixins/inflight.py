@@ -44,7 +44,7 @@ import asyncio
 import math
 import threading
 from collections import deque
-from typing import Callable, Deque, Dict, Hashable, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Protocol, Tuple
 
 from .._loop import MAX_NAP, settle
 from ..clock import SYSTEM_CLOCK, Clock
@@ -76,6 +76,8 @@ class LoadFigure(Protocol):
 
 #: Where the server's latest load report comes from (None: not known or not fresh).
 LoadSource = Callable[[], Optional[LoadFigure]]
+#: ``release``'s default: no report given, ask ``load_source``
+_ASK: Any = object()
 
 
 class _Ticket:
@@ -115,6 +117,8 @@ class InFlightLimit:
         self.maximum = maximum
         self._limit = float(maximum)
         self._in_flight = 0
+        #: whether a new attempt would have to wait for a slot now (``_note_full_locked``)
+        self.full = False
         self._queue: Deque[_Ticket] = deque()
         self._ramping = False  # slow start after an outage: +1 per healthy reply
         self._sent_at: Dict[Hashable, float] = {}  # slot key -> when its attempt took the slot
@@ -140,10 +144,10 @@ class InFlightLimit:
         """Callers queued for a slot now."""
         return len(self._queue)
 
-    @property
-    def full(self) -> bool:
-        """Whether a new attempt would have to wait for a slot now."""
-        return self._in_flight >= self.limit or bool(self._queue)
+    def _note_full_locked(self) -> None:
+        """Refresh ``full`` (called, with the lock held, wherever slots, the queue for them
+        or the limit change): a plain attribute, so that batching reads it for free."""
+        self.full = bool(self._queue) or self._in_flight >= max(1, int(self._limit))
 
     def stats(self) -> Dict[str, Optional[float]]:
         """For metrics: the limit, its ceiling, slots used, callers queued, round trips seen."""
@@ -165,6 +169,7 @@ class InFlightLimit:
         with self._lock:
             self._limit = 1.0
             self._ramping = True
+            self._note_full_locked()
 
     # ------------------------------------------------------------------ taking a slot
     def _take_now_locked(self, key: Hashable, now: float) -> bool:
@@ -172,6 +177,7 @@ class InFlightLimit:
             return False
         self._in_flight += 1
         self._sent_at[key] = now
+        self._note_full_locked()
         return True
 
     def _grant_locked(self) -> None:
@@ -184,6 +190,7 @@ class InFlightLimit:
             ticket.wake()
         if self._in_flight < self.limit and self._room_waiters:
             self._wake_room_locked()
+        self._note_full_locked()
 
     def _give_up_locked(self, ticket: _Ticket) -> None:
         """A waiter leaves (deadline, close, cancelled): out of the queue, or, if the slot
@@ -197,6 +204,7 @@ class InFlightLimit:
                 self._queue.remove(ticket)
             except ValueError:
                 pass
+            self._note_full_locked()
 
     def _refusal(self, start: float, now: float) -> TimeoutError:
         return TimeoutError(
@@ -219,6 +227,7 @@ class InFlightLimit:
                 return 0.0
             ticket = _Ticket(key, loop=loop)
             self._queue.append(ticket)
+            self._note_full_locked()
         try:
             while True:
                 with self._lock:
@@ -272,11 +281,17 @@ class InFlightLimit:
         self._room_waiters.clear()
 
     # ------------------------------------------------------------------ giving it back
-    def release(self, healthy: bool, key: Hashable, now: Optional[float] = None) -> None:
+    def release(self, healthy: bool, key: Hashable, now: Optional[float] = None,
+                report: Any = _ASK) -> None:
         """Free a slot; a healthy reply's round trip (and a new server load report) move the
         limit. ``key``: the one given to ``aacquire``;
-        ``now``: the caller's reading of the clock as the reply came, when it has one."""
-        report = self._server_report() if healthy else None
+        ``now``: the caller's reading of the clock as the reply came, when it has one;
+        ``report``: the server's fresh load report when the caller has read it off the
+        reply (the client does: routing keeps it), else ``load_source`` is asked."""
+        if not healthy:
+            report = None
+        elif report is _ASK:
+            report = self._server_report()
         with self._lock:
             sent = self._sent_at.pop(key, None)
             busy = self._in_flight

@@ -17,24 +17,17 @@ import itertools
 import threading
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Deque, Dict, Hashable, List, Optional
+from typing import Any, Awaitable, Callable, Deque, Dict, Hashable, List, Optional, Tuple
 
 from .._loop import ClientLoop, Signal
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ClientClosedError, QueueFullError, ValidationError
+from ..models import PRIORITIES
 from ._host import HostBase
 
 __all__ = ["Job", "PriorityRequestQueue", "Dispatcher", "QueueMixin", "PRIORITIES"]
 
-PRIORITIES = (0, 1, 2)
 HIGH, NORMAL, LOW = PRIORITIES
-
-
-def check_priority(priority: Any) -> int:
-    if isinstance(priority, bool) or not isinstance(priority, int) or priority not in PRIORITIES:
-        raise ValidationError(f"must be 0 (HIGH), 1 (NORMAL) or 2 (LOW), got {priority!r}",
-                              field="priority")
-    return priority
 
 
 class Job:
@@ -239,18 +232,29 @@ class PriorityRequestQueue:
         if wake is not None:
             wake.set()
 
+    def join_or_take(self, job: Job, limit: int) -> Optional[Tuple[List[Job], int]]:
+        """A dispatcher task's first step with a batchable ``job``, in one call: hand it to
+        the task collecting its key's batch if that batch has room (None: it joined), else
+        take up to ``limit`` compatible waiting jobs, oldest first: ``(those jobs, shared
+        calls with the key in flight now)``."""
+        key = job.key
+        with self._lock:
+            buf = self._collecting.get(key)
+            if buf is not None and not self._closed and len(buf) < self._collect_room[key]:
+                buf.append(job)  # as ``put`` does for an arrival
+                self._collect_last[key] = self._clock.monotonic()
+                if len(buf) == 1 or len(buf) >= self._collect_room[key]:
+                    self._collect_wake[key].set()
+                return None
+            taken = self._take_locked(key, limit) if limit > 0 else []
+            return taken, self._shared_in_flight.get(key, 0)
+
     def shared_calls_in_flight(self, key: Hashable) -> int:
         return self._shared_in_flight.get(key, 0)
 
     def collecting(self, key: Hashable) -> bool:
         """Whether a worker is gathering a batch for ``key`` right now."""
         return key in self._collecting
-
-    def collector_room(self, key: Hashable) -> int:
-        """Jobs the batch gathered for ``key`` can still take (0: none is gathered)."""
-        with self._lock:
-            buf = self._collecting.get(key)
-            return 0 if buf is None else max(0, self._collect_room.get(key, 0) - len(buf))
 
     async def await_compatible(self, key: Hashable, limit: int, until: float, gap: float,
                                wake: Signal) -> List[Job]:

@@ -121,14 +121,16 @@ class RoutingMixin(HostBase):
             http.headers.update(extra)
 
     def _observe_reply(self, ep: Any, headers: Mapping[str, str],
-                       now: Optional[float] = None) -> None:
+                       now: Optional[float] = None) -> Optional[LoadReport]:
         """Keep the load report a reply carries (called for every reply the client reads;
-        ``now``: the caller's reading of the clock as it came, when it has one)."""
+        ``now``: the caller's reading of the clock as it came, when it has one). Returns
+        the endpoint's fresh report (this reply's, or a recent one's; None if none is
+        fresh): the in-flight limit reads the server's queue off it."""
+        now = self._clock.monotonic() if now is None else now
         try:
-            self._routing_state.board.record_header(
-                ep.id, headers, self._clock.monotonic() if now is None else now)
+            return self._routing_state.board.record_header(ep.id, headers, now)
         except Exception:  # noqa: BLE001 - a load report must never fail the request
-            pass
+            return None
 
     # ------------------------------------------------------------------ ordering
     def _candidates(self, endpoint_ids: Optional[Sequence[str]]) -> List[str]:
