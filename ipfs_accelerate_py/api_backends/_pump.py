@@ -20,7 +20,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from typing import Any, Deque, Iterator, List, Optional
+from typing import Any, AsyncIterator, Deque, Iterator, List, Optional
 
 from . import errors
 from ._loop import MAX_NAP, ClientLoop, Signal
@@ -49,6 +49,9 @@ class Feed:
         self._error: Optional[BaseException] = None
         self._room = room
         self._idle = idle
+        self._heard = time.monotonic()  # the reader's last put, end or touch
+        #: an async consumer's wake-up (a future of its own loop), while it waits
+        self._waiter: "Optional[asyncio.Future[None]]" = None
         self.closed = False  # the consumer left: nothing more is put
 
     # -- the reader's side (on the loop)
@@ -59,7 +62,23 @@ class Feed:
             if self.closed or self._ended:
                 return
             self._items.append(batch)
+            self._heard = time.monotonic()
             self._cond.notify()
+            self._wake_async()
+
+    def touch(self) -> None:
+        """The reply goes on, with nothing for this consumer yet: its idle wait restarts."""
+        with self._cond:
+            self._heard = time.monotonic()
+
+    def _wake_async(self) -> None:
+        """(lock held) Wake an async consumer waiting on its own loop."""
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            try:
+                waiter.get_loop().call_soon_threadsafe(_settle, waiter)
+            except RuntimeError:  # its loop is closed: nobody is left to wake
+                pass
 
     def end(self, error: Optional[BaseException] = None) -> None:
         """No more chunks: the reply's end (``error`` None) or its failure."""
@@ -69,6 +88,7 @@ class Feed:
             self._ended = True
             self._error = error
             self._cond.notify_all()
+            self._wake_async()
 
     @property
     def full(self) -> bool:
@@ -79,21 +99,52 @@ class Feed:
         """The next batch; None at the end; raises the reply's error. Waits at most the idle
         timeout plus ``GRACE`` for something to come."""
         with self._cond:
-            limit = time.monotonic() + self._idle + GRACE
+            since = time.monotonic()
             while not self._items:
                 if self._error is not None:
                     raise self._error
                 if self._ended:
                     return None
-                left = limit - time.monotonic()
-                if left <= 0:
-                    raise errors.TimeoutError(
-                        f"stream idle timeout: nothing from the reader within {self._idle:.1f}s "
-                        f"(+{GRACE:.0f}s)")
+                left = self._idle_left(since)
                 self._cond.wait(min(left, MAX_NAP))
-            batch = self._items.popleft()
-            wake = len(self._items) == HIGH // 2
-        if wake:
+            return self._take_locked()
+
+    async def aget(self) -> Optional[List[StreamChunk]]:
+        """``get`` for a coroutine on any event loop: waits without blocking it."""
+        since = time.monotonic()
+        while True:
+            with self._cond:
+                if self._items:
+                    return self._take_locked()
+                if self._error is not None:
+                    raise self._error
+                if self._ended:
+                    return None
+                left = self._idle_left(since)
+                waiter: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+                self._waiter = waiter
+            try:
+                await asyncio.wait_for(waiter, min(left, MAX_NAP))
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                with self._cond:
+                    if self._waiter is waiter:
+                        self._waiter = None
+
+    def _idle_left(self, since: float) -> float:
+        """(lock held) Seconds this consumer may still wait; raises past the idle timeout
+        (plus ``GRACE``) counted from its wait's start or the reader's last word."""
+        left = max(since, self._heard) + self._idle + GRACE - time.monotonic()
+        if left <= 0:
+            raise errors.TimeoutError(
+                f"stream idle timeout: nothing from the reader within {self._idle:.1f}s "
+                f"(+{GRACE:.0f}s)")
+        return left
+
+    def _take_locked(self) -> List[StreamChunk]:
+        batch = self._items.popleft()
+        if len(self._items) == HIGH // 2:
             self._room.set()
         return batch
 
@@ -105,12 +156,26 @@ class Feed:
                 return
             yield from batch
 
+    async def achunks(self) -> AsyncIterator[StreamChunk]:
+        """``chunks`` for a coroutine."""
+        while True:
+            batch = await self.aget()
+            if batch is None:
+                return
+            for chunk in batch:
+                yield chunk
+
     def leave(self) -> None:
         """The consumer is gone: drop what is queued."""
         with self._cond:
             self.closed = True
             self._items.clear()
         self._room.set()
+
+
+def _settle(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def wait_for_room(feeds: List[Feed], room: Signal) -> None:

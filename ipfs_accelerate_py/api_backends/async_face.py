@@ -19,17 +19,18 @@ for microseconds). An OPEN circuit is waited out by a future that the prober's t
 settles (``_wait_for_any_circuit``), or, with no prober, by sleeping until the breaker's
 next probe window.
 
-An async stream goes alone: the shared prompt-list streams of ``stream_batching`` hand
-their callers' chunks to threads (their reader runs on the client's loop, not the caller's),
-so ``astream`` never joins one, whatever ``stream_batching`` settings say. The opening
-coroutine (``StreamingMixin._aopen_reply``) is the sync face's too.
+Compatible async streams share prompt-list calls exactly as sync ones do: a stream that may
+share goes on its endpoint's queue as a job (``StreamingMixin._queue_stream``), the batcher
+gathers it on the client's loop with compatible ones from either face, and the caller awaits
+the job's future (``asyncio.wrap_future``); its chunks then come from its ``SharedHandle``'s
+feed (``_pump.Feed.achunks``), read by the shared call's reader on the client's loop. A
+stream that goes alone is opened on its caller's loop by ``StreamingMixin._aopen_reply``,
+the sync face's opening coroutine.
 
 Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``,
-``asubmit``) go through the queue, the batcher and the worker threads as the sync ones do:
-the job's ``concurrent.futures.Future`` is awaited through ``asyncio.wrap_future``, a done
-callback that wakes the loop, so no thread waits for the caller (the worker that sends the
-request is the pool's, as for a sync caller). With ``queue_enabled`` off there is no worker:
-the call then runs in the loop's default executor, one thread for the call's duration.
+``asubmit``) go through the queue and the batcher as the sync ones do: the work runs on the
+client's loop, and the job's ``concurrent.futures.Future`` is awaited through
+``asyncio.wrap_future``, a done callback that wakes the caller's loop, so no thread waits.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from .mixins.routing import FAILOVER_ERRORS
 from .mixins.routing_state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
     coerce_messages, validate_request
+from .stream_batching import ALONE, SharedHandle
 from .streaming import ReplyChunks, TextStream
 
 if TYPE_CHECKING:  # aiohttp is imported by the first async stream, not by the sync face
@@ -129,16 +131,21 @@ class AsyncFaceMixin(HostBase):
         request = cap_request(self, request)
         rid = self._new_request_id()
         op = tracing.stream_started(self, ep, request, rid)
-        http = self._adapter.format_request(request, priority=None, request_id=rid)
-        with tracing.working_for(op, rid):
-            headers = tracing.with_trace_context(http.headers)  # this stream's span, not the thread's
         clock = self._clock
         start = clock.monotonic()
         deadline = start + ep.settings.effective_deadline
+        ff = self._fail_fast(ep, fail_fast)
         try:
+            job = self._queue_stream(ep, request, ff, op, rid, start, deadline)
+            handle = await _await_stream_job(job, deadline, clock) if job is not None else None
+            if handle is not None:  # it shares one prompt-list stream (stream_batching.py)
+                handle.wait = False  # leaving never blocks this loop
+                return _AioSharedTextStream(self, ep, request, handle, start, op)
+            http = self._adapter.format_request(request, priority=None, request_id=rid)
+            with tracing.working_for(op, rid):
+                headers = tracing.with_trace_context(http.headers)  # this stream's span, not the thread's
             response = await self._aopen_reply(ep, http, headers, self._aio_transport(ep),
-                                               deadline, request.model,
-                                               self._fail_fast(ep, fail_fast), op, rid)
+                                               deadline, request.model, ff, op, rid)
         except BaseException as exc:
             tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
             self._metrics.record_request(ep.id, request.model, False,
@@ -199,6 +206,35 @@ class AsyncFaceMixin(HostBase):
         for aio in list(self._aio_transports.values()):
             await aio.aclose()
         await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+
+async def _await_stream_job(job: Any, deadline: float, clock: Any) -> Optional[SharedHandle]:
+    """``_await_stream_job`` for coroutines: the batcher's word on a stream job, awaited
+    without a thread; a handle that comes as its caller leaves (cancelled, or its deadline
+    passed) is closed, so the shared call does not wait for a reader that never comes."""
+    try:
+        outcome = await asyncio.wait_for(asyncio.wrap_future(job.future),
+                                         max(0.0, deadline - clock.monotonic()) + 2.0)
+    except asyncio.TimeoutError:
+        job.fail(errors.TimeoutError("the stream did not open within its deadline", sent=False))
+        if job.future.cancelled():
+            raise errors.TimeoutError("the stream did not open within its deadline",
+                                      sent=False) from None
+        outcome = job.future.result(0)  # its handle, if it came just now; else raises
+    except asyncio.CancelledError:
+        _abandon(job)
+        raise
+    return None if outcome == ALONE else outcome
+
+
+def _abandon(job: Any) -> None:
+    """The caller left: a handle delivered to it all the same leaves its shared call."""
+    future = job.future
+    if not future.cancel() and future.done() and future.exception() is None:
+        outcome = future.result()
+        if isinstance(outcome, SharedHandle):
+            outcome.wait = False
+            outcome.close()
 
 
 def _expire(future: "Future[Any]", deadline: float) -> None:
@@ -319,3 +355,12 @@ class _AioTextStream(TextStream):
         """Stop reading; the connection is closed and the stream's place freed."""
         await self._agen.aclose()
         self._finish(False, None)
+
+
+class _AioSharedTextStream(_AioTextStream):
+    """An async caller's stream inside a shared prompt-list call: its own choices from its
+    ``SharedHandle``'s feed, read without blocking this loop (stream_batching.py)."""
+
+    async def _achunks(self) -> AsyncIterator[StreamChunk]:
+        async for chunk in self._response.feed.achunks():
+            yield chunk

@@ -95,9 +95,18 @@ class Endpoint:
         self.circuit_sync = threading.RLock()  # queue pause/resume follows the circuit
         self.priority_supported = True  # cleared when the server refuses a priority field
         self.chat_batch_supported = True  # cleared when the server has no chat batch route
+        #: cleared when a shared call's reply did not match it (batching.note_list_mismatch)
+        self.list_sharing_ok = True
         self.burst_until = 0.0  # monotonic time until which a lone request may linger
         self._lock = threading.Lock()
         self._open_streams = 0
+
+    @property
+    def shares_prompt_lists(self) -> bool:
+        """Whether calls to this endpoint may be shared (prompt lists, chat batches, shared
+        streams): the ``batch_prompt_lists`` setting, or, unset, until a reply mismatched."""
+        forced = self.settings.batch_prompt_lists
+        return self.list_sharing_ok if forced is None else forced
 
     @property
     def in_flight(self) -> int:
@@ -280,8 +289,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             request = request.model_copy(update={"model": model})
         request = cap_request(self, request)
         adapter = self._adapter
-        key = batch_key(ep.id, request, adapter.supports_prompt_list,
-                        ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported)
+        key = batch_key(ep.id, request, adapter.supports_prompt_list and ep.shares_prompt_lists,
+                        ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported
+                        and ep.shares_prompt_lists)
         if key is not None:
             key = (key, fail_fast)  # fail-fast and waiting callers never share a call
         rid = self._new_request_id()

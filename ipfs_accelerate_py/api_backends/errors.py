@@ -11,6 +11,9 @@ answer the server gave with a non-2xx status.
     │   │                          empty, missing fields, broken framing such as two different
     │   │                          ``Content-Length`` values)
     │   ├── ResponseTooLargeError  a reply body over ``max_response_bytes``; refused while reading
+    │   ├── ReplyMismatchError     a reply that does not answer what was asked (choices missing,
+    │   │                          duplicated or unnumbered in a prompt list, a member's stream
+    │   │                          ended early, usage that does not add up); never split
     │   └── StreamError            an ``{"error": ...}`` event inside a 200 SSE stream
     ├── TransientError             worth retrying (and counted by the circuit breaker)
     │   ├── ConnectionError        refused, reset, dropped, DNS
@@ -47,7 +50,7 @@ from typing import Any, Dict, Optional, Type
 
 __all__ = [
     "ApiError", "ValidationError", "ConfigurationError", "ResponseError",
-    "ResponseTooLargeError", "StreamError",
+    "ResponseTooLargeError", "ReplyMismatchError", "StreamError",
     "TransientError", "ConnectionError", "TimeoutError", "HTTPStatusError", "BadRequestError",
     "AuthenticationError", "PermissionDeniedError", "NotFoundError", "MethodNotAllowedError",
     "RequestTimeoutError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
@@ -126,6 +129,26 @@ class ResponseTooLargeError(ResponseError):
                  **context: Any) -> None:
         super().__init__(message, status_code=status_code, limit=limit, **context)
         self.limit = limit
+
+
+class ReplyMismatchError(ResponseError):
+    """The reply does not match the request: a prompt list answered with missing, extra,
+    duplicated or unnumbered choices, a shared stream that ended before a member's last
+    choice, or usage that does not add up. ``expected`` and ``received`` say what was asked
+    and what came; ``partial_text`` is what a stream had yielded before it was detected.
+
+    Why a type of its own: a shared call's reply is split among callers, and a reply that
+    does not match would hand a caller another caller's text (or a short one) as success.
+    The batcher re-sends the members of a mismatched shared call alone and stops sharing
+    prompt lists with that endpoint (``batch_prompt_lists``)."""
+
+    def __init__(self, message: str, expected: str = "", received: str = "",
+                 partial_text: str = "", **context: Any) -> None:
+        super().__init__(f"{message} (expected {expected}; received {received})"
+                         if expected or received else message, **context)
+        self.expected = expected
+        self.received = received
+        self.partial_text = partial_text
 
 
 class StreamError(ResponseError):

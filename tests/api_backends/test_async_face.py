@@ -303,8 +303,9 @@ def test_error_replies_are_typed_and_not_retried(fake_server, make_client) -> No
 # ------------------------------------------------------------------ shared state: routing, spans
 def test_a_routed_async_stream_fails_over_while_it_opens(fakes) -> None:
     a, b = fakes
+    # batch_streams off: four calls to count (async streams share prompt-list calls now)
     c = client_over({"a": a.base_url, "b": b.base_url}, model="tiny-llama", routing="round-robin",
-                    retry_delay=0.002, max_retry_delay=0.01, max_retries=0)
+                    retry_delay=0.002, max_retry_delay=0.01, max_retries=0, batch_streams=False)
     try:
         a.down()
         texts = run(gather(collect(c, f"routed {i}") for i in range(4)))

@@ -522,7 +522,7 @@ def test_merge_and_split_map_choices_by_index():
     merged = merge_requests(reqs)
     assert merged.prompt == ["a", "b", "c"] and merged.n == 2
     choices = [Choice(index=i, text=f"t{i}", prompt_index=i // 2, completion_tokens=3,
-                      prompt_tokens=2) for i in range(6)]
+                      prompt_tokens=2, finish_reason="length") for i in range(6)]
     result = CompletionResult(choices=choices, usage=Usage(prompt_tokens=6, completion_tokens=18,
                                                            total_tokens=24))
     parts = split_result(result, 3, 2)
@@ -567,7 +567,8 @@ def test_merged_chats_keep_their_order_and_shared_fields():
 
 def test_split_shares_a_sum_the_server_did_not_break_down():
     """A chat batch reports completion tokens per choice but prompt tokens only summed."""
-    choices = [Choice(index=i, text=f"t{i}", prompt_index=i, completion_tokens=i + 1) for i in range(3)]
+    choices = [Choice(index=i, text=f"t{i}", prompt_index=i, completion_tokens=i + 1,
+                      finish_reason="length") for i in range(3)]
     result = CompletionResult(choices=choices, usage=Usage(prompt_tokens=10, completion_tokens=6,
                                                            total_tokens=16))
     parts = split_result(result, 3, 1)

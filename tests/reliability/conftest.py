@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterator, Tuple
 
 import pytest
 
-from ipfs_accelerate_py.api_backends.stream_batching import SharedTextStream
+from ipfs_accelerate_py.api_backends.streaming import SharedTextStream
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
 from reliability_support import (PROMPTS, DoubleProcess, ListStreamTransport, RawServer,

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from ipfs_accelerate_py.api_backends import errors
-from ipfs_accelerate_py.api_backends.stream_batching import SharedTextStream
+from ipfs_accelerate_py.api_backends.streaming import SharedTextStream
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 
 from reliability_support import (DONE, LIST_HEAD, PROMPTS, chunked, event,

@@ -28,11 +28,15 @@ from .._loop import Signal
 from ._host import HostBase
 from .circuit_breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
-from ..errors import ApiError, ClientClosedError, HTTPStatusError, QueueTimeoutError, TransientError
+from ..errors import (ApiError, ClientClosedError, HTTPStatusError, QueueTimeoutError,
+                      ReplyMismatchError, TransientError)
+from ..reply_checks import check_choices, check_usage_adds_up, note_list_mismatch
+from ..stream_batching import open_shared
 from .queue import Job
 from .retry import RetryPolicy, retry_wait
 
-__all__ = ["batch_key", "merge_requests", "split_result", "share_tokens", "BatchingMixin"]
+__all__ = ["batch_key", "merge_requests", "split_result", "share_tokens", "prompt_count",
+           "BatchingMixin"]
 
 log = logging.getLogger("ipfs_accelerate_py.api_backends")
 
@@ -58,6 +62,16 @@ def batch_key(endpoint_id: str, request: Request, supports_prompt_list: bool,
     return (endpoint_id, request.model, request.sampling_key())
 
 
+def prompt_count(request: Request) -> int:
+    """How many prompts ``request`` carries: its reply has ``prompt_count * n`` choices."""
+    if isinstance(request, ChatBatchRequest):
+        return len(request.conversations)
+    prompt = getattr(request, "prompt", None)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
 def merge_requests(requests: Sequence[Request]) -> Request:
     """One request carrying every prompt (or conversation), in order (sampling fields are
     equal by key)."""
@@ -69,8 +83,11 @@ def merge_requests(requests: Sequence[Request]) -> Request:
 
 def split_result(result: CompletionResult, count: int, n: int) -> List[CompletionResult]:
     """Each prompt's slice of a batched result, with its own ``usage``; ``batch_usage``
-    keeps the whole call's. Token counts the server gave per choice are exact; where it
-    gave only the call's sum, that sum is split evenly, so the parts still add up."""
+    keeps the whole call's. Token counts the server gave per choice are exact (and must add
+    up to the call's); where it gave only the call's sum, that sum is split evenly, so the
+    parts still add up. A reply that does not carry exactly the choices asked for is never
+    split: ``ReplyMismatchError`` (reply_checks.py)."""
+    check_choices(result, count, n)
     parts = result.split_by_prompt(count, n)
     choices = [c for p in parts for c in p.choices]
     every_part = all(p.choices for p in parts)
@@ -82,6 +99,7 @@ def split_result(result: CompletionResult, count: int, n: int) -> List[Completio
         outs = [sum(c.completion_tokens or 0 for c in p.choices) for p in parts]
     else:
         outs = share_tokens(result.usage.completion_tokens, count)
+    check_usage_adds_up(ins, outs, result.usage)
     for part, i, o in zip(parts, ins, outs):
         part.usage = Usage(prompt_tokens=i, completion_tokens=o, total_tokens=i + o)
         part.batch_size = count
@@ -132,7 +150,9 @@ class BatchingMixin(HostBase):
         batch = await self._collect_batch(ep, job, now)
         if not batch:
             return  # handed to the task gathering its batch
-        if len(batch) > 1:
+        if job.request.stream:  # streams: alone, or one shared prompt-list stream
+            await open_shared(self, ep, batch)
+        elif len(batch) > 1:
             await self._run_batch(ep, batch)
         else:
             await self._run_single(ep, job)
@@ -156,6 +176,7 @@ class BatchingMixin(HostBase):
         try:
             result = await self._call(ep, job.request, job.deadline, job.model, job.request_id,
                                       job.priority, job.fail_fast)
+            check_choices(result, prompt_count(job.request), job.request.n or 1)
         except BaseException as exc:  # noqa: BLE001 - delivered to the caller
             self._finish(ep, job, start, error=exc)
         else:
@@ -192,6 +213,8 @@ class BatchingMixin(HostBase):
             return [job]
         if isinstance(job.request, ChatRequest) and not endpoint.chat_batch_supported:
             return [job]  # queued before the server turned out to lack the route
+        if not endpoint.shares_prompt_lists:
+            return [job]  # queued before a reply of this server turned out not to match
         limit = settings.max_batch_size
         if self._hand_over(endpoint, job):
             return []  # a worker holding its batch open while the limit is reached takes it
@@ -293,6 +316,9 @@ class BatchingMixin(HostBase):
             finally:
                 endpoint.queue.shared_call_ended(jobs[0].key)
                 tracing.shared_call_ended()
+        except ReplyMismatchError as exc:
+            await self._resend_alone(endpoint, jobs, exc)
+            return
         except HTTPStatusError as exc:
             if not isinstance(exc, TransientError):
                 if isinstance(merged, ChatBatchRequest) and self._adapter.is_missing_route(exc):
@@ -314,8 +340,20 @@ class BatchingMixin(HostBase):
         except BaseException as exc:  # noqa: BLE001 - never lose a caller
             self._fail_jobs(endpoint, jobs, exc, start)
             return
-        for j, part in zip(jobs, split_result(result, len(jobs), merged.n or 1)):
+        try:
+            parts = split_result(result, len(jobs), merged.n or 1)
+        except ReplyMismatchError as exc:
+            await self._resend_alone(endpoint, jobs, exc)
+            return
+        for j, part in zip(jobs, parts):
             self._finish(endpoint, j, start, result=part)
+
+    async def _resend_alone(self, endpoint: Any, jobs: List[Job], exc: ReplyMismatchError) -> None:
+        """A shared call's reply did not match what was asked: nobody gets a slice of it.
+        Each member is sent again alone (its own retries, its own deadline), and the
+        endpoint stops sharing calls (``prompt_list_mismatch``) unless a setting forces it."""
+        note_list_mismatch(endpoint, self._metrics, jobs[0].model, exc)
+        await asyncio.gather(*(self._run_single(endpoint, j) for j in jobs))
 
     async def _retry_in_parts(self, endpoint: Any, jobs: List[Job], exc: BaseException,
                               attempt: int, deadline: float, start: float) -> None:

@@ -75,6 +75,7 @@ class _Scope:
         self.output_tokens = 0
         self.batches = 0
         self.batched_requests = 0
+        self.batch_mismatches = 0
         self.streams = 0
         self.duration = Series(window)
         self.queue_wait = Series(window)
@@ -94,6 +95,7 @@ class _Scope:
             "streams": self.streams,
             "batches": self.batches,
             "batched_requests": self.batched_requests,
+            "batch_mismatches": self.batch_mismatches,
             "mean_batch_size": (self.batched_requests / self.batches) if self.batches else None,
             "gen_ai.client.token.usage": {"input": self.input_tokens, "output": self.output_tokens},
             "gen_ai.client.operation.duration": self.duration.summary(),
@@ -169,6 +171,12 @@ class MetricsRecorder:
             for s in self._scopes(endpoint, model):
                 s.batches += 1
                 s.batched_requests += size
+
+    def record_batch_mismatch(self, endpoint: str, model: Optional[str]) -> None:
+        """A shared call's reply did not match it (its members were re-sent alone)."""
+        with self._lock:
+            for s in self._scopes(endpoint, model):
+                s.batch_mismatches += 1
 
     def record_circuit_wait(self, endpoint: str, seconds: float) -> None:
         """A request waited ``seconds`` for an OPEN circuit (endpoint and total scopes)."""

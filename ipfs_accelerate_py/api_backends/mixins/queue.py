@@ -34,7 +34,7 @@ class Job:
     """One submitted request and the future its caller waits on."""
 
     __slots__ = ("request", "priority", "future", "enqueued_at", "deadline", "key", "seq",
-                 "model", "request_id", "picked_at", "fail_fast")
+                 "model", "request_id", "picked_at", "fail_fast", "context")
 
     def __init__(self, request: Any, priority: int, deadline: float, key: Optional[Hashable],
                  model: Optional[str], request_id: str, now: float,
@@ -51,6 +51,8 @@ class Job:
         #: when a worker took it off the queue (that worker's turn reads no clock of its own)
         self.picked_at: Optional[float] = None
         self.fail_fast = fail_fast  # an OPEN circuit fails it at once instead of holding it
+        #: what the caller attached for the step that serves it (a stream's tracing span)
+        self.context: Any = None
 
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, asyncio.CancelledError):  # the client's loop stopped under it

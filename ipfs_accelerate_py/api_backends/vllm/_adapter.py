@@ -99,12 +99,13 @@ class VllmAdapter(BackendAdapter):
         # chat sends the prompt's ids and logprobs once, beside the choices (one
         # conversation only: a chat batch's choices have different prompts)
         single_chat = chat and not isinstance(request, ChatBatchRequest)
+        listed = _is_list(request)
         top_prompt_ids = data.get("prompt_token_ids") if single_chat else None
         top_prompt_lps = data.get("prompt_logprobs") if single_chat else None
         for c in choices_raw:
             if not isinstance(c, dict):
                 raise ResponseError("a choice is not an object", status_code=response.status)
-            index = c.get("index", len(choices))
+            index = _choice_index(c, listed, len(choices))
             tool_calls = reasoning = None
             if chat:
                 message = c.get("message") or {}
@@ -142,12 +143,13 @@ class VllmAdapter(BackendAdapter):
         chat = isinstance(request, ChatRequest)
         out: List[StreamChunk] = []
         ident, model = event.get("id") or "", event.get("model") or ""
+        listed = _is_list(request)
         for c in event.get("choices") or ():
             if chat:
                 text = (c.get("delta") or {}).get("content") or ""
             else:
                 text = c.get("text") or ""
-            out.append(StreamChunk(index=c.get("index", 0), text=text,
+            out.append(StreamChunk(index=_choice_index(c, listed, 0), text=text,
                                    finish_reason=c.get("finish_reason"), id=ident, model=model))
         if event.get("usage"):
             out.append(StreamChunk(usage=Usage.from_wire(event["usage"]), id=ident, model=model))
@@ -210,3 +212,25 @@ class VllmLegacyAdapter(VllmAdapter):
 
     def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
         return []  # the demo server cannot list its model
+
+
+def _is_list(request: Request) -> bool:
+    """A request whose reply is split among prompts: a prompt list or a chat batch."""
+    if isinstance(request, ChatBatchRequest):
+        return True
+    return isinstance(request, CompletionRequest) and isinstance(request.prompt, list) \
+        and len(request.prompt) > 1 and not isinstance(request.prompt[0], int)
+
+
+def _choice_index(choice: Dict[str, Any], listed: bool, position: int) -> int:
+    """The choice's ``index``. In a list reply it says whose answer the choice is, so a
+    choice without one is refused, never placed by its position (``ReplyMismatchError``);
+    a lone reply's may default to its position."""
+    index = choice.get("index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    if index is None and not listed:
+        return position
+    raise ReplyMismatchError("a prompt list's reply has a choice without a numeric 'index'",
+                             expected="an integer index on every choice",
+                             received=f"index {index!r} at position {position}")
