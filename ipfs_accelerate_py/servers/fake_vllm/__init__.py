@@ -55,9 +55,26 @@ Fault kinds (:class:`Fault`), consumed by the next matching request(s):
 ``stream_no_done`` stream: every event, then a clean end without ``data: [DONE]``
 ``stream_drop``    stream: ``after_chunks`` events, then the socket closes mid-body
 ``stream_raw``     stream: exactly ``body`` as the SSE body
+``list_first_only`` the choices of prompt 0 only (its ``n``, indexes ``0..n-1``); usage and a
+                   stream's usage chunk count prompt 0 only; a stream sends prompt 0's events only
+``list_index_zero`` every choice (every stream event) numbered ``"index": 0``
+``list_no_index``  choices without the ``index`` key, in an order shuffled by
+                   ``random.Random(seed)`` (never the right one); a stream sends each choice's
+                   events together, the choices in that order, without ``index``
+``list_early_done`` stream: the last prompt's choices never get their final (``finish_reason``)
+                   event, so ``[DONE]`` comes before it (the rest, usage chunk too, as usual);
+                   complete: the last prompt's choices have ``finish_reason`` and
+                   ``stop_reason`` null
+``list_bad_usage`` ``usage.prompt_tokens`` (complete, and a stream's usage chunk) is half the
+                   sum over the prompts (rounded down), ``total_tokens`` that plus
+                   ``completion_tokens``; with ``continuous_usage_stats`` every event's
+                   ``prompt_tokens`` is the whole list's, not its prompt's
 =================  ==========================================================================
 
-``stream_*`` faults only match streaming requests; the others match any request.
+``stream_*`` faults only match streaming requests. ``list_*`` faults mishandle a prompt list as
+a server or a proxy in front of one might: they only match ``/v1/completions`` requests whose
+``prompt`` is a list of 2+ prompts (texts or token-id lists), complete or streamed; every other
+byte of the reply is as vLLM sends it. The others match any request.
 
 The package, one concern a module (all private; this module is the public surface):
 

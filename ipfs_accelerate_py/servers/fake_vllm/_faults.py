@@ -30,13 +30,39 @@ FAULT_KINDS = frozenset(
         "stream_no_done",
         "stream_drop",
         "stream_raw",
+        "list_first_only",
+        "list_index_zero",
+        "list_no_index",
+        "list_early_done",
+        "list_bad_usage",
     }
 )
 _STREAM_ONLY_KINDS = frozenset({"stream_error", "stream_no_done", "stream_drop", "stream_raw"})
+#: Kinds that mishandle a prompt list: they take only ``/v1/completions`` requests whose
+#: ``prompt`` is a list of 2+ prompts, complete or streamed; the route applies them to its reply.
+LIST_KINDS = frozenset({"list_first_only", "list_index_zero", "list_no_index", "list_early_done", "list_bad_usage"})
+
+
+def is_prompt_list(body: Any) -> bool:
+    """Whether ``body`` asks for 2+ prompts in one ``prompt`` list (texts or token-id lists;
+    a flat list of token ids is one prompt)."""
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    return (isinstance(prompt, list) and len(prompt) >= 2
+            and (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)))
 
 #: Upper bound for any sleep the double does, so a mistyped fault cannot hang a test run
 #: (a ``gate`` the test forgot to release ends here, or at ``stop()``).
 MAX_SLEEP_S = 600.0
+
+
+def shuffled_order(count: int, seed: int) -> list[int]:
+    """The order ``list_no_index`` sends ``count`` choices in: ``random.Random(seed)``'s shuffle,
+    turned by one when it came out in order, so 2+ choices are never in their right order."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    if count > 1 and order == sorted(order):
+        order = order[1:] + order[:1]
+    return order
 
 
 def hold_seconds(fault: "Fault") -> float:
@@ -55,6 +81,8 @@ class Fault:
     faults (for example a ``Retry-After`` on a 503). ``content_type`` overrides the
     ``application/json`` that ``bad_body`` claims. ``prompt``: only requests whose prompt (or
     an item of their prompt list) contains this text match (a prompt that breaks the server).
+    ``seed``: the order ``list_no_index`` shuffles choices into (``random.Random(seed)``; never
+    the right order).
     """
 
     kind: str
@@ -68,6 +96,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
     prompt: str | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -86,6 +115,8 @@ class Fault:
     def matches(self, method: str, path: str, is_stream: bool, body: Any = None) -> bool:
         """Whether this fault applies to a request (stream-only kinds need a stream)."""
         if self.kind in _STREAM_ONLY_KINDS and not is_stream:
+            return False
+        if self.kind in LIST_KINDS and (path != "/v1/completions" or not is_prompt_list(body)):
             return False
         if self.prompt is not None:
             prompt = body.get("prompt") if isinstance(body, dict) else None
@@ -210,6 +241,8 @@ class FaultScript:
                 choice = templates[rng.randrange(len(templates))]
                 fault = choice if isinstance(choice, Fault) else self._fault_from_name(choice)
                 if fault.kind in _STREAM_ONLY_KINDS and not is_stream:
+                    return None
+                if fault.kind in LIST_KINDS and (path != "/v1/completions" or not is_prompt_list(body)):
                     return None
                 name = choice if isinstance(choice, str) else fault.kind
                 self.injected[name] += 1

@@ -32,6 +32,7 @@ from ._generation import (
     _tokenize_chat,
     _tokenize_text,
 )
+from ._faults import Fault, shuffled_order
 from ._metrics import _Metrics
 from ._validation import (
     _CHAT_FIELDS,
@@ -182,6 +183,17 @@ class _Routes:
         return n, per_prompt, seed
 
     @staticmethod
+    def _empty_prompt(body: dict[str, Any]) -> _Stream:
+        """vLLM's verdict on a prompt truncated to nothing (``truncate_prompt_tokens: 0``),
+        which it reaches after the sampling checks: a 400, or for a stream a 200 whose only
+        event is the error (in Python's ``json.dumps`` spacing, as vLLM writes it), then [DONE]."""
+        message = "The decoder prompt cannot be empty"
+        if not body.get("stream"):
+            raise _bad_request(message)
+        err = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+        return _Stream(iter((b"data: " + json.dumps(err).encode() + b"\n\n", _DONE)))
+
+    @staticmethod
     def _stops(body: dict[str, Any]) -> tuple[str, ...]:
         stop = body.get("stop")
         if stop is None:
@@ -205,7 +217,12 @@ class _Routes:
             m.kv_tokens -= kv_tokens
 
     # -- /v1/completions ---------------------------------------------------------------------
-    def _completions(self, body: dict[str, Any], headers: dict[str, str], halt: threading.Event) -> _Reply | _Stream:
+    def _completions(
+        self, body: dict[str, Any], headers: dict[str, str], halt: threading.Event, mishandle: Fault | None = None
+    ) -> _Reply | _Stream:
+        """``mishandle``: a ``list_*`` fault that took this request; it changes the reply to a
+        list of 2+ prompts the way a server or proxy that mishandles prompt lists would (see
+        the package docstring), and leaves everything else as vLLM sends it."""
         _check_counts(body, False)
         body = _check_fields(body, _COMPLETION_FIELDS)
         _check_rules(body, False, self.max_model_len)
@@ -232,7 +249,10 @@ class _Routes:
         else:
             raise _validation_error(_prompt_type_errors(prompt))
         logprobs_k = body.get("logprobs")
-        n, max_per_prompt, seed = self._sampling(body, [it[2] for it in items], DEFAULT_COMPLETION_MAX_TOKENS, logprobs_k)
+        empty = body.get("truncate_prompt_tokens") == 0  # every prompt truncated to nothing
+        n, max_per_prompt, seed = self._sampling(body, [0 if empty else it[2] for it in items], DEFAULT_COMPLETION_MAX_TOKENS, logprobs_k)
+        if empty:
+            return self._empty_prompt(body)
         stops = self._stops(body)
         min_tokens = body.get("min_tokens") or 0
         include_stop = bool(body.get("include_stop_str_in_output"))
@@ -256,6 +276,15 @@ class _Routes:
             raise
         prompt_total = sum(it[2] for it in items)
         completion_total = sum(len(c[1].ids) for c in choices)
+        kind = mishandle.kind if mishandle is not None and isinstance(prompt, list) and len(items) >= 2 else None
+        last_prompt = len(items) - 1
+        # What the reply's usage says: the truth, unless the fault makes it lie.
+        usage_prompt, usage_completion = prompt_total, completion_total
+        if kind == "list_first_only":  # a server that only ran prompt 0 counts only prompt 0
+            usage_prompt = items[0][2]
+            usage_completion = sum(len(c[1].ids) for c in choices if c[0] == 0)
+        elif kind == "list_bad_usage":
+            usage_prompt = prompt_total // 2
 
         def prompt_tokens_of(pi: int) -> list[tuple[int, str]]:
             ids = items[pi][3]
@@ -283,14 +312,25 @@ class _Routes:
                     "prompt_token_ids": [i for i, _ in prompt_tokens_of(pi)] if want_ids else None,
                     "routed_experts": None,
                 })
+            if kind == "list_first_only":
+                out = out[:n]
+            elif kind == "list_index_zero":
+                for c in out:
+                    c["index"] = 0
+            elif kind == "list_no_index" and mishandle is not None:
+                out = [{k: v for k, v in out[i].items() if k != "index"} for i in shuffled_order(len(out), mishandle.seed)]
+            elif kind == "list_early_done":
+                for c, (pi, *_) in zip(out, choices):
+                    if pi == last_prompt:
+                        c["finish_reason"] = c["stop_reason"] = None
             elapsed = time.monotonic() - t0
             self._metrics.finish(prompt_total, [c[1] for c in choices], elapsed, elapsed)
             self._end(kv)
             return _Reply(200, _dumps({
                 "id": rid, "object": "text_completion", "created": created, "model": model, "choices": out,
                 "service_tier": None, "system_fingerprint": self.system_fingerprint,
-                "usage": {"prompt_tokens": prompt_total, "total_tokens": prompt_total + completion_total,
-                          "completion_tokens": completion_total, "prompt_tokens_details": None,
+                "usage": {"prompt_tokens": usage_prompt, "total_tokens": usage_prompt + usage_completion,
+                          "completion_tokens": usage_completion, "prompt_tokens_details": None,
                           "completion_tokens_details": None},
                 "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None,
             }))
@@ -300,9 +340,15 @@ class _Routes:
         continuous = include_usage and bool(opts.get("continuous_usage_stats"))
         fp = self.system_fingerprint
         first_token_at: list[float] = []
+        order = list(range(len(choices)))  # the choices the stream sends, in the order it sends them
+        if kind == "list_first_only":
+            order = [i for i in order if choices[i][0] == 0]
+        elif kind == "list_no_index" and mishandle is not None:
+            order = [order[i] for i in shuffled_order(len(order), mishandle.seed)]
 
         def events() -> Iterator[bytes]:
-            for idx, (pi, ch, echo_text, _) in enumerate(choices):
+            for idx in order:
+                pi, ch, echo_text, _ = choices[idx]
                 plen = items[pi][2]
                 offset = 0
                 last = len(ch.pieces) - 1
@@ -320,24 +366,30 @@ class _Routes:
                         lp = _completion_logprobs(ch, t, t + 1, logprobs_k, offset, None)
                         offset += len(_VOCAB[ch.ids[t]])
                     final = t == last
+                    if final and kind == "list_early_done" and pi == last_prompt:
+                        continue  # [DONE] comes before this choice's finish_reason
+                    choice: dict[str, Any] = {} if kind == "list_no_index" else {"index": 0 if kind == "list_index_zero" else idx}
+                    choice.update({"text": text, "logprobs": lp,
+                                   "finish_reason": ch.finish_reason if final else None,
+                                   "stop_reason": ch.stop_reason if final else None,
+                                   "prompt_token_ids": prompt_token_ids,
+                                   "token_ids": [ch.ids[t]] if want_ids else None})
                     chunk: dict[str, Any] = {
                         "id": rid, "object": "text_completion", "created": created, "model": model,
-                        "choices": [{"index": idx, "text": text, "logprobs": lp,
-                                     "finish_reason": ch.finish_reason if final else None,
-                                     "stop_reason": ch.stop_reason if final else None,
-                                     "prompt_token_ids": prompt_token_ids,
-                                     "token_ids": [ch.ids[t]] if want_ids else None}],
+                        "choices": [choice],
                     }
                     if continuous:
-                        chunk["usage"] = {"prompt_tokens": plen, "total_tokens": plen + t + 1, "completion_tokens": t + 1}
+                        # list_bad_usage: every event counts the whole list's prompt tokens
+                        p = prompt_total if kind == "list_bad_usage" else plen
+                        chunk["usage"] = {"prompt_tokens": p, "total_tokens": p + t + 1, "completion_tokens": t + 1}
                     elif final and not include_usage:  # with usage, only the usage chunk has it
                         chunk["system_fingerprint"] = fp
                     yield b"data: " + _dumps(chunk) + b"\n\n"
             if include_usage:
                 yield b"data: " + _dumps({
                     "id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
-                    "usage": {"prompt_tokens": prompt_total, "total_tokens": prompt_total + completion_total,
-                              "completion_tokens": completion_total},
+                    "usage": {"prompt_tokens": usage_prompt, "total_tokens": usage_prompt + usage_completion,
+                              "completion_tokens": usage_completion},
                     "system_fingerprint": fp,
                 }) + b"\n\n"
             yield _DONE
@@ -390,7 +442,10 @@ class _Routes:
         add_gen = body.get("add_generation_prompt")
         add_gen = True if add_gen is None else add_gen
         plens = [min(_chat_token_count(conv, add_gen), self.max_model_len + 1) for conv in conversations]
-        n, max_per, seed = self._sampling(body, plens, None, (top_k or 0) if logprobs else None)
+        empty = body.get("truncate_prompt_tokens") == 0  # every conversation truncated to nothing
+        n, max_per, seed = self._sampling(body, [0] * len(plens) if empty else plens, None, (top_k or 0) if logprobs else None)
+        if empty:
+            return self._empty_prompt(body)
         stops = self._stops(body)
         min_tokens = body.get("min_tokens") or 0
         include_stop = bool(body.get("include_stop_str_in_output"))

@@ -13,7 +13,7 @@ import time
 from collections import Counter, deque
 from typing import Any, Sequence
 
-from ._faults import MAX_SLEEP_S, Fault, FaultScript, _status_fault_reply, hold_seconds
+from ._faults import LIST_KINDS, MAX_SLEEP_S, Fault, FaultScript, _status_fault_reply, hold_seconds
 from ._http import _Handler, _HTTPServer
 from ._metrics import _Metrics
 from ._routes import _Routes
@@ -383,6 +383,8 @@ class FakeVllmServer(_Routes):
                 self._sleep(hold_seconds(fault), halt, waiting=True, fault=True)
                 fault = None
             # stall mid-stream and stream_* faults are applied while streaming
+        # a list_* fault is the route's to apply to the reply it builds
+        mishandle, fault = (fault, None) if fault is not None and fault.kind in LIST_KINDS else (None, fault)
 
         if self.api_key is not None and path.startswith("/v1") and headers.get("authorization") != f"Bearer {self.api_key}":
             h.send_reply(_UNAUTHORIZED)
@@ -400,7 +402,7 @@ class FakeVllmServer(_Routes):
             h.send_reply(_Reply(405, b'{"detail":"Method Not Allowed"}', _JSON, (("allow", ", ".join(methods)),)))
             return
         try:
-            result = self._route(method, path, raw, parsed, headers, halt)
+            result = self._route(method, path, raw, parsed, headers, halt, mishandle)
         except _ApiError as err:
             result = err.reply
         except _Halt:
@@ -418,7 +420,8 @@ class FakeVllmServer(_Routes):
             h.send_reply(result)
 
     def _route(
-        self, method: str, path: str, raw: bytes, parsed: Any, headers: dict[str, str], halt: threading.Event
+        self, method: str, path: str, raw: bytes, parsed: Any, headers: dict[str, str], halt: threading.Event,
+        mishandle: Fault | None = None,
     ) -> _Reply | _Stream:
         if path in ("/health", "/ping"):
             return _Reply(200, b"", None)
@@ -430,7 +433,7 @@ class FakeVllmServer(_Routes):
             return _Reply(200, _dumps(self._models_body()))
         body = self._json_object(raw, parsed)
         if path == "/v1/completions":
-            return self._completions(body, headers, halt)
+            return self._completions(body, headers, halt, mishandle)
         if path == "/v1/chat/completions":
             return self._chat(body, headers, halt, batch=False)
         if path == "/v1/chat/completions/batch":

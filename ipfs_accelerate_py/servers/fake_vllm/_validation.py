@@ -134,6 +134,7 @@ _COMMON_FIELDS: dict[str, _Coercer] = {
     "top_k": _coerce_int,
     "min_tokens": _coerce_int,
     "priority": _coerce_int,
+    "truncate_prompt_tokens": _coerce_int,
     "temperature": _coerce_float,
     "top_p": _coerce_float,
     "min_p": _coerce_float,

@@ -52,7 +52,8 @@ def _numeric() -> Iterator[Case]:
         ("min_tokens", [-1, 0, 1]),
         ("seed", [-INT64, INT64 - 1, INT64, -INT64 - 1]),
         ("prompt_logprobs", [-2, -1, 0, 20, 21]),
-        ("truncate_prompt_tokens", [-2, -1, 1, MAX_MODEL_LEN, MAX_MODEL_LEN + 1]),
+        ("truncate_prompt_tokens", [-2, -1, 0, 1, MAX_MODEL_LEN, MAX_MODEL_LEN + 1]),
+        ("best_of", [0, 1, 2]),
         ("priority", [-INT64, 1, INT64 - 1, INT64]),
         ("stream_interval", [0, 1]),
     ]
