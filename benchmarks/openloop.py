@@ -387,5 +387,45 @@ class ProjectStream(C.Project):
         return {"wall_s": time.perf_counter() - t0, "prompts": len(prompts), "ttft": ttft}
 
 
+class ProjectAsyncStream(C.Project):
+    """The project's ``astream()`` on one event loop: N tasks, each streaming its prompts one
+    after another; compatible streams share prompt-list calls as the sync face's do."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._loop = asyncio.new_event_loop()
+
+    async def _stream_one(self, prompt: str) -> float:
+        t0 = time.perf_counter()
+        ttft: Optional[float] = None
+        request = build_request(prompt, self.model, _stream_params(self.params),
+                                adapter=self.client.adapter)
+        async with self.client.astream(request) as s:
+            async for chunk in s:
+                if ttft is None and chunk.text:
+                    ttft = time.perf_counter() - t0
+            usage = s.usage
+        C._check(usage.completion_tokens if usage else None, self.expect)
+        return ttft if ttft is not None else math.inf
+
+    def throughput(self, callers: C.Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        async def many() -> List[float]:
+            out: List[float] = [0.0] * len(prompts)
+            work = iter(enumerate(prompts))
+
+            async def worker() -> None:
+                for i, p in work:
+                    out[i] = await self._stream_one(p)
+            await asyncio.gather(*(worker() for _ in range(callers.n)))
+            return out
+        t0 = time.perf_counter()
+        ttft = self._loop.run_until_complete(many())
+        return {"wall_s": time.perf_counter() - t0, "prompts": len(prompts), "ttft": ttft}
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self.client.aclose())
+        self._loop.close()
+
+
 def ttft_p50_ms(ttft: Sequence[float]) -> float:
     return statistics.median(ttft) * 1000.0

@@ -59,6 +59,7 @@ NAMES = {
     "aio_stream": "aiohttp streams",
     "bare_stream": "bare prompt-list streams (32/request)",
     "proj_stream": "project streams",
+    "proj_astream": "project async streams",
 }
 THROUGHPUT = ("W1", "W4", "W6")  # workloads measured in prompts/s by closed-loop callers
 
@@ -206,6 +207,10 @@ def build(args: argparse.Namespace, real: servers.RealServer,
         w.add("proj_stream", lambda: OL.ProjectStream(url, model, params, batching=True,
                                                       max_batch_size=conc, label=NAMES["proj_stream"],
                                                       max_concurrent_requests=conc, transport=tr))
+        w.add("proj_astream", lambda: OL.ProjectAsyncStream(url, model, params, batching=True,
+                                                            max_batch_size=conc,
+                                                            label=NAMES["proj_astream"],
+                                                            max_concurrent_requests=conc))
         wls.append(w)
     return wls, callers
 
@@ -440,7 +445,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                        "ok": None if not p or not r else p / r >= 1.8})
     project_rows = {"W1": [NAMES["on"], NAMES["off"]], "W2": [NAMES["on"], NAMES["off"]],
                     "W3": [NAMES["on"], NAMES["off"]], "W4": [NAMES["chat_on"], NAMES["chat_off"]],
-                    "W6": [NAMES["proj_stream"]]}
+                    "W6": [NAMES["proj_stream"], NAMES["proj_astream"]]}
     text = report.table(results, meta, project_rows)
     print(f"ipfs_accelerate_py benchmark, {meta['time']}, commit {meta['commit']}, "
           f"{rounds} interleaved rounds, {meta['elapsed_s']}s; load avg before "
