@@ -362,8 +362,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--w5-bound", type=float, default=1.0, help="the p99 bound, seconds")
     ap.add_argument("--w5-refine", type=int, default=2,
                     help="bisections between each client's last passing and first failing rate")
-    ap.add_argument("--noop", choices=["auto", "nginx", "python"], default="auto",
-                    help="the no-op server for W3 (auto: nginx if installed)")
+    ap.add_argument("--noop", choices=["auto", "nginx", "python"], default="python",
+                    help="the no-op server for W3 (python, the default, answers prompt lists "
+                         "as vLLM does; nginx's fixed reply only single prompts; auto: nginx "
+                         "if installed)")
     ap.add_argument("--project-transport", choices=sorted(C.TRANSPORTS), default="default",
                     help="transport for the project's client (default: the project's default)")
     ap.add_argument("--w1-prompts", type=int, default=256)
