@@ -40,14 +40,15 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, Optional, Sequence
 
 from . import errors, tracing
-from .call_shapes import stream_call
+from .call_shapes import check_timeout, pop_send_options, stream_call
 from .errors import ConfigurationError, ValidationError
 from .limits import cap_request
 from .mixins._host import HostBase
 from .mixins.routing import FAILOVER_ERRORS
 from .mixins.routing_state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
-    coerce_messages, validate_request
+    check_priority
+from .request_build import build_request, chat_request, stream_request
 from .stream_batching import ALONE, SharedHandle
 from .streaming import ReplyChunks, TextStream
 
@@ -63,7 +64,8 @@ class AsyncFaceMixin(HostBase):
 
     # ------------------------------------------------------------------ streams
     def astream(self, request: Request, endpoint_id: Optional[str] = None,
-                fail_fast: Optional[bool] = None) -> "AsyncTextStream":
+                fail_fast: Optional[bool] = None, *, priority: int = 1,
+                timeout: Optional[float] = None) -> "AsyncTextStream":
         """An async iterator (and async context manager) of ``StreamChunk``s. The request is
         checked now; it is sent on the first ``__anext__`` / ``__aenter__``, where opening
         errors raise. An OPEN circuit is waited out before the first byte, within the
@@ -77,29 +79,31 @@ class AsyncFaceMixin(HostBase):
                                      field="stream")
         if endpoint_id is not None:
             self._endpoint(endpoint_id)  # an unknown id raises now
-        return AsyncTextStream(self, request, endpoint_id, fail_fast)
+        check_priority(priority)
+        return AsyncTextStream(self, request, endpoint_id, fail_fast, priority,
+                               check_timeout(timeout))
 
     def astream_generation(self, *args: Any, **kwargs: Any) -> AsyncIterator[str]:
         """``stream_generation`` for coroutines: the same call shapes, an async iterator of
         text pieces. Bad input raises here, before anything is sent."""
-        from .base import build_request  # base imports this module
-
+        options = pop_send_options(kwargs)
         model, prompt, parameters = stream_call(args, kwargs)
-        if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
-            raise ValidationError("stream one prompt (a string) or chat messages", field="prompt")
-        return self.astream(build_request(prompt, model, parameters, stream=True,
-                                          adapter=self._adapter)).texts()
+        return self.astream(stream_request(self._adapter, prompt, model, parameters),
+                            **options).texts()
 
     async def _aopen(self, request: Request, endpoint_id: Optional[str],
-                     fail_fast: Optional[bool]) -> "_AioTextStream":
+                     fail_fast: Optional[bool], priority: int = 1,
+                     timeout: Optional[float] = None) -> "_AioTextStream":
         """Open the stream: routed by the ``routing`` setting when no endpoint is named."""
         if endpoint_id is None:
-            routed = await self._aopen_routed(request)
+            routed = await self._aopen_routed(request, priority, timeout)
             if routed is not None:
                 return routed
-        return await self._aopen_on(self._endpoint(endpoint_id), request, fail_fast)
+        return await self._aopen_on(self._endpoint(endpoint_id), request, fail_fast, priority,
+                                    timeout)
 
-    async def _aopen_routed(self, request: Request) -> "Optional[_AioTextStream]":
+    async def _aopen_routed(self, request: Request, priority: int = 1,
+                            timeout: Optional[float] = None) -> "Optional[_AioTextStream]":
         """``_routed_stream`` for coroutines: the best healthy endpoint first, the next one
         when opening fails in a way another server might not; None when routing is off.
         With a load probe set (``set_load_probe``), a blocking call, the order is worked out
@@ -116,13 +120,13 @@ class AsyncFaceMixin(HostBase):
         opening = OpeningOrder(order, self._is_open)
         for eid in opening:
             try:
-                return await self._aopen_on(self._endpoint(eid), request, None)
+                return await self._aopen_on(self._endpoint(eid), request, None, priority, timeout)
             except FAILOVER_ERRORS as exc:
                 opening.failed(eid, exc)
         raise opening.exhausted() from opening.last
 
-    async def _aopen_on(self, ep: Any, request: Request,
-                        fail_fast: Optional[bool]) -> "_AioTextStream":
+    async def _aopen_on(self, ep: Any, request: Request, fail_fast: Optional[bool],
+                        priority: int = 1, timeout: Optional[float] = None) -> "_AioTextStream":
         self._check_open()
         if not request.stream:
             request = request.model_copy(update={"stream": True})
@@ -133,10 +137,10 @@ class AsyncFaceMixin(HostBase):
         op = tracing.stream_started(self, ep, request, rid)
         clock = self._clock
         start = clock.monotonic()
-        deadline = start + ep.settings.effective_deadline
+        deadline = start + (timeout if timeout is not None else ep.settings.effective_deadline)
         ff = self._fail_fast(ep, fail_fast)
         try:
-            job = self._queue_stream(ep, request, ff, op, rid, start, deadline)
+            job = self._queue_stream(ep, request, ff, op, rid, start, deadline, priority)
             handle = await _await_stream_job(job, deadline, clock) if job is not None else None
             if handle is not None:  # it shares one prompt-list stream (stream_batching.py)
                 handle.wait = False  # leaving never blocks this loop
@@ -173,31 +177,30 @@ class AsyncFaceMixin(HostBase):
 
     async def arun_inference(self, model_id: Optional[str], inputs: Any,
                              parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
-                             endpoint_id: Optional[str] = None,
-                             fail_fast: Optional[bool] = None) -> CompletionResult:
+                             endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                             timeout: Optional[float] = None) -> CompletionResult:
         """``run_inference`` for coroutines (no thread waits for the result)."""
-        from .base import build_request  # base imports this module
-
         return await self.asubmit(build_request(inputs, model_id, parameters,
                                                 adapter=self._adapter), priority,
-                                  endpoint_id, fail_fast=fail_fast)
+                                  endpoint_id, check_timeout(timeout), fail_fast)
 
-    async def agenerate_text(self, prompt: str, model: Optional[str] = None, priority: int = 1,
-                             **parameters: Any) -> str:
+    async def agenerate_text(self, prompt: str, model: Optional[str] = None, priority: int = 1, *,
+                             endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                             timeout: Optional[float] = None, **parameters: Any) -> str:
         """``generate_text`` for coroutines."""
         if not isinstance(prompt, str):
             raise ValidationError(f"must be a string, got {type(prompt).__name__}", field="prompt")
-        return (await self.arun_inference(model, prompt, parameters, priority)).text
+        return (await self.arun_inference(model, prompt, parameters, priority, endpoint_id,
+                                          fail_fast, timeout)).text
 
     async def achat_completion(self, messages: Sequence[Dict[str, Any]],
-                               model: Optional[str] = None, priority: int = 1,
+                               model: Optional[str] = None, priority: int = 1, *,
+                               endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                               timeout: Optional[float] = None,
                                **parameters: Any) -> CompletionResult:
         """``chat_completion`` for coroutines."""
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ValidationError("must be a non-empty list of chat messages", field="messages")
-        request = validate_request(self._adapter.chat_request, {
-            **parameters, "model": model, "messages": coerce_messages(messages)})
-        return await self.asubmit(request, priority)
+        return await self.asubmit(chat_request(self._adapter, messages, model, parameters),
+                                  priority, endpoint_id, check_timeout(timeout), fail_fast)
 
     async def aclose(self) -> None:
         """``close()`` for coroutines: this loop's sessions are closed here, awaited; the rest
@@ -253,18 +256,21 @@ class AsyncTextStream:
     vLLM aborts the generation, and the stream's place is freed). Opened on first use."""
 
     def __init__(self, client: Any, request: Request, endpoint_id: Optional[str],
-                 fail_fast: Optional[bool]) -> None:
+                 fail_fast: Optional[bool], priority: int = 1,
+                 timeout: Optional[float] = None) -> None:
         self._client = client
         self._request = request
         self._endpoint_id = endpoint_id
         self._fail_fast = fail_fast
+        self._priority = priority
+        self._timeout = timeout
         self._open: Optional[_AioTextStream] = None
         self._closed = False
 
     async def _opened(self) -> "_AioTextStream":
         if self._open is None:
             self._open = await self._client._aopen(self._request, self._endpoint_id,
-                                                   self._fail_fast)
+                                                   self._fail_fast, self._priority, self._timeout)
         return self._open
 
     @property

@@ -47,9 +47,9 @@ from ._loop import ClientLoop
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
 from .async_face import AsyncFaceMixin
-from .call_shapes import stream_call
-from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, check_priority,
-                     coerce_messages, validate_request)
+from .call_shapes import check_timeout, pop_send_options, stream_call
+from .request_build import build_request, chat_request, stream_request
+from .models import ChatRequest, CompletionRequest, CompletionResult, Request, check_priority
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
@@ -124,35 +124,6 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.id} {self.settings.base_url}>"
-
-
-def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[str, Any]] = None,
-                  stream: bool = False, adapter: Optional[BackendAdapter] = None) -> Request:
-    """Caller input -> typed request: text or a list of texts -> completion, messages -> chat,
-    as ``adapter``'s request classes (the OpenAI surface without one)."""
-    if not isinstance(parameters, (dict, type(None))):
-        raise ValidationError(f"must be a dict, got {type(parameters).__name__}", field="parameters")
-    params = dict(parameters or {})
-    if model is not None and not isinstance(model, str):
-        raise ValidationError(f"must be a string, got {type(model).__name__}", field="model")
-    if stream:
-        params["stream"] = True
-    if isinstance(inputs, (list, tuple)) and inputs and all(
-            isinstance(m, dict) and "role" in m for m in inputs):
-        return validate_request(adapter.chat_request if adapter else ChatRequest,
-                                {**params, "model": model, "messages": coerce_messages(inputs)})
-    if isinstance(inputs, (list, tuple)) and inputs and not all(isinstance(p, str) for p in inputs) \
-            and any(isinstance(m, dict) for m in inputs):
-        raise ValidationError("a list must hold only prompts (strings) or only chat messages "
-                              "(dicts with 'role' and 'content')", field="inputs")
-    if inputs is None:
-        raise ValidationError("is required (a prompt, a list of prompts, or chat messages)",
-                              field="inputs")
-    if not isinstance(inputs, (str, list, tuple)):
-        raise ValidationError(f"must be a string, a list of strings or chat messages, "
-                              f"not {type(inputs).__name__}", field="inputs")
-    return validate_request(adapter.completion_request if adapter else CompletionRequest,
-                            {**params, "model": model, "prompt": inputs})
 
 
 class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, CircuitBreakerMixin,
@@ -315,6 +286,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         ``fail_fast`` (default: the ``fail_fast`` setting) rejects it with
         ``CircuitOpenError`` instead."""
         check_priority(priority)
+        timeout = check_timeout(timeout)
         if not isinstance(request, (CompletionRequest, ChatRequest)):
             raise ValidationError(f"must be a CompletionRequest or ChatRequest, not "
                                   f"{type(request).__name__}", field="request")
@@ -407,35 +379,36 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
     # ------------------------------------------------------------------ high level, generic
     def run_inference(self, model_id: Optional[str], inputs: Any,
                       parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
-                      endpoint_id: Optional[str] = None,
-                      fail_fast: Optional[bool] = None) -> CompletionResult:
+                      endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                      timeout: Optional[float] = None) -> CompletionResult:
         """Text, a list of texts (ONE call, a prompt list) or chat messages -> a result."""
         request = build_request(inputs, model_id, parameters, adapter=self._adapter)
-        return self.execute(request, priority, endpoint_id, fail_fast=fail_fast)
+        return self.execute(request, priority, endpoint_id, check_timeout(timeout), fail_fast)
 
     def submit_inference(self, model_id: Optional[str], inputs: Any,
                          parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
-                         endpoint_id: Optional[str] = None) -> "Future[CompletionResult]":
+                         endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                         timeout: Optional[float] = None) -> "Future[CompletionResult]":
         """Non-blocking ``run_inference``: returns a future (lets one thread fill a batch)."""
         return self.submit(build_request(inputs, model_id, parameters, adapter=self._adapter),
-                           priority, endpoint_id)
+                           priority, endpoint_id, check_timeout(timeout), fail_fast)
 
-    def generate_text(self, prompt: str, model: Optional[str] = None, priority: int = 1,
-                      **parameters: Any) -> str:
+    def generate_text(self, prompt: str, model: Optional[str] = None, priority: int = 1, *,
+                      endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                      timeout: Optional[float] = None, **parameters: Any) -> str:
         """One prompt -> the generated text."""
         if not isinstance(prompt, str):
             raise ValidationError(f"must be a string, got {type(prompt).__name__}", field="prompt")
-        return self.run_inference(model, prompt, parameters, priority).text
+        return self.run_inference(model, prompt, parameters, priority, endpoint_id, fail_fast,
+                                  timeout).text
 
     def chat_completion(self, messages: Sequence[Dict[str, Any]], model: Optional[str] = None,
-                        priority: int = 1, **parameters: Any) -> CompletionResult:
+                        priority: int = 1, *, endpoint_id: Optional[str] = None,
+                        fail_fast: Optional[bool] = None, timeout: Optional[float] = None,
+                        **parameters: Any) -> CompletionResult:
         """Chat messages -> the assistant's reply (``.text``)."""
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ValidationError("must be a non-empty list of chat messages", field="messages")
-        request = validate_request(self._adapter.chat_request,
-                                   {**parameters, "model": model,
-                                    "messages": coerce_messages(messages)})
-        return self.execute(request, priority)
+        return self.execute(chat_request(self._adapter, messages, model, parameters), priority,
+                            endpoint_id, check_timeout(timeout), fail_fast)
 
     def stream_generation(self, *args: Any, **kwargs: Any) -> Iterator[str]:
         """A prompt or chat messages -> an iterator of text pieces as the server makes them.
@@ -444,11 +417,10 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         ``stream_generation(prompt, model=..., **sampling)``,
         ``stream_generation(model_id=..., inputs=..., parameters={...})`` and
         ``stream_generation(MODEL, prompt, parameters={...})`` (see ``call_shapes``)."""
+        options = pop_send_options(kwargs)
         model, prompt, parameters = stream_call(args, kwargs)
-        if isinstance(prompt, list) and not all(isinstance(m, dict) for m in prompt):
-            raise ValidationError("stream one prompt (a string) or chat messages", field="prompt")
-        return self.stream(build_request(prompt, model, parameters, stream=True,
-                                         adapter=self._adapter)).texts()
+        return self.stream(stream_request(self._adapter, prompt, model, parameters),
+                           **options).texts()
 
     def list_models(self, endpoint_id: Optional[str] = None) -> List[Dict[str, Any]]:
         """The models the server serves (dicts with at least ``id``). Their ``max_model_len``

@@ -13,7 +13,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .errors import ValidationError
 
-__all__ = ["stream_call", "check_timeout"]
+__all__ = ["stream_call", "check_timeout", "SEND_OPTIONS", "pop_send_options"]
+
+#: What every way to send a request accepts (docs/client.md has the table): which endpoint,
+#: the queue priority, fail at once on an OPEN circuit, and the call's deadline in seconds.
+SEND_OPTIONS = ("endpoint_id", "priority", "fail_fast", "timeout")
 
 _MODEL_NAMES = ("model_id", "model")
 _INPUT_NAMES = ("inputs", "prompt")
@@ -70,3 +74,8 @@ def check_timeout(timeout: Any) -> Optional[float]:
         raise ValidationError(f"must be a positive number of seconds, got {timeout!r}",
                               field="timeout")
     return float(timeout)
+
+
+def pop_send_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Take the send options out of a call's keywords (the rest are request parameters)."""
+    return {name: kwargs.pop(name) for name in SEND_OPTIONS if name in kwargs}

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import Any, Dict, List, Optional
 
 from .call_shapes import check_timeout
+from .request_build import build_request
 from .errors import ApiError, ValidationError
 from .models import ChatRequest, CompletionRequest, CompletionResult, unknown_field_message
 
@@ -100,7 +101,6 @@ class EndpointHandler:
         """The handler's work, raising typed errors (for callers that are not the framework)."""
         if not isinstance(call_params, (dict, type(None))):
             raise ValidationError("must be a dict", field="parameters")
-        from .base import build_request  # the base imports the plugins that import this
         client, model = self.client, self.model
         adapter = client.adapter
         sampling, call_options = split_handler_parameters(

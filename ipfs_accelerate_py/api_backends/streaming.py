@@ -30,7 +30,8 @@ from .errors import ApiError, ClientClosedError, ConfigurationError, QueueFullEr
 from .limits import cap_request
 from .mixins._host import Host, HostBase
 from .mixins.queue import NORMAL, Job
-from .models import Request, StreamChunk, Usage
+from .call_shapes import check_timeout
+from .models import Request, StreamChunk, Usage, check_priority
 from .sse import SSEDecoder
 from .stream_batching import ALONE, SharedHandle, stream_key
 from .transport import HttpRequest
@@ -84,7 +85,8 @@ class StreamingMixin(HostBase):
         """Nothing to set up: shared streams gather in the endpoints' queues."""
 
     def stream(self, request: Request, endpoint_id: Optional[str] = None,
-               fail_fast: Optional[bool] = None) -> "TextStream":
+               fail_fast: Optional[bool] = None, *, priority: int = 1,
+               timeout: Optional[float] = None) -> "TextStream":
         """Open a stream now (errors raise here) and return an iterator of ``StreamChunk``.
 
         An OPEN circuit is waited out before the first byte, within the deadline, unless
@@ -96,7 +98,9 @@ class StreamingMixin(HostBase):
         if self._loop.in_loop():
             raise ConfigurationError("a sync stream from the client's event loop would never "
                                      "open; use astream() there", field="stream")
-        routed = self._routed_stream(request) if endpoint_id is None else None
+        check_priority(priority)
+        timeout = check_timeout(timeout)
+        routed = self._routed_stream(request, priority, timeout) if endpoint_id is None else None
         if routed is not None:
             return routed
         ep = self._endpoint(endpoint_id)
@@ -109,9 +113,9 @@ class StreamingMixin(HostBase):
         op = tracing.stream_started(self, ep, request, rid)  # this caller's span, alone or shared
         ff = self._fail_fast(ep, fail_fast)
         start = self._clock.monotonic()
-        deadline = start + ep.settings.effective_deadline
+        deadline = start + (timeout if timeout is not None else ep.settings.effective_deadline)
         try:
-            job = self._queue_stream(ep, request, ff, op, rid, start, deadline)
+            job = self._queue_stream(ep, request, ff, op, rid, start, deadline, priority)
             handle = self._await_stream_job(job, deadline) if job is not None else None
             if handle is not None:  # it shares one prompt-list stream (stream_batching.py)
                 return SharedTextStream(self, ep, request, handle, start, op)
@@ -126,13 +130,14 @@ class StreamingMixin(HostBase):
         return TextStream(self, ep, request, reader, start, op)
 
     def _queue_stream(self, ep: "Endpoint", request: Request, fail_fast: bool, op: Any,
-                      rid: str, start: float, deadline: float) -> "Optional[Job]":
+                      rid: str, start: float, deadline: float,
+                      priority: int = NORMAL) -> "Optional[Job]":
         """A stream that may share a call goes on the endpoint's queue as a job, where the
         batcher gathers it with compatible ones (both faces); None: it goes alone at once."""
         key = stream_key(ep, request, fail_fast, self._adapter)
         if key is None or ep.queue.paused:
             return None  # alone; while the circuit is OPEN it waits for it as it opens
-        job = Job(request, NORMAL, deadline, key, request.model, rid, start, fail_fast)
+        job = Job(request, priority, deadline, key, request.model, rid, start, fail_fast)
         job.context = op
         try:
             self._enqueue(ep, job)

@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from ..endpoint_load import LoadReport
 from ..errors import (ApiError, CircuitWaitTimeoutError, ConfigurationError,
                       NoHealthyEndpointError, ValidationError)
+from ..request_build import build_request
 from ..prefix_affinity import (affinity_key, bounded_choice, demand_choice, key_rank,
                                prefix_text, rendezvous_order)
 from ._host import HostBase
@@ -299,7 +300,6 @@ class RoutingMixin(HostBase):
                         strategy: str = "round-robin",
                         endpoint_ids: Optional[Sequence[str]] = None) -> Any:
         """``run_inference`` on the best healthy endpoint, failing over to the next ones."""
-        from ..base import build_request  # local: base imports this mixin
 
         ids = self._candidates(endpoint_ids)
         if strategy not in STRATEGIES:
@@ -440,7 +440,8 @@ class RoutingMixin(HostBase):
             return None
         return self.route_submit(request, priority, strategy, ids, timeout)
 
-    def _routed_stream(self, request: Any) -> Any:
+    def _routed_stream(self, request: Any, priority: int = 1,
+                       timeout: Optional[float] = None) -> Any:
         """The ``routing`` setting's hook in ``stream``: open the stream on the best healthy
         endpoint, failing over while it opens (never after the first chunk); None when off."""
         strategy = self._settings.routing
@@ -451,7 +452,7 @@ class RoutingMixin(HostBase):
         opening = OpeningOrder(order, self._is_open)
         for eid in opening:
             try:
-                return self.stream(request, endpoint_id=eid)
+                return self.stream(request, endpoint_id=eid, priority=priority, timeout=timeout)
             except FAILOVER_ERRORS as exc:
                 opening.failed(eid, exc)
         raise opening.exhausted() from opening.last
