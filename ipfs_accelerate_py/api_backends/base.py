@@ -50,6 +50,7 @@ from .async_face import AsyncFaceMixin
 from .call_shapes import stream_call
 from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, check_priority,
                      coerce_messages, validate_request)
+from .operations import OperationRequest, OperationsMixin
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
@@ -148,7 +149,7 @@ def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[s
 
 class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, CircuitBreakerMixin,
                      CircuitWaitMixin, MetricsMixin, MultiplexingMixin, RoutingMixin,
-                     StreamingMixin, AsyncFaceMixin):
+                     StreamingMixin, AsyncFaceMixin, OperationsMixin):
     """A resilient client for one backend kind, over one or many endpoints."""
 
     #: the adapter's registered name; subclasses set it
@@ -280,8 +281,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             request = request.model_copy(update={"model": model})
         request = cap_request(self, request)
         adapter = self._adapter
-        key = batch_key(ep.id, request, adapter.supports_prompt_list,
-                        ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported)
+        key = None if isinstance(request, OperationRequest) else batch_key(
+            ep.id, request, adapter.supports_prompt_list,
+            ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported)
         if key is not None:
             key = (key, fail_fast)  # fail-fast and waiting callers never share a call
         rid = self._new_request_id()
@@ -305,8 +307,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         ``fail_fast`` (default: the ``fail_fast`` setting) rejects it with
         ``CircuitOpenError`` instead."""
         check_priority(priority)
-        if not isinstance(request, (CompletionRequest, ChatRequest)):
-            raise ValidationError(f"must be a CompletionRequest or ChatRequest, not "
+        if not isinstance(request, (CompletionRequest, ChatRequest, OperationRequest)):
+            raise ValidationError(f"must be a CompletionRequest, ChatRequest or OperationRequest, not "
                                   f"{type(request).__name__}", field="request")
         if request.stream:
             raise ValidationError("streaming requests go through stream(), not submit()",
