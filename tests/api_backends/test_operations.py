@@ -204,6 +204,7 @@ def test_async_lora_twins(start_fake: Callable[..., FakeVllmServer], make_client
     (lambda c: c.embed(None), "input"),
     (lambda c: c.embed("a", dimensions=0), "dimensions"),
     (lambda c: c.embed("a", truncate_prompt_tokens=-2), "truncate_prompt_tokens"),
+    (lambda c: c.embed("a", truncate_prompt_tokens=0), "truncate_prompt_tokens"),
     (lambda c: c.embed("a", encoding_format="bytes"), "encoding_format"),
     (lambda c: c.embed("a", cache_salt=""), "cache_salt"),
     (lambda c: c.embed("a", cache_salt="x" * 129), "cache_salt"),

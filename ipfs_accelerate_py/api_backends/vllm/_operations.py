@@ -83,6 +83,13 @@ class _VllmPooling(OperationRequest):
     def _salt(cls, v: Any) -> Any:
         return check_cache_salt(v)
 
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate(cls, v: Any) -> Any:
+        if v == 0:  # the server answers "The decoder prompt cannot be empty"
+            raise ValueError("must be -1 (the model's limit) or at least 1: 0 leaves no prompt")
+        return v
+
 
 class _Encoded(_VllmPooling):
     """Routes that return vectors: how they come back, and the model's own activation."""

@@ -83,14 +83,14 @@ class _PoolingRoutes:
             ids, _ = _tokenize_text(text_or_ids, add is None or bool(add))
         else:
             ids = list(text_or_ids)
-            if not ids:
-                raise _bad_request("The decoder prompt cannot be empty")
             bad = next((t for t in ids if not isinstance(t, int) or t < 0), None)
             if bad is not None:
                 raise _bad_request(f"Token id {bad} is out of vocabulary")
         tpt = body.get("truncate_prompt_tokens")
-        if tpt is not None and tpt >= 0:
-            ids = ids[-tpt:] if tpt and body.get("truncation_side") != "right" else ids[:tpt]
+        if tpt is not None and 0 <= tpt < len(ids):  # the tokenizer's side: right, unless asked
+            ids = ids[len(ids) - tpt:] if body.get("truncation_side") == "left" else ids[:tpt]
+        if not ids:
+            raise _bad_request("The decoder prompt cannot be empty")
         if len(ids) > self.max_model_len:
             raise _bad_request(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your "
@@ -172,11 +172,12 @@ class _PoolingRoutes:
             raise _bad_request("At least one text element must be given")
         if not ys:
             raise _bad_request("At least one text_pair element must be given")
+        if len(xs) != 1 and len(xs) != len(ys):
+            raise _bad_request("Input lengths must be either 1:1, 1:N or N:N")
+        # an embedding model embeds each text once: a lone text_1 is counted once
+        tokens = sum(len(self._ids(t, body)) for t in [*xs, *ys])
         if len(xs) == 1:
             xs = xs * len(ys)
-        elif len(xs) != len(ys):
-            raise _bad_request("Input lengths must be either 1:1, 1:N or N:N")
-        tokens = sum(len(self._ids(x, body)) + len(self._ids(y, body)) for x, y in zip(xs, ys))
         return list(zip(xs, ys)), tokens
 
     def _cosine(self, x: str, y: str, body: dict[str, Any]) -> float:
