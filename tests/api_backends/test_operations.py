@@ -246,3 +246,24 @@ def test_a_backend_without_the_route_says_so(counting_listener: Any) -> None:
         with pytest.raises(errors.ConfigurationError, match="does not serve embed"):
             client.embed("hello")
     assert counting_listener.connections == 0
+
+
+# ------------------------------------------------------------------ the framework face
+def test_framework_face_and_module_level_calls_return_plain_values(embed_fake: FakeVllmServer,
+                                                                   embed_client: VllmClient) -> None:
+    import importlib
+
+    module = importlib.import_module("ipfs_accelerate_py.api_backends.vllm")
+    backend = module.vllm(metadata={"vllm_api_url": embed_fake.base_url, "vllm_model": EMBED_MODEL})
+    out = backend.embed(TEXTS)
+    assert out["embeddings"] == embed_client.embed(TEXTS).vectors.tolist() and out["model"] == EMBED_MODEL
+    url = embed_fake.base_url
+    assert module.embed(TEXTS, model=EMBED_MODEL, endpoint_url=url)["embeddings"] == out["embeddings"]
+    assert module.score("hello", TEXTS, model=EMBED_MODEL, endpoint_url=url)["scores"] == \
+        embed_client.score("hello", TEXTS).scores
+    ranked = module.rerank("hello", TEXTS, top_n=1, model=EMBED_MODEL, endpoint_url=url)["results"]
+    assert ranked == [r.model_dump() for r in embed_client.rerank("hello", TEXTS, top_n=1).results]
+    tokens = module.tokenize("hello", model=EMBED_MODEL, endpoint_url=url)
+    assert tokens["tokens"] == embed_client.tokenize("hello").tokens and tokens["count"] == len(tokens["tokens"])
+    assert module.detokenize(tokens["tokens"], model=EMBED_MODEL, endpoint_url=url) == \
+        embed_client.detokenize(tokens["tokens"])
