@@ -267,3 +267,19 @@ def test_framework_face_and_module_level_calls_return_plain_values(embed_fake: F
     assert tokens["tokens"] == embed_client.tokenize("hello").tokens and tokens["count"] == len(tokens["tokens"])
     assert module.detokenize(tokens["tokens"], model=EMBED_MODEL, endpoint_url=url) == \
         embed_client.detokenize(tokens["tokens"])
+
+
+def test_an_operation_gets_its_own_span(embed_client: VllmClient, embed_fake: FakeVllmServer, request: Any) -> None:
+    pytest.importorskip("opentelemetry.sdk")
+    otel = request.getfixturevalue("otel")
+    result = embed_client.embed(TEXTS)
+    spans = otel.named(f"embed {EMBED_MODEL}")
+    assert len(spans) == 1
+    attrs = spans[0].attributes
+    assert attrs["gen_ai.operation.name"] == "embed"
+    assert attrs["gen_ai.usage.input_tokens"] == result.usage.prompt_tokens > 0
+    assert "traceparent" in _sent_headers(embed_fake, "/v1/embeddings")
+
+
+def _sent_headers(server: FakeVllmServer, path: str) -> Dict[str, str]:
+    return [r for r in server.requests if r.path == path][-1].headers
