@@ -46,10 +46,11 @@ _SUSPENDABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GE
 #: file (relative to ``api_backends/``) -> the layer it belongs to
 LAYERS: Dict[str, str] = {
     **dict.fromkeys(["base.py", "async_face.py", "handlers.py", "call_shapes.py", "limits.py",
-                     "context.py", "request_format.py", "vllm/_client.py", "vllm/_framework.py"],
+                     "context.py", "request_format.py", "vllm/_client.py", "vllm/_framework.py",
+                     "operations.py", "structured.py"],
                     "face"),
     "mixins/queue.py": "queue", "mixins/batching.py": "batch", "mixins/retry.py": "retry",
-    "adapter.py": "adapter", "vllm/_adapter.py": "adapter", "mixins/attempt.py": "attempt",
+    "adapter.py": "adapter", "vllm/_adapter.py": "adapter", "vllm/_operations.py": "adapter", "mixins/attempt.py": "attempt",
     "mixins/circuit_breaker.py": "breaker", "mixins/circuit_wait.py": "breaker",
     "mixins/inflight.py": "in-flight",
     **dict.fromkeys(["mixins/routing.py", "mixins/routing_state.py", "endpoint_load.py",

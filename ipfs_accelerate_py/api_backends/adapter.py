@@ -104,6 +104,9 @@ class BackendAdapter(ABC):
     #: server's own fields (every path of the client builds these)
     completion_request: ClassVar[Type[CompletionRequest]] = CompletionRequest
     chat_request: ClassVar[Type[ChatRequest]] = ChatRequest
+    #: the typed request of each operation beyond generation this server answers, by name
+    #: (``operations.OPERATIONS``: "embed", "score", ...); format/parse take them too
+    operation_requests: ClassVar[Dict[str, Type[Any]]] = {}
 
     @classmethod
     def request_fields(cls) -> FrozenSet[str]:

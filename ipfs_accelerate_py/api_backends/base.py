@@ -50,6 +50,7 @@ from .async_face import AsyncFaceMixin
 from .call_shapes import check_timeout, pop_send_options, stream_call
 from .request_build import build_request, chat_request, stream_request
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, check_priority
+from .operations import OperationRequest, OperationsMixin
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
@@ -128,7 +129,7 @@ class Endpoint:
 
 class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, CircuitBreakerMixin,
                      CircuitWaitMixin, MetricsMixin, MultiplexingMixin, RoutingMixin,
-                     StreamingMixin, AsyncFaceMixin):
+                     StreamingMixin, AsyncFaceMixin, OperationsMixin):
     """A resilient client for one backend kind, over one or many endpoints."""
 
     #: the adapter's registered name; subclasses set it
@@ -260,9 +261,10 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             request = request.model_copy(update={"model": model})
         request = cap_request(self, request)
         adapter = self._adapter
-        key = batch_key(ep.id, request, adapter.supports_prompt_list and ep.shares_prompt_lists,
-                        ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported
-                        and ep.shares_prompt_lists)
+        key = None if isinstance(request, OperationRequest) else batch_key(
+            ep.id, request, adapter.supports_prompt_list and ep.shares_prompt_lists,
+            ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported
+            and ep.shares_prompt_lists)
         if key is not None:
             key = (key, fail_fast)  # fail-fast and waiting callers never share a call
         rid = self._new_request_id()
@@ -287,8 +289,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         ``CircuitOpenError`` instead."""
         check_priority(priority)
         timeout = check_timeout(timeout)
-        if not isinstance(request, (CompletionRequest, ChatRequest)):
-            raise ValidationError(f"must be a CompletionRequest or ChatRequest, not "
+        if not isinstance(request, (CompletionRequest, ChatRequest, OperationRequest)):
+            raise ValidationError(f"must be a CompletionRequest, ChatRequest or OperationRequest, not "
                                   f"{type(request).__name__}", field="request")
         if request.stream:
             raise ValidationError("streaming requests go through stream(), not submit()",

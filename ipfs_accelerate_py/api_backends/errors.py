@@ -14,7 +14,9 @@ answer the server gave with a non-2xx status.
     │   ├── ReplyMismatchError     a reply that does not answer what was asked (choices missing,
     │   │                          duplicated or unnumbered in a prompt list, a member's stream
     │   │                          ended early, usage that does not add up); never split
-    │   └── StreamError            an ``{"error": ...}`` event inside a 200 SSE stream
+    │   ├── StreamError            an ``{"error": ...}`` event inside a 200 SSE stream
+    │   └── StructuredOutputError  a ``response_model`` answer that does not validate (keeps
+    │                              the raw text and the result)
     ├── TransientError             worth retrying (and counted by the circuit breaker)
     │   ├── ConnectionError        refused, reset, dropped, DNS
     │   └── TimeoutError           connect/read timeout, stream idle timeout, call deadline
@@ -50,7 +52,7 @@ from typing import Any, Dict, Optional, Type
 
 __all__ = [
     "ApiError", "ValidationError", "ConfigurationError", "ResponseError",
-    "ResponseTooLargeError", "ReplyMismatchError", "StreamError",
+    "ResponseTooLargeError", "ReplyMismatchError", "StreamError", "StructuredOutputError",
     "TransientError", "ConnectionError", "TimeoutError", "HTTPStatusError", "BadRequestError",
     "AuthenticationError", "PermissionDeniedError", "NotFoundError", "MethodNotAllowedError",
     "RequestTimeoutError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
@@ -115,6 +117,18 @@ class ResponseError(ApiError):
         super().__init__(message, **context)
         self.status_code = status_code
         self.body = redact(body[:2000]) if body else ""
+
+
+class StructuredOutputError(ResponseError):
+    """The answer to a ``response_model`` request is not an instance of it: ``raw_text`` is
+    what the model said, ``result`` the whole reply, ``errors`` pydantic's complaints."""
+
+    def __init__(self, message: str, raw_text: str = "", result: Any = None,
+                 errors: Any = None) -> None:
+        super().__init__(message, body=raw_text)
+        self.raw_text = raw_text
+        self.result = result
+        self.errors = errors or []
 
 
 class ResponseTooLargeError(ResponseError):

@@ -99,7 +99,7 @@ class RequestLimits:
         return request
 
     def _capped(self, request: Any) -> Any:
-        if self.cap(request.model) is None:
+        if self.cap(request.model) is None or not hasattr(request, "max_tokens"):
             return request
         chat = isinstance(request, ChatRequest)
         fields = {"max_tokens": request.max_tokens}

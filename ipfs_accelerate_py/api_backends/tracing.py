@@ -161,7 +161,8 @@ def _server(base_url: str) -> Tuple[str, int]:
 def _attrs(client: Any, ep: Any, request: Any, model: Optional[str]) -> Dict[str, Any]:
     chat = getattr(request, "messages", None) is not None or hasattr(request, "conversations")
     address, port = _server(ep.settings.base_url)
-    attrs: Dict[str, Any] = {"gen_ai.operation.name": "chat" if chat else "text_completion",
+    op = getattr(request, "operation", None) or ("chat" if chat else "text_completion")
+    attrs: Dict[str, Any] = {"gen_ai.operation.name": op,
                              "gen_ai.provider.name": client.adapter.name,
                              "server.address": address, "server.port": port}
     if model:

@@ -176,7 +176,8 @@ class BatchingMixin(HostBase):
         try:
             result = await self._call(ep, job.request, job.deadline, job.model, job.request_id,
                                       job.priority, job.fail_fast)
-            check_choices(result, prompt_count(job.request), job.request.n or 1)
+            if isinstance(result, CompletionResult):  # an operation's result has no choices
+                check_choices(result, prompt_count(job.request), job.request.n or 1)
         except BaseException as exc:  # noqa: BLE001 - delivered to the caller
             self._finish(ep, job, start, error=exc)
         else:

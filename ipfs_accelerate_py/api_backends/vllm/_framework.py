@@ -13,7 +13,8 @@ from ..handlers import make_endpoint_handler, result_to_dict
 from ..settings import ClientSettings, normalize_base_url
 from ._client import VllmClient
 
-__all__ = ["vllm", "shared_client", "close_shared_clients"]
+__all__ = ["vllm", "shared_client", "close_shared_clients", "embed", "score", "rerank",
+           "tokenize", "detokenize"]
 
 
 # --------------------------------------------------------------------------- shared clients
@@ -277,6 +278,48 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         return apply_profile(client, info["id"], profile, info.get("max_model_len"), config)
 
 
+    # ------------------------------------------------------------------ beyond generation
+    # Plain values, as the rest of this face returns: lists, not numpy arrays or result types.
+    @_either
+    def embed(self, inputs: Any, model: Optional[str] = None, endpoint_url: Optional[str] = None,
+              **params: Any) -> Dict[str, Any]:
+        """Text(s) -> ``{"embeddings": [[float, ...] per input], "model", "usage"}``."""
+        r = self._client_for(endpoint_url).embed(inputs, self._model(model), **params)
+        return {"embeddings": r.vectors.tolist(), "model": r.model, "usage": r.usage.model_dump()}
+
+    @_either
+    def score(self, text_1: Any, text_2: Any, model: Optional[str] = None,
+              endpoint_url: Optional[str] = None, **params: Any) -> Dict[str, Any]:
+        """``text_1`` against each of ``text_2`` -> ``{"scores": [...], "model", "usage"}``."""
+        r = self._client_for(endpoint_url).score(text_1, text_2, self._model(model), **params)
+        return {"scores": r.scores, "model": r.model, "usage": r.usage.model_dump()}
+
+    @_either
+    def rerank(self, query: str, documents: Sequence[str], top_n: Optional[int] = None,
+               model: Optional[str] = None, endpoint_url: Optional[str] = None,
+               **params: Any) -> Dict[str, Any]:
+        """``{"results": [{"index", "relevance_score", "document"}, ...] best first, "model",
+        "usage"}``."""
+        r = self._client_for(endpoint_url).rerank(query, documents, top_n, self._model(model),
+                                                  **params)
+        return {"results": [i.model_dump() for i in r.results], "model": r.model,
+                "usage": r.usage.model_dump()}
+
+    @_either
+    def tokenize(self, prompt_or_messages: Any, model: Optional[str] = None,
+                 endpoint_url: Optional[str] = None, **params: Any) -> Dict[str, Any]:
+        """A prompt or chat messages -> ``{"tokens", "count", "max_model_len"}``."""
+        r = self._client_for(endpoint_url).tokenize(prompt_or_messages, self._model(model),
+                                                    **params)
+        return {"tokens": r.tokens, "count": r.count, "max_model_len": r.max_model_len}
+
+    @_either
+    def detokenize(self, tokens: Sequence[int], model: Optional[str] = None,
+                   endpoint_url: Optional[str] = None, **params: Any) -> str:
+        """Token ids -> their text."""
+        return self._client_for(endpoint_url).detokenize(tokens, self._model(model), **params)
+
+
 def _module_function(name: str) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         return getattr(vllm._default_instance(), name)(*args, **kwargs)
@@ -295,4 +338,8 @@ format_structured_request = _module_function("format_structured_request")
 get_model_info = _module_function("get_model_info")
 get_model_statistics = _module_function("get_model_statistics")
 optimize_model = _module_function("optimize_model")
-
+embed = _module_function("embed")
+score = _module_function("score")
+rerank = _module_function("rerank")
+tokenize = _module_function("tokenize")
+detokenize = _module_function("detokenize")

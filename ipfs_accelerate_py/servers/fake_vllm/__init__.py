@@ -82,6 +82,8 @@ The package, one concern a module (all private; this module is the public surfac
 ``_server.py``     :class:`FakeVllmServer`: lifecycle, recording, the order a request meets
                    faults, auth and routing
 ``_routes.py``     what each vLLM route answers (completions, chat, tokenizer, ``/generate``)
+``_pooling.py``    embeddings, pooling, score, rerank (``runner="pooling"``) and the runtime
+                   LoRA routes (``enable_lora``)
 ``_validation.py`` request checks in the real server's words
 ``_generation.py`` vocabulary, tokenizer, deterministic generation, logprobs
 ``_metrics.py``    ``/metrics`` and the load report header

@@ -67,6 +67,15 @@ class _Routes:
     root: str
     _metrics: _Metrics
     _aliases: str
+    adapters: dict[str, str]
+
+    def _served_as(self, body: dict[str, Any]) -> tuple[str, str]:
+        """The model a reply names (a LoRA adapter answers under its own name) and the salt
+        that makes an adapter's text differ from the base model's, as a real adapter does."""
+        model = body.get("model")
+        if isinstance(model, str) and model in self.adapters:
+            return model, f"{model}\x01"
+        return self.models[0], ""
 
     def _sleep(self, seconds: float, halt: threading.Event, waiting: bool) -> None:
         """Sleep interruptibly; the server class implements it (stalls, stop())."""
@@ -94,7 +103,7 @@ class _Routes:
 
     def _check_model(self, body: dict[str, Any]) -> None:
         model = body.get("model")
-        if model is not None and model not in self.models:
+        if model is not None and model not in self.models and model not in self.adapters:
             raise _ApiError(404, f"The model `{model}` does not exist. Valid aliases: {self._aliases}.", "NotFoundError", "model")
 
     def _models_body(self) -> dict[str, Any]:
@@ -107,9 +116,9 @@ class _Routes:
                     "object": "model",
                     "created": now,
                     "owned_by": "vllm",
-                    "root": self.root,
-                    "parent": None,
-                    "max_model_len": self.max_model_len,
+                    "root": root,
+                    "parent": parent,
+                    "max_model_len": length,
                     "permission": [
                         {
                             "id": f"modelperm-{random.getrandbits(64):016x}",
@@ -127,7 +136,9 @@ class _Routes:
                         }
                     ],
                 }
-                for name in self.models
+                # LoRA adapters after the base names, as vLLM lists them: their parent is the base
+                for name, root, parent, length in [(m, self.root, None, self.max_model_len) for m in self.models]
+                + [(a, path, self.models[0], None) for a, path in self.adapters.items()]
             ],
         }
 
@@ -260,7 +271,7 @@ class _Routes:
         want_ids = bool(body.get("return_token_ids"))
         rid = self._response_id("cmpl-", headers)
         created = int(time.time())
-        model = self.models[0]
+        model, salt = self._served_as(body)
         t0 = time.monotonic()
         kv = sum(it[2] + mt * n for it, mt in zip(items, max_per_prompt))
         self._begin(kv)
@@ -269,7 +280,7 @@ class _Routes:
             choices: list[tuple[int, _Choice, str, list[int] | None]] = []  # (prompt index, choice, echo text, prompt ids)
             for pi, ((key, echo_text, plen, ids), mt) in enumerate(zip(items, max_per_prompt)):
                 for j in range(n):
-                    ch = _generate(f"{key}\x00{seed}\x00{j}", mt, stops, min_tokens, include_stop)
+                    ch = _generate(f"{salt}{key}\x00{seed}\x00{j}", mt, stops, min_tokens, include_stop)
                     choices.append((pi, ch, echo_text, ids))
         except BaseException:
             self._end(kv)
@@ -451,7 +462,7 @@ class _Routes:
         include_stop = bool(body.get("include_stop_str_in_output"))
         rid = self._response_id("chatcmpl-", headers)
         created = int(time.time())
-        model = self.models[0]
+        model, salt = self._served_as(body)
         t0 = time.monotonic()
         kv = sum(p + m * n for p, m in zip(plens, max_per))
         self._begin(kv)
@@ -460,7 +471,7 @@ class _Routes:
             choices: list[_Choice] = []
             for conv, mt in zip(conversations, max_per):
                 key = "\x1e".join(f"{m.get('role')}\x1f{_content_text(m.get('content'))}" for m in conv)
-                choices += [_generate(f"{key}\x00{seed}\x00{j}", mt, stops, min_tokens, include_stop) for j in range(n)]
+                choices += [_generate(f"{salt}{key}\x00{seed}\x00{j}", mt, stops, min_tokens, include_stop) for j in range(n)]
         except BaseException:
             self._end(kv)
             raise

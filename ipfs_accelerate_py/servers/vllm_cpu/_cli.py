@@ -24,6 +24,7 @@ from ._install import (
     vllm_cpu_home,
 )
 from ._process import DEFAULT_SERVED_NAMES, VllmCpuServer
+from ._variants import EMBED_MODEL, embedding_server, lora_server, make_tiny_lora
 
 
 def _running_servers() -> List[Tuple[int, str]]:
@@ -59,9 +60,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         stop_requested.set()
 
-    server = VllmCpuServer(port=args.port, api_key=args.api_key,
-                           served_names=args.served_name or DEFAULT_SERVED_NAMES,
-                           extra_args=args.extra_args or ())
+    make = {"generate": VllmCpuServer, "embed": embedding_server, "lora": lora_server}[args.kind]
+    default_names = (EMBED_MODEL,) if args.kind == "embed" else DEFAULT_SERVED_NAMES
+    server = make(port=args.port, api_key=args.api_key,
+                  served_names=args.served_name or default_names,
+                  extra_args=args.extra_args or ())
     old_term = signal.signal(signal.SIGTERM, on_signal)
     try:
         server.start()
@@ -101,6 +104,11 @@ def _cmd_status(_: argparse.Namespace) -> int:
     return 0 if installed and model_ok else 1
 
 
+def _cmd_make_lora(args: argparse.Namespace) -> int:
+    print(make_tiny_lora(args.folder))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m ipfs_accelerate_py.servers.vllm_cpu``."""
     parser = argparse.ArgumentParser(prog="python -m ipfs_accelerate_py.servers.vllm_cpu",
@@ -111,10 +119,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     serve.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
     serve.add_argument("--api-key", default=None, help="require this bearer token on /v1/*")
     serve.add_argument("--served-name", action="append", help="model name to serve (repeatable)")
+    serve.add_argument("--kind", choices=("generate", "embed", "lora"), default="generate",
+                       help="embed: an embedding server (tiny-embed); lora: runtime LoRA loading")
     serve.add_argument("extra_args", nargs=argparse.REMAINDER, help="after --: more vLLM arguments")
     sub.add_parser("status", help="show install/model state and running servers")
+    lora = sub.add_parser("make-lora", help="write the tiny model's rank-8 LoRA adapter")
+    lora.add_argument("folder")
     args = parser.parse_args(argv)
     if getattr(args, "extra_args", None) and args.extra_args[0] == "--":
         args.extra_args = args.extra_args[1:]
-    handler = {"install": _cmd_install, "serve": _cmd_serve, "status": _cmd_status}[args.command]
+    handler = {"install": _cmd_install, "serve": _cmd_serve, "status": _cmd_status,
+               "make-lora": _cmd_make_lora}[args.command]
     return handler(args)

@@ -159,6 +159,7 @@ class VllmCpuServer:
         state_dir: Optional[PathLike] = None,
         model_dir: Optional[PathLike] = None,
         log: Log = print,
+        env: Optional[Dict[str, str]] = None,
     ) -> None:
         if not served_names:
             raise ValueError("served_names must name at least one model")
@@ -172,6 +173,8 @@ class VllmCpuServer:
         self._log_path: Optional[Path] = Path(log_path).expanduser() if log_path else None
         self._model_dir: Optional[Path] = Path(model_dir).expanduser() if model_dir else None
         self._log = log
+        #: more environment variables for the server (e.g. ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``)
+        self.env: Dict[str, str] = dict(env or {})
         self._proc: Optional[subprocess.Popen] = None
         self._tmpdir: Optional[Path] = None
         self._log_offset = 0
@@ -284,6 +287,7 @@ class VllmCpuServer:
         env.pop("VLLM_API_KEY", None)  # an inherited key must not switch auth on by surprise
         if self.api_key:
             env["VLLM_API_KEY"] = self.api_key
+        env.update(self.env)
         return env
 
     def start(self) -> "VllmCpuServer":

