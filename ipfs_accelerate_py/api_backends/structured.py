@@ -110,24 +110,32 @@ class StructuredOutputsMixin:
         return parse_result(result, response_model)
 
     def chat_completion(self, messages: Any, model: Optional[str] = None, priority: int = 1,
-                        response_model: Optional[Type[pydantic.BaseModel]] = None,
-                        **parameters: Any) -> CompletionResult:
+                        response_model: Optional[Type[pydantic.BaseModel]] = None, *,
+                        endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                        timeout: Optional[float] = None, **parameters: Any) -> CompletionResult:
         """``BaseApiBackend.chat_completion``; with ``response_model`` (sent as
         ``response_format`` json_schema) the result is a ``ParsedResult``."""
+        options = {"endpoint_id": endpoint_id, "fail_fast": fail_fast, "timeout": timeout}
         if response_model is None:
-            return super().chat_completion(messages, model, priority, **parameters)  # type: ignore[misc]
+            return super().chat_completion(messages, model, priority,  # type: ignore[misc]
+                                           **options, **parameters)
         params = schema_parameters(response_model, parameters, chat=True)
-        result = super().chat_completion(messages, model, priority, **params)  # type: ignore[misc]
+        result = super().chat_completion(messages, model, priority,  # type: ignore[misc]
+                                         **options, **params)
         return parse_result(result, response_model)
 
     async def achat_completion(self, messages: Any, model: Optional[str] = None,
                                priority: int = 1,
-                               response_model: Optional[Type[pydantic.BaseModel]] = None,
+                               response_model: Optional[Type[pydantic.BaseModel]] = None, *,
+                               endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                               timeout: Optional[float] = None,
                                **parameters: Any) -> CompletionResult:
         """``chat_completion`` for coroutines."""
+        options = {"endpoint_id": endpoint_id, "fail_fast": fail_fast, "timeout": timeout}
         if response_model is None:
             return await super().achat_completion(  # type: ignore[misc]
-                messages, model, priority, **parameters)
+                messages, model, priority, **options, **parameters)
         params = schema_parameters(response_model, parameters, chat=True)
-        result = await super().achat_completion(messages, model, priority, **params)  # type: ignore[misc]
+        result = await super().achat_completion(  # type: ignore[misc]
+            messages, model, priority, **options, **params)
         return parse_result(result, response_model)
