@@ -261,10 +261,13 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             request = request.model_copy(update={"model": model})
         request = cap_request(self, request)
         adapter = self._adapter
-        key = None if isinstance(request, OperationRequest) else batch_key(
-            ep.id, request, adapter.supports_prompt_list and ep.shares_prompt_lists,
-            ep.settings.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported
-            and ep.shares_prompt_lists)
+        if isinstance(request, OperationRequest):  # the operation's own batching rule
+            shared = request.share_key() if ep.shares_prompt_lists else None
+            key = None if shared is None else (ep.id, shared)
+        else:
+            key = batch_key(ep.id, request, adapter.supports_prompt_list and ep.shares_prompt_lists,
+                            ep.settings.batch_chat and adapter.supports_chat_batch
+                            and ep.chat_batch_supported and ep.shares_prompt_lists)
         if key is not None:
             key = (key, fail_fast)  # fail-fast and waiting callers never share a call
         rid = self._new_request_id()

@@ -18,16 +18,18 @@ the async face awaits it (``asubmit``); both build the request with the same fun
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Type, TypeVar, cast
+from typing import (TYPE_CHECKING, Any, ClassVar, Dict, Hashable, List, Mapping, Optional,
+                    Sequence, Type, TypeVar, cast)
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import Annotated
 
 from .call_shapes import check_timeout
-from .errors import ConfigurationError, ValidationError
+from .errors import ConfigurationError, ReplyMismatchError, ValidationError
 from .models import Usage, _Strict, coerce_messages, validate_request
 from .request_params import INT64_MAX, INT64_MIN
+from .reply_checks import share_tokens
 
 if TYPE_CHECKING:
     from .base import BaseApiBackend
@@ -62,6 +64,21 @@ class OperationRequest(_Strict):
     priority: Optional[_Int64] = None
     extra_body: Optional[Dict[str, Any]] = None
 
+    # -- the batching rule (mixins/batching.py): by default an operation goes alone
+    def share_key(self) -> Optional[Hashable]:
+        """The key under which concurrent requests of this kind may share one call (their
+        inputs joined in a list on the wire), or None: it goes alone."""
+        return None
+
+    def input_count(self) -> int:
+        """How many inputs this request carries (its slice of a shared call's reply)."""
+        return 1
+
+    @classmethod
+    def merged(cls, requests: Sequence["OperationRequest"]) -> "OperationRequest":
+        """One request carrying every request's inputs, in order (their keys are equal)."""
+        raise NotImplementedError(f"{cls.__name__} does not share calls")
+
 
 class OperationResult(BaseModel):
     """What every operation's result has: the reply's ``id``, ``model`` and ``usage``."""
@@ -81,12 +98,36 @@ class OperationResult(BaseModel):
 
 
 class EmbeddingResult(OperationResult):
-    """One vector per input, in input order: ``vectors`` is a float32 array ``(inputs, dim)``."""
+    """One vector per input, in input order: ``vectors`` is a float32 array ``(inputs, dim)``.
+    A slice of a shared call keeps the whole call's usage in ``batch_usage``."""
 
     vectors: Any = None  # numpy.ndarray: pydantic keeps it as it is
+    batch_size: Optional[int] = None
+    batch_usage: Optional[Usage] = None
 
     def __len__(self) -> int:
         return 0 if self.vectors is None else int(self.vectors.shape[0])
+
+    def split(self, counts: Sequence[int]) -> List["EmbeddingResult"]:
+        """Each caller's rows of a shared call's reply (``counts[i]`` inputs each), with an
+        even share of the prompt tokens (the server reports only their sum). Refused
+        (``ReplyMismatchError``) unless the reply has exactly one vector per input."""
+        total = sum(counts)
+        if len(self) != total:
+            raise ReplyMismatchError("the shared embedding call's reply does not answer its "
+                                     "inputs", expected=f"{total} vectors",
+                                     received=f"{len(self)}")
+        tokens = share_tokens(self.usage.prompt_tokens, total)
+        parts, at = [], 0
+        for count in counts:
+            used = sum(tokens[at:at + count])
+            parts.append(EmbeddingResult(
+                vectors=self.vectors[at:at + count], id=self.id, model=self.model,
+                object=self.object, created=self.created,
+                usage=Usage(prompt_tokens=used, total_tokens=used), batch_size=len(counts),
+                batch_usage=self.usage))
+            at += count
+        return parts
 
 
 class ScoreResult(OperationResult):

@@ -18,7 +18,8 @@ from typing import Any, Iterable, List, Optional, Sequence
 from .errors import ReplyMismatchError
 from .models import CompletionResult, Usage
 
-__all__ = ["check_choices", "check_usage_adds_up", "describe_indexes", "note_list_mismatch"]
+__all__ = ["check_choices", "check_usage_adds_up", "describe_indexes", "note_list_mismatch",
+           "share_tokens"]
 
 log = logging.getLogger("ipfs_accelerate_py.api_backends")
 
@@ -98,3 +99,9 @@ def note_list_mismatch(endpoint: Any, metrics: Any, model: Optional[str],
                     "match it (%s); its callers were re-sent alone, and calls to it are no "
                     "longer shared (set batch_prompt_lists=True to force sharing)",
                     endpoint.id, exc)
+
+
+def share_tokens(total: int, count: int) -> List[int]:
+    """Split an integer total over ``count`` callers so the parts add up exactly."""
+    base, rest = divmod(total, count)
+    return [base + (1 if i < rest else 0) for i in range(count)]

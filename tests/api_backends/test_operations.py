@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from ipfs_accelerate_py.api_backends.operations import EmbeddingResult
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, Fault
 from ipfs_accelerate_py.servers.vllm_cpu import EMBED_MODEL, make_tiny_lora
+from support import wait_until
 
 TEXTS = ["hello world", "the quick brown fox", "hello"]
 
@@ -283,3 +285,61 @@ def test_an_operation_gets_its_own_span(embed_client: VllmClient, embed_fake: Fa
 
 def _sent_headers(server: FakeVllmServer, path: str) -> Dict[str, str]:
     return [r for r in server.requests if r.path == path][-1].headers
+
+
+# ------------------------------------------------------------------ shared embedding calls
+def _alone(server: FakeVllmServer, text: Any) -> np.ndarray:
+    raw = _raw(server, "/v1/embeddings", {"input": text})
+    return np.array([d["embedding"] for d in raw["data"]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_concurrent_embed_callers_share_calls_and_each_gets_its_own_vectors(
+        embed_fake: FakeVllmServer, make_client: Callable[..., VllmClient], face: str) -> None:
+    """64 callers (texts and lists of texts) with equal options share a few calls; every
+    caller's rows equal what its input gets alone, and the calls' usage adds up."""
+    inputs: List[Any] = [f"caller {i} text" if i % 3 else [f"caller {i} a", f"caller {i} b"]
+                         for i in range(64)]
+    client = make_client(embed_fake, model=EMBED_MODEL, max_batch_size=16, batch_linger=0.5,
+                         batch_timeout=5.0, max_concurrent_requests=2)
+    if face == "sync":
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(client.embed, inputs))
+    else:
+        async def all_of_them() -> List[Any]:
+            return list(await asyncio.gather(*(client.aembed(x) for x in inputs)))
+        results = asyncio.run(all_of_them())
+    for x, r in zip(inputs, results):
+        np.testing.assert_allclose(r.vectors, _alone(embed_fake, x), atol=1e-6)
+    calls = [q.json for q in embed_fake.requests if q.path == "/v1/embeddings"]
+    shared = [c for c in calls if isinstance(c["input"], list) and len(c["input"]) > 2]
+    metrics = client.get_metrics()
+    assert shared and metrics["batches"] >= 1 and metrics["batch_mismatches"] == 0
+    assert sum(r.usage.prompt_tokens for r in results) == sum(
+        _raw(embed_fake, "/v1/embeddings", {"input": x})["usage"]["prompt_tokens"] for x in inputs)
+
+
+def test_a_shared_embedding_reply_missing_a_vector_is_never_split(
+        embed_fake: FakeVllmServer, make_client: Callable[..., VllmClient]) -> None:
+    """A reply with fewer vectors than inputs is a ReplyMismatchError: its callers are sent
+    alone and each still gets its own vector; the endpoint stops sharing."""
+    client = make_client(embed_fake, model=EMBED_MODEL, max_batch_size=8, batch_linger=0.5,
+                         batch_timeout=5.0, max_concurrent_requests=1)
+    embed_fake.add_fault(Fault("gate", count=1, path="/v1/embeddings"))  # hold the first call
+    texts = [f"text {i}" for i in range(8)]
+    with ThreadPoolExecutor(len(texts) + 1) as pool:
+        first = pool.submit(client.embed, "held")
+        embed_fake.wait_held(1)
+        futures = [pool.submit(client.embed, t) for t in texts]
+        wait_until(lambda: len(client.request_queue) == len(texts), what="the callers queued")
+        embed_fake.add_fault(Fault("bad_body", count=1, path="/v1/embeddings",
+                                   body=json.dumps({"object": "list", "data": [
+                                       {"object": "embedding", "index": 0, "embedding": [0.0] * 64}],
+                                       "model": EMBED_MODEL, "usage": {"prompt_tokens": 1,
+                                                                       "total_tokens": 1}}).encode()))
+        embed_fake.release_stalls()
+        assert first.result(10).vectors.shape == (1, 64)
+        results = [f.result(10) for f in futures]
+    for t, r in zip(texts, results):
+        np.testing.assert_allclose(r.vectors, _alone(embed_fake, t), atol=1e-6)
+    assert client.get_metrics()["batch_mismatches"] == 1

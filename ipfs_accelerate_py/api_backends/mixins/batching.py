@@ -30,7 +30,8 @@ from .circuit_breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
 from ..errors import (ApiError, ClientClosedError, HTTPStatusError, QueueTimeoutError,
                       ReplyMismatchError, TransientError)
-from ..reply_checks import check_choices, check_usage_adds_up, note_list_mismatch
+from ..operations import OperationRequest, OperationResult
+from ..reply_checks import check_choices, check_usage_adds_up, note_list_mismatch, share_tokens
 from ..stream_batching import open_shared
 from .queue import Job
 from .retry import RetryPolicy, retry_wait
@@ -73,9 +74,11 @@ def prompt_count(request: Request) -> int:
 
 
 def merge_requests(requests: Sequence[Request]) -> Request:
-    """One request carrying every prompt (or conversation), in order (sampling fields are
-    equal by key)."""
+    """One request carrying every prompt (or conversation, or an operation's inputs), in
+    order (sampling fields are equal by key)."""
     first = requests[0]
+    if isinstance(first, OperationRequest):  # the operation's own batching rule
+        return type(first).merged(requests)  # type: ignore[return-value]
     if isinstance(first, ChatRequest):  # the batch class of the backend's chat requests
         return first.batch_of([r.messages for r in requests])  # type: ignore[union-attr]
     return first.model_copy(update={"prompt": [r.prompt for r in requests]})  # type: ignore[union-attr]
@@ -114,12 +117,6 @@ class _Gathering:
         self.lock = threading.Lock()
         self.batches: Dict[Hashable, List[Job]] = {}
         self.room: Dict[Hashable, int] = {}
-
-
-def share_tokens(total: int, count: int) -> List[int]:
-    """Split an integer total over ``count`` callers so the parts add up exactly."""
-    base, rest = divmod(total, count)
-    return [base + (1 if i < rest else 0) for i in range(count)]
 
 
 class BatchingMixin(HostBase):
@@ -342,7 +339,10 @@ class BatchingMixin(HostBase):
             self._fail_jobs(endpoint, jobs, exc, start)
             return
         try:
-            parts = split_result(result, len(jobs), merged.n or 1)
+            if isinstance(result, OperationResult):  # the operation's own split
+                parts = result.split([j.request.input_count() for j in jobs])
+            else:
+                parts = split_result(result, len(jobs), merged.n or 1)
         except ReplyMismatchError as exc:
             await self._resend_alone(endpoint, jobs, exc)
             return

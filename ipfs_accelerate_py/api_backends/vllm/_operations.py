@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import (Any, Callable, Dict, Hashable, List, Literal, Optional, Sequence, Tuple, Type,
+                    Union)
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 from typing_extensions import Annotated
 
 from ..adapter import load_json, wire_body
-from ..errors import ResponseError
+from ..errors import ReplyMismatchError, ResponseError
 from ..models import MAX_PROMPT_CHARS, ChatMessage, Usage, check_text
 from ..operations import (AdapterResult, DetokenizeResult, EmbeddingResult, OperationRequest,
                           OperationResult, PoolingResult, RerankItem, RerankResult, ScoreResult,
                           TokenizeResult)
+from ..reply_checks import describe_indexes
 from ..request_params import INT64_MAX, MAX_PROMPTS_PER_REQUEST, check_cache_salt
 from ..transport import HttpRequest, HttpResponse
 
@@ -121,9 +123,31 @@ class _Encoded(_VllmPooling):
 
 
 class VllmEmbeddingRequest(_Encoded):
-    """``POST /v1/embeddings``: one vector per input."""
+    """``POST /v1/embeddings``: one vector per input. Concurrent requests with texts and
+    equal options share one call (``input`` a list on the wire; the batcher splits the
+    vectors back by each request's count)."""
 
     operation = "embed"
+
+    def share_key(self) -> Optional[Hashable]:
+        texts = isinstance(self.input, str) or (
+            isinstance(self.input, list) and all(isinstance(t, str) for t in self.input))
+        if not texts or self.extra_body:
+            return None  # token ids, and fields this client does not know, go alone
+        return ("embed", self.model, repr(self.model_dump(exclude={"input", "priority"},
+                                                          exclude_none=True)))
+
+    def input_count(self) -> int:
+        return _input_count(self.input)
+
+    @classmethod
+    def merged(cls, requests: Sequence[OperationRequest]) -> "VllmEmbeddingRequest":
+        inputs: List[str] = []
+        for r in requests:
+            value = r.input  # type: ignore[attr-defined]
+            inputs.extend([value] if isinstance(value, str) else value)
+        first = requests[0]
+        return first.model_copy(update={"input": inputs})  # type: ignore[return-value]
 
 
 class VllmPoolingRequest(_Encoded):
@@ -291,18 +315,34 @@ def _common(data: Dict[str, Any]) -> Dict[str, Any]:
             "usage": Usage.from_wire(data.get("usage"))}
 
 
-def _indexed(items: List[Dict[str, Any]], key: str) -> List[Any]:
-    """``item[key]`` of each item, in ``index`` order."""
+def _input_count(value: Any) -> int:
+    """How many inputs an ``input`` holds: a text or one token-id list is one."""
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        return len(value)
+    return 1
+
+
+def _indexed(items: List[Dict[str, Any]], key: str, expected: Optional[int] = None) -> List[Any]:
+    """``item[key]`` of each item, in ``index`` order; with ``expected``, the indexes must be
+    exactly ``0 .. expected - 1``, each once (else ``ReplyMismatchError``: a reply that does
+    not answer the inputs is never handed out, least of all split among callers)."""
     try:
         ordered = sorted(items, key=lambda d: d["index"])
-        return [d[key] for d in ordered]
+        values = [d[key] for d in ordered]
     except (KeyError, TypeError):
         raise ResponseError(f"a reply item has no index or no {key!r}") from None
+    if expected is not None:
+        indexes = [d["index"] for d in ordered]
+        if indexes != list(range(expected)):
+            raise ReplyMismatchError("the reply does not answer the inputs asked for",
+                                     expected=f"items 0..{expected - 1}, each once",
+                                     received=describe_indexes(indexes, expected))
+    return values
 
 
 def _parse_embed(request: Any, response: HttpResponse) -> OperationResult:
     data = load_json(response)
-    items = _indexed(_head(data, response, "data"), "embedding")
+    items = _indexed(_head(data, response, "data"), "embedding", _input_count(request.input))
     vectors = decode_vectors(items, request.encoding_format, request.embed_dtype,
                              request.endianness)
     return EmbeddingResult(vectors=vectors, **_common(data))
@@ -310,7 +350,7 @@ def _parse_embed(request: Any, response: HttpResponse) -> OperationResult:
 
 def _parse_pool(request: Any, response: HttpResponse) -> OperationResult:
     data = load_json(response)
-    items = _indexed(_head(data, response, "data"), "data")
+    items = _indexed(_head(data, response, "data"), "data", _input_count(request.input))
     if request.encoding_format == "base64":
         items = decode_vectors(items, "base64", request.embed_dtype, request.endianness).tolist()
     return PoolingResult(data=items, **_common(data))
