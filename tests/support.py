@@ -21,7 +21,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from ipfs_accelerate_py.api_backends.transport import (HttpClientTransport, RequestsTransport,
+from ipfs_accelerate_py.api_backends._http11 import HttpClientTransport
+from ipfs_accelerate_py.api_backends.transport import (RequestsTransport,
                                                         Transport)
 
 __all__ = ["wait_until", "FAST", "TRANSPORT_IDS", "COMPLETE_TRANSPORT_IDS", "transport_factory", "REAL_SERVER_API_KEY",

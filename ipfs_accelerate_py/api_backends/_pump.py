@@ -24,9 +24,10 @@ from typing import Any, AsyncIterator, Deque, Iterator, List, Optional
 
 from . import errors
 from ._loop import MAX_NAP, ClientLoop, Signal
-from .models import StreamChunk
+from .models import Request, StreamChunk
+from .sse import SSEDecoder
 
-__all__ = ["Feed", "Reader", "read_reply", "HIGH"]
+__all__ = ["Feed", "Reader", "ReplyChunks", "read_reply", "HIGH"]
 
 #: Network reads a reader may be ahead of its consumer before it waits for it.
 HIGH = 64
@@ -187,13 +188,42 @@ async def wait_for_room(feeds: List[Feed], room: Signal) -> None:
         await room.wait(MAX_NAP)
 
 
+class ReplyChunks:
+    """One streamed reply's bytes -> its chunks, for both faces (``TextStream._chunks``
+    reads the sync transport, the async face's stream awaits aiohttp's): ``feed`` yields
+    each network read's chunks in order, one event at a time (so a bad event raises after
+    the good ones before it were taken: they count in ``partial_text``) and sets
+    ``ended`` at the end marker; ``finish`` checks what the reply left when it closed."""
+
+    def __init__(self, adapter: Any, request: Request) -> None:
+        self._adapter = adapter
+        self._request = request
+        self._decoder = SSEDecoder()
+        self.ended = False
+
+    def feed(self, raw: bytes) -> Iterator[StreamChunk]:
+        for data in self._decoder.feed(raw):
+            parsed = self._adapter.parse_stream_event(self._request, data)
+            if parsed is None:
+                self.ended = True
+                return
+            yield from parsed
+
+    def finish(self) -> None:
+        """The reply closed without the end marker in a read: fine if its unterminated
+        last event was the marker, else ``ResponseError`` (the reply is incomplete)."""
+        for data in self._decoder.flush():
+            if self._adapter.parse_stream_event(self._request, data) is None:
+                return
+        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
+                                   "the reply is incomplete")
+
+
 async def read_reply(response: Any, adapter: Any, request: Any, feed: Feed, room: Signal) -> None:
     """The reader of one stream: network reads -> parsed chunks -> ``feed``, until the end
     marker, an error (after the good chunks before it), or cancellation (the consumer left).
     The response is closed when it returns, so the consumer that sees the end finds the
     connection already released."""
-    from .streaming import ReplyChunks  # streaming imports this module
-
     reply = ReplyChunks(adapter, request)
     pieces = response.chunks()
     error: Optional[BaseException] = None

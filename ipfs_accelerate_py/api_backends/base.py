@@ -54,8 +54,8 @@ from .operations import OperationRequest, OperationsMixin
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
-from .transport import (HttpRequest, HttpResponse, ThreadedTransport, Transport,
-                        make_transport)
+from ._http11 import HttpClientTransport
+from .transport import HttpRequest, HttpResponse, RequestsTransport, ThreadedTransport, Transport
 
 __all__ = ["BaseApiBackend", "Endpoint", "TextStream", "build_request"]
 
@@ -66,13 +66,16 @@ _LOOPBACK = ("localhost", "127.", "::1", "[::1]")
 
 
 def default_transport(settings: ClientSettings) -> Transport:
+    """The endpoint's sync transport: the lean http.client one (``_http11``), or
+    ``RequestsTransport`` when proxies or ``trust_env`` (proxy variables, ``.netrc``,
+    ``REQUESTS_CA_BUNDLE``) are wanted."""
     verify: Any = settings.ca_bundle or settings.verify_tls
-    # The lean http.client transport unless proxies/trust_env need requests (see transport.py)
-    return make_transport(settings.base_url, settings.api_key_value,
-                             pool_size=max(settings.max_concurrent_requests, 10), verify=verify,
-                             trust_env=settings.trust_env, proxies=settings.proxies,
-                             extra_headers=settings.extra_headers,
-                             max_response_bytes=settings.max_response_bytes)
+    cls = RequestsTransport if (settings.trust_env or settings.proxies) else HttpClientTransport
+    return cls(settings.base_url, settings.api_key_value,
+               pool_size=max(settings.max_concurrent_requests, 10), verify=verify,
+               trust_env=settings.trust_env, proxies=settings.proxies,
+               extra_headers=settings.extra_headers,
+               max_response_bytes=settings.max_response_bytes)
 
 
 class Endpoint:

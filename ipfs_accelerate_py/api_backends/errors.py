@@ -48,6 +48,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from email.utils import parsedate_to_datetime
 from typing import Any, Dict, Optional, Type
 
 __all__ = [
@@ -335,8 +337,6 @@ def parse_retry_after(headers: Dict[str, str]) -> Optional[float]:
     try:
         return max(0.0, float(value))
     except ValueError:
-        from email.utils import parsedate_to_datetime
-        import time
         try:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):

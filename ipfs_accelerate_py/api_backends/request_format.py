@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from .errors import ValidationError
+from .models import ChatRequest, CompletionRequest
 
 __all__ = ["run_with_params", "run_structured", "structured_to_call"]
 
@@ -123,7 +124,6 @@ def _known_sampling(adapter: Any = None) -> "set[str]":
     if adapter is not None:
         fields = set(adapter.request_fields())
     else:
-        from .models import ChatRequest, CompletionRequest
         fields = set(CompletionRequest.model_fields) | set(ChatRequest.model_fields)
     return fields - {"model", "prompt", "messages", "stream", "stream_options"}
 

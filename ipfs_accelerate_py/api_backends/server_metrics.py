@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
+from .transport import HttpRequest
+
 __all__ = ["Sample", "MetricFamily", "Histogram", "Metrics", "PrometheusParseError",
            "parse_prometheus_text", "histogram_quantile", "prometheus_probe", "PrometheusProbe"]
 
@@ -330,8 +332,6 @@ class PrometheusProbe:
         self.labels = labels
 
     def __call__(self, endpoint: Any) -> Optional[float]:
-        from .transport import HttpRequest  # local: keep the parser importable on its own
-
         connect = min(self.timeout, endpoint.settings.connect_timeout)
         try:
             resp = endpoint.transport.send(HttpRequest("GET", self.path), (connect, self.timeout))

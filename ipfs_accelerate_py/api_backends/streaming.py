@@ -24,7 +24,7 @@ from typing import (TYPE_CHECKING, Any, Coroutine, Dict, Generator, Iterator, Li
 
 from . import errors, tracing
 from ._loop import ClientLoop, Signal
-from ._pump import Feed, Reader, read_reply
+from ._pump import Feed, ReplyChunks, Reader, read_reply
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ApiError, ClientClosedError, ConfigurationError, QueueFullError, TransientError
 from .limits import cap_request
@@ -32,7 +32,6 @@ from .mixins._host import Host, HostBase
 from .mixins.queue import NORMAL, Job
 from .call_shapes import check_timeout
 from .models import Request, StreamChunk, Usage, check_priority
-from .sse import SSEDecoder
 from .stream_batching import ALONE, SharedHandle, stream_key
 from .transport import HttpRequest
 
@@ -44,37 +43,6 @@ __all__ = ["StreamingMixin", "TextStream", "SharedTextStream", "ReplyChunks", "r
 T = TypeVar("T")
 #: Seconds past an opening's deadline its caller waits for the loop (see ``run_blocking``).
 _OPEN_GRACE = 2.0
-
-
-class ReplyChunks:
-    """One streamed reply's bytes -> its chunks, for both faces (``TextStream._chunks``
-    reads the sync transport, the async face's stream awaits aiohttp's): ``feed`` yields
-    each network read's chunks in order, one event at a time (so a bad event raises after
-    the good ones before it were taken: they count in ``partial_text``) and sets
-    ``ended`` at the end marker; ``finish`` checks what the reply left when it closed."""
-
-    def __init__(self, adapter: Any, request: Request) -> None:
-        self._adapter = adapter
-        self._request = request
-        self._decoder = SSEDecoder()
-        self.ended = False
-
-    def feed(self, raw: bytes) -> Iterator[StreamChunk]:
-        for data in self._decoder.feed(raw):
-            parsed = self._adapter.parse_stream_event(self._request, data)
-            if parsed is None:
-                self.ended = True
-                return
-            yield from parsed
-
-    def finish(self) -> None:
-        """The reply closed without the end marker in a read: fine if its unterminated
-        last event was the marker, else ``ResponseError`` (the reply is incomplete)."""
-        for data in self._decoder.flush():
-            if self._adapter.parse_stream_event(self._request, data) is None:
-                return
-        raise errors.ResponseError("stream ended without its end marker ([DONE]); "
-                                   "the reply is incomplete")
 
 
 class StreamingMixin(HostBase):

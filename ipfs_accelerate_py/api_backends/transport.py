@@ -9,14 +9,14 @@ Two implementations, same constructor, same behaviour (timeouts, streaming with 
 timeout, early close drops the connection, exceptions mapped into ``errors``, reply bodies
 capped at ``max_response_bytes`` while reading, framing checked by ``_framing``):
 
-* ``HttpClientTransport`` (the fast one, in ``_http11``, re-exported here): a keep-alive
-  pool of plain sockets and a small HTTP/1.1 reply reader. No proxies.
+* ``HttpClientTransport`` (the fast one, in ``_http11``, which builds on this module): a
+  keep-alive pool of plain sockets and a small HTTP/1.1 reply reader. No proxies.
 * ``RequestsTransport``: one pooled ``requests.Session``; used when proxies or
   ``trust_env`` are wanted. ``trust_env`` is off unless asked for: re-reading proxy
   settings and ``~/.netrc`` on every request costs about 0.2-0.4 ms of CPU per call.
 
-``make_transport(...)`` picks between them (``RequestsTransport`` only when proxies or
-``trust_env`` are configured).
+``base.default_transport(settings)`` picks between them (``RequestsTransport`` only when
+proxies or ``trust_env`` are configured).
 
 The cap applies to every complete reply and to the body of a streamed reply with an error
 status (read whole by the caller); a 2xx stream is bounded per event by the SSE decoder
@@ -47,7 +47,7 @@ from .settings import MAX_RESPONSE_BYTES
 from .tracing import with_trace_context
 
 __all__ = ["HttpRequest", "HttpResponse", "StreamResponse", "Transport", "RequestsTransport",
-           "HttpClientTransport", "Headers", "make_transport", "dumps", "ThreadedTransport",
+           "dumps", "ThreadedTransport",
            "ThreadedStream"]
 
 log = logging.getLogger(__name__)
@@ -316,24 +316,6 @@ class RequestsTransport(Transport):
             if not self._closed:
                 self._closed = True
                 self._session.close()
-
-
-# The fast transport builds on the seam above (``_http11`` imports it from here), so it is
-# imported after it; the package imports this module first, so the cycle always resolves.
-from ._http11 import Headers, HttpClientTransport  # noqa: E402
-
-
-def make_transport(base_url: str, api_key: Optional[str] = None, pool_size: int = 10,
-                   verify: Any = True, trust_env: bool = False,
-                   proxies: Optional[Dict[str, str]] = None,
-                   extra_headers: Optional[Dict[str, str]] = None,
-                   max_response_bytes: int = MAX_RESPONSE_BYTES) -> Transport:
-    """The fast ``HttpClientTransport``, or ``RequestsTransport`` when proxies or
-    ``trust_env`` (proxy variables, ``.netrc``, ``REQUESTS_CA_BUNDLE``) are wanted."""
-    cls = RequestsTransport if (trust_env or proxies) else HttpClientTransport
-    return cls(base_url, api_key, pool_size=pool_size, verify=verify, trust_env=trust_env,
-               proxies=proxies, extra_headers=extra_headers,
-               max_response_bytes=max_response_bytes)
 
 
 class ThreadedTransport:

@@ -9,6 +9,7 @@ input fails *before* anything is sent.
 from __future__ import annotations
 
 import threading
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Dict, Optional, Tuple, Type
 
 from ..api_backends.adapter import BackendAdapter
@@ -16,6 +17,7 @@ from ..api_backends.base import BaseApiBackend, default_transport
 from ..api_backends.plugins import get_backend
 from ..api_backends.settings import ClientSettings
 from ..api_backends.transport import HttpRequest, HttpResponse, StreamResponse, Transport
+from ..api_backends.vllm import VllmClient
 
 __all__ = ["BackendClient", "CountingTransport", "SendCounter", "make_client", "client_version"]
 
@@ -26,7 +28,6 @@ class BackendClient(BaseApiBackend):
 
 def _client_class(backend: str) -> Optional[Type[BaseApiBackend]]:
     if backend == "vllm":
-        from ..api_backends.vllm import VllmClient
         return VllmClient
     return None
 
@@ -87,7 +88,6 @@ def make_client(backend: str, base_url: str, timeout: float,
 
 def client_version() -> str:
     """The installed ``ipfs_accelerate_py`` version (recorded in every result file)."""
-    from importlib.metadata import PackageNotFoundError, version
     try:
         return version("ipfs_accelerate_py")
     except PackageNotFoundError:  # running from a source tree that was never installed

@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
+from ..servers import vllm_cpu
+from ..servers.fake_vllm import FakeVllmServer
 from .config import EmbeddedChoice
 from .probe import reachability
 from .results import ServerKind
@@ -70,8 +72,6 @@ def start_embedded(choice: EmbeddedChoice, why: str, log: Log = _stderr) -> Serv
         raise NoServerError(f"{why}; not starting an embedded server (--embedded none)")
     failure = ""
     if choice in ("auto", "vllm-cpu"):
-        from ..servers import vllm_cpu
-
         if vllm_cpu.is_installed():
             server = vllm_cpu.VllmCpuServer(log=log)
             log(f"[runner] {why}; starting the embedded vllm-cpu server (takes ~20 s)")
@@ -91,8 +91,6 @@ def start_embedded(choice: EmbeddedChoice, why: str, log: Log = _stderr) -> Serv
                                 "`python -m ipfs_accelerate_py.servers.vllm_cpu install`")
         else:
             failure = "vllm-cpu is not installed"
-    from ..servers.fake_vllm import FakeVllmServer
-
     fake = FakeVllmServer().start()
     extra = f" ({failure})" if failure else ""
     return ServerTarget(fake.base_url, "embedded-fake",

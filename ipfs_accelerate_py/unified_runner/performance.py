@@ -23,6 +23,7 @@ import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+from tqdm import tqdm
 
 from ..api_backends.base import BaseApiBackend, build_request
 from .checks import CheckRecorder, SkipCheck
@@ -72,8 +73,6 @@ class _Progress:
     """A thread-safe tqdm bar (or nothing, when tqdm is off)."""
 
     def __init__(self, total: int, desc: str, enabled: Optional[bool]) -> None:
-        from tqdm import tqdm
-
         disable = None if enabled is None else not enabled  # None: only on a terminal
         self._bar = tqdm(total=total, desc=desc, unit="req", file=sys.stderr, disable=disable,
                          leave=False, dynamic_ncols=True)

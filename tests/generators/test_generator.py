@@ -151,7 +151,8 @@ def test_pip_install_and_uninstall_of_the_plugin_adds_and_removes_its_runner(
     python = str(venv / "bin" / "python")
     env0 = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([python, "-m", "pip", "--disable-pip-version-check", "-q", "install",
-                    "pluggy", "requests", "pydantic>=2.5,<3", "numpy", "tqdm", "setuptools>=64",
+                    "pluggy", "requests", "pydantic>=2.5,<3", "numpy", "tqdm", "aiohttp>=3.8",
+                    "setuptools>=64",
                     "wheel"], check=True, timeout=600, env=env0)
     project = tmp_path / "project"
     shutil.copytree(ROOT / "ipfs_accelerate_py", project / "ipfs_accelerate_py",

@@ -22,17 +22,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, Optional, Set, Tuple
 
 from .. import errors, tracing
+from .._aio_transport import AioTransport
 from .._loop import MAX_NAP, settle
 from ..errors import CircuitOpenError, ClientClosedError, ConfigurationError
 from ..transport import HttpRequest, HttpResponse, ThreadedTransport
 from ._host import HostBase
 from .retry import MIN_BREAKER_WAIT
 
-if TYPE_CHECKING:  # aiohttp is imported on first use
-    from .._aio_transport import AioTransport
 
 __all__ = ["AttemptMixin"]
 
@@ -81,8 +80,6 @@ class AttemptMixin(HostBase):
         if s.proxies or s.trust_env:
             raise ConfigurationError("async streams do not use proxies or the environment "
                                      "(trust_env); stream from a thread instead", field="proxies")
-        from .._aio_transport import AioTransport  # here: a client that never sends skips it
-
         with _init_lock:
             aio = self._aio_transports.get(ep.id)
             if aio is None:

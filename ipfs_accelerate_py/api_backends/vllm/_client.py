@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from ..adapter import BackendAdapter
+from ..adapter import BackendAdapter, load_json
 from ..base import BaseApiBackend
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, NotFoundError
 from ..plugins import get_backend
+from ..server_metrics import prometheus_probe
 from ..settings import ClientSettings
 from ..structured import StructuredOutputsMixin
 from ..transport import HttpRequest
@@ -56,7 +57,6 @@ class VllmClient(StructuredOutputsMixin, BaseApiBackend):
 
     def detect_api_flavor(self) -> str:
         """"openai" if the server lists models under /v1, else "legacy" (and switch to it)."""
-        from ..errors import NotFoundError
         try:
             self.request_raw(HttpRequest("GET", "/v1/models"), timeout=self.settings.timeout)
             return "openai"
@@ -66,7 +66,6 @@ class VllmClient(StructuredOutputsMixin, BaseApiBackend):
 
     def version(self, endpoint_id: Optional[str] = None) -> str:
         """The server's vLLM version (``GET /version``)."""
-        from ..adapter import load_json
         data = load_json(self.request_raw(HttpRequest("GET", "/version"), endpoint_id))
         return str(data.get("version", "")) if isinstance(data, dict) else ""
 
@@ -95,5 +94,4 @@ VLLM_LOAD_METRIC = "vllm:num_requests_waiting"
 def vllm_load_probe(min_timeout: float = 2.0) -> Callable[[Any], Optional[float]]:
     """A routing load probe reading ``vllm:num_requests_waiting`` from an endpoint's /metrics:
     ``client.set_load_probe(vllm_load_probe())`` (refreshed at most once a second)."""
-    from ..server_metrics import prometheus_probe
     return prometheus_probe(VLLM_LOAD_METRIC, timeout=min_timeout)

@@ -7,11 +7,15 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ..batch_ops import run_prompt_batch
 from ..call_shapes import stream_call
 from ..errors import ApiError, ValidationError
 from ..handlers import make_endpoint_handler, result_to_dict
+from ..request_format import run_structured, run_with_params
 from ..settings import ClientSettings, normalize_base_url
 from ._client import VllmClient
+from ._info import cache_config, model_info, model_statistics, server_metrics
+from ._profiles import apply_profile, get_profile
 
 __all__ = ["vllm", "shared_client", "close_shared_clients", "embed", "score", "rerank",
            "tokenize", "detokenize"]
@@ -214,7 +218,6 @@ class vllm:  # noqa: N801 - the framework's name for this backend
                                    parameters: Optional[Dict[str, Any]] = None
                                    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
         """(results in input order, measured metrics of this batch)."""
-        from ..batch_ops import run_prompt_batch
         client = self._client_for(endpoint_url)
         return run_prompt_batch(client, inputs, self._model(model), parameters)
 
@@ -227,7 +230,6 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         Returns the handler's result dict (a list for a list of prompts); raises typed
         errors, unknown parameter names included, instead of returning ``{"error": ...}``.
         """
-        from ..request_format import run_with_params
         return run_with_params(handler, input, params)
 
     @_either
@@ -236,7 +238,6 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         """Run ``{"prompt" | "messages", "context", "options", "parameters"}`` through
         ``handler``. ``context`` goes before the prompt; ``options.return_logprobs`` adds
         ``logprobs`` to the result. See ``request_format`` for every option."""
-        from ..request_format import run_structured
         return run_structured(handler, request)
 
     # ------------------------------------------------------------------ server facts
@@ -247,7 +248,6 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         version, from ``/v1/models`` and ``/version``. ``NotFoundError`` when the server
         does not serve ``model`` (an alias missing from the list is checked with
         ``POST /tokenize``)."""
-        from ._info import model_info
         return model_info(self._client_for(endpoint_url), self._model(model))
 
     @_either
@@ -257,7 +257,6 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         use, token totals, finishes by reason, TTFT and end-to-end latency (count, mean,
         p50/p90/p99). ``available`` is False, with a ``message``, when the server publishes
         no ``vllm:*`` metrics."""
-        from ._info import model_statistics
         return model_statistics(self._client_for(endpoint_url), self._model(model))
 
     @_either
@@ -266,8 +265,6 @@ class vllm:  # noqa: N801 - the framework's name for this backend
         """Apply the ``speed`` / ``memory`` / ``balanced`` client profile to the shared client
         of this endpoint, cap ``max_tokens`` for ``model`` there, and return what was applied
         plus the server launch flags the profile recommends (``requires_server_restart``)."""
-        from ._profiles import apply_profile, get_profile
-        from ._info import cache_config, model_info, server_metrics
         profile = get_profile(optimization_type)
         client = self._client_for(endpoint_url)
         info = model_info(client, self._model(model))
