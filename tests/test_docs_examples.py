@@ -8,6 +8,7 @@
 - ``README.md`` is a front door: at most 250 lines, no commit hashes, and it keeps the two
   set-up commands byte for byte (``.ci/run`` and CI run them).
 - Every relative link of the README, the guide and the other READMEs names a file that exists.
+- Every test ``docs/guarantees.md`` names as a promise's proof exists.
 """
 
 from __future__ import annotations
@@ -94,3 +95,16 @@ def test_every_relative_link_resolves(page: Path) -> None:
         if not path.exists():
             broken.append(target)
     assert not broken, f"{_rel(page)}: links to missing files: {broken}"
+
+
+def test_every_test_the_guarantees_name_exists() -> None:
+    text = (ROOT / "docs" / "guarantees.md").read_text(encoding="utf-8")
+    refs = re.findall(r"`((?:reliability|api_backends)/[\w/]+\.py)(?:::(\w+))?", text)
+    assert len(refs) >= 60
+    missing = []
+    for path, name in refs:
+        source = ROOT / "tests" / path
+        if not source.exists() or (name and not re.search(rf"def {name}\b",
+                                                           source.read_text(encoding="utf-8"))):
+            missing.append(f"{path}::{name}" if name else path)
+    assert not missing, f"docs/guarantees.md names tests that do not exist: {missing}"
