@@ -9,24 +9,31 @@ Plain functions and constants, no fixtures (those live in the ``conftest.py`` fi
   or the lean ``http.client`` one), so a case can run on both.
 - ``DoubleProcess``: the test double in a child process (its own memory and threads),
   stopped by PID.
+- ``python_blocks`` / ``exec_block``: the ```python blocks of a Markdown file (with the
+  reason a ``<!-- docs-test: skip (...) -->`` comment gives) and one block run with URLs
+  substituted (the docs' examples; ``api_support.run_snippet`` runs the user's guide's).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from ipfs_accelerate_py.api_backends._http11 import HttpClientTransport
 from ipfs_accelerate_py.api_backends.transport import (RequestsTransport,
                                                         Transport)
 
 __all__ = ["wait_until", "FAST", "TRANSPORT_IDS", "COMPLETE_TRANSPORT_IDS", "transport_factory", "REAL_SERVER_API_KEY",
-           "DoubleProcess"]
+           "DoubleProcess", "DocBlock", "python_blocks", "exec_block"]
 
 #: The key ``real_vllm_server_with_key`` requires (``Authorization: Bearer ...`` on /v1/*).
 REAL_SERVER_API_KEY = "sk-test-key-123"
@@ -120,3 +127,56 @@ class DoubleProcess:
         for f in (self.proc.stdin, self.proc.stdout):
             if f is not None:
                 f.close()
+
+
+# ------------------------------------------------------------------ the docs' code blocks
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")
+_SKIP = re.compile(r"^\s*<!--\s*docs-test:\s*skip\s*\((?P<why>[^)]+)\)\s*-->\s*$")
+
+
+class DocBlock(NamedTuple):
+    """One ```python block: where it opens (1-based line), its code (dedented to the fence),
+    and why it is skipped (``None`` when it runs)."""
+
+    path: Path
+    line: int
+    code: str
+    skip: Optional[str]
+
+
+def python_blocks(path: Path) -> List[DocBlock]:
+    """Every ```python block of a Markdown file, in order. A block whose previous non-blank
+    line is ``<!-- docs-test: skip (reason) -->`` carries that reason."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    blocks: List[DocBlock] = []
+    i = 0
+    while i < len(lines):
+        m = _FENCE.match(lines[i])
+        if not m or not m.group("lang"):
+            i += 1
+            continue
+        indent, start = m.group("indent"), i
+        body: List[str] = []
+        i += 1
+        while i < len(lines) and lines[i].strip() != "```":
+            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
+            i += 1
+        i += 1  # the closing fence
+        if m.group("lang") != "python":
+            continue
+        prev = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+        skip = _SKIP.match(prev)
+        blocks.append(DocBlock(path, start + 1, "\n".join(body) + "\n",
+                               skip.group("why") if skip else None))
+    return blocks
+
+
+def exec_block(code: str, ns: Dict[str, Any], urls: Dict[str, str], name: str) -> str:
+    """Execute ``code`` in ``ns`` with each URL of ``urls`` replaced by its value (the one
+    change a docs block gets); return what it printed."""
+    for old, new in urls.items():
+        code = code.replace(old, new)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, name, "exec"), ns)  # noqa: S102 - the docs, as a reader runs them
+    return out.getvalue()

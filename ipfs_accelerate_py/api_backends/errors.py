@@ -6,7 +6,7 @@ answer the server gave with a non-2xx status.
 
     ApiError
     ├── ValidationError            bad input, raised before anything is sent (names the field)
-    ├── ConfigurationError         bad client settings (URL, port, header, profile name)
+    │   └── ConfigurationError     bad client settings (URL, port, header, profile name)
     ├── ResponseError              a reply that cannot be understood (non-JSON, truncated, HTML,
     │   │                          empty, missing fields, broken framing such as two different
     │   │                          ``Content-Length`` values)

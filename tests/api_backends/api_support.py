@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import http.server
-import io
 import json
 import re
 import socket
@@ -33,6 +32,7 @@ from ipfs_accelerate_py.api_backends import tracing
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer
 from reliability.netfaults import TcpRelay
+from support import exec_block
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
@@ -125,11 +125,7 @@ def readme_snippet(section: str) -> str:
 
 def run_snippet(section: str, ns: Dict[str, Any], base_url: str) -> str:
     """Execute the README block in ``ns`` with only the base URL substituted; return stdout."""
-    code = readme_snippet(section).replace(README_URL, base_url)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, f"<README: {section}>", "exec"), ns)  # noqa: S102 - the README
-    return out.getvalue()
+    return exec_block(readme_snippet(section), ns, {README_URL: base_url}, f"<README: {section}>")
 
 
 # ------------------------------------------------------------------ small HTTP servers

@@ -218,7 +218,7 @@ class PriorityRequestQueue:
         return taken
 
     def shared_call_started(self, key: Hashable) -> None:
-        """A batch with ``key`` went on the wire (see ``wait_compatible``)."""
+        """A batch with ``key`` went on the wire (see ``await_compatible``)."""
         with self._lock:
             self._shared_in_flight[key] = self._shared_in_flight.get(key, 0) + 1
 

@@ -231,7 +231,7 @@ class RetryMixin(HostBase):
 
 
 class _Counting:
-    """Which attempts are retries, as the server counts them (``RetryMixin._retry``)."""
+    """Which attempts are retries, as the server counts them (``RetryMixin._aretry``)."""
 
     __slots__ = ("_metrics", "_endpoint", "_model", "uncounted")
 
