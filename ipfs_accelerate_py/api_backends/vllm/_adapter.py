@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..adapter import BackendAdapter, decode_stream_event, load_json, parse_model_list, wire_body
 from ..endpoint_load import LOAD_FORMAT_HEADER
-from ..errors import HTTPStatusError, ResponseError, ValidationError, error_for_status
+from ..errors import HTTPStatusError, ReplyMismatchError, ResponseError, ValidationError, error_for_status
 from ..handlers import make_endpoint_handler
 from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
 from ..transport import HttpRequest, HttpResponse
