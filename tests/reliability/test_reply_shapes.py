@@ -19,6 +19,7 @@ whatever call is sent, and the validity of every list reply is judged per call).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import random
@@ -261,9 +262,14 @@ def stream_request(prompt: str, n: int) -> Any:
        order=st.integers(0, 5), usage=STREAM_USAGE,
        done_at=st.one_of(st.none(), st.integers(0, 40)),
        cuts=st.lists(st.integers(0, 4000), max_size=25),
-       schedule=st.lists(st.integers(0, 3), max_size=12))
+       schedule=st.lists(st.integers(0, 3), max_size=12),
+       face=st.sampled_from(["sync", "async"]))
 def test_any_streamed_list_reply_gives_each_caller_its_own_text_or_a_typed_error(
-        k, n, ops, order, usage, done_at, cuts, schedule):
+        k, n, ops, order, usage, done_at, cuts, schedule, face):
+    """Either face: sync callers open from their threads and are read from this one in the
+    order ``schedule`` says; async ones open together on one loop and are read likewise
+    (a shared call is opened on the client's loop by the transport given to the client,
+    whichever face its members came from)."""
     transport = ShapeTransport()
     verdicts: List[bool] = []
 
@@ -277,7 +283,6 @@ def test_any_streamed_list_reply_gives_each_caller_its_own_text_or_a_typed_error
     client = new_client(transport, k)
     try:
         prompts = prompts_for(k)
-        streams = list(_POOL.map(lambda p: client.stream(stream_request(p, n)), prompts))
         errs: List[Optional[BaseException]] = [None] * k
         texts: List[Dict[int, str]] = [{} for _ in range(k)]
 
@@ -285,20 +290,46 @@ def test_any_streamed_list_reply_gives_each_caller_its_own_text_or_a_typed_error
             if chunk is not None and chunk.usage is None:
                 texts[i][chunk.index] = texts[i].get(chunk.index, "") + chunk.text
 
-        for i in schedule:  # one chunk at a time from the member the schedule names
-            i %= k
-            if errs[i] is None:
-                try:
-                    take(i, next(streams[i], None))
-                except BaseException as exc:  # noqa: BLE001 - judged below
-                    errs[i] = exc
-        for i, s in enumerate(streams):
-            if errs[i] is None:
-                try:
-                    for chunk in s:
-                        take(i, chunk)
-                except BaseException as exc:  # noqa: BLE001 - judged below
-                    errs[i] = exc
+        if face == "sync":
+            streams = list(_POOL.map(lambda p: client.stream(stream_request(p, n)), prompts))
+            for i in schedule:  # one chunk at a time from the member the schedule names
+                i %= k
+                if errs[i] is None:
+                    try:
+                        take(i, next(streams[i], None))
+                    except BaseException as exc:  # noqa: BLE001 - judged below
+                        errs[i] = exc
+            for i, s in enumerate(streams):
+                if errs[i] is None:
+                    try:
+                        for chunk in s:
+                            take(i, chunk)
+                    except BaseException as exc:  # noqa: BLE001 - judged below
+                        errs[i] = exc
+        else:
+            streams = [client.astream(stream_request(p, n)) for p in prompts]
+
+            async def read_all() -> None:
+                await asyncio.gather(*(s.__aenter__() for s in streams))
+                for i in schedule:
+                    i %= k
+                    if errs[i] is None:
+                        try:
+                            take(i, await streams[i].__anext__())
+                        except StopAsyncIteration:
+                            pass
+                        except Exception as exc:  # noqa: BLE001 - judged below
+                            errs[i] = exc
+                for i, s in enumerate(streams):
+                    if errs[i] is None:
+                        try:
+                            async for chunk in s:
+                                take(i, chunk)
+                        except Exception as exc:  # noqa: BLE001 - judged below
+                            errs[i] = exc
+                    await s.aclose()
+
+            asyncio.run(read_all())
         wrong_as_error = 0
         for p, s, exc, got in zip(prompts, streams, errs, texts):
             own = {j: "".join(answer(p, j)) for j in range(n)}
@@ -312,13 +343,15 @@ def test_any_streamed_list_reply_gives_each_caller_its_own_text_or_a_typed_error
                 assert isinstance(exc, errors.ApiError), repr(exc)
                 wrong_as_error += 1
         m = client.get_metrics()
+        assert transport.lists  # (a group opens when full: they shared a call)
         if all(verdicts):
             assert wrong_as_error == 0 and m["batch_mismatches"] == 0, errs
         else:
             assert m["batch_mismatches"] >= 1, (ops, usage, done_at)
             assert client._endpoint(None).shares_prompt_lists is False
-        for s in streams:
-            s.close()
+        if face == "sync":
+            for s in streams:
+                s.close()
         assert client.current_requests == 0
     finally:
         client.close()
@@ -358,13 +391,15 @@ LIST_MODES = ["list_first_only", "list_index_zero", "list_no_index", "list_early
 CALLERS = 12
 
 
+@pytest.mark.parametrize("face", ["sync", "async"])
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "streamed"])
 @pytest.mark.parametrize("mode", LIST_MODES)
 def test_each_mishandling_mode_of_the_double_gives_no_caller_a_wrong_answer(
-        start_fake, mode, stream):
-    """12 concurrent callers on a double that mishandles every prompt list (``count=-1``):
-    no caller is given a wrong answer as a success; complete callers all get their own
-    text after the fallback (re-sent alone), and the endpoint stops sharing."""
+        start_fake, mode, stream, face):
+    """12 concurrent callers (threads, or tasks on one loop) on a double that mishandles
+    every prompt list (``count=-1``): no caller is given a wrong answer as a success;
+    complete callers all get their own text after the fallback (re-sent alone), and the
+    endpoint stops sharing."""
     from ipfs_accelerate_py.servers.fake_vllm import Fault
 
     double = start_fake()
@@ -393,8 +428,23 @@ def test_each_mishandling_mode_of_the_double_gives_no_caller_a_wrong_answer(
             except BaseException as exc:  # noqa: BLE001 - judged
                 return exc
 
-        with ThreadPoolExecutor(CALLERS) as pool:
-            got = list(pool.map(call, prompts))
+        async def acall(p: str) -> Any:
+            try:
+                if stream:
+                    async with client.astream(list_stream_request(p, **params)) as s:
+                        return "".join([c.text async for c in s])
+                return (await client.arun_inference(None, p, params)).text
+            except Exception as exc:  # noqa: BLE001 - judged
+                return exc
+
+        async def all_of_them() -> List[Any]:
+            return list(await asyncio.gather(*(acall(p) for p in prompts)))
+
+        if face == "sync":
+            with ThreadPoolExecutor(CALLERS) as pool:
+                got = list(pool.map(call, prompts))
+        else:
+            got = asyncio.run(all_of_them())
         for p, g in zip(prompts, got):
             if isinstance(g, BaseException):
                 assert stream and isinstance(g, errors.ReplyMismatchError), repr(g)
