@@ -24,7 +24,8 @@ Verified before it is believed: a member's stream ends only at the call's ``[DON
 only if its every choice had its ``finish_reason`` and no event for it came after that, and
 the per-prompt usage adds up to the call's (``reply_checks``). A reply that does not match
 (a choice out of range or without ``index``, a second answer for a finished choice, the end
-marker before a member's last choice, usage that does not add up) is a
+marker before a member's last choice -- every member still reading, when a choice had
+no event at all --, usage that does not add up) is a
 ``ReplyMismatchError``: a member that has not been handed any text yet is re-sent alone
 (its own retries and deadline), and its caller never notices; one that has is ended with
 the error and its ``partial_text``. The endpoint then stops sharing calls
@@ -99,6 +100,7 @@ class _Member:
         self.feed = feed
         self.staged: List[StreamChunk] = []  # this network read's chunks, handed over at once
         self.pending: Set[int] = set(range(n))  # its choices without a finish_reason yet
+        self.seen: Set[int] = set()  # its choices that had an event
         self.state = _OPEN
         self.delivered = False  # a chunk went to its feed: it can no longer be re-sent
         self.prompt_tokens = 0
@@ -144,6 +146,9 @@ class _SharedCall:
         self.active = len(jobs)
         self.released = False
         self.resends: List["asyncio.Task[None]"] = []
+        # what goes on the wire, and what its events are parsed against: a prompt list (so
+        # an event's choice without ``index`` is refused, never taken for choice 0)
+        self.wire = self.merged()
 
     def merged(self) -> CompletionRequest:
         update: Dict[str, Any] = {"prompt": [m.request.prompt for m in self.members]}
@@ -157,7 +162,7 @@ class _SharedCall:
         """Open the call and hand every member its handle; a failure reaches every member.
         A 4xx that one bad prompt may have caused sends every member alone instead."""
         client, ep = self.client, self.ep
-        merged = self.merged()
+        merged = self.wire
         first = self.members[0].job
         op = first.context  # the first caller's span carries the shared call's events
         rid = first.request_id
@@ -208,7 +213,7 @@ class _SharedCall:
                 with self.lock:
                     try:
                         for data in decoder.feed(raw):
-                            parsed = adapter.parse_stream_event(self.first, data)
+                            parsed = adapter.parse_stream_event(self.wire, data)
                             if parsed is None:
                                 self._all_done()
                                 return
@@ -218,7 +223,7 @@ class _SharedCall:
                 await wait_for_room(feeds, self.room)
             with self.lock:
                 for data in decoder.flush():
-                    if adapter.parse_stream_event(self.first, data) is None:
+                    if adapter.parse_stream_event(self.wire, data) is None:
                         self._all_done()
                         return
                 # The connection ended without the end marker: a member whose choices all
@@ -273,6 +278,7 @@ class _SharedCall:
                     "a shared stream sent more for a choice after its finish_reason",
                     expected=f"nothing more for choice {chunk.index}",
                     received=f"{'a finish_reason' if chunk.finish_reason else 'text'} again")
+            m.seen.add(j)
             if m not in owners:
                 owners.append(m)
             if m.state == _OPEN:
@@ -306,13 +312,25 @@ class _SharedCall:
                 m.state = _ENDED
                 m.feed.end(copy_error(incomplete))
         elif unfinished:
+            # Unfinished choices: those members did not get their answer. A choice that had
+            # no event at all means the reply does not carry the list's choices (one prompt's
+            # answer numbered 0 may be another prompt's): then no member's text from it is
+            # believed, a finished one's included; those given text end with the error, the
+            # others are re-sent alone.
             m = unfinished[0]
+            lacking = any(len(x.seen) < self.n for x in self.members)
             self._mismatch(errors.ReplyMismatchError(
                 "a shared stream ended before its members' last choices",
                 expected="a finish_reason for every choice before [DONE]",
                 received=f"none for choice {sorted(m.pending)[0] + m.slot * self.n} and "
-                         f"{len(unfinished) - 1} other member(s)"), unfinished)
-        if self.usage_wanted and self.total_usage is not None:
+                         f"{len(unfinished) - 1} other member(s)"
+                         + ("; some choices had no event at all" if lacking else "")),
+                [x for x in self.members if x.state in (_OPEN, _FINISHED)] if lacking
+                else unfinished)
+            if lacking:
+                return
+        # (with choices unfinished the total cannot add up: that mismatch is counted above)
+        if self.usage_wanted and self.total_usage is not None and not unfinished:
             ins = [m.prompt_tokens for m in self.members]
             outs = [sum(m.choice_tokens.values()) for m in self.members]
             try:

@@ -28,7 +28,8 @@ from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse
 __all__ = ["ScriptedTransport", "real_stream",
            "event", "rss_bytes", "worker_threads", "chunked", "DONE",
            "DoubleProcess", "MODELS", "Reply", "RawServer", "ok", "PROMPTS", "LIST_HEAD", "pieces",
-           "list_body", "ListStreamTransport", "list_stream_request"]
+           "list_body", "ListStreamTransport", "list_stream_request", "answer", "answer_choice",
+           "answer_usage", "answer_body", "answer_events", "answer_stream", "ShapeTransport"]
 
 DONE = b"data: [DONE]\n\n"
 
@@ -317,3 +318,107 @@ def list_stream_request(prompt: str, **params: Any):
                                                 "stream_options": {"include_usage": True},
                                                 **params}, stream=True,
                          adapter=get_backend("vllm"))
+
+
+# =========================================================================== arbitrary list replies
+def answer(prompt: str, j: int = 0) -> List[str]:
+    """What ``ShapeTransport`` generates for ``prompt``'s choice ``j`` (pieces of its stream;
+    joined, its complete text): unique per (prompt, choice), multi-byte text included."""
+    return [f"<{prompt}#{j}>", " caf\u00e9", f" {len(prompt)}", " \U0001f680"]
+
+
+def answer_choice(prompt: str, index: int, j: int) -> Dict[str, Any]:
+    """A complete reply's choice ``index`` answering ``prompt``'s choice ``j``, with token ids
+    (vLLM's ``return_token_ids``: each prompt's own exact counts)."""
+    return {"index": index, "text": "".join(answer(prompt, j)), "finish_reason": "length",
+            "stop_reason": None, "logprobs": None, "token_ids": list(range(len(answer(prompt, j)))),
+            "prompt_token_ids": list(range(len(prompt)))}
+
+
+def answer_usage(prompts: List[str], n: int) -> Dict[str, int]:
+    p = sum(len(x) for x in prompts)
+    c = sum(len(answer(x, j)) for x in prompts for j in range(n))
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def answer_body(prompts: List[str], n: int) -> bytes:
+    """The right complete reply to ``prompts`` (one prompt or a list) with ``n`` choices each."""
+    return json.dumps({**LIST_HEAD, "choices": [answer_choice(p, i * n + j, j)
+                                                for i, p in enumerate(prompts) for j in range(n)],
+                       "usage": answer_usage(prompts, n)}).encode()
+
+
+def answer_events(prompts: List[str], n: int, usage: bool = True) -> List[List[Dict[str, Any]]]:
+    """Each choice's stream events (choice ``i * n + j`` at position ``i * n + j``), one choice
+    per event, with the per-prompt continuous usage vLLM sends when ``usage``."""
+    out = []
+    for i, p in enumerate(prompts):
+        for j in range(n):
+            row = answer(p, j)
+            seq = []
+            for t, piece in enumerate(row):
+                ev: Dict[str, Any] = {**LIST_HEAD, "choices": [{
+                    "index": i * n + j, "text": piece,
+                    "finish_reason": "length" if t == len(row) - 1 else None}]}
+                if usage:
+                    ev["usage"] = {"prompt_tokens": len(p), "completion_tokens": t + 1,
+                                   "total_tokens": len(p) + t + 1}
+                seq.append(ev)
+            out.append(seq)
+    return out
+
+
+def answer_stream(prompts: List[str], n: int) -> bytes:
+    """The right stream for ``prompts``: choices interleaved, continuous usage, total, [DONE]."""
+    seqs = answer_events(prompts, n)
+    events = [s[t] for t in range(max(map(len, seqs))) for s in seqs if t < len(s)]
+    return (b"".join(event(e) for e in events)
+            + event({**LIST_HEAD, "choices": [], "usage": answer_usage(prompts, n)}) + DONE)
+
+
+class ShapeTransport(Transport):
+    """Answers any completion request, complete or streamed, for whatever prompts it carries:
+    a single prompt always rightly (``answer_body`` / ``answer_stream``); a prompt list with
+    ``list_reply(prompts, n)`` (complete) or ``list_stream(prompts, n)`` (streamed) -- any
+    shape a test makes -- cut into reads by ``cut(body)``. ``calls`` records each call's
+    prompts, ``lists`` the prompt lists; ``closed`` counts closed streams."""
+
+    def __init__(self) -> None:
+        self.list_reply: Callable[[List[str], int], bytes] = answer_body
+        self.list_stream: Callable[[List[str], int], bytes] = answer_stream
+        self.cut: Callable[[bytes], Iterable[bytes]] = lambda body: [body]
+        self.calls: List[List[str]] = []
+        self.lists: List[List[str]] = []
+        self.opened = 0
+        self.closed = 0
+        self._lock = threading.Lock()
+
+    def _prompts(self, request: HttpRequest) -> Tuple[List[str], bool, int]:
+        prompt = request.json["prompt"]
+        listed = not isinstance(prompt, str)
+        prompts = list(prompt) if listed else [prompt]
+        with self._lock:
+            self.calls.append(prompts)
+            if listed:
+                self.lists.append(prompts)
+        return prompts, listed, int(request.json.get("n") or 1)
+
+    def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
+        if request.path != "/v1/completions":
+            return HttpResponse(200, {"content-type": "application/json"}, MODELS)
+        prompts, listed, n = self._prompts(request)
+        body = self.list_reply(prompts, n) if listed else answer_body(prompts, n)
+        return HttpResponse(200, {"content-type": "application/json"}, body)
+
+    def open_stream(self, request: HttpRequest, timeout: Tuple[float, float]) -> StreamResponse:
+        prompts, listed, n = self._prompts(request)
+        body = self.list_stream(prompts, n) if listed else answer_stream(prompts, n)
+        with self._lock:
+            self.opened += 1
+
+        def closer() -> None:
+            with self._lock:
+                self.closed += 1
+
+        return StreamResponse(200, {"content-type": "text/event-stream"},
+                              iter(list(self.cut(body)) if listed else [body]), closer)

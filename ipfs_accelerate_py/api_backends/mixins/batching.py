@@ -43,6 +43,8 @@ log = logging.getLogger("ipfs_accelerate_py.api_backends")
 
 #: A failed shared call is retried as at most this many calls (see ``_retry_in_parts``).
 RETRY_PARTS = 8
+#: A member of a failed shared call with less time left than this is not retried.
+_LATE = 0.01
 
 
 def batch_key(endpoint_id: str, request: Request, supports_prompt_list: bool,
@@ -373,6 +375,15 @@ class BatchingMixin(HostBase):
         if len(jobs) == 1 or not isinstance(exc, ApiError):
             self._fail_jobs(endpoint, jobs, exc, start)
             return
+        # The call ran to its most urgent member's deadline: the members whose deadline has
+        # come end here; the others are retried within their own (one short deadline in a
+        # shared call must not fail callers with time left).
+        now = self._clock.monotonic()
+        late = [j for j in jobs if j.deadline - now < _LATE]
+        if late and len(late) < len(jobs):
+            self._fail_jobs(endpoint, late, exc, start)
+            jobs = [j for j in jobs if j.deadline - now >= _LATE]
+            deadline = min(j.deadline for j in jobs)
         try:
             wait = retry_wait(exc, attempt, RetryPolicy.from_settings(endpoint.settings),
                               deadline, self._clock)
