@@ -26,7 +26,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, Hashable, Iterator, List, Optional, Sequence
 
 from . import errors, tracing
 from .adapter import BackendAdapter
@@ -264,13 +264,16 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             request = request.model_copy(update={"model": model})
         request = cap_request(self, request)
         adapter = self._adapter
-        if isinstance(request, OperationRequest):  # the operation's own batching rule
-            shared = request.share_key() if ep.shares_prompt_lists else None
+        s = ep.settings
+        key: Optional[Hashable] = None
+        if not (s.batch_enabled and s.max_batch_size > 1 and ep.shares_prompt_lists):
+            pass  # never shares: no key to work out (its sampling key costs a model dump)
+        elif isinstance(request, OperationRequest):  # the operation's own batching rule
+            shared = request.share_key()
             key = None if shared is None else (ep.id, shared)
         else:
-            key = batch_key(ep.id, request, adapter.supports_prompt_list and ep.shares_prompt_lists,
-                            ep.settings.batch_chat and adapter.supports_chat_batch
-                            and ep.chat_batch_supported and ep.shares_prompt_lists)
+            key = batch_key(ep.id, request, adapter.supports_prompt_list,
+                            s.batch_chat and adapter.supports_chat_batch and ep.chat_batch_supported)
         if key is not None:
             key = (key, fail_fast)  # fail-fast and waiting callers never share a call
         rid = self._new_request_id()
