@@ -133,7 +133,9 @@ def _duplicates(path: str, hashes: "np.ndarray") -> List[Tuple[str, List[int]]]:
     if not twice:
         return []
     seen: Dict[str, List[int]] = {}
-    for line in read_lines(path):
-        if id_hash(line.custom_id) in twice:
-            seen.setdefault(line.custom_id, []).append(line.number)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line, _ = _parse(number, raw)
+            if line is not None and id_hash(line.custom_id) in twice:
+                seen.setdefault(line.custom_id, []).append(line.number)
     return [(cid, nums) for cid, nums in seen.items() if len(nums) > 1]
