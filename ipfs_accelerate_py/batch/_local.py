@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Set
@@ -151,8 +152,13 @@ async def _finish(in_flight: Set["asyncio.Task[None]"], stop: StopSignal, grace:
 
 def run_local(opts: JobOptions, client: Any) -> Summary:
     """Run the job on a fresh event loop in this (main) thread, SIGINT / SIGTERM handled."""
+    def said(name: str) -> None:
+        print(f"[batch] {name}: reading stopped; the requests in flight get {opts.grace:g} s "
+              f"(a second signal ends that); the output stays resumable",
+              file=sys.stderr, flush=True)
+
     async def main() -> Summary:
-        stop = StopSignal()
+        stop = StopSignal(said)
         stop.install(asyncio.get_running_loop())
         try:
             return await run_with_client(opts, client, stop)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 __all__ = ["StopSignal"]
 
@@ -19,7 +19,8 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class StopSignal:
     """Set by SIGINT / SIGTERM once installed on a loop (``install``; ``restore`` undoes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Optional[Callable[[str], None]] = None) -> None:
+        self._notify = notify  # told the signal's name once it is taken (the CLI says so)
         self.stopped = asyncio.Event()
         self.hurry = asyncio.Event()  # a second signal: no more grace
         self.by: Optional[str] = None
@@ -41,6 +42,8 @@ class StopSignal:
             return
         self.by = name
         self.stopped.set()
+        if self._notify is not None:
+            self._notify(name)
 
     def restore(self) -> None:
         if self._loop is None:

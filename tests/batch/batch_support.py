@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -101,6 +103,24 @@ class BatchJob:
     def wait(self, timeout: float = 60.0) -> int:
         self.proc.wait(timeout)
         return self.proc.returncode
+
+    def wait_said(self, text: str, timeout: float = 30.0) -> str:
+        """Read the job's stderr until a line holds ``text`` (what it says once it acted)."""
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stderr.fileno()
+        buf = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            buf += chunk
+            if text.encode() in buf:
+                return buf.decode()
+        raise AssertionError(f"the job did not say {text!r} within {timeout}s: {buf!r}")
 
     def stderr(self) -> str:
         return self.proc.stderr.read().decode() if self.proc.stderr else ""
