@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Figures for the batch job (issue 25), each a command; loopback only; every server and job
+this starts is stopped by its PID.
+
+    python benchmarks/batch_jobs.py crash-resume [--n 10000] [--kill-at 0.4] [--url URL]
+        mixed completions/chats (max_tokens 2) against the real server (started here unless
+        --url), the job's process group SIGKILLed once kill-at of the lines are written,
+        then rerun: every custom id once, every line a 200.
+    python benchmarks/batch_jobs.py million [--n 1000000]
+        an N-line input against benchmarks/noop_server.py; the job's peak RSS.
+    python benchmarks/batch_jobs.py ray [--n 10000] [--servers 2]
+        the same file on a local Ray, two actors over two real servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+
+def write_input(path: Path, n: int, noop: bool = False) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            if noop or i % 2:
+                body = {"model": "tiny-llama", "prompt": f"hello number {i}", "max_tokens": 2}
+                url = "/v1/completions"
+            else:
+                body = {"model": "tiny-llama", "max_tokens": 2,
+                        "messages": [{"role": "user", "content": f"hi number {i}"}]}
+                url = "/v1/chat/completions"
+            f.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url,
+                                "body": body}) + "\n")
+
+
+def env(**extra: str) -> Dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(extra)
+    return e
+
+
+def job(args: List[str], cwd: Path, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ipfs_accelerate_py.batch", "run", *args,
+                             "--no-progress", "--summary-dir", str(cwd / "results")],
+                            cwd=str(cwd), env=env(**extra), start_new_session=True)
+
+
+def lines_in(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def check(out: Path, n: int) -> Dict[str, int]:
+    counts: Counter = Counter()
+    status: Counter = Counter()
+    with open(out, "rb") as f:
+        data = f.read()
+    for raw in data.splitlines():
+        row = json.loads(raw)
+        counts[row["custom_id"]] += 1
+        status[(row.get("response") or {}).get("status_code")] += 1
+    return {"lines": sum(counts.values()), "distinct_ids": len(counts),
+            "ids_twice": sum(1 for v in counts.values() if v > 1),
+            "missing": n - len(counts), "status_200": status[200],
+            "not_200": sum(v for k, v in status.items() if k != 200),
+            "ends_whole": int(data.endswith(b"\n"))}
+
+
+def start_real(n: int = 1) -> list:
+    from ipfs_accelerate_py.servers.vllm_cpu import VllmCpuServer
+    servers = []
+    for _ in range(n):
+        s = VllmCpuServer()
+        s.start()
+        servers.append(s)
+    return servers
+
+
+def crash_resume(a: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="batch-crash-"))
+    src, out = tmp / "in.jsonl", tmp / "out.jsonl"
+    write_input(src, a.n)
+    servers = [] if a.url else start_real()
+    url = a.url or servers[0].base_url
+    try:
+        t0 = time.monotonic()
+        p = job([str(src), str(out), "--endpoint", url], tmp)
+        target = int(a.n * a.kill_at)
+        while lines_in(out) < target and p.poll() is None:
+            time.sleep(0.05)  # a measurement's poll, not a test's synchronisation
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        t_kill = time.monotonic() - t0
+        with open(out, "rb") as f:
+            data = f.read()
+        torn = not data.endswith(b"\n")
+        before = lines_in(out)
+        t1 = time.monotonic()
+        p = job([str(src), str(out), "--endpoint", url], tmp)
+        rc = p.wait()
+        t_resume = time.monotonic() - t1
+        result = {"n": a.n, "killed_after_s": round(t_kill, 1), "lines_at_kill": before,
+                  "torn_tail_at_kill": torn, "resume_rc": rc, "resume_s": round(t_resume, 1),
+                  **check(out, a.n)}
+        summ = sorted((tmp / "results").glob("*.json"))[-1]
+        s = json.loads(summ.read_text())
+        result.update(resume_sent=s["sent"], resume_torn_bytes=s["torn_bytes_repaired"],
+                      resume_rate=s["requests_per_s"])
+        print(json.dumps(result))
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def million(a: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="batch-million-"))
+    src, out = tmp / "in.jsonl", tmp / "out.jsonl"
+    write_input(src, a.n, noop=True)
+    noop = subprocess.Popen([sys.executable, str(HERE / "noop_server.py"), "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(noop.stdout.readline().split()[1])
+        t0 = time.monotonic()
+        # the no-op server answers one choice to any call: no prompt lists on the wire
+        p = job([str(src), str(out), "--endpoint", f"http://127.0.0.1:{port}"], tmp,
+                VLLM_BATCH_SIZE="1")
+        peak = 0
+        while p.poll() is None:
+            try:
+                with open(f"/proc/{p.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            peak = max(peak, int(line.split()[1]))
+            except FileNotFoundError:
+                pass
+            time.sleep(0.5)
+        wall = time.monotonic() - t0
+        children_max = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        print(json.dumps({"n": a.n, "rc": p.returncode, "wall_s": round(wall, 1),
+                          "rate": round(a.n / wall), "peak_rss_mb": round(peak / 1024, 1),
+                          "children_maxrss_mb": round(children_max / 1024, 1),
+                          "input_mb": round(src.stat().st_size / 2**20),
+                          **check(out, a.n)}))
+        out.unlink()
+        src.unlink()
+    finally:
+        noop.send_signal(signal.SIGTERM)
+        noop.wait(10)
+
+
+def ray_run(a: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="batch-ray-"))
+    src, out = tmp / "in.jsonl", tmp / "out.jsonl"
+    write_input(src, a.n)
+    servers = start_real(a.servers)
+    try:
+        args = [str(src), str(out), "--ray", "--actors", "2"]
+        for s in servers:
+            args += ["--endpoint", s.base_url]
+        t0 = time.monotonic()
+        rc = job(args, tmp).wait()
+        print(json.dumps({"n": a.n, "rc": rc, "wall_s": round(time.monotonic() - t0, 1),
+                          **check(out, a.n)}))
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("crash-resume")
+    c.add_argument("--n", type=int, default=10_000)
+    c.add_argument("--kill-at", type=float, default=0.4)
+    c.add_argument("--url")
+    m = sub.add_parser("million")
+    m.add_argument("--n", type=int, default=1_000_000)
+    r = sub.add_parser("ray")
+    r.add_argument("--n", type=int, default=10_000)
+    r.add_argument("--servers", type=int, default=2)
+    a = ap.parse_args()
+    {"crash-resume": crash_resume, "million": million, "ray": ray_run}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
