@@ -1,7 +1,8 @@
 """The command line: ``python -m ipfs_accelerate_py.batch run INPUT OUTPUT [options]``.
 
 Exit status: 0 the job is complete (every request has its line; error lines included, the
-summary counts them); 1 the input or the output file was refused (nothing sent); 128 + the
+summary counts them); 1 the input or the output file was refused (nothing sent); 3 some
+requests have no line (the client closed under them: run the command again); 128 + the
 signal's number when SIGINT / SIGTERM stopped it (the output is resumable: run the same
 command again). The API key comes from ``VLLM_API_KEY``, never from the command line.
 """
@@ -91,4 +92,4 @@ def main(argv: Optional[List[str]] = None) -> int:
           file=sys.stderr)
     if summary.stopped_by:
         return 128 + int(getattr(signal, summary.stopped_by, signal.SIGTERM))
-    return 0
+    return 0 if summary.complete else 3

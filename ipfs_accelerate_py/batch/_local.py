@@ -70,7 +70,8 @@ async def run_with_client(opts: JobOptions, client: Any, stop: Optional[StopSign
             try:
                 reply = await send(client, url, body)
             except errors.ClientClosedError:
-                return  # not answered: the request runs again on resume
+                summary.unfinished += 1  # not answered: the request runs again on resume
+                return
             except Exception as exc:  # noqa: BLE001 - every failure ends as its error line
                 writer.write(error_line(custom_id, exc))
                 summary.record(False, error_of(exc)[1]["type"])
@@ -95,6 +96,8 @@ async def run_with_client(opts: JobOptions, client: Any, stop: Optional[StopSign
             if answered.has_hash(id_hash(line.custom_id)):
                 summary.already_answered += 1
                 progress.advance()
+                if summary.already_answered % 1024 == 0:
+                    await asyncio.sleep(0)  # a long answered stretch: let signals and the ticker in
                 continue
             if slots.locked():
                 got = asyncio.ensure_future(slots.acquire())
@@ -116,7 +119,7 @@ async def run_with_client(opts: JobOptions, client: Any, stop: Optional[StopSign
     finally:
         tick.cancel()
         stop_wait.cancel()
-        summary.unfinished = len(in_flight)
+        summary.unfinished += len(in_flight)
         for task in list(in_flight):
             task.cancel()
         with contextlib.suppress(BaseException):

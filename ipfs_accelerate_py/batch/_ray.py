@@ -39,7 +39,7 @@ __all__ = ["run_ray", "merge_parts", "ACTOR_CPUS"]
 #: CPUs Ray reserves per actor: it waits on the network, and reading needs CPUs too.
 ACTOR_CPUS = 0.5
 
-_SKIPPED, _OK, _ERROR = 0, 1, 2
+_SKIPPED, _OK, _ERROR, _UNANSWERED = 0, 1, 2, 3
 
 
 def parts_dir(output: str) -> str:
@@ -80,6 +80,7 @@ class _Sender:
                 try:
                     reply = await send(self._client, data["url"], data["body"])
                 except errors.ClientClosedError:
+                    state[i] = _UNANSWERED  # no line: it runs again on resume
                     return
                 except Exception as exc:  # noqa: BLE001 - the line's error object
                     lines[i] = error_line(cid, exc)
@@ -201,8 +202,8 @@ def run_ray(opts: JobOptions, address: Optional[str] = None, actors: int = 2,
             summary.sent += int((state != _SKIPPED).sum())
             for i in np.nonzero(state == _ERROR)[0]:
                 summary.record(False, str(batch["error_type"][i]))
-            ok = int((state == _OK).sum())
-            summary.ok += ok
+            summary.ok += int((state == _OK).sum())
+            summary.unfinished += int((state == _UNANSWERED).sum())
             summary.prompt_tokens += int(batch["prompt_tokens"].sum())
             summary.completion_tokens += int(batch["completion_tokens"].sum())
             progress.advance(len(state))
