@@ -6,6 +6,9 @@ this starts is stopped by its PID.
         mixed completions/chats (max_tokens 2) against the real server (started here unless
         --url), the job's process group SIGKILLed once kill-at of the lines are written,
         then rerun: every custom id once, every line a 200.
+    python benchmarks/batch_jobs.py server-restart [--n 3000] [--kill-at 0.3]
+        the real server SIGKILLed once kill-at of the lines are written, restarted on the
+        same port; the job runs on: every id once, 0 error lines.
     python benchmarks/batch_jobs.py million [--n 1000000]
         an N-line input against benchmarks/noop_server.py; the job's peak RSS.
     python benchmarks/batch_jobs.py ray [--n 10000] [--servers 2]
@@ -129,6 +132,30 @@ def crash_resume(a: argparse.Namespace) -> None:
             s.stop()
 
 
+def server_restart(a: argparse.Namespace) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="batch-restart-"))
+    src, out = tmp / "in.jsonl", tmp / "out.jsonl"
+    write_input(src, a.n)
+    server = start_real()[0]
+    try:
+        t0 = time.monotonic()
+        p = job([str(src), str(out), "--endpoint", server.base_url], tmp)
+        while lines_in(out) < int(a.n * a.kill_at) and p.poll() is None:
+            time.sleep(0.05)
+        at_kill = lines_in(out)
+        server.kill()
+        t_kill = time.monotonic()
+        server.start()  # the same port
+        down_s = time.monotonic() - t_kill
+        rc = p.wait()
+        s = json.loads(sorted((tmp / "results").glob("*.json"))[-1].read_text())
+        print(json.dumps({"n": a.n, "lines_at_kill": at_kill, "server_down_s": round(down_s, 1),
+                          "rc": rc, "wall_s": round(time.monotonic() - t0, 1),
+                          "errors_by_type": s["errors_by_type"], **check(out, a.n)}))
+    finally:
+        server.stop()
+
+
 def million(a: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="batch-million-"))
     src, out = tmp / "in.jsonl", tmp / "out.jsonl"
@@ -190,13 +217,17 @@ def main() -> None:
     c.add_argument("--n", type=int, default=10_000)
     c.add_argument("--kill-at", type=float, default=0.4)
     c.add_argument("--url")
+    sr = sub.add_parser("server-restart")
+    sr.add_argument("--n", type=int, default=3000)
+    sr.add_argument("--kill-at", type=float, default=0.3)
     m = sub.add_parser("million")
     m.add_argument("--n", type=int, default=1_000_000)
     r = sub.add_parser("ray")
     r.add_argument("--n", type=int, default=10_000)
     r.add_argument("--servers", type=int, default=2)
     a = ap.parse_args()
-    {"crash-resume": crash_resume, "million": million, "ray": ray_run}[a.cmd](a)
+    {"crash-resume": crash_resume, "server-restart": server_restart, "million": million,
+     "ray": ray_run}[a.cmd](a)
 
 
 if __name__ == "__main__":
