@@ -18,8 +18,9 @@ A failure is an error object ``{"message", "type", "param", "code"}`` (vLLM's er
 
 from __future__ import annotations
 
+import itertools
 import json
-import uuid
+import os
 from typing import Any, Dict, Optional, Tuple
 
 from ..api_backends import ChatRequest, CompletionResult, errors, validate_request
@@ -89,8 +90,14 @@ def reply_body(request: Any, result: CompletionResult, body: Dict[str, Any]) -> 
             "model": result.model, "choices": choices, "usage": usage}
 
 
+#: line ids: a random prefix per process and a counter (a uuid4 per line costs more than
+#: the rest of the line's formatting on some kernels)
+_PREFIX = os.urandom(6).hex()
+_COUNT = itertools.count(1)
+
+
 def _ids() -> Tuple[str, str]:
-    h = uuid.uuid4().hex
+    h = f"{_PREFIX}{next(_COUNT):010x}"
     return f"iap-{h}", f"iap-batch-{h}"
 
 
