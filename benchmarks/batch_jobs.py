@@ -11,6 +11,10 @@ this starts is stopped by its PID.
         same port; the job runs on: every id once, 0 error lines.
     python benchmarks/batch_jobs.py million [--n 1000000]
         an N-line input against benchmarks/noop_server.py; the job's peak RSS.
+    python benchmarks/batch_jobs.py vs-ray-http [--n 5000]
+        one real server, the same completions file: Ray Data's HttpRequestProcessorConfig
+        (defaults; max_retries=3) against this job (local; --ray), without a fault, then with
+        the server SIGKILLed at 30 % of the contender's clean wall time and restarted.
     python benchmarks/batch_jobs.py ray [--n 10000] [--servers 2]
         the same file on a local Ray, two actors over two real servers.
 """
@@ -210,6 +214,91 @@ def ray_run(a: argparse.Namespace) -> None:
             s.stop()
 
 
+def _ray_http(a: argparse.Namespace) -> None:
+    """One Ray Data HttpRequestProcessorConfig run (a process of its own): prints a JSON line."""
+    import ray
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    t0 = time.monotonic()
+    ok = err = 0
+    failure = None
+    try:
+        cfg = HttpRequestProcessorConfig(url=a.url + "/v1/completions", max_retries=a.retries)
+        proc = build_processor(cfg, preprocess=lambda row: dict(
+            payload=json.loads(row["text"])["body"]),
+            postprocess=lambda row: dict(ok="choices" in (row.get("http_response") or {})))
+        for batch in proc(ray.data.read_text(a.file)).iter_batches(batch_size=None):
+            got = batch["ok"]
+            ok += int(sum(bool(x) for x in got))
+            err += int(sum(not bool(x) for x in got))
+    except Exception as exc:  # noqa: BLE001 - the job's fate is the figure
+        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    finally:
+        ray.shutdown()
+    print("RESULT " + json.dumps({"ok_rows": ok, "error_rows": err, "failed": failure,
+                                  "wall_s": round(time.monotonic() - t0, 1)}), flush=True)
+
+
+def vs_ray_http(a: argparse.Namespace) -> None:
+    import threading
+    tmp = Path(tempfile.mkdtemp(prefix="batch-vs-"))
+    src = tmp / "in.jsonl"
+    write_input(src, a.n, noop=True)  # completions only: the processor posts to one route
+    server = start_real()[0]
+    url = server.base_url
+    results = []
+
+    def contender(name: str, kill_after: Optional[float]) -> Dict[str, object]:
+        out = tmp / f"{name}-{'kill' if kill_after else 'clean'}.jsonl"
+        timer = None
+        if kill_after:
+            def crash() -> None:
+                server.kill()
+                server.start()
+            timer = threading.Thread(target=lambda: (time.sleep(kill_after), crash()))
+        t0 = time.monotonic()
+        if name.startswith("ray-http"):
+            retries = "3" if name.endswith("retries") else "0"
+            p = subprocess.Popen([sys.executable, __file__, "_ray_http", "--url", url,
+                                  "--file", str(src), "--retries", retries],
+                                 env=env(), stdout=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+            if timer:
+                timer.start()
+            line = [x for x in p.communicate()[0].splitlines() if x.startswith("RESULT ")]
+            r = json.loads(line[-1][7:]) if line else {"failed": f"rc {p.returncode}"}
+        else:
+            args = [str(src), str(out), "--endpoint", url] + (["--ray"] if name == "job-ray"
+                                                             else [])
+            p = job(args, tmp)
+            if timer:
+                timer.start()
+            rc = p.wait()
+            c = check(out, a.n)
+            r = {"ok_rows": c["status_200"], "error_rows": c["not_200"], "rc": rc,
+                 "ids_twice": c["ids_twice"], "missing": c["missing"]}
+        if timer:
+            timer.join()
+        r["wall_s"] = round(time.monotonic() - t0, 1)
+        r["req_per_s"] = round(r.get("ok_rows", 0) / r["wall_s"], 1)
+        return {"contender": name, "fault": bool(kill_after), **r}
+
+    try:
+        names = ["ray-http-defaults", "ray-http-retries", "job-local", "job-ray"]
+        clean = {}
+        for name in names:
+            res = contender(name, None)
+            clean[name] = res["wall_s"]
+            results.append(res)
+            print(json.dumps(res), flush=True)
+        for name in names:
+            res = contender(name, max(3.0, 0.3 * clean[name]))
+            results.append(res)
+            print(json.dumps(res), flush=True)
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -222,12 +311,18 @@ def main() -> None:
     sr.add_argument("--kill-at", type=float, default=0.3)
     m = sub.add_parser("million")
     m.add_argument("--n", type=int, default=1_000_000)
+    v = sub.add_parser("vs-ray-http")
+    v.add_argument("--n", type=int, default=5000)
+    h = sub.add_parser("_ray_http")
+    h.add_argument("--url")
+    h.add_argument("--file")
+    h.add_argument("--retries", type=int, default=0)
     r = sub.add_parser("ray")
     r.add_argument("--n", type=int, default=10_000)
     r.add_argument("--servers", type=int, default=2)
     a = ap.parse_args()
     {"crash-resume": crash_resume, "server-restart": server_restart, "million": million,
-     "ray": ray_run}[a.cmd](a)
+     "ray": ray_run, "vs-ray-http": vs_ray_http, "_ray_http": _ray_http}[a.cmd](a)
 
 
 if __name__ == "__main__":
