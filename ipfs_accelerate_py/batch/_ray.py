@@ -25,7 +25,7 @@ import os
 import signal
 import time
 import uuid
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import numpy as np
 
@@ -94,6 +94,8 @@ class _Sender:
 
         todo = []
         for i, text in enumerate(texts):
+            if not text.strip():
+                continue  # a blank line is no request (the driver's check skips them too)
             data = json.loads(text)  # the driver checked every line
             if not self._answered.has_hash(id_hash(data["custom_id"])):
                 todo.append(one(i, data))
@@ -127,25 +129,32 @@ def merge_parts(output: str, folder: str, answered: Answered) -> "tuple[Answered
         return answered, 0
     writer = Writer(output, group=4096, interval=3600.0)
     appended = 0
+    recent: Set[int] = set()  # ids merged since ``answered`` last took them in
+
+    def settle() -> Answered:
+        merged = answered.union(Answered(np.fromiter(recent, dtype=np.uint64, count=len(recent))))
+        recent.clear()
+        return merged
+
     try:
         for part in parts:
             scan = scan_lines(part)
-            fresh: List[int] = []
             with open(part, "rb") as f:
                 offset = 0
                 for raw in f:
                     offset += len(raw)
                     if offset > scan.good_end:
                         break
-                    cid = json.loads(raw)["custom_id"]
-                    h = id_hash(cid)
-                    if answered.has_hash(h) or h in fresh:
-                        continue
-                    fresh.append(h)
+                    h = id_hash(json.loads(raw)["custom_id"])
+                    if h in recent or answered.has_hash(h):
+                        continue  # a block Ray ran twice, or an id merged before
+                    recent.add(h)
                     writer.write(raw)
                     appended += 1
             writer.commit()
-            answered = answered.union(Answered(np.array(fresh, dtype=np.uint64)))
+            if len(recent) >= 65536:
+                answered = settle()
+        answered = settle()
     finally:
         writer.close()
     for part in parts:  # only once every line is in OUTPUT, fsynced

@@ -99,3 +99,20 @@ def test_the_writer_commits_whole_groups(tmp_path: Path) -> None:
     assert out.read_bytes().count(b"\n") == 3
     w.close()
     assert [r["custom_id"] for r in read_output(out)] == list("abcd")
+
+
+def test_merging_parts_keeps_one_line_per_id(tmp_path: Path) -> None:
+    """A block Ray ran twice leaves two parts with the same ids; an id may be in OUTPUT
+    already; a part an actor never finished is only a temporary file."""
+    from ipfs_accelerate_py.batch._ray import merge_parts
+
+    out, parts = tmp_path / "out.jsonl", tmp_path / "out.jsonl.parts"
+    parts.mkdir()
+    out.write_bytes(_out_line("a"))
+    (parts / "part-1.jsonl").write_bytes(_out_line("a") + _out_line("b") + _out_line("c"))
+    (parts / "part-2.jsonl").write_bytes(_out_line("b") + _out_line("c") + _out_line("d"))
+    (parts / "part-3.jsonl.tmp").write_bytes(_out_line("e")[:9])
+    answered, appended = merge_parts(str(out), str(parts), open_checkpoint(str(out)).answered)
+    assert appended == 3 and [r["custom_id"] for r in read_output(out)] == list("abcd")
+    assert all(cid in answered for cid in "abcd") and "e" not in answered
+    assert list(parts.iterdir()) == []
