@@ -59,6 +59,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     opts = JobOptions(args.input, args.output, list(args.endpoint), args.retry_errors,
                       args.max_in_flight, args.grace, not args.no_progress, args.summary_dir)
+    if args.ray is not None:
+        try:
+            import ray.data  # noqa: F401 - only to say early that the extra is missing
+        except ImportError:
+            print("iap-batch: --ray needs Ray Data: pip install 'ipfs_accelerate_py[ray]'",
+                  file=sys.stderr)
+            return 2
     try:
         opts.checked_count = check_input(args.input)  # refuse a bad file before any server is started
     except (InputError, OSError) as exc:

@@ -147,3 +147,12 @@ def test_sigterm_grace_ends_and_the_held_requests_run_again(tmp_path, fake_serve
     rc, err = run_job([str(src), str(out), "--endpoint", fake_server.base_url], tmp_path)
     assert rc == 0, err
     ids_once(read_output(out), ["g0", "g1", "g2"])
+
+
+def test_no_endpoint_uses_vllm_api_url_when_it_answers(tmp_path, fake_server):
+    lines = mixed_lines(6)
+    src, out = write_input(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    rc, err = run_job([str(src), str(out)], tmp_path, VLLM_API_URL=fake_server.base_url)
+    assert rc == 0, err
+    ids_once(read_output(out), [line["custom_id"] for line in lines])
+    assert sum(fake_server.request_count.values()) >= 1
