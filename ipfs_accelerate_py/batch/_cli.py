@@ -14,6 +14,12 @@ import signal
 import sys
 from typing import List, Optional
 
+from ._checkpoint import CheckpointError
+from ._endpoints import make_client, resolve_endpoints
+from ._input import InputError, check_input
+from ._local import JobOptions, run_local
+from ._ray import run_ray
+
 __all__ = ["main", "build_parser"]
 
 
@@ -52,11 +58,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_in_flight < 1:
         print("iap-batch: --max-in-flight must be at least 1", file=sys.stderr)
         return 2
-    from ._checkpoint import CheckpointError
-    from ._endpoints import make_client, resolve_endpoints
-    from ._input import InputError, check_input
-    from ._local import JobOptions, run_local
-
     opts = JobOptions(args.input, args.output, list(args.endpoint), args.retry_errors,
                       args.max_in_flight, args.grace, not args.no_progress, args.summary_dir)
     if args.ray is not None:
@@ -75,8 +76,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     opts.endpoints = endpoints
     try:
         if args.ray is not None:
-            from ._ray import run_ray
-
             summary = run_ray(opts, None if args.ray == "local" else args.ray,
                               actors=args.actors, block_lines=args.block_lines)
         else:

@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from ..api_backends import VllmClient
+from ..unified_runner.embedded import probe_external, start_embedded
 
 __all__ = ["make_client", "resolve_endpoints", "DEFAULT_ROUTING"]
 
@@ -42,8 +43,6 @@ def resolve_endpoints(given: Sequence[str], log: Callable[[str], None] = _stderr
     """The endpoints to use and, when this job started a server, how to stop it."""
     if given:
         return list(given), None
-    from ..unified_runner.embedded import probe_external, start_embedded
-
     url = os.environ.get("VLLM_API_URL")
     why = "no --endpoint given"
     if url:

@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from tqdm import tqdm
+
 __all__ = ["Progress", "Summary", "write_summary"]
 
 
@@ -97,8 +99,6 @@ class Progress:
         self._bar: Any = None
         self._shown_errors = -1
         if enabled:
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, unit="req", dynamic_ncols=True, mininterval=0.5,
                              smoothing=0.05, desc="batch")
 

@@ -29,10 +29,13 @@ from typing import Any, Dict, List, Optional, Set
 
 import numpy as np
 
+from ..api_backends import errors
 from ._checkpoint import Answered, Writer, fsync_dir, open_checkpoint, scan_lines
+from ._endpoints import make_client
 from ._input import check_input, id_hash
 from ._local import JobOptions
 from ._progress import Progress, Summary, write_summary
+from ._replies import error_line, error_of, ok_line, send
 
 __all__ = ["run_ray", "merge_parts", "ACTOR_CPUS"]
 
@@ -51,8 +54,6 @@ class _Sender:
 
     def __init__(self, endpoints: List[str], answered: "np.ndarray", parts: str,
                  max_in_flight: int) -> None:
-        from ._endpoints import make_client
-
         self._client = make_client(endpoints, queue_size=max(1000, 2 * max_in_flight))
         self._answered = Answered(answered)
         self._parts = parts
@@ -63,9 +64,6 @@ class _Sender:
         return asyncio.run(self._block(texts))
 
     async def _block(self, texts: List[str]) -> Dict[str, "np.ndarray"]:
-        from ..api_backends import errors
-        from ._replies import error_line, error_of, ok_line, send
-
         n = len(texts)
         state = np.zeros(n, dtype=np.int8)
         kinds = np.array([""] * n, dtype=object)

@@ -1,8 +1,8 @@
 """One request of the file, sent through the client, and the output line it ends as.
 
 ``send`` is the only place a route meets the client: completions and chat go through the
-client's async face (queue, shared calls, breaker, retries, routing); embeddings wait for
-the client's ``embed`` (``_embed`` below is the one place to plug it in).
+client's async face (queue, shared calls, breaker, retries, routing); embeddings through
+its ``aembed``.
 
 The output line is vLLM run-batch's::
 
@@ -18,18 +18,17 @@ A failure is an error object ``{"message", "type", "param", "code"}`` (vLLM's er
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
+import numpy as np
+
 from ..api_backends import ChatRequest, CompletionResult, errors, validate_request
 
-__all__ = ["NotSupportedError", "send", "ok_line", "error_line", "to_request"]
-
-
-class NotSupportedError(errors.ApiError):
-    """A route the client cannot send yet (embeddings, until the client has ``embed``)."""
+__all__ = ["send", "ok_line", "error_line", "to_request"]
 
 
 def to_request(client: Any, url: str, body: Dict[str, Any]) -> Any:
@@ -48,10 +47,22 @@ def to_request(client: Any, url: str, body: Dict[str, Any]) -> Any:
 
 
 async def _embed(client: Any, body: Dict[str, Any]) -> Dict[str, Any]:
-    """The embeddings route. Plug the client's ``embed`` in here when it lands: return the
-    server's reply as a dict (``{"object": "list", "data": [...], "usage": ...}``)."""
-    raise NotSupportedError("the client has no embeddings call yet (VllmClient.embed); "
-                            "this line was not sent")
+    """The embeddings route, through the client's ``aembed`` (concurrent lines with equal
+    options share calls; vectors travel as base64 whatever the line asked), and the reply
+    as vLLM writes it, in the ``encoding_format`` the line asked for (float by default)."""
+    params = {k: v for k, v in body.items() if k not in ("input", "model", "encoding_format")}
+    wanted = body.get("encoding_format") or "float"
+    result = await client.aembed(body.get("input"), model=body.get("model"), **params)
+    data = []
+    for i, row in enumerate(result.vectors):
+        vector: Any = (base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode()
+                       if wanted == "base64" else [float(x) for x in row])
+        data.append({"index": i, "object": "embedding", "embedding": vector})
+    tokens = result.usage.prompt_tokens
+    return {"id": result.id, "object": "list", "created": result.created, "model": result.model,
+            "data": data, "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                                    "completion_tokens": 0, "prompt_tokens_details": None,
+                                    "completion_tokens_details": None}}
 
 
 async def send(client: Any, url: str, body: Dict[str, Any]) -> Dict[str, Any]:

@@ -43,8 +43,8 @@ def test_every_line_is_answered_once_in_runbatch_format(tmp_path, fake_server, m
     assert comp["response"]["body"]["choices"][0]["text"]
     assert comp["response"]["body"]["choices"][0]["finish_reason"] == "length"
     assert len(by_id["extras"]["response"]["body"]["choices"][0]["token_ids"]) == 2
-    emb = by_id["emb"]
-    assert emb["response"] is None and emb["error"]["type"] == "NotSupportedError"
+    emb = by_id["emb"]  # a generation server has no embeddings route: its 404, as a line
+    assert emb["response"]["status_code"] == 404 and emb["error"]["code"] == 404
     bad = by_id["too-long"]
     assert bad["response"]["status_code"] == 400 and bad["response"]["body"] is None
     assert bad["error"]["code"] == 400 and "max_model_len" in bad["error"]["message"]
@@ -156,3 +156,34 @@ def test_no_endpoint_uses_vllm_api_url_when_it_answers(tmp_path, fake_server):
     assert rc == 0, err
     ids_once(read_output(out), [line["custom_id"] for line in lines])
     assert sum(fake_server.request_count.values()) >= 1
+
+
+def test_embedding_lines_are_answered_through_embed_in_the_format_asked(
+        tmp_path, start_fake, make_client) -> None:
+    """/v1/embeddings lines go through the client's embed (shared calls where they can):
+    each line's vectors equal the server's for that input alone, as floats or base64."""
+    import base64
+
+    import numpy as np
+    import requests
+
+    from ipfs_accelerate_py.servers.vllm_cpu import EMBED_MODEL
+
+    server = start_fake(models=(EMBED_MODEL,), runner="pooling")
+    texts = [f"embed me {i}" for i in range(12)]
+    lines = [{"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": EMBED_MODEL, "input": t,
+                       **({"encoding_format": "base64"} if i % 2 else {})}}
+             for i, t in enumerate(texts)]
+    src, out = write_input(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    summary = _run(make_client(server, model=EMBED_MODEL), src, out)
+    by_id = {r["custom_id"]: r for r in read_output(out)}
+    assert summary.ok == len(lines) and summary.errors == 0
+    for i, t in enumerate(texts):
+        raw = requests.post(server.base_url + "/v1/embeddings", json={"input": t}, timeout=5).json()
+        body = by_id[f"e{i}"]["response"]["body"]
+        assert body["object"] == "list" and body["usage"] == raw["usage"]
+        got = body["data"][0]["embedding"]
+        if i % 2:
+            got = np.frombuffer(base64.b64decode(got), dtype="<f4")
+        np.testing.assert_allclose(got, raw["data"][0]["embedding"], atol=1e-6)
