@@ -113,10 +113,10 @@ class AsyncFaceMixin(HostBase):
         if len(ids) < 2:
             return None
         if self._routing().probe is None:
-            order, _ = self._order(strategy, ids, request)
+            order = self._stream_order(strategy, ids, request)
         else:  # a load probe is a blocking HTTP call: it must not run on the loop
-            order, _ = await asyncio.get_running_loop().run_in_executor(
-                None, self._order, strategy, ids, request)
+            order = await asyncio.get_running_loop().run_in_executor(
+                None, self._stream_order, strategy, ids, request)
         opening = OpeningOrder(order, self._is_open)
         for eid in opening:
             try:

@@ -146,6 +146,9 @@ class ClientSettings(BaseModel):
     max_response_bytes: int = Field(MAX_RESPONSE_BYTES, ge=1, le=1 << 40)
     # routing: every call that names no endpoint is routed over the endpoints (mixins/routing.py)
     routing: Optional[Literal["round-robin", "least-loaded", "fastest", "cache-aware"]] = None
+    # LoRA adapters the client may load where a request for one needs it: name -> path on
+    # the servers' machines (mixins/lora_routing.py)
+    lora_paths: Dict[str, str] = Field(default_factory=dict)
 
     @field_validator("base_url")
     @classmethod
