@@ -14,7 +14,7 @@ import difflib
 from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Mapping, Optional, Sequence, Type, Union, cast
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from typing_extensions import Annotated
 
 from .errors import ValidationError
@@ -208,13 +208,25 @@ class ChatMessage(_Strict):
     tool_call_id: Optional[str] = None
     tool_calls: Optional[List[Dict[str, Any]]] = None
     reasoning: Optional[str] = None
+    #: (where, decoded bytes) of each inline media item (media.py; the size cap reads it)
+    _media: List[Any] = PrivateAttr(default_factory=list)
 
     @field_validator("content")
     @classmethod
     def _content(cls, v: Any) -> Any:
         if isinstance(v, str):
             return check_text(v, "content")
+        if isinstance(v, list):  # typed parts: checked before sending (media.py)
+            from .media import check_content_parts
+            return check_content_parts(v)[0]
         return v
+
+    @model_validator(mode="after")
+    def _media_sizes(self) -> "ChatMessage":
+        if isinstance(self.content, list):
+            from .media import check_content_parts
+            self._media = check_content_parts(self.content)[1]
+        return self
 
 
 class ChatRequest(_Sampling):

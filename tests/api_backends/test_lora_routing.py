@@ -25,8 +25,8 @@ GEN = {"max_tokens": 2, "temperature": 0}
 def _client(servers, **settings) -> VllmClient:
     """Endpoints ``a``, ``b``... one per server (the default is the first: routing leaves it
     out), round-robin routing, no retries (a failover is the routing's, not a retry's)."""
-    c = VllmClient(base_url=servers[0].base_url, timeout=10, max_retries=0,
-                   routing="round-robin", **settings)
+    settings = {"timeout": 10, "max_retries": 0, "routing": "round-robin", **settings}
+    c = VllmClient(base_url=servers[0].base_url, **settings)
     for name, server in zip("abcd", servers):
         c.add_endpoint(name, base_url=server.base_url)
     return c

