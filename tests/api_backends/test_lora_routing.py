@@ -128,6 +128,7 @@ def test_a_load_that_fails_moves_on_and_is_named(start_fake, tmp_path):
 
 # ------------------------------------------------------------------ real servers
 @pytest.mark.real_server
+@pytest.mark.slow  # a second LoRA server: about 20 s to start on 2 idle cores
 def test_two_real_lora_servers_one_killed(real_lora_server, tiny_lora_path):
     """Two real LoRA servers, the adapter loaded on one: all its requests land there; that
     server SIGKILLed by PID: the adapter is loaded on the other, no request is lost."""

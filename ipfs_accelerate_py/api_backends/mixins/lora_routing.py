@@ -135,7 +135,8 @@ class LoraRoutingMixin(HostBase):
         the ``loads`` this client made."""
         book = self._lora_book
         by_server: Dict[str, List[str]] = {}
-        for eid in self.endpoint_ids:
+        # the endpoints routing goes over (the default one left out when another is its server)
+        for eid in self._routing_candidates():  # type: ignore[attr-defined]
             by_server.setdefault(self._server_of(eid), []).append(eid)
         with book.lock:
             return {name: {"parent": parent, "path": book.paths.get(name),
