@@ -568,7 +568,7 @@ class _Routes:
                 _verr("missing", "body.messages", "Field required", body),
             ])
         spec = {"model": _coerce_str, "add_special_tokens": _coerce_bool, "return_token_strs": _coerce_bool,
-                "add_generation_prompt": _coerce_bool}
+                "add_generation_prompt": _coerce_bool, "continue_final_message": _coerce_bool}
         if "prompt" in body:
             spec["prompt"] = _coerce_str
         body = _check_fields(body, spec)
@@ -583,6 +583,10 @@ class _Routes:
             errors = _message_errors("body.messages", messages)
             if errors:
                 raise _validation_error(errors)
+            if not messages:
+                raise _bad_request("Cannot apply chat template to an empty conversation. Provide at least one message.")
+            if body.get("continue_final_message") and body.get("add_generation_prompt"):
+                raise _bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
             add_gen = body.get("add_generation_prompt")
             ids, strs = _tokenize_chat(messages, True if add_gen is None else bool(add_gen))
             if body.get("add_special_tokens"):
@@ -600,6 +604,13 @@ class _Routes:
             raise _validation_error([_verr("list_type", "body.tokens", "Input should be a valid list", tokens)])
         errors: list[dict[str, Any]] = []
         ids = [_coerce_int(f"tokens.{i}", t, errors) for i, t in enumerate(tokens)]
+        for i, t in enumerate(ids):  # token ids: non-negative 64-bit integers
+            if isinstance(t, int) and t < 0:
+                errors.append(_verr("greater_than_equal", f"body.tokens.{i}",
+                                    "Input should be greater than or equal to 0", t, {"ge": 0}))
+            elif isinstance(t, int) and t > 2 ** 63 - 1:
+                errors.append(_verr("less_than_equal", f"body.tokens.{i}",
+                                    f"Input should be less than or equal to {2 ** 63 - 1}", t, {"le": 2 ** 63 - 1}))
         if errors:
             raise _validation_error(errors)
         self._check_model(body)
