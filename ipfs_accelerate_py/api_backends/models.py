@@ -216,16 +216,16 @@ class ChatMessage(_Strict):
     def _content(cls, v: Any) -> Any:
         if isinstance(v, str):
             return check_text(v, "content")
-        if isinstance(v, list):  # typed parts: checked before sending (media.py)
-            from .media import check_content_parts
-            return check_content_parts(v)[0]
         return v
 
     @model_validator(mode="after")
-    def _media_sizes(self) -> "ChatMessage":
-        if isinstance(self.content, list):
+    def _parts(self) -> "ChatMessage":
+        if isinstance(self.content, list):  # typed parts: checked before sending (media.py)
             from .media import check_content_parts
-            self._media = check_content_parts(self.content)[1]
+            try:
+                self.content, self._media = check_content_parts(self.content)
+            except ValueError as exc:
+                raise ValueError(f"content: {exc}") from None
         return self
 
 
