@@ -57,6 +57,18 @@ def test_requests_for_an_adapter_land_only_where_it_is_loaded(start_fake, adapte
         assert c.lora_adapters()[ADAPTER]["endpoints"] == []
 
 
+def test_loading_without_an_endpoint_goes_to_the_default_one_even_when_routing(start_fake,
+                                                                              adapter_dir):
+    a, b = start_fake(enable_lora=True), start_fake(enable_lora=True)
+    with _client([a, b]) as c:  # the default endpoint is a's URL
+        for _ in range(3):
+            c.load_lora_adapter(ADAPTER, adapter_dir, load_inplace=True)
+        assert ADAPTER in a.adapters and ADAPTER not in b.adapters
+        assert c.lora_adapters()[ADAPTER]["endpoints"] == ["a"]
+        c.run_inference(ADAPTER, "p", GEN)
+        assert (_served(a), _served(b)) == (1, 0)
+
+
 def test_list_models_shows_adapters_with_their_parent_and_teaches_routing(start_fake, adapter_dir):
     a, b = start_fake(enable_lora=True), start_fake(enable_lora=True)
     b.adapters[ADAPTER] = adapter_dir  # loaded by someone else: only /v1/models tells

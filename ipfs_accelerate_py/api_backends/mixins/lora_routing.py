@@ -37,10 +37,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 from ..errors import BadRequestError, ConnectionError, NotFoundError
 from ._host import HostBase
 
-__all__ = ["AdapterBook", "LoraRoutingMixin"]
+__all__ = ["AdapterBook", "LoraRoutingMixin", "ADAPTER_OPS"]
 
 #: the operations whose ``model`` is not a served model (they name the adapter in ``lora_name``)
-_ADAPTER_OPS = frozenset({"load_lora_adapter", "unload_lora_adapter"})
+ADAPTER_OPS = frozenset({"load_lora_adapter", "unload_lora_adapter"})
 
 
 class AdapterBook:
@@ -113,7 +113,7 @@ class LoraRoutingMixin(HostBase):
     def _lora_name(self, request: Any) -> Optional[str]:
         """The adapter ``request`` asks for, or None (a base model, or nothing known)."""
         book = self._lora_book
-        if not book.active or getattr(request, "operation", None) in _ADAPTER_OPS:
+        if not book.active or getattr(request, "operation", None) in ADAPTER_OPS:
             return None
         model = getattr(request, "model", None)
         return model if book.is_adapter(model) else None
@@ -125,7 +125,7 @@ class LoraRoutingMixin(HostBase):
     def _lora_after_op(self, request: Any, endpoint_id: Optional[str]) -> None:
         """A successful ``load_lora_adapter`` / ``unload_lora_adapter`` of this client."""
         op = getattr(request, "operation", None)
-        if op in _ADAPTER_OPS:
+        if op in ADAPTER_OPS:
             self._lora_book.note(self._server_of(endpoint_id), request.lora_name,
                                  op == "load_lora_adapter")
 

@@ -52,7 +52,7 @@ from ..prefix_affinity import (affinity_key, bounded_choice, demand_choice, key_
                                prefix_text, rendezvous_order)
 from ._host import HostBase
 from .circuit_breaker import OPEN
-from .lora_routing import LoraRoutingMixin
+from .lora_routing import ADAPTER_OPS, LoraRoutingMixin
 from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY, FAILOVER_ERRORS,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
@@ -465,6 +465,8 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         setting is off or there is only one endpoint to route over. A request for a known
         LoRA adapter is routed even so (where the adapter is, or can be loaded)."""
         strategy = self._settings.routing
+        if getattr(request, "operation", None) in ADAPTER_OPS:
+            return None  # loading or unloading an adapter names its server: the default one
         lora = self._lora_name(request)
         if not strategy and lora is None:
             return None
