@@ -9,7 +9,8 @@ A chat message's ``content`` may be a list of parts. The parts vLLM's chat API t
 * ``{"type": "audio_url", "audio_url": {"url": ...}}`` and
   ``{"type": "video_url", "video_url": {"url": ...}}`` (vLLM's);
 
-a URL is ``http(s)://``, ``file://`` (a server started with ``--allowed-local-media-path``)
+(vLLM's simple forms, ``{"image_url": "https://..."}`` without a type, are taken and sent
+typed; a part-level ``uuid`` goes as given); a URL is ``http(s)://``, ``file://`` (a server started with ``--allowed-local-media-path``)
 or a ``data:<mime>;base64,<payload>`` URL. Before sending, every known part is checked:
 its fields, its URL's scheme, a data URL's media type (an image part holds ``image/*``) and
 payload (it must decode), and its decoded size against the ``max_media_bytes`` setting
@@ -98,6 +99,11 @@ def _check_part(part: Any, where: str) -> Tuple[Any, int]:
     if not isinstance(part, dict):
         raise ValueError(f"{where}: a content part must be an object, not {type(part).__name__}")
     kind = part.get("type")
+    if kind is None:  # vLLM's simple forms: {"image_url": "https://..."} (and audio, video)
+        named = [k for k in _URL_PARTS if k in part]
+        if len(named) == 1:
+            kind = named[0]
+            part = {"type": kind, **part}
     if not isinstance(kind, str) or not kind:
         raise ValueError(f"{where}.type: must name the part's type")
     if kind == "text":
@@ -112,9 +118,10 @@ def _check_part(part: Any, where: str) -> Tuple[Any, int]:
             inner = part[field]
         if not isinstance(inner, dict):
             raise ValueError(f"{where}.{field}: must be {{'url': ...}}")
-        extra = set(inner) - {"url", "detail", "uuid"}
+        extra = set(inner) - ({"url", "detail"} if kind == "image_url" else {"url"})
         if extra:
-            raise ValueError(f"{where}.{field}: unknown field(s) {sorted(extra)}")
+            raise ValueError(f"{where}.{field}: unknown field(s) {sorted(extra)} (a media "
+                             "``uuid`` goes on the part itself)")
         detail = inner.get("detail")
         if detail is not None and detail not in _DETAILS:
             raise ValueError(f"{where}.{field}.detail: must be one of {sorted(_DETAILS)}")

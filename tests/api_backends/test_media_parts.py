@@ -45,7 +45,9 @@ def _msg(*parts):
     ({"type": "video_url", "video_url": {"url": "data:image/png;base64,AAAA"}},
      "content[1].video_url.url"),
     ({"type": "text"}, "content[1].text"),
-    ({"image_url": {"url": "https://h/x.png"}}, "content[1].type"),
+    ({"picture": {"url": "https://h/x.png"}}, "content[1].type"),
+    ({"type": "video_url", "video_url": {"url": "https://h/x.mp4", "detail": "low"}},
+     "content[1].video_url"),
 ])
 def test_a_bad_part_is_refused_before_sending(counting_listener, make_client, part, field):
     c = make_client(counting_listener.base_url)
@@ -76,6 +78,7 @@ def test_parts_go_on_the_wire_as_vllm_takes_them(start_fake, make_client):
     c = make_client(fake)
     parts = [image_part(PNG, detail="low"), image_part("https://example.invalid/cat.png"),
              {"type": "image_url", "image_url": "https://example.invalid/dog.png"},
+             {"image_url": "https://example.invalid/cow.png", "uuid": "cow-1"},
              audio_part(b"RIFFxxxxWAVE", format="wav"), video_part(b"\x00\x00\x00\x18ftypmp42")]
     with pytest.raises(errors.UnsupportedMediaError):
         c.chat_completion(_msg(*parts), max_tokens=2)
@@ -85,9 +88,11 @@ def test_parts_go_on_the_wire_as_vllm_takes_them(start_fake, make_client):
         "url": "data:image/png;base64," + base64.b64encode(PNG).decode(), "detail": "low"}}
     assert sent[2] == {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
     assert sent[3] == {"type": "image_url", "image_url": {"url": "https://example.invalid/dog.png"}}
-    assert sent[4] == {"type": "input_audio", "input_audio": {
+    assert sent[4] == {"type": "image_url", "image_url": {"url": "https://example.invalid/cow.png"},
+                       "uuid": "cow-1"}
+    assert sent[5] == {"type": "input_audio", "input_audio": {
         "data": base64.b64encode(b"RIFFxxxxWAVE").decode(), "format": "wav"}}
-    assert sent[5]["type"] == "video_url" and sent[5]["video_url"]["url"].startswith("data:video/mp4;base64,")
+    assert sent[6]["type"] == "video_url" and sent[6]["video_url"]["url"].startswith("data:video/mp4;base64,")
 
 
 def test_a_text_only_models_refusal_is_typed_on_both_faces(start_fake, make_client):
@@ -113,5 +118,10 @@ def test_the_real_text_only_model_refuses_an_image_with_the_typed_error(real_bas
     with pytest.raises(errors.UnsupportedMediaError) as info:
         c.chat_completion(_msg(image_part(PNG)), max_tokens=2)
     assert info.value.status_code == 400 and "is not a multimodal model" in info.value.message
-    with pytest.raises(errors.UnsupportedMediaError):
-        c.chat_completion(_msg(audio_part(b"RIFFxxxxWAVE")), max_tokens=2)
+    every_kind = [audio_part(b"RIFFxxxxWAVE"), video_part(b"\x00\x00\x00\x18ftypmp42"),
+                  {"image_url": "https://example.invalid/cow.png", "uuid": "cow-1"},
+                  audio_part("https://example.invalid/a.wav")]
+    for part in every_kind:  # each kind, as the client sends it, refused the same way
+        with pytest.raises(errors.UnsupportedMediaError):
+            c.chat_completion(_msg(part), max_tokens=2)
+    assert c.chat_completion(_msg(), max_tokens=2).text is not None
