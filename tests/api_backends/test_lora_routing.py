@@ -129,6 +129,30 @@ def test_the_adapter_moves_when_its_server_dies_and_no_request_is_lost(start_fak
         assert c.lora_adapters()[ADAPTER]["endpoints"] == ["b"]
 
 
+def test_streams_for_an_adapter_open_where_it_is_and_load_it_where_none_has_it(start_fake,
+                                                                              adapter_dir):
+    a, b = start_fake(enable_lora=True), start_fake(enable_lora=True)
+    with _client([a, b], lora_paths={ADAPTER: adapter_dir}) as c:
+        c.load_lora_adapter(ADAPTER, adapter_dir, endpoint_id="b")
+        for i in range(4):  # sync streams: only b
+            assert "".join(c.stream_generation(f"p{i}", model=ADAPTER, **GEN))
+
+        async def astreams(n):
+            out = []
+            for i in range(n):
+                out.append("".join([t async for t in c.astream_generation(
+                    f"q{i}", model=ADAPTER, **GEN)]))
+            return out
+
+        assert all(asyncio.run(astreams(4)))
+        assert (_served(a), _served(b)) == (0, 8)
+        b.stop()  # b dies: the next stream loads the adapter on a and opens there
+        assert "".join(c.stream_generation("after", model=ADAPTER, **GEN))
+        assert all(asyncio.run(astreams(2)))
+        assert ADAPTER in a.adapters and a.request_count["/v1/load_lora_adapter"] == 1
+        assert _served(a) == 3
+
+
 def test_a_load_that_fails_moves_on_and_is_named(start_fake, tmp_path):
     a, b = start_fake(enable_lora=True), start_fake(enable_lora=True)
     with _client([a, b], lora_paths={ADAPTER: str(tmp_path / "missing")}) as c:

@@ -25,6 +25,9 @@ loaded first if it is not there: no request is lost while one server can load it
 
 An adapter request with no endpoint named is routed even without the ``routing`` setting
 (round-robin over the endpoints that have it), so ``lora_paths`` works with one endpoint too.
+Streams on both faces are ordered the same way and load the adapter before opening where it
+is missing (``_lora_load_wait``, awaited on the async face). Loading and unloading name their
+endpoint (the default one when none is named): they are never routed.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 from ..errors import BadRequestError, ConnectionError, NotFoundError
 from ._host import HostBase
 
-__all__ = ["AdapterBook", "LoraRoutingMixin", "ADAPTER_OPS"]
+__all__ = ["AdapterBook", "LoraRoutingMixin", "LoraLoadError", "ADAPTER_OPS"]
 
 #: the operations whose ``model`` is not a served model (they name the adapter in ``lora_name``)
 ADAPTER_OPS = frozenset({"load_lora_adapter", "unload_lora_adapter"})
@@ -91,6 +94,11 @@ class AdapterBook:
     def forget_server(self, server: str) -> None:
         with self.lock:
             self.loaded.pop(server, None)
+
+
+class LoraLoadError(Exception):
+    """An adapter could not be loaded on one endpoint (a routed stream then tries the next);
+    its ``__cause__`` is the load's error."""
 
 
 def _already_loaded(exc: BaseException) -> bool:
@@ -220,6 +228,39 @@ class LoraRoutingMixin(HostBase):
             return
         sent.add_done_callback(lambda f: settle(
             f.exception() if not f.cancelled() else ConnectionError("the load was cancelled")))
+
+    def _lora_load_future(self, eid: str, name: str, priority: int) -> "Future[Any]":
+        """``_lora_load`` as a future: its result None once loaded there, or its error."""
+        done: "Future[Any]" = Future()
+
+        def then(error: Optional[BaseException]) -> None:
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+        self._lora_load(eid, name, priority, then)
+        return done
+
+    def _lora_load_wait(self, eid: str, name: str, priority: int,
+                        timeout: Optional[float]) -> None:
+        """Load ``name`` on ``eid`` and wait (a sync stream's opening); ``LoraLoadError``."""
+        limit = timeout if timeout is not None else self._endpoint(eid).settings.effective_deadline
+        try:
+            self._lora_load_future(eid, name, priority).result(limit + 1.0)
+        except Exception as exc:  # noqa: BLE001 - named by the stream's opening
+            raise LoraLoadError(f"loading adapter {name!r}: {type(exc).__name__}: {exc}") from exc
+
+    async def _alora_load_wait(self, eid: str, name: str, priority: int,
+                               timeout: Optional[float]) -> None:
+        """``_lora_load_wait`` for coroutines (no thread waits)."""
+        import asyncio
+
+        limit = timeout if timeout is not None else self._endpoint(eid).settings.effective_deadline
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self._lora_load_future(eid, name, priority)),
+                                   limit + 1.0)
+        except Exception as exc:  # noqa: BLE001
+            raise LoraLoadError(f"loading adapter {name!r}: {type(exc).__name__}: {exc}") from exc
 
     def _lora_failed(self, eid: str, name: str, exc: BaseException) -> bool:
         """An adapter request failed at ``eid``: update the book; True when another endpoint

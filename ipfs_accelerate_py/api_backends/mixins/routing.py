@@ -52,7 +52,7 @@ from ..prefix_affinity import (affinity_key, bounded_choice, demand_choice, key_
                                prefix_text, rendezvous_order)
 from ._host import HostBase
 from .circuit_breaker import OPEN
-from .lora_routing import ADAPTER_OPS, LoraRoutingMixin
+from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
 from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY, FAILOVER_ERRORS,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
@@ -476,27 +476,52 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         return self.route_submit(request, priority, strategy or "round-robin", ids, timeout)
 
     def _stream_order(self, strategy: str, ids: List[str], request: Any) -> List[str]:
-        """A routed stream's order: the strategy's, an adapter's servers first (a stream
-        does not load an adapter: it opens only where the adapter is, when it is anywhere)."""
+        """A routed stream's order: the strategy's, by adapter affinity for an adapter's."""
         order, _ = self._order(strategy, ids, request)
         lora = self._lora_name(request)
         return order if lora is None else self._lora_order(lora, order)
 
+    def _stream_routing(self, request: Any) -> Tuple[Optional[str], Optional[str], List[str]]:
+        """(strategy, adapter, endpoints) of a stream that names no endpoint; no endpoints
+        when it is not routed (the setting off and no adapter, or one endpoint and no adapter)."""
+        strategy = self._settings.routing
+        lora = self._lora_name(request)
+        if not strategy and lora is None:
+            return None, None, []
+        ids = self._routing_candidates()
+        if len(ids) < 2 and lora is None:
+            return None, None, []
+        return strategy or "round-robin", lora, ids
+
     def _routed_stream(self, request: Any, priority: int = 1,
                        timeout: Optional[float] = None) -> Any:
         """The ``routing`` setting's hook in ``stream``: open the stream on the best healthy
-        endpoint, failing over while it opens (never after the first chunk); None when off."""
-        strategy = self._settings.routing
-        ids = self._routing_candidates() if strategy else []
-        if not strategy or len(ids) < 2:
+        endpoint, failing over while it opens (never after the first chunk); None when off.
+        A stream for an adapter opens where the adapter is, loading it first where the
+        client knows its path (``lora_paths``) and the endpoint lacks it."""
+        strategy, lora, ids = self._stream_routing(request)
+        if not ids:
             return None
         opening = OpeningOrder(self._stream_order(strategy, ids, request), self._is_open)
         for eid in opening:
             try:
+                if lora is not None and self._lora_needs_load(eid, lora):
+                    self._lora_load_wait(eid, lora, priority, timeout)
                 return self.stream(request, endpoint_id=eid, priority=priority, timeout=timeout)
-            except FAILOVER_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                if not self._stream_moves_on(eid, lora, exc):
+                    raise
                 opening.failed(eid, exc)
         raise opening.exhausted() from opening.last
+
+    def _stream_moves_on(self, eid: str, lora: Optional[str], exc: BaseException) -> bool:
+        """Whether a routed stream that failed to open at ``eid`` tries the next endpoint:
+        a failure another server may not have, or (an adapter's stream) the adapter not
+        there or not loadable there."""
+        if lora is not None and (self._lora_failed(eid, lora, exc)
+                                 or isinstance(exc, LoraLoadError)):
+            return True
+        return isinstance(exc, FAILOVER_ERRORS)
 
     def get_routing_stats(self) -> Dict[str, Any]:
         """Routed calls, which endpoint served them, failovers and skips by endpoint, and for
