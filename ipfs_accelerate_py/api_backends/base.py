@@ -300,7 +300,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                                   field="stream")
         if self._closed:
             raise ClientClosedError("client is closed")
-        if endpoint_id is None and (self._settings.routing or self._lora_book.active):
+        if endpoint_id is None and (self._settings.routing or self._lora_book.parents):
+            # (a dict, not a call: every request reads it; an adapter known: lora_routing.py)
             routed = self._routed_submit(request, priority, timeout)
             if routed is not None:  # the routing setting: over every endpoint (mixins/routing.py)
                 return routed
