@@ -399,3 +399,77 @@ class BarePromptList(Contender):
 
     def close(self) -> None:
         self._s.close()
+
+
+# --------------------------------------------------------------------------- W7: embeddings
+class EmbedOpenAISDK(Contender):
+    """openai-python's ``embeddings.create``, one text per call (its default encoding,
+    base64, decoded by the SDK), one client shared by the caller threads."""
+
+    name = "openai SDK embeddings.create"
+    note = "one OpenAI client shared by the threads, one text per call, SDK defaults"
+
+    def __init__(self, url: str, model: str) -> None:
+        super().__init__(url, model, {})
+        self._client = openai.OpenAI(base_url=self.url + "/v1", api_key="EMPTY", timeout=TIMEOUT)
+
+    def one(self, text: str) -> int:
+        r = self._client.embeddings.create(model=self.model, input=text)
+        if len(r.data) != 1 or not r.data[0].embedding:
+            raise AssertionError("an embedding reply without its vector")
+        return 1
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class EmbedAioHttp(AioHttp):
+    """Bare aiohttp: one ClientSession, N tasks on one loop, one text per POST
+    ``/v1/embeddings`` (float vectors in JSON, the server's default)."""
+
+    name = "aiohttp embeddings"
+
+    def __init__(self, url: str, model: str, concurrency: int) -> None:
+        super().__init__(url, model, {}, concurrency)
+        self._endpoint = self.url + "/v1/embeddings"
+
+    async def _one(self, text: str) -> int:
+        async with self._session.post(self._endpoint, json={"model": self.model, "input": text}) as r:
+            r.raise_for_status()
+            data = await r.json()
+        if len(data["data"]) != 1 or not data["data"][0]["embedding"]:
+            raise AssertionError("an embedding reply without its vector")
+        return 1
+
+
+class EmbedProject(Project):
+    """``VllmClient.embed(text)`` from N caller threads, one text each (concurrent callers
+    share calls when batching is on; base64 on the wire, numpy rows back)."""
+
+    def __init__(self, url: str, model: str, *, batching: bool, label: str, **kw: Any) -> None:
+        super().__init__(url, model, {}, batching=batching, label=label, **kw)
+
+    def one(self, text: str) -> int:
+        r = self.client.embed(text, self.model)
+        if r.vectors.shape[0] != 1:
+            raise AssertionError("embed() without its one vector")
+        return 1
+
+
+class EmbedProjectAsync(ProjectAsync):
+    """``aembed(text)`` from N tasks on one event loop."""
+
+    def __init__(self, url: str, model: str, concurrency: int, **kw: Any) -> None:
+        super().__init__(url, model, {}, concurrency, batching=True, **kw)
+        self.name = "project embed (async)"
+
+    async def _one(self, text: str) -> int:
+        r = await self.client.aembed(text, self.model)
+        if r.vectors.shape[0] != 1:
+            raise AssertionError("aembed() without its one vector")
+        return 1
+
+    def throughput(self, callers: Callers, prompts: Sequence[str]) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        n = sum(self._loop.run_until_complete(self._many(prompts, callers.n)))
+        return {"wall_s": time.perf_counter() - t0, "tokens": n, "prompts": len(prompts)}

@@ -14,6 +14,7 @@ METRICS = {
     "W3": ("cpu_ms_per_request", "ms CPU/request", False),
     "W4": ("chats_per_s", "chats/s", True),
     "W6": ("prompts_per_s", "prompts/s", True),
+    "W7": ("embeddings_per_s", "embeddings/s", True),
 }
 TITLES = {
     "W1": "W1 throughput: {n} completions (max_tokens {max_tokens}), {concurrency} callers, real server",
@@ -21,6 +22,7 @@ TITLES = {
     "W3": "W3 client CPU: {n} requests, {concurrency} callers, no-op server ({server})",
     "W4": "W4 chat throughput: {n} chats (max_tokens {max_tokens}), {concurrency} callers, real server",
     "W6": "W6 streaming throughput: {n} completion streams (max_tokens {max_tokens}), {concurrency} callers, real server",
+    "W7": "W7 embeddings throughput: {n} single-text embed calls, {concurrency} callers, real embedding server ({model})",
 }
 
 
@@ -64,6 +66,13 @@ def targets(results: Dict[str, Any], names: Dict[str, str]) -> List[Dict[str, An
     for key in ("on_c4", "on_c10", "on", "on_c64"):
         ratio(f"W1 {names[key]} / bare prompt lists", "W1", key, "bare", ">=", 0.95)
     ratio("W6 streams: project / aiohttp streams", "W6", "proj_stream", "aio_stream", ">=", 1.5)
+    if "embed_on" in names:
+        ratio("W7 embeddings: project embed / openai SDK embeddings.create", "W7", "embed_on",
+              "embed_openai", ">=", 2.0)
+        ratio("W7 embeddings: project embed (async) / openai SDK", "W7", "embed_async",
+              "embed_openai", ">=", 2.0)
+        ratio("W7 embeddings: project embed / aiohttp embeddings (not a target)", "W7",
+              "embed_on", "embed_aio", ">=", 1.0)
     ratio("W6 streams: project async face / aiohttp streams", "W6", "proj_astream", "aio_stream",
           ">=", 1.5)
     # not a target: how far the ceiling itself is above separate streams, and the project below it

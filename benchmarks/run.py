@@ -60,8 +60,13 @@ NAMES = {
     "bare_stream": "bare prompt-list streams (32/request)",
     "proj_stream": "project streams",
     "proj_astream": "project async streams",
+    "embed_openai": "openai SDK embeddings.create",
+    "embed_aio": "aiohttp embeddings",
+    "embed_on": "project embed (batching on)",
+    "embed_off": "project embed (batching off)",
+    "embed_async": "project embed (async)",
 }
-THROUGHPUT = ("W1", "W4", "W6")  # workloads measured in prompts/s by closed-loop callers
+THROUGHPUT = ("W1", "W4", "W6", "W7")  # workloads measured in prompts/s by closed-loop callers
 
 
 def log(msg: str) -> None:
@@ -113,7 +118,7 @@ def closed_loop_workload(key: str, args: argparse.Namespace, real: servers.RealS
 
 
 def build(args: argparse.Namespace, real: servers.RealServer,
-          noop: servers.Process) -> Tuple[List[Workload], Dict[str, C.Callers]]:
+          noop: servers.Process, embed: Any = None) -> Tuple[List[Workload], Dict[str, C.Callers]]:
     have_openai, have_aio = C.openai is not None, C.aiohttp is not None
     wls: List[Workload] = []
     callers: Dict[str, C.Callers] = {}
@@ -212,6 +217,25 @@ def build(args: argparse.Namespace, real: servers.RealServer,
                                                             label=NAMES["proj_astream"],
                                                             max_concurrent_requests=conc))
         wls.append(w)
+    if "W7" in args.workloads and embed is not None:
+        n, conc = args.w7_embeddings, args.w7_concurrency
+        url, model = embed.url, embed.model
+        w = Workload("W7", {"n": n, "concurrency": conc, "server": url, "model": model,
+                            "what": "single-text embed calls, closed-loop callers"})
+        w.items = [f"w7 text {i:05d}: a short sentence about the sea." for i in range(n)]  # type: ignore[attr-defined]
+        callers["W7"] = C.Callers(conc)
+        proj = dict(max_concurrent_requests=conc, transport=tr)
+        if have_openai:
+            w.add("embed_openai", lambda: C.EmbedOpenAISDK(url, model))
+        if have_aio:
+            w.add("embed_aio", lambda: C.EmbedAioHttp(url, model, conc))
+        w.add("embed_on", lambda: C.EmbedProject(url, model, batching=True, max_batch_size=conc,
+                                                 label=NAMES["embed_on"], **proj))
+        w.add("embed_off", lambda: C.EmbedProject(url, model, batching=False,
+                                                  label=NAMES["embed_off"], **proj))
+        w.add("embed_async", lambda: C.EmbedProjectAsync(url, model, conc, max_batch_size=conc,
+                                                         max_concurrent_requests=conc))
+        wls.append(w)
     return wls, callers
 
 
@@ -250,9 +274,12 @@ def measure(w: Workload, c: C.Contender, callers: Dict[str, C.Callers],
     gc.collect()
     extra: Dict[str, Any] = {}
     if w.key in THROUGHPUT:
+        cpu0 = time.process_time()  # every thread of this process: the client's CPU
         r = c.throughput(callers[w.key], items)
         value = r["prompts"] / r["wall_s"]
         extra["wall_s"] = r["wall_s"]
+        if w.key == "W7":
+            extra["cpu_ms_per_item"] = (time.process_time() - cpu0) / r["prompts"] * 1000.0
         if "ttft" in r:
             extra["ttft_p50_ms"] = OL.ttft_p50_ms(r["ttft"])
     elif w.key == "W2":
@@ -316,6 +343,12 @@ def run_rounds(args: argparse.Namespace, wls: List[Workload], callers: Dict[str,
 
 def extra_summary(w: Workload, name: str) -> Optional[str]:
     ex = w.extras.get(name) or []
+    if ex and "cpu_ms_per_item" in ex[0]:
+        cpu = [e["cpu_ms_per_item"] for e in ex]
+        calls = (f", HTTP calls {statistics.median(e['http_calls'] for e in ex):.0f}"
+                 if "http_calls" in ex[0] else "")
+        return (f"client CPU {statistics.median(cpu):.3f} ms per embedding "
+                f"[{min(cpu):.3f}-{max(cpu):.3f}]" + calls)
     if ex and "ttft_p50_ms" in ex[0]:
         vals = [e["ttft_p50_ms"] for e in ex]
         calls = (f", HTTP calls {statistics.median(e['http_calls'] for e in ex):.0f}"
@@ -354,7 +387,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="seconds for the interleaved rounds (W1-W4, W6), server start-up "
                          "included; no round starts that would pass it")
     ap.add_argument("--workloads", default="W1,W2,W3,W5,W6",
-                    help="any of W1..W6 (W4, chat throughput, runs only when named)")
+                    help="any of W1..W7 (W4, chat throughput, and W7, embeddings against an "
+                         "embedding server, run only when named)")
     ap.add_argument("--w5-budget", type=float, default=90.0, help="seconds for W5 (after the rounds)")
     ap.add_argument("--w5-start-rate", type=float, default=40.0)
     ap.add_argument("--w5-factor", type=float, default=1.25)
@@ -373,6 +407,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--w2-requests", type=int, default=50)
     ap.add_argument("--w3-requests", type=int, default=2000)
     ap.add_argument("--w3-concurrency", type=int, default=8)
+    ap.add_argument("--w7-embeddings", type=int, default=2000)
+    ap.add_argument("--w7-concurrency", type=int, default=32)
+    ap.add_argument("--embed-url", help="a running vLLM embedding server for W7 (default: start "
+                                        "the launcher's tiny-embed server here)")
     ap.add_argument("--out", default=str(ROOT / "collected_results"))
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -394,7 +432,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         real = servers.RealServer(args.api_url, log,
                                   needed=bool({"W1", "W2", "W4", "W5", "W6"} & set(args.workloads)))
         started.append(real)
-        wls, callers = build(args, real, noop)
+        embed = None
+        if "W7" in args.workloads:
+            embed = servers.EmbedServer(args.embed_url, log)
+            started.append(embed)
+        wls, callers = build(args, real, noop, embed)
         warm_up(wls, callers)
         log(f"[bench] set-up took {time.monotonic() - t_start:.1f}s; running up to {args.rounds} rounds")
         rounds = run_rounds(args, wls, callers, t_start)
@@ -447,7 +489,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                        "ok": None if not p or not r else p / r >= 1.8})
     project_rows = {"W1": [NAMES["on"], NAMES["off"]], "W2": [NAMES["on"], NAMES["off"]],
                     "W3": [NAMES["on"], NAMES["off"]], "W4": [NAMES["chat_on"], NAMES["chat_off"]],
-                    "W6": [NAMES["proj_stream"], NAMES["proj_astream"]]}
+                    "W6": [NAMES["proj_stream"], NAMES["proj_astream"]],
+                    "W7": [NAMES["embed_on"], NAMES["embed_async"]]}
     text = report.table(results, meta, project_rows)
     print(f"ipfs_accelerate_py benchmark, {meta['time']}, commit {meta['commit']}, "
           f"{rounds} interleaved rounds, {meta['elapsed_s']}s; load avg before "

@@ -195,3 +195,25 @@ class RealServer:
         if self._server is not None:
             self._server.stop()  # TERM to its process group (its own PID), then KILL
             self._server = None
+
+
+class EmbedServer(RealServer):
+    """W7's embedding server: the launcher's ``tiny-embed`` (``--runner pooling --convert
+    embed``), started here and stopped by PID, or one given by URL."""
+
+    def __init__(self, url: Optional[str], log: Log) -> None:
+        if url is not None:
+            super().__init__(url, log)
+            return
+        sys.path.insert(0, str(HERE.parent))
+        from ipfs_accelerate_py.servers.vllm_cpu import embedding_server
+        t0 = time.monotonic()
+        self._log = log
+        self.started_here = True
+        self._server = embedding_server(port=None, log=lambda m: log(str(m)))
+        self._server.start()
+        self.url = self._server.base_url
+        self.pid = self._server.pid
+        self.model = "tiny-embed"
+        log(f"[bench] started the embedding server at {self.url} (pid {self.pid}) in "
+            f"{time.monotonic() - t0:.1f}s")

@@ -44,7 +44,6 @@ from .call_shapes import check_timeout, pop_send_options, stream_call
 from .errors import ConfigurationError, ValidationError
 from .limits import cap_request
 from .mixins._host import HostBase
-from .mixins.routing import FAILOVER_ERRORS
 from .mixins.routing_state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
     check_priority
@@ -108,20 +107,23 @@ class AsyncFaceMixin(HostBase):
         when opening fails in a way another server might not; None when routing is off.
         With a load probe set (``set_load_probe``), a blocking call, the order is worked out
         in the default executor."""
-        strategy = self._settings.routing
-        ids = self._routing_candidates() if strategy else []
-        if len(ids) < 2:
+        strategy, lora, ids = self._stream_routing(request)
+        if not ids:
             return None
         if self._routing().probe is None:
-            order, _ = self._order(strategy, ids, request)
+            order = self._stream_order(strategy, ids, request)
         else:  # a load probe is a blocking HTTP call: it must not run on the loop
-            order, _ = await asyncio.get_running_loop().run_in_executor(
-                None, self._order, strategy, ids, request)
+            order = await asyncio.get_running_loop().run_in_executor(
+                None, self._stream_order, strategy, ids, request)
         opening = OpeningOrder(order, self._is_open)
         for eid in opening:
             try:
+                if lora is not None and self._lora_needs_load(eid, lora):
+                    await self._alora_load_wait(eid, lora, priority, timeout)
                 return await self._aopen_on(self._endpoint(eid), request, None, priority, timeout)
-            except FAILOVER_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - sorted by the routing's rule
+                if not self._stream_moves_on(eid, lora, exc):
+                    raise
                 opening.failed(eid, exc)
         raise opening.exhausted() from opening.last
 

@@ -306,7 +306,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                                   field="stream")
         if self._closed:
             raise ClientClosedError("client is closed")
-        if endpoint_id is None and self._settings.routing:
+        if endpoint_id is None and (self._settings.routing or self._lora_book.parents):
+            # (a dict, not a call: every request reads it; an adapter known: lora_routing.py)
             routed = self._routed_submit(request, priority, timeout)
             if routed is not None:  # the routing setting: over every endpoint (mixins/routing.py)
                 return routed
@@ -439,6 +440,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         resp = self.request_raw(self._adapter.models_request(), endpoint_id)
         models = self._adapter.parse_models(resp)
         learn_model_lengths(self, models)
+        self._lora_learn(endpoint_id, models)  # adapters (``parent``) and where they are
         return models
 
     def create_endpoint_handler(self, model: Optional[str] = None,

@@ -6,7 +6,8 @@ answer the server gave with a non-2xx status.
 
     ApiError
     ├── ValidationError            bad input, raised before anything is sent (names the field)
-    │   └── ConfigurationError     bad client settings (URL, port, header, profile name)
+    │   ├── ConfigurationError     bad client settings (URL, port, header, profile name)
+    │   └── MediaTooLargeError     a content part's media over ``max_media_bytes``
     ├── ResponseError              a reply that cannot be understood (non-JSON, truncated, HTML,
     │   │                          empty, missing fields, broken framing such as two different
     │   │                          ``Content-Length`` values)
@@ -22,6 +23,7 @@ answer the server gave with a non-2xx status.
     │   └── TimeoutError           connect/read timeout, stream idle timeout, call deadline
     ├── HTTPStatusError            the server answered with a non-2xx status
     │   ├── BadRequestError        400 (also: context too long, n>1 with greedy sampling)
+    │   │   └── UnsupportedMediaError  a media content part the model does not take
     │   ├── AuthenticationError    401
     │   ├── PermissionDeniedError  403
     │   ├── NotFoundError          404 (unknown model, unknown route)
@@ -54,7 +56,7 @@ from typing import Any, Dict, Optional, Type
 
 __all__ = [
     "ApiError", "ValidationError", "ConfigurationError", "ResponseError",
-    "ResponseTooLargeError", "ReplyMismatchError", "StreamError", "StructuredOutputError",
+    "ResponseTooLargeError", "ReplyMismatchError", "MediaTooLargeError", "UnsupportedMediaError", "StreamError", "StructuredOutputError",
     "TransientError", "ConnectionError", "TimeoutError", "HTTPStatusError", "BadRequestError",
     "AuthenticationError", "PermissionDeniedError", "NotFoundError", "MethodNotAllowedError",
     "RequestTimeoutError", "ConflictError", "UnprocessableEntityError", "RateLimitError",
@@ -109,6 +111,11 @@ class ValidationError(ApiError, ValueError):
 
 class ConfigurationError(ValidationError):
     """Bad client configuration (URL, port, header, profile); a kind of bad input."""
+
+
+class MediaTooLargeError(ValidationError):
+    """A chat content part carries more media than the ``max_media_bytes`` setting allows
+    (never sent); ``field`` names the part, ``context`` has ``size`` and ``limit``."""
 
 
 class ResponseError(ApiError):
@@ -215,6 +222,11 @@ class HTTPStatusError(ApiError):
 class BadRequestError(HTTPStatusError):
     """400: the server rejected the parameters or the prompt."""
     status_code = 400
+
+
+class UnsupportedMediaError(BadRequestError):
+    """The server's model takes no media of a content part's kind (a text-only model given
+    an image, audio or video part): the server's 400, typed."""
 
 
 class AuthenticationError(HTTPStatusError):

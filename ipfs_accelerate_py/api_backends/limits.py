@@ -130,5 +130,19 @@ def apply_max_tokens_cap(client: Any, model: Optional[str], params: Optional[Dic
 
 def cap_request(client: Any, request: Any) -> Any:
     """``client.request_limits.apply(request)``: what ``BaseApiBackend`` calls for every
-    request it sends."""
+    request it sends; a chat request's inline media are held to ``max_media_bytes`` here
+    too (``MediaTooLargeError``), whatever path built it."""
+    if isinstance(request, ChatRequest):
+        check_media_cap(request, client.settings.max_media_bytes)
     return client.request_limits.apply(request)
+
+
+def check_media_cap(request: Any, cap: int) -> None:
+    """Every inline media item of ``request`` within ``cap`` decoded bytes (media.py)."""
+    from .errors import MediaTooLargeError
+    from .media import media_sizes
+
+    for where, size in media_sizes(request):
+        if size > cap:
+            raise MediaTooLargeError(f"{size} bytes of media, over max_media_bytes ({cap})",
+                                     field=where, size=size, limit=cap)

@@ -14,7 +14,7 @@ import difflib
 from typing import Any, ClassVar, Dict, FrozenSet, List, Literal, Mapping, Optional, Sequence, Type, Union, cast
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 from typing_extensions import Annotated
 
 from .errors import ValidationError
@@ -208,6 +208,8 @@ class ChatMessage(_Strict):
     tool_call_id: Optional[str] = None
     tool_calls: Optional[List[Dict[str, Any]]] = None
     reasoning: Optional[str] = None
+    #: (where, decoded bytes) of each inline media item (media.py; the size cap reads it)
+    _media: List[Any] = PrivateAttr(default_factory=list)
 
     @field_validator("content")
     @classmethod
@@ -215,6 +217,16 @@ class ChatMessage(_Strict):
         if isinstance(v, str):
             return check_text(v, "content")
         return v
+
+    @model_validator(mode="after")
+    def _parts(self) -> "ChatMessage":
+        if isinstance(self.content, list):  # typed parts: checked before sending (media.py)
+            from .media import check_content_parts
+            try:
+                self.content, self._media = check_content_parts(self.content)
+            except ValueError as exc:
+                raise ValueError(f"content: {exc}") from None
+        return self
 
 
 class ChatRequest(_Sampling):

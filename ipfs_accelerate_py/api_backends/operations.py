@@ -223,15 +223,19 @@ class OperationsMixin:
                 endpoint_id: Optional[str], fail_fast: Optional[bool] = None,
                 timeout: Optional[float] = None) -> R:
         client = cast("BaseApiBackend", self)
-        return cast(R, client.execute(request, priority, endpoint_id,  # type: ignore[arg-type]
-                                      check_timeout(timeout), fail_fast))
+        result = client.execute(request, priority, endpoint_id,  # type: ignore[arg-type]
+                                check_timeout(timeout), fail_fast)
+        client._lora_after_op(request, endpoint_id)  # the adapter book (lora_routing.py)
+        return cast(R, result)
 
     async def _arun_op(self, request: OperationRequest, kind: Type[R], priority: int,
                        endpoint_id: Optional[str], fail_fast: Optional[bool] = None,
                        timeout: Optional[float] = None) -> R:
         client = cast("BaseApiBackend", self)
-        return cast(R, await client.asubmit(request, priority, endpoint_id,  # type: ignore[arg-type]
-                                            check_timeout(timeout), fail_fast))
+        result = await client.asubmit(request, priority, endpoint_id,  # type: ignore[arg-type]
+                                      check_timeout(timeout), fail_fast)
+        client._lora_after_op(request, endpoint_id)
+        return cast(R, result)
 
     # ------------------------------------------------------------------ embeddings
     def embed(self, inputs: Any, model: Optional[str] = None, priority: int = 1,

@@ -45,6 +45,7 @@ ENV_FIELDS: Dict[str, str] = {
     "CA_BUNDLE": "ca_bundle",
     "ROUTING": "routing",
     "MAX_RESPONSE_BYTES": "max_response_bytes",
+    "MAX_MEDIA_BYTES": "max_media_bytes",
 }
 
 
@@ -146,6 +147,11 @@ class ClientSettings(BaseModel):
     max_response_bytes: int = Field(MAX_RESPONSE_BYTES, ge=1, le=1 << 40)
     # routing: every call that names no endpoint is routed over the endpoints (mixins/routing.py)
     routing: Optional[Literal["round-robin", "least-loaded", "fastest", "cache-aware"]] = None
+    # LoRA adapters the client may load where a request for one needs it: name -> path on
+    # the servers' machines (mixins/lora_routing.py)
+    lora_paths: Dict[str, str] = Field(default_factory=dict)
+    # largest media item (decoded bytes) a chat content part may carry inline (media.py)
+    max_media_bytes: int = Field(20 * 1024 * 1024, ge=1, le=1 << 34)
 
     @field_validator("base_url")
     @classmethod

@@ -333,3 +333,85 @@ def test_vllm_only_fields_belong_to_the_vllm_requests_and_a_chat_batch_keeps_the
     assert isinstance(merged, VllmChatBatchRequest) and merged.top_k == 5
     body = adapter.format_request(merged).json
     assert body["top_k"] == 5 and [m[0]["content"] for m in body["messages"]] == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- an embedding server's routes
+from ipfs_accelerate_py.api_backends.operations import build_operation  # noqa: E402
+from make_request_corpus import OPERATION_PATHS, send_path  # noqa: E402
+
+OPERATIONS = CORPUS["operations"]["cases"]
+#: where the client refuses what the server takes (or the other way round) on purpose, and why
+OPERATION_DIFFERENCES: Dict[str, str] = {
+    'embed.input="a",normalize=true': "vLLM 0.32 renamed `normalize` to `use_activation` and "
+                                      "refuses the old name; the client takes it as an alias and "
+                                      "sends `use_activation`",
+    'pool.input="a",task="classify"': "which pooling tasks a model serves is the server's to say "
+                                      "(an embedding model: embed only)",
+    'tokenize.prompt="a",messages=[{"role":"user","cont...': "the server tokenizes the prompt and "
+                                                            "silently drops the messages; the client "
+                                                            "refuses the ambiguity",
+}
+
+
+def operation_verdict(case: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
+    """(accepted, refused field) through the client's validation of the raw body, knowing
+    the model's length (as a client does once ``list_models`` told it)."""
+    try:
+        request = build_operation(VllmAdapter(), case["operation"], case["body"])
+        check_fits_context(request, CORPUS["max_model_len"])
+    except ValidationError as exc:
+        return False, exc.field
+    return True, None
+
+
+def test_the_operations_corpus_covers_every_route_on_both_sides():
+    ops = {c["operation"] for c in OPERATIONS}
+    assert ops == set(OPERATION_PATHS) and len(OPERATIONS) >= 40
+    for op in ops:
+        verdicts = {c["status"] == 200 for c in OPERATIONS if c["operation"] == op}
+        assert verdicts == {True, False}, op
+    assert set(OPERATION_DIFFERENCES) <= {c["name"] for c in OPERATIONS}
+
+
+def test_client_agrees_with_the_recorded_operation_verdicts():
+    disagree = []
+    for case in OPERATIONS:
+        accepted, field = operation_verdict(case)
+        if (accepted == (case["status"] == 200)) == (case["name"] in OPERATION_DIFFERENCES):
+            disagree.append((case["name"], case["status"], field))
+    assert disagree == []
+
+
+def test_the_pooling_double_gives_the_recorded_operation_verdicts(start_fake):
+    fake = start_fake(runner="pooling", models=("tiny-embed",))
+    wrong = []
+    for case in OPERATIONS:
+        status, _ = send_path(fake.base_url, OPERATION_PATHS[case["operation"]], case["body"])
+        if (status == 200) != (case["status"] == 200):
+            wrong.append((case["name"], case["status"], status))
+    assert wrong == []
+
+
+@pytest.mark.real_server
+def test_operations_differential_against_the_real_embedding_server(real_embed_server):
+    """Every operation case raw to the embedding server: the recorded verdict still holds
+    and agrees with the client's; a body the client accepts, as the client formats it, is
+    accepted too."""
+    adapter = VllmAdapter()
+    base = real_embed_server.base_url
+    mismatches, formatted = [], 0
+    for case in OPERATIONS:
+        path = OPERATION_PATHS[case["operation"]]
+        status, _ = send_path(base, path, case["body"])
+        accepted, _ = operation_verdict(case)
+        if status != case["status"]:
+            mismatches.append((case["name"], "server moved", case["status"], status))
+        if (accepted == (status == 200)) == (case["name"] in OPERATION_DIFFERENCES):
+            mismatches.append((case["name"], "client", accepted, status))
+        if accepted and status == 200:
+            wire = adapter.format_request(build_operation(adapter, case["operation"], case["body"])).json
+            wire_status, _ = send_path(base, path, wire)
+            formatted += 1
+            if wire_status != 200:
+                mismatches.append((case["name"], "formatted body refused", wire, wire_status))
+    assert mismatches == [] and formatted >= 30

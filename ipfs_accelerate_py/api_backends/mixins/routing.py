@@ -52,19 +52,22 @@ from ..prefix_affinity import (affinity_key, bounded_choice, demand_choice, key_
                                prefix_text, rendezvous_order)
 from ._host import HostBase
 from .circuit_breaker import OPEN
+from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
 from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY, FAILOVER_ERRORS,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
 
 __all__ = ["RoutingMixin", "STRATEGIES", "FAILOVER_ERRORS", "LoadProbe"]
 
-class RoutingMixin(HostBase):
-    """``route_inference`` over this client's endpoints (see the module docstring)."""
+class RoutingMixin(LoraRoutingMixin, HostBase):
+    """``route_inference`` over this client's endpoints (see the module docstring); a
+    request for a LoRA adapter goes where the adapter is (``lora_routing``)."""
 
     _routing_state: RoutingState
 
     def _init_routing(self) -> None:
         self._routing_state = RoutingState()
+        self._init_lora()
 
     def _routing(self) -> RoutingState:
         return self._routing_state
@@ -317,12 +320,16 @@ class RoutingMixin(HostBase):
         A failure another endpoint may not have moves the request on, from the callback of
         the failed attempt: no thread waits for a routed request."""
         order, key = self._order(strategy, self._candidates(endpoint_ids), request)
+        lora = self._lora_name(request)
+        if lora is not None:  # only where the adapter is, or can be loaded (lora_routing.py)
+            order = self._lora_order(lora, order)
         state = self._routing()
         with state.lock:
             state.routed += 1
         wait = timeout if timeout is not None else max(
             self._endpoint(eid).settings.effective_deadline for eid in order)
         job = Attempts(order, key, self._clock.monotonic() + wait)
+        job.lora = lora
         self._attempt(state, job, 0, request, priority, timeout)
         return job.future
 
@@ -336,28 +343,21 @@ class RoutingMixin(HostBase):
                     state.skipped_open[eid] += 1
                 job.tried.append(f"{eid}: circuit OPEN (skipped)")
                 continue
-            with state.lock:
-                state.outstanding[eid] += 1
-            start = self._clock.monotonic()
-            try:
-                # fail_fast: an endpoint whose circuit opens while the request waits there
-                # hands it back at once, to go to the next endpoint
-                fut = self.submit(request, priority, eid, timeout,
-                                  fail_fast=True)
-            except FAILOVER_ERRORS as exc:
-                self._attempt_failed(state, job, eid, exc)
-                continue
-            except BaseException as exc:  # noqa: BLE001 - the caller's error, or closed
-                with state.lock:
-                    state.outstanding[eid] -= 1
-                _resolve(job.future, error=exc)
+            if job.lora is not None and self._lora_needs_load(eid, job.lora):
+                # load the adapter there first (one load however many wait), then send
+                def loaded(error: Optional[BaseException], eid: str = eid, i: int = i) -> None:
+                    if error is not None:
+                        job.last = error
+                        job.tried.append(f"{eid}: loading adapter {job.lora!r}: "
+                                         f"{type(error).__name__}: {error}")
+                        self._attempt(state, job, i, request, priority, timeout)
+                    elif not self._send_attempt(state, job, i, eid, request, priority, timeout):
+                        self._attempt(state, job, i, request, priority, timeout)
+
+                self._lora_load(eid, job.lora, priority, loaded)
                 return
-
-            def done(f: "Future[Any]", eid: str = eid, start: float = start, i: int = i) -> None:
-                self._attempt_done(state, job, i, eid, start, f, request, priority, timeout)
-
-            fut.add_done_callback(done)
-            return
+            if self._send_attempt(state, job, i, eid, request, priority, timeout):
+                return
         if (not self._closed and self._clock.monotonic() < job.deadline
                 and self._can_wait_for_circuits(job.order)):
             # Every endpoint is down: wait (within the deadline) for the first to come back.
@@ -384,6 +384,32 @@ class RoutingMixin(HostBase):
         error.__cause__ = job.last
         _resolve(job.future, error=error)
 
+    def _send_attempt(self, state: RoutingState, job: Attempts, i: int, eid: str, request: Any,
+                      priority: int, timeout: Optional[float]) -> bool:
+        """Send ``request`` to ``eid``: True when handed on (to the attempt's callback, or
+        the caller's error settled); False when it failed over at once (try the next)."""
+        with state.lock:
+            state.outstanding[eid] += 1
+        start = self._clock.monotonic()
+        try:
+            # fail_fast: an endpoint whose circuit opens while the request waits there
+            # hands it back at once, to go to the next endpoint
+            fut = self.submit(request, priority, eid, timeout, fail_fast=True)
+        except FAILOVER_ERRORS as exc:
+            self._attempt_failed(state, job, eid, exc)
+            return False
+        except BaseException as exc:  # noqa: BLE001 - the caller's error, or closed
+            with state.lock:
+                state.outstanding[eid] -= 1
+            _resolve(job.future, error=exc)
+            return True
+
+        def done(f: "Future[Any]") -> None:
+            self._attempt_done(state, job, i, eid, start, f, request, priority, timeout)
+
+        fut.add_done_callback(done)
+        return True
+
     def _attempt_failed(self, state: RoutingState, job: Attempts, eid: str,
                         exc: BaseException) -> None:
         job.last = exc
@@ -405,6 +431,11 @@ class RoutingMixin(HostBase):
                 if job.key is not None:
                     self._note_prefix(state, eid, job.key)
             _resolve(job.future, result=fut.result())
+            return
+        if exc is not None and job.lora is not None and self._lora_failed(eid, job.lora, exc) \
+                and i < len(job.order) and not job.future.done():
+            self._attempt_failed(state, job, eid, exc)  # not there after all: the next one
+            self._attempt(state, job, i, request, priority, timeout)
             return
         if exc is not None and isinstance(exc, FAILOVER_ERRORS) and not job.future.done():
             self._attempt_failed(state, job, eid, exc)
@@ -431,31 +462,66 @@ class RoutingMixin(HostBase):
     def _routed_submit(self, request: Any, priority: int,
                        timeout: Optional[float]) -> "Optional[Future[Any]]":
         """The ``routing`` setting's hook in ``submit``: a routed future, or None when the
-        setting is off or there is only one endpoint to route over."""
+        setting is off or there is only one endpoint to route over. A request for a known
+        LoRA adapter is routed even so (where the adapter is, or can be loaded)."""
         strategy = self._settings.routing
-        if not strategy:
+        if getattr(request, "operation", None) in ADAPTER_OPS:
+            return None  # loading or unloading an adapter names its server: the default one
+        lora = self._lora_name(request)
+        if not strategy and lora is None:
             return None
         ids = self._routing_candidates()
-        if len(ids) < 2:
+        if len(ids) < 2 and lora is None:
             return None
-        return self.route_submit(request, priority, strategy, ids, timeout)
+        return self.route_submit(request, priority, strategy or "round-robin", ids, timeout)
+
+    def _stream_order(self, strategy: str, ids: List[str], request: Any) -> List[str]:
+        """A routed stream's order: the strategy's, by adapter affinity for an adapter's."""
+        order, _ = self._order(strategy, ids, request)
+        lora = self._lora_name(request)
+        return order if lora is None else self._lora_order(lora, order)
+
+    def _stream_routing(self, request: Any) -> Tuple[Optional[str], Optional[str], List[str]]:
+        """(strategy, adapter, endpoints) of a stream that names no endpoint; no endpoints
+        when it is not routed (the setting off and no adapter, or one endpoint and no adapter)."""
+        strategy = self._settings.routing
+        lora = self._lora_name(request)
+        if not strategy and lora is None:
+            return None, None, []
+        ids = self._routing_candidates()
+        if len(ids) < 2 and lora is None:
+            return None, None, []
+        return strategy or "round-robin", lora, ids
 
     def _routed_stream(self, request: Any, priority: int = 1,
                        timeout: Optional[float] = None) -> Any:
         """The ``routing`` setting's hook in ``stream``: open the stream on the best healthy
-        endpoint, failing over while it opens (never after the first chunk); None when off."""
-        strategy = self._settings.routing
-        ids = self._routing_candidates() if strategy else []
-        if not strategy or len(ids) < 2:
+        endpoint, failing over while it opens (never after the first chunk); None when off.
+        A stream for an adapter opens where the adapter is, loading it first where the
+        client knows its path (``lora_paths``) and the endpoint lacks it."""
+        strategy, lora, ids = self._stream_routing(request)
+        if not ids:
             return None
-        order, _ = self._order(strategy, ids, request)
-        opening = OpeningOrder(order, self._is_open)
+        opening = OpeningOrder(self._stream_order(strategy, ids, request), self._is_open)
         for eid in opening:
             try:
+                if lora is not None and self._lora_needs_load(eid, lora):
+                    self._lora_load_wait(eid, lora, priority, timeout)
                 return self.stream(request, endpoint_id=eid, priority=priority, timeout=timeout)
-            except FAILOVER_ERRORS as exc:
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                if not self._stream_moves_on(eid, lora, exc):
+                    raise
                 opening.failed(eid, exc)
         raise opening.exhausted() from opening.last
+
+    def _stream_moves_on(self, eid: str, lora: Optional[str], exc: BaseException) -> bool:
+        """Whether a routed stream that failed to open at ``eid`` tries the next endpoint:
+        a failure another server may not have, or (an adapter's stream) the adapter not
+        there or not loadable there."""
+        if lora is not None and (self._lora_failed(eid, lora, exc)
+                                 or isinstance(exc, LoraLoadError)):
+            return True
+        return isinstance(exc, FAILOVER_ERRORS)
 
     def get_routing_stats(self) -> Dict[str, Any]:
         """Routed calls, which endpoint served them, failovers and skips by endpoint, and for

@@ -130,6 +130,7 @@ class Attempts:
         self.tried: List[str] = []
         self.last: Optional[BaseException] = None
         self.future: "Future[Any]" = Future()
+        self.lora: Optional[str] = None  # the LoRA adapter it asks for (lora_routing.py)
 
 
 class OpeningOrder:

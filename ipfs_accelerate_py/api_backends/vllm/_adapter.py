@@ -14,7 +14,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..adapter import BackendAdapter, decode_stream_event, load_json, parse_model_list, wire_body
 from ..endpoint_load import LOAD_FORMAT_HEADER
-from ..errors import HTTPStatusError, ReplyMismatchError, ResponseError, ValidationError, error_for_status
+from ..errors import (HTTPStatusError, ReplyMismatchError, ResponseError, UnsupportedMediaError,
+                      ValidationError, error_for_status)
+from ..media import is_media_refusal
 from ..handlers import make_endpoint_handler
 from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
 from ..transport import HttpRequest, HttpResponse
@@ -169,7 +171,13 @@ class VllmAdapter(BackendAdapter):
         text = response.text()
         old = legacy_error(text)
         if old is None:
-            return super().parse_error(response)
+            error = super().parse_error(response)
+            if is_media_refusal(error.status_code, error.message):
+                # a model that takes no such media: typed, with what the server said
+                return UnsupportedMediaError(
+                    error.message, status_code=error.status_code, error_type=error.error_type,
+                    param=error.param, body=error.body, headers=error.headers, **error.context)
+            return error
         return error_for_status(response.status, text, dict(response.headers), described=old)
 
     def is_priority_rejection(self, error: HTTPStatusError) -> bool:

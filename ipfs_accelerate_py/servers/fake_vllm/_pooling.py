@@ -27,6 +27,8 @@ from ._wire import _ApiError, _bad_request, _dumps, _Reply
 EMBED_DIM = 64
 _ENCODINGS = ("float", "base64", "bytes", "bytes_only")
 _DTYPES = {"float32": "<f4", "float16": "<f2"}
+#: vLLM's ``PoolingTask`` names (the ``task`` of ``/pooling``)
+_POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify", "score", "plugin")
 
 
 def _vector(ids: list[int], activate: bool = True) -> np.ndarray:
@@ -58,6 +60,24 @@ class _PoolingRoutes:
                                     "truncate_prompt_tokens": _coerce_int, "use_activation": _coerce_bool,
                                     "dimensions": _coerce_int, "add_special_tokens": _coerce_bool,
                                     "cache_salt": _coerce_str, "priority": _coerce_int})
+        for name, allowed in (("truncation_side", ("left", "right")),
+                              ("padding", ("max_length", "do_not_pad")),
+                              ("endianness", ("native", "big", "little"))):
+            value = body.get(name)
+            if value is not None and value not in allowed:
+                words = " or ".join(f"'{a}'" for a in allowed)
+                raise _validation_error([_verr("literal_error", f"body.{name}",
+                                               f"Input should be {words}", value)])
+        prio = body.get("priority")
+        if prio is not None and not -(2 ** 63) <= prio <= 2 ** 63 - 1:
+            kind, bound = ("less_than_equal", 2 ** 63 - 1) if prio > 0 else ("greater_than_equal", -(2 ** 63))
+            raise _validation_error([_verr(kind, "body.priority", f"Input should be "
+                                           f"{'less' if prio > 0 else 'greater'} than or equal to {bound}",
+                                           prio, {"le" if prio > 0 else "ge": bound})])
+        for name in ("max_tokens_per_query", "max_tokens_per_doc"):
+            limit = body.get(name)
+            if isinstance(limit, int) and limit < 0:
+                raise _bad_request(f"{name} must be a positive integer, got {limit}.")
         tpt = body.get("truncate_prompt_tokens")
         if tpt is not None and tpt < -1:
             raise _validation_error([_verr("greater_than_equal", "body.truncate_prompt_tokens",
@@ -141,7 +161,14 @@ class _PoolingRoutes:
 
     # -- routes ------------------------------------------------------------------------------
     def _embed_like(self, body: dict[str, Any], headers: dict[str, str], pooling: bool) -> _Reply:
-        body = self._common(body)
+        task = body.get("task") if pooling else None
+        if task is not None:
+            if task not in _POOLING_TASKS:
+                words = ", ".join(f"'{t}'" for t in _POOLING_TASKS)
+                raise _validation_error([_verr("literal_error", "body.task", f"Input should be {words}", task)])
+            if task != "embed":  # an embedding model (--convert embed) serves the embed task only
+                raise _bad_request(f"Unsupported task: {task!r} Supported tasks: ('embed',)", "task")
+        body = self._common({k: v for k, v in body.items() if k != "task"})
         if body.get("dimensions") is not None:
             raise _bad_request(f"Model {self.models[0]!r} does not support Matryoshka embeddings; "
                                f"dimensions must be unset (received dimensions={body['dimensions']}).")

