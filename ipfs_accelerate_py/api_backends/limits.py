@@ -20,7 +20,8 @@ import threading
 from typing import Any, Dict, Iterable, Optional
 
 from .context import check_fits_context
-from .errors import ValidationError
+from .errors import MediaTooLargeError, ValidationError
+from .media import media_sizes
 from .models import ChatRequest
 
 __all__ = ["RequestLimits", "set_max_tokens_cap", "max_tokens_cap", "apply_max_tokens_cap",
@@ -139,8 +140,6 @@ def cap_request(client: Any, request: Any) -> Any:
 
 def check_media_cap(request: Any, cap: int) -> None:
     """Every inline media item of ``request`` within ``cap`` decoded bytes (media.py)."""
-    from .errors import MediaTooLargeError
-    from .media import media_sizes
 
     for where, size in media_sizes(request):
         if size > cap:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from typing_extensions import Annotated
 
 from .errors import ValidationError
+from .media import check_content_parts
 from .request_params import (INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_N, MAX_PROMPTS_PER_REQUEST,
                              MAX_STOP_STRINGS, NamedToolChoice, ResponseFormat, StreamOptions,
                              Tool, ToolChoice, check_logit_bias)
@@ -221,7 +222,6 @@ class ChatMessage(_Strict):
     @model_validator(mode="after")
     def _parts(self) -> "ChatMessage":
         if isinstance(self.content, list):  # typed parts: checked before sending (media.py)
-            from .media import check_content_parts
             try:
                 self.content, self._media = check_content_parts(self.content)
             except ValueError as exc:

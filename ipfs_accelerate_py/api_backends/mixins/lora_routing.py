@@ -32,12 +32,14 @@ endpoint (the default one when none is named): they are never routed.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..errors import BadRequestError, ConnectionError, NotFoundError
+from ..operations import build_operation
 from ._host import HostBase
 
 __all__ = ["AdapterBook", "LoraRoutingMixin", "LoraLoadError", "ADAPTER_OPS"]
@@ -192,8 +194,6 @@ class LoraRoutingMixin(HostBase):
                    then: Callable[[Optional[BaseException]], None]) -> None:
         """Load adapter ``name`` on ``eid`` (or join the load under way there), then call
         ``then(None)``, or ``then(error)`` when it could not be loaded there."""
-        from ..operations import build_operation  # operations imports the mixins' host
-
         book = self._lora_book
         server = self._server_of(eid)
         with book.lock:
@@ -253,8 +253,6 @@ class LoraRoutingMixin(HostBase):
     async def _alora_load_wait(self, eid: str, name: str, priority: int,
                                timeout: Optional[float]) -> None:
         """``_lora_load_wait`` for coroutines (no thread waits)."""
-        import asyncio
-
         limit = timeout if timeout is not None else self._endpoint(eid).settings.effective_deadline
         try:
             await asyncio.wait_for(asyncio.wrap_future(self._lora_load_future(eid, name, priority)),
