@@ -50,6 +50,7 @@ from .models import ChatRequest, CompletionRequest, CompletionResult, Request, S
 from .request_build import build_request, chat_request, stream_request
 from .stream_batching import ALONE, SharedHandle
 from .streaming import ReplyChunks, TextStream
+from .structured import with_schema
 
 if TYPE_CHECKING:  # aiohttp is imported by the first async stream, not by the sync face
     from ._aio_transport import AioStreamResponse
@@ -64,7 +65,8 @@ class AsyncFaceMixin(HostBase):
     # ------------------------------------------------------------------ streams
     def astream(self, request: Request, endpoint_id: Optional[str] = None,
                 fail_fast: Optional[bool] = None, *, priority: int = 1,
-                timeout: Optional[float] = None) -> "AsyncTextStream":
+                timeout: Optional[float] = None,
+                response_model: Any = None) -> "AsyncTextStream":
         """An async iterator (and async context manager) of ``StreamChunk``s. The request is
         checked now; it is sent on the first ``__anext__`` / ``__aenter__``, where opening
         errors raise. An OPEN circuit is waited out before the first byte, within the
@@ -79,8 +81,12 @@ class AsyncFaceMixin(HostBase):
         if endpoint_id is not None:
             self._endpoint(endpoint_id)  # an unknown id raises now
         check_priority(priority)
-        return AsyncTextStream(self, request, endpoint_id, fail_fast, priority,
-                               check_timeout(timeout))
+        if response_model is not None:  # the schema asked for; ``parsed`` at the end
+            request = with_schema(request, response_model)
+        stream = AsyncTextStream(self, request, endpoint_id, fail_fast, priority,
+                                 check_timeout(timeout))
+        stream.response_model = response_model
+        return stream
 
     def astream_generation(self, *args: Any, **kwargs: Any) -> AsyncIterator[str]:
         """``stream_generation`` for coroutines: the same call shapes, an async iterator of
@@ -266,6 +272,7 @@ class AsyncTextStream:
         self._fail_fast = fail_fast
         self._priority = priority
         self._timeout = timeout
+        self.response_model: Any = None
         self._open: Optional[_AioTextStream] = None
         self._closed = False
 
@@ -273,6 +280,7 @@ class AsyncTextStream:
         if self._open is None:
             self._open = await self._client._aopen(self._request, self._endpoint_id,
                                                    self._fail_fast, self._priority, self._timeout)
+            self._open.response_model = self.response_model
         return self._open
 
     @property
@@ -283,6 +291,11 @@ class AsyncTextStream:
     @property
     def usage(self) -> Any:
         return self._open.usage if self._open is not None else None
+
+    @property
+    def parsed(self) -> Any:
+        """With ``response_model``: the instance, once the stream has ended."""
+        return self._open.parsed if self._open is not None else None
 
     @property
     def finish_reasons(self) -> Dict[int, Optional[str]]:
@@ -350,6 +363,7 @@ class _AioTextStream(TextStream):
             async for chunk in self._achunks():
                 self._take(chunk)
                 yield chunk
+            self._parse()
             finished = True
         except GeneratorExit:
             raise

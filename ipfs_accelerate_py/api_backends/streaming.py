@@ -33,6 +33,7 @@ from .mixins.queue import NORMAL, Job
 from .call_shapes import check_timeout
 from .models import Request, StreamChunk, Usage, check_priority
 from .stream_batching import ALONE, SharedHandle, stream_key
+from .structured import parse_answer, with_schema
 from .transport import HttpRequest
 
 if TYPE_CHECKING:
@@ -54,12 +55,19 @@ class StreamingMixin(HostBase):
 
     def stream(self, request: Request, endpoint_id: Optional[str] = None,
                fail_fast: Optional[bool] = None, *, priority: int = 1,
-               timeout: Optional[float] = None) -> "TextStream":
+               timeout: Optional[float] = None, response_model: Any = None) -> "TextStream":
         """Open a stream now (errors raise here) and return an iterator of ``StreamChunk``.
 
         An OPEN circuit is waited out before the first byte, within the deadline, unless
         ``fail_fast``. The opening and the reading run on the client's loop; the caller's
-        thread waits for them (not from the loop itself: use ``astream`` there)."""
+        thread waits for them (not from the loop itself: use ``astream`` there). With
+        ``response_model`` (a pydantic model) the stream asks for its JSON schema and, once
+        read to its end, has ``parsed`` (structured.py)."""
+        if response_model is not None:
+            opened = self.stream(with_schema(request, response_model), endpoint_id, fail_fast,
+                                 priority=priority, timeout=timeout)
+            opened.response_model = response_model
+            return opened
         self._check_open()
         if not self._adapter.supports_streaming:
             raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
@@ -232,6 +240,9 @@ class TextStream:
         self._parts: List[str] = []
         self.usage: Optional[Usage] = None
         self.finish_reasons: Dict[int, Optional[str]] = {}
+        #: set by ``stream(..., response_model=)``: at the end, ``parsed`` is its instance
+        self.response_model: Any = None
+        self.parsed: Any = None
         self._gen = self._run()
         self._lease = _StreamLease(ep, response)
         self._trace = tracing.stream_adopted(self, op)  # its span, ended in _finish (tracing.py)
@@ -279,6 +290,7 @@ class TextStream:
             for chunk in self._chunks():
                 self._take(chunk)
                 yield chunk
+            self._parse()
             finished = True
         except GeneratorExit:
             raise
@@ -298,6 +310,13 @@ class TextStream:
             if self._ttft is None:
                 self._ttft = self._client._clock.monotonic() - self._start
             self._parts.append(chunk.text)
+
+    def _parse(self) -> None:
+        """The stream ended: with a ``response_model``, its text becomes ``parsed`` (or
+        ``StructuredOutputError``, carrying the text, ends the iteration)."""
+        if self.response_model is not None:
+            reason = self.finish_reasons.get(0)
+            self.parsed = parse_answer(self.text, reason, self.response_model)
 
     def _failed(self, exc: BaseException) -> BaseException:
         """The text so far goes with the error; a transport fault counts against the server.

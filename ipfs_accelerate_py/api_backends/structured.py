@@ -9,6 +9,10 @@ that does not validate (a grammar cut short by ``max_tokens``, say) raises
 ``StructuredOutputError`` carrying the raw text and the whole result. openai-python's
 ``chat.completions.parse()`` is the model for this.
 
+Streams take ``response_model`` too (``stream`` / ``astream``): the request asks for the
+schema (``with_schema``), and once the stream has ended its ``parsed`` is the instance, or
+the last step of the iteration raises ``StructuredOutputError``.
+
 ``StructuredOutputsMixin`` adds the ``response_model`` keyword to ``run_inference``,
 ``chat_completion`` and their async twins by wrapping them (it comes before
 ``BaseApiBackend`` in a client's bases), so the request path itself is unchanged.
@@ -21,9 +25,10 @@ from typing import Any, Dict, Optional, Type
 import pydantic
 
 from .errors import StructuredOutputError, ValidationError
-from .models import CompletionResult
+from .models import ChatRequest, CompletionResult, Request, validate_request
 
-__all__ = ["ParsedResult", "StructuredOutputsMixin", "schema_parameters", "parse_result"]
+__all__ = ["ParsedResult", "StructuredOutputsMixin", "schema_parameters", "parse_result",
+           "parse_answer", "with_schema"]
 
 
 class ParsedResult(CompletionResult):
@@ -57,18 +62,32 @@ def schema_parameters(response_model: Any, parameters: Optional[Dict[str, Any]],
     return params
 
 
-def parse_result(result: CompletionResult, response_model: Type[pydantic.BaseModel]) -> ParsedResult:
-    """``result`` with ``parsed``, the first choice's text validated as ``response_model``."""
-    text = result.text
+def parse_answer(text: str, finish_reason: Optional[str],
+                 response_model: Type[pydantic.BaseModel], result: Any = None) -> Any:
+    """``text`` validated as ``response_model``: an instance, or ``StructuredOutputError``
+    carrying the text (and ``result``, the whole reply, when there is one)."""
     try:
-        parsed = response_model.model_validate_json(text)
+        return response_model.model_validate_json(text)
     except pydantic.ValidationError as exc:
-        why = "the output was cut short by max_tokens; " if result.finish_reason == "length" else ""
+        why = "the output was cut short by max_tokens; " if finish_reason == "length" else ""
         raise StructuredOutputError(
             f"the answer is not a valid {response_model.__name__} ({why}"
             f"{exc.error_count()} problem(s): {exc.errors(include_url=False)[0].get('msg')})",
             raw_text=text, result=result, errors=exc.errors(include_url=False)) from None
+
+
+def parse_result(result: CompletionResult, response_model: Type[pydantic.BaseModel]) -> ParsedResult:
+    """``result`` with ``parsed``, the first choice's text validated as ``response_model``."""
+    parsed = parse_answer(result.text, result.finish_reason, response_model, result)
     return ParsedResult.model_construct(**dict(result), parsed=parsed)
+
+
+def with_schema(request: Request, response_model: Any) -> Request:
+    """A streamed ``request`` that asks for ``response_model``'s JSON schema (as
+    ``schema_parameters`` does for the complete calls), validated again as its class."""
+    chat = isinstance(request, ChatRequest)
+    fields = request.model_dump(exclude_unset=True)
+    return validate_request(type(request), schema_parameters(response_model, fields, chat))
 
 
 def _is_chat(inputs: Any) -> bool:

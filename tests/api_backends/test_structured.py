@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Dict, List, Literal
 
 import pytest
 from pydantic import BaseModel
 
 from ipfs_accelerate_py.api_backends import errors
+from ipfs_accelerate_py.api_backends.request_build import build_request
 from ipfs_accelerate_py.api_backends.structured import ParsedResult
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, Fault
@@ -108,3 +109,58 @@ def test_conflicts_are_refused_before_sending(listener_client: VllmClient, count
     with pytest.raises(errors.ValidationError) as info:
         call(listener_client)
     assert info.value.field == field and counting_listener.connections == 0
+
+
+# ------------------------------------------------------------------ streams
+def _sse(pieces: List[str], chat: bool) -> bytes:
+    """A vLLM-shaped SSE body whose text comes in ``pieces``, then ``[DONE]``."""
+    events = []
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        choice: Dict[str, Any] = {"index": 0, "finish_reason": "stop" if last else None}
+        choice.update({"delta": {"content": piece}} if chat else {"text": piece})
+        events.append(b"data: " + json.dumps({"id": "s", "object": "x", "created": 1,
+                                                "model": "tiny-llama", "choices": [choice]}).encode())
+    return b"\n\n".join(events + [b"data: [DONE]"]) + b"\n\n"
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_stream_with_response_model_sends_the_schema_and_ends_parsed(
+        fake_server: FakeVllmServer, client: VllmClient, face: str) -> None:
+    pieces = ['{"name": ', '"red", ', '"shade": 7}']
+    fake_server.add_fault(Fault("stream_raw", body=_sse(pieces, chat=True), count=1))
+    request = build_request(MESSAGES, None, {"max_tokens": 32}, stream=True,
+                            adapter=client.adapter)
+    if face == "sync":
+        stream = client.stream(request, response_model=Colour)
+        texts = [c.text for c in stream]
+    else:
+        async def read() -> Any:
+            s = client.astream(request, response_model=Colour)
+            return [c.text async for c in s], s
+        texts, stream = asyncio.run(read())
+    assert "".join(texts) == "".join(pieces)
+    assert stream.parsed == Colour(name="red", shade=7)
+    sent = fake_server.requests[-1].json
+    assert sent["response_format"]["json_schema"]["schema"] == Colour.model_json_schema()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_stream_whose_answer_does_not_validate_ends_with_the_typed_error(
+        fake_server: FakeVllmServer, client: VllmClient, face: str) -> None:
+    fake_server.add_fault(Fault("stream_raw", body=_sse(['{"name": ', '"green"}'], chat=False),
+                                count=1))
+    request = build_request("Pick a colour:", None, {"max_tokens": 32}, stream=True,
+                            adapter=client.adapter)
+    got: List[str] = []
+    with pytest.raises(errors.StructuredOutputError) as info:
+        if face == "sync":
+            for c in client.stream(request, response_model=Colour):
+                got.append(c.text)
+        else:
+            async def read() -> None:
+                async for c in client.astream(request, response_model=Colour):
+                    got.append(c.text)
+            asyncio.run(read())
+    assert "".join(got) == info.value.raw_text == '{"name": "green"}'  # every piece came first
+    assert fake_server.requests[-1].json["structured_outputs"]["json"] == Colour.model_json_schema()
