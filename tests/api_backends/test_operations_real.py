@@ -47,6 +47,27 @@ def test_embed_equals_the_raw_reply(real_embed_server: Any, embed_client: VllmCl
     assert result.model == EMBED_MODEL
 
 
+def test_64_concurrent_embed_callers_share_calls_and_every_vector_is_right(
+        real_embed_server: Any) -> None:
+    """Issue 24: 64 concurrent callers share a few calls on the real server; each caller's
+    vector equals the raw reply for its text alone within 1e-5."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [f"caller {i} says {'word ' * (i % 5)}" for i in range(64)]
+    with VllmClient(base_url=real_embed_server.base_url, model=EMBED_MODEL, timeout=60,
+                    max_batch_size=32, batch_linger=0.05) as client:
+        with ThreadPoolExecutor(64) as pool:
+            results = list(pool.map(client.embed, texts))
+        metrics = client.get_metrics()
+    raw = _raw(real_embed_server.base_url, "/v1/embeddings",
+               {"input": texts, "encoding_format": "float"})
+    expected = np.array([d["embedding"] for d in raw["data"]], dtype=np.float32)
+    got = np.concatenate([r.vectors for r in results])
+    assert got.shape == expected.shape and np.abs(got - expected).max() < 1e-5
+    assert metrics["batches"] >= 1 and metrics["batched_requests"] >= 2
+    assert metrics["batch_mismatches"] == 0 and metrics["failures"] == 0
+
+
 def test_embed_options_reach_the_server(real_embed_server: Any, embed_client: VllmClient) -> None:
     truncated = embed_client.embed("the quick brown fox jumps", truncate_prompt_tokens=2)
     raw = _raw(real_embed_server.base_url, "/v1/embeddings",
