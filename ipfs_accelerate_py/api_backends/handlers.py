@@ -6,7 +6,10 @@ a list of prompts, chat messages, or a dict such as ``{"inputs": [...]}`` or
 ``handler({"inputs": [..]})`` and expects a list back.
 
 Return shape: a dict ``{"text", "texts", "model", "finish_reason", "usage", "id"}`` per
-prompt (a list of them for a list input). This is the ONE place that returns errors
+prompt (a list of them for a list input). For an embedding model (``task="embed"``, or
+learned: ``task="auto"``, the default, turns to embeddings once the server answers that it
+has no generation route, as a ``--runner pooling`` vLLM does) it is
+``{"embedding": [...], "model", "usage"}`` per input. This is the ONE place that returns errors
 instead of raising: the framework expects ``{"error": message, "error_type": name}``.
 """
 
@@ -17,13 +20,15 @@ from typing import Any, Dict, List, Optional
 
 from .call_shapes import check_timeout
 from .request_build import build_request
-from .errors import ApiError, ValidationError
+from .errors import ApiError, HTTPStatusError, ValidationError
 from .models import ChatRequest, CompletionRequest, CompletionResult, unknown_field_message
 
 __all__ = ["EndpointHandler", "make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters"]
 
 #: Handler settings that shape how the handler calls the client; never sent to the server.
-HANDLER_OPTIONS = {"batch_size", "priority", "timeout"}
+HANDLER_OPTIONS = {"batch_size", "priority", "timeout", "task"}
+#: what a handler does with its inputs: generate, embed, or learn which from the server
+HANDLER_TASKS = ("auto", "generate", "embed")
 _OPTIONAL_RESULT_FIELDS = ("logprobs", "token_ids", "prompt_token_ids", "prompt_logprobs",
                            "tool_calls", "reasoning")
 
@@ -51,6 +56,7 @@ def split_handler_parameters(parameters: Optional[Dict[str, Any]], adapter: Any 
     options = {k: params.pop(k) for k in list(params) if k in HANDLER_OPTIONS}
     fields = adapter.request_fields() if adapter is not None else (
         set(CompletionRequest.model_fields) | set(ChatRequest.model_fields))
+    fields = set(fields) | _embed_fields(adapter)  # a handler may serve an embedding model
     known = set(fields) - {"prompt", "messages"}
     unknown = sorted(set(params) - known - {"prompt", "messages"})
     if unknown:
@@ -62,10 +68,18 @@ def split_handler_parameters(parameters: Optional[Dict[str, Any]], adapter: Any 
             options["timeout"] = check_timeout(options["timeout"])
         except ValidationError as exc:
             raise ValidationError(str(exc), field="parameters.timeout") from None
+    if options.get("task", "auto") not in HANDLER_TASKS:
+        raise ValidationError(f"must be one of {list(HANDLER_TASKS)}", field="parameters.task")
     bs = options.get("batch_size")
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
         raise ValidationError("must be a positive integer", field="parameters.batch_size")
     return params, options
+
+
+def _embed_fields(adapter: Any) -> "set[str]":
+    """The fields of the adapter's embedding request (none when it serves no embeddings)."""
+    request = (getattr(adapter, "operation_requests", None) or {}).get("embed")
+    return set(request.model_fields) - {"input"} if request is not None else set()
 
 
 def _unpack(data: Any) -> "tuple[Any, Dict[str, Any]]":
@@ -96,17 +110,47 @@ class EndpointHandler:
         self.options = dict(options)
         self._defaults = defaults
         self._options = options
+        #: "embed" once the server turned out to serve an embedding model (task "auto")
+        self.task = options.get("task", "auto")
 
     def run(self, inputs: Any, call_params: Optional[Dict[str, Any]] = None) -> Any:
         """The handler's work, raising typed errors (for callers that are not the framework)."""
         if not isinstance(call_params, (dict, type(None))):
             raise ValidationError("must be a dict", field="parameters")
-        client, model = self.client, self.model
-        adapter = client.adapter
+        adapter = self.client.adapter
         sampling, call_options = split_handler_parameters(
             {**self._defaults, **self._options, **(call_params or {})}, adapter)
         priority = call_options.get("priority", 1)
         timeout = call_options.get("timeout")  # this call's deadline (checked when split)
+        task = call_options.get("task", self.task)
+        if task == "embed":
+            return self._embed(inputs, sampling, priority, timeout)
+        try:
+            return self._generate(inputs, sampling, call_options, priority, timeout)
+        except HTTPStatusError as exc:
+            if task != "auto" or not adapter.is_missing_route(exc) or isinstance(inputs, dict):
+                raise
+            self.task = "embed"  # no generation route: an embedding model's server
+            return self._embed(inputs, sampling, priority, timeout)
+
+    def _embed(self, inputs: Any, params: Dict[str, Any], priority: int,
+               timeout: Optional[float]) -> Any:
+        """Text (or a list of texts) -> ``{"embedding", "model", "usage"}`` per input."""
+        if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(m, dict) for m in inputs):
+            raise ValidationError("an embedding model embeds text, not chat messages",
+                                  field="inputs")
+        fields = _embed_fields(self.client.adapter)  # the generation parameters stay behind
+        result = self.client.embed(list(inputs) if isinstance(inputs, tuple) else inputs,
+                                   model=self.model, priority=priority, timeout=timeout,
+                                   **{k: v for k, v in params.items() if k in fields})
+        rows = [{"embedding": [float(x) for x in row], "model": result.model,
+                 "usage": result.usage.model_dump()} for row in result.vectors]
+        return rows if isinstance(inputs, (list, tuple)) else rows[0]
+
+    def _generate(self, inputs: Any, sampling: Dict[str, Any], call_options: Dict[str, Any],
+                  priority: int, timeout: Optional[float]) -> Any:
+        client, model = self.client, self.model
+        adapter = client.adapter
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
             size = call_options.get("batch_size") or len(inputs)
             futures: List[Future] = [
@@ -141,7 +185,9 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
                           parameters: Optional[Dict[str, Any]] = None) -> EndpointHandler:
     """A one-argument handler bound to ``client`` and ``model`` with default ``parameters``.
 
-    Per-call parameters override the defaults. ``batch_size`` splits a list of prompts into
+    Per-call parameters override the defaults. ``task`` ("auto", "generate" or "embed")
+    says what the handler does with its inputs (auto: generate, and embed from the first
+    reply that says the server has no generation route on). ``batch_size`` splits a list of prompts into
     calls of at most that many prompts (sent concurrently); ``priority`` sets the queue
     priority and ``timeout`` (seconds) the deadline of each call, queueing and retries
     included (a call past it fails with ``TimeoutError``).

@@ -343,3 +343,39 @@ def test_a_shared_embedding_reply_missing_a_vector_is_never_split(
     for t, r in zip(texts, results):
         np.testing.assert_allclose(r.vectors, _alone(embed_fake, t), atol=1e-6)
     assert client.get_metrics()["batch_mismatches"] == 1
+
+
+# ------------------------------------------------------------------ the framework's handler
+def test_the_framework_handler_of_an_embedding_model_returns_vectors(
+        embed_fake: FakeVllmServer) -> None:
+    """create_vllm_endpoint_handler for an embedding model: the first call learns that the
+    server has no generation route (its 404) and embeds from then on; a list gives a list."""
+    from ipfs_accelerate_py.api_backends import vllm as framework
+
+    backend = framework(metadata={"vllm_api_url": embed_fake.base_url})
+    handler = backend.create_vllm_endpoint_handler(embed_fake.base_url, EMBED_MODEL)
+    one = handler("hello world")
+    np.testing.assert_allclose(one["embedding"], _alone(embed_fake, "hello world")[0], atol=1e-6)
+    assert one["model"] == EMBED_MODEL and one["usage"]["prompt_tokens"] > 0
+    many = handler({"inputs": TEXTS, "parameters": {"max_tokens": 8}})  # generation params stay behind
+    assert [len(r["embedding"]) for r in many] == [64] * len(TEXTS)
+    for text, row in zip(TEXTS, many):
+        np.testing.assert_allclose(row["embedding"], _alone(embed_fake, text)[0], atol=1e-6)
+    completions = embed_fake.request_count["/v1/completions"]
+    assert completions == 1  # asked once; embeddings since
+    handler("again")
+    assert embed_fake.request_count["/v1/completions"] == completions
+
+
+def test_a_handler_told_to_generate_reports_the_missing_route(embed_fake: FakeVllmServer) -> None:
+    from ipfs_accelerate_py.api_backends import vllm as framework
+
+    backend = framework(metadata={"vllm_api_url": embed_fake.base_url})
+    handler = backend.create_vllm_endpoint_handler_with_params(
+        embed_fake.base_url, EMBED_MODEL, {"task": "generate"})
+    out = handler("hello")
+    assert out["error_type"] == "NotFoundError" and embed_fake.request_count["/v1/embeddings"] == 0
+    bad = backend.create_vllm_endpoint_handler_with_params
+    with pytest.raises(errors.ValidationError) as info:
+        bad(embed_fake.base_url, EMBED_MODEL, {"task": "classify"})
+    assert info.value.field == "parameters.task"
