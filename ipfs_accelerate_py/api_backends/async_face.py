@@ -8,10 +8,11 @@ in-flight limit (``InFlightLimit.aacquire``: one FIFO queue for threads and coro
 the same retry policy before the first byte (``retry_wait`` / ``circuit_wait``, waited with
 ``asyncio.sleep``), metrics, tracing spans, request validation, the adapter's formatting
 and parsing, and the SSE decoder with its event-size cap. Only the bytes move differently:
-``_aio_transport.AioTransport``, one aiohttp session per (endpoint, event loop). So a
-``transport_factory`` given to the client does not reach async streams, and an endpoint
-configured with proxies or ``trust_env`` (which need ``RequestsTransport``) cannot stream
-asynchronously.
+``_aio_transport.AioTransport``, one aiohttp session per (endpoint, event loop); a
+``transport_factory`` the caller gave, or an endpoint with proxies or ``trust_env``
+(``RequestsTransport``), carries async streams through ``ThreadedTransport``: each call and
+read in the client's executor, awaited on the caller's loop (``AttemptMixin._plain_sender``,
+the sync face's choice).
 
 Nothing here blocks the loop: no sync transport call, no ``time.sleep``, no wait on a lock
 that another thread may hold for long (the breaker's and the limit's locks guard state only,
@@ -156,7 +157,9 @@ class AsyncFaceMixin(HostBase):
             http = self._adapter.format_request(request, priority=None, request_id=rid)
             with tracing.working_for(op, rid):
                 headers = tracing.with_trace_context(http.headers)  # this stream's span, not the thread's
-            response = await self._aopen_reply(ep, http, headers, self._aio_transport(ep),
+            # aiohttp on this loop; a transport_factory's transport (or proxies, trust_env:
+            # requests) in the client's executor, awaited here as the sync face does
+            response = await self._aopen_reply(ep, http, headers, self._plain_sender(ep),
                                                deadline, request.model, ff, op, rid)
         except BaseException as exc:
             tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())

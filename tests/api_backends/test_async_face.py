@@ -21,7 +21,7 @@ from typing import Any, Dict, List
 import pytest
 
 from api_support import COMPLETIONS, client_over, request_ids
-from support import DoubleProcess, wait_until
+from support import TRANSPORT_IDS, DoubleProcess, transport_factory, wait_until
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
@@ -335,3 +335,35 @@ def test_concurrent_async_streams_each_get_their_own_span(fake_server, make_clie
             assert span.attributes["gen_ai.response.finish_reasons"] == ("length",)
     finally:
         otel.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORT_IDS)
+def test_an_async_stream_goes_through_a_users_transport_factory(fake_server, make_client,
+                                                                 transport: str) -> None:
+    """A transport the caller gave carries async streams too (its calls and reads run in the
+    client's executor and are awaited on the caller's loop): the same text as the sync face,
+    sent by that transport, and the loop is never blocked."""
+    sent: List[str] = []
+    base = transport_factory(transport)
+
+    def counting(settings: Any) -> Any:
+        inner = base(settings)
+        original = inner.open_stream
+
+        def open_stream(request: Any, timeout: Any) -> Any:
+            sent.append(request.path)
+            return original(request, timeout)
+        inner.open_stream = open_stream  # type: ignore[method-assign]
+        return inner
+
+    c = make_client(fake_server, counting, batch_streams=False)
+    async def both() -> List[str]:
+        ticks = 0
+        task = asyncio.ensure_future(collect(c, "through the user's transport", max_tokens=6))
+        while not task.done():  # the loop keeps turning while the transport works in a thread
+            ticks += 1
+            await asyncio.sleep(0)
+        return [await task, str(ticks > 0)]
+    text, turned = run(both())
+    assert text == "".join(c.stream_generation("through the user's transport", **{**P, "max_tokens": 6}))
+    assert sent == ["/v1/completions", "/v1/completions"] and turned == "True"
