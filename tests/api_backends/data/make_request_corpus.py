@@ -231,18 +231,9 @@ def body_of(route: str, fields: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def send(base_url: str, route: str, body: Dict[str, Any]) -> Tuple[int, Any]:
-    """POST ``body`` raw; (status, the error's ``param`` or None)."""
+    """POST ``body`` raw to a generation route; (status, the error's ``param`` or None)."""
     path = "/v1/completions" if route == "completions" else "/v1/chat/completions"
-    req = urllib.request.Request(base_url + path, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            resp.read()
-            return resp.status, None
-    except urllib.error.HTTPError as exc:
-        data = json.loads(exc.read() or b"{}")
-        err = data.get("error") if isinstance(data, dict) else None
-        return exc.code, err.get("param") if isinstance(err, dict) else None
+    return send_path(base_url, path, body)
 
 
 # ------------------------------------------------------------------ an embedding server's routes
