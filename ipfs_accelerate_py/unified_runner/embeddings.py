@@ -12,8 +12,8 @@ answers both is generative: the generation suites run, and the embeddings suite 
 The checks: ``embed`` (shape, float32, base64 equal to float and to the raw reply within
 1e-5, usage), ``score`` (one finite score per pair, the cosine of the ``embed`` vectors),
 ``rerank`` (ordered by score, a permutation of the documents, ``top_n`` a prefix, equal to
-``score``), ``pool``, ``tokenize``/``detokenize`` round trip (ids -> text -> ids), concurrent ``embed`` callers
-sharing calls (client metrics ``batches`` >= 1, every vector equal to one call's), generation
+``score``), ``pool``, ``tokenize``/``detokenize`` round trip (ids -> text -> ids),
+concurrent ``embed`` callers sharing calls (client metrics ``batches`` >= 1, every vector equal to one call's), generation
 refused by a pooling model with a typed error, and bad input refused before sending.
 """
 
