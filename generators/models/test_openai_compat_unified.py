@@ -9,6 +9,7 @@
     python generators/models/test_openai_compat_unified.py --help
 
 ``--all`` runs the three suites; ``--standard``, ``--performance`` and ``--real`` run one each.
+This backend declares no embed operation: ``--embeddings`` records a skip.
 
 Everything runs in ``ipfs_accelerate_py.unified_runner``; this file only names the backend.
 """

@@ -9,6 +9,10 @@ chat, SSE, prompt-list batching).
     python generators/models/test_vllm_unified.py --help
 
 ``--all`` runs the three suites; ``--standard``, ``--performance`` and ``--real`` run one each.
+Operations this backend declares beyond generation: embed, score, rerank, pool,
+tokenize, detokenize, load_lora_adapter, unload_lora_adapter. ``--embeddings`` checks
+embed, score, rerank, pool, tokenize, detokenize; it runs instead of the generation
+suites when the server shows the model is a pooling model.
 
 Everything runs in ``ipfs_accelerate_py.unified_runner``; this file only names the backend.
 """

@@ -51,7 +51,13 @@ def build_parser(backend: str, adapter: BackendAdapter) -> argparse.ArgumentPars
     suites.add_argument("--real", action="store_true",
                         help="the live server at --api-url: health, models, inference, "
                              "streaming, batch (never an embedded server)")
-    suites.add_argument("--all", action="store_true", help="all three suites")
+    suites.add_argument("--embeddings", action="store_true",
+                        help="embed, score, rerank, pool, tokenize/detokenize and shared embed "
+                             "calls; runs by itself (instead of the generation suites) when the "
+                             "server shows the model is a pooling model")
+    suites.add_argument("--all", action="store_true",
+                        help="the three generation suites (the embeddings suite instead, for a "
+                             "pooling model)")
     parser.add_argument("--model", default=None,
                         help=f"model to test; 'default' = the first model the server lists "
                              f"(default: ${p}MODEL or {DEFAULT_MODEL})")
@@ -118,7 +124,8 @@ def parse_config(backend: str, argv: Optional[Sequence[str]] = None,
     parser = build_parser(backend, adapter)
     args = parser.parse_args(argv)
     p = adapter.env_prefix
-    requested: List[str] = [m for m in MODES if args.all or getattr(args, m)] or ["standard"]
+    requested: List[str] = ([m for m in MODES if args.all or getattr(args, m)]
+                            + (["embeddings"] if args.embeddings else [])) or ["standard"]
     skipped = {m: f"{var}={env[var]}" for m, var in SKIP_VARIABLES.items()
                if m in requested and str(env.get(var, "")).strip().lower() in TRUTHY}
     try:

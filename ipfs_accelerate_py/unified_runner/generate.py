@@ -25,6 +25,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from ..api_backends.adapter import BackendAdapter
 from ..api_backends.plugins import get_backends
+from ..api_backends.operations import OPERATIONS
 
 __all__ = ["MARKER", "TEMPLATE_RELATIVE", "OUTPUT_RELATIVE", "GenerationReport", "wants_runner",
            "runner_filename", "render", "plan", "is_generated", "generate", "find_repo_root",
@@ -60,7 +61,22 @@ def render(backend: str, adapter: BackendAdapter, template: str) -> str:
                             width=88)
     return Template(template).substitute(
         marker=MARKER, backend=backend, backend_literal=repr(backend), summary=summary,
-        script=(OUTPUT_RELATIVE / filename).as_posix())
+        script=(OUTPUT_RELATIVE / filename).as_posix(), operations=operations_note(adapter))
+
+
+def operations_note(adapter: BackendAdapter) -> str:
+    """What the runner's ``--embeddings`` suite covers for this backend: the operations its
+    adapter declares (``operation_requests``), in ``OPERATIONS`` order."""
+    declared = [o for o in OPERATIONS if o in adapter.operation_requests]
+    if "embed" not in declared:
+        listed = f" ({', '.join(declared)})" if declared else ""
+        return textwrap.fill(f"This backend declares no embed operation{listed}: "
+                             f"``--embeddings`` records a skip.", width=88)
+    covered = [o for o in declared if "lora" not in o]
+    return textwrap.fill(f"Operations this backend declares beyond generation: "
+                         f"{', '.join(declared)}. ``--embeddings`` checks "
+                         f"{', '.join(covered)}; it runs instead of the generation suites "
+                         f"when the server shows the model is a pooling model.", width=88)
 
 
 def plan(backends: Mapping[str, BackendAdapter], template: str) -> Dict[str, str]:

@@ -11,6 +11,7 @@ Files (``<backend>`` is the backend name, ``<ts>`` the run's UTC timestamp such 
     <backend>_test_results.json     StandardResults     (overwritten by each run)
     <backend>_performance_<ts>.json PerformanceResults  (+ <backend>_performance_<ts>.png)
     <backend>_connection_<ts>.json  ConnectionResults
+    <backend>_embeddings_<ts>.json  EmbeddingsResults   (a pooling model, or --embeddings)
     <backend>_summary_<ts>.json     SummaryResults
 """
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "Status", "ServerKind", "CheckResult", "RunInfo", "SuiteResult", "StandardResults",
-    "ConnectionResults", "LatencyStats", "SingleInference", "BatchInference",
+    "ConnectionResults", "EmbeddingsResults", "LatencyStats", "SingleInference", "BatchInference",
     "ConcurrencyPoint", "StreamingStats", "ComparisonVariant", "Comparison",
     "TokenAccounting", "TokenAccountingAttempt", "PerformanceSettings", "PerformanceResults",
     "SuiteSummary",
@@ -118,6 +119,16 @@ class ConnectionResults(SuiteResult):
     reachable: bool = False
     health_status_code: Optional[int] = None
     models_listed: List[str] = Field(default_factory=list)
+
+
+class EmbeddingsResults(SuiteResult):
+    """``--embeddings`` (run by itself for a pooling model): embed, score, rerank, pool,
+    tokenize/detokenize, shared embed calls (``<backend>_embeddings_<ts>.json``)."""
+
+    suite: Literal["embeddings"] = "embeddings"
+    pooling_model: bool = False
+    detection: str = ""  # how the server showed it (the probe's statuses, in words)
+    dimensions: Optional[int] = None
 
 
 class LatencyStats(_Model):
@@ -311,6 +322,7 @@ _FILE_PATTERNS = {
     "standard": "{backend}_test_results.json",
     "performance": "{backend}_performance_{ts}.json",
     "real": "{backend}_connection_{ts}.json",
+    "embeddings": "{backend}_embeddings_{ts}.json",
     "summary": "{backend}_summary_{ts}.json",
     "plot": "{backend}_performance_{ts}.png",
 }

@@ -20,13 +20,14 @@ from .checks import CheckRecorder
 from .clients import client_version, make_client
 from .config import DEFAULT_MODEL, RunnerConfig, perf_sizes
 from .context import SuiteContext
+from .embeddings import PoolingProbe, detect_pooling, run_embeddings
 from .embedded import NoServerError, ServerTarget, probe_external, start_embedded
 from .performance import PerformanceRun
 from .plot import write_plot
 from .probe import server_version
 from .real import run_real
 from .report import performance_table, summary_table
-from .results import (CheckResult, ConnectionResults, PerformanceResults,
+from .results import (CheckResult, ConnectionResults, EmbeddingsResults, PerformanceResults,
                       StandardResults, SuiteResult, SuiteSummary, SummaryResults, result_path,
                       utc_now, write_result)
 from .standard import run_standard
@@ -52,6 +53,9 @@ class _Run:
         self.files: Dict[str, Path] = {}
         self.server_note = ""
         self.quiet = False
+        self.probe: Optional[PoolingProbe] = None
+        #: why the generation suites are skipped: the model is a pooling model
+        self.pooling_skip: Optional[str] = None
 
     # ------------------------------------------------------------------ helpers
     def say(self, line: str) -> None:
@@ -140,7 +144,7 @@ class _Run:
     def fail_requested(self, check: str, reason: str) -> None:
         """Write every requested suite as failed by ``reason`` (or skipped, if it was)."""
         classes = {"standard": StandardResults, "performance": PerformanceResults,
-                   "real": ConnectionResults}
+                   "real": ConnectionResults, "embeddings": EmbeddingsResults}
         for mode in self.config.requested_modes:
             now = utc_now()
             info = self.info(server_url=self.config.api_url) if mode == "real" else self.info()
@@ -186,6 +190,11 @@ class _Run:
             self.model = model
             version = f"vLLM {self.server_version}" if self.server_version else "version unknown"
             self.say(f"[{cfg.backend}] {self.target.note} ({version}); model {model}")
+            self.probe = self.detect_pooling(self.target.base_url)
+            if self.probe.pooling:
+                self.pooling_skip = (f"{model} is a pooling model ({self.probe.reason}); "
+                                     f"the embeddings suite runs instead")
+                self.say(f"[{cfg.backend}] {self.pooling_skip}")
         else:
             listed = []
         for mode, why in cfg.skipped.items():
@@ -196,6 +205,8 @@ class _Run:
             self.performance(listed)
         if "real" in cfg.requested_modes:
             self.real(listed, real_skip)
+        if "embeddings" in cfg.requested_modes or self.pooling_skip:
+            self.embeddings(listed)
         code = EXIT_FAILED if any(s.status == "failed" for s in self.suites.values()) else EXIT_OK
         summary = self.write_summary(code, note=self.server_note)
         self.say("")
@@ -210,12 +221,26 @@ class _Run:
         self.say(f"[{cfg.backend}] {'PASSED' if code == EXIT_OK else 'FAILED'} (exit {code})")
         return code
 
+    def detect_pooling(self, base_url: str) -> PoolingProbe:
+        """Whether the model is a pooling model, asked of the server (``embeddings.py``)."""
+        assert self.adapter is not None and self.model is not None
+        with make_client(self.config.backend, base_url, self.config.timeout,
+                         adapter=self.adapter, max_retries=1) as client:
+            return detect_pooling(self.adapter, client, self.model, self.config.timeout)
+
+    def generation_skip(self, mode: str) -> Optional[str]:
+        """Why a generation suite does not run: ``SKIP_*``, or a pooling model."""
+        why = self.config.skipped.get(mode) or self.pooling_skip
+        if why and mode not in self.config.skipped:
+            self.say(f"SKIP {mode}: {why}")
+        return why
+
     # ------------------------------------------------------------------ suites
     def standard(self, listed: List[Dict[str, Any]]) -> None:
         started = utc_now()
-        if "standard" in self.config.skipped:
-            self.write("standard", self.suite_result(StandardResults, started, None,
-                                                     self.config.skipped["standard"]))
+        skip = self.generation_skip("standard")
+        if skip:
+            self.write("standard", self.suite_result(StandardResults, started, None, skip))
             return
         assert self.target is not None
         self.say(f"== standard: {self.config.backend} client API against {self.target.base_url}")
@@ -226,9 +251,9 @@ class _Run:
 
     def performance(self, listed: List[Dict[str, Any]]) -> None:
         started = utc_now()
-        if "performance" in self.config.skipped:
-            self.write("performance", self.suite_result(PerformanceResults, started, None,
-                                                        self.config.skipped["performance"]))
+        skip = self.generation_skip("performance")
+        if skip:
+            self.write("performance", self.suite_result(PerformanceResults, started, None, skip))
             return
         assert self.target is not None
         sizes = perf_sizes(self.config.quick)
@@ -256,7 +281,8 @@ class _Run:
         started = utc_now()
         external = self.target is not None and not self.target.embedded
         live_real = self.target is not None and self.target.kind == "embedded-vllm-cpu"
-        skip = self.config.skipped.get("real") or (None if live_real else real_skip)
+        skip = self.config.skipped.get("real") or self.pooling_skip or (
+            None if live_real else real_skip)
         info = self.info(server_url=self.target.base_url if live_real and self.target else
                          self.config.api_url,
                          server_kind="external" if external else
@@ -277,6 +303,30 @@ class _Run:
             ConnectionResults, started, recorder, samples=ctx.samples, info=info,
             reachable=True, health_status_code=checks.health_status,
             models_listed=checks.models))
+
+    def embeddings(self, listed: List[Dict[str, Any]]) -> None:
+        started = utc_now()
+        probe = self.probe
+        skip = self.config.skipped.get("embeddings")
+        if not skip and (probe is None or not probe.embeds):
+            skip = (f"{self.model} is not an embedding model here "
+                    f"({probe.reason if probe else 'no server'})")
+        detection = probe.reason if probe else ""
+        if skip:
+            self.say(f"SKIP embeddings: {skip}")
+            self.write("embeddings", self.suite_result(
+                EmbeddingsResults, started, None, skip, detection=detection))
+            return
+        assert self.target is not None and probe is not None
+        self.say(f"== embeddings: {self.config.backend} operations against "
+                 f"{self.target.base_url}")
+        ctx = self.context(self.target.base_url, listed)
+        recorder = run_embeddings(ctx, probe)
+        embed = next((c for c in recorder.results if c.name == "embed"), None)
+        self.write("embeddings", self.suite_result(
+            EmbeddingsResults, started, recorder, samples=ctx.samples,
+            pooling_model=probe.pooling, detection=detection,
+            dimensions=embed.details.get("dimensions") if embed else None))
 
     # ------------------------------------------------------------------ summary
     def write_summary(self, code: int, note: str = "") -> SummaryResults:

@@ -190,3 +190,17 @@ def test_pip_install_and_uninstall_of_the_plugin_adds_and_removes_its_runner(
     assert not (out / "test_openai_compat_unified.py").exists()
     assert "removed" in done.stdout
     assert (out / "test_vllm_unified.py").exists()
+
+
+def test_the_runner_names_the_operations_its_backend_declares() -> None:
+    """vllm declares embed & co.: its runner says ``--embeddings`` covers them; a backend
+    without embed says the suite records a skip."""
+    from ipfs_accelerate_py.unified_runner.generate import operations_note
+
+    note = " ".join(operations_note(VllmAdapter()).split())
+    assert "embed, score, rerank, pool, tokenize, detokenize" in note and "--embeddings" in note
+
+    class _NoOps(VllmAdapter):
+        operation_requests: dict = {}
+
+    assert "declares no embed operation" in " ".join(operations_note(_NoOps()).split())

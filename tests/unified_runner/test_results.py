@@ -24,10 +24,11 @@ def test_names_never_contain_separators() -> None:
 
 def test_the_four_names_follow_the_readme() -> None:
     names = {k: result_path(Path("."), k, "vllm", WHEN).name
-             for k in ("standard", "performance", "real", "summary")}
+             for k in ("standard", "performance", "real", "embeddings", "summary")}
     assert names == {"standard": "vllm_test_results.json",
                      "performance": "vllm_performance_20261125T031227Z.json",
                      "real": "vllm_connection_20261125T031227Z.json",
+                     "embeddings": "vllm_embeddings_20261125T031227Z.json",
                      "summary": "vllm_summary_20261125T031227Z.json"}
 
 

@@ -31,7 +31,7 @@ def run_runner(argv: List[str], results: Path) -> Tuple[int, str, str]:
 def load(results: Path) -> Dict[str, dict]:
     """The run's files by kind (one run per folder)."""
     kinds = {"test_results": "standard", "performance": "performance",
-             "connection": "real", "summary": "summary"}
+             "connection": "real", "embeddings": "embeddings", "summary": "summary"}
     out: Dict[str, dict] = {}
     for path in results.glob("vllm_*.json"):
         for key, kind in kinds.items():
@@ -182,5 +182,70 @@ def test_help_documents_the_options() -> None:
                           text=True, timeout=60)
     assert done.returncode == 0
     for option in ("--standard", "--performance", "--real", "--all", "--model", "--api-url",
-                   "--timeout", "--endpoint", "SKIP_PERFORMANCE_TESTS", "VLLM_API_KEY"):
+                   "--timeout", "--endpoint", "--embeddings", "SKIP_PERFORMANCE_TESTS",
+                   "VLLM_API_KEY"):
         assert option in done.stdout
+
+
+EMBEDDINGS_CHECKS = {"embed", "score", "rerank", "pool", "tokenize_round_trip",
+                     "shared_embed_calls", "generation_refused", "invalid_input_refused"}
+
+
+def test_a_pooling_model_gets_the_embeddings_suite_instead(tmp_path: Path) -> None:
+    """--all against an embedding server: the probe finds a pooling model, the generation
+    suites are recorded as skipped (why), the embeddings suite runs and passes."""
+    with FakeVllmServer(models=("tiny-embed",), runner="pooling") as server:
+        code, out, err = run_runner(["--all", "--quick", "--api-url", server.base_url], tmp_path)
+    assert code == 0, out + err
+    files = load(tmp_path)
+    assert set(files) == {"standard", "performance", "real", "embeddings", "summary"}
+    for kind in ("standard", "performance", "real"):
+        assert files[kind]["status"] == "skipped"
+        assert "pooling model" in files[kind]["skip_reason"]
+    emb = files["embeddings"]
+    assert emb["suite"] == "embeddings" and emb["status"] == "passed" and emb["failed"] == 0
+    assert emb["model"] == "tiny-embed" and emb["pooling_model"] and emb["dimensions"] > 0
+    assert "/v1/completions is 404" in emb["detection"]
+    checks = {c["name"]: c for c in emb["checks"]}
+    assert set(checks) == EMBEDDINGS_CHECKS
+    assert all(c["status"] == "passed" for c in checks.values()), checks
+    assert checks["embed"]["details"]["max_abs_diff_base64_float"] <= 1e-5
+    assert checks["shared_embed_calls"]["details"]["batches"] >= 1
+    assert checks["generation_refused"]["details"]["status_code"] == 404
+    assert len(checks["invalid_input_refused"]["details"]["refused_before_sending"]) == 6
+    summary = files["summary"]
+    assert summary["exit_code"] == 0 and summary["suites"]["embeddings"]["status"] == "passed"
+    assert summary["suites"]["embeddings"]["file"].startswith("vllm_embeddings_")
+
+
+def test_the_embeddings_flag_alone(tmp_path: Path) -> None:
+    with FakeVllmServer(models=("tiny-embed",), runner="pooling") as server:
+        code, out, err = run_runner(["--embeddings", "--api-url", server.base_url], tmp_path)
+    assert code == 0, out + err
+    files = load(tmp_path)
+    assert set(files) == {"embeddings", "summary"}
+    assert files["summary"]["modes_requested"] == ["embeddings"]
+    assert files["embeddings"]["passed"] == len(EMBEDDINGS_CHECKS)
+
+
+def test_the_embeddings_flag_on_a_generative_model_is_a_skip(fake_server: FakeVllmServer,
+                                                              tmp_path: Path) -> None:
+    code, out, err = run_runner(["--standard", "--embeddings", "--api-url",
+                                 fake_server.base_url], tmp_path)
+    assert code == 0, out + err
+    files = load(tmp_path)
+    assert files["standard"]["status"] == "passed" and files["standard"]["passed"] == 8
+    emb = files["embeddings"]
+    assert emb["status"] == "skipped" and not emb["pooling_model"]
+    assert "not an embedding model" in emb["skip_reason"] and "404" in emb["skip_reason"]
+
+
+def test_an_unserved_model_is_not_an_embedding_model(tmp_path: Path) -> None:
+    """The embed probe answers 404 for a name the server does not serve: a skip that says so."""
+    with FakeVllmServer(models=("tiny-embed",), runner="pooling") as server:
+        code, out, err = run_runner(["--embeddings", "--model", "not-served", "--api-url",
+                                     server.base_url], tmp_path)
+    files = load(tmp_path)
+    assert files["embeddings"]["status"] == "skipped", out
+    assert "/v1/embeddings answered 404" in files["embeddings"]["skip_reason"]
+    assert code == 0
