@@ -63,8 +63,6 @@ ALONE = "alone"
 #: A lone stream opens a burst window of this many ``batch_linger``s (at most
 #: ``batch_timeout``): streams arriving in it gather for a shared call.
 _BURST_LINGERS = 10
-#: Seconds a sync caller that closes the last member waits for the reader to have stopped.
-_CLOSE_WAIT = 2.0
 _OPEN, _FINISHED, _ENDED, _CLOSED = "open", "finished", "ended", "closed"
 
 
