@@ -47,20 +47,22 @@ _SUSPENDABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GE
 LAYERS: Dict[str, str] = {
     **dict.fromkeys(["base.py", "async_face.py", "handlers.py", "call_shapes.py", "limits.py",
                      "context.py", "request_format.py", "vllm/_client.py", "vllm/_framework.py",
-                     "operations.py", "structured.py"],
+                     "operations.py", "structured.py", "request_build.py"],
                     "face"),
-    "mixins/queue.py": "queue", "mixins/batching.py": "batch", "mixins/retry.py": "retry",
+    "mixins/queue.py": "queue", "mixins/batching.py": "batch", "reply_checks.py": "batch",
+    "stream_batching.py": "batch", "mixins/retry.py": "retry",
     "adapter.py": "adapter", "vllm/_adapter.py": "adapter", "vllm/_operations.py": "adapter", "mixins/attempt.py": "attempt",
     "mixins/circuit_breaker.py": "breaker", "mixins/circuit_wait.py": "breaker",
     "mixins/inflight.py": "in-flight",
     **dict.fromkeys(["mixins/routing.py", "mixins/routing_state.py", "endpoint_load.py",
-                     "prefix_affinity.py"], "routing"),
+                     "prefix_affinity.py", "mixins/lora_routing.py"], "routing"),
     **dict.fromkeys(["_aio_transport.py", "_http11.py", "_framing.py", "transport.py", "sse.py"],
                     "transport"),
     "mixins/metrics.py": "metrics", "tracing.py": "tracing", "_otel.py": "tracing",
 }
 #: not layers: value types and helpers any layer uses (files, and qualified-name prefixes)
-VALUES = {"models.py", "vllm/_models.py", "settings.py", "errors.py", "clock.py", "_loop.py"}
+VALUES = {"models.py", "vllm/_models.py", "settings.py", "errors.py", "clock.py", "_loop.py",
+          "media.py", "request_params.py"}
 VALUE_CLASSES = ("Job.", "Headers.")
 
 
