@@ -26,7 +26,8 @@ from .request_params import (INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_N, MAX_PROM
 __all__ = [
     "ChatMessage", "CompletionRequest", "ChatRequest", "ChatBatchRequest", "Request", "Usage",
     "Choice", "CompletionResult", "StreamChunk", "validate_request", "MAX_PROMPT_CHARS",
-    "MAX_TOKENS_LIMIT", "did_you_mean", "unknown_field_message", "check_text", "numeric_count",
+    "MAX_TOKENS_LIMIT", "did_you_mean", "unknown_field_message", "check_text", "check_texts",
+    "numeric_count",
 ]
 
 
@@ -63,6 +64,18 @@ def check_text(value: str, what: str) -> str:
     except UnicodeEncodeError as exc:  # lone surrogates cannot be sent as JSON/UTF-8
         raise ValueError(f"{what} is not valid Unicode ({exc.reason} at {exc.start})") from None
     return value
+
+
+def check_texts(values: Sequence[str], what: str) -> List[str]:
+    """Each text of a list within ``check_text``'s rules (named ``what[i]``), and the list
+    within ``4 * MAX_PROMPT_CHARS`` in all: a prompt list, or a pooling route's inputs."""
+    total = 0
+    for i, text in enumerate(values):
+        check_text(text, f"{what}[{i}]")
+        total += len(text)
+    if total > MAX_PROMPT_CHARS * 4:
+        raise ValueError(f"{what} list is too large in total")
+    return list(values)
 
 
 def numeric_count(v: Any) -> Any:
@@ -182,13 +195,7 @@ class CompletionRequest(_Sampling):
             if len(v) > MAX_PROMPTS_PER_REQUEST and not all(isinstance(p, int) for p in v):
                 raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST} prompts per request")
             if all(isinstance(p, str) for p in v):
-                total = 0
-                for i, p in enumerate(v):
-                    check_text(p, f"prompt[{i}]")
-                    total += len(p)
-                if total > MAX_PROMPT_CHARS * 4:
-                    raise ValueError("prompt list is too large in total")
-                return list(v)
+                return check_texts(v, "prompt")
             if all(isinstance(p, int) and not isinstance(p, bool) for p in v):
                 if any(p < 0 for p in v):
                     raise ValueError("token ids must be non-negative")

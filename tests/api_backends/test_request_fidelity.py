@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import pytest
 
@@ -70,14 +70,19 @@ def _route_cls(route: str) -> type:
     return VllmCompletionRequest if route == "completions" else VllmChatRequest
 
 
-def client_verdict(case: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
-    """(accepted, refused field) through the client's validation, knowing the model's length."""
+def verdict_of(build: Callable[[], Any]) -> Tuple[bool, Optional[str]]:
+    """(accepted, refused field): the request ``build`` makes through the client's
+    validation, knowing the model's length (as a client does once ``list_models`` told it)."""
     try:
-        request = validate_request(_route_cls(case["route"]), case["body"])
-        check_fits_context(request, CORPUS["max_model_len"])
+        check_fits_context(build(), CORPUS["max_model_len"])
     except ValidationError as exc:
         return False, exc.field
     return True, None
+
+
+def client_verdict(case: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
+    """A generation case's verdict through the client's validation."""
+    return verdict_of(lambda: validate_request(_route_cls(case["route"]), case["body"]))
 
 
 def test_corpus_is_large_and_covers_both_routes_and_verdicts():
@@ -354,14 +359,8 @@ OPERATION_DIFFERENCES: Dict[str, str] = {
 
 
 def operation_verdict(case: Dict[str, Any]) -> Tuple[bool, Optional[str]]:
-    """(accepted, refused field) through the client's validation of the raw body, knowing
-    the model's length (as a client does once ``list_models`` told it)."""
-    try:
-        request = build_operation(VllmAdapter(), case["operation"], case["body"])
-        check_fits_context(request, CORPUS["max_model_len"])
-    except ValidationError as exc:
-        return False, exc.field
-    return True, None
+    """An operation case's verdict through the client's validation of the raw body."""
+    return verdict_of(lambda: build_operation(VllmAdapter(), case["operation"], case["body"]))
 
 
 def test_the_operations_corpus_covers_every_route_on_both_sides():

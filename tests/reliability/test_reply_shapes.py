@@ -24,9 +24,8 @@ import copy
 import json
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from ipfs_accelerate_py.api_backends import errors
@@ -387,78 +386,5 @@ def test_a_shape_the_checks_refuse_is_refused_whole_for_streams_too():
             else:
                 assert text == "".join(answer(p)), f"{p!r} was given {text!r} as a success"
         assert client.get_metrics()["batch_mismatches"] == 1
-    finally:
-        client.close()
-
-
-# =========================================================================== the double's modes
-LIST_MODES = ["list_first_only", "list_index_zero", "list_no_index", "list_early_done",
-              "list_bad_usage"]
-CALLERS = 12
-
-
-@pytest.mark.parametrize("face", ["sync", "async"])
-@pytest.mark.parametrize("stream", [False, True], ids=["complete", "streamed"])
-@pytest.mark.parametrize("mode", LIST_MODES)
-def test_each_mishandling_mode_of_the_double_gives_no_caller_a_wrong_answer(
-        start_fake, mode, stream, face):
-    """12 concurrent callers (threads, or tasks on one loop) on a double that mishandles
-    every prompt list (``count=-1``): no caller is given a wrong answer as a success;
-    complete callers all get their own text after the fallback (re-sent alone), and the
-    endpoint stops sharing."""
-    from ipfs_accelerate_py.servers.fake_vllm import Fault
-
-    double = start_fake()
-    prompts = [f"mode caller {i} asks about rivers" for i in range(CALLERS)]
-    params = {"max_tokens": 6, "temperature": 0,
-              **({"stream_options": {"include_usage": True}} if stream else {})}
-    ref = VllmClient(base_url=double.base_url, model="tiny-llama", batch_enabled=False)
-    try:
-        want = {p: ref.run_inference(None, p, {"max_tokens": 6, "temperature": 0}).text
-                for p in prompts}
-    finally:
-        ref.close()
-    double.add_fault(Fault(mode, count=-1, seed=3))
-    client = VllmClient(base_url=double.base_url, model="tiny-llama", max_retries=0,
-                        max_batch_size=CALLERS, batch_linger=1.0, batch_timeout=60.0)
-    try:
-        client.stream(list_stream_request("prime", max_tokens=2)).close()  # a burst
-        client.get_metrics(reset=True)
-
-        def call(p: str) -> Any:
-            try:
-                if stream:
-                    with client.stream(list_stream_request(p, **params)) as s:
-                        return "".join(c.text for c in s)
-                return client.run_inference(None, p, params).text
-            except BaseException as exc:  # noqa: BLE001 - judged
-                return exc
-
-        async def acall(p: str) -> Any:
-            try:
-                if stream:
-                    async with client.astream(list_stream_request(p, **params)) as s:
-                        return "".join([c.text async for c in s])
-                return (await client.arun_inference(None, p, params)).text
-            except Exception as exc:  # noqa: BLE001 - judged
-                return exc
-
-        async def all_of_them() -> List[Any]:
-            return list(await asyncio.gather(*(acall(p) for p in prompts)))
-
-        if face == "sync":
-            with ThreadPoolExecutor(CALLERS) as pool:
-                got = list(pool.map(call, prompts))
-        else:
-            got = asyncio.run(all_of_them())
-        for p, g in zip(prompts, got):
-            if isinstance(g, BaseException):
-                assert stream and isinstance(g, errors.ReplyMismatchError), repr(g)
-            else:
-                assert g == want[p], (mode, p, g)
-        m = client.get_metrics()
-        assert m["batch_mismatches"] >= 1 and client._endpoint(None).shares_prompt_lists is False
-        if not stream:
-            assert m["failures"] == 0
     finally:
         client.close()

@@ -25,7 +25,7 @@ from typing_extensions import Annotated
 
 from ..adapter import load_json, wire_body
 from ..errors import ReplyMismatchError, ResponseError
-from ..models import MAX_PROMPT_CHARS, ChatMessage, Usage, check_text
+from ..models import ChatMessage, Usage, check_text, check_texts
 from ..operations import (AdapterResult, DetokenizeResult, EmbeddingResult, OperationRequest,
                           OperationResult, PoolingResult, RerankItem, RerankResult, ScoreResult,
                           TokenizeResult)
@@ -57,13 +57,8 @@ def _check_input(v: Any, what: str = "input") -> Any:
         if len(v) > MAX_PROMPTS_PER_REQUEST * 8 and not all(isinstance(t, int) for t in v):
             raise ValueError(f"at most {MAX_PROMPTS_PER_REQUEST * 8} inputs per request")
         if all(isinstance(t, str) for t in v):
-            total = 0
-            for i, t in enumerate(v):
-                check_text(t, f"{what}[{i}]")
-                total += len(t)
-            if total > MAX_PROMPT_CHARS * 4:
-                raise ValueError(f"{what} list is too large in total")
-        elif any(isinstance(t, (list, tuple)) and not t for t in v):
+            return check_texts(v, what)
+        if any(isinstance(t, (list, tuple)) and not t for t in v):
             raise ValueError(f"{what}: a token-id list must not be empty")
         return list(v)
     return v
