@@ -5,8 +5,9 @@ Plain functions and constants, no fixtures (those live in the ``conftest.py`` fi
 - ``wait_until``: a bounded poll on a condition that changes in another thread.
 - ``FAST``: client settings that make retries take milliseconds and keep every wait bounded
   (what the root conftest's ``make_client`` starts from).
-- ``TRANSPORT_IDS`` / ``transport_factory``: build a client on either transport (``requests``
-  or the lean ``http.client`` one), so a case can run on both.
+- ``TRANSPORT_IDS`` / ``COMPLETE_TRANSPORT_IDS`` / ``transport_factory``: build a client on
+  a sync transport given through ``transport_factory`` (``requests``) or on the default one
+  (aiohttp), so a case can run on each.
 - ``DoubleProcess``: the test double in a child process (its own memory and threads),
   stopped by PID.
 - ``python_blocks`` / ``exec_block``: the ```python blocks of a Markdown file (with the
@@ -28,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-from ipfs_accelerate_py.api_backends._http11 import HttpClientTransport
-from ipfs_accelerate_py.api_backends.transport import (RequestsTransport,
-                                                        Transport)
+from ipfs_accelerate_py.api_backends.transport import RequestsTransport, Transport
 
 __all__ = ["wait_until", "FAST", "TRANSPORT_IDS", "COMPLETE_TRANSPORT_IDS", "transport_factory", "REAL_SERVER_API_KEY",
            "DoubleProcess", "DocBlock", "python_blocks", "exec_block"]
@@ -42,12 +41,14 @@ REAL_SERVER_API_KEY = "sk-test-key-123"
 FAST: Dict[str, Any] = dict(model="tiny-llama", retry_delay=0.002, max_retry_delay=0.01,
                             timeout=5.0, connect_timeout=2.0)
 
-#: The two sync transports a client can be given, by test id (a stream read in its caller's
-#: thread uses it; so do complete requests, from the client's loop, through its threads).
-TRANSPORT_IDS: Tuple[str, ...] = ("requests", "httpclient")
-#: ... and "aiohttp": no transport given, the default: complete requests go by aiohttp.
+#: The sync transports a client can be given (``transport_factory``), by test id: every
+#: request goes through it, adapted to the client's seam (``ThreadedTransport``: its calls
+#: and stream reads in the client's executor). The hand-written ``http.client`` transport
+#: that was the second one is gone: aiohttp is the default now.
+TRANSPORT_IDS: Tuple[str, ...] = ("requests",)
+#: ... and "aiohttp": no transport given, the default (``AioTransport``).
 COMPLETE_TRANSPORT_IDS: Tuple[str, ...] = ("aiohttp",) + TRANSPORT_IDS
-_TRANSPORTS = {"requests": RequestsTransport, "httpclient": HttpClientTransport}
+_TRANSPORTS = {"requests": RequestsTransport}
 
 
 def transport_factory(name: str) -> Optional[Callable[[Any], Transport]]:

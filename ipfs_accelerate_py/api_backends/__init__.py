@@ -4,7 +4,8 @@ Files, by concern: ``base`` (the pipeline) and ``mixins/`` (queue, circuit_break
 batching, metrics, multiplexing); ``hookspecs`` and ``plugins`` (discovery);
 ``adapter`` (what a plugin supplies) and ``default_plugins/`` (the built-in vLLM plugin);
 ``models`` (typed requests and results); ``errors`` (the error tree); ``settings``;
-``transport`` and ``sse`` (bytes on the wire); ``prometheus_export`` (the client's metrics
+``transport`` (the ``AsyncTransport`` seam), ``_aio_transport`` (aiohttp behind it),
+``mock_transport`` (one for unit tests) and ``sse`` (bytes on the wire); ``prometheus_export`` (the client's metrics
 for prometheus-client); ``vllm`` (the vLLM client and the framework's ``vllm`` backend).
 
 ``from ipfs_accelerate_py.api_backends import vllm`` gives the framework's backend class;
@@ -23,14 +24,15 @@ from .models import (ChatBatchRequest, ChatMessage, ChatRequest, Choice, Complet
 from .plugins import get_backend, get_backends, get_plugin_manager
 from .prometheus_export import register_prometheus
 from .settings import ClientSettings
-from .transport import HttpRequest, HttpResponse, RequestsTransport, Transport
+from .mock_transport import MockTransport
+from .transport import AsyncTransport, HttpRequest, HttpResponse, RequestsTransport, Transport
 from .vllm import VllmClient, vllm  # noqa: F811 - the class shadows the submodule on purpose
 
 __all__ = ["BackendAdapter", "BaseApiBackend", "TextStream", "build_request", "Clock", "FakeClock",
            "SystemClock", "ChatBatchRequest", "ChatMessage", "ChatRequest", "Choice", "CompletionRequest",
            "CompletionResult", "StreamChunk", "Usage", "get_backend", "get_backends",
            "get_plugin_manager", "ClientSettings", "HttpRequest", "HttpResponse",
-           "RequestsTransport", "Transport", "VllmClient", "vllm", "errors", "register_prometheus",
+           "RequestsTransport", "Transport", "AsyncTransport", "MockTransport", "VllmClient", "vllm", "errors", "register_prometheus",
            # what a backend plugin needs (plugins/openai_compat imports nothing else)
            "hookimpl", "make_endpoint_handler", "decode_stream_event", "load_json",
            "parse_model_list", "wire_body", "Request", "validate_request"] + list(errors.__all__)

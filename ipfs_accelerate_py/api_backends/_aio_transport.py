@@ -1,35 +1,41 @@
-"""The asyncio side of the transport seam: streams over aiohttp, one session per event loop.
+"""The transport: aiohttp behind the ``transport.AsyncTransport`` seam, one session per loop.
 
-Private: the client's attempts (mixins/attempt.py) use it on the client's own loop, for
-complete requests and sync streams, and the async face on its caller's loop. The sync
-transports (``transport.py``, ``_http11.py``) move bytes in a thread, so a service relaying
-thousands of streams would need thousands of threads; here every stream is a coroutine.
+Every request the client sends goes through an ``AsyncTransport``: this one by default, or
+a caller's ``transport_factory`` transport adapted by ``transport.ThreadedTransport``.
+Complete requests, sync streams, health probes and the load probe run on the client's own
+loop (``_loop.py``), the async face's streams on their caller's loop; every stream is a
+coroutine, so a service relaying thousands of streams needs no thread per stream.
 
 Why one ``aiohttp.ClientSession`` per (endpoint, event loop): a session and its connections
 belong to the loop that made them and cannot be used from another, while one client may be
 used from several loops (threads each running their own, ``asyncio.run`` called twice). The
 session is made on first use in a loop and forgotten once that loop is closed.
 
-The same rules as the sync transports:
+The rules every transport of the project keeps:
 
 * timeouts from the endpoint's settings: ``connect`` (including the TLS handshake) and a
   read timeout that bounds every socket read, so for a stream it is the idle timeout;
-* TLS trust as ``HttpClientTransport`` reads ``verify`` (certifi's bundle, off, or a CA
-  bundle file or directory; ``_http11._tls_context``);
+* TLS trust as ``requests`` reads ``verify`` (certifi's bundle, off, or a CA bundle file
+  or directory; ``_tls.tls_context``);
+* proxies by aiohttp's own support: the ``proxies`` setting (a ``requests``-style mapping,
+  ``{"http": url, "https": url}``, its ``no_proxy`` entry honoured) is each request's
+  ``proxy=``; ``trust_env`` is the session's (``HTTP_PROXY`` / ``HTTPS_PROXY`` /
+  ``NO_PROXY`` and ``~/.netrc``, read by aiohttp per request); an explicit proxy wins over
+  the environment's, as in aiohttp. Credentials in a proxy URL go as ``proxy_auth``, never
+  in a repr or a message;
 * the reply of an error status is read whole, capped at ``max_response_bytes`` (a declared
   ``Content-Length`` over the cap is refused before reading, an undeclared body as it
   arrives: ``_framing``); a 2xx stream is bounded per event by the SSE decoder above;
 * aiohttp's own parser (llhttp) refuses the framing errors ``_framing`` names (two
-  different lengths, a signed or non-digit length) and, stricter than the sync transports
-  and as RFC 9112 section 6.3 allows, two identical lengths and a reply with both framings:
-  each becomes a ``ResponseError``, the connection closed;
+  different lengths, a signed or non-digit length) and, as RFC 9112 section 6.3 allows,
+  two identical lengths and a reply with both framings: each becomes a ``ResponseError``,
+  the connection closed;
 * every failure is one of the project's typed errors, its message redacted;
 * closing a stream before its end closes its connection (vLLM then aborts the generation);
   only a reply read to its end returns its connection to the keep-alive pool.
 
 Connections: aiohttp's pool keeps released ones alive for ``KEEPALIVE`` seconds; the number
-open at once is not capped here (as in ``HttpClientTransport``, which may open more than its
-``pool_size``): the endpoint's in-flight limit bounds the requests being sent.
+open at once is not capped here: the endpoint's in-flight limit bounds the requests sent.
 """
 
 from __future__ import annotations
@@ -37,15 +43,18 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from typing import Any, AsyncIterator, Dict, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Mapping, Optional, Tuple
+from urllib.parse import unquote, urlsplit
+from urllib.request import proxy_bypass_environment
 
 import aiohttp
 
 from . import errors
 from ._framing import NO_CAP, check_size, declared_length
-from ._http11 import Headers, _check_header, _tls_context
+from ._headers import Headers, check_header
+from ._tls import tls_context
 from .errors import redact
-from .settings import MAX_RESPONSE_BYTES
+from .settings import MAX_RESPONSE_BYTES, ClientSettings
 from .tracing import with_trace_context
 from .transport import HttpRequest, HttpResponse
 
@@ -70,6 +79,9 @@ def _map(exc: BaseException, base_url: str, what: str) -> errors.ApiError:
         return errors.TimeoutError(f"{what} timeout from {base_url}: {text}")
     if isinstance(exc, aiohttp.InvalidURL):
         return errors.ConfigurationError(text, field="base_url")
+    if isinstance(exc, getattr(aiohttp, "ClientHttpProxyError", ())):
+        # the proxy refused to open a tunnel (it answered CONNECT with an error status)
+        return errors.ConnectionError(f"the proxy refused the connection to {base_url}: {text}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         refused = isinstance(exc.os_error, ConnectionRefusedError)
         return errors.ConnectionError(f"connection to {base_url} failed: {text}", refused=refused)
@@ -134,30 +146,69 @@ class AioStreamResponse:
             self._resp.close()
 
 
+def pick_proxy(base_url: str, proxies: Optional[Mapping[str, str]]
+               ) -> Tuple[Optional[str], Optional[aiohttp.BasicAuth]]:
+    """The proxy of a ``requests``-style ``proxies`` mapping for ``base_url``: the first of
+    its ``scheme://host``, ``scheme``, ``all://host`` and ``all`` entries (as ``requests``
+    picks), none when its ``no_proxy`` entry names the host. Credentials in the proxy's URL
+    come back apart, as aiohttp's ``proxy_auth``, so the URL can be shown."""
+    if not proxies:
+        return None, None
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    no_proxy = proxies.get("no_proxy")
+    if no_proxy and proxy_bypass_environment(host, {"no": no_proxy}):
+        return None, None
+    for key in (f"{parts.scheme}://{host}", parts.scheme, f"all://{host}", "all"):
+        url = proxies.get(key)
+        if url:
+            break
+    else:
+        return None, None
+    proxy = urlsplit(url if "://" in url else f"http://{url}")
+    auth = (aiohttp.BasicAuth(unquote(proxy.username), unquote(proxy.password or ""))
+            if proxy.username else None)
+    netloc = proxy.netloc.rpartition("@")[2]
+    return proxy._replace(netloc=netloc).geturl(), auth
+
+
 class AioTransport:
-    """Streams to one endpoint from any event loop (see the module docstring)."""
+    """Requests and streams to one endpoint from any event loop (see the module docstring);
+    implements ``transport.AsyncTransport``."""
 
     def __init__(self, base_url: str, api_key: Optional[str] = None, verify: Any = True,
                  extra_headers: Optional[Dict[str, str]] = None,
                  user_agent: str = "ipfs-accelerate-py",
-                 max_response_bytes: int = MAX_RESPONSE_BYTES) -> None:
+                 max_response_bytes: int = MAX_RESPONSE_BYTES, trust_env: bool = False,
+                 proxies: Optional[Mapping[str, str]] = None) -> None:
         self.base_url = base_url.rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
             raise errors.ConfigurationError(f"not an http(s) URL: {self.base_url!r}",
                                             field="base_url")
-        self._ssl = _tls_context(verify) if self.base_url.startswith("https://") else None
+        self._ssl = tls_context(verify) if self.base_url.startswith("https://") else None
         headers = {"User-Agent": user_agent, "Accept": "text/event-stream",
                    "Accept-Encoding": "identity", **(extra_headers or {})}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         for k, v in headers.items():
-            _check_header(k, v)
+            check_header(k, v)
         self._headers = headers
         self._max_body = max_response_bytes
+        self._trust_env = bool(trust_env)
+        self._proxy, self._proxy_auth = pick_proxy(self.base_url, proxies)
         self._lock = threading.Lock()
         self._sessions: Dict[asyncio.AbstractEventLoop,
                              Tuple[aiohttp.ClientSession, "asyncio.Task[None]"]] = {}
         self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: ClientSettings) -> "AioTransport":
+        """The endpoint's transport as its settings describe it (key, TLS, proxies, caps)."""
+        return cls(settings.base_url, settings.api_key_value,
+                   verify=settings.ca_bundle or settings.verify_tls,
+                   extra_headers=settings.extra_headers,
+                   max_response_bytes=settings.max_response_bytes,
+                   trust_env=settings.trust_env, proxies=settings.proxies)
 
     def __repr__(self) -> str:
         return f"AioTransport({self.base_url!r})"
@@ -177,7 +228,7 @@ class AioTransport:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE,
                                            ssl=self._ssl if self._ssl is not None else True),
-            headers=self._headers, auto_decompress=False, trust_env=False,
+            headers=self._headers, auto_decompress=False, trust_env=self._trust_env,
             cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
         keeper = loop.create_task(_close_when_cancelled(session), name=f"{self!r} session")
         with self._lock:
@@ -210,7 +261,7 @@ class AioTransport:
                        else request.headers)
         sent = dict(headers)
         for k, v in sent.items():
-            _check_header(k, v)
+            check_header(k, v)
         if accept is not None:
             sent.setdefault("Accept", accept)
         body = request.encoded()
@@ -221,7 +272,8 @@ class AioTransport:
         try:
             resp = await self._session().request(
                 request.method, self.base_url + request.path, data=body, headers=sent,
-                timeout=limits, allow_redirects=False)
+                timeout=limits, allow_redirects=False, proxy=self._proxy,
+                proxy_auth=self._proxy_auth)
         except Exception as exc:  # noqa: BLE001 - mapped into our tree
             failed: Optional[errors.ApiError] = _map(exc, self.base_url, "read")
         else:

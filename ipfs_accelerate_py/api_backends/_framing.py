@@ -1,7 +1,7 @@
-"""Reply framing rules and the body-size cap, shared by both transports (RFC 9112 section 6).
+"""Reply framing rules and the body-size cap, shared by the transports (RFC 9112 section 6).
 
-Why one module: ``RequestsTransport`` and ``HttpClientTransport`` must refuse the same
-hostile replies with the same typed errors, so the rules live once:
+Why one module: ``AioTransport`` and ``RequestsTransport`` must refuse the same hostile
+replies with the same typed errors, so the rules live once:
 
 * ``Content-Length`` must be one decimal number; a list of identical values (``42, 42``,
   or the field sent twice with the same value) is that number (RFC 9110 section 8.6); two
@@ -21,15 +21,10 @@ from typing import Optional
 
 from .errors import ResponseError, ResponseTooLargeError
 
-__all__ = ["NO_CAP", "declared_length", "is_chunked", "too_large", "check_size"]
+__all__ = ["NO_CAP", "declared_length", "too_large", "check_size"]
 
 #: The limit of a 2xx stream's total size: none (its SSE events are capped one by one).
 NO_CAP = 1 << 62
-
-
-def is_chunked(transfer_encoding: str) -> bool:
-    """Is ``chunked`` the final transfer coding (the one that frames the body)?"""
-    return transfer_encoding.rsplit(",", 1)[-1].strip().lower() == "chunked"
 
 
 def declared_length(value: Optional[str], limit: int, status: Optional[int] = None) -> Optional[int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Any, Callable, Coroutine, Optional, Set, TypeVar
 
 __all__ = ["ClientLoop", "Signal", "MAX_NAP", "settle"]
@@ -128,13 +128,18 @@ class ClientLoop:
         return self._start(coro)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
-        """Run ``coro`` on the loop and wait for its result (from another thread only)."""
+        """Run ``coro`` on the loop and wait for its result (from another thread only); past
+        ``timeout`` it is cancelled and ``concurrent.futures.TimeoutError`` raised."""
         if self.in_loop():
             coro.close()
             raise RuntimeError("a blocking call on the client's own event loop; "
                                "use the async face (asubmit, arun_inference) there")
         future: "Future[T]" = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()  # the coroutine must not go on once nobody waits for it
+            raise
 
     def stop(self, timeout: float) -> None:
         """Cancel what still runs, stop the loop and wait for its thread (idempotent)."""

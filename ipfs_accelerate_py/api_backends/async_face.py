@@ -7,12 +7,11 @@ circuit breaker (admission, verdicts, the wait for an OPEN circuit), the same pe
 in-flight limit (``InFlightLimit.aacquire``: one FIFO queue for threads and coroutines),
 the same retry policy before the first byte (``retry_wait`` / ``circuit_wait``, waited with
 ``asyncio.sleep``), metrics, tracing spans, request validation, the adapter's formatting
-and parsing, and the SSE decoder with its event-size cap. Only the bytes move differently:
-``_aio_transport.AioTransport``, one aiohttp session per (endpoint, event loop); a
-``transport_factory`` the caller gave, or an endpoint with proxies or ``trust_env``
-(``RequestsTransport``), carries async streams through ``ThreadedTransport``: each call and
-read in the client's executor, awaited on the caller's loop (``AttemptMixin._plain_sender``,
-the sync face's choice).
+and parsing, the SSE decoder with its event-size cap, and the same transport (the
+endpoint's ``transport.AsyncTransport``): aiohttp (one session per endpoint and event
+loop, proxies and ``trust_env`` included), or a ``transport_factory`` the caller gave,
+adapted by ``ThreadedTransport``: each call and read in the client's executor, awaited on
+the caller's loop.
 
 Nothing here blocks the loop: no sync transport call, no ``time.sleep``, no wait on a lock
 that another thread may hold for long (the breaker's and the limit's locks guard state only,
@@ -157,9 +156,9 @@ class AsyncFaceMixin(HostBase):
             http = self._adapter.format_request(request, priority=None, request_id=rid)
             with tracing.working_for(op, rid):
                 headers = tracing.with_trace_context(http.headers)  # this stream's span, not the thread's
-            # aiohttp on this loop; a transport_factory's transport (or proxies, trust_env:
-            # requests) in the client's executor, awaited here as the sync face does
-            response = await self._aopen_reply(ep, http, headers, self._plain_sender(ep),
+            # the endpoint's transport on this loop (a transport_factory's in the client's
+            # executor, awaited here as the sync face does)
+            response = await self._aopen_reply(ep, http, headers,
                                                deadline, request.model, ff, op, rid)
         except BaseException as exc:
             tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
@@ -217,8 +216,8 @@ class AsyncFaceMixin(HostBase):
         """``close()`` for coroutines: this loop's sessions are closed here, awaited; the rest
         of ``close()`` (it waits for the requests under way) runs in the default executor,
         so the loop is not blocked meanwhile."""
-        for aio in list(self._aio_transports.values()):
-            await aio.aclose()
+        for ep in list(self._endpoints.values()):
+            await ep.transport.aclose()
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
 

@@ -26,7 +26,8 @@ import os
 import threading
 import weakref
 from concurrent.futures import Future, TimeoutError as FutureTimeout
-from typing import Any, Callable, ClassVar, Dict, Hashable, Iterator, List, Optional, Sequence
+from typing import (Any, Callable, ClassVar, Dict, Hashable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 from . import errors, tracing
 from .adapter import BackendAdapter
@@ -54,8 +55,9 @@ from .operations import OperationRequest, OperationsMixin
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
-from ._http11 import HttpClientTransport
-from .transport import HttpRequest, HttpResponse, RequestsTransport, ThreadedTransport, Transport
+from ._aio_transport import AioTransport
+from .transport import (AsyncTransport, HttpRequest, HttpResponse, RequestsTransport, Transport,
+                        as_async_transport)
 
 __all__ = ["BaseApiBackend", "Endpoint", "TextStream", "build_request"]
 
@@ -66,31 +68,32 @@ _LOOPBACK = ("localhost", "127.", "::1", "[::1]")
 
 
 def default_transport(settings: ClientSettings) -> Transport:
-    """The endpoint's sync transport: the lean http.client one (``_http11``), or
-    ``RequestsTransport`` when proxies or ``trust_env`` (proxy variables, ``.netrc``,
-    ``REQUESTS_CA_BUNDLE``) are wanted."""
+    """A sync transport built from ``settings`` as the client builds its own (key, TLS,
+    proxies, ``trust_env``, the reply cap): a ``RequestsTransport``. The client does not use
+    it unless told to (aiohttp carries its requests); it is what a ``transport_factory``
+    that wraps a real transport starts from (a counting or rewriting one), and a one-off
+    sync request outside the client."""
     verify: Any = settings.ca_bundle or settings.verify_tls
-    cls = RequestsTransport if (settings.trust_env or settings.proxies) else HttpClientTransport
-    return cls(settings.base_url, settings.api_key_value,
-               pool_size=max(settings.max_concurrent_requests, 10), verify=verify,
-               trust_env=settings.trust_env, proxies=settings.proxies,
-               extra_headers=settings.extra_headers,
-               max_response_bytes=settings.max_response_bytes)
+    return RequestsTransport(settings.base_url, settings.api_key_value,
+                             pool_size=max(settings.max_concurrent_requests, 10), verify=verify,
+                             trust_env=settings.trust_env, proxies=settings.proxies,
+                             extra_headers=settings.extra_headers,
+                             max_response_bytes=settings.max_response_bytes)
 
 
 class Endpoint:
-    """One server as this client sees it: its own settings, session, queue, dispatcher,
+    """One server as this client sees it: its own settings, transport, queue, dispatcher,
     breaker."""
 
-    def __init__(self, endpoint_id: str, settings: ClientSettings, transport: Transport,
-                 breaker: Any, queue: PriorityRequestQueue, custom_transport: bool = False) -> None:
+    def __init__(self, endpoint_id: str, settings: ClientSettings, transport: AsyncTransport,
+                 breaker: Any, queue: PriorityRequestQueue, loop: ClientLoop) -> None:
         self.id = endpoint_id
         self.settings = settings
-        self.transport = transport  # sync: streams read in their caller's thread, probes
-        #: the transport came from a ``transport_factory`` the caller gave: complete
-        #: requests use it too (through ``threaded``), not aiohttp
-        self.custom_transport = custom_transport
-        self.threaded: Optional[ThreadedTransport] = None
+        #: the one seam every request to this server goes through (aiohttp, or the caller's
+        #: ``transport_factory`` transport adapted): on the client's loop, or an async
+        #: stream's caller's
+        self.transport = transport
+        self._loop = loop
         self.breaker = breaker
         self.queue = queue
         self.workers: Dispatcher  # set right after construction (it calls back into it)
@@ -104,6 +107,14 @@ class Endpoint:
         self.burst_until = 0.0  # monotonic time until which a lone request may linger
         self._lock = threading.Lock()
         self._open_streams = 0
+
+    def fetch(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
+        """One request straight through the transport, no queue, breaker or retry (health
+        checks, the load probe), for a thread that may block: it runs on the client's loop
+        and is waited for here, at most both timeouts and a second (then cancelled). Raises
+        what the transport raised; ``RuntimeError`` on the loop itself or once it stopped."""
+        return self._loop.run(self.transport.send(request, timeout),
+                              timeout[0] + timeout[1] + 1.0)
 
     @property
     def shares_prompt_lists(self) -> bool:
@@ -154,8 +165,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             settings = settings.replace(**overrides)
         self._settings = settings
         self._clock = clock or SYSTEM_CLOCK
-        self._custom_transport = transport_factory is not None
-        self._transport_factory = transport_factory or default_transport
+        #: a caller's transports, one per endpoint (None: aiohttp, ``AioTransport``)
+        self._transport_factory = transport_factory
         #: where the pipeline's coroutines run (started by the first request)
         self._loop = ClientLoop(f"{self.backend_name or 'api'}-client")
         self._closing = threading.Event()
@@ -185,8 +196,8 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         health = None if settings.fail_fast else self._adapter.health_request()
         breaker = self._new_breaker(endpoint_id, settings, self._clock,
                                     self._on_circuit_transition, scheduled_probes=health is not None)
-        ep = Endpoint(endpoint_id, settings, self._transport_factory(settings), breaker, queue,
-                      self._custom_transport)
+        ep = Endpoint(endpoint_id, settings, self._new_transport(settings), breaker, queue,
+                      self._loop)
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = Dispatcher(queue, settings.max_concurrent_requests,
                                 functools.partial(self._handle_job, ep), self._loop)
@@ -200,6 +211,22 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                 flap_max_interval=settings.reset_timeout)
             breaker.on_suspect = ep.prober.verify
         return ep
+
+    def _new_transport(self, settings: ClientSettings) -> AsyncTransport:
+        """An endpoint's transport: aiohttp, or what the caller's ``transport_factory``
+        makes (a sync one adapted to the seam, run in the client's executor)."""
+        if self._transport_factory is None:
+            return AioTransport.from_settings(settings)
+        return as_async_transport(self._transport_factory(settings), self._executor())
+
+    def _renew_transport(self, ep: Endpoint) -> None:
+        """A caller's transport made again from the endpoint's settings now (its pool was
+        sized from the old concurrency); calls in flight finish on the old one, which is
+        closed. aiohttp's pool has no size to change: its transport stays."""
+        if self._transport_factory is None:
+            return
+        old, ep.transport = ep.transport, self._new_transport(ep.settings)
+        old.close()
 
     _warned_hosts: "set[str]" = set()
 

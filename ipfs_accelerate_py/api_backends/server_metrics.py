@@ -333,8 +333,13 @@ class PrometheusProbe:
 
     def __call__(self, endpoint: Any) -> Optional[float]:
         connect = min(self.timeout, endpoint.settings.connect_timeout)
+        request, timeout = HttpRequest("GET", self.path), (connect, self.timeout)
         try:
-            resp = endpoint.transport.send(HttpRequest("GET", self.path), (connect, self.timeout))
+            fetch = getattr(endpoint, "fetch", None)
+            # a client's endpoint sends it through its transport on the client's loop; any
+            # other object with a sync ``transport`` sends it itself
+            resp = fetch(request, timeout) if fetch is not None else endpoint.transport.send(
+                request, timeout)
         except Exception:  # noqa: BLE001 - unreachable: no figure, not an error
             return None
         if resp.status != 200:
@@ -350,10 +355,12 @@ def prometheus_probe(metric: str, path: str = "/metrics", timeout: float = 2.0,
                      labels: Optional[Mapping[str, str]] = None) -> PrometheusProbe:
     """A load probe for routing: GET ``path`` on an endpoint and sum gauge ``metric``.
 
-    The returned callable takes an endpoint (anything with ``transport`` and ``settings``)
-    and answers None when the server is unreachable, says no, or lacks the series: a load
-    probe must never fail a request, and routing falls back to the client's own counts.
-    One attempt, short timeouts, no retries: it runs on the caller's thread.
+    The returned callable takes an endpoint (a client's, whose ``fetch`` sends the request
+    through the endpoint's transport on the client's loop; or anything with a sync
+    ``transport`` and ``settings``) and answers None when the server is unreachable, says
+    no, or lacks the series: a load probe must never fail a request, and routing falls back
+    to the client's own counts. One attempt, short timeouts, no retries; the caller's thread
+    waits for it.
     """
     return PrometheusProbe(metric, path, timeout, labels)
 

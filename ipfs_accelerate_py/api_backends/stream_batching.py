@@ -170,7 +170,7 @@ class _SharedCall:
         deadline = min(m.job.deadline for m in self.members)
         ep.queue.shared_call_started(self.key)
         try:
-            response = await client._aopen_reply(ep, http, headers, client._plain_sender(ep),
+            response = await client._aopen_reply(ep, http, headers,
                                                  deadline, merged.model, first.fail_fast, op, rid)
         except errors.HTTPStatusError as exc:
             self._release()
@@ -379,7 +379,7 @@ class _SharedCall:
             with tracing.working_for(job.context, rid):
                 headers = tracing.with_trace_context(http.headers)
             response = await client._aopen_reply(
-                self.ep, http, headers, client._plain_sender(self.ep), job.deadline,
+                self.ep, http, headers, job.deadline,
                 m.request.model, job.fail_fast, job.context, rid)
         except BaseException as exc:  # noqa: BLE001 - its caller hears of it
             m.feed.end(exc)

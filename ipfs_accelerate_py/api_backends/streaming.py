@@ -9,8 +9,8 @@ released exactly once: at the end, on close, or when the stream is dropped unrea
 One asyncio core, two faces: every stream opens by ``_aopen_reply`` (retry, breaker, slot,
 as coroutines). A sync caller's stream opens on the client's loop (the caller's thread
 waits for it) and is read there by a reader task that hands the caller its chunks
-(``_pump``); the bytes move by aiohttp, or, for a transport the caller gave or one with
-proxies, by that sync transport in the client's executor (``transport.ThreadedStream``).
+(``_pump``); the bytes move through the endpoint's transport (aiohttp, or a transport the
+caller gave, read in the client's executor: ``transport.ThreadedStream``).
 The async face (async_face.py) opens by the same coroutine on its caller's loop.
 """
 
@@ -34,7 +34,7 @@ from .call_shapes import check_timeout
 from .models import Request, StreamChunk, Usage, check_priority
 from .stream_batching import ALONE, SharedHandle, stream_key
 from .structured import parse_answer, with_schema
-from .transport import HttpRequest
+from .transport import AsyncStream, HttpRequest
 
 if TYPE_CHECKING:
     from .base import Endpoint
@@ -147,7 +147,7 @@ class StreamingMixin(HostBase):
         feed = Feed(room, ep.settings.idle_timeout)
 
         async def open_and_read() -> Reader:
-            response = await self._aopen_reply(ep, http, headers, self._plain_sender(ep),
+            response = await self._aopen_reply(ep, http, headers,
                                                deadline, request.model, fail_fast, op, rid)
             reader = Reader(loop, response, feed)
             reader.start(read_reply(response, self._adapter, request, feed, room))
@@ -156,16 +156,16 @@ class StreamingMixin(HostBase):
         return run_blocking(loop, open_and_read(), deadline)
 
     async def _aopen_reply(self, ep: "Endpoint", http: HttpRequest, headers: Dict[str, str],
-                           sender: Any, deadline: float, model: Optional[str], fail_fast: bool,
-                           op: Any, rid: str) -> Any:
+                           deadline: float, model: Optional[str], fail_fast: bool,
+                           op: Any, rid: str) -> AsyncStream:
         """Open one streamed reply: the retry loop (before the first byte only) around one
-        attempt under the breaker and the in-flight slot (``_aguarded``), by ``sender``
-        (aiohttp, or a ``ThreadedTransport``). Span events go on ``op``. Both faces and the
-        shared streams open here."""
-        async def attempt(n: int) -> Any:
+        attempt under the breaker and the in-flight slot (``_aguarded``), through the
+        endpoint's transport. Span events go on ``op``. Both faces and the shared streams
+        open here."""
+        async def attempt(n: int) -> AsyncStream:
             return await self._aguarded(
                 ep, deadline, ep.settings.idle_timeout, False,
-                lambda timeout: sender.open_stream(http, timeout, headers), fail_fast,
+                lambda timeout: ep.transport.open_stream(http, timeout, headers), fail_fast,
                 op=op, rid=rid)
 
         def retrying(exc: BaseException, attempt: int, wait: float) -> None:

@@ -1,22 +1,25 @@
-"""How bytes move: the one seam between a backend and the network.
+"""How bytes move: the one seam between the client and the network, declared here.
 
-``Transport.send`` / ``Transport.open_stream`` take an ``HttpRequest`` and return bytes or
-a byte stream; they know nothing about what a request means. Everything above (retry,
-breaker, parsing) is the same whatever moves the bytes, so tests and benchmarks can swap
-the transport without patching anything.
+``AsyncTransport`` is that seam: ``send`` a request and get its complete reply, or
+``open_stream`` and read its body as it comes (an ``AsyncStream``). The client sends every
+request through its endpoint's ``AsyncTransport`` (complete requests, streams of both faces,
+health probes, the load probe), on the client's own event loop or, for the async face's
+streams, on the caller's; it knows nothing about what a request means. Everything above
+(retry, breaker, parsing) is the same whatever moves the bytes, so tests and benchmarks
+swap the transport without patching anything. Two implementations:
 
-Two implementations, same constructor, same behaviour (timeouts, streaming with an idle
-timeout, early close drops the connection, exceptions mapped into ``errors``, reply bodies
-capped at ``max_response_bytes`` while reading, framing checked by ``_framing``):
+* ``_aio_transport.AioTransport``: aiohttp, the default (proxies and ``trust_env`` through
+  aiohttp's own support);
+* ``ThreadedTransport``: the adapter of a sync ``Transport`` that a caller gave through
+  ``transport_factory`` (a test's scripted transport, a custom seam, ``RequestsTransport``):
+  each call runs in a thread of the client's executor and is awaited on the loop. A
+  ``transport_factory`` may also return an ``AsyncTransport`` itself (``MockTransport``).
 
-* ``HttpClientTransport`` (the fast one, in ``_http11``, which builds on this module): a
-  keep-alive pool of plain sockets and a small HTTP/1.1 reply reader. No proxies.
-* ``RequestsTransport``: one pooled ``requests.Session``; used when proxies or
-  ``trust_env`` are wanted. ``trust_env`` is off unless asked for: re-reading proxy
-  settings and ``~/.netrc`` on every request costs about 0.2-0.4 ms of CPU per call.
-
-``base.default_transport(settings)`` picks between them (``RequestsTransport`` only when
-proxies or ``trust_env`` are configured).
+``Transport`` is the sync face a caller's transport implements; ``RequestsTransport`` is one
+(one pooled ``requests.Session``), public for those who want ``requests``' behaviour. Every
+transport keeps the same rules (timeouts, streaming with an idle timeout, early close drops
+the connection, exceptions mapped into ``errors``, reply bodies capped at
+``max_response_bytes`` while reading, framing checked by ``_framing``).
 
 The cap applies to every complete reply and to the body of a streamed reply with an error
 status (read whole by the caller); a 2xx stream is bounded per event by the SSE decoder
@@ -34,7 +37,8 @@ import socket
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, Tuple
+from typing import (Any, AsyncIterator, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple,
+                    runtime_checkable)
 
 import requests
 import urllib3.exceptions
@@ -47,8 +51,8 @@ from .settings import MAX_RESPONSE_BYTES
 from .tracing import with_trace_context
 
 __all__ = ["HttpRequest", "HttpResponse", "StreamResponse", "Transport", "RequestsTransport",
-           "dumps", "ThreadedTransport",
-           "ThreadedStream"]
+           "AsyncTransport", "AsyncStream", "dumps", "ThreadedTransport", "ThreadedStream",
+           "as_async_transport"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +130,45 @@ class Transport:
 
     def close(self) -> None:
         """Release pooled connections."""
+
+
+@runtime_checkable
+class AsyncStream(Protocol):
+    """An open streamed reply as the loop reads it: ``async for piece in chunks()``; an error
+    reply's body with ``read_body()``; ``aclose()`` on the loop, ``close()`` from anywhere (a
+    lease, a finalizer). Closing before the end drops the connection."""
+
+    status: int
+    headers: Mapping[str, str]
+    closed: bool
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    async def read_body(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncTransport(Protocol):
+    """The seam every request of the client goes through (see the module docstring).
+
+    ``timeout``: (connect, read) seconds, the read timeout bounding every read (a stream's
+    idle timeout). ``open_stream``'s ``headers``, when given, replace the request's own (the
+    stream's, trace context included). Failures are the project's typed errors
+    (``errors.TransientError`` kinds for the network). ``aclose`` releases what the running
+    loop holds; ``close`` everything, from any thread."""
+
+    async def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse: ...
+
+    async def open_stream(self, request: HttpRequest, timeout: Tuple[float, float],
+                          headers: Optional[Dict[str, str]] = None) -> AsyncStream: ...
+
+    async def aclose(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _map_exception(exc: Exception, url: str) -> errors.ApiError:
@@ -319,18 +362,22 @@ class RequestsTransport(Transport):
 
 
 class ThreadedTransport:
-    """A sync ``Transport`` as the client's event loop uses one: each ``send`` and
-    ``open_stream`` runs in a thread of ``executor`` and is awaited there, and so is each
-    read of a stream (``ThreadedStream``). For what aiohttp does not replace: a
-    ``transport_factory`` the caller gave (a test's scripted transport, a custom seam) and
-    ``RequestsTransport`` (proxies, ``trust_env``). The task's context goes with the call,
+    """A sync ``Transport`` behind the ``AsyncTransport`` seam: each ``send`` and
+    ``open_stream`` runs in a thread of ``executor`` and is awaited on the loop that asked,
+    and so is each read of a stream (``ThreadedStream``). How a ``transport_factory`` the
+    caller gave serves both faces, probes included. The task's context goes with the call,
     so the trace headers the transport adds are the task's request's."""
 
-    __slots__ = ("transport", "_executor")
+    __slots__ = ("transport", "_executor", "_closed", "_lock")
 
     def __init__(self, transport: Transport, executor: Any) -> None:
         self.transport = transport
         self._executor = executor
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ThreadedTransport({self.transport!r})"
 
     async def send(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
         call = contextvars.copy_context().run
@@ -339,14 +386,34 @@ class ThreadedTransport:
 
     async def open_stream(self, request: HttpRequest, timeout: Tuple[float, float],
                           headers: Optional[Dict[str, str]] = None) -> "ThreadedStream":
-        """``AioTransport.open_stream``'s face: ``headers`` (the stream's, trace context
-        included) replace the request's."""
+        """``headers`` (the stream's, trace context included) replace the request's."""
         if headers is not None and headers is not request.headers:
             request = dataclasses.replace(request, headers=headers)
         call = contextvars.copy_context().run
         response = await asyncio.get_running_loop().run_in_executor(
             self._executor, call, self.transport.open_stream, request, timeout)
         return ThreadedStream(response, self._executor)
+
+    def close(self) -> None:
+        """Close the sync transport, once (a caller's ``close`` need not be idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.transport.close()
+
+    async def aclose(self) -> None:
+        """``close`` in a thread: a sync transport's close may wait for its sockets."""
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+
+def as_async_transport(transport: Any, executor: Any) -> AsyncTransport:
+    """What a ``transport_factory`` made, behind the seam: an ``AsyncTransport`` (its
+    ``send`` a coroutine function) as it is, a sync ``Transport`` adapted by
+    ``ThreadedTransport`` on ``executor``."""
+    if asyncio.iscoroutinefunction(getattr(transport, "send", None)):
+        return transport  # type: ignore[no-any-return]
+    return ThreadedTransport(transport, executor)
 
 
 class ThreadedStream:

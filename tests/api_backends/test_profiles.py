@@ -12,6 +12,9 @@ import importlib
 import pytest
 
 from api_support import README_MODEL
+from support import transport_factory
+from ipfs_accelerate_py.api_backends._aio_transport import AioTransport
+from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.limits import (apply_max_tokens_cap, max_tokens_cap,
                                                     set_max_tokens_cap)
@@ -82,12 +85,22 @@ def test_cap_never_exceeds_the_context_and_unknown_config_is_said(offline_client
     assert any("could not be read" in n for n in out["notes"])
 
 
-def test_raising_concurrency_resizes_workers_and_connection_pool(offline_client):
+def test_raising_concurrency_resizes_workers_and_connection_pool(offline_client, free_port):
+    # A caller's transport (its pool sized from the concurrency) is made again for 32.
+    with VllmClient(base_url=f"http://127.0.0.1:{free_port}",
+                    transport_factory=transport_factory("requests")) as c:
+        before = c._endpoint("default").transport
+        apply_profile(c, "m", get_profile("speed"))
+        ep = c._endpoint("default")
+        assert ep.transport is not before  # a session pooled for 32 connections, not 10
+        assert ep.transport.transport._session.adapters["http://"]._pool_maxsize == 32
+        assert ep.workers._n == 32
+    # aiohttp's pool has no cap (its connector's limit is 0): the transport stays.
     c = offline_client
     before = c._endpoint("default").transport
     apply_profile(c, "m", get_profile("speed"))
     ep = c._endpoint("default")
-    assert ep.transport is not before  # a session pooled for 32 connections, not 10
+    assert ep.transport is before and isinstance(ep.transport, AioTransport)
     assert ep.workers._n == 32
 
 

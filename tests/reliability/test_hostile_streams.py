@@ -6,7 +6,8 @@ Two halves:
   decoder + the vLLM adapter) exactly the bytes a test chooses, cut where it chooses: at
   every byte boundary, with ``\\r\\n`` or ``\\r`` line endings, keep-alive comments, ignored
   SSE fields, empty reads, and an event that never ends.
-* Over the wire, on both transports (``requests`` and the ``http.client`` one), against the
+* Over the wire, on both transports (aiohttp, the default, and ``requests`` given as a
+  ``transport_factory``), against the
   test double: ``\\r\\n`` + comments, a 4 MB event, invalid JSON, an ``{"error": ...}`` event
   after text, no ``[DONE]``, a dropped socket, a stall (the idle timeout fires), and a reader
   that stops early (the connection is closed, the pool keeps working).
@@ -32,7 +33,7 @@ from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 
 from reliability_support import DONE, ScriptedTransport, chunked, event, real_stream
-from support import TRANSPORT_IDS, wait_until
+from support import COMPLETE_TRANSPORT_IDS as TRANSPORT_IDS, wait_until
 
 STREAM, TEXT, USAGE = real_stream()
 

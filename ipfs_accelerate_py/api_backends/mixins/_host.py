@@ -13,7 +13,7 @@ Who provides what (and who uses it):
 * the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, its event loop,
   lifecycle and the request paths (``submit``, ``stream``, ``run_inference``);
 * ``attempt.AttemptMixin``: one attempt as a coroutine (``_asend``, ``_aguarded``), the
-  transports of a loop (``_aio_transport``, ``_plain_sender``), ``_asleep`` (batching,
+  executor a caller's sync transport runs in (``_executor``), ``_asleep`` (batching,
   retry, streaming, the async face);
 * ``streaming.StreamingMixin``: ``_aopen_reply``, the opening of a streamed reply that
   both faces and the shared streams use;
@@ -44,8 +44,9 @@ if TYPE_CHECKING:  # types only: the mixins import this module, and these import
     from ..models import CompletionResult, Request
     from ..settings import ClientSettings
     from ..streaming import TextStream
-    from ..transport import HttpRequest, HttpResponse
+    from ..transport import AsyncStream, HttpRequest, HttpResponse
     from .._aio_transport import AioTransport
+    from concurrent.futures import ThreadPoolExecutor
     from .._loop import ClientLoop
     from .metrics import MetricsRecorder
     from .queue import Job
@@ -101,7 +102,6 @@ class Host(Protocol):
 
     # -- attempt.AttemptMixin: one attempt on a loop, and the waits close() ends
     _loop: "ClientLoop"
-    _aio_transports: Dict[str, "AioTransport"]
 
     async def _asend(self, ep: "Endpoint", http: "HttpRequest", deadline: float,
                      fail_fast: bool = False) -> "HttpResponse": ...
@@ -115,12 +115,12 @@ class Host(Protocol):
 
     def _aio_transport(self, ep: "Endpoint") -> "AioTransport": ...
 
-    def _plain_sender(self, ep: "Endpoint") -> Any: ...
+    def _executor(self) -> "ThreadPoolExecutor": ...
 
     # -- streaming.StreamingMixin
     async def _aopen_reply(self, ep: "Endpoint", http: "HttpRequest", headers: Dict[str, str],
-                           sender: Any, deadline: float, model: Optional[str], fail_fast: bool,
-                           op: Any, rid: str) -> Any: ...
+                           deadline: float, model: Optional[str], fail_fast: bool,
+                           op: Any, rid: str) -> "AsyncStream": ...
 
     # -- metrics.MetricsMixin
     def _finish(self, ep: "Endpoint", job: Job, start: float,

@@ -7,10 +7,10 @@ by a future the prober's thread settles (or, with no prober, until the breaker's
 window); a slot by the limit's FIFO line; a retry's backoff by a timer that ``close()`` cuts
 short.
 
-The bytes of a complete request or a sync stream move by aiohttp (``_aio_transport``), unless the endpoint's
-transport is one aiohttp does not replace: one from a ``transport_factory`` the caller gave,
-or ``requests`` for proxies and ``trust_env``; such a transport is called in a thread of the
-client's executor (``transport.ThreadedTransport``).
+The bytes move through the endpoint's transport (``ep.transport``, a
+``transport.AsyncTransport``): aiohttp (``_aio_transport``), or a ``transport_factory``
+transport the caller gave, called in a thread of the client's executor
+(``transport.ThreadedTransport``); this mixin owns that executor.
 
 Tracing: a job's task on the client loop carries its request's span in its context
 (``tracing``'s state is context-local); an async stream on its caller's loop passes its
@@ -22,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Optional, Set, Tuple
 
 from .. import errors, tracing
 from .._aio_transport import AioTransport
 from .._loop import MAX_NAP, settle
 from ..errors import CircuitOpenError, ClientClosedError, ConfigurationError
-from ..transport import HttpRequest, HttpResponse, ThreadedTransport
+from ..transport import HttpRequest, HttpResponse
 from ._host import HostBase
 from .retry import MIN_BREAKER_WAIT
 
@@ -47,20 +47,10 @@ class AttemptMixin(HostBase):
         self._sleepers: Set[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = set()
         self._sleepers_lock = threading.Lock()
         self._threaded: Optional[ThreadPoolExecutor] = None
-        self._aio_transports: Dict[str, "AioTransport"] = {}
 
     # ------------------------------------------------------------------ transports
-    def _plain_sender(self, ep: Any) -> Any:
-        """What sends ``ep``'s complete requests from a loop (see the module docstring)."""
-        s = ep.settings
-        if ep.custom_transport or s.proxies or s.trust_env:
-            threaded = ep.threaded
-            if threaded is None or threaded.transport is not ep.transport:
-                ep.threaded = threaded = ThreadedTransport(ep.transport, self._executor())
-            return threaded
-        return self._aio_transport(ep)
-
     def _executor(self) -> ThreadPoolExecutor:
+        """The threads a caller's sync transport runs in (made on first use)."""
         executor = self._threaded
         if executor is None:
             with _init_lock:
@@ -71,29 +61,18 @@ class AttemptMixin(HostBase):
         return executor
 
     def _aio_transport(self, ep: Any) -> "AioTransport":
-        """The endpoint's aiohttp transport, made on first use (one per endpoint; a session
-        per event loop inside it)."""
-        aio = self._aio_transports.get(ep.id)
-        if aio is not None:
-            return aio
-        s = ep.settings
-        if s.proxies or s.trust_env:
-            raise ConfigurationError("async streams do not use proxies or the environment "
-                                     "(trust_env); stream from a thread instead", field="proxies")
-        with _init_lock:
-            aio = self._aio_transports.get(ep.id)
-            if aio is None:
-                aio = self._aio_transports[ep.id] = AioTransport(
-                    s.base_url, s.api_key_value, verify=s.ca_bundle or s.verify_tls,
-                    extra_headers=s.extra_headers, max_response_bytes=s.max_response_bytes)
-        return aio
+        """The endpoint's aiohttp transport (one per endpoint; a session per event loop
+        inside it); ``ConfigurationError`` when a ``transport_factory`` replaced it."""
+        transport = ep.transport
+        if not isinstance(transport, AioTransport):
+            raise ConfigurationError(f"endpoint {ep.id!r} sends through {transport!r}, "
+                                     "not aiohttp", field="transport_factory")
+        return transport
 
     def _close_transports(self, idle: bool) -> None:
-        """``close()``: aiohttp sessions on loops still running, then the executor, whose
+        """``close()``, once the endpoints' transports are closed: the executor, whose
         threads are waited for when ``idle`` (no request is under way: they end at once);
         else they end with the calls they are in (each within its read timeout)."""
-        for aio in list(self._aio_transports.values()):
-            aio.close()
         if self._threaded is not None:
             self._threaded.shutdown(wait=idle)
 
@@ -103,7 +82,7 @@ class AttemptMixin(HostBase):
         """One attempt of a complete request (see ``_aguarded``)."""
         now = self._clock.monotonic()  # one reading on the way down
         self._ask_for_load(ep, http, now)
-        sender = self._plain_sender(ep)
+        sender = ep.transport
         response: HttpResponse = await self._aguarded(
             ep, deadline, ep.settings.timeout, True, lambda timeout: sender.send(http, timeout),
             fail_fast, now)

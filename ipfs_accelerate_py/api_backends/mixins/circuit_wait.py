@@ -16,7 +16,6 @@ import threading
 from typing import TYPE_CHECKING, Callable, List, Sequence
 
 from .. import errors, tracing
-from ..errors import ApiError
 from ._host import HostBase
 from .circuit_breaker import CLOSED
 
@@ -123,11 +122,13 @@ class CircuitWaitMixin(HostBase):
                 log.exception("a circuit waiter's callback failed")
 
     def _probe_health(self, ep: Endpoint, health: HttpRequest) -> bool:
-        """One scheduled probe: the server answered the health request below 500."""
+        """One scheduled probe, from the prober's thread: the server answered the health
+        request below 500. It goes through the endpoint's transport on the client's loop
+        (``Endpoint.fetch``), as any request does; a failure of any kind is a failed probe."""
         timeout = (min(ep.settings.connect_timeout, 2.0), min(ep.settings.timeout, 5.0))
         try:
-            response = ep.transport.send(health, timeout)
-        except ApiError:
+            response = ep.fetch(health, timeout)
+        except Exception:  # noqa: BLE001 - unreachable, timed out, or the client stopping
             return False
         return response.status < 500
 

@@ -72,9 +72,9 @@ class VllmClient(StructuredOutputsMixin, BaseApiBackend):
     def health(self, endpoint_id: Optional[str] = None) -> bool:
         """True when ``GET /health`` answers 200 (one try, no retries)."""
         ep = self._endpoint(endpoint_id)
-        try:
-            resp = ep.transport.send(HttpRequest("GET", "/health"),
-                                     (ep.settings.connect_timeout, ep.settings.timeout))
+        try:  # through the endpoint's transport, on the client's loop (``Endpoint.fetch``)
+            resp = ep.fetch(HttpRequest("GET", "/health"),
+                            (ep.settings.connect_timeout, ep.settings.timeout))
         except Exception:  # noqa: BLE001 - any failure means "not healthy"
             return False
         return resp.status == 200

@@ -144,11 +144,10 @@ def get_profile(name: Any) -> Profile:
 def _resize_endpoint(client: Any, endpoint: Any, n: int, old_n: int) -> None:
     """Match the endpoint's workers and connection pool to ``n`` concurrent requests."""
     if n > max(old_n, 10):
-        # The pooled session was sized for the old limit: past it, every extra connection
-        # would be opened and thrown away per request. Swap in one sized for ``n``; calls
-        # already in flight finish on the old one, whose idle connections close now.
-        old, endpoint.transport = endpoint.transport, client._transport_factory(endpoint.settings)
-        old.close()
+        # A caller's transport's pool was sized for the old limit: past it, every extra
+        # connection would be opened and thrown away per request. The client makes it again
+        # for ``n`` (aiohttp's pool has no cap: nothing to do).
+        client._renew_transport(endpoint)
     endpoint.workers.resize(n)  # surplus idle workers retire; busy ones finish their call first
 
 
