@@ -260,9 +260,8 @@ class AioHttp(Contender):
 
 # --------------------------------------------------------------------------- the project
 TRANSPORTS = {
-    "default": None,  # whatever the project uses by default (base.default_transport)
-    "fast": "HttpClientTransport",
-    "requests": "RequestsTransport",
+    "default": None,  # whatever the project uses by default (aiohttp: AioTransport)
+    "requests": "RequestsTransport",  # a sync transport given through transport_factory
 }
 
 
@@ -299,7 +298,8 @@ class Project(Contender):
         s = self.client.settings
         assert s.queue_enabled and s.circuit_breaker_enabled and s.max_retries > 0 and s.metrics_enabled
         ep = self.client._endpoint(None)  # for the report: what moves the bytes
-        self.info = {"transport": type(ep.transport).__name__, "batch_enabled": s.batch_enabled,
+        moved_by = getattr(ep.transport, "transport", ep.transport)  # a given one, adapted
+        self.info = {"transport": type(moved_by).__name__, "batch_enabled": s.batch_enabled,
                      "max_batch_size": s.max_batch_size, "batch_linger": s.batch_linger,
                      "batch_timeout": s.batch_timeout, "batch_chat": s.batch_chat,
                      "max_concurrent_requests": s.max_concurrent_requests}

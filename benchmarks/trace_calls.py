@@ -56,7 +56,8 @@ LAYERS: Dict[str, str] = {
     "mixins/inflight.py": "in-flight",
     **dict.fromkeys(["mixins/routing.py", "mixins/routing_state.py", "endpoint_load.py",
                      "prefix_affinity.py", "mixins/lora_routing.py"], "routing"),
-    **dict.fromkeys(["_aio_transport.py", "_http11.py", "_framing.py", "transport.py", "sse.py"],
+    **dict.fromkeys(["_aio_transport.py", "_headers.py", "_tls.py", "_framing.py", "transport.py",
+                     "mock_transport.py", "sse.py"],
                     "transport"),
     "mixins/metrics.py": "metrics", "tracing.py": "tracing", "_otel.py": "tracing",
 }

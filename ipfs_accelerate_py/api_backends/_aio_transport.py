@@ -21,8 +21,8 @@ The rules every transport of the project keeps:
   ``{"http": url, "https": url}``, its ``no_proxy`` entry honoured) is each request's
   ``proxy=``; ``trust_env`` is the session's (``HTTP_PROXY`` / ``HTTPS_PROXY`` /
   ``NO_PROXY`` and ``~/.netrc``, read by aiohttp per request); an explicit proxy wins over
-  the environment's, as in aiohttp. Credentials in a proxy URL go as ``proxy_auth``, never
-  in a repr or a message;
+  the environment's, as in aiohttp. Credentials in a proxy URL go as its
+  ``Proxy-Authorization`` header, never in a repr or a message;
 * the reply of an error status is read whole, capped at ``max_response_bytes`` (a declared
   ``Content-Length`` over the cap is refused before reading, an undeclared body as it
   arrives: ``_framing``); a 2xx stream is bounded per event by the SSE decoder above;
@@ -41,6 +41,7 @@ open at once is not capped here: the endpoint's in-flight limit bounds the reque
 from __future__ import annotations
 
 import asyncio
+import base64
 import sys
 import threading
 from typing import Any, AsyncIterator, Dict, Mapping, Optional, Tuple
@@ -53,7 +54,7 @@ from . import errors
 from ._framing import NO_CAP, check_size, declared_length
 from ._headers import Headers, check_header
 from ._tls import tls_context
-from .errors import redact
+from .errors import redact, register_secret
 from .settings import MAX_RESPONSE_BYTES, ClientSettings
 from .tracing import with_trace_context
 from .transport import HttpRequest, HttpResponse
@@ -147,11 +148,12 @@ class AioStreamResponse:
 
 
 def pick_proxy(base_url: str, proxies: Optional[Mapping[str, str]]
-               ) -> Tuple[Optional[str], Optional[aiohttp.BasicAuth]]:
+               ) -> Tuple[Optional[str], Optional[str]]:
     """The proxy of a ``requests``-style ``proxies`` mapping for ``base_url``: the first of
     its ``scheme://host``, ``scheme``, ``all://host`` and ``all`` entries (as ``requests``
-    picks), none when its ``no_proxy`` entry names the host. Credentials in the proxy's URL
-    come back apart, as aiohttp's ``proxy_auth``, so the URL can be shown."""
+    picks), none when its ``no_proxy`` entry names the host. Returns (the proxy's URL without
+    credentials, the ``Proxy-Authorization`` value its credentials make, or None), so the
+    URL can be shown and the secret goes only where it is due."""
     if not proxies:
         return None, None
     parts = urlsplit(base_url)
@@ -166,8 +168,10 @@ def pick_proxy(base_url: str, proxies: Optional[Mapping[str, str]]
     else:
         return None, None
     proxy = urlsplit(url if "://" in url else f"http://{url}")
-    auth = (aiohttp.BasicAuth(unquote(proxy.username), unquote(proxy.password or ""))
-            if proxy.username else None)
+    auth = None
+    if proxy.username:
+        pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode("utf-8")
+        auth = "Basic " + base64.b64encode(pair).decode("ascii")
     netloc = proxy.netloc.rpartition("@")[2]
     return proxy._replace(netloc=netloc).geturl(), auth
 
@@ -190,12 +194,22 @@ class AioTransport:
                    "Accept-Encoding": "identity", **(extra_headers or {})}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
+        self._trust_env = bool(trust_env)
+        self._proxy, proxy_auth = pick_proxy(self.base_url, proxies)
+        #: Proxy-Authorization for a tunnel (an https origin: the CONNECT request carries
+        #: it); a plain-http request goes to the proxy whole and carries it itself (aiohttp
+        #: sends ``proxy_headers`` only with CONNECT, and deprecates ``proxy_auth``)
+        self._proxy_headers: Optional[Dict[str, str]] = None
+        if proxy_auth is not None:
+            register_secret(proxy_auth)  # redacted from any message that might quote it
+            if self.base_url.startswith("https://"):
+                self._proxy_headers = {"Proxy-Authorization": proxy_auth}
+            else:
+                headers["Proxy-Authorization"] = proxy_auth
         for k, v in headers.items():
             check_header(k, v)
         self._headers = headers
         self._max_body = max_response_bytes
-        self._trust_env = bool(trust_env)
-        self._proxy, self._proxy_auth = pick_proxy(self.base_url, proxies)
         self._lock = threading.Lock()
         self._sessions: Dict[asyncio.AbstractEventLoop,
                              Tuple[aiohttp.ClientSession, "asyncio.Task[None]"]] = {}
@@ -273,7 +287,7 @@ class AioTransport:
             resp = await self._session().request(
                 request.method, self.base_url + request.path, data=body, headers=sent,
                 timeout=limits, allow_redirects=False, proxy=self._proxy,
-                proxy_auth=self._proxy_auth)
+                proxy_headers=self._proxy_headers)
         except Exception as exc:  # noqa: BLE001 - mapped into our tree
             failed: Optional[errors.ApiError] = _map(exc, self.base_url, "read")
         else:
