@@ -95,7 +95,8 @@ def _map(exc: BaseException, base_url: str, what: str) -> errors.ApiError:
 
 
 class AioStreamResponse:
-    """An open streamed reply: ``async for piece in chunks()``, then ``close()``.
+    """An open streamed reply (a ``transport.AsyncStream``): ``async for piece in chunks()``,
+    then ``close()``.
 
     ``close`` is synchronous (aiohttp closes a connection without awaiting), so the
     stream's lease and its garbage-collection finalizer can call it from anywhere."""

@@ -20,12 +20,15 @@ import asyncio
 import threading
 import time
 from collections import deque
-from typing import Any, AsyncIterator, Deque, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Iterator, List, Optional
 
 from . import errors
 from ._loop import MAX_NAP, ClientLoop, Signal
 from .models import Request, StreamChunk
 from .sse import SSEDecoder
+
+if TYPE_CHECKING:
+    from .transport import AsyncStream
 
 __all__ = ["Feed", "Reader", "ReplyChunks", "read_reply", "HIGH"]
 
@@ -219,7 +222,7 @@ class ReplyChunks:
                                    "the reply is incomplete")
 
 
-async def read_reply(response: Any, adapter: Any, request: Any, feed: Feed, room: Signal) -> None:
+async def read_reply(response: "AsyncStream", adapter: Any, request: Any, feed: Feed, room: Signal) -> None:
     """The reader of one stream: network reads -> parsed chunks -> ``feed``, until the end
     marker, an error (after the good chunks before it), or cancellation (the consumer left).
     The response is closed when it returns, so the consumer that sees the end finds the
@@ -261,7 +264,7 @@ class Reader:
 
     __slots__ = ("feed", "_loop", "_response", "_task", "_done")
 
-    def __init__(self, loop: ClientLoop, response: Any, feed: Feed) -> None:
+    def __init__(self, loop: ClientLoop, response: "AsyncStream", feed: Feed) -> None:
         self.feed = feed
         self._loop = loop
         self._response = response

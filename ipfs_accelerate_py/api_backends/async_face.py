@@ -52,8 +52,8 @@ from .stream_batching import ALONE, SharedHandle
 from .streaming import ReplyChunks, TextStream
 from .structured import with_schema
 
-if TYPE_CHECKING:  # aiohttp is imported by the first async stream, not by the sync face
-    from ._aio_transport import AioStreamResponse
+if TYPE_CHECKING:
+    from .transport import AsyncStream
 
 __all__ = ["AsyncFaceMixin", "AsyncTextStream"]
 
@@ -338,9 +338,9 @@ class _AioTextStream(TextStream):
     """An open async stream: ``TextStream``'s lease, bookkeeping, metrics and span, with the
     reply read by ``async for`` (``_agen``) instead of in a thread."""
 
-    _response: AioStreamResponse
+    _response: "AsyncStream"
 
-    def __init__(self, client: Any, ep: Any, request: Request, response: AioStreamResponse,
+    def __init__(self, client: Any, ep: Any, request: Request, response: "AsyncStream",
                  start: float, op: Any) -> None:
         super().__init__(client, ep, request, response, start, op)
         self._agen = self._arun()

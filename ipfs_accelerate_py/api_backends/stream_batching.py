@@ -55,6 +55,7 @@ from .sse import SSEDecoder
 if TYPE_CHECKING:
     from .base import Endpoint
     from .mixins.queue import Job
+    from .transport import AsyncStream
 
 __all__ = ["ALONE", "stream_key", "open_shared", "SharedHandle", "copy_error"]
 
@@ -198,7 +199,7 @@ class _SharedCall:
             m.job.fail(copy_error(exc))
 
     # ------------------------------------------------------------------ reading (on the loop)
-    async def _read(self, response: Any) -> None:
+    async def _read(self, response: "AsyncStream") -> None:
         """The call's reader: every network read's events, sorted into the members' feeds
         (one hand-over per member and read); at ``[DONE]`` every member still reading is
         judged (``_all_done``); at an error, every member hears of it."""

@@ -161,7 +161,8 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 def both_faces(client: VllmClient) -> List[str]:
-    """A complete request and a stream on each face, then a health check: the texts."""
+    """A complete request and a stream on each face, then a health check and the circuit
+    prober's probe: the texts."""
     async def async_face() -> List[str]:
         text = await client.agenerate_text("async complete", **P)
         streamed = "".join([t async for t in client.astream_generation("async stream", **P)])
@@ -171,6 +172,7 @@ def both_faces(client: VllmClient) -> List[str]:
              "".join(client.stream_generation("sync stream", **P))]
     texts += asyncio.run(asyncio.wait_for(async_face(), 60))
     assert client.health() is True
+    assert client._probe_health(client._endpoint(None), client.adapter.health_request())
     return texts
 
 
@@ -181,7 +183,7 @@ def assert_went_through(proxy: ForwardProxy, fake: Any, texts: List[str]) -> Non
     assert len(proxy.seen(COMPLETIONS)) == 4 == fake.request_count[COMPLETIONS]
     assert all(line.startswith(f"POST {origin}{COMPLETIONS} HTTP/1.1")
                for line in proxy.seen(COMPLETIONS))
-    assert proxy.seen("/health") == [f"GET {origin}/health HTTP/1.1"]
+    assert proxy.seen("/health") == [f"GET {origin}/health HTTP/1.1"] * 2
 
 
 # ------------------------------------------------------------------ proxies

@@ -10,8 +10,8 @@ it saw, which would otherwise count against the client), stopped by its PID. 8 t
 keep 32 ``submit_inference`` futures each in flight (the futures are dropped as they
 resolve), with 1 % of calls failing (500 or a dropped socket) so the retry and error paths
 run too, and one stream per window. Two runs: batching on with the default transport
-(prompt lists on the wire), and batching off on a ``requests`` transport given as a
-``transport_factory`` (one HTTP call per request, through the client's executor).
+(prompt lists on the wire), and batching off on it (one HTTP call per request; the
+hand-written ``http.client`` transport this run used to take is gone).
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def settled_rss() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batching, transport", [(True, None), (False, "requests")],
-                         ids=["batching-on-default-transport", "batching-off-requests"])
+@pytest.mark.parametrize("batching, transport", [(True, None), (False, None)],
+                         ids=["batching-on-default-transport", "batching-off-default-transport"])
 def test_100k_requests_keep_resident_memory_bounded(double_process, make_client, batching,
                                                     transport):
     client = make_client(double_process.base_url, transport, max_concurrent_requests=8,
