@@ -245,6 +245,12 @@ class AioTransport:
                                            ssl=self._ssl if self._ssl is not None else True),
             headers=self._headers, auto_decompress=False, trust_env=self._trust_env,
             cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
+        if hasattr(session, "_retry_connection"):
+            # aiohttp (3.10 on) sends an idempotent request (a GET: health and load probes,
+            # /v1/models) a second time when its connection drops; the client's retry loop
+            # owns retries and counts them, and a probe must be one request. No public
+            # switch: aiohttp's own test client clears the same attribute.
+            session._retry_connection = False
         keeper = loop.create_task(_close_when_cancelled(session), name=f"{self!r} session")
         with self._lock:
             for old in [lp for lp in self._sessions if lp.is_closed()]:

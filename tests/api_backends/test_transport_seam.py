@@ -112,7 +112,10 @@ class ForwardProxy:
                 writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n"
                              b"Connection: close\r\n\r\n")
                 return
-            up_reader, upstream = await asyncio.open_connection(url.hostname, url.port or 80)
+            try:
+                up_reader, upstream = await asyncio.open_connection(url.hostname, url.port or 80)
+            except OSError:
+                return  # the origin is down: the client sees its connection dropped
             kept = [f for f in fields if f and f.split(":", 1)[0].strip().lower() not in
                     ("connection", "proxy-connection", "keep-alive", "proxy-authorization")]
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
@@ -231,6 +234,16 @@ def test_without_trust_env_or_with_no_proxy_the_requests_go_direct(fake_server, 
                     proxies={"http": proxy.url, "no_proxy": "127.0.0.1"}, **FAST) as c:
         assert c.generate_text("bypassed too", **P)
     assert proxy.lines == [] and fake_server.request_count[COMPLETIONS] == 3
+
+
+def test_a_probe_whose_connection_drops_is_sent_once(proxy, free_port, no_proxy_env) -> None:
+    """aiohttp would send a GET again on a dropped connection; a probe is one request (the
+    client's retry loop owns retries): the proxy, whose origin is down, sees each once."""
+    with VllmClient(base_url=f"http://127.0.0.1:{free_port}", proxies={"http": proxy.url},
+                    **FAST) as c:
+        assert c.health() is False
+        assert c._probe_health(c._endpoint(None), c.adapter.health_request()) is False
+    assert len(proxy.seen("/health")) == 2
 
 
 def test_pick_proxy_reads_a_requests_style_mapping() -> None:
