@@ -26,7 +26,7 @@ from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.servers.fake_vllm import Fault, FakeVllmServer
 
 from reliability_support import worker_threads
-from support import wait_until
+from support import TRANSPORT_IDS, wait_until
 
 IN_FLIGHT = 16
 QUEUED = 200
@@ -64,7 +64,7 @@ def finish(server: FakeVllmServer, client, before_threads: int, before_set) -> N
                what=f"threads back to {before_threads}: {[t.name for t in threading.enumerate()]}")
 
 
-@pytest.mark.parametrize("transport", ["requests", "aiohttp"])
+@pytest.mark.parametrize("transport", TRANSPORT_IDS)  # sync ones: the default is the cases below
 def test_close_with_work_in_flight_and_queued(make_client, baseline_threads, transport):
     """In-flight requests take 1.5 s (under the 3 s read timeout): close() waits for them,
     fails the 200 queued ones at once, and leaves nothing behind."""
