@@ -8,6 +8,7 @@ Names follow the OpenTelemetry GenAI semantic conventions where one exists
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
@@ -249,7 +250,9 @@ class MetricsMixin(HostBase):
         else:
             job.fail(error)
         # The caller may have given up first: count what the caller saw.
-        exc = job.future.exception()
+        future = job.future
+        exc: Optional[BaseException] = (asyncio.CancelledError() if future.cancelled()
+                                        else future.exception())
         ok = exc is None
         now = self._clock.monotonic()
         if ok and result is not None:
