@@ -8,7 +8,6 @@ Names follow the OpenTelemetry GenAI semantic conventions where one exists
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections import Counter, deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
@@ -236,9 +235,8 @@ class MetricsMixin(HostBase):
 
     def _record_unsent(self, ep: "Endpoint", job: Job) -> None:
         """Count a request that ended before it was sent (expired, closed, circuit held)."""
-        exc = job.future.exception() if job.future.done() else None
         self._metrics.record_request(ep.id, job.model, False, self._clock.monotonic() - job.enqueued_at,
-                                     error_type=type(exc).__name__ if exc else "Cancelled")
+                                     error_type=_error_type(job.future) or "Cancelled")
 
     def _finish(self, ep: "Endpoint", job: Job, start: float,
                 result: Optional[CompletionResult] = None,
@@ -250,10 +248,8 @@ class MetricsMixin(HostBase):
         else:
             job.fail(error)
         # The caller may have given up first: count what the caller saw.
-        future = job.future
-        exc: Optional[BaseException] = (asyncio.CancelledError() if future.cancelled()
-                                        else future.exception())
-        ok = exc is None
+        error_type = _error_type(job.future)
+        ok = error_type is None
         now = self._clock.monotonic()
         if ok and result is not None:
             if input_tokens is None:
@@ -262,14 +258,25 @@ class MetricsMixin(HostBase):
                 output_tokens = result.usage.completion_tokens
         self._metrics.record_request(
             ep.id, job.model, ok, now - job.enqueued_at, start - job.enqueued_at,
-            None if ok else type(exc).__name__, input_tokens or 0, output_tokens or 0)
+            error_type, input_tokens or 0, output_tokens or 0)
         if self.recent_requests.maxlen:
             entry: Dict[str, Any] = {
                 "request_id": job.request_id, "endpoint": ep.id, "model": job.model,
-                "priority": job.priority, "ok": ok, "error": None if ok else type(exc).__name__,
+                "priority": job.priority, "ok": ok, "error": error_type,
                 "latency_seconds": now - job.enqueued_at,
                 "queue_wait_seconds": start - job.enqueued_at, "time": self._clock.wall()}
             if ep.settings.store_prompts:
                 entry["prompt"] = (job.request.prompt if isinstance(job.request, CompletionRequest)
                                    else "(chat)")
             self.recent_requests.append(entry)
+
+
+def _error_type(future: Any) -> Optional[str]:
+    """What a resolved job's caller saw, as the metrics name it: None for a result, the
+    error's class name, or "Cancelled" (the caller left: a cancelled future has no error)."""
+    if future.cancelled():
+        return "Cancelled"
+    if not future.done():
+        return None
+    exc = future.exception()
+    return None if exc is None else type(exc).__name__
