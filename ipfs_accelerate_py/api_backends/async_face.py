@@ -37,6 +37,7 @@ client's loop, and the job's ``concurrent.futures.Future`` is awaited through
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import Future
 from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, List, Optional,
                     Sequence)
@@ -212,12 +213,16 @@ class AsyncFaceMixin(HostBase):
         job.picked_at = job.enqueued_at
         task = asyncio.current_task()
         expired: List[bool] = []
+        # (an empty context: a cancelled timer waits in the loop's heap for a while, and a
+        # copy of the caller's would keep what it refers to alive that long)
         guard = loop.call_later(job.deadline - job.enqueued_at + 1.0, _cancel_for_time,
-                                task, expired)
+                                task, expired, context=_NO_CONTEXT)
+        saved = tracing.current_work()
         try:
             await self._run_single(ep, job)
         finally:
             guard.cancel()
+            tracing.resume_work(saved)  # the caller's task is not the job's any more
             if claimed is not None:
                 claimed.unclaim(loop)
         future = job.future
@@ -295,6 +300,9 @@ def _abandon(job: Any) -> None:
         if isinstance(outcome, SharedHandle):
             outcome.wait = False
             outcome.close()
+
+
+_NO_CONTEXT = contextvars.Context()
 
 
 def _cancel_for_time(task: "Optional[asyncio.Task[Any]]", expired: List[bool]) -> None:

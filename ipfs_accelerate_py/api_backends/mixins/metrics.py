@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
 
 import numpy as np
 
@@ -27,12 +27,14 @@ PERCENTILES = (50, 90, 95, 99)
 
 
 class Series:
-    """A bounded ring of samples plus exact count/sum/min/max over everything seen."""
+    """A bounded ring of samples plus exact count/sum/min/max over everything seen. The
+    ring is a plain list (a sample is written on every request; numpy only summarises)."""
 
-    __slots__ = ("_buf", "_i", "count", "total", "min", "max")
+    __slots__ = ("_buf", "_i", "_window", "count", "total", "min", "max")
 
     def __init__(self, window: int) -> None:
-        self._buf = np.empty(window, dtype=np.float64)
+        self._buf: List[float] = [0.0] * window
+        self._window = window
         self._i = 0
         self.count = 0
         self.total = 0.0
@@ -40,8 +42,10 @@ class Series:
         self.max = float("-inf")
 
     def add(self, x: float) -> None:
-        self._buf[self._i] = x
-        self._i = (self._i + 1) % len(self._buf)
+        i = self._i
+        self._buf[i] = x
+        i += 1
+        self._i = 0 if i == self._window else i
         self.count += 1
         self.total += x
         if x < self.min:
@@ -52,7 +56,7 @@ class Series:
     def summary(self) -> Dict[str, Any]:
         if not self.count:
             return {"count": 0}
-        data = self._buf[: min(self.count, len(self._buf))]
+        data = np.asarray(self._buf[: min(self.count, self._window)], dtype=np.float64)
         pct = np.percentile(data, PERCENTILES)
         mean = self.total / self.count
         out: Dict[str, Any] = {"count": self.count, "min": self.min, "max": self.max,
