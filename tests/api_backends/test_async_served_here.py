@@ -197,3 +197,31 @@ def _wait_held_or_queued(server: Any, client: Any, n: int, slots: int) -> None:
     from support import wait_until
     wait_until(lambda: server.held >= min(n, slots) or
                server.held + len(client.request_queue) >= n, timeout=10.0)
+
+
+def test_nothing_keeps_a_finished_requests_result_alive(fake_server, make_client) -> None:
+    """asyncio copies the caller's context into every timer and task it makes: a context
+    that held the job's future (and so its result) kept each request's objects alive after
+    the caller dropped them, into the collector's oldest generation. With the collector off,
+    reference counts alone free every result once the caller lets go of it."""
+    import gc
+    import weakref
+    c = make_client(fake_server, batch_enabled=False)
+
+    async def go() -> List[Any]:
+        refs = []
+        for i in range(40):
+            result = await c.arun_inference(None, f"kept {i}.", P)
+            refs.append(weakref.ref(result))
+            del result
+        await asyncio.sleep(0)  # one turn of the loop: callbacks already due have run
+        return refs
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        refs = run(go())
+        alive = [r for r in refs if r() is not None]
+    finally:
+        if enabled:
+            gc.enable()
+    assert alive == []
