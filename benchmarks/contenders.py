@@ -332,8 +332,8 @@ class ProjectAsync(Project):
     caller), beside bare aiohttp's N tasks on one loop."""
 
     def __init__(self, url: str, model: str, params: Dict[str, Any], concurrency: int,
-                 **kw: Any) -> None:
-        super().__init__(url, model, params, label="project (async)", **kw)
+                 label: str = "project (async)", **kw: Any) -> None:
+        super().__init__(url, model, params, label=label, **kw)
         self._loop = asyncio.new_event_loop()
 
     async def _one(self, prompt: str) -> int:

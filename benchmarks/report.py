@@ -99,6 +99,10 @@ def targets(results: Dict[str, Any], names: Dict[str, str]) -> List[Dict[str, An
     ratio("W3 sync face: project CPU / raw requests CPU", "W3", "on", "requests", "<=", 0.25)
     ratio("W3 async face: project (async) CPU / aiohttp CPU", "W3", "async", "aiohttp", "<=", 1.5)
     ratio("W3 defaults (all on): project CPU / aiohttp CPU", "W3", "on", "aiohttp", "<=", 2.0)
+    ratio("W3 batching off, sync face: project CPU / raw requests CPU", "W3", "off", "requests",
+          "<=", 0.35)
+    ratio("W3 batching off, async face: project (async) CPU / aiohttp CPU", "W3", "async_off",
+          "aiohttp", "<=", 1.5)
     ratio("256 submitted at once: batching on / off speed-up", "W1", "submit_on", "submit_off", ">=", 2.0)
     within("lone request p50: batching on - off", "W2", "on", "off", 1.0)
     # Not a target: what the best client with 32 prompts in flight reached in this run. The

@@ -46,6 +46,7 @@ NAMES = {
     "off": "project (batching off)",
     "on": "project (batching on)",
     "async": "project (async)",
+    "async_off": "project (async, batching off)",
     "submit_on": "project (batching on, submit all)",
     "submit_off": "project (batching off, submit all)",
     "bare": "bare prompt lists (32/request)",
@@ -181,6 +182,9 @@ def build(args: argparse.Namespace, real: servers.RealServer,
         if have_aio:  # the async face beside bare aiohttp: tasks on one loop, no caller threads
             w.add("async", lambda: C.ProjectAsync(url, model, params, conc, batching=True,
                                                   transport=tr))
+            # unbatched: what one HTTP call costs the client (issue 26's rows)
+            w.add("async_off", lambda: C.ProjectAsync(url, model, params, conc, batching=False,
+                                                      transport=tr, label=NAMES["async_off"]))
         for c in w.rows.values():
             c.expect = None  # the no-op server's fixed reply does not answer prompt lists
         w.items = prompts(n, "w3")  # type: ignore[attr-defined]

@@ -36,8 +36,10 @@ client's loop, and the job's ``concurrent.futures.Future`` is awaited through
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, Optional, Sequence
+from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, List, Optional,
+                    Sequence)
 
 from . import errors, tracing
 from .call_shapes import check_timeout, pop_send_options, stream_call
@@ -174,8 +176,21 @@ class AsyncFaceMixin(HostBase):
                       fail_fast: Optional[bool] = None) -> CompletionResult:
         """``execute`` for coroutines: queued as ``submit`` queues it (the work runs on the
         client's loop), awaited without a thread, never longer than the call's deadline."""
-        ep = self._endpoint(endpoint_id)
-        future = self.submit(request, priority, endpoint_id, timeout, fail_fast)
+        accepted = self._accept(request, priority, endpoint_id, check_timeout(timeout),
+                                fail_fast)
+        if isinstance(accepted, Future):  # routed over every endpoint (mixins/routing.py)
+            future = accepted
+            ep = self._endpoint(endpoint_id)
+        else:
+            ep, job = accepted
+            if job.key is None:  # it shares no call: served here if it would start at once
+                loop = asyncio.get_running_loop()
+                if not ep.settings.queue_enabled:
+                    return await self._serve_here(ep, job, loop, None)
+                if not ep.limit.full and ep.workers.claim(loop):
+                    return await self._serve_here(ep, job, loop, ep.workers)
+            self._start_job(ep, job)
+            future = job.future
         limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
         # a bound against a lost result (the pipeline ends every job by its deadline): a
         # bare timer, cancelled on the way out, is the cheapest such guard per call
@@ -184,6 +199,42 @@ class AsyncFaceMixin(HostBase):
             return await asyncio.wrap_future(future)
         finally:
             guard.cancel()
+
+    async def _serve_here(self, ep: Any, job: Any, loop: asyncio.AbstractEventLoop,
+                          claimed: Any) -> CompletionResult:
+        """A request that shares no call, served in its caller's task on its caller's loop
+        (the dispatcher's ``claim`` said it would have started it at once): the same
+        single-request path the dispatcher runs (``_run_single``: retries, breaker, slot,
+        metrics, tracing), without the two hand-offs between loops. A caller that leaves
+        (cancelled) stops its own request, as with aiohttp; a bound of the deadline plus
+        a second stands guard as ``asubmit``'s does (then ``TimeoutError``)."""
+        job.here = True
+        job.picked_at = job.enqueued_at
+        task = asyncio.current_task()
+        expired: List[bool] = []
+        # (an empty context: a cancelled timer waits in the loop's heap for a while, and a
+        # copy of the caller's would keep what it refers to alive that long)
+        guard = loop.call_later(job.deadline - job.enqueued_at + 1.0, _cancel_for_time,
+                                task, expired, context=_NO_CONTEXT)
+        saved = tracing.current_work()
+        try:
+            await self._run_single(ep, job)
+        finally:
+            guard.cancel()
+            tracing.resume_work(saved)  # the caller's task is not the job's any more
+            if claimed is not None:
+                claimed.unclaim(loop)
+        future = job.future
+        if expired:  # the guard's own cancel is not the caller's: withdrawn (3.11+)
+            uncancel = getattr(task, "uncancel", None)
+            if uncancel is not None:
+                uncancel()
+        if future.cancelled():
+            if expired:
+                raise errors.TimeoutError(f"no result within the call deadline of "
+                                          f"{job.deadline - job.enqueued_at:.1f}s")
+            raise asyncio.CancelledError()
+        return future.result()
 
     async def arun_inference(self, model_id: Optional[str], inputs: Any,
                              parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
@@ -248,6 +299,16 @@ def _abandon(job: Any) -> None:
         if isinstance(outcome, SharedHandle):
             outcome.wait = False
             outcome.close()
+
+
+_NO_CONTEXT = contextvars.Context()
+
+
+def _cancel_for_time(task: "Optional[asyncio.Task[Any]]", expired: List[bool]) -> None:
+    """``_serve_here``'s guard: the caller's task is cancelled, and told why."""
+    if task is not None:
+        expired.append(True)
+        task.cancel()
 
 
 def _expire(future: "Future[Any]", deadline: float) -> None:

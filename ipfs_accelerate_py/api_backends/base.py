@@ -18,6 +18,7 @@ manager.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import itertools
@@ -27,7 +28,7 @@ import threading
 import weakref
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import (Any, Callable, ClassVar, Dict, Hashable, Iterator, List, Optional, Sequence,
-                    Tuple)
+                    Tuple, Union)
 
 from . import errors, tracing
 from .adapter import BackendAdapter
@@ -323,6 +324,19 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         While the endpoint's circuit is OPEN the request waits for it (within its deadline);
         ``fail_fast`` (default: the ``fail_fast`` setting) rejects it with
         ``CircuitOpenError`` instead."""
+        accepted = self._accept(request, priority, endpoint_id, timeout, fail_fast)
+        if isinstance(accepted, Future):
+            return accepted
+        ep, job = accepted
+        self._start_job(ep, job)
+        return job.future
+
+    def _accept(self, request: Request, priority: int, endpoint_id: Optional[str],
+                timeout: Optional[float], fail_fast: Optional[bool]
+                ) -> Union["Future[CompletionResult]", Tuple[Endpoint, Job]]:
+        """``submit``'s checks and choice, for both faces: the routed call's future when
+        routing over every endpoint took it, else ``(endpoint, its job)``, the job not
+        started yet."""
         check_priority(priority)
         timeout = check_timeout(timeout)
         if not isinstance(request, (CompletionRequest, ChatRequest, OperationRequest)):
@@ -339,7 +353,11 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             if routed is not None:  # the routing setting: over every endpoint (mixins/routing.py)
                 return routed
         ep = self._endpoint(endpoint_id)
-        job = self._new_job(ep, request, priority, timeout, self._fail_fast(ep, fail_fast))
+        return ep, self._new_job(ep, request, priority, timeout,
+                                       self._fail_fast(ep, fail_fast))
+
+    def _start_job(self, ep: Endpoint, job: Job) -> None:
+        """Queue ``job`` for ``ep``'s dispatcher (or, queue off, start it on the loop)."""
         if ep.settings.queue_enabled:
             self._enqueue(ep, job)
             if job.fail_fast and ep.queue.paused and ep.queue.remove(job):
@@ -347,7 +365,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                 self._record_unsent(ep, job)
         else:
             self._loop.spawn(self._handle_job(ep, job))
-        return job.future
 
     def execute(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
                 timeout: Optional[float] = None,
@@ -492,10 +509,11 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                 self._record_unsent(ep, job)
         wait = timeout if timeout is not None else self._settings.timeout + 1.0
         end = self._clock.monotonic() + wait
+        here = _running_loop()  # its own requests cannot end while this thread waits
         idle = True
         for ep in self._endpoints.values():
             # the jobs being sent end (answered, or failed closing)
-            idle = ep.workers.join(max(0.0, end - self._clock.monotonic())) and idle
+            idle = ep.workers.join(max(0.0, end - self._clock.monotonic()), here) and idle
             if ep.prober is not None:
                 ep.prober.join(wait)
         for ep in self._endpoints.values():
@@ -517,6 +535,13 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
     def __repr__(self) -> str:
         return (f"<{type(self).__name__} {self._settings.base_url} endpoints={len(self._endpoints)}"
                 f"{' closed' if self._closed else ''}>")
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
 
 _live_clients: "weakref.WeakSet[BaseApiBackend]" = weakref.WeakSet()
 

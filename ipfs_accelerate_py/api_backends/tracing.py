@@ -66,7 +66,8 @@ class _Local:
     _vars: Dict[str, "contextvars.ContextVar[Any]"] = {
         name: contextvars.ContextVar(f"ipfs_accelerate.{name}", default=None)
         for name in ("rid", "future", "op", "span")}
-    #: rid (str), future (once done, ``rid`` no longer describes the work), op (_Op), span
+    #: rid (str), future (a weak reference: once done or gone, ``rid`` no longer describes
+    #: the work), op (_Op), span
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -236,19 +237,39 @@ def _queue_events(op: _Op, ep: Any, job: Any, now: float) -> None:
         op.event("circuit.wait", {"wait.duration_s": held, "circuit.held_in_queue": True})
 
 
+_RID, _FUTURE, _OP, _SPAN = (_Local._vars[name] for name in ("rid", "future", "op", "span"))
+
+
+def current_work() -> Tuple[Any, Any, Any, Any]:
+    """What this thread or task works for now, to put back with ``resume_work`` once a job
+    served in a caller's own task is done (``job_started`` changed it there): the caller's
+    later log lines are not the job's, and nothing the caller's task schedules later holds
+    on to the job's future."""
+    return (_RID.get(), _FUTURE.get(), _OP.get(), _SPAN.get())
+
+
+def resume_work(saved: Tuple[Any, Any, Any, Any]) -> None:
+    rid, future, op, span = saved
+    _RID.set(rid)
+    _FUTURE.set(future)
+    _OP.set(op)
+    _SPAN.set(span)
+
+
 def job_started(ep: Any, job: Any, now: float) -> None:
     """A worker took ``job`` to send it alone (``now``: the client's monotonic clock)."""
-    _local.rid, _local.future = job.request_id, job.future
+    _RID.set(job.request_id)
+    _FUTURE.set(weakref.ref(job.future))
     op = _jobs.get(job.future) if _jobs else None
-    _local.op = op
-    _local.span = op.span if op is not None else None
+    _OP.set(op)
+    _SPAN.set(op.span if op is not None else None)
     if op is not None:
         _queue_events(op, ep, job, now)
 
 
 def shared_call_started(client: Any, ep: Any, jobs: Sequence[Any], now: float) -> None:
     """A worker sends ``jobs`` as one call: a span for the call, linked with theirs."""
-    _local.rid, _local.future = jobs[0].request_id, jobs[0].future
+    _local.rid, _local.future = jobs[0].request_id, weakref.ref(jobs[0].future)
     _local.op = _local.span = None
     ops = [_jobs.get(j.future) for j in jobs] if _jobs else []
     traced = [(j, o) for j, o in zip(jobs, ops) if o is not None]
@@ -424,12 +445,23 @@ def with_trace_context(headers: Dict[str, str]) -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------- logs
+def _done(future_ref: "Optional[weakref.ref[Future]]") -> bool:
+    """Whether the job this thread or task worked for is over. The context holds a weak
+    reference: a timer or task that copied the context (asyncio copies it for each) must
+    not keep the job's future, and its result, alive after the job."""
+    if future_ref is None:
+        return False
+    future = future_ref()
+    return future is None or future.done()
+
+
+# ---------------------------------------------------------------- logs
 class RequestLogFilter(logging.Filter):
     """Tags records logged while this thread works on a request with its id (and trace id)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         rid = _local.rid
-        if rid is None or (_local.future is not None and _local.future.done()):
+        if rid is None or _done(_local.future):
             return True
         tag = f"request_id={rid}"
         record.request_id = rid

@@ -103,8 +103,12 @@ class AttemptMixin(HostBase):
         it, advanced only by what they waited) and once as the reply comes (slot, load
         report and breaker share that)."""
         clock = self._clock
-        probe, now = await self._aadmit(ep, deadline, fail_fast,
-                                        clock.monotonic() if now is None else now, op, rid)
+        if now is None:
+            now = clock.monotonic()
+        try:  # a closed circuit admits at once: no wait to await
+            probe = ep.settings.circuit_breaker_enabled and ep.breaker.admit(now)
+        except CircuitOpenError:
+            probe, now = await self._aadmit(ep, deadline, fail_fast, now, op, rid)
         key = object()
         try:
             waited = await ep.limit.aacquire(deadline, key, self._closing, now=now)

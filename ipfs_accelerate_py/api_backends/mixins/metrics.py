@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter, deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
 
 import numpy as np
 
@@ -27,12 +27,14 @@ PERCENTILES = (50, 90, 95, 99)
 
 
 class Series:
-    """A bounded ring of samples plus exact count/sum/min/max over everything seen."""
+    """A bounded ring of samples plus exact count/sum/min/max over everything seen. The
+    ring is a plain list (a sample is written on every request; numpy only summarises)."""
 
-    __slots__ = ("_buf", "_i", "count", "total", "min", "max")
+    __slots__ = ("_buf", "_i", "_window", "count", "total", "min", "max")
 
     def __init__(self, window: int) -> None:
-        self._buf = np.empty(window, dtype=np.float64)
+        self._buf: List[float] = [0.0] * window
+        self._window = window
         self._i = 0
         self.count = 0
         self.total = 0.0
@@ -40,8 +42,10 @@ class Series:
         self.max = float("-inf")
 
     def add(self, x: float) -> None:
-        self._buf[self._i] = x
-        self._i = (self._i + 1) % len(self._buf)
+        i = self._i
+        self._buf[i] = x
+        i += 1
+        self._i = 0 if i == self._window else i
         self.count += 1
         self.total += x
         if x < self.min:
@@ -52,7 +56,7 @@ class Series:
     def summary(self) -> Dict[str, Any]:
         if not self.count:
             return {"count": 0}
-        data = self._buf[: min(self.count, len(self._buf))]
+        data = np.asarray(self._buf[: min(self.count, self._window)], dtype=np.float64)
         pct = np.percentile(data, PERCENTILES)
         mean = self.total / self.count
         out: Dict[str, Any] = {"count": self.count, "min": self.min, "max": self.max,
@@ -235,9 +239,8 @@ class MetricsMixin(HostBase):
 
     def _record_unsent(self, ep: "Endpoint", job: Job) -> None:
         """Count a request that ended before it was sent (expired, closed, circuit held)."""
-        exc = job.future.exception() if job.future.done() else None
         self._metrics.record_request(ep.id, job.model, False, self._clock.monotonic() - job.enqueued_at,
-                                     error_type=type(exc).__name__ if exc else "Cancelled")
+                                     error_type=_error_type(job.future) or "Cancelled")
 
     def _finish(self, ep: "Endpoint", job: Job, start: float,
                 result: Optional[CompletionResult] = None,
@@ -249,8 +252,8 @@ class MetricsMixin(HostBase):
         else:
             job.fail(error)
         # The caller may have given up first: count what the caller saw.
-        exc = job.future.exception()
-        ok = exc is None
+        error_type = _error_type(job.future)
+        ok = error_type is None
         now = self._clock.monotonic()
         if ok and result is not None:
             if input_tokens is None:
@@ -259,14 +262,25 @@ class MetricsMixin(HostBase):
                 output_tokens = result.usage.completion_tokens
         self._metrics.record_request(
             ep.id, job.model, ok, now - job.enqueued_at, start - job.enqueued_at,
-            None if ok else type(exc).__name__, input_tokens or 0, output_tokens or 0)
+            error_type, input_tokens or 0, output_tokens or 0)
         if self.recent_requests.maxlen:
             entry: Dict[str, Any] = {
                 "request_id": job.request_id, "endpoint": ep.id, "model": job.model,
-                "priority": job.priority, "ok": ok, "error": None if ok else type(exc).__name__,
+                "priority": job.priority, "ok": ok, "error": error_type,
                 "latency_seconds": now - job.enqueued_at,
                 "queue_wait_seconds": start - job.enqueued_at, "time": self._clock.wall()}
             if ep.settings.store_prompts:
                 entry["prompt"] = (job.request.prompt if isinstance(job.request, CompletionRequest)
                                    else "(chat)")
             self.recent_requests.append(entry)
+
+
+def _error_type(future: Any) -> Optional[str]:
+    """What a resolved job's caller saw, as the metrics name it: None for a result, the
+    error's class name, or "Cancelled" (the caller left: a cancelled future has no error)."""
+    if future.cancelled():
+        return "Cancelled"
+    if not future.done():
+        return None
+    exc = future.exception()
+    return None if exc is None else type(exc).__name__

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, Deque, Dict, Hashable, List, Optional, Tuple
@@ -34,7 +35,7 @@ class Job:
     """One submitted request and the future its caller waits on."""
 
     __slots__ = ("request", "priority", "future", "enqueued_at", "deadline", "key", "seq",
-                 "model", "request_id", "picked_at", "fail_fast", "context")
+                 "model", "request_id", "picked_at", "fail_fast", "context", "here")
 
     def __init__(self, request: Any, priority: int, deadline: float, key: Optional[Hashable],
                  model: Optional[str], request_id: str, now: float,
@@ -53,9 +54,16 @@ class Job:
         self.fail_fast = fail_fast  # an OPEN circuit fails it at once instead of holding it
         #: what the caller attached for the step that serves it (a stream's tracing span)
         self.context: Any = None
+        #: served in its caller's own task (``Dispatcher.claim``): a cancellation there is
+        #: the caller leaving, not the client's loop stopping
+        self.here = False
 
     def fail(self, exc: BaseException) -> None:
-        if isinstance(exc, asyncio.CancelledError):  # the client's loop stopped under it
+        if isinstance(exc, asyncio.CancelledError):
+            if self.here:  # its caller left: the future says so, to whoever reads it
+                self.future.cancel()
+                return
+            # the client's loop stopped under it
             exc = ClientClosedError("client closed while the request was in flight")
         if not self.future.done():
             try:
@@ -331,10 +339,12 @@ class Dispatcher:
         self._n = n
         self._loop = loop
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # ``join`` waits on it
+        self._joining = 0  # threads in ``join``: only then does a task's end notify
         self._kicked = False  # a fill is scheduled on the loop and has not run yet
-        self.active = 0  # tasks serving now (each handles one job at a time)
-        self._idle = threading.Event()  # set while no task serves
-        self._idle.set()
+        self.active = 0  # jobs served now: tasks (each one job at a time) and claims
+        #: claimed jobs per event loop they run on (callers' loops, not the client's)
+        self._claims: Dict[Any, int] = {}
         queue.on_ready = self.kick
 
     def kick(self) -> None:
@@ -354,10 +364,40 @@ class Dispatcher:
         """Start one task if a job waits and a slot is free. Each task, once it has taken
         its job and that job's first step has run (a batch gathers what waits), tops up
         again: so a burst that one batch takes costs one task, not one per job."""
-        if self.active < self._n and len(self._queue) and not self._queue.paused:
+        with self._lock:
+            if not (self.active < self._n and len(self._queue) and not self._queue.paused):
+                return
             self.active += 1
-            self._idle.clear()
-            self._loop.spawn(self._serve())
+        self._loop.spawn(self._serve())
+
+    def claim(self, loop: Any) -> bool:
+        """Serve one job in its caller's own task, on ``loop``, instead of queueing it (the
+        async face's unshared requests): only when a kick would start it at once anyway
+        (nothing waits in the queue, the queue is not paused, a slot is free), so no
+        waiting job is passed over. The slot counts as a task's until ``unclaim``."""
+        with self._lock:
+            if self.active < self._n and not len(self._queue) and not self._queue.paused:
+                self.active += 1
+                self._claims[loop] = self._claims.get(loop, 0) + 1
+                return True
+        return False
+
+    def unclaim(self, loop: Any) -> None:
+        """The claimed job is done: its slot is free for what queued meanwhile."""
+        with self._lock:
+            left = self._claims[loop] - 1
+            if left:
+                self._claims[loop] = left
+            else:
+                del self._claims[loop]
+            self._ended_locked()
+        if len(self._queue):
+            self.kick()
+
+    def _ended_locked(self) -> None:
+        self.active -= 1
+        if self._joining:
+            self._changed.notify_all()
 
     async def _serve(self) -> None:
         try:
@@ -373,9 +413,8 @@ class Dispatcher:
                     if not isinstance(exc, Exception):
                         raise
         finally:
-            self.active -= 1
-            if not self.active:
-                self._idle.set()
+            with self._lock:
+                self._ended_locked()
 
     def resize(self, n: int) -> None:
         """Serve up to ``n`` jobs at once (surplus tasks end after their current job)."""
@@ -388,9 +427,22 @@ class Dispatcher:
     def size(self) -> int:
         return self._n
 
-    def join(self, timeout: float) -> bool:
-        """Wait (from another thread) until no task serves; True if none does."""
-        return self._idle.wait(timeout)
+    def join(self, timeout: float, skip_loop: Any = None) -> bool:
+        """Wait (from another thread) until no job is served; True if none is. Jobs claimed
+        on ``skip_loop`` (the loop of the thread that waits, which could not serve them
+        while it waits) are not waited for."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            self._joining += 1
+            try:
+                while self.active > self._claims.get(skip_loop, 0):
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._changed.wait(left)
+                return True
+            finally:
+                self._joining -= 1
 
 
 def _nothing() -> None:
