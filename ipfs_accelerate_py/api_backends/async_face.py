@@ -268,7 +268,7 @@ class AsyncFaceMixin(HostBase):
         of ``close()`` (it waits for the requests under way) runs in the default executor,
         so the loop is not blocked meanwhile."""
         for ep in list(self._endpoints.values()):
-            await ep.transport.aclose()
+            await ep.aclose_transports()
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
 

@@ -87,13 +87,22 @@ class Endpoint:
     breaker."""
 
     def __init__(self, endpoint_id: str, settings: ClientSettings, transport: AsyncTransport,
-                 breaker: Any, queue: PriorityRequestQueue, loop: ClientLoop) -> None:
+                 breaker: Any, queue: PriorityRequestQueue, loop: ClientLoop,
+                 probe_transport: Optional[AsyncTransport] = None) -> None:
         self.id = endpoint_id
         self.settings = settings
         #: the one seam every request to this server goes through (aiohttp, or the caller's
         #: ``transport_factory`` transport adapted): on the client's loop, or an async
         #: stream's caller's
         self.transport = transport
+        #: what ``fetch`` (health checks, the load probe) sends through: the same kind of
+        #: transport with connections of its own (default: ``transport`` itself). Kept
+        #: apart, a probe neither takes a pooled connection from the requests nor leaves one
+        #: for them: a server just back gets the held requests on fresh connections (with
+        #: the probe's connection pooled they came 1-2 s late after a real vLLM server's
+        #: restart, tests/reliability/test_crash_restart.py), and probes reuse their own
+        #: connection instead of opening one each (tests/api_backends/test_soak.py)
+        self.probe_transport = probe_transport or transport
         self._loop = loop
         self.breaker = breaker
         self.queue = queue
@@ -114,8 +123,20 @@ class Endpoint:
         checks, the load probe), for a thread that may block: it runs on the client's loop
         and is waited for here, at most both timeouts and a second (then cancelled). Raises
         what the transport raised; ``RuntimeError`` on the loop itself or once it stopped."""
-        return self._loop.run(self.transport.send(request, timeout),
+        return self._loop.run(self.probe_transport.send(request, timeout),
                               timeout[0] + timeout[1] + 1.0)
+
+    def close_transports(self) -> None:
+        """Close the transport (and the probes' own, if any), from any thread."""
+        self.transport.close()
+        if self.probe_transport is not self.transport:
+            self.probe_transport.close()
+
+    async def aclose_transports(self) -> None:
+        """What the running loop holds of the transports, closed and awaited."""
+        await self.transport.aclose()
+        if self.probe_transport is not self.transport:
+            await self.probe_transport.aclose()
 
     @property
     def shares_prompt_lists(self) -> bool:
@@ -197,8 +218,9 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         health = None if settings.fail_fast else self._adapter.health_request()
         breaker = self._new_breaker(endpoint_id, settings, self._clock,
                                     self._on_circuit_transition, scheduled_probes=health is not None)
-        ep = Endpoint(endpoint_id, settings, self._new_transport(settings), breaker, queue,
-                      self._loop)
+        transport = self._new_transport(settings)
+        ep = Endpoint(endpoint_id, settings, transport, breaker, queue, self._loop,
+                      self._probe_transport(settings, transport))
         name = f"{self.backend_name or 'api'}-{endpoint_id}"
         ep.workers = Dispatcher(queue, settings.max_concurrent_requests,
                                 functools.partial(self._handle_job, ep), self._loop)
@@ -220,6 +242,14 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             return AioTransport.from_settings(settings)
         return as_async_transport(self._transport_factory(settings), self._executor())
 
+    @staticmethod
+    def _probe_transport(settings: ClientSettings, transport: AsyncTransport) -> AsyncTransport:
+        """The probes' transport: aiohttp's, a second one (its own connections: see
+        ``Endpoint.probe_transport``); a caller's transport, that transport itself."""
+        if isinstance(transport, AioTransport):
+            return AioTransport.from_settings(settings)
+        return transport
+
     def _renew_transport(self, ep: Endpoint) -> None:
         """A caller's transport made again from the endpoint's settings now (its pool was
         sized from the old concurrency); calls in flight finish on the old one, which is
@@ -227,6 +257,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         if self._transport_factory is None:
             return
         old, ep.transport = ep.transport, self._new_transport(ep.settings)
+        ep.probe_transport = ep.transport
         old.close()
 
     _warned_hosts: "set[str]" = set()
@@ -517,7 +548,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             if ep.prober is not None:
                 ep.prober.join(wait)
         for ep in self._endpoints.values():
-            ep.transport.close()
+            ep.close_transports()
         self._close_transports(idle)  # aiohttp sessions, on their loops; the executor
         self._loop.stop(wait)
         _live_clients.discard(self)

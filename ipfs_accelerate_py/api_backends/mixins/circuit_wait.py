@@ -11,7 +11,6 @@ prober's tick, calls it back.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from typing import TYPE_CHECKING, Callable, List, Sequence
@@ -124,14 +123,9 @@ class CircuitWaitMixin(HostBase):
 
     def _probe_health(self, ep: Endpoint, health: HttpRequest) -> bool:
         """One scheduled probe, from the prober's thread: the server answered the health
-        request below 500. It goes through the endpoint's transport on the client's loop
-        (``Endpoint.fetch``), as any request does; a failure of any kind is a failed probe."""
+        request below 500. It goes through the endpoint's probe transport on the client's
+        loop (``Endpoint.fetch``); a failure of any kind is a failed probe."""
         timeout = (min(ep.settings.connect_timeout, 2.0), min(ep.settings.timeout, 5.0))
-        # A connection of its own, closed after the answer (probes are rare: a circuit down
-        # or suspect). Pooled, the probe's connection carried the first requests after a
-        # real vLLM server came back, and they took 1-2 s longer
-        # (tests/reliability/test_crash_restart.py); the old sync transport kept probes apart.
-        health = dataclasses.replace(health, headers={**health.headers, "Connection": "close"})
         try:
             response = ep.fetch(health, timeout)
         except Exception:  # noqa: BLE001 - unreachable, timed out, or the client stopping
