@@ -121,20 +121,41 @@ class AioStreamResponse:
                 check_size(seen, self._limit, self.status)
                 yield piece
         except (Exception, asyncio.CancelledError) as exc:
-            self.close()  # a failed, refused or cancelled read leaves the connection unusable
-            if isinstance(exc, asyncio.CancelledError):
+            failed = self._read_failed(exc)
+            if failed is exc:
                 raise
-            if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-                raise errors.TimeoutError(
-                    f"stream idle timeout: no data from {self._base} within the read timeout: "
-                    f"{redact(f'{type(exc).__name__}: {exc}')[:500]}") from None
-            raise _map(exc, self._base, "read") from None
+            raise failed from None
+
+    def _read_failed(self, exc: BaseException) -> BaseException:
+        """What a failed read raises (a cancellation as it is), the connection closed: a
+        failed, refused or cancelled read leaves it unusable."""
+        self.close()
+        if isinstance(exc, asyncio.CancelledError):
+            return exc
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return errors.TimeoutError(
+                f"stream idle timeout: no data from {self._base} within the read timeout: "
+                f"{redact(f'{type(exc).__name__}: {exc}')[:500]}")
+        return _map(exc, self._base, "read")
 
     async def read_body(self) -> bytes:
-        """The whole body of an error reply (capped), then the connection is released."""
-        parts = [piece async for piece in self.chunks()]
+        """The whole body (capped), then the connection is released. A declared length,
+        already held to the cap as the reply opened, is read in one call (a complete
+        reply's common case: no per-piece loop); a body without one, piece by piece
+        against the cap."""
+        if self._resp.content_length is None:
+            parts = [piece async for piece in self.chunks()]
+            self.close()
+            return b"".join(parts)
+        try:
+            body = await self._resp.read()
+        except (Exception, asyncio.CancelledError) as exc:
+            failed = self._read_failed(exc)
+            if failed is exc:
+                raise
+            raise failed from None
         self.close()
-        return b"".join(parts)
+        return body
 
     async def aclose(self) -> None:
         """``close`` for a reader on the loop (the same face as ``ThreadedStream``'s)."""
