@@ -28,9 +28,12 @@ stream that goes alone is opened on its caller's loop by ``StreamingMixin._aopen
 the sync face's opening coroutine.
 
 Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``,
-``asubmit``) go through the queue and the batcher as the sync ones do: the work runs on the
-client's loop, and the job's ``concurrent.futures.Future`` is awaited through
-``asyncio.wrap_future``, a done callback that wakes the caller's loop, so no thread waits.
+``asubmit``) that may share a call go through the queue and the batcher as the sync ones do:
+the work runs on the client's loop, and the job's ``concurrent.futures.Future`` is awaited
+through ``asyncio.wrap_future``, a done callback that wakes the caller's loop, so no thread
+waits. One that shares no call and would start at once (``Dispatcher.claim``) is served in
+its caller's task instead (``_serve_here``): the same ``_run_single`` on the caller's loop,
+without the two hand-offs between loops.
 """
 
 from __future__ import annotations
