@@ -29,6 +29,7 @@ import json
 import random
 import statistics
 import subprocess
+from collections import Counter
 import sys
 import threading
 import time
@@ -259,6 +260,21 @@ def shape_jobs(shape: Shape, tag: str, per_word: float) -> List[Job]:
     return jobs
 
 
+def hash_split(strategy: str, jobs: Sequence[Job], urls: Sequence[str]) -> float:
+    """max/min requests per server had every request gone where its hash puts it (the
+    oracle's pin; cache-aware's first choice): the hash's own luck on this workload."""
+    from ipfs_accelerate_py.api_backends.prefix_affinity import affinity_key, rendezvous_order
+
+    if strategy == "round-robin":
+        return 1.0
+    if strategy.startswith("oracle"):
+        counts = Counter(pin(pid) for pid, _ in jobs)
+    else:
+        counts = Counter(rendezvous_order(affinity_key(prompt), urls)[0] for _, prompt in jobs)
+    per = [counts.get(k, 0) for k in (("a", "b") if strategy.startswith("oracle") else (0, 1))]
+    return max(per) / max(min(per), 1)
+
+
 def sweep(args: argparse.Namespace) -> int:
     rows = [r for r in SWEEP_ROWS if not args.rows or r.name in args.rows.split(",")]
     t_start = time.perf_counter()
@@ -267,6 +283,10 @@ def sweep(args: argparse.Namespace) -> int:
     urls = [s.base_url for s in servers]
     print(f"servers {urls} (pids {[s.pid for s in servers]}), started in {time.perf_counter() - t_start:.0f}s")
     out: List[Dict[str, Any]] = []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    folder = ROOT / "collected_results"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"routing_sweep_{stamp}.json"
     try:
         per_word = token_count(urls[0], make_prefix("cal", 0, 200)) / 200
         warm = new_client(urls)
@@ -282,24 +302,25 @@ def sweep(args: argparse.Namespace) -> int:
                     r = measure(urls, lambda: run_jobs(client, strategy, jobs, shape.threads))
                     if strategy == "cache-aware":
                         ca = client.get_routing_stats()["cache_aware"]
-                        r["diverted"] = sum(v["diverted_for_load"] for v in ca.values())
+                        r["placed"] = {k: sum(v.get(k, 0) for v in ca.values()) for k in
+                                       ("by_affinity", "diverted_for_load", "hot_spread", "moved_by_demand")}
+                        r["diverted"] = r["placed"]["diverted_for_load"]
+                    r["hash_split"] = hash_split(strategy, jobs, urls)
                     client.close()
                     r.update(row=shape.name, shape=shape._asdict(), prefixes=shape.prefixes,
                              requests=len(jobs), strategy=strategy, repeat=rep)
                     out.append(r)
+                    # written as it goes: an interrupted sweep keeps the rows it ran
+                    path.write_text(json.dumps({"args": vars(args), "per_word": per_word,
+                                                "results": out}, indent=1))
                     print(f"{shape.name:>12} {strategy:>18}: hit {r['hit_rate']:.3f} split "
-                          f"{r['per_server']} ({r['split']:.2f}) failed {r['failed']} "
-                          f"diverted {r.get('diverted', '-')} {r['wall_s']:.0f}s", flush=True)
+                          f"{r['per_server']} ({r['split']:.2f}; by hash {r['hash_split']:.2f}) "
+                          f"failed {r['failed']} {r.get('placed', '')} {r['wall_s']:.0f}s", flush=True)
     finally:
         for s in servers:
             s.stop()
     table = sweep_table(rows, out)
     print("\n" + table)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    folder = ROOT / "collected_results"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"routing_sweep_{stamp}.json"
-    path.write_text(json.dumps({"args": vars(args), "per_word": per_word, "results": out}, indent=1))
     png = sweep_png(rows, out, folder / f"routing_sweep_{stamp}.png")
     print(f"\nwritten {path}{'' if png is None else ' and ' + str(png)}; "
           f"total {time.perf_counter() - t_start:.0f}s")
@@ -385,7 +406,16 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="the workload-shape sweep instead")
     ap.add_argument("--rows", default="", help="--sweep: these rows only (names, comma-separated)")
     ap.add_argument("--repeat", type=int, default=1, help="--sweep: runs of each row")
+    ap.add_argument("--table", default="", help="print the table (and PNG) of a sweep's JSON file")
     args = ap.parse_args()
+    if args.table:
+        data = json.loads(Path(args.table).read_text())
+        names = {r["row"] for r in data["results"]}
+        rows = [r for r in SWEEP_ROWS if r.name in names]
+        print(sweep_table(rows, data["results"]))
+        png = sweep_png(rows, data["results"], Path(args.table).with_suffix(".png"))
+        print(f"written {png}")
+        return 0
     if args.sweep:
         return sweep(args)
     t_start = time.perf_counter()

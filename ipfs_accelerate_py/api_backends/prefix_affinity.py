@@ -38,15 +38,19 @@ documents are, which is the case prefix caching pays for.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .models import ChatBatchRequest, ChatRequest, CompletionRequest
 
 __all__ = ["DEFAULT_PREFIX_CHARS", "prefix_text", "affinity_key", "rendezvous_order",
-           "bounded_choice", "over_bound", "key_rank", "demand_choice"]
+           "bounded_choice", "over_bound", "key_rank", "demand_choice", "Placement", "place"]
 
-#: Characters of leading text hashed: under one 128-token block for usual tokenizers.
-DEFAULT_PREFIX_CHARS = 256
+#: Bytes (UTF-8) of leading text hashed. A token covers at least one byte, so 120 bytes lie
+#: inside the first 128-token block (the BOS token and 127 more) for any byte-level
+#: tokenizer, however dense the text: two prompts sharing one cached block share the key.
+#: (256 characters did not: 128 tokens of digit-heavy text are ~150 characters, so the
+#: question after a one-block prefix fell inside the key and scattered the prefix.)
+DEFAULT_PREFIX_CHARS = 120
 _ROLE_SEP, _MSG_SEP = "\x1f", "\x1e"  # cannot appear as message text boundaries by accident
 
 
@@ -82,9 +86,9 @@ def prefix_text(request: Any) -> str:
 
 
 def affinity_key(text: str, prefix_chars: int = DEFAULT_PREFIX_CHARS) -> bytes:
-    """A stable 16-byte key of the first ``prefix_chars`` characters (the same in every process:
-    no ``hash()``, whose seed differs per process)."""
-    return hashlib.blake2b(text[:prefix_chars].encode("utf-8", "surrogatepass"),
+    """A stable 16-byte key of the first ``prefix_chars`` bytes of the UTF-8 text (ASCII:
+    characters; the same in every process: no ``hash()``, whose seed differs per process)."""
+    return hashlib.blake2b(text[:prefix_chars].encode("utf-8", "surrogatepass")[:prefix_chars],
                            digest_size=16).digest()
 
 
@@ -104,13 +108,16 @@ def over_bound(load: float, lowest: float, abs_threshold: float, rel_threshold: 
 
 
 def bounded_choice(ranked: Sequence[str], loads: Mapping[str, float], abs_threshold: float,
-                   rel_threshold: float, capacity: Optional[float] = None) -> Tuple[Optional[str], bool]:
+                   rel_threshold: float, capacity: Optional[float] = None,
+                   spare: Optional[float] = None) -> Tuple[Optional[str], bool]:
     """(the endpoint to use, whether the key's first choice was passed over for load).
 
     ``ranked`` holds the usable endpoints in the key's order; ``loads`` their loads. The
     first within the bound wins; if none is (cannot happen: the least loaded always is),
     the least loaded. With ``capacity`` (a factor, Mirrokni et al.'s c) an endpoint is
-    over the bound only if its load also exceeds ``capacity`` times the mean load.
+    over the bound only if its load also exceeds ``capacity`` times the mean load; with
+    ``spare`` (a fraction) only if the least loaded also carries at most ``spare`` times
+    its load (the others are all but idle beside it).
     """
     if not ranked:
         return None, False
@@ -118,10 +125,10 @@ def bounded_choice(ranked: Sequence[str], loads: Mapping[str, float], abs_thresh
     cap = -1.0 if capacity is None else capacity * sum(loads[e] for e in ranked) / len(ranked)
     for i, eid in enumerate(ranked):
         load = loads[eid]
-        if load <= cap or not over_bound(load, lowest, abs_threshold, rel_threshold):
+        if (load <= cap or not over_bound(load, lowest, abs_threshold, rel_threshold)
+                or (spare is not None and lowest > spare * load)):
             return eid, i > 0
     return min(ranked, key=loads.__getitem__), True
-
 
 
 def key_rank(key: bytes) -> float:
@@ -153,3 +160,47 @@ def demand_choice(ranked: Sequence[str], shares: Mapping[str, float], rank: floa
         if shares.get(eid, 0.0) < target:
             return eid, True
     return min(ranked, key=lambda e: shares.get(e, 0.0)), True
+
+
+
+class Placement(NamedTuple):
+    """Where a request goes and why: ``affinity`` (its key's first choice), ``load`` (a cold
+    key moved off an all-but-idle pair, see ``place``), ``hot`` (a hot key sent to the less
+    loaded server) or ``demand`` (one of the keys that even out an unlucky hash)."""
+    endpoint: Optional[str]
+    reason: str
+
+
+def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
+          shares: Mapping[str, float], rank: float, abs_threshold: float, rel_threshold: float,
+          cold_capacity: float, cold_spare: float, hot_abs: float, slack: float) -> Placement:
+    """The cache-aware decision for one request, from its key's ranking of the usable
+    endpoints, their loads, whether the key is hot, the cold requests' first-choice
+    ``shares`` (empty until enough were seen) and the key's ``rank``.
+
+    * A hot key is cached wherever it went after one miss, so it goes to the least loaded
+      endpoint (its first choice unless another is more than ``hot_abs`` lower): it fills
+      whatever the cold keys leave, and evens out the split.
+    * A cold key moved is a miss and an eviction, and two compute-bound servers fed by
+      closed-loop callers swing their in-flight counts widely (in a closed network of two
+      single-server stations every split of the callers is about equally likely), so a
+      per-request bound alone moved one request in eight. It moves for load only when its
+      first choice is over the bound and over ``cold_capacity`` times the mean and another
+      endpoint is all but idle beside it (at most ``cold_spare`` times its load).
+    * Under load, an unlucky hash is evened out by moving the same few keys for good
+      (``demand_choice``).
+    """
+    if not ranked:
+        return Placement(None, "affinity")
+    if hot:
+        choice, moved = bounded_choice(ranked, loads, hot_abs, 1.0)
+        return Placement(choice, "hot" if moved else "affinity")
+    choice, moved = bounded_choice(ranked, loads, abs_threshold, rel_threshold, cold_capacity,
+                                   cold_spare)
+    if moved:
+        return Placement(choice, "load")
+    if shares and sum(loads[e] for e in ranked) >= len(ranked):  # a lone caller gains nothing
+        choice, moved = demand_choice(ranked, shares, rank, slack)
+        if moved:
+            return Placement(choice, "demand")
+    return Placement(choice, "affinity")

@@ -21,10 +21,12 @@ import pytest
 from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
 from ipfs_accelerate_py.api_backends.endpoint_load import LoadBoard, parse_load_header
 from ipfs_accelerate_py.api_backends.models import ChatRequest, CompletionRequest
-from ipfs_accelerate_py.api_backends.prefix_affinity import (affinity_key, bounded_choice,
-                                                             demand_choice, key_rank,
-                                                             over_bound, prefix_text,
-                                                             rendezvous_order)
+from ipfs_accelerate_py.api_backends.mixins.routing_state import (
+    COLD_CAPACITY, COLD_SPARE, DEMAND_SLACK, HOT_ABS, RoutingState)
+from ipfs_accelerate_py.api_backends.prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key,
+                                                             bounded_choice, demand_choice,
+                                                             key_rank, over_bound, place,
+                                                             prefix_text, rendezvous_order)
 from ipfs_accelerate_py.api_backends.settings import ClientSettings
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, Fault
 from support import wait_until
@@ -128,6 +130,78 @@ def test_an_unlucky_hash_is_evened_out_by_moving_the_same_few_keys_for_good():
     # three servers: the next in the key's ranking that is under the target takes it
     three = {"a": 0.5, "b": 0.4, "c": 0.1}
     assert demand_choice(["a", "b", "c"], three, 0.0, 0.1) == ("c", True)
+
+
+def decide(loads: Dict[str, float], hot: bool = False, shares: Any = None, rank: float = 0.5) -> Any:
+    """``place`` with the client's defaults, the key's ranking a then b."""
+    return place(["a", "b"], loads, hot, shares or {}, rank, 4.0, 1.5, COLD_CAPACITY, COLD_SPARE,
+                 HOT_ABS, DEMAND_SLACK)
+
+
+def test_a_cold_key_moves_for_load_only_when_another_server_is_all_but_idle():
+    """16 closed-loop callers over two compute-bound servers: 12 : 3 in flight is a common
+    swing (the old bound moved a request in eight for it); 15 : 0 is a stalled server."""
+    assert decide({"a": 12, "b": 3}) == ("a", "affinity")
+    assert decide({"a": 14, "b": 1}) == ("a", "affinity")
+    assert decide({"a": 15, "b": 0}) == ("b", "load")
+    assert decide({"a": 5, "b": 0}) == ("b", "load")  # beyond the absolute bound, b idle
+    assert decide({"a": 4, "b": 0}) == ("a", "affinity")  # within it
+    assert decide({"a": 59, "b": 4}) == ("a", "affinity")  # 64 callers: a swing
+    assert decide({"a": 60, "b": 3}) == ("b", "load")  # another's queue piling up on a
+    assert decide({"a": 0, "b": 15}) == ("a", "affinity")
+    # the bound without ``spare`` is the old one
+    assert bounded_choice(["a", "b"], {"a": 12, "b": 3}, 4, 1.5, COLD_CAPACITY) == ("b", True)
+    assert bounded_choice(["a", "b"], {"a": 12, "b": 3}, 4, 1.5, COLD_CAPACITY, 1 / 16) == ("a", False)
+    assert place([], {}, False, {}, 0.5, 4, 1.5, 1.5, 1 / 16, 1, 0.1) == (None, "affinity")
+
+
+def test_a_hot_key_goes_to_the_less_loaded_server():
+    assert decide({"a": 5, "b": 3}, hot=True) == ("b", "hot")
+    assert decide({"a": 4, "b": 3}, hot=True) == ("a", "affinity")  # within one request
+    assert decide({"a": 3, "b": 9}, hot=True) == ("a", "affinity")
+    assert decide({"a": 12, "b": 3}, hot=True, shares={"a": 0.9, "b": 0.1}) == ("b", "hot")
+
+
+def test_keys_move_by_demand_only_under_load_and_a_load_move_comes_first():
+    shares = {"a": 0.6, "b": 0.4}
+    low = 1 - 0.55 / 0.6  # the keys ranked below this move (demand_choice)
+    assert decide({"a": 3, "b": 3}, shares=shares, rank=low / 2) == ("b", "demand")
+    assert decide({"a": 3, "b": 3}, shares=shares, rank=low * 2) == ("a", "affinity")
+    assert decide({"a": 0, "b": 1}, shares=shares, rank=low / 2) == ("a", "affinity")  # a lone caller
+    assert decide({"a": 3, "b": 3}, shares={"a": 0.4, "b": 0.6}, rank=0.0) == ("a", "affinity")
+    assert decide({"a": 15, "b": 0}, shares=shares, rank=low / 2) == ("b", "load")
+    assert decide({"a": 3, "b": 3}, shares={}, rank=0.0) == ("a", "affinity")  # too few seen
+
+
+def test_a_key_is_hot_at_a_quarter_of_one_servers_fair_share_of_the_recent_requests():
+    state = RoutingState()
+    keys = [affinity_key(doc(i)) for i in range(16)]
+    # 16 prefixes, 20 questions each, interleaved: 6 % each, whole keys even them out
+    assert not any(state.note_key(keys[n % 16], 2) for n in range(320))
+    state = RoutingState()
+    hot = affinity_key(doc(99))
+    seen = []
+    for n in range(200):  # half the requests on one prefix
+        seen.append(state.note_key(hot, 2))
+        assert not state.note_key(keys[n % 16], 2)
+    assert seen[:7] == [False] * 7 and all(seen[8:])  # from its 8th request on
+    # among four servers a key is hot from 0.25 / 4 = 6.25 %: this one is 3 %
+    assert state.note_key(keys[0], 4) is False  # seen 13 times of 400
+    assert RoutingState().note_key(hot, 4) is False  # once: too few
+
+
+def test_the_key_reads_the_first_120_bytes_inside_one_128_token_block():
+    assert DEFAULT_PREFIX_CHARS == 120
+    # digit-dense text: 128 tokens of "w1234 w5678 ..." are about 150 characters, so the
+    # question after a one-block prefix must lie outside the key
+    block = "[doc 7] " + " ".join(f"w{1000 + j}" for j in range(24))  # ~150 characters
+    assert len(block) > 120
+    assert affinity_key(block + " Question 1") == affinity_key(block + " Question 2")
+    assert affinity_key("x" * 119 + "a") != affinity_key("x" * 119 + "b")
+    assert affinity_key("x" * 120 + "a") == affinity_key("x" * 120 + "b")
+    # bytes, not characters: 40 three-byte characters fill the key
+    assert affinity_key("文" * 40 + "a") == affinity_key("文" * 40 + "b")
+    assert affinity_key("文" * 39 + "a") != affinity_key("文" * 39 + "b")
 
 
 def test_keys_move_for_an_unlucky_hash_only_under_load_and_after_enough_requests(fakes):

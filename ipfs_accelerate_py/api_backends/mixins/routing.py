@@ -48,12 +48,12 @@ from ..endpoint_load import LoadReport
 from ..errors import (ApiError, CircuitWaitTimeoutError, ConfigurationError,
                       NoHealthyEndpointError, ValidationError)
 from ..request_build import build_request
-from ..prefix_affinity import (affinity_key, bounded_choice, demand_choice, key_rank,
-                               prefix_text, rendezvous_order)
+from ..prefix_affinity import affinity_key, key_rank, place, prefix_text, rendezvous_order
 from ._host import HostBase
 from .circuit_breaker import OPEN
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
-from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY, FAILOVER_ERRORS,
+from .routing_state import (OpeningOrder, COLD_CAPACITY, COLD_SPARE, DEMAND_SLACK, EXPLORE_EVERY,
+                            FAILOVER_ERRORS, HOT_ABS,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
 
@@ -277,20 +277,14 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         usable = [eid for eid in ranked if not self._is_open(eid)]
         loads = self.cache_aware_loads(usable)
         with state.lock:
-            hot = state.note_key(key)
+            hot = state.note_key(key, len(usable))
             shares = state.demand_shares(usable[0]) if usable and not hot else {}
-        if hot:  # cheap to move: cached on its second choice after one miss
-            choice, diverted = bounded_choice(usable, loads, abs_t / 2, (1 + rel_t) / 2)
-        else:  # a move is a miss and an eviction: only when also over capacity
-            choice, diverted = bounded_choice(usable, loads, abs_t, rel_t, COLD_CAPACITY)
-            # an unlucky hash, under load (a lone caller gains nothing by moving): is this
-            # one of the keys that move?
-            if not diverted and shares and sum(loads.values()) >= len(usable):
-                choice, diverted = demand_choice(usable, shares, key_rank(key), DEMAND_SLACK)
+        choice, reason = place(usable, loads, hot, shares, key_rank(key), abs_t, rel_t,
+                               COLD_CAPACITY, COLD_SPARE, HOT_ABS, DEMAND_SLACK)
         if choice is None:
             return ranked, key
         with state.lock:
-            (state.diverted if diverted else state.affine)[choice] += 1
+            state.placed[reason][choice] += 1
         return [choice] + [eid for eid in ranked if eid != choice], key
 
     def _is_open(self, endpoint_id: str) -> bool:
@@ -536,10 +530,14 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                    "no_healthy_endpoint": state.all_down,
                    "waited_for_a_circuit": state.circuit_waits,
                    "outstanding": {k: v for k, v in state.outstanding.items() if v}}
+            placed = state.placed
             cache = {eid: {"requests": state.ca_served[eid],
                            "expected_prefix_hits": state.expected_hits[eid],
-                           "by_affinity": state.affine[eid], "diverted_for_load": state.diverted[eid]}
-                     for eid in set(state.ca_served) | set(state.affine) | set(state.diverted)}
+                           "by_affinity": placed["affinity"][eid],
+                           "diverted_for_load": placed["load"][eid],
+                           "hot_spread": placed["hot"][eid],
+                           "moved_by_demand": placed["demand"][eid]}
+                     for eid in set(state.ca_served).union(*placed.values())}
         now = self._clock.monotonic()
         for eid, figures in cache.items():
             seen = state.board.last(eid)

@@ -31,13 +31,21 @@ SEEN_KEYS = 4096
 BALANCE_ABS = 4.0
 BALANCE_REL = 1.5
 LOAD_MAX_AGE = 1.0
-#: A cold prefix moves off its first choice only above this many times the mean load.
+#: A cold prefix moves off its first choice for load only above this many times the mean
+#: load, and only when another endpoint carries at most COLD_SPARE times its load (all but
+#: idle beside it): in-flight counts of compute-bound servers swing widely on their own
+#: (prefix_affinity.place), and each move is a miss.
 COLD_CAPACITY = 1.5
+COLD_SPARE = 1 / 16
 #: Recent cache-aware requests whose keys are counted to tell hot prefixes from cold ones.
 HEAT_WINDOW = 512
-#: A key is hot when it is at least this share of the recent requests (and seen 8+ times).
-HOT_SHARE = 0.05
+#: A key is hot when it is at least this share of one endpoint's fair share of the recent
+#: requests (0.25 / n of them; and seen 8+ times): more than the unlucky-hash moves of
+#: whole keys can even out. A hot key goes to the less loaded endpoint (by more than
+#: HOT_ABS requests), cached on both after one miss each.
+HOT_SHARE = 0.25
 HOT_MIN_COUNT = 8
+HOT_ABS = 1.0
 #: Cold requests' first choices counted to see an unlucky hash (prefix_affinity.demand_choice).
 DEMAND_WINDOW = 512
 #: ...and seen only past this many: few requests say nothing about the hash.
@@ -73,18 +81,20 @@ class RoutingState:
         self.prefix_chars = DEFAULT_PREFIX_CHARS
         self.balance_abs = BALANCE_ABS
         self.balance_rel = BALANCE_REL
-        self.affine: Counter = Counter()  # requests served by their key's first choice
-        self.diverted: Counter = Counter()  # requests sent elsewhere because the first choice was over the bound
+        # requests per endpoint by why they went there (prefix_affinity.Placement's reasons):
+        # affinity (the key's first choice), load, hot, demand
+        self.placed: Dict[str, Counter] = {r: Counter() for r in ("affinity", "load", "hot", "demand")}
         self.expected_hits: Counter = Counter()
         self.ca_served: Counter = Counter()
         self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
         self.heat = RecentCounts(HEAT_WINDOW)  # prefix keys of the recent requests
         self.demand = RecentCounts(DEMAND_WINDOW)  # cold requests' first choices
 
-    def note_key(self, key: bytes) -> bool:
-        """Count ``key`` among the recent requests; True when it is hot. Lock held."""
+    def note_key(self, key: bytes, endpoints: int = 2) -> bool:
+        """Count ``key`` among the recent requests; True when it is hot among ``endpoints``
+        usable ones. Lock held."""
         count = self.heat.add(key)
-        return count >= HOT_MIN_COUNT and count >= HOT_SHARE * len(self.heat)
+        return count >= HOT_MIN_COUNT and count >= HOT_SHARE / max(endpoints, 1) * len(self.heat)
 
     def demand_shares(self, first: str) -> Dict[str, float]:
         """Count a cold request preferring ``first``; every endpoint's share of the recent
