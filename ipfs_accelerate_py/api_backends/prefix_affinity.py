@@ -48,7 +48,7 @@ documents are, which is the case prefix caching pays for.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Collection, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .models import ChatBatchRequest, ChatRequest, CompletionRequest
 
@@ -118,16 +118,13 @@ def over_bound(load: float, lowest: float, abs_threshold: float, rel_threshold: 
 
 
 def bounded_choice(ranked: Sequence[str], loads: Mapping[str, float], abs_threshold: float,
-                   rel_threshold: float, capacity: Optional[float] = None,
-                   spare: Optional[float] = None) -> Tuple[Optional[str], bool]:
+                   rel_threshold: float, capacity: Optional[float] = None) -> Tuple[Optional[str], bool]:
     """(the endpoint to use, whether the key's first choice was passed over for load).
 
     ``ranked`` holds the usable endpoints in the key's order; ``loads`` their loads. The
     first within the bound wins; if none is (cannot happen: the least loaded always is),
     the least loaded. With ``capacity`` (a factor, Mirrokni et al.'s c) an endpoint is
-    over the bound only if its load also exceeds ``capacity`` times the mean load; with
-    ``spare`` (a fraction) only if the least loaded also carries at most ``spare`` times
-    its load (the others are all but idle beside it).
+    over the bound only if its load also exceeds ``capacity`` times the mean load.
     """
     if not ranked:
         return None, False
@@ -135,8 +132,7 @@ def bounded_choice(ranked: Sequence[str], loads: Mapping[str, float], abs_thresh
     cap = -1.0 if capacity is None else capacity * sum(loads[e] for e in ranked) / len(ranked)
     for i, eid in enumerate(ranked):
         load = loads[eid]
-        if (load <= cap or not over_bound(load, lowest, abs_threshold, rel_threshold)
-                or (spare is not None and lowest > spare * load)):
+        if load <= cap or not over_bound(load, lowest, abs_threshold, rel_threshold):
             return eid, i > 0
     return min(ranked, key=loads.__getitem__), True
 
@@ -175,7 +171,7 @@ def demand_choice(ranked: Sequence[str], shares: Mapping[str, float], rank: floa
 
 class Placement(NamedTuple):
     """Where a request goes and why: ``affinity`` (its key's first choice), ``load`` (a cold
-    key moved off an all-but-idle pair, see ``place``), ``hot`` (a hot key sent to the less
+    key moved off a stuck server, see ``place``), ``hot`` (a hot key sent to the less
     loaded server) or ``demand`` (one of the keys that even out an unlucky hash)."""
     endpoint: Optional[str]
     reason: str
@@ -183,20 +179,22 @@ class Placement(NamedTuple):
 
 def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
           shares: Mapping[str, float], rank: float, abs_threshold: float, rel_threshold: float,
-          cold_capacity: float, cold_spare: float, hot_abs: float, slack: float) -> Placement:
+          cold_capacity: float, hot_abs: float, slack: float,
+          stuck: Collection[str] = ()) -> Placement:
     """The cache-aware decision for one request, from its key's ranking of the usable
     endpoints, their loads, whether the key is hot, the cold requests' first-choice
-    ``shares`` (empty until enough were seen) and the key's ``rank``.
+    ``shares`` (empty until enough were seen), the key's ``rank`` and the endpoints that are
+    ``stuck`` (making no progress, or reporting a queue of their own: see routing.py).
 
     * A hot key is cached wherever it went after one miss, so it goes to the least loaded
       endpoint (its first choice unless another is more than ``hot_abs`` lower): it fills
       whatever the cold keys leave, and evens out the split.
-    * A cold key moved is a miss and an eviction, and two compute-bound servers fed by
-      closed-loop callers swing their in-flight counts widely (in a closed network of two
-      single-server stations every split of the callers is about equally likely), so a
-      per-request bound alone moved one request in eight. It moves for load only when its
-      first choice is over the bound and over ``cold_capacity`` times the mean and another
-      endpoint is all but idle beside it (at most ``cold_spare`` times its load).
+    * A cold key moved is a miss and an eviction, and in-flight counts alone say little:
+      two compute-bound servers fed by closed-loop callers swing them widely (in a closed
+      network of two single-server stations every split of the callers is about equally
+      likely), so a per-request bound alone moved one request in eight. It moves for load
+      only off a stuck first choice that is over the bound and over ``cold_capacity``
+      times the mean load.
     * Under load, an unlucky hash is evened out by moving the same few keys for good
       (``demand_choice``).
     """
@@ -205,10 +203,11 @@ def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
     if hot:
         choice, moved = bounded_choice(ranked, loads, hot_abs, 1.0)
         return Placement(choice, "hot" if moved else "affinity")
-    choice, moved = bounded_choice(ranked, loads, abs_threshold, rel_threshold, cold_capacity,
-                                   cold_spare)
-    if moved:
-        return Placement(choice, "load")
+    if ranked[0] in stuck:
+        choice, moved = bounded_choice(ranked, loads, abs_threshold, rel_threshold, cold_capacity)
+        if moved:
+            return Placement(choice, "load")
+    choice = ranked[0]
     if shares and sum(loads[e] for e in ranked) >= len(ranked):  # a lone caller gains nothing
         choice, moved = demand_choice(ranked, shares, rank, slack)
         if moved:

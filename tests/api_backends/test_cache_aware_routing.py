@@ -22,7 +22,7 @@ from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
 from ipfs_accelerate_py.api_backends.endpoint_load import LoadBoard, parse_load_header
 from ipfs_accelerate_py.api_backends.models import ChatRequest, CompletionRequest
 from ipfs_accelerate_py.api_backends.mixins.routing_state import (
-    COLD_CAPACITY, COLD_SPARE, DEMAND_SLACK, HOT_ABS, RoutingState)
+    COLD_CAPACITY, DEMAND_SLACK, HOT_ABS, STUCK_MIN_S, RoutingState)
 from ipfs_accelerate_py.api_backends.prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key,
                                                              bounded_choice, demand_choice,
                                                              key_rank, over_bound, place,
@@ -132,27 +132,26 @@ def test_an_unlucky_hash_is_evened_out_by_moving_the_same_few_keys_for_good():
     assert demand_choice(["a", "b", "c"], three, 0.0, 0.1) == ("c", True)
 
 
-def decide(loads: Dict[str, float], hot: bool = False, shares: Any = None, rank: float = 0.5) -> Any:
+def decide(loads: Dict[str, float], hot: bool = False, shares: Any = None, rank: float = 0.5,
+           stuck: Any = ()) -> Any:
     """``place`` with the client's defaults, the key's ranking a then b."""
-    return place(["a", "b"], loads, hot, shares or {}, rank, 4.0, 1.5, COLD_CAPACITY, COLD_SPARE,
-                 HOT_ABS, DEMAND_SLACK)
+    return place(["a", "b"], loads, hot, shares or {}, rank, 4.0, 1.5, COLD_CAPACITY, HOT_ABS,
+                 DEMAND_SLACK, stuck)
 
 
-def test_a_cold_key_moves_for_load_only_when_another_server_is_all_but_idle():
-    """16 closed-loop callers over two compute-bound servers: 12 : 3 in flight is a common
-    swing (the old bound moved a request in eight for it); 15 : 0 is a stalled server."""
+def test_a_cold_key_moves_for_load_only_off_a_stuck_server():
+    """16 closed-loop callers over two compute-bound servers: 12 : 3 in flight, even 15 : 0,
+    are common swings while both servers finish work (the old bound moved a request in
+    eight for them); a server that finishes nothing, or reports a queue, is stuck."""
     assert decide({"a": 12, "b": 3}) == ("a", "affinity")
-    assert decide({"a": 14, "b": 1}) == ("a", "affinity")
-    assert decide({"a": 15, "b": 0}) == ("b", "load")
-    assert decide({"a": 5, "b": 0}) == ("b", "load")  # beyond the absolute bound, b idle
-    assert decide({"a": 4, "b": 0}) == ("a", "affinity")  # within it
-    assert decide({"a": 59, "b": 4}) == ("a", "affinity")  # 64 callers: a swing
-    assert decide({"a": 60, "b": 3}) == ("b", "load")  # another's queue piling up on a
-    assert decide({"a": 0, "b": 15}) == ("a", "affinity")
-    # the bound without ``spare`` is the old one
-    assert bounded_choice(["a", "b"], {"a": 12, "b": 3}, 4, 1.5, COLD_CAPACITY) == ("b", True)
-    assert bounded_choice(["a", "b"], {"a": 12, "b": 3}, 4, 1.5, COLD_CAPACITY, 1 / 16) == ("a", False)
-    assert place([], {}, False, {}, 0.5, 4, 1.5, 1.5, 1 / 16, 1, 0.1) == (None, "affinity")
+    assert decide({"a": 15, "b": 0}) == ("a", "affinity")
+    assert decide({"a": 15, "b": 0}, stuck=["a"]) == ("b", "load")
+    assert decide({"a": 5, "b": 0}, stuck=["a"]) == ("b", "load")  # beyond the absolute bound
+    assert decide({"a": 4, "b": 0}, stuck=["a"]) == ("a", "affinity")  # within it
+    assert decide({"a": 12, "b": 9}, stuck=["a"]) == ("a", "affinity")  # within it
+    assert decide({"a": 7, "b": 3}, stuck=["a"]) == ("a", "affinity")  # under 1.5 x the mean
+    assert decide({"a": 0, "b": 15}, stuck=["b"]) == ("a", "affinity")  # b is not its first choice
+    assert place([], {}, False, {}, 0.5, 4, 1.5, 1.5, 1, 0.1) == (None, "affinity")
 
 
 def test_a_hot_key_goes_to_the_less_loaded_server():
@@ -169,7 +168,8 @@ def test_keys_move_by_demand_only_under_load_and_a_load_move_comes_first():
     assert decide({"a": 3, "b": 3}, shares=shares, rank=low * 2) == ("a", "affinity")
     assert decide({"a": 0, "b": 1}, shares=shares, rank=low / 2) == ("a", "affinity")  # a lone caller
     assert decide({"a": 3, "b": 3}, shares={"a": 0.4, "b": 0.6}, rank=0.0) == ("a", "affinity")
-    assert decide({"a": 15, "b": 0}, shares=shares, rank=low / 2) == ("b", "load")
+    assert decide({"a": 15, "b": 0}, shares=shares, rank=low / 2) == ("b", "demand")
+    assert decide({"a": 15, "b": 0}, shares=shares, rank=low / 2, stuck=["a"]) == ("b", "load")
     assert decide({"a": 3, "b": 3}, shares={}, rank=0.0) == ("a", "affinity")  # too few seen
 
 
@@ -291,6 +291,37 @@ def test_a_busy_preferred_endpoint_is_passed_over_beyond_the_absolute_bound(fake
         a.stop()  # releases the held requests: dropped, and a was their only endpoint
         for f in pending:
             assert isinstance(f.exception(10), errors.NoHealthyEndpointError)
+
+
+def test_a_cold_key_leaves_its_server_once_that_has_finished_nothing_for_a_while(fakes):
+    a, b = fakes
+    clock = FakeClock()
+    with client_over({"a": a.base_url, "b": b.base_url}, clock=clock) as c:
+        c.set_load_probe(None)
+        prompt = next(doc(i) for i in range(100)
+                      if c.routing_order("cache-aware", ["a", "b"],
+                                         CompletionRequest(model="tiny-llama", prompt=doc(i)))[0] == "a")
+        request = CompletionRequest(model="tiny-llama", prompt=prompt + "Q?")
+        state = c._routing_state
+
+        def hold(n: int) -> None:  # n routed requests of this client outstanding at a
+            with state.lock:
+                state.outstanding["a"] += n
+
+        c.route_inference("tiny-llama", "progress", FAST, endpoint_ids=["a"])  # a replied now
+        hold(6)
+        assert c.cache_aware_loads(["a", "b"]) == {"a": 6, "b": 0}
+        # 6 : 0 is over the bound, but a finished a request just now: not stuck, no move
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "a"
+        clock.advance(STUCK_MIN_S + 0.05)  # nothing finished since: stuck
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "b"
+        ca = c.get_routing_stats()["cache_aware"]
+        assert ca["b"]["diverted_for_load"] == 1 and ca["a"]["diverted_for_load"] == 0
+        c.route_inference("tiny-llama", "progress", FAST, endpoint_ids=["a"])  # a replies again
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "a"
+        hold(-6)
+        clock.advance(10)  # nothing outstanding there: never stuck
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "a"
 
 
 def test_server_reported_queue_diverts_and_a_stale_figure_is_not_read_as_idle(fakes):

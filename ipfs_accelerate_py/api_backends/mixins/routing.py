@@ -52,8 +52,8 @@ from ..prefix_affinity import affinity_key, key_rank, place, prefix_text, rendez
 from ._host import HostBase
 from .circuit_breaker import OPEN
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
-from .routing_state import (OpeningOrder, COLD_CAPACITY, COLD_SPARE, DEMAND_SLACK, EXPLORE_EVERY,
-                            FAILOVER_ERRORS, HOT_ABS,
+from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
+                            FAILOVER_ERRORS, HOT_ABS, STUCK_LATENCIES, STUCK_MIN_S,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
 
@@ -279,13 +279,34 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         with state.lock:
             hot = state.note_key(key, len(usable))
             shares = state.demand_shares(usable[0]) if usable and not hot else {}
+        stuck = ([usable[0]] if usable and not hot and self._stuck(state, usable[0], loads[usable[0]])
+                 else [])
         choice, reason = place(usable, loads, hot, shares, key_rank(key), abs_t, rel_t,
-                               COLD_CAPACITY, COLD_SPARE, HOT_ABS, DEMAND_SLACK)
+                               COLD_CAPACITY, HOT_ABS, DEMAND_SLACK, stuck)
         if choice is None:
             return ranked, key
         with state.lock:
             state.placed[reason][choice] += 1
         return [choice] + [eid for eid in ranked if eid != choice], key
+
+    def _stuck(self, state: RoutingState, eid: str, load: float) -> bool:
+        """Is ``eid`` stuck, so that a cold key may leave it for load? Yes when its load
+        figure is the server's own queue report, above this client's count there (other
+        clients' work, or requests it cannot schedule), or when it holds requests of this
+        client and has finished none for ``STUCK_LATENCIES`` of its median latencies (at
+        least ``STUCK_MIN_S``), or none ever. A server merely holding more of the callers
+        than the other, and finishing them, is not."""
+        own = self._own_load(state, eid)
+        if load > own:
+            return True
+        if own <= 0:
+            return False
+        with state.lock:
+            last = state.last_done.get(eid)
+        if last is None:
+            return True
+        p50 = self.endpoint_latency_p50(eid) or 0.0
+        return self._clock.monotonic() - last > max(STUCK_MIN_S, STUCK_LATENCIES * p50)
 
     def _is_open(self, endpoint_id: str) -> bool:
         ep = self._endpoint(endpoint_id)
@@ -421,6 +442,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             with state.lock:
                 state.outstanding[eid] -= 1
                 state.latencies.setdefault(eid, deque(maxlen=LATENCY_WINDOW)).append(elapsed)
+                state.last_done[eid] = start + elapsed
                 state.served_by[eid] += 1
                 if job.key is not None:
                     self._note_prefix(state, eid, job.key)

@@ -31,12 +31,15 @@ SEEN_KEYS = 4096
 BALANCE_ABS = 4.0
 BALANCE_REL = 1.5
 LOAD_MAX_AGE = 1.0
-#: A cold prefix moves off its first choice for load only above this many times the mean
-#: load, and only when another endpoint carries at most COLD_SPARE times its load (all but
-#: idle beside it): in-flight counts of compute-bound servers swing widely on their own
-#: (prefix_affinity.place), and each move is a miss.
+#: A cold prefix moves off its first choice for load only when that is stuck (below), over
+#: the bound, and above this many times the mean load: in-flight counts of compute-bound
+#: servers swing widely on their own (prefix_affinity.place), and each move is a miss.
 COLD_CAPACITY = 1.5
-COLD_SPARE = 1 / 16
+#: Stuck: this client's requests there and none finished for this many of the endpoint's
+#: median latencies, and at least this many seconds (or the server reports a queue above
+#: this client's count there).
+STUCK_LATENCIES = 2.0
+STUCK_MIN_S = 0.25
 #: Recent cache-aware requests whose keys are counted to tell hot prefixes from cold ones.
 HEAT_WINDOW = 512
 #: A key is hot when it is at least this share of one endpoint's fair share of the recent
@@ -84,6 +87,7 @@ class RoutingState:
         # requests per endpoint by why they went there (prefix_affinity.Placement's reasons):
         # affinity (the key's first choice), load, hot, demand
         self.placed: Dict[str, Counter] = {r: Counter() for r in ("affinity", "load", "hot", "demand")}
+        self.last_done: Dict[str, float] = {}  # monotonic time of each endpoint's last reply
         self.expected_hits: Counter = Counter()
         self.ca_served: Counter = Counter()
         self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
