@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import random
+import signal
 import statistics
 import subprocess
 from collections import Counter
@@ -276,6 +277,8 @@ def hash_split(strategy: str, jobs: Sequence[Job], urls: Sequence[str]) -> float
 
 
 def sweep(args: argparse.Namespace) -> int:
+    # SIGTERM unwinds like Ctrl-C: the servers are stopped by the finally below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = [r for r in SWEEP_ROWS if not args.rows or r.name in args.rows.split(",")]
     t_start = time.perf_counter()
     # 8-block prefixes and a question need more than the launcher's 512-token default

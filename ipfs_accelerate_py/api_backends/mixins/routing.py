@@ -53,7 +53,7 @@ from ._host import HostBase
 from .circuit_breaker import OPEN
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
 from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
-                            FAILOVER_ERRORS, HOT_ABS, STUCK_LATENCIES, STUCK_MIN_S,
+                            FAILOVER_ERRORS, HOT_ABS, STUCK_MIN_S,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
 
@@ -90,7 +90,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                                 balance_abs_threshold: Optional[float] = None,
                                 balance_rel_threshold: Optional[float] = None,
                                 load_max_age: Optional[float] = None) -> None:
-        """Tune ``cache-aware``: characters of leading text hashed; the load bound (the
+        """Tune ``cache-aware``: bytes of leading text hashed (UTF-8); the load bound (the
         preferred endpoint is passed over when its load exceeds the lowest by more than the
         absolute threshold AND more than the relative one times); seconds a server's load
         figure stays fresh. None keeps a value."""
@@ -293,9 +293,11 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         """Is ``eid`` stuck, so that a cold key may leave it for load? Yes when its load
         figure is the server's own queue report, above this client's count there (other
         clients' work, or requests it cannot schedule), or when it holds requests of this
-        client and has finished none for ``STUCK_LATENCIES`` of its median latencies (at
-        least ``STUCK_MIN_S``), or none ever. A server merely holding more of the callers
-        than the other, and finishing them, is not."""
+        client and has finished none for longer than the slowest of its recent routed
+        calls took (and at least ``STUCK_MIN_S``), or none ever. A server merely holding
+        more of the callers than the other, and finishing them, is not. (The slowest, not
+        the median: with long prefixes most calls are quick hits, and one long prefill
+        holds up a batch for several medians.)"""
         own = self._own_load(state, eid)
         if load > own:
             return True
@@ -303,10 +305,10 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             return False
         with state.lock:
             last = state.last_done.get(eid)
+            slowest = max(state.latencies.get(eid, ()), default=0.0)
         if last is None:
             return True
-        p50 = self.endpoint_latency_p50(eid) or 0.0
-        return self._clock.monotonic() - last > max(STUCK_MIN_S, STUCK_LATENCIES * p50)
+        return self._clock.monotonic() - last > max(STUCK_MIN_S, slowest)
 
     def _is_open(self, endpoint_id: str) -> bool:
         ep = self._endpoint(endpoint_id)

@@ -35,10 +35,9 @@ LOAD_MAX_AGE = 1.0
 #: the bound, and above this many times the mean load: in-flight counts of compute-bound
 #: servers swing widely on their own (prefix_affinity.place), and each move is a miss.
 COLD_CAPACITY = 1.5
-#: Stuck: this client's requests there and none finished for this many of the endpoint's
-#: median latencies, and at least this many seconds (or the server reports a queue above
-#: this client's count there).
-STUCK_LATENCIES = 2.0
+#: Stuck: this client's requests there and none finished for longer than the slowest of
+#: the endpoint's recent routed calls, and at least this many seconds (or none ever, or the
+#: server reports a queue above this client's count there).
 STUCK_MIN_S = 0.25
 #: Recent cache-aware requests whose keys are counted to tell hot prefixes from cold ones.
 HEAT_WINDOW = 512
