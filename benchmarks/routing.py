@@ -334,11 +334,18 @@ def _med(rs: Sequence[Dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rs)
 
 
+def _hash_split(rs: Sequence[Dict[str, Any]]) -> str:
+    hs = [r["hash_split"] for r in rs if r.get("hash_split") is not None]
+    return f"{statistics.median(hs):.2f}" if hs else "-"
+
+
 def sweep_table(rows: Sequence[Shape], out: Sequence[Dict[str, Any]]) -> str:
     """Markdown: per row its shape, each contender's hit rate (median of repeats, range when
-    repeated), cache-aware over the oracle, the splits and the failures."""
+    repeated), cache-aware over the oracle (median of the repeats' ratios), the splits
+    (medians; cache-aware's also had every request gone to its key's first choice) and the
+    failures (all contenders, all repeats)."""
     lines = ["| row | prefixes x blocks x questions, callers | oracle hit (split) | round-robin hit "
-             "| cache-aware hit (split) | ca / oracle | failed |", "|---|---|---|---|---|---|---|"]
+             "| cache-aware hit (split; by hash) | ca / oracle | failed |", "|---|---|---|---|---|---|---|"]
     for shape in rows:
         by = {s: [r for r in out if r["row"] == shape.name and r["strategy"] == s]
               for s in SWEEP_CONTENDERS}
@@ -358,7 +365,8 @@ def sweep_table(rows: Sequence[Shape], out: Sequence[Dict[str, Any]]) -> str:
             f"| {shape.name} | {shape.prefixes} x {shape.blocks} x {shape.questions}"
             f"{' + hot half' if shape.hot else ''}, {shape.threads} | {hit('oracle (hash pin)')} "
             f"({_med(by['oracle (hash pin)'], 'split'):.2f}) | {hit('round-robin')} | "
-            f"{hit('cache-aware')} ({ca_split:.2f}{'' if ca_split <= lim else ' > ' + str(lim)}) | "
+            f"{hit('cache-aware')} ({ca_split:.2f}{'' if ca_split <= lim else ' > ' + str(lim)}; "
+            f"{_hash_split(by['cache-aware'])}) | "
             f"**{statistics.median(ratios):.2f}** | {failed} |")
     return "\n".join(lines)
 

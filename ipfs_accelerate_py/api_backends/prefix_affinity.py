@@ -50,12 +50,13 @@ documents are, which is the case prefix caching pays for.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Collection, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .models import ChatBatchRequest, ChatRequest, CompletionRequest
 
 __all__ = ["DEFAULT_PREFIX_CHARS", "prefix_text", "affinity_key", "rendezvous_order",
-           "bounded_choice", "over_bound", "key_rank", "demand_choice", "Placement", "place"]
+           "bounded_choice", "over_bound", "key_rank", "demand_choice", "whole_key_floors",
+           "Placement", "place"]
 
 #: Bytes (UTF-8) of leading text hashed. A token covers at least one byte, so 120 bytes lie
 #: inside the first 128-token block (the BOS token and 127 more) for any byte-level
@@ -146,29 +147,73 @@ def key_rank(key: bytes) -> float:
 
 
 def demand_choice(ranked: Sequence[str], shares: Mapping[str, float], rank: float,
-                  slack: float) -> Tuple[str, bool]:
+                  slack: float, floor: Optional[float] = None) -> Tuple[str, bool]:
     """Even out an unlucky hash: (endpoint, moved).
 
     ``shares``: each endpoint's share of the recent cold requests *that prefer it* (their
     first choice), which moving keys does not change, so nothing oscillates. An endpoint
     preferred by more than ``(1 + slack) / n`` of them keeps that many and hands the
-    rest on: a key moves when its ``rank`` is below ``1 - target / share``, to the next
-    endpoint in its ranking that is under the target. With 72 of 120 prefixes preferring
-    one of two servers (0.6) and slack 0.1, the keys ranked below 1 - 0.55 / 0.6 = 8 %
-    move (about 6): 1.22 : 1 instead of 1.5 : 1, for one miss each.
+    rest on: a key moves when its ``rank`` is below ``1 - target / share`` (or below
+    ``floor``, when that is higher: see ``whole_key_floors``), to the next endpoint in its
+    ranking that is under the target. With 72 of 120 prefixes preferring one of two
+    servers (0.6) and slack 0.1, the keys ranked below 1 - 0.55 / 0.6 = 8 % move (about
+    6): 1.22 : 1 instead of 1.5 : 1, for one miss each.
     """
     first = ranked[0]
     if len(ranked) < 2:
         return first, False
     target = (1.0 + slack) / len(ranked)
     share = shares.get(first, 0.0)
-    if share <= target or rank >= 1.0 - target / share:
+    if share <= target:
+        return first, False
+    threshold = 1.0 - target / share
+    if floor is not None:
+        threshold = max(threshold, floor)
+    if rank >= threshold:
         return first, False
     for eid in ranked[1:]:
         if shares.get(eid, 0.0) < target:
             return eid, True
     return min(ranked, key=lambda e: shares.get(e, 0.0)), True
 
+
+def whole_key_floors(keys: Mapping[str, Sequence[Tuple[float, float]]],
+                     shares: Mapping[str, float], slack: float) -> Dict[str, float]:
+    """Rank floors for ``demand_choice`` where the rank rule moves too little because the
+    keys are few and large: {endpoint: floor}.
+
+    ``keys``: per endpoint, (rank, share of the recent cold requests) of the keys that
+    prefer it. The rank rule expects many small keys: a fraction ``1 - target / share`` of
+    them, by rank, carries that fraction of the excess. Sixteen prefixes of 6 % each, ten
+    preferring one server (0.62 : 0.38), are another matter: the keys ranked below 12 %
+    are often none. When the keys the rank rule moves carry under three quarters of the
+    excess, the floor takes keys in rank order, as many as bring the moved share nearest
+    the excess (at least one): the lowest-ranked keys still, the same in every process
+    that sees the same traffic.
+    """
+    n = len(shares)
+    if n < 2:
+        return {}
+    target = (1.0 + slack) / n
+    floors: Dict[str, float] = {}
+    for eid, share in shares.items():
+        if share <= target or not keys.get(eid):
+            continue
+        excess = share - target
+        ordered = sorted(keys[eid])
+        threshold = 1.0 - target / share
+        if sum(w for r, w in ordered if r < threshold) >= 0.75 * excess:
+            continue
+        moved, best, best_gap = 0.0, None, None
+        for r, w in ordered:
+            moved += w
+            gap = abs(moved - excess)
+            if best_gap is not None and gap >= best_gap:
+                break
+            best, best_gap = r, gap
+        if best is not None:
+            floors[eid] = best + 1.0 / 512  # just above that key's rank (ranks step by 1/256)
+    return floors
 
 
 class Placement(NamedTuple):
@@ -182,7 +227,7 @@ class Placement(NamedTuple):
 def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
           shares: Mapping[str, float], rank: float, abs_threshold: float, rel_threshold: float,
           cold_capacity: float, hot_abs: float, slack: float,
-          stuck: Collection[str] = ()) -> Placement:
+          stuck: Collection[str] = (), floors: Optional[Mapping[str, float]] = None) -> Placement:
     """The cache-aware decision for one request, from its key's ranking of the usable
     endpoints, their loads, whether the key is hot, the cold requests' first-choice
     ``shares`` (empty until enough were seen), the key's ``rank`` and the endpoints that are
@@ -198,7 +243,7 @@ def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
       only off a stuck first choice that is over the bound and over ``cold_capacity``
       times the mean load.
     * Under load, an unlucky hash is evened out by moving the same few keys for good
-      (``demand_choice``).
+      (``demand_choice``; ``floors`` from ``whole_key_floors`` where the keys are few).
     """
     if not ranked:
         return Placement(None, "affinity")
@@ -211,7 +256,7 @@ def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
             return Placement(choice, "load")
     choice = ranked[0]
     if shares and sum(loads[e] for e in ranked) >= len(ranked):  # a lone caller gains nothing
-        choice, moved = demand_choice(ranked, shares, rank, slack)
+        choice, moved = demand_choice(ranked, shares, rank, slack, (floors or {}).get(ranked[0]))
         if moved:
             return Placement(choice, "demand")
     return Placement(choice, "affinity")

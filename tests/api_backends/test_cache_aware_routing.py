@@ -26,7 +26,8 @@ from ipfs_accelerate_py.api_backends.mixins.routing_state import (
 from ipfs_accelerate_py.api_backends.prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key,
                                                              bounded_choice, demand_choice,
                                                              key_rank, over_bound, place,
-                                                             prefix_text, rendezvous_order)
+                                                             prefix_text, rendezvous_order,
+                                                             whole_key_floors)
 from ipfs_accelerate_py.api_backends.settings import ClientSettings
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, Fault
 from support import wait_until
@@ -133,10 +134,10 @@ def test_an_unlucky_hash_is_evened_out_by_moving_the_same_few_keys_for_good():
 
 
 def decide(loads: Dict[str, float], hot: bool = False, shares: Any = None, rank: float = 0.5,
-           stuck: Any = ()) -> Any:
+           stuck: Any = (), floors: Any = None) -> Any:
     """``place`` with the client's defaults, the key's ranking a then b."""
     return place(["a", "b"], loads, hot, shares or {}, rank, 4.0, 1.5, COLD_CAPACITY, HOT_ABS,
-                 DEMAND_SLACK, stuck)
+                 DEMAND_SLACK, stuck, floors)
 
 
 def test_a_cold_key_moves_for_load_only_off_a_stuck_server():
@@ -171,6 +172,44 @@ def test_keys_move_by_demand_only_under_load_and_a_load_move_comes_first():
     assert decide({"a": 15, "b": 0}, shares=shares, rank=low / 2) == ("b", "demand")
     assert decide({"a": 15, "b": 0}, shares=shares, rank=low / 2, stuck=["a"]) == ("b", "load")
     assert decide({"a": 3, "b": 3}, shares={}, rank=0.0) == ("a", "affinity")  # too few seen
+
+
+def test_few_large_keys_move_whole_to_even_out_an_unlucky_hash():
+    """16 prefixes of 6.25 % each, 10 preferring a (0.625): the rank rule moves a's keys
+    ranked below 1 - 0.55 / 0.625 = 12 %, here none; the floor takes the lowest-ranked key
+    (0.0625 moved, nearest the 0.075 excess), and only where the rank rule moves too little."""
+    w = 1 / 16
+    a_keys = [(r, w) for r in (0.20, 0.25, 0.40, 0.45, 0.55, 0.60, 0.70, 0.80, 0.85, 0.95)]
+    b_keys = [(r, w) for r in (0.05, 0.30, 0.50, 0.65, 0.75, 0.90)]
+    shares = {"a": 10 * w, "b": 6 * w}
+    floors = whole_key_floors({"a": a_keys, "b": b_keys}, shares, 0.1)
+    assert set(floors) == {"a"} and 0.20 < floors["a"] < 0.25
+    assert demand_choice(["a", "b"], shares, 0.20, 0.1, floors["a"]) == ("b", True)
+    assert demand_choice(["a", "b"], shares, 0.25, 0.1, floors["a"]) == ("a", False)
+    assert demand_choice(["a", "b"], shares, 0.20, 0.1) == ("a", False)  # the rank rule alone
+    assert decide({"a": 3, "b": 3}, shares=shares, rank=0.20, floors=floors) == ("b", "demand")
+    # 0.67 preferring a: an excess of 0.12, three keys of 4 % (the big one ranks last)
+    small = {"a": [(r, 0.04) for r in (0.3, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)] + [(0.95, 0.39)]}
+    f = whole_key_floors(small, {"a": 0.67, "b": 0.33}, 0.1)
+    assert 0.5 < f["a"] < 0.6
+    # many small keys: the rank rule carries the excess, no floor
+    many = {"a": [(i / 100, 0.006) for i in range(100)]}
+    assert whole_key_floors(many, {"a": 0.6, "b": 0.4}, 0.1) == {}
+    assert whole_key_floors({}, {"a": 1.0}, 0.1) == {}
+
+
+def test_the_state_reckons_the_floors_from_the_recent_cold_requests():
+    state = RoutingState()
+    keys = [affinity_key(doc(i)) for i in range(16)]
+    first = {k: ("a" if i < 10 else "b") for i, k in enumerate(keys)}
+    for n in range(320):  # 20 questions each, interleaved
+        shares = state.demand_shares(first[keys[n % 16]], keys[n % 16])
+    assert shares == {"a": 0.625, "b": 0.375}
+    a_ranks = sorted(key_rank(k) for k in keys[:10])
+    if a_ranks[0] < 1 - 0.55 / 0.625:  # the rank rule moves one already
+        assert state.floors == {}
+    else:
+        assert a_ranks[0] < state.floors["a"] < a_ranks[1]
 
 
 def test_a_key_is_hot_at_a_quarter_of_one_servers_fair_share_of_the_recent_requests():

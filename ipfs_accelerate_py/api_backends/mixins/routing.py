@@ -278,11 +278,12 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         loads = self.cache_aware_loads(usable)
         with state.lock:
             hot = state.note_key(key, len(usable))
-            shares = state.demand_shares(usable[0]) if usable and not hot else {}
+            shares = state.demand_shares(usable[0], key) if usable and not hot else {}
+            floors = state.floors
         stuck = ([usable[0]] if usable and not hot and self._stuck(state, usable[0], loads[usable[0]])
                  else [])
         choice, reason = place(usable, loads, hot, shares, key_rank(key), abs_t, rel_t,
-                               COLD_CAPACITY, HOT_ABS, DEMAND_SLACK, stuck)
+                               COLD_CAPACITY, HOT_ABS, DEMAND_SLACK, stuck, floors)
         if choice is None:
             return ranked, key
         with state.lock:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, 
 
 from ..endpoint_load import LoadBoard
 from ..errors import CircuitOpenError, NoHealthyEndpointError, QueueFullError, TransientError
-from ..prefix_affinity import DEFAULT_PREFIX_CHARS
+from ..prefix_affinity import DEFAULT_PREFIX_CHARS, key_rank, whole_key_floors
 
 STRATEGIES = ("round-robin", "least-loaded", "fastest", "cache-aware")
 #: Failures that another endpoint may not have: the request moves on to the next one.
@@ -54,6 +54,8 @@ DEMAND_WINDOW = 512
 DEMAND_MIN = 64
 #: An endpoint may be preferred by (1 + slack) / n of the cold requests before keys move.
 DEMAND_SLACK = 0.1
+#: Cold requests between two reckonings of the whole-key floors (prefix_affinity.whole_key_floors).
+FLOORS_EVERY = 32
 
 LoadProbe = Callable[[Any], Optional[float]]
 
@@ -92,6 +94,9 @@ class RoutingState:
         self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
         self.heat = RecentCounts(HEAT_WINDOW)  # prefix keys of the recent requests
         self.demand = RecentCounts(DEMAND_WINDOW)  # cold requests' first choices
+        self.cold_keys = RecentCounts(DEMAND_WINDOW)  # ...and their (key, first choice)
+        self.floors: Dict[str, float] = {}
+        self._floors_due = 0
 
     def note_key(self, key: bytes, endpoints: int = 2) -> bool:
         """Count ``key`` among the recent requests; True when it is hot among ``endpoints``
@@ -99,11 +104,24 @@ class RoutingState:
         count = self.heat.add(key)
         return count >= HOT_MIN_COUNT and count >= HOT_SHARE / max(endpoints, 1) * len(self.heat)
 
-    def demand_shares(self, first: str) -> Dict[str, float]:
-        """Count a cold request preferring ``first``; every endpoint's share of the recent
-        cold requests (empty until ``DEMAND_MIN`` were seen). Lock held."""
+    def demand_shares(self, first: str, key: bytes = b"") -> Dict[str, float]:
+        """Count a cold request (``key``) preferring ``first``; every endpoint's share of the
+        recent cold requests (empty until ``DEMAND_MIN`` were seen). Every
+        ``FLOORS_EVERY`` calls the whole-key floors (``self.floors``) are reckoned again.
+        Lock held."""
         self.demand.add(first)
-        return self.demand.shares() if len(self.demand) >= DEMAND_MIN else {}
+        self.cold_keys.add((key, first))
+        if len(self.demand) < DEMAND_MIN:
+            return {}
+        shares = self.demand.shares()
+        self._floors_due -= 1
+        if self._floors_due <= 0:
+            self._floors_due = FLOORS_EVERY
+            by_endpoint: Dict[str, List[Tuple[float, float]]] = {}
+            for (k, eid), weight in self.cold_keys.shares().items():
+                by_endpoint.setdefault(eid, []).append((key_rank(k), weight))
+            self.floors = whole_key_floors(by_endpoint, shares, DEMAND_SLACK)
+        return shares
 
 
 class RecentCounts:
