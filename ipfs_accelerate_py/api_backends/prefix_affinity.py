@@ -50,6 +50,7 @@ documents are, which is the case prefix caching pays for.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .models import ChatBatchRequest, ChatRequest, CompletionRequest
@@ -178,7 +179,8 @@ def demand_choice(ranked: Sequence[str], shares: Mapping[str, float], rank: floa
 
 
 def whole_key_floors(keys: Mapping[str, Sequence[Tuple[float, float]]],
-                     shares: Mapping[str, float], slack: float) -> Dict[str, float]:
+                     shares: Mapping[str, float], slack: float,
+                     seen: Optional[int] = None) -> Dict[str, float]:
     """Rank floors for ``demand_choice`` where the rank rule moves too little because the
     keys are few and large: {endpoint: floor}.
 
@@ -189,7 +191,9 @@ def whole_key_floors(keys: Mapping[str, Sequence[Tuple[float, float]]],
     are often none. When the keys the rank rule moves carry under three quarters of the
     excess, the floor takes keys in rank order, as many as bring the moved share nearest
     the excess (at least one): the lowest-ranked keys still, the same in every process
-    that sees the same traffic.
+    that sees the same traffic. With ``seen`` (the requests the shares come from) an
+    excess within two standard errors of the share is noise, and gets no floor: early in
+    a run a share of 0.56 for a true 0.5 would otherwise move a key for nothing.
     """
     n = len(shares)
     if n < 2:
@@ -200,6 +204,8 @@ def whole_key_floors(keys: Mapping[str, Sequence[Tuple[float, float]]],
         if share <= target or not keys.get(eid):
             continue
         excess = share - target
+        if seen is not None and excess < 2.0 * math.sqrt(share * (1.0 - share) / max(seen, 1)):
+            continue
         ordered = sorted(keys[eid])
         threshold = 1.0 - target / share
         if sum(w for r, w in ordered if r < threshold) >= 0.75 * excess:
@@ -241,7 +247,7 @@ def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
       network of two single-server stations every split of the callers is about equally
       likely), so a per-request bound alone moved one request in eight. It moves for load
       only off a stuck first choice that is over the bound and over ``cold_capacity``
-      times the mean load.
+      times the mean load, to one that is not stuck.
     * Under load, an unlucky hash is evened out by moving the same few keys for good
       (``demand_choice``; ``floors`` from ``whole_key_floors`` where the keys are few).
     """
@@ -252,7 +258,7 @@ def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
         return Placement(choice, "hot" if moved else "affinity")
     if ranked[0] in stuck:
         choice, moved = bounded_choice(ranked, loads, abs_threshold, rel_threshold, cold_capacity)
-        if moved:
+        if moved and choice not in stuck:  # to a server as stuck: a miss for nothing
             return Placement(choice, "load")
     choice = ranked[0]
     if shares and sum(loads[e] for e in ranked) >= len(ranked):  # a lone caller gains nothing

@@ -152,6 +152,7 @@ def test_a_cold_key_moves_for_load_only_off_a_stuck_server():
     assert decide({"a": 12, "b": 9}, stuck=["a"]) == ("a", "affinity")  # within it
     assert decide({"a": 7, "b": 3}, stuck=["a"]) == ("a", "affinity")  # under 1.5 x the mean
     assert decide({"a": 0, "b": 15}, stuck=["b"]) == ("a", "affinity")  # b is not its first choice
+    assert decide({"a": 15, "b": 1}, stuck=["a", "b"]) == ("a", "affinity")  # b as stuck
     assert place([], {}, False, {}, 0.5, 4, 1.5, 1.5, 1, 0.1) == (None, "affinity")
 
 
@@ -196,6 +197,9 @@ def test_few_large_keys_move_whole_to_even_out_an_unlucky_hash():
     many = {"a": [(i / 100, 0.006) for i in range(100)]}
     assert whole_key_floors(many, {"a": 0.6, "b": 0.4}, 0.1) == {}
     assert whole_key_floors({}, {"a": 1.0}, 0.1) == {}
+    # an excess within two standard errors of the share is noise: 0.625 of 64 requests
+    assert whole_key_floors({"a": a_keys, "b": b_keys}, shares, 0.1, seen=64) == {}
+    assert set(whole_key_floors({"a": a_keys, "b": b_keys}, shares, 0.1, seen=512)) == {"a"}
 
 
 def test_the_state_reckons_the_floors_from_the_recent_cold_requests():

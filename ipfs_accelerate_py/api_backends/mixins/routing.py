@@ -280,8 +280,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             hot = state.note_key(key, len(usable))
             shares = state.demand_shares(usable[0], key) if usable and not hot else {}
             floors = state.floors
-        stuck = ([usable[0]] if usable and not hot and self._stuck(state, usable[0], loads[usable[0]])
-                 else [])
+        stuck = [eid for eid in usable if self._stuck(state, eid)] if usable and not hot else []
         choice, reason = place(usable, loads, hot, shares, key_rank(key), abs_t, rel_t,
                                COLD_CAPACITY, HOT_ABS, DEMAND_SLACK, stuck, floors)
         if choice is None:
@@ -290,17 +289,18 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             state.placed[reason][choice] += 1
         return [choice] + [eid for eid in ranked if eid != choice], key
 
-    def _stuck(self, state: RoutingState, eid: str, load: float) -> bool:
-        """Is ``eid`` stuck, so that a cold key may leave it for load? Yes when its load
-        figure is the server's own queue report, above this client's count there (other
-        clients' work, or requests it cannot schedule), or when it holds requests of this
+    def _stuck(self, state: RoutingState, eid: str) -> bool:
+        """Is ``eid`` stuck, so that a cold key may leave it for load? Yes when its own
+        fresh queue report (not a stale one's stand-in) is above this client's count there
+        (other clients' work, or requests it cannot schedule), or when it holds requests of this
         client and has finished none for longer than the slowest of its recent routed
         calls took (and at least ``STUCK_MIN_S``), or none ever. A server merely holding
         more of the callers than the other, and finishing them, is not. (The slowest, not
         the median: with long prefixes most calls are quick hits, and one long prefill
         holds up a batch for several medians.)"""
         own = self._own_load(state, eid)
-        if load > own:
+        report = self.server_load(eid)
+        if report is not None and report.waiting is not None and report.waiting > own:
             return True
         if own <= 0:
             return False

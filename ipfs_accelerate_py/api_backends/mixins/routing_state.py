@@ -120,7 +120,7 @@ class RoutingState:
             by_endpoint: Dict[str, List[Tuple[float, float]]] = {}
             for (k, eid), weight in self.cold_keys.shares().items():
                 by_endpoint.setdefault(eid, []).append((key_rank(k), weight))
-            self.floors = whole_key_floors(by_endpoint, shares, DEMAND_SLACK)
+            self.floors = whole_key_floors(by_endpoint, shares, DEMAND_SLACK, len(self.demand))
         return shares
 
 
