@@ -280,7 +280,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             hot = state.note_key(key, len(usable))
             shares = state.demand_shares(usable[0], key) if usable and not hot else {}
             floors = state.floors
-        stuck = [eid for eid in usable if self._stuck(state, eid)] if usable and not hot else []
+        stuck = [eid for eid in usable if self._stuck(state, eid, abs_t)] if usable and not hot else []
         choice, reason = place(usable, loads, hot, shares, key_rank(key), abs_t, rel_t,
                                COLD_CAPACITY, HOT_ABS, DEMAND_SLACK, stuck, floors)
         if choice is None:
@@ -289,10 +289,11 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             state.placed[reason][choice] += 1
         return [choice] + [eid for eid in ranked if eid != choice], key
 
-    def _stuck(self, state: RoutingState, eid: str) -> bool:
+    def _stuck(self, state: RoutingState, eid: str, slack: float) -> bool:
         """Is ``eid`` stuck, so that a cold key may leave it for load? Yes when its own
         fresh queue report (not a stale one's stand-in) is above this client's count there
-        (other clients' work, or requests it cannot schedule), or when it holds requests of this
+        by more than ``slack`` (other clients' work, or requests it cannot schedule: a report
+        may be a second old, and this client's count has moved since), or when it holds requests of this
         client and has finished none for longer than the slowest of its recent routed
         calls took (and at least ``STUCK_MIN_S``), or none ever. A server merely holding
         more of the callers than the other, and finishing them, is not. (The slowest, not
@@ -300,7 +301,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         holds up a batch for several medians.)"""
         own = self._own_load(state, eid)
         report = self.server_load(eid)
-        if report is not None and report.waiting is not None and report.waiting > own:
+        if report is not None and report.waiting is not None and report.waiting > own + slack:
             return True
         if own <= 0:
             return False
