@@ -33,8 +33,8 @@ documents are, which is the case prefix caching pays for.
   there after one miss and then hits on both, so it simply goes to the less loaded one and
   fills what the cold keys leave. A cold key moved is a miss now and evicts someone else's
   blocks, so it moves for load only when its server is stuck (finishing nothing, or
-  reporting a queue above this client's count there: routing.py decides) and over the
-  bound and over ``capacity`` times the mean load. In-flight counts alone are a poor
+  reporting a queue well above this client's count there: routing.py decides), over the
+  bound and over ``capacity`` times the mean load, and only to a server that is not stuck. In-flight counts alone are a poor
   balance signal for cold keys: two compute-bound servers fed by closed-loop callers
   finish work at a rate that hardly depends on how much each holds, and in such a closed
   network every split of the callers is about equally likely (16 callers: 12 : 3 or

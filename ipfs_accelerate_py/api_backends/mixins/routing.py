@@ -53,7 +53,7 @@ from ._host import HostBase
 from .circuit_breaker import OPEN
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
 from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
-                            FAILOVER_ERRORS, HOT_ABS, STUCK_MIN_S,
+                            FAILOVER_ERRORS, HOT_ABS, STUCK_MIN_S, STUCK_SLOWEST,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
 
@@ -294,8 +294,8 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         fresh queue report (not a stale one's stand-in) is above this client's count there
         by more than ``slack`` (other clients' work, or requests it cannot schedule: a report
         may be a second old, and this client's count has moved since), or when it holds requests of this
-        client and has finished none for longer than the slowest of its recent routed
-        calls took (and at least ``STUCK_MIN_S``), or none ever. A server merely holding
+        client and has finished none for ``STUCK_SLOWEST`` times as long as the slowest of
+        its recent routed calls took (and at least ``STUCK_MIN_S``), or none ever. A server merely holding
         more of the callers than the other, and finishing them, is not. (The slowest, not
         the median: with long prefixes most calls are quick hits, and one long prefill
         holds up a batch for several medians.)"""
@@ -310,7 +310,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             slowest = max(state.latencies.get(eid, ()), default=0.0)
         if last is None:
             return True
-        return self._clock.monotonic() - last > max(STUCK_MIN_S, slowest)
+        return self._clock.monotonic() - last > max(STUCK_MIN_S, STUCK_SLOWEST * slowest)
 
     def _is_open(self, endpoint_id: str) -> bool:
         ep = self._endpoint(endpoint_id)

@@ -35,10 +35,13 @@ LOAD_MAX_AGE = 1.0
 #: the bound, and above this many times the mean load: in-flight counts of compute-bound
 #: servers swing widely on their own (prefix_affinity.place), and each move is a miss.
 COLD_CAPACITY = 1.5
-#: Stuck: this client's requests there and none finished for longer than the slowest of
-#: the endpoint's recent routed calls, and at least this many seconds (or none ever, or the
-#: server reports a queue above this client's count there).
-STUCK_MIN_S = 0.25
+#: Stuck: this client's requests there and none finished for STUCK_SLOWEST times as long as
+#: the slowest of the endpoint's recent routed calls took, and at least STUCK_MIN_S seconds
+#: (or none ever, or the server reports a queue well above this client's count there). On
+#: a shared 2-core machine a server starved for a second or two is common; at once the
+#: slowest call (and 0.25 s) diverted up to 13 % of a row's requests, to the other server.
+STUCK_SLOWEST = 3.0
+STUCK_MIN_S = 1.0
 #: Recent cache-aware requests whose keys are counted to tell hot prefixes from cold ones.
 HEAT_WINDOW = 512
 #: A key is hot when it is at least this share of one endpoint's fair share of the recent
