@@ -233,15 +233,20 @@ class Placement(NamedTuple):
 def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
           shares: Mapping[str, float], rank: float, abs_threshold: float, rel_threshold: float,
           cold_capacity: float, hot_abs: float, slack: float,
-          stuck: Collection[str] = (), floors: Optional[Mapping[str, float]] = None) -> Placement:
+          stuck: Collection[str] = (), floors: Optional[Mapping[str, float]] = None,
+          recent: Optional[Mapping[str, float]] = None) -> Placement:
     """The cache-aware decision for one request, from its key's ranking of the usable
     endpoints, their loads, whether the key is hot, the cold requests' first-choice
     ``shares`` (empty until enough were seen), the key's ``rank`` and the endpoints that are
     ``stuck`` (making no progress, or reporting a queue of their own: see routing.py).
 
-    * A hot key is cached wherever it went after one miss, so it goes to the least loaded
-      endpoint (its first choice unless another is more than ``hot_abs`` lower): it fills
-      whatever the cold keys leave, and evens out the split.
+    * A hot key is cached wherever it went after one miss, so it fills whatever the cold
+      keys leave: it goes to the endpoint with the smallest share of the ``recent``
+      requests (what the split counts; ties: the key's order), unless that one's load is
+      more than ``abs_threshold`` above the least loaded; without ``recent`` figures, to
+      the least loaded (its first choice unless another is more than ``hot_abs`` lower).
+      In-flight counts alone left a 1.74 split with 64 callers: a hot key's requests are
+      cheap hits, so equal in-flight counts are unequal request counts.
     * A cold key moved is a miss and an eviction, and in-flight counts alone say little:
       two compute-bound servers fed by closed-loop callers swing them widely (in a closed
       network of two single-server stations every split of the callers is about equally
@@ -254,6 +259,10 @@ def place(ranked: Sequence[str], loads: Mapping[str, float], hot: bool,
     if not ranked:
         return Placement(None, "affinity")
     if hot:
+        if recent:
+            fewest = min(ranked, key=lambda e: recent.get(e, 0.0))  # min keeps the first of ties
+            if loads[fewest] - min(loads[e] for e in ranked) <= abs_threshold:
+                return Placement(fewest, "affinity" if fewest == ranked[0] else "hot")
         choice, moved = bounded_choice(ranked, loads, hot_abs, 1.0)
         return Placement(choice, "hot" if moved else "affinity")
     if ranked[0] in stuck:

@@ -134,10 +134,10 @@ def test_an_unlucky_hash_is_evened_out_by_moving_the_same_few_keys_for_good():
 
 
 def decide(loads: Dict[str, float], hot: bool = False, shares: Any = None, rank: float = 0.5,
-           stuck: Any = (), floors: Any = None) -> Any:
+           stuck: Any = (), floors: Any = None, recent: Any = None) -> Any:
     """``place`` with the client's defaults, the key's ranking a then b."""
     return place(["a", "b"], loads, hot, shares or {}, rank, 4.0, 1.5, COLD_CAPACITY, HOT_ABS,
-                 DEMAND_SLACK, stuck, floors)
+                 DEMAND_SLACK, stuck, floors, recent)
 
 
 def test_a_cold_key_moves_for_load_only_off_a_stuck_server():
@@ -161,6 +161,12 @@ def test_a_hot_key_goes_to_the_less_loaded_server():
     assert decide({"a": 4, "b": 3}, hot=True) == ("a", "affinity")  # within one request
     assert decide({"a": 3, "b": 9}, hot=True) == ("a", "affinity")
     assert decide({"a": 12, "b": 3}, hot=True, shares={"a": 0.9, "b": 0.1}) == ("b", "hot")
+    # with the recent split known, it fills the gap in request counts, not in-flight counts
+    assert decide({"a": 20, "b": 22}, hot=True, recent={"a": 0.4, "b": 0.6}) == ("a", "affinity")
+    assert decide({"a": 22, "b": 20}, hot=True, recent={"a": 0.6, "b": 0.4}) == ("b", "hot")
+    assert decide({"a": 20, "b": 20}, hot=True, recent={"a": 0.5, "b": 0.5}) == ("a", "affinity")
+    assert decide({"a": 2, "b": 9}, hot=True, recent={"a": 0.6, "b": 0.4}) == ("a", "affinity")  # b 7 above
+    assert decide({"a": 3, "b": 3}, recent={"a": 0.7, "b": 0.3}) == ("a", "affinity")  # cold: no
 
 
 def test_keys_move_by_demand_only_under_load_and_a_load_move_comes_first():

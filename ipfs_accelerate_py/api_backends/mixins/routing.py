@@ -280,13 +280,15 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             hot = state.note_key(key, len(usable))
             shares = state.demand_shares(usable[0], key) if usable and not hot else {}
             floors = state.floors
+            recent = state.recent_split() if hot else {}
         stuck = [eid for eid in usable if self._stuck(state, eid, abs_t)] if usable and not hot else []
         choice, reason = place(usable, loads, hot, shares, key_rank(key), abs_t, rel_t,
-                               COLD_CAPACITY, HOT_ABS, DEMAND_SLACK, stuck, floors)
+                               COLD_CAPACITY, HOT_ABS, DEMAND_SLACK, stuck, floors, recent)
         if choice is None:
             return ranked, key
         with state.lock:
             state.placed[reason][choice] += 1
+            state.placed_recent.add(choice)
         return [choice] + [eid for eid in ranked if eid != choice], key
 
     def _stuck(self, state: RoutingState, eid: str, slack: float) -> bool:

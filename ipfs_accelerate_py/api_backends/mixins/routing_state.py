@@ -98,6 +98,7 @@ class RoutingState:
         self.heat = RecentCounts(HEAT_WINDOW)  # prefix keys of the recent requests
         self.demand = RecentCounts(DEMAND_WINDOW)  # cold requests' first choices
         self.cold_keys = RecentCounts(DEMAND_WINDOW)  # ...and their (key, first choice)
+        self.placed_recent = RecentCounts(HEAT_WINDOW)  # where the recent requests went
         self.floors: Dict[str, float] = {}
         self._floors_due = 0
 
@@ -125,6 +126,12 @@ class RoutingState:
                 by_endpoint.setdefault(eid, []).append((key_rank(k), weight))
             self.floors = whole_key_floors(by_endpoint, shares, DEMAND_SLACK, len(self.demand))
         return shares
+
+
+    def recent_split(self) -> Dict[str, float]:
+        """Each endpoint's share of where the recent cache-aware requests went (empty until
+        ``DEMAND_MIN`` were placed). Lock held."""
+        return self.placed_recent.shares() if len(self.placed_recent) >= DEMAND_MIN else {}
 
 
 class RecentCounts:
