@@ -21,10 +21,13 @@ import pytest
 from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
 from ipfs_accelerate_py.api_backends.endpoint_load import LoadBoard, parse_load_header
 from ipfs_accelerate_py.api_backends.models import ChatRequest, CompletionRequest
-from ipfs_accelerate_py.api_backends.prefix_affinity import (affinity_key, bounded_choice,
-                                                             demand_choice, key_rank,
-                                                             over_bound, prefix_text,
-                                                             rendezvous_order)
+from ipfs_accelerate_py.api_backends.mixins.routing_state import (
+    COLD_CAPACITY, DEMAND_SLACK, HOT_ABS, STUCK_MIN_S, RoutingState)
+from ipfs_accelerate_py.api_backends.prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key,
+                                                             bounded_choice, demand_choice,
+                                                             key_rank, over_bound, place,
+                                                             prefix_text, rendezvous_order,
+                                                             whole_key_floors)
 from ipfs_accelerate_py.api_backends.settings import ClientSettings
 from ipfs_accelerate_py.servers.fake_vllm import FakeVllmServer, Fault
 from support import wait_until
@@ -130,6 +133,126 @@ def test_an_unlucky_hash_is_evened_out_by_moving_the_same_few_keys_for_good():
     assert demand_choice(["a", "b", "c"], three, 0.0, 0.1) == ("c", True)
 
 
+def decide(loads: Dict[str, float], hot: bool = False, shares: Any = None, rank: float = 0.5,
+           stuck: Any = (), floors: Any = None, recent: Any = None) -> Any:
+    """``place`` with the client's defaults, the key's ranking a then b."""
+    return place(["a", "b"], loads, hot, shares or {}, rank, 4.0, 1.5, COLD_CAPACITY, HOT_ABS,
+                 DEMAND_SLACK, stuck, floors, recent)
+
+
+def test_a_cold_key_moves_for_load_only_off_a_stuck_server():
+    """16 closed-loop callers over two compute-bound servers: 12 : 3 in flight, even 15 : 0,
+    are common swings while both servers finish work (the old bound moved a request in
+    eight for them); a server that finishes nothing, or reports a queue, is stuck."""
+    assert decide({"a": 12, "b": 3}) == ("a", "affinity")
+    assert decide({"a": 15, "b": 0}) == ("a", "affinity")
+    assert decide({"a": 15, "b": 0}, stuck=["a"]) == ("b", "load")
+    assert decide({"a": 5, "b": 0}, stuck=["a"]) == ("b", "load")  # beyond the absolute bound
+    assert decide({"a": 4, "b": 0}, stuck=["a"]) == ("a", "affinity")  # within it
+    assert decide({"a": 12, "b": 9}, stuck=["a"]) == ("a", "affinity")  # within it
+    assert decide({"a": 7, "b": 3}, stuck=["a"]) == ("a", "affinity")  # under 1.5 x the mean
+    assert decide({"a": 0, "b": 15}, stuck=["b"]) == ("a", "affinity")  # b is not its first choice
+    assert decide({"a": 15, "b": 1}, stuck=["a", "b"]) == ("a", "affinity")  # b as stuck
+    assert place([], {}, False, {}, 0.5, 4, 1.5, 1.5, 1, 0.1) == (None, "affinity")
+
+
+def test_a_hot_key_goes_to_the_less_loaded_server():
+    assert decide({"a": 5, "b": 3}, hot=True) == ("b", "hot")
+    assert decide({"a": 4, "b": 3}, hot=True) == ("a", "affinity")  # within one request
+    assert decide({"a": 3, "b": 9}, hot=True) == ("a", "affinity")
+    assert decide({"a": 12, "b": 3}, hot=True, shares={"a": 0.9, "b": 0.1}) == ("b", "hot")
+    # with the recent split known, it fills the gap in request counts, not in-flight counts
+    assert decide({"a": 20, "b": 22}, hot=True, recent={"a": 0.4, "b": 0.6}) == ("a", "affinity")
+    assert decide({"a": 22, "b": 20}, hot=True, recent={"a": 0.6, "b": 0.4}) == ("b", "hot")
+    assert decide({"a": 20, "b": 20}, hot=True, recent={"a": 0.5, "b": 0.5}) == ("a", "affinity")
+    assert decide({"a": 2, "b": 9}, hot=True, recent={"a": 0.6, "b": 0.4}) == ("a", "affinity")  # b 7 above
+    assert decide({"a": 3, "b": 3}, recent={"a": 0.7, "b": 0.3}) == ("a", "affinity")  # cold: no
+
+
+def test_keys_move_by_demand_only_under_load_and_a_load_move_comes_first():
+    shares = {"a": 0.6, "b": 0.4}
+    low = 1 - 0.55 / 0.6  # the keys ranked below this move (demand_choice)
+    assert decide({"a": 3, "b": 3}, shares=shares, rank=low / 2) == ("b", "demand")
+    assert decide({"a": 3, "b": 3}, shares=shares, rank=low * 2) == ("a", "affinity")
+    assert decide({"a": 0, "b": 1}, shares=shares, rank=low / 2) == ("a", "affinity")  # a lone caller
+    assert decide({"a": 3, "b": 3}, shares={"a": 0.4, "b": 0.6}, rank=0.0) == ("a", "affinity")
+    assert decide({"a": 15, "b": 0}, shares=shares, rank=low / 2) == ("b", "demand")
+    assert decide({"a": 15, "b": 0}, shares=shares, rank=low / 2, stuck=["a"]) == ("b", "load")
+    assert decide({"a": 3, "b": 3}, shares={}, rank=0.0) == ("a", "affinity")  # too few seen
+
+
+def test_few_large_keys_move_whole_to_even_out_an_unlucky_hash():
+    """16 prefixes of 6.25 % each, 10 preferring a (0.625): the rank rule moves a's keys
+    ranked below 1 - 0.55 / 0.625 = 12 %, here none; the floor takes the lowest-ranked key
+    (0.0625 moved, nearest the 0.075 excess), and only where the rank rule moves too little."""
+    w = 1 / 16
+    a_keys = [(r, w) for r in (0.20, 0.25, 0.40, 0.45, 0.55, 0.60, 0.70, 0.80, 0.85, 0.95)]
+    b_keys = [(r, w) for r in (0.05, 0.30, 0.50, 0.65, 0.75, 0.90)]
+    shares = {"a": 10 * w, "b": 6 * w}
+    floors = whole_key_floors({"a": a_keys, "b": b_keys}, shares, 0.1)
+    assert set(floors) == {"a"} and 0.20 < floors["a"] < 0.25
+    assert demand_choice(["a", "b"], shares, 0.20, 0.1, floors["a"]) == ("b", True)
+    assert demand_choice(["a", "b"], shares, 0.25, 0.1, floors["a"]) == ("a", False)
+    assert demand_choice(["a", "b"], shares, 0.20, 0.1) == ("a", False)  # the rank rule alone
+    assert decide({"a": 3, "b": 3}, shares=shares, rank=0.20, floors=floors) == ("b", "demand")
+    # 0.67 preferring a: an excess of 0.12, three keys of 4 % (the big one ranks last)
+    small = {"a": [(r, 0.04) for r in (0.3, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)] + [(0.95, 0.39)]}
+    f = whole_key_floors(small, {"a": 0.67, "b": 0.33}, 0.1)
+    assert 0.5 < f["a"] < 0.6
+    # many small keys: the rank rule carries the excess, no floor
+    many = {"a": [(i / 100, 0.006) for i in range(100)]}
+    assert whole_key_floors(many, {"a": 0.6, "b": 0.4}, 0.1) == {}
+    assert whole_key_floors({}, {"a": 1.0}, 0.1) == {}
+    # an excess within two standard errors of the share is noise: 0.625 of 64 requests
+    assert whole_key_floors({"a": a_keys, "b": b_keys}, shares, 0.1, seen=64) == {}
+    assert set(whole_key_floors({"a": a_keys, "b": b_keys}, shares, 0.1, seen=512)) == {"a"}
+
+
+def test_the_state_reckons_the_floors_from_the_recent_cold_requests():
+    state = RoutingState()
+    keys = [affinity_key(doc(i)) for i in range(16)]
+    first = {k: ("a" if i < 10 else "b") for i, k in enumerate(keys)}
+    for n in range(320):  # 20 questions each, interleaved
+        shares = state.demand_shares(first[keys[n % 16]], keys[n % 16])
+    assert shares == {"a": 0.625, "b": 0.375}
+    a_ranks = sorted(key_rank(k) for k in keys[:10])
+    if a_ranks[0] < 1 - 0.55 / 0.625:  # the rank rule moves one already
+        assert state.floors == {}
+    else:
+        assert a_ranks[0] < state.floors["a"] < a_ranks[1]
+
+
+def test_a_key_is_hot_at_a_quarter_of_one_servers_fair_share_of_the_recent_requests():
+    state = RoutingState()
+    keys = [affinity_key(doc(i)) for i in range(16)]
+    # 16 prefixes, 20 questions each, interleaved: 6 % each, whole keys even them out
+    assert not any(state.note_key(keys[n % 16], 2) for n in range(320))
+    state = RoutingState()
+    hot = affinity_key(doc(99))
+    seen = []
+    for n in range(200):  # half the requests on one prefix
+        seen.append(state.note_key(hot, 2))
+        assert not state.note_key(keys[n % 16], 2)
+    assert seen[:7] == [False] * 7 and all(seen[8:])  # from its 8th request on
+    # among four servers a key is hot from 0.25 / 4 = 6.25 %: this one is 3 %
+    assert state.note_key(keys[0], 4) is False  # seen 13 times of 400
+    assert RoutingState().note_key(hot, 4) is False  # once: too few
+
+
+def test_the_key_reads_the_first_120_bytes_inside_one_128_token_block():
+    assert DEFAULT_PREFIX_CHARS == 120
+    # digit-dense text: 128 tokens of "w1234 w5678 ..." are about 150 characters, so the
+    # question after a one-block prefix must lie outside the key
+    block = "[doc 7] " + " ".join(f"w{1000 + j}" for j in range(24))  # ~150 characters
+    assert len(block) > 120
+    assert affinity_key(block + " Question 1") == affinity_key(block + " Question 2")
+    assert affinity_key("x" * 119 + "a") != affinity_key("x" * 119 + "b")
+    assert affinity_key("x" * 120 + "a") == affinity_key("x" * 120 + "b")
+    # bytes, not characters: 40 three-byte characters fill the key
+    assert affinity_key("文" * 40 + "a") == affinity_key("文" * 40 + "b")
+    assert affinity_key("文" * 39 + "a") != affinity_key("文" * 39 + "b")
+
+
 def test_keys_move_for_an_unlucky_hash_only_under_load_and_after_enough_requests(fakes):
     a, b = fakes
     with client_over({"a": a.base_url, "b": b.base_url}) as c:
@@ -217,6 +340,37 @@ def test_a_busy_preferred_endpoint_is_passed_over_beyond_the_absolute_bound(fake
         a.stop()  # releases the held requests: dropped, and a was their only endpoint
         for f in pending:
             assert isinstance(f.exception(10), errors.NoHealthyEndpointError)
+
+
+def test_a_cold_key_leaves_its_server_once_that_has_finished_nothing_for_a_while(fakes):
+    a, b = fakes
+    clock = FakeClock()
+    with client_over({"a": a.base_url, "b": b.base_url}, clock=clock) as c:
+        c.set_load_probe(None)
+        prompt = next(doc(i) for i in range(100)
+                      if c.routing_order("cache-aware", ["a", "b"],
+                                         CompletionRequest(model="tiny-llama", prompt=doc(i)))[0] == "a")
+        request = CompletionRequest(model="tiny-llama", prompt=prompt + "Q?")
+        state = c._routing_state
+
+        def hold(n: int) -> None:  # n routed requests of this client outstanding at a
+            with state.lock:
+                state.outstanding["a"] += n
+
+        c.route_inference("tiny-llama", "progress", FAST, endpoint_ids=["a"])  # a replied now
+        hold(6)
+        assert c.cache_aware_loads(["a", "b"]) == {"a": 6, "b": 0}
+        # 6 : 0 is over the bound, but a finished a request just now: not stuck, no move
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "a"
+        clock.advance(STUCK_MIN_S + 0.05)  # nothing finished since: stuck
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "b"
+        ca = c.get_routing_stats()["cache_aware"]
+        assert ca["b"]["diverted_for_load"] == 1 and ca["a"]["diverted_for_load"] == 0
+        c.route_inference("tiny-llama", "progress", FAST, endpoint_ids=["a"])  # a replies again
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "a"
+        hold(-6)
+        clock.advance(10)  # nothing outstanding there: never stuck
+        assert c.routing_order("cache-aware", ["a", "b"], request)[0] == "a"
 
 
 def test_server_reported_queue_diverts_and_a_stale_figure_is_not_read_as_idle(fakes):

@@ -48,12 +48,12 @@ from ..endpoint_load import LoadReport
 from ..errors import (ApiError, CircuitWaitTimeoutError, ConfigurationError,
                       NoHealthyEndpointError, ValidationError)
 from ..request_build import build_request
-from ..prefix_affinity import (affinity_key, bounded_choice, demand_choice, key_rank,
-                               prefix_text, rendezvous_order)
+from ..prefix_affinity import affinity_key, key_rank, place, prefix_text, rendezvous_order
 from ._host import HostBase
 from .circuit_breaker import OPEN
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
-from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY, FAILOVER_ERRORS,
+from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
+                            FAILOVER_ERRORS, HOT_ABS, STUCK_MIN_S, STUCK_SLOWEST,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
 
@@ -90,7 +90,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                                 balance_abs_threshold: Optional[float] = None,
                                 balance_rel_threshold: Optional[float] = None,
                                 load_max_age: Optional[float] = None) -> None:
-        """Tune ``cache-aware``: characters of leading text hashed; the load bound (the
+        """Tune ``cache-aware``: bytes of leading text hashed (UTF-8); the load bound (the
         preferred endpoint is passed over when its load exceeds the lowest by more than the
         absolute threshold AND more than the relative one times); seconds a server's load
         figure stays fresh. None keeps a value."""
@@ -277,21 +277,42 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         usable = [eid for eid in ranked if not self._is_open(eid)]
         loads = self.cache_aware_loads(usable)
         with state.lock:
-            hot = state.note_key(key)
-            shares = state.demand_shares(usable[0]) if usable and not hot else {}
-        if hot:  # cheap to move: cached on its second choice after one miss
-            choice, diverted = bounded_choice(usable, loads, abs_t / 2, (1 + rel_t) / 2)
-        else:  # a move is a miss and an eviction: only when also over capacity
-            choice, diverted = bounded_choice(usable, loads, abs_t, rel_t, COLD_CAPACITY)
-            # an unlucky hash, under load (a lone caller gains nothing by moving): is this
-            # one of the keys that move?
-            if not diverted and shares and sum(loads.values()) >= len(usable):
-                choice, diverted = demand_choice(usable, shares, key_rank(key), DEMAND_SLACK)
+            hot = state.note_key(key, len(usable))
+            shares = state.demand_shares(usable[0], key) if usable and not hot else {}
+            floors = state.floors
+            recent = state.recent_split() if hot else {}
+        stuck = [eid for eid in usable if self._stuck(state, eid, abs_t)] if usable and not hot else []
+        choice, reason = place(usable, loads, hot, shares, key_rank(key), abs_t, rel_t,
+                               COLD_CAPACITY, HOT_ABS, DEMAND_SLACK, stuck, floors, recent)
         if choice is None:
             return ranked, key
         with state.lock:
-            (state.diverted if diverted else state.affine)[choice] += 1
+            state.placed[reason][choice] += 1
+            state.placed_recent.add(choice)
         return [choice] + [eid for eid in ranked if eid != choice], key
+
+    def _stuck(self, state: RoutingState, eid: str, slack: float) -> bool:
+        """Is ``eid`` stuck, so that a cold key may leave it for load? Yes when its own
+        fresh queue report (not a stale one's stand-in) is above this client's count there
+        by more than ``slack`` (other clients' work, or requests it cannot schedule: a report
+        may be a second old, and this client's count has moved since), or when it holds requests of this
+        client and has finished none for ``STUCK_SLOWEST`` times as long as the slowest of
+        its recent routed calls took (and at least ``STUCK_MIN_S``), or none ever. A server merely holding
+        more of the callers than the other, and finishing them, is not. (The slowest, not
+        the median: with long prefixes most calls are quick hits, and one long prefill
+        holds up a batch for several medians.)"""
+        own = self._own_load(state, eid)
+        report = self.server_load(eid)
+        if report is not None and report.waiting is not None and report.waiting > own + slack:
+            return True
+        if own <= 0:
+            return False
+        with state.lock:
+            last = state.last_done.get(eid)
+            slowest = max(state.latencies.get(eid, ()), default=0.0)
+        if last is None:
+            return True
+        return self._clock.monotonic() - last > max(STUCK_MIN_S, STUCK_SLOWEST * slowest)
 
     def _is_open(self, endpoint_id: str) -> bool:
         ep = self._endpoint(endpoint_id)
@@ -427,6 +448,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             with state.lock:
                 state.outstanding[eid] -= 1
                 state.latencies.setdefault(eid, deque(maxlen=LATENCY_WINDOW)).append(elapsed)
+                state.last_done[eid] = start + elapsed
                 state.served_by[eid] += 1
                 if job.key is not None:
                     self._note_prefix(state, eid, job.key)
@@ -525,8 +547,9 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
 
     def get_routing_stats(self) -> Dict[str, Any]:
         """Routed calls, which endpoint served them, failovers and skips by endpoint, and for
-        ``cache-aware`` per endpoint: requests served, expected prefix hits, requests sent by
-        affinity or diverted there for load, and the last load figure seen."""
+        ``cache-aware`` per endpoint: requests served, expected prefix hits, requests placed
+        there by affinity, diverted there for load, sent there as a hot key or moved there
+        for an unlucky hash, and the last load figure seen."""
         state = self._routing()
         out: Dict[str, Any]
         cache: Dict[str, Dict[str, Any]]
@@ -536,10 +559,14 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                    "no_healthy_endpoint": state.all_down,
                    "waited_for_a_circuit": state.circuit_waits,
                    "outstanding": {k: v for k, v in state.outstanding.items() if v}}
+            placed = state.placed
             cache = {eid: {"requests": state.ca_served[eid],
                            "expected_prefix_hits": state.expected_hits[eid],
-                           "by_affinity": state.affine[eid], "diverted_for_load": state.diverted[eid]}
-                     for eid in set(state.ca_served) | set(state.affine) | set(state.diverted)}
+                           "by_affinity": placed["affinity"][eid],
+                           "diverted_for_load": placed["load"][eid],
+                           "hot_spread": placed["hot"][eid],
+                           "moved_by_demand": placed["demand"][eid]}
+                     for eid in set(state.ca_served).union(*placed.values())}
         now = self._clock.monotonic()
         for eid, figures in cache.items():
             seen = state.board.last(eid)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, 
 
 from ..endpoint_load import LoadBoard
 from ..errors import CircuitOpenError, NoHealthyEndpointError, QueueFullError, TransientError
-from ..prefix_affinity import DEFAULT_PREFIX_CHARS
+from ..prefix_affinity import DEFAULT_PREFIX_CHARS, key_rank, whole_key_floors
 
 STRATEGIES = ("round-robin", "least-loaded", "fastest", "cache-aware")
 #: Failures that another endpoint may not have: the request moves on to the next one.
@@ -31,19 +31,34 @@ SEEN_KEYS = 4096
 BALANCE_ABS = 4.0
 BALANCE_REL = 1.5
 LOAD_MAX_AGE = 1.0
-#: A cold prefix moves off its first choice only above this many times the mean load.
+#: A cold prefix moves off its first choice for load only when that is stuck (below), over
+#: the bound, and above this many times the mean load: in-flight counts of compute-bound
+#: servers swing widely on their own (prefix_affinity.place), and each move is a miss.
 COLD_CAPACITY = 1.5
+#: Stuck: this client's requests there and none finished for STUCK_SLOWEST times as long as
+#: the slowest of the endpoint's recent routed calls took, and at least STUCK_MIN_S seconds
+#: (or none ever, or the server reports a queue well above this client's count there). On
+#: a shared 2-core machine a server starved for a second or two is common; at once the
+#: slowest call (and 0.25 s) diverted up to 13 % of a row's requests, to the other server.
+STUCK_SLOWEST = 3.0
+STUCK_MIN_S = 1.0
 #: Recent cache-aware requests whose keys are counted to tell hot prefixes from cold ones.
 HEAT_WINDOW = 512
-#: A key is hot when it is at least this share of the recent requests (and seen 8+ times).
-HOT_SHARE = 0.05
+#: A key is hot when it is at least this share of one endpoint's fair share of the recent
+#: requests (0.25 / n of them; and seen 8+ times): more than the unlucky-hash moves of
+#: whole keys can even out. A hot key goes to the less loaded endpoint (by more than
+#: HOT_ABS requests), cached on both after one miss each.
+HOT_SHARE = 0.25
 HOT_MIN_COUNT = 8
+HOT_ABS = 1.0
 #: Cold requests' first choices counted to see an unlucky hash (prefix_affinity.demand_choice).
 DEMAND_WINDOW = 512
 #: ...and seen only past this many: few requests say nothing about the hash.
 DEMAND_MIN = 64
 #: An endpoint may be preferred by (1 + slack) / n of the cold requests before keys move.
 DEMAND_SLACK = 0.1
+#: Cold requests between two reckonings of the whole-key floors (prefix_affinity.whole_key_floors).
+FLOORS_EVERY = 32
 
 LoadProbe = Callable[[Any], Optional[float]]
 
@@ -73,24 +88,50 @@ class RoutingState:
         self.prefix_chars = DEFAULT_PREFIX_CHARS
         self.balance_abs = BALANCE_ABS
         self.balance_rel = BALANCE_REL
-        self.affine: Counter = Counter()  # requests served by their key's first choice
-        self.diverted: Counter = Counter()  # requests sent elsewhere because the first choice was over the bound
+        # requests per endpoint by why they went there (prefix_affinity.Placement's reasons):
+        # affinity (the key's first choice), load, hot, demand
+        self.placed: Dict[str, Counter] = {r: Counter() for r in ("affinity", "load", "hot", "demand")}
+        self.last_done: Dict[str, float] = {}  # monotonic time of each endpoint's last reply
         self.expected_hits: Counter = Counter()
         self.ca_served: Counter = Counter()
         self.seen: Dict[str, "OrderedDict[bytes, None]"] = {}
         self.heat = RecentCounts(HEAT_WINDOW)  # prefix keys of the recent requests
         self.demand = RecentCounts(DEMAND_WINDOW)  # cold requests' first choices
+        self.cold_keys = RecentCounts(DEMAND_WINDOW)  # ...and their (key, first choice)
+        self.placed_recent = RecentCounts(HEAT_WINDOW)  # where the recent requests went
+        self.floors: Dict[str, float] = {}
+        self._floors_due = 0
 
-    def note_key(self, key: bytes) -> bool:
-        """Count ``key`` among the recent requests; True when it is hot. Lock held."""
+    def note_key(self, key: bytes, endpoints: int = 2) -> bool:
+        """Count ``key`` among the recent requests; True when it is hot among ``endpoints``
+        usable ones. Lock held."""
         count = self.heat.add(key)
-        return count >= HOT_MIN_COUNT and count >= HOT_SHARE * len(self.heat)
+        return count >= HOT_MIN_COUNT and count >= HOT_SHARE / max(endpoints, 1) * len(self.heat)
 
-    def demand_shares(self, first: str) -> Dict[str, float]:
-        """Count a cold request preferring ``first``; every endpoint's share of the recent
-        cold requests (empty until ``DEMAND_MIN`` were seen). Lock held."""
+    def demand_shares(self, first: str, key: bytes = b"") -> Dict[str, float]:
+        """Count a cold request (``key``) preferring ``first``; every endpoint's share of the
+        recent cold requests (empty until ``DEMAND_MIN`` were seen). Every
+        ``FLOORS_EVERY`` calls the whole-key floors (``self.floors``) are reckoned again.
+        Lock held."""
         self.demand.add(first)
-        return self.demand.shares() if len(self.demand) >= DEMAND_MIN else {}
+        self.cold_keys.add((key, first))
+        if len(self.demand) < DEMAND_MIN:
+            return {}
+        shares = self.demand.shares()
+        self._floors_due -= 1
+        if self._floors_due <= 0:
+            self._floors_due = FLOORS_EVERY
+            by_endpoint: Dict[str, List[Tuple[float, float]]] = {}
+            for (k, eid), weight in self.cold_keys.shares().items():
+                by_endpoint.setdefault(eid, []).append((key_rank(k), weight))
+            self.floors = whole_key_floors(by_endpoint, shares, DEMAND_SLACK, len(self.demand))
+        return shares
+
+
+    def recent_split(self) -> Dict[str, float]:
+        """Each endpoint's share of where the recent cache-aware requests went (empty until
+        ``DEMAND_MIN`` were placed). Lock held."""
+        return self.placed_recent.shares() if len(self.placed_recent) >= DEMAND_MIN else {}
 
 
 class RecentCounts:
