@@ -80,9 +80,7 @@ class AsyncFaceMixin(HostBase):
             raise ValidationError(f"must be a CompletionRequest or ChatRequest, not "
                                   f"{type(request).__name__}", field="request")
         self._check_open()
-        if not self._adapter.supports_streaming:
-            raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream",
-                                     field="stream")
+        self._require_streaming()  # (asked again once an "auto" flavor is known: ``_aopen``)
         if endpoint_id is not None:
             self._endpoint(endpoint_id)  # an unknown id raises now
         check_priority(priority)
@@ -105,6 +103,8 @@ class AsyncFaceMixin(HostBase):
                      fail_fast: Optional[bool], priority: int = 1,
                      timeout: Optional[float] = None) -> "_AioTextStream":
         """Open the stream: routed by the ``routing`` setting when no endpoint is named."""
+        await self._asettle_backend()
+        self._require_streaming()
         if endpoint_id is None:
             routed = await self._aopen_routed(request, priority, timeout)
             if routed is not None:
@@ -179,6 +179,7 @@ class AsyncFaceMixin(HostBase):
                       fail_fast: Optional[bool] = None) -> CompletionResult:
         """``execute`` for coroutines: queued as ``submit`` queues it (the work runs on the
         client's loop), awaited without a thread, never longer than the call's deadline."""
+        await self._asettle_backend()  # (so ``_accept``'s own asking finds nothing to ask)
         accepted = self._accept(request, priority, endpoint_id, check_timeout(timeout),
                                 fail_fast)
         if isinstance(accepted, Future):  # routed over every endpoint (mixins/routing.py)

@@ -370,6 +370,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         started yet."""
         check_priority(priority)
         timeout = check_timeout(timeout)
+        self._settle_backend()
         if not isinstance(request, (CompletionRequest, ChatRequest, OperationRequest)):
             raise ValidationError(f"must be a CompletionRequest, ChatRequest or OperationRequest, not "
                                   f"{type(request).__name__}", field="request")
@@ -386,6 +387,15 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         ep = self._endpoint(endpoint_id)
         return ep, self._new_job(ep, request, priority, timeout,
                                        self._fail_fast(ep, fail_fast))
+
+    def _settle_backend(self) -> None:
+        """What a backend must learn from its server before the first call is queued
+        (``VllmClient``: which API it speaks, for ``api_flavor="auto"``); asked by the first
+        call, not by the constructor. Nothing here."""
+
+    async def _asettle_backend(self) -> None:
+        """``_settle_backend`` for coroutines (the async face awaits it on its caller's loop
+        before anything reads the adapter). Nothing here."""
 
     def _start_job(self, ep: Endpoint, job: Job) -> None:
         """Queue ``job`` for ``ep``'s dispatcher (or, queue off, start it on the loop)."""

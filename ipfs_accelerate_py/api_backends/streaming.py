@@ -53,6 +53,10 @@ class StreamingMixin(HostBase):
     def _init_streaming(self) -> None:
         """Nothing to set up: shared streams gather in the endpoints' queues."""
 
+    def _require_streaming(self) -> None:
+        if not self._adapter.supports_streaming:
+            raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
+
     def stream(self, request: Request, endpoint_id: Optional[str] = None,
                fail_fast: Optional[bool] = None, *, priority: int = 1,
                timeout: Optional[float] = None, response_model: Any = None) -> "TextStream":
@@ -69,11 +73,11 @@ class StreamingMixin(HostBase):
             opened.response_model = response_model
             return opened
         self._check_open()
-        if not self._adapter.supports_streaming:
-            raise ConfigurationError(f"backend {self._adapter.name!r} cannot stream", field="stream")
         if self._loop.in_loop():
             raise ConfigurationError("a sync stream from the client's event loop would never "
                                      "open; use astream() there", field="stream")
+        self._settle_backend()
+        self._require_streaming()
         check_priority(priority)
         timeout = check_timeout(timeout)
         routed = self._routed_stream(request, priority, timeout) if endpoint_id is None else None

@@ -26,7 +26,11 @@ class VllmClient(StructuredOutputsMixin, BaseApiBackend):
     returns ``result.parsed`` (``structured.py``).
 
     ``api_flavor``: ``"openai"`` (``/v1/*``, default), ``"legacy"`` (the demo server's
-    ``/generate``), or ``"auto"`` (ask the server once which it speaks).
+    ``/generate``), or ``"auto"``: the server is asked which it speaks (``GET /v1/models``)
+    by the first call that sends, not by the constructor, so making a client never blocks
+    (an async caller's first call awaits the question on its own loop). Until then
+    ``api_flavor`` reads ``"auto"``; a question that fails fails that call, and the next
+    call asks again.
     """
 
     backend_name = "vllm"
@@ -52,17 +56,38 @@ class VllmClient(StructuredOutputsMixin, BaseApiBackend):
         self.api_flavor = api_flavor
         # least-loaded routing reads the server's own queue length (only when it routes)
         self.set_load_probe(vllm_load_probe())
-        if api_flavor == "auto":
-            self.api_flavor = self.detect_api_flavor()
 
     def detect_api_flavor(self) -> str:
-        """"openai" if the server lists models under /v1, else "legacy" (and switch to it)."""
+        """"openai" if the server lists models under /v1, else "legacy" (and switch to it);
+        ``api_flavor`` says the answer from then on."""
         try:
-            self.request_raw(HttpRequest("GET", "/v1/models"), timeout=self.settings.timeout)
-            return "openai"
+            self.request_raw(_flavor_question(), timeout=self.settings.timeout)
         except NotFoundError:
+            return self._settle_flavor(False)
+        return self._settle_flavor(True)
+
+    async def _adetect_api_flavor(self) -> str:
+        """``detect_api_flavor`` for coroutines, on the caller's loop."""
+        ep = self._default_endpoint()
+        try:
+            await self._arequest_raw(_flavor_question(), ep, self.settings.timeout)
+        except NotFoundError:
+            return self._settle_flavor(False)
+        return self._settle_flavor(True)
+
+    def _settle_flavor(self, openai: bool) -> str:
+        if not openai:
             self._adapter = get_backend(VllmLegacyAdapter.name)
-            return "legacy"
+        self.api_flavor = "openai" if openai else "legacy"
+        return self.api_flavor
+
+    def _settle_backend(self) -> None:
+        if self.api_flavor == "auto":
+            self.detect_api_flavor()
+
+    async def _asettle_backend(self) -> None:
+        if self.api_flavor == "auto":
+            await self._adetect_api_flavor()
 
     def version(self, endpoint_id: Optional[str] = None) -> str:
         """The server's vLLM version (``GET /version``)."""
@@ -85,6 +110,11 @@ class VllmClient(StructuredOutputsMixin, BaseApiBackend):
             return self.settings.model
         models = self.list_models(endpoint_id)
         return models[0]["id"] if models else None
+
+
+def _flavor_question() -> HttpRequest:
+    """What ``api_flavor="auto"`` asks: an OpenAI-style server lists its models here."""
+    return HttpRequest("GET", "/v1/models")
 
 
 #: The server-side queue length that ``least-loaded`` routing adds to the client's own count.
