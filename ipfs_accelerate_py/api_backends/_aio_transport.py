@@ -264,7 +264,7 @@ class AioTransport:
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE,
                                            ssl=self._ssl if self._ssl is not None else True),
-            headers=self._headers, auto_decompress=False, trust_env=self._trust_env,
+            auto_decompress=False, trust_env=self._trust_env,
             cookie_jar=aiohttp.DummyCookieJar(), raise_for_status=False)
         if hasattr(session, "_retry_connection"):
             # aiohttp (3.10 on) sends an idempotent request (a GET: health and load probes,
@@ -306,6 +306,10 @@ class AioTransport:
             check_header(k, v)
         if accept is not None:
             sent.setdefault("Accept", accept)
+        # the transport's own headers go with each request, not as the session's defaults:
+        # aiohttp merges a session's defaults into the headers it sends a proxy, and would
+        # turn an Authorization header (the API key) into the proxy's Proxy-Authorization
+        sent = {**self._headers, **sent}
         body = request.encoded()
         if body is not None:
             sent["Content-Type"] = "application/json"

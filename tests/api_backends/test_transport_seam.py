@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from support import FAST, wait_until
-from ipfs_accelerate_py.api_backends import AsyncTransport, MockTransport
+from ipfs_accelerate_py.api_backends import AsyncTransport, MockTransport, errors
 from ipfs_accelerate_py.api_backends._aio_transport import AioTransport, pick_proxy
 from ipfs_accelerate_py.api_backends.base import default_transport
 from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse,
@@ -361,3 +361,22 @@ def test_the_hand_written_http11_client_is_gone() -> None:
             elif isinstance(node, ast.Import) and any(a.name.endswith("_http11") for a in node.names):
                 importers.append(str(path))
     assert importers == []
+
+
+def test_the_api_key_never_goes_to_a_proxy_as_its_credentials(fake_server, proxy,
+                                                              no_proxy_env) -> None:
+    """aiohttp builds the headers it sends a proxy from the session's defaults and turns an
+    Authorization among them into Proxy-Authorization: the key must not be one of them."""
+    key = "sk-stays-with-the-server"
+    with VllmClient(base_url=fake_server.base_url, api_key=key, **FAST,
+                    proxies={"http": f"http://alice:pw@127.0.0.1:{proxy.port}"}) as c:
+        assert c.generate_text("keyed", **P)
+    assert proxy.proxy_auth == ["Basic " + base64.b64encode(b"alice:pw").decode()]
+    # an https origin: the proxy sees only the CONNECT (refused here), never the key
+    https = f"https://127.0.0.1:{urlsplit(fake_server.base_url).port}"
+    with VllmClient(base_url=https, api_key=key, **{**FAST, "max_retries": 0},
+                    proxies={"https": proxy.url}) as c:
+        with pytest.raises(errors.ApiError):
+            c.generate_text("tunnel", **P)
+    assert any(line.startswith("CONNECT ") for line in proxy.lines)
+    assert proxy.proxy_auth == ["Basic " + base64.b64encode(b"alice:pw").decode()]
