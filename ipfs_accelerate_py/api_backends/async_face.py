@@ -46,7 +46,7 @@ from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, Lis
 
 from . import errors, tracing
 from .call_shapes import check_timeout, pop_send_options, stream_call
-from .errors import ConfigurationError, ValidationError
+from .errors import ValidationError
 from .limits import cap_request
 from .mixins._host import HostBase
 from .mixins.routing_state import OpeningOrder

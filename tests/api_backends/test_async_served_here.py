@@ -15,12 +15,15 @@ by the test; no sleeps.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import threading
+import weakref
 from typing import Any, Dict, List
 
 import pytest
 
+from support import wait_until
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 
@@ -83,7 +86,6 @@ def test_requests_that_would_wait_queue_in_priority_order(fake_server, make_clie
 
 
 def _wait_queued(client: Any, n: int) -> None:
-    from support import wait_until
     wait_until(lambda: len(client.request_queue) >= n)
 
 
@@ -187,14 +189,12 @@ def test_many_callers_some_leaving_each_get_their_own_answer(fake_server, make_c
             assert out[p] == want[p], p
     # a leaver whose job had queued went on at the double (a queued job that was sent
     # runs to its end); once released, nothing is left in flight
-    from support import wait_until
     wait_until(lambda: c.current_requests == 0 and c._endpoint(None).workers.active == 0)
     assert len(c.request_queue) == 0
     assert c.get_metrics()["failures_by_type"].get("Cancelled", 0) <= len(leaving)
 
 
 def _wait_held_or_queued(server: Any, client: Any, n: int, slots: int) -> None:
-    from support import wait_until
     wait_until(lambda: server.held >= min(n, slots) or
                server.held + len(client.request_queue) >= n, timeout=10.0)
 
@@ -204,8 +204,6 @@ def test_nothing_keeps_a_finished_requests_result_alive(fake_server, make_client
     that held the job's future (and so its result) kept each request's objects alive after
     the caller dropped them, into the collector's oldest generation. With the collector off,
     reference counts alone free every result once the caller lets go of it."""
-    import gc
-    import weakref
     c = make_client(fake_server, batch_enabled=False)
 
     async def go() -> List[Any]:
