@@ -63,7 +63,7 @@ LAYERS: Dict[str, str] = {
 }
 #: not layers: value types and helpers any layer uses (files, and qualified-name prefixes)
 VALUES = {"models.py", "vllm/_models.py", "settings.py", "errors.py", "clock.py", "_loop.py",
-          "media.py", "request_params.py"}
+          "media.py", "request_params.py", "wire_fields.py"}
 VALUE_CLASSES = ("Job.", "Headers.")
 
 

@@ -41,6 +41,7 @@ open at once is not capped here: the endpoint's in-flight limit bounds the reque
 from __future__ import annotations
 
 import asyncio
+import functools
 import base64
 import sys
 import threading
@@ -301,20 +302,17 @@ class AioTransport:
         if headers is None:  # trace context only once OpenTelemetry is loaded at all
             headers = (with_trace_context(request.headers) if "opentelemetry" in sys.modules
                        else request.headers)
-        sent = dict(headers)
-        for k, v in sent.items():
+        for k, v in headers.items():
             check_header(k, v)
-        if accept is not None:
-            sent.setdefault("Accept", accept)
         # the transport's own headers go with each request, not as the session's defaults:
         # aiohttp merges a session's defaults into the headers it sends a proxy, and would
         # turn an Authorization header (the API key) into the proxy's Proxy-Authorization
-        sent = {**self._headers, **sent}
+        sent = ({**self._headers, "Accept": accept, **headers} if accept is not None
+                else {**self._headers, **headers})
         body = request.encoded()
         if body is not None:
             sent["Content-Type"] = "application/json"
-        limits = aiohttp.ClientTimeout(total=None, connect=timeout[0], sock_connect=timeout[0],
-                                       sock_read=timeout[1])
+        limits = _client_timeout(timeout)
         try:
             resp = await self._session().request(
                 request.method, self.base_url + request.path, data=body, headers=sent,
@@ -372,6 +370,14 @@ class AioTransport:
             mine = self._sessions.pop(asyncio.get_running_loop(), None)
         if mine is not None:
             await _cancel(mine[1])
+
+
+@functools.lru_cache(maxsize=64)
+def _client_timeout(timeout: Tuple[float, float]) -> aiohttp.ClientTimeout:
+    """aiohttp's timeouts for (connect, read) seconds: an immutable value, made once per pair
+    (a call's read timeout is clipped to its deadline, so pairs vary; the cache is small)."""
+    return aiohttp.ClientTimeout(total=None, connect=timeout[0], sock_connect=timeout[0],
+                                 sock_read=timeout[1])
 
 
 async def _close_when_cancelled(session: aiohttp.ClientSession) -> None:

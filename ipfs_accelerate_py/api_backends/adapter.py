@@ -40,11 +40,11 @@ def wire_body(request: Request, exclude: Collection[str] = ()) -> Dict[str, Any]
 def load_json(response: HttpResponse) -> Any:
     """Decode a JSON reply, or raise ``ResponseError`` saying what came instead."""
     body = response.body
-    if not body or not body.strip():
-        raise ResponseError("empty reply from server", status_code=response.status)
     try:
         return json.loads(body)
     except ValueError:
+        if not body.strip():
+            raise ResponseError("empty reply from server", status_code=response.status) from None
         text = body[:200].decode("utf-8", errors="replace")
         kind = "HTML" if text.lstrip().lower().startswith(("<!doctype", "<html")) else "non-JSON"
         raise ResponseError(f"{kind} reply from server (status {response.status}): {text!r}",

@@ -19,6 +19,7 @@ from typing_extensions import Annotated
 
 from .errors import ValidationError
 from .media import check_content_parts
+from .wire_fields import checked_model, count
 from .request_params import (INT64_MAX, INT64_MIN, MAX_LOGPROBS, MAX_N, MAX_PROMPTS_PER_REQUEST,
                              MAX_STOP_STRINGS, NamedToolChoice, ResponseFormat, StreamOptions,
                              Tool, ToolChoice, check_logit_bias)
@@ -350,13 +351,16 @@ class Usage(BaseModel):
     total_tokens: int = 0
 
     @classmethod
-    def from_wire(cls, data: Any) -> "Usage":
-        """An OpenAI-style ``usage`` object (or anything else: zeros)."""
-        if not isinstance(data, dict):
-            return cls()
-        return cls(prompt_tokens=data.get("prompt_tokens") or 0,
-                   completion_tokens=data.get("completion_tokens") or 0,
-                   total_tokens=data.get("total_tokens") or 0)
+    def from_wire(cls, data: Any, status: Optional[int] = None) -> "Usage":
+        """An OpenAI-style ``usage`` object (absent or not an object: zeros); a count that
+        is not an integer is a ``ResponseError`` naming it (``status``: the reply's)."""
+        if type(data) is not dict:
+            return checked_model(cls, {})
+        return checked_model(cls, {
+            "prompt_tokens": count(data, "prompt_tokens", "usage.prompt_tokens", status),
+            "completion_tokens": count(data, "completion_tokens", "usage.completion_tokens",
+                                       status),
+            "total_tokens": count(data, "total_tokens", "usage.total_tokens", status)})
 
 
 class Choice(BaseModel):

@@ -115,7 +115,8 @@ async def acall_with_retries(attempt_fn: Callable[[int], Awaitable[T]], policy: 
                              deadline: float, clock: Clock,
                              sleep: Callable[[float, str], Awaitable[None]],
                              on_retry: Optional[Callable[[BaseException, int, float], None]] = None,
-                             first_attempt: int = 0, last_attempt: Optional[int] = None) -> T:
+                             first_attempt: int = 0, last_attempt: Optional[int] = None,
+                             first_error: Optional[ApiError] = None) -> T:
     """Run ``await attempt_fn(attempt)`` until it returns, a non-retryable error, or the deadline.
 
     A call that is already retrying when the circuit opens (it was caught by the outage)
@@ -131,25 +132,32 @@ async def acall_with_retries(attempt_fn: Callable[[int], Awaitable[T]], policy: 
     ``last_attempt`` its error is raised as it is, for the caller to retry in its own way.
 
     Each wait is ``await sleep(s, doing)`` (the client's ``_asleep``, which a closing
-    client cuts short).
+    client cuts short). ``first_error``: attempt ``first_attempt`` was already made, by the
+    caller, and failed so (the caller makes a first attempt itself, where it succeeds the
+    loop's machinery is never built: most calls succeed at once).
     """
     attempt = first_attempt
     circuit_waited = 0.0
+    error = first_error
     while True:
-        try:
-            return await attempt_fn(attempt)
-        except CircuitOpenError as exc:
-            wait = circuit_wait(exc, attempt, policy, deadline, circuit_waited, clock)
+        if error is None:
+            try:
+                return await attempt_fn(attempt)
+            except ApiError as exc:
+                error = exc
+        failed, error = error, None
+        if isinstance(failed, CircuitOpenError):
+            wait = circuit_wait(failed, attempt, policy, deadline, circuit_waited, clock)
             circuit_waited += wait
             await sleep(wait, "waiting for the circuit")
-        except ApiError as exc:
-            if last_attempt is not None and attempt >= last_attempt:
-                raise
-            wait = retry_wait(exc, attempt, policy, deadline, clock)
-            if on_retry is not None:
-                on_retry(exc, attempt, wait)
-            attempt += 1
-            await sleep(wait, "waiting to retry")
+            continue
+        if last_attempt is not None and attempt >= last_attempt:
+            raise failed
+        wait = retry_wait(failed, attempt, policy, deadline, clock)
+        if on_retry is not None:
+            on_retry(failed, attempt, wait)
+        attempt += 1
+        await sleep(wait, "waiting to retry")
 
 
 class RetryMixin(HostBase):
@@ -210,8 +218,14 @@ class RetryMixin(HostBase):
         them: with ``fresh_id`` the first attempt here carries an id never sent before (a
         part of a failed shared call), so only the attempts after it are retries.
         ``on_retry``: the span event of a retry (default: on the current task's span)."""
-        counting = _Counting(self._metrics, endpoint.id, model,
-                             first_attempt if fresh_id else 0)
+        uncounted = first_attempt if fresh_id else 0
+        first_error: Optional[ApiError] = None
+        if first_attempt == uncounted:  # no retry: made here, the loop built only if it fails
+            try:
+                return await attempt_fn(first_attempt)
+            except ApiError as exc:
+                first_error = exc
+        counting = _Counting(self._metrics, endpoint.id, model, uncounted)
 
         async def counted(attempt: int) -> T:
             if attempt == counting.uncounted:
@@ -227,7 +241,7 @@ class RetryMixin(HostBase):
         return await acall_with_retries(
             counted, RetryPolicy.from_settings(endpoint.settings), deadline, self._clock,
             self._asleep, on_retry=on_retry or tracing.retrying, first_attempt=first_attempt,
-            last_attempt=last_attempt)
+            last_attempt=last_attempt, first_error=first_error)
 
 
 class _Counting:

@@ -20,6 +20,8 @@ from ..media import is_media_refusal
 from ..handlers import make_endpoint_handler
 from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
 from ..transport import HttpRequest, HttpResponse
+from ..wire_fields import (checked_model, opt_dict, opt_dict_list, opt_int, opt_int_list, opt_list,
+                           opt_str, opt_str_or_int)
 from ..operations import OperationRequest
 from ._models import VllmChatRequest, VllmCompletionRequest
 from ._operations import VLLM_OPERATIONS, format_operation, parse_operation
@@ -111,39 +113,52 @@ class VllmAdapter(BackendAdapter):
         listed = _is_list(request)
         top_prompt_ids = data.get("prompt_token_ids") if single_chat else None
         top_prompt_lps = data.get("prompt_logprobs") if single_chat else None
-        for c in choices_raw:
-            if not isinstance(c, dict):
-                raise ResponseError("a choice is not an object", status_code=response.status)
+        status = response.status
+        for position, c in enumerate(choices_raw):
+            where = f"choices[{position}]"
+            if type(c) is not dict:
+                raise ResponseError(f"reply field {where!r} is not an object",
+                                    status_code=status, field=where)
             index = _choice_index(c, listed, len(choices))
             tool_calls = reasoning = None
             if chat:
                 message = c.get("message") or {}
-                text = message.get("content") or ""
-                tool_calls = message.get("tool_calls") or None
-                reasoning = message.get("reasoning") or message.get("reasoning_content")
+                if type(message) is not dict:
+                    raise ResponseError(f"reply field '{where}.message' is not an object",
+                                        status_code=status, field=f"{where}.message")
+                text = opt_str(message, "content", f"{where}.message.content", status) or ""
+                tool_calls = opt_dict_list(message.get("tool_calls") or None,
+                                           f"{where}.message.tool_calls", status)
+                reasoning = (opt_str(message, "reasoning", f"{where}.message.reasoning", status)
+                             or opt_str(message, "reasoning_content",
+                                        f"{where}.message.reasoning_content", status))
             else:
-                text = c.get("text")
+                text = opt_str(c, "text", f"{where}.text", status)
                 if text is None:
-                    raise ResponseError("a completion choice has no 'text'",
-                                        status_code=response.status)
-            token_ids = c.get("token_ids")
-            prompt_ids = c.get("prompt_token_ids", top_prompt_ids)
-            prompt_lps = c.get("prompt_logprobs", top_prompt_lps)
-            choices.append(Choice(index=index, text=text, finish_reason=c.get("finish_reason"),
-                                  stop_reason=c.get("stop_reason"), logprobs=c.get("logprobs"),
-                                  prompt_index=index // n,
-                                  completion_tokens=len(token_ids) if isinstance(token_ids, list) else None,
-                                  prompt_tokens=len(prompt_ids) if isinstance(prompt_ids, list) else None,
-                                  token_ids=token_ids if isinstance(token_ids, list) else None,
-                                  prompt_token_ids=prompt_ids if isinstance(prompt_ids, list) else None,
-                                  prompt_logprobs=prompt_lps if isinstance(prompt_lps, list) else None,
-                                  tool_calls=tool_calls if isinstance(tool_calls, list) else None,
-                                  reasoning=reasoning if isinstance(reasoning, str) else None))
-        choices.sort(key=lambda c: c.index)
-        return CompletionResult(id=data.get("id") or "", model=data.get("model") or "",
-                                created=data.get("created") or 0,
-                                object=data.get("object") or "", choices=choices,
-                                usage=Usage.from_wire(data.get("usage")))
+                    raise ResponseError("a completion choice has no 'text'", status_code=status)
+            token_ids = opt_int_list(c.get("token_ids"), f"{where}.token_ids", status)
+            prompt_ids = opt_int_list(c.get("prompt_token_ids", top_prompt_ids),
+                                      f"{where}.prompt_token_ids", status)
+            prompt_lps = opt_list(c.get("prompt_logprobs", top_prompt_lps),
+                                  f"{where}.prompt_logprobs", status)
+            choices.append(checked_model(Choice, {
+                "index": index, "text": text,
+                "finish_reason": opt_str(c, "finish_reason", f"{where}.finish_reason", status),
+                "stop_reason": opt_str_or_int(c, "stop_reason", f"{where}.stop_reason", status),
+                "logprobs": opt_dict(c, "logprobs", f"{where}.logprobs", status),
+                "prompt_index": index // n,
+                "completion_tokens": len(token_ids) if token_ids is not None else None,
+                "prompt_tokens": len(prompt_ids) if prompt_ids is not None else None,
+                "token_ids": token_ids, "prompt_token_ids": prompt_ids,
+                "prompt_logprobs": prompt_lps, "tool_calls": tool_calls,
+                "reasoning": reasoning}))
+        choices.sort(key=_by_index)
+        return checked_model(CompletionResult, {
+            "id": opt_str(data, "id", "id", status) or "",
+            "model": opt_str(data, "model", "model", status) or "",
+            "created": opt_int(data, "created", "created", status) or 0,
+            "object": opt_str(data, "object", "object", status) or "",
+            "choices": choices, "usage": Usage.from_wire(data.get("usage"), status)})
 
     def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
         event = decode_stream_event(data)
@@ -236,6 +251,10 @@ def _is_list(request: Request) -> bool:
         return True
     return isinstance(request, CompletionRequest) and isinstance(request.prompt, list) \
         and len(request.prompt) > 1 and not isinstance(request.prompt[0], int)
+
+
+def _by_index(choice: Choice) -> int:
+    return choice.index
 
 
 def _choice_index(choice: Dict[str, Any], listed: bool, position: int) -> int:
