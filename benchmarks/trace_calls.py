@@ -52,7 +52,7 @@ LAYERS: Dict[str, str] = {
     "mixins/queue.py": "queue", "mixins/batching.py": "batch", "reply_checks.py": "batch",
     "stream_batching.py": "batch", "mixins/retry.py": "retry",
     "adapter.py": "adapter", "vllm/_adapter.py": "adapter", "vllm/_operations.py": "adapter", "mixins/attempt.py": "attempt",
-    "mixins/circuit_breaker.py": "breaker", "mixins/circuit_wait.py": "breaker",
+    "breaker.py": "breaker", "mixins/circuit_breaker.py": "breaker", "endpoint.py": "endpoint",
     "mixins/inflight.py": "in-flight",
     **dict.fromkeys(["mixins/routing.py", "mixins/routing_state.py", "endpoint_load.py",
                      "prefix_affinity.py", "mixins/lora_routing.py"], "routing"),

@@ -5,8 +5,8 @@ They share the sync face's state, not a copy of it: the same routing choice
 (``_order`` over ``_routing_candidates``, failing over while a stream opens), the same
 circuit breaker (admission, verdicts, the wait for an OPEN circuit), the same per-endpoint
 in-flight limit (``InFlightLimit.aacquire``: one FIFO queue for threads and coroutines),
-the same retry policy before the first byte (``retry_wait`` / ``circuit_wait``, waited with
-``asyncio.sleep``), metrics, tracing spans, request validation, the adapter's formatting
+the same retry policy before the first byte (``retry_wait`` / ``breaker.circuit_wait``,
+waited with ``asyncio.sleep``), metrics, tracing spans, request validation, the adapter's formatting
 and parsing, the SSE decoder with its event-size cap, and the same transport (the
 endpoint's ``transport.AsyncTransport``): aiohttp (one session per endpoint and event
 loop, proxies and ``trust_env`` included), or a ``transport_factory`` the caller gave,
@@ -15,9 +15,9 @@ the caller's loop.
 
 Nothing here blocks the loop: no sync transport call, no ``time.sleep``, no wait on a lock
 that another thread may hold for long (the breaker's and the limit's locks guard state only,
-for microseconds). An OPEN circuit is waited out by a future that the prober's thread
-settles (``_wait_for_any_circuit``), or, with no prober, by sleeping until the breaker's
-next probe window.
+for microseconds). An OPEN circuit is waited out by the endpoint's circuit
+(``breaker.Circuit.aadmit``): a future that the prober's thread settles, or, with no
+prober, a sleep until the breaker's next probe window.
 
 Compatible async streams share prompt-list calls exactly as sync ones do: a stream that may
 share goes on its endpoint's queue as a job (``StreamingMixin._queue_stream``), the batcher

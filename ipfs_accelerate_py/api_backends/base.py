@@ -10,9 +10,11 @@ Everything right of the queue runs as coroutines on the client's own event loop
 ``generate_text``, ``chat_completion``, handlers, ``submit``) queues a job from the caller's
 thread and waits on its future; the async face (async_face.py) awaits the same future.
 Streams (streaming.py) take the same breaker, retry (before the first chunk only) and
-metrics. Each concern is a mixin holding its own state
-(mixins/), and calling of this class only what ``mixins/_host.Host`` declares. A backend is
-a subclass that names its adapter (``backend_name``); the adapter comes from the plugin
+metrics. Each endpoint (endpoint.py) owns the parts that serve it: its queue and dispatcher,
+in-flight limit and circuit (breaker.py: the breaker with its prober, an attempt's wait and
+verdicts), built from what each needs. Each concern's public face is a mixin holding its own
+state (mixins/), calling of this class only what ``mixins/_host.Host`` declares. A backend
+is a subclass that names its adapter (``backend_name``); the adapter comes from the plugin
 manager.
 """
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
 import itertools
 import logging
 import os
@@ -35,15 +36,13 @@ from .adapter import BackendAdapter
 from .clock import SYSTEM_CLOCK, Clock
 from .context import learn_model_lengths
 from .limits import RequestLimits, cap_request
-from .errors import ClientClosedError, ConfigurationError, TransientError, ValidationError
+from .errors import ClientClosedError, ConfigurationError, ValidationError
+from .endpoint import Endpoint
 from .mixins.batching import BatchingMixin, batch_key
 from .mixins.circuit_breaker import CircuitBreakerMixin
-from .mixins.circuit_wait import CircuitWaitMixin
-from .mixins.inflight import InFlightLimit
 from .mixins.metrics import MetricsMixin
 from .mixins.multiplexing import MultiplexingMixin
-from .mixins.probing import CircuitProber
-from .mixins.queue import Dispatcher, Job, PriorityRequestQueue, QueueMixin
+from .mixins.queue import Job, QueueMixin
 from .mixins.attempt import AttemptMixin
 from ._loop import ClientLoop
 from .mixins.retry import RetryMixin
@@ -82,90 +81,9 @@ def default_transport(settings: ClientSettings) -> Transport:
                              max_response_bytes=settings.max_response_bytes)
 
 
-class Endpoint:
-    """One server as this client sees it: its own settings, transport, queue, dispatcher,
-    breaker."""
-
-    def __init__(self, endpoint_id: str, settings: ClientSettings, transport: AsyncTransport,
-                 breaker: Any, queue: PriorityRequestQueue, loop: ClientLoop,
-                 probe_transport: Optional[AsyncTransport] = None) -> None:
-        self.id = endpoint_id
-        self.settings = settings
-        #: the one seam every request to this server goes through (aiohttp, or the caller's
-        #: ``transport_factory`` transport adapted): on the client's loop, or an async
-        #: stream's caller's
-        self.transport = transport
-        #: what ``fetch`` (health checks, the load probe) sends through: the same kind of
-        #: transport with connections of its own (default: ``transport`` itself). Kept
-        #: apart, a probe neither takes a pooled connection from the requests nor leaves one
-        #: for them: a server just back gets the held requests on fresh connections (with
-        #: the probe's connection pooled they came 1-2 s late after a real vLLM server's
-        #: restart, tests/reliability/test_crash_restart.py), and probes reuse their own
-        #: connection instead of opening one each (tests/api_backends/test_soak.py)
-        self.probe_transport = probe_transport or transport
-        self._loop = loop
-        self.breaker = breaker
-        self.queue = queue
-        self.workers: Dispatcher  # set right after construction (it calls back into it)
-        self.prober: Optional[CircuitProber] = None  # set when the adapter has a health request
-        self.limit = InFlightLimit(settings.max_concurrent_requests)
-        self.circuit_sync = threading.RLock()  # queue pause/resume follows the circuit
-        self.priority_supported = True  # cleared when the server refuses a priority field
-        self.chat_batch_supported = True  # cleared when the server has no chat batch route
-        #: cleared when a shared call's reply did not match it (batching.note_list_mismatch)
-        self.list_sharing_ok = True
-        self.burst_until = 0.0  # monotonic time until which a lone request may linger
-        self._lock = threading.Lock()
-        self._open_streams = 0
-
-    def fetch(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
-        """One request straight through the transport, no queue, breaker or retry (health
-        checks, the load probe), for a thread that may block: it runs on the client's loop
-        and is waited for here, at most both timeouts and a second (then cancelled). Raises
-        what the transport raised; ``RuntimeError`` on the loop itself or once it stopped."""
-        return self._loop.run(self.probe_transport.send(request, timeout),
-                              timeout[0] + timeout[1] + 1.0)
-
-    def close_transports(self) -> None:
-        """Close the transport (and the probes' own, if any), from any thread."""
-        self.transport.close()
-        if self.probe_transport is not self.transport:
-            self.probe_transport.close()
-
-    async def aclose_transports(self) -> None:
-        """What the running loop holds of the transports, closed and awaited."""
-        await self.transport.aclose()
-        if self.probe_transport is not self.transport:
-            await self.probe_transport.aclose()
-
-    @property
-    def shares_prompt_lists(self) -> bool:
-        """Whether calls to this endpoint may be shared (prompt lists, chat batches, shared
-        streams): the ``batch_prompt_lists`` setting, or, unset, until a reply mismatched."""
-        forced = self.settings.batch_prompt_lists
-        return self.list_sharing_ok if forced is None else forced
-
-    @property
-    def in_flight(self) -> int:
-        """Requests on the wire now: attempts holding an in-flight slot (a complete request's
-        whole call, a stream's opening), and streams open after that."""
-        return self.limit.in_flight + self._open_streams
-
-    def stream_opened(self) -> None:
-        with self._lock:
-            self._open_streams += 1
-
-    def stream_closed(self) -> None:
-        with self._lock:
-            self._open_streams -= 1
-
-    def __repr__(self) -> str:
-        return f"<Endpoint {self.id} {self.settings.base_url}>"
-
-
 class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, CircuitBreakerMixin,
-                     CircuitWaitMixin, MetricsMixin, MultiplexingMixin, RoutingMixin,
-                     StreamingMixin, AsyncFaceMixin, OperationsMixin):
+                     MetricsMixin, MultiplexingMixin, RoutingMixin, StreamingMixin,
+                     AsyncFaceMixin, OperationsMixin):
     """A resilient client for one backend kind, over one or many endpoints."""
 
     #: the adapter's registered name; subclasses set it
@@ -203,7 +121,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         # each mixin's own state (mixins/_host.py: what they may use of this class)
         self._init_metrics(settings.latency_window, settings.recent_requests_size)
         self._init_batching()
-        self._init_circuit_wait()
+        self._init_circuits()
         self._init_routing()
         self._init_streaming()
         self._init_attempts()
@@ -213,27 +131,12 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
     # ------------------------------------------------------------------ endpoints
     def _make_endpoint(self, endpoint_id: str, settings: ClientSettings) -> Endpoint:
         self._warn_plain_http_key(settings)
-        queue = PriorityRequestQueue(settings.queue_size, settings.aging_interval, self._clock)
-        # fail_fast keeps the older recovery: after reset_timeout a caller's request probes
-        health = None if settings.fail_fast else self._adapter.health_request()
-        breaker = self._new_breaker(endpoint_id, settings, self._clock,
-                                    self._on_circuit_transition, scheduled_probes=health is not None)
         transport = self._new_transport(settings)
-        ep = Endpoint(endpoint_id, settings, transport, breaker, queue, self._loop,
-                      self._probe_transport(settings, transport))
-        name = f"{self.backend_name or 'api'}-{endpoint_id}"
-        ep.workers = Dispatcher(queue, settings.max_concurrent_requests,
-                                functools.partial(self._handle_job, ep), self._loop)
-        if health is not None:
-            ep.prober = CircuitProber(
-                breaker, lambda: self._probe_health(ep, health), self._closing, self._clock,
-                first_interval=settings.probe_interval,
-                max_interval=min(settings.probe_max_interval, settings.reset_timeout),
-                on_probe=lambda ok: self._metrics.record_probe(ep.id, ok),
-                on_tick=lambda: self._expire_held(ep), name=f"{name}-probe",
-                flap_max_interval=settings.reset_timeout)
-            breaker.on_suspect = ep.prober.verify
-        return ep
+        return Endpoint(endpoint_id, settings, transport, self._loop, self._clock, self._closing,
+                        self._metrics, self._circuit_waiters, self._handle_job,
+                        self._adapter.health_request(),
+                        self._probe_transport(settings, transport),
+                        name=f"{self.backend_name or 'api'}-{endpoint_id}")
 
     def _new_transport(self, settings: ClientSettings) -> AsyncTransport:
         """An endpoint's transport: aiohttp, or what the caller's ``transport_factory``
@@ -299,7 +202,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
     def _set_on_all_endpoints(self, **changes: Any) -> None:
         self._settings = self._settings.replace(**changes)
         for ep in self._endpoints.values():
-            ep.settings = ep.settings.replace(**changes)
+            ep.reconfigure(ep.settings.replace(**changes))
 
     @property
     def settings(self) -> ClientSettings:
@@ -402,8 +305,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         if ep.settings.queue_enabled:
             self._enqueue(ep, job)
             if job.fail_fast and ep.queue.paused and ep.queue.remove(job):
-                job.fail(ep.breaker.open_error())  # the circuit opened as it was queued
-                self._record_unsent(ep, job)
+                ep.circuit.refuse(job)  # the circuit opened as it was queued
         else:
             self._loop.spawn(self._handle_job(ep, job))
 
@@ -432,27 +334,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
 
     # ------------------------------------------------------------------ one call
     # ``_call`` (retries around one attempt) is RetryMixin._call (mixins/retry.py)
-    @staticmethod
-    def _transport_failed(ep: Endpoint, probe: bool, exc: BaseException) -> None:
-        """The breaker's verdict on an attempt whose transport call raised (both faces): a
-        transport fault counts against the server, and a dropped connection alone makes it
-        check /health at once; anything else (cancelled, closed) only frees a probe's slot."""
-        if isinstance(exc, TransientError):
-            ep.breaker.record_failure(probe, refused=bool(exc.context.get("refused")),
-                                      suspect=isinstance(exc, errors.ConnectionError))
-        else:
-            ep.breaker.release(probe)
-
-    def _error_reply(self, ep: Endpoint, response: HttpResponse, probe: bool) -> errors.ApiError:
-        """The typed error of a reply of status 400 or more, after the breaker's verdict
-        (both faces): a 5xx counts against the server, any other answer proves it alive."""
-        error = self._adapter.parse_error(response)
-        if isinstance(error, errors.ServerError):
-            ep.breaker.record_failure(probe)
-        else:
-            ep.breaker.record_success(probe)
-        return error
-
     def request_raw(self, http: HttpRequest, endpoint_id: Optional[str] = None,
                     timeout: Optional[float] = None) -> HttpResponse:
         """A non-inference call (models, version, metrics) with breaker and retries."""
@@ -541,7 +422,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                 return
             self._closed = True
         self._closing.set()
-        self._wake_circuit_waiters(lambda w: True)  # they find the client closed
+        self._circuit_waiters.close()  # they find the client closed
         self._wake_sleepers()  # retries' backoffs end now (attempt.py)
         for ep in self._endpoints.values():
             ep.limit.wake()  # callers waiting for a slot see the close
@@ -555,8 +436,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         for ep in self._endpoints.values():
             # the jobs being sent end (answered, or failed closing)
             idle = ep.workers.join(max(0.0, end - self._clock.monotonic()), here) and idle
-            if ep.prober is not None:
-                ep.prober.join(wait)
+            ep.circuit.join(wait)
         for ep in self._endpoints.values():
             ep.close_transports()
         self._close_transports(idle)  # aiohttp sessions, on their loops; the executor

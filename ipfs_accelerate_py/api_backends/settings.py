@@ -102,7 +102,7 @@ class ClientSettings(BaseModel):
     forward_priority: bool = False
     # circuit breaker
     circuit_breaker_enabled: bool = True
-    # The breaker opens on an outage, not on noise: see mixins/circuit_breaker.py for why
+    # The breaker opens on an outage, not on noise: see breaker.py for why
     # these defaults (the arithmetic is there). failure_threshold is the least number of
     # failures in the window, alongside the rate.
     failure_threshold: int = Field(5, ge=1, le=10_000)

@@ -53,7 +53,7 @@ from .reply_checks import check_usage_adds_up, note_list_mismatch
 from .sse import SSEDecoder
 
 if TYPE_CHECKING:
-    from .base import Endpoint
+    from .endpoint import Endpoint
     from .mixins.queue import Job
     from .transport import AsyncStream
 

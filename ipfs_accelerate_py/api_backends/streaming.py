@@ -37,7 +37,7 @@ from .structured import parse_answer, with_schema
 from .transport import AsyncStream, HttpRequest
 
 if TYPE_CHECKING:
-    from .base import Endpoint
+    from .endpoint import Endpoint
 
 __all__ = ["StreamingMixin", "TextStream", "SharedTextStream", "ReplyChunks", "run_blocking"]
 

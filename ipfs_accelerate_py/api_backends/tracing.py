@@ -322,18 +322,29 @@ def waited(name: str, seconds: float) -> None:
         _local.op.event(name, {"wait.duration_s": seconds})
 
 
+def waited_for(op: Any, rid: str, name: str, seconds: float) -> None:
+    """``waited``, on ``op`` (an async stream's operation, request ``rid``) when given, else
+    on the current task's."""
+    if op is None:
+        waited(name, seconds)
+    else:
+        with working_for(op, rid):
+            waited(name, seconds)
+
+
 # ---------------------------------------------------------------- circuit holds
-#: per endpoint, its recent outages as [opened, closed] on the client's monotonic clock
+#: per endpoint's circuit, its recent outages as [opened, closed] on the client's monotonic clock
 _outages: "weakref.WeakKeyDictionary[Any, Deque[List[Optional[float]]]]" = \
     weakref.WeakKeyDictionary()
 
 
-def circuit_changed(ep: Any, new: str, now: float) -> None:
-    """Remember when ``ep``'s queue was held (OPEN with scheduled probes .. CLOSED)."""
-    spans = _outages.get(ep)
-    if new == "OPEN" and ep.prober is not None:
+def circuit_changed(circuit: Any, new: str, now: float) -> None:
+    """Remember when the queue of ``circuit``'s endpoint was held (OPEN with scheduled
+    probes .. CLOSED)."""
+    spans = _outages.get(circuit)
+    if new == "OPEN" and circuit.prober is not None:
         if spans is None:
-            spans = _outages[ep] = deque(maxlen=8)
+            spans = _outages[circuit] = deque(maxlen=8)
         if not spans or spans[-1][1] is not None:
             spans.append([now, None])
     elif new == "CLOSED" and spans and spans[-1][1] is None:
@@ -343,7 +354,7 @@ def circuit_changed(ep: Any, new: str, now: float) -> None:
 def _held(ep: Any, since: float, now: float) -> float:
     """Seconds of [since, now] during which ``ep``'s queue was held by its circuit."""
     total = 0.0
-    for opened, closed in _outages.get(ep, ()):
+    for opened, closed in _outages.get(ep.circuit, ()):
         total += max(0.0, min(now if closed is None else closed, now) - max(opened, since))
     return total
 

@@ -12,7 +12,7 @@ import pytest
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.clock import SYSTEM_CLOCK, FakeClock
 from ipfs_accelerate_py.api_backends.mixins.batching import batch_key, merge_requests, share_tokens, split_result
-from ipfs_accelerate_py.api_backends.mixins.circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from ipfs_accelerate_py.api_backends.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitProber
 from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Series
 from ipfs_accelerate_py.api_backends._loop import ClientLoop, Signal
 from ipfs_accelerate_py.api_backends.mixins.queue import Dispatcher, Job, PriorityRequestQueue
@@ -627,8 +627,6 @@ def test_a_circuit_that_flaps_is_probed_less_and_less_often():
     """A healthy probe closes the circuit but real calls fail at once (the health request
     answers, inference does not): each re-open waits twice as long before its first probe,
     up to the flap limit; after a quiet spell the first probe is quick again."""
-    from ipfs_accelerate_py.api_backends.mixins.probing import CircuitProber
-
     clock = FakeClock()
     b = make_breaker(clock, scheduled_probes=True, minimum_calls=2)
     prober = CircuitProber(b, lambda: True, threading.Event(), clock, first_interval=0.5,

@@ -175,7 +175,7 @@ def both_faces(client: VllmClient) -> List[str]:
              "".join(client.stream_generation("sync stream", **P))]
     texts += asyncio.run(asyncio.wait_for(async_face(), 60))
     assert client.health() is True
-    assert client._probe_health(client._endpoint(None), client.adapter.health_request())
+    assert client._endpoint(None).circuit.check_health(client.adapter.health_request())
     return texts
 
 
@@ -242,7 +242,7 @@ def test_a_probe_whose_connection_drops_is_sent_once(proxy, free_port, no_proxy_
     with VllmClient(base_url=f"http://127.0.0.1:{free_port}", proxies={"http": proxy.url},
                     **FAST) as c:
         assert c.health() is False
-        assert c._probe_health(c._endpoint(None), c.adapter.health_request()) is False
+        assert c._endpoint(None).circuit.check_health(c.adapter.health_request()) is False
     assert len(proxy.seen("/health")) == 2
 
 
@@ -287,10 +287,10 @@ def test_probes_go_through_a_users_transport_factory(fake_server) -> None:
         assert isinstance(ep.transport, ThreadedTransport)
         assert c.health() is True and sent == ["/health"]
         # the circuit prober's health check (its own thread; the verdict keeps it CLOSED)
-        assert ep.prober is not None
-        ep.prober.verify()
+        assert ep.circuit.prober is not None
+        ep.circuit.prober.verify()
         wait_until(lambda: sent.count("/health") == 2, what="the prober's health check")
-        wait_until(lambda: not ep.prober.running, what="the prober's thread to end")
+        wait_until(lambda: not ep.circuit.prober.running, what="the prober's thread to end")
         assert c.circuit_state == "CLOSED"
         # the routing load probe: /metrics through the same transport
         assert vllm_load_probe()(ep) == 0.0 and sent[-1] == "/metrics"
@@ -301,7 +301,7 @@ def test_probes_go_through_a_users_transport_factory(fake_server) -> None:
 def test_a_health_probe_of_an_unreachable_server_is_a_failed_probe(free_port) -> None:
     with VllmClient(base_url=f"http://127.0.0.1:{free_port}", **FAST) as c:
         ep = c._endpoint(None)
-        assert c._probe_health(ep, c.adapter.health_request()) is False
+        assert ep.circuit.check_health(c.adapter.health_request()) is False
         assert c.health() is False
         assert vllm_load_probe()(ep) is None
 

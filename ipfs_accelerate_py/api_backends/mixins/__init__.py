@@ -1,14 +1,18 @@
-"""The resilience mixins of ``BaseApiBackend``, one concern per module."""
+"""The public faces of ``BaseApiBackend``, one concern per module.
+
+Each mixin is the README surface of one concern (``circuit_state``, ``request_queue``,
+``batch_enabled``, ``get_metrics``, ...). Where the concern is a part of an endpoint's
+pipeline (the breaker: ``breaker.Circuit``), its mixin is a thin facade over that part.
+"""
 
 from .batching import BatchingMixin
-from .circuit_breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitBreakerMixin
-from .circuit_wait import CircuitWaitMixin
+from .circuit_breaker import CircuitBreakerMixin
 from .metrics import MetricsMixin, MetricsRecorder
 from .queue import Dispatcher, PriorityRequestQueue, QueueMixin
 from .retry import RetryMixin, RetryPolicy, acall_with_retries
 from .multiplexing import MultiplexingMixin
 from .routing import RoutingMixin
 
-__all__ = ["BatchingMixin", "CircuitBreaker", "CircuitBreakerMixin", "CircuitWaitMixin", "CLOSED", "OPEN", "HALF_OPEN",
-           "MetricsMixin", "MetricsRecorder", "PriorityRequestQueue", "QueueMixin", "Dispatcher",
-           "RetryMixin", "RetryPolicy", "acall_with_retries", "MultiplexingMixin", "RoutingMixin"]
+__all__ = ["BatchingMixin", "CircuitBreakerMixin", "MetricsMixin", "MetricsRecorder",
+           "PriorityRequestQueue", "QueueMixin", "Dispatcher", "RetryMixin", "RetryPolicy",
+           "acall_with_retries", "MultiplexingMixin", "RoutingMixin"]

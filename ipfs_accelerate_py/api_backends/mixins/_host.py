@@ -20,14 +20,16 @@ Who provides what (and who uses it):
 * ``metrics.MetricsMixin``: ``_metrics``, ``_finish``, ``_record_unsent`` (batching, retry,
   circuit waiting, streaming);
 * ``queue.QueueMixin``: ``current_requests`` (metrics);
-* ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics);
-* ``circuit_wait.CircuitWaitMixin``: ``_can_wait_for_circuits``, ``_wait_for_any_circuit``
-  (routing);
+* ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics),
+  ``_can_wait_for_circuits``, ``_wait_for_any_circuit`` (routing);
 * ``retry.RetryMixin``: ``_call`` (batching), ``_aretry`` (streaming); ``routing.RoutingMixin``:
   ``_routed_stream`` (streaming), and the routing choice the async face makes itself
   (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``, ``_observe_reply``);
-* the client again, for the async face: the breaker's verdicts (``_transport_failed``,
-  ``_error_reply``) and ``close``.
+* the client again: ``close``.
+
+What is an endpoint's part is reached through the endpoint, not through here: its circuit
+(``ep.circuit``, ``breaker.Circuit``: admission, the wait for an OPEN circuit, the verdicts),
+queue, dispatcher and in-flight limit (``endpoint.Endpoint``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optiona
 
 if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
     from ..adapter import BackendAdapter
-    from ..base import Endpoint
+    from ..endpoint import Endpoint
     from ..clock import Clock
     from ..models import CompletionResult, Request
     from ..settings import ClientSettings
@@ -143,7 +145,7 @@ class Host(Protocol):
     @property
     def current_requests(self) -> int: ...
 
-    # -- circuit_breaker.CircuitBreakerMixin, circuit_wait.CircuitWaitMixin
+    # -- circuit_breaker.CircuitBreakerMixin
     def circuit_states(self) -> Dict[str, str]: ...
 
     def _can_wait_for_circuits(self, endpoint_ids: Sequence[str]) -> bool: ...
@@ -182,12 +184,7 @@ class Host(Protocol):
 
     def _ask_for_load(self, ep: Any, http: Any, now: Optional[float] = None) -> None: ...
 
-    # -- the client: the breaker's verdicts, both faces; closing
-    def _transport_failed(self, ep: "Endpoint", probe: bool, exc: BaseException) -> None: ...
-
-    def _error_reply(self, ep: "Endpoint", response: "HttpResponse",
-                     probe: bool) -> Any: ...
-
+    # -- the client: closing
     def close(self, timeout: Optional[float] = None) -> None: ...
 
 

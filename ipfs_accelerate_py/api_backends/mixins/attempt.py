@@ -3,9 +3,9 @@
 Every complete request and every sync stream runs its attempts here, on the client's event
 loop (``_loop.py``), and so do the async face's streams on their caller's loop. Nothing here blocks a loop: the
 breaker's and the limit's locks guard state for microseconds; an OPEN circuit is waited out
-by a future the prober's thread settles (or, with no prober, until the breaker's next probe
-window); a slot by the limit's FIFO line; a retry's backoff by a timer that ``close()`` cuts
-short.
+by the endpoint's circuit (``breaker.Circuit.aadmit``: a future the prober's thread settles);
+a slot by the limit's FIFO line; a retry's backoff by a timer that ``close()`` cuts short.
+The verdicts on the attempt are the circuit's too (``transport_failed``, ``error_reply``).
 
 The bytes move through the endpoint's transport (``ep.transport``, a
 ``transport.AsyncTransport``): aiohttp (``_aio_transport``), or a ``transport_factory``
@@ -26,11 +26,10 @@ from typing import Any, Awaitable, Callable, Optional, Set, Tuple
 
 from .. import errors, tracing
 from .._aio_transport import AioTransport
-from .._loop import MAX_NAP, settle
+from .._loop import settle
 from ..errors import CircuitOpenError, ClientClosedError, ConfigurationError
 from ..transport import HttpRequest, HttpResponse
 from ._host import HostBase
-from .retry import MIN_BREAKER_WAIT
 
 
 __all__ = ["AttemptMixin"]
@@ -105,23 +104,25 @@ class AttemptMixin(HostBase):
         clock = self._clock
         if now is None:
             now = clock.monotonic()
+        circuit = ep.circuit
+        breaker = circuit.breaker
         try:  # a closed circuit admits at once: no wait to await
-            probe = ep.settings.circuit_breaker_enabled and ep.breaker.admit(now)
+            probe = ep.settings.circuit_breaker_enabled and breaker.admit(now)
         except CircuitOpenError:
-            probe, now = await self._aadmit(ep, deadline, fail_fast, now, op, rid)
+            probe, now = await circuit.aadmit(deadline, fail_fast, now, op, rid)
         key = object()
         try:
             waited = await ep.limit.aacquire(deadline, key, self._closing, now=now)
         except BaseException:
-            ep.breaker.release(probe)
+            breaker.release(probe)
             raise
         if waited:
-            _note(op, rid, tracing.waited, "in_flight_limit.wait", waited)
+            tracing.waited_for(op, rid, "in_flight_limit.wait", waited)
         released = False
         try:
             remaining = deadline - (now + waited)
             if remaining <= 0:
-                ep.breaker.release(probe)
+                breaker.release(probe)
                 raise errors.TimeoutError("the call deadline passed before the request was sent",
                                           sent=False)
             timeout = (min(ep.settings.connect_timeout, remaining),
@@ -129,7 +130,7 @@ class AttemptMixin(HostBase):
             try:
                 response = await io(timeout)
             except BaseException as exc:
-                self._transport_failed(ep, probe, exc)
+                circuit.transport_failed(probe, exc)
                 raise
             healthy = response.status < 500
             now = clock.monotonic()  # the one reading as the reply came
@@ -144,68 +145,9 @@ class AttemptMixin(HostBase):
             if not isinstance(response, HttpResponse):  # an error reply to a stream
                 response = HttpResponse(response.status, response.headers,
                                         await response.read_body())
-            raise self._error_reply(ep, response, probe)
-        ep.breaker.record_success(probe, now)
+            raise circuit.error_reply(self._adapter.parse_error(response), probe)
+        breaker.record_success(probe, now)
         return response
-
-    async def _aadmit(self, ep: Any, deadline: float, fail_fast: bool, now: float,
-                      op: Any = None, rid: str = "") -> Tuple[bool, float]:
-        """Pass the breaker: ``(is a HALF-OPEN probe, the clock as it passed)``. An OPEN
-        circuit raises ``CircuitOpenError`` when ``fail_fast``; otherwise it is waited out
-        within ``deadline`` (then ``CircuitWaitTimeoutError``, nothing sent)."""
-        if not ep.settings.circuit_breaker_enabled:
-            return False, now
-        clock = self._clock
-        start = now
-        while True:
-            try:
-                probe = ep.breaker.admit(now)
-                break
-            except CircuitOpenError as exc:
-                if fail_fast:
-                    raise
-                if self._closing.is_set():
-                    raise ClientClosedError("client closed while waiting for the circuit") from None
-                now = clock.monotonic()
-                if now >= deadline:
-                    self._note_circuit_wait(ep, now - start, op, rid)
-                    raise errors.CircuitWaitTimeoutError(
-                        f"waited {now - start:.2f}s for the circuit of {ep.id} "
-                        f"({ep.breaker.state}); the call deadline passed before it closed, and "
-                        "the request was never sent", waited=now - start, endpoint=ep.id) from None
-                ep.breaker.enter_wait()
-                try:
-                    await self._circuit_change(ep, deadline, exc.retry_in or 0.0)
-                finally:
-                    ep.breaker.leave_wait()
-                now = clock.monotonic()
-        self._note_circuit_wait(ep, now - start, op, rid)
-        return probe, now
-
-    def _note_circuit_wait(self, ep: Any, waited: float, op: Any, rid: str) -> None:
-        if waited > 0.001:
-            self._metrics.record_circuit_wait(ep.id, waited)
-            _note(op, rid, tracing.waited, "circuit.wait", waited)
-
-    async def _circuit_change(self, ep: Any, deadline: float, retry_in: float) -> None:
-        """Wait until the circuit may admit again: with a prober, until it closes (its thread
-        settles a future of this loop); without, until the breaker's next probe window."""
-        now = self._clock.monotonic()
-        nap = min(deadline - now, MAX_NAP)
-        if not self._can_wait_for_circuits([ep.id]):
-            await asyncio.sleep(max(MIN_BREAKER_WAIT, min(retry_in, nap)))
-            return
-        loop = asyncio.get_running_loop()
-        closed = loop.create_future()
-
-        def wake(*_: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(settle, closed)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
-
-        self._wait_for_any_circuit([ep.id], deadline, wake, wake)
-        await asyncio.wait({closed}, timeout=nap)
 
     # ------------------------------------------------------------------ waiting
     async def _asleep(self, seconds: float, doing: str) -> None:
@@ -244,11 +186,3 @@ class AttemptMixin(HostBase):
             except RuntimeError:  # its loop is closed: nobody waits any more
                 pass
 
-
-def _note(op: Any, rid: str, record: Callable[..., None], *args: Any) -> None:
-    """A span event: on ``op`` (an async stream's) when given, else on the current task's."""
-    if op is None:
-        record(*args)
-    else:
-        with tracing.working_for(op, rid):
-            record(*args)

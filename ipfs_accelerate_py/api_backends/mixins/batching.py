@@ -26,7 +26,7 @@ from typing import Any, Dict, Hashable, List, Optional, Sequence
 from .. import tracing
 from .._loop import Signal
 from ._host import HostBase
-from .circuit_breaker import CLOSED
+from ..breaker import CLOSED
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
 from ..errors import (ApiError, ClientClosedError, HTTPStatusError, QueueTimeoutError,
                       ReplyMismatchError, TransientError)
@@ -281,8 +281,7 @@ class BatchingMixin(HostBase):
         if job.fail_fast and breaker.state != CLOSED and endpoint.settings.circuit_breaker_enabled:
             for j in batch:
                 if j is not job:
-                    j.fail(breaker.open_error())
-                    self._record_unsent(endpoint, j)
+                    endpoint.circuit.refuse(j)
             return [job]  # its own call meets the breaker's fail-fast refusal
         return batch + endpoint.queue.take_compatible(key, limit - len(batch))
 

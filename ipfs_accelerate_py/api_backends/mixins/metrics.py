@@ -19,7 +19,7 @@ from ._host import HostBase
 from .queue import Job
 
 if TYPE_CHECKING:
-    from ..base import Endpoint
+    from ..endpoint import Endpoint
 
 __all__ = ["Series", "MetricsRecorder", "MetricsMixin"]
 
@@ -182,6 +182,11 @@ class MetricsRecorder:
             for s in self._scopes(endpoint, model):
                 s.batch_mismatches += 1
 
+    def record_unsent(self, endpoint: str, job: Job, now: float) -> None:
+        """A request that ended before it was sent (expired, closed, circuit held)."""
+        self.record_request(endpoint, job.model, False, now - job.enqueued_at,
+                            error_type=_error_type(job.future) or "Cancelled")
+
     def record_circuit_wait(self, endpoint: str, seconds: float) -> None:
         """A request waited ``seconds`` for an OPEN circuit (endpoint and total scopes)."""
         with self._lock:
@@ -239,8 +244,7 @@ class MetricsMixin(HostBase):
 
     def _record_unsent(self, ep: "Endpoint", job: Job) -> None:
         """Count a request that ended before it was sent (expired, closed, circuit held)."""
-        self._metrics.record_request(ep.id, job.model, False, self._clock.monotonic() - job.enqueued_at,
-                                     error_type=_error_type(job.future) or "Cancelled")
+        self._metrics.record_unsent(ep.id, job, self._clock.monotonic())
 
     def _finish(self, ep: "Endpoint", job: Job, start: float,
                 result: Optional[CompletionResult] = None,

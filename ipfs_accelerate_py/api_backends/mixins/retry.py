@@ -2,9 +2,9 @@
 
 Retried: connection errors, timeouts, 408, 409, 429 and 5xx (``errors.TransientError``).
 Never: other 4xx, or a stream that already yielded text. An open circuit rejects a fresh
-call at once; a call already retrying waits for the breaker's next probe window instead, but
-only when that window opens within ``max_retry_delay`` (the longest backoff the call would
-have waited anyway): a breaker with a long ``reset_timeout`` fails the call at once rather
+call at once; a call already retrying waits for the breaker's next probe window instead
+(``breaker.circuit_wait``), but only when that window opens within ``max_retry_delay`` (the
+longest backoff the call would have waited anyway): a breaker with a long ``reset_timeout`` fails the call at once rather
 than hold its caller for minutes (and lets a router fail it over). The wait is
 ``retry_delay * backoff_factor**attempt`` (capped at ``max_retry_delay``) with "equal
 jitter" (half fixed, half random) so clients that failed together do not retry together;
@@ -24,17 +24,14 @@ import random
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
 from .. import tracing
+from ..breaker import circuit_wait
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import (ApiError, CircuitOpenError, HTTPStatusError,
                       TimeoutError, TransientError)
 from ..models import CompletionResult, Request
 from ._host import HostBase
 
-__all__ = ["RetryPolicy", "RetryMixin", "acall_with_retries", "circuit_wait",
-           "retry_wait"]
-
-#: Shortest wait for a circuit's probe window (HALF-OPEN with its probe already out says 0).
-MIN_BREAKER_WAIT = 0.05
+__all__ = ["RetryPolicy", "RetryMixin", "acall_with_retries", "retry_wait"]
 
 T = TypeVar("T")
 log = logging.getLogger("ipfs_accelerate_py.api_backends")
@@ -88,26 +85,6 @@ def retry_wait(error: ApiError, attempt: int, policy: RetryPolicy, deadline: flo
             f"gave up after {attempt + 1} attempt(s): the call deadline leaves "
             f"{max(0.0, remaining):.2f}s but the next retry is due in {wait:.2f}s; "
             f"last error: {error}") from error
-    return wait
-
-
-def circuit_wait(error: CircuitOpenError, attempt: int, policy: RetryPolicy, deadline: float,
-                 waited: float = 0.0, clock: Clock = SYSTEM_CLOCK) -> float:
-    """Seconds a call caught by an outage waits for the circuit's next probe window before
-    attempt ``attempt`` is made again (see ``acall_with_retries``; the async face waits the
-    same); raises ``error`` when it must not wait: a fresh call (attempt 0), a window
-    further off than ``max_retry_delay``, the deadline, or ``waited`` (its circuit waits so
-    far) plus this one over that budget."""
-    budget = max(policy.max_retry_delay, policy.retry_delay)
-    if attempt == 0 or (error.retry_in or 0.0) > budget:
-        raise error
-    wait = max(error.retry_in or 0.0, policy.retry_delay, MIN_BREAKER_WAIT)
-    wait *= 1.0 + 0.25 * policy.jitter()  # spread the callers over the probe window
-    # in all, a fail-fast call waits for probes no longer than one longest backoff:
-    # scheduled probes come every second, and a dead server would hold it to its
-    # deadline one short wait at a time (a router fails it over instead)
-    if wait >= deadline - clock.monotonic() or waited + wait > budget:
-        raise error
     return wait
 
 

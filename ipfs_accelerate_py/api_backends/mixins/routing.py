@@ -50,7 +50,7 @@ from ..errors import (ApiError, CircuitWaitTimeoutError, ConfigurationError,
 from ..request_build import build_request
 from ..prefix_affinity import affinity_key, key_rank, place, prefix_text, rendezvous_order
 from ._host import HostBase
-from .circuit_breaker import OPEN
+from ..breaker import OPEN
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
 from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
                             FAILOVER_ERRORS, HOT_ABS, STUCK_MIN_S, STUCK_SLOWEST,
