@@ -151,7 +151,7 @@ class AsyncFaceMixin(HostBase):
         clock = self._clock
         start = clock.monotonic()
         deadline = start + (timeout if timeout is not None else ep.settings.effective_deadline)
-        ff = self._fail_fast(ep, fail_fast)
+        ff = ep.fail_fast(fail_fast)
         try:
             job = self._queue_stream(ep, request, ff, op, rid, start, deadline, priority)
             handle = await _await_stream_job(job, deadline, clock) if job is not None else None

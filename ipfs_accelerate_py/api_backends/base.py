@@ -247,9 +247,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         """Unique per process and client: the prefix is random, the count is this client's."""
         return f"{self._id_prefix}-{next(self._ids)}"
 
-    def _fail_fast(self, ep: Endpoint, fail_fast: Optional[bool]) -> bool:
-        return ep.settings.fail_fast if fail_fast is None else bool(fail_fast)
-
     def submit(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
                timeout: Optional[float] = None,
                fail_fast: Optional[bool] = None) -> "Future[CompletionResult]":
@@ -289,7 +286,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                 return routed
         ep = self._endpoint(endpoint_id)
         return ep, self._new_job(ep, request, priority, timeout,
-                                       self._fail_fast(ep, fail_fast))
+                                       ep.fail_fast(fail_fast))
 
     def _settle_backend(self) -> None:
         """What a backend must learn from its server before the first call is queued
@@ -428,7 +425,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             ep.limit.wake()  # callers waiting for a slot see the close
             for job in ep.queue.close():
                 job.fail(ClientClosedError("client closed before this request was sent"))
-                self._record_unsent(ep, job)
+                self._metrics.record_unsent(ep.id, job, self._clock.monotonic())
         wait = timeout if timeout is not None else self._settings.timeout + 1.0
         end = self._clock.monotonic() + wait
         here = _running_loop()  # its own requests cannot end while this thread waits

@@ -83,6 +83,11 @@ class Endpoint:
         self.settings = settings
         self.circuit.settings = settings
 
+    def fail_fast(self, asked: Optional[bool]) -> bool:
+        """Whether a call fails at once on an OPEN circuit: what its caller ``asked``, else
+        the ``fail_fast`` setting."""
+        return self.settings.fail_fast if asked is None else bool(asked)
+
     def fetch(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
         """One request straight through the transport, no queue, breaker or retry (health
         checks, the load probe), for a thread that may block: it runs on the client's loop

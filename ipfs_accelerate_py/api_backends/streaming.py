@@ -91,7 +91,7 @@ class StreamingMixin(HostBase):
         request = cap_request(self, request)
         rid = self._new_request_id()
         op = tracing.stream_started(self, ep, request, rid)  # this caller's span, alone or shared
-        ff = self._fail_fast(ep, fail_fast)
+        ff = ep.fail_fast(fail_fast)
         start = self._clock.monotonic()
         deadline = start + (timeout if timeout is not None else ep.settings.effective_deadline)
         try:

@@ -144,7 +144,7 @@ class BatchingMixin(HostBase):
         # one reading for the deadline and the burst checks: the queue's as it handed it over
         now = job.picked_at if job.picked_at is not None else self._clock.monotonic()
         if not self._check_queue_deadline(job, now):
-            self._record_unsent(ep, job)
+            self._metrics.record_unsent(ep.id, job, self._clock.monotonic())
             return
         batch = await self._collect_batch(ep, job, now)
         if not batch:

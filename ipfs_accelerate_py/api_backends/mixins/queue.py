@@ -463,7 +463,7 @@ class QueueMixin(HostBase):
     @property
     def request_queue(self) -> PriorityRequestQueue:
         """The default endpoint's queue (``len()`` is how many wait)."""
-        return self._default_endpoint().queue
+        return self._endpoint(None).queue
 
     @property
     def current_requests(self) -> int:

@@ -50,7 +50,7 @@ from ..errors import (ApiError, CircuitWaitTimeoutError, ConfigurationError,
 from ..request_build import build_request
 from ..prefix_affinity import affinity_key, key_rank, place, prefix_text, rendezvous_order
 from ._host import HostBase
-from ..breaker import OPEN
+from ..breaker import OPEN, can_wait_for_any
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
 from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
                             FAILOVER_ERRORS, HOT_ABS, STUCK_MIN_S, STUCK_SLOWEST,
@@ -379,8 +379,9 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                 return
             if self._send_attempt(state, job, i, eid, request, priority, timeout):
                 return
+        circuits = [self._endpoint(eid).circuit for eid in job.order]
         if (not self._closed and self._clock.monotonic() < job.deadline
-                and self._can_wait_for_circuits(job.order)):
+                and can_wait_for_any(circuits)):
             # Every endpoint is down: wait (within the deadline) for the first to come back.
             with state.lock:
                 state.circuit_waits += 1
@@ -395,7 +396,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                     "close; the call deadline passed first, and the request was never sent",
                     waited=waited))
 
-            self._wait_for_any_circuit(job.order, job.deadline, again, too_late)
+            self._circuit_waiters.wait_for_any(circuits, job.deadline, again, too_late)
             return
         with state.lock:
             state.all_down += 1
