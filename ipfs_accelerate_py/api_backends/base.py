@@ -42,7 +42,8 @@ from .mixins.batching import BatchingMixin, batch_key
 from .mixins.circuit_breaker import CircuitBreakerMixin
 from .mixins.metrics import MetricsMixin
 from .mixins.multiplexing import MultiplexingMixin
-from .mixins.queue import Job, QueueMixin
+from ._core.queue import Job
+from .mixins.queue import QueueMixin
 from .mixins.attempt import AttemptMixin
 from ._loop import ClientLoop
 from .mixins.retry import RetryMixin

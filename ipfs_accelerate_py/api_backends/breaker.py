@@ -80,7 +80,7 @@ from .errors import ApiError, CircuitOpenError, ClientClosedError
 if TYPE_CHECKING:  # types only: these modules' packages import this one
     from .mixins.inflight import InFlightLimit
     from .mixins.metrics import MetricsRecorder
-    from .mixins.queue import Job, PriorityRequestQueue
+    from ._core.queue import Job, PriorityRequestQueue
     from .mixins.retry import RetryPolicy
     from .settings import ClientSettings
     from .transport import HttpRequest, HttpResponse

@@ -1,8 +1,8 @@
 """``Endpoint``: one server as the client sees it, and the parts that serve it.
 
 An endpoint owns its settings and transports, its queue and the dispatcher that serves it
-(``mixins/queue.py``), its in-flight limit (``mixins/inflight.py``) and its circuit: the
-breaker with its prober (``breaker.py``). It builds those parts in its constructor from what
+(``_core/queue.py``, ``_core/dispatcher.py``), its in-flight limit (``mixins/inflight.py``)
+and its circuit: the breaker with its prober (``breaker.py``). It builds those parts in its constructor from what
 they need (a clock, the client's loop and ``closing`` event, the metrics recorder, the
 board of circuit waiters, the adapter's health request, the job handler), none of it the
 client, so a reader sees each part's dependencies where it is made.
@@ -18,7 +18,8 @@ from ._loop import ClientLoop
 from .breaker import Circuit, CircuitWaiters
 from .clock import Clock
 from .mixins.inflight import InFlightLimit
-from .mixins.queue import Dispatcher, Job, PriorityRequestQueue
+from ._core.dispatcher import Dispatcher
+from ._core.queue import Job, PriorityRequestQueue
 from .settings import ClientSettings
 from .transport import AsyncTransport, HttpRequest, HttpResponse
 

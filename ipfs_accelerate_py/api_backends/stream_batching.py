@@ -54,7 +54,7 @@ from .sse import SSEDecoder
 
 if TYPE_CHECKING:
     from .endpoint import Endpoint
-    from .mixins.queue import Job
+    from ._core.queue import Job
     from .transport import AsyncStream
 
 __all__ = ["ALONE", "stream_key", "open_shared", "SharedHandle", "copy_error"]

@@ -29,7 +29,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .errors import ApiError, ClientClosedError, ConfigurationError, QueueFullError, TransientError
 from .limits import cap_request
 from .mixins._host import Host, HostBase
-from .mixins.queue import NORMAL, Job
+from ._core.queue import NORMAL, Job
 from .call_shapes import check_timeout
 from .models import Request, StreamChunk, Usage, check_priority
 from .stream_batching import ALONE, SharedHandle, stream_key

@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # types only: the mixins import this module, and these import
     from ..transport import AsyncStream, HttpRequest, HttpResponse
     from .._loop import ClientLoop
     from .metrics import MetricsRecorder
-    from .queue import Job
+    from .._core.queue import Job
 
 __all__ = ["Host", "HostBase"]
 

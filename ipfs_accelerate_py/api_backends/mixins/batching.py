@@ -33,7 +33,7 @@ from ..errors import (ApiError, ClientClosedError, HTTPStatusError, QueueTimeout
 from ..operations import OperationRequest, OperationResult
 from ..reply_checks import check_choices, check_usage_adds_up, note_list_mismatch, share_tokens
 from ..stream_batching import open_shared
-from .queue import Job
+from .._core.queue import Job
 from .retry import RetryPolicy, retry_wait
 
 __all__ = ["batch_key", "merge_requests", "split_result", "share_tokens", "prompt_count",

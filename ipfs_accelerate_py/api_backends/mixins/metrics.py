@@ -16,7 +16,7 @@ import numpy as np
 
 from ..models import CompletionRequest, CompletionResult
 from ._host import HostBase
-from .queue import Job
+from .._core.queue import Job
 
 if TYPE_CHECKING:
     from ..endpoint import Endpoint

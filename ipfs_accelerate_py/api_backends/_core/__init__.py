@@ -1,0 +1,7 @@
+"""The request pipeline's parts, each with its dependencies handed in at construction.
+
+An ``Endpoint`` owns its queue (``queue.py``) and the ``Dispatcher`` that serves it
+(``dispatcher.py``), its in-flight limit and its circuit (the breaker with its prober); the
+dispatcher hands each job to the handler the endpoint was given. No part imports the
+client: the mixins in ``mixins/`` are each concern's public face, over these parts.
+"""
