@@ -50,7 +50,7 @@ LAYERS: Dict[str, str] = {
                      "operations.py", "structured.py", "request_build.py"],
                     "face"),
     "mixins/queue.py": "queue", "_core/queue.py": "queue", "_core/dispatcher.py": "queue",
-    "mixins/batching.py": "batch", "reply_checks.py": "batch",
+    "mixins/batching.py": "batch", "_core/batcher.py": "batch", "_core/retry.py": "retry", "reply_checks.py": "batch",
     "stream_batching.py": "batch", "mixins/retry.py": "retry",
     "adapter.py": "adapter", "vllm/_adapter.py": "adapter", "vllm/_operations.py": "adapter", "mixins/attempt.py": "attempt",
     "breaker.py": "breaker", "mixins/circuit_breaker.py": "breaker", "endpoint.py": "endpoint",

@@ -32,7 +32,7 @@ Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``
 the work runs on the client's loop, and the job's ``concurrent.futures.Future`` is awaited
 through ``asyncio.wrap_future``, a done callback that wakes the caller's loop, so no thread
 waits. One that shares no call and would start at once (``Dispatcher.claim``) is served in
-its caller's task instead (``_serve_here``): the same ``_run_single`` on the caller's loop,
+its caller's task instead (``_serve_here``): the same ``Batcher.run_single`` on the caller's loop,
 without the two hand-offs between loops.
 """
 
@@ -208,7 +208,7 @@ class AsyncFaceMixin(HostBase):
                           claimed: Any) -> CompletionResult:
         """A request that shares no call, served in its caller's task on its caller's loop
         (the dispatcher's ``claim`` said it would have started it at once): the same
-        single-request path the dispatcher runs (``_run_single``: retries, breaker, slot,
+        single-request path the dispatcher runs (``Batcher.run_single``: retries, breaker, slot,
         metrics, tracing), without the two hand-offs between loops. A caller that leaves
         (cancelled) stops its own request, as with aiohttp; a bound of the deadline plus
         a second stands guard as ``asubmit``'s does (then ``TimeoutError``)."""
@@ -222,7 +222,7 @@ class AsyncFaceMixin(HostBase):
                                 task, expired, context=_NO_CONTEXT)
         saved = tracing.current_work()
         try:
-            await self._run_single(ep, job)
+            await self._batcher.run_single(ep, job)
         finally:
             guard.cancel()
             tracing.resume_work(saved)  # the caller's task is not the job's any more

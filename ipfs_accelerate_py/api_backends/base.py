@@ -38,7 +38,8 @@ from .context import learn_model_lengths
 from .limits import RequestLimits, cap_request
 from .errors import ClientClosedError, ConfigurationError, ValidationError
 from .endpoint import Endpoint
-from .mixins.batching import BatchingMixin, batch_key
+from ._core.batcher import batch_key
+from .mixins.batching import BatchingMixin
 from .mixins.circuit_breaker import CircuitBreakerMixin
 from .mixins.metrics import MetricsMixin
 from .mixins.multiplexing import MultiplexingMixin
@@ -134,7 +135,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         self._warn_plain_http_key(settings)
         transport = self._new_transport(settings)
         return Endpoint(endpoint_id, settings, transport, self._loop, self._clock, self._closing,
-                        self._metrics, self._circuit_waiters, self._handle_job,
+                        self._metrics, self._circuit_waiters, self._batcher.handle_job,
                         self._adapter.health_request(),
                         self._probe_transport(settings, transport),
                         name=f"{self.backend_name or 'api'}-{endpoint_id}")
@@ -305,7 +306,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             if job.fail_fast and ep.queue.paused and ep.queue.remove(job):
                 ep.circuit.refuse(job)  # the circuit opened as it was queued
         else:
-            self._loop.spawn(self._handle_job(ep, job))
+            self._loop.spawn(self._batcher.handle_job(ep, job))
 
     def execute(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
                 timeout: Optional[float] = None,

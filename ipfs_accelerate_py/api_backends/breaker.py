@@ -81,7 +81,7 @@ if TYPE_CHECKING:  # types only: these modules' packages import this one
     from .mixins.inflight import InFlightLimit
     from .mixins.metrics import MetricsRecorder
     from ._core.queue import Job, PriorityRequestQueue
-    from .mixins.retry import RetryPolicy
+    from ._core.retry import RetryPolicy
     from .settings import ClientSettings
     from .transport import HttpRequest, HttpResponse
 
@@ -529,7 +529,7 @@ class CircuitProber:
 def circuit_wait(error: CircuitOpenError, attempt: int, policy: "RetryPolicy", deadline: float,
                  waited: float = 0.0, clock: Clock = SYSTEM_CLOCK) -> float:
     """Seconds a call caught by an outage waits for the circuit's next probe window before
-    attempt ``attempt`` is made again (the retry loop's, ``mixins/retry.acall_with_retries``;
+    attempt ``attempt`` is made again (the retry loop's, ``_core/retry.acall_with_retries``;
     the async face waits the same); raises ``error`` when it must not wait: a fresh call
     (attempt 0), a window further off than ``max_retry_delay``, the deadline, or ``waited``
     (its circuit waits so far) plus this one over that budget."""

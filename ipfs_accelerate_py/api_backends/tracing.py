@@ -267,7 +267,7 @@ def job_started(ep: Any, job: Any, now: float) -> None:
         _queue_events(op, ep, job, now)
 
 
-def shared_call_started(client: Any, ep: Any, jobs: Sequence[Any], now: float) -> None:
+def shared_call_started(ep: Any, jobs: Sequence[Any], now: float) -> None:
     """A worker sends ``jobs`` as one call: a span for the call, linked with theirs."""
     _local.rid, _local.future = jobs[0].request_id, weakref.ref(jobs[0].future)
     _local.op = _local.span = None

@@ -2,6 +2,7 @@
 
 An ``Endpoint`` owns its queue (``queue.py``) and the ``Dispatcher`` that serves it
 (``dispatcher.py``), its in-flight limit and its circuit (the breaker with its prober); the
-dispatcher hands each job to the handler the endpoint was given. No part imports the
+dispatcher hands each job to the batcher (``batcher.py``), which sends it alone or shared
+through a call with retries (``retry.py``: the policy and the loop). No part imports the
 client: the mixins in ``mixins/`` are each concern's public face, over these parts.
 """

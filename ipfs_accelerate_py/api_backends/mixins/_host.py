@@ -20,7 +20,9 @@ Who provides what (and who uses it):
 * ``queue.QueueMixin``: ``current_requests`` (metrics);
 * ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics), the board of
   callers waiting for a circuit to close (``_circuit_waiters``: routing);
-* ``retry.RetryMixin``: ``_call`` (batching), ``_aretry`` (streaming); ``routing.RoutingMixin``:
+* ``batching.BatchingMixin``: ``_batcher`` (the dispatchers' handler; the async face's
+  served-here path);
+* ``retry.RetryMixin``: ``_call`` (handed to the batcher), ``_aretry`` (streaming); ``routing.RoutingMixin``:
   ``_routed_stream`` (streaming), and the routing choice the async face makes itself
   (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``, ``_observe_reply``);
 * the client again: ``close``.
@@ -41,6 +43,7 @@ from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optiona
 if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
     from ..adapter import BackendAdapter
     from ..breaker import CircuitWaiters
+    from .._core.batcher import Batcher
     from ..endpoint import Endpoint
     from ..clock import Clock
     from ..models import CompletionResult, Request
@@ -137,6 +140,9 @@ class Host(Protocol):
     _circuit_waiters: "CircuitWaiters"
 
     def circuit_states(self) -> Dict[str, str]: ...
+
+    # -- batching.BatchingMixin
+    _batcher: "Batcher"
 
     # -- retry.RetryMixin, routing.RoutingMixin
     async def _call(self, ep: "Endpoint", request: Request, deadline: float,
