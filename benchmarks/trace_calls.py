@@ -53,6 +53,7 @@ LAYERS: Dict[str, str] = {
     "mixins/batching.py": "batch", "_core/batcher.py": "batch", "_core/retry.py": "retry", "reply_checks.py": "batch",
     "stream_batching.py": "batch", "mixins/retry.py": "retry",
     "adapter.py": "adapter", "vllm/_adapter.py": "adapter", "vllm/_operations.py": "adapter", "mixins/attempt.py": "attempt",
+    "_core/attempt.py": "attempt",
     "breaker.py": "breaker", "mixins/circuit_breaker.py": "breaker", "endpoint.py": "endpoint",
     "mixins/inflight.py": "in-flight",
     **dict.fromkeys(["mixins/routing.py", "mixins/routing_state.py", "endpoint_load.py",

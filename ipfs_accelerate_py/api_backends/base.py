@@ -290,6 +290,14 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         return ep, self._new_job(ep, request, priority, timeout,
                                        ep.fail_fast(fail_fast))
 
+    def _use_adapter(self, adapter: BackendAdapter) -> None:
+        """Speak through ``adapter`` from now on, the client and the parts that read it (the
+        attempt, the batcher): a backend that learns its server's API on the first call
+        (``_settle_backend``) switches here."""
+        self._adapter = adapter
+        self._attempts.adapter = adapter
+        self._batcher.adapter = adapter
+
     def _settle_backend(self) -> None:
         """What a backend must learn from its server before the first call is queued
         (``VllmClient``: which API it speaks, for ``api_flavor="auto"``); asked by the first
@@ -346,7 +354,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         deadline = self._clock.monotonic() + timeout
         ff = ep.settings.fail_fast
         response: HttpResponse = await tracing.ain_span(f"{http.method} {http.path}", lambda: self._aretry(
-            ep, lambda n: self._asend(ep, http, deadline, ff), deadline, None))
+            ep, lambda n: self._attempts.send(ep, http, deadline, ff), deadline, None))
         return response
 
     def _check_open(self) -> None:

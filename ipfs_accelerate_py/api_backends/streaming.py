@@ -163,11 +163,11 @@ class StreamingMixin(HostBase):
                            deadline: float, model: Optional[str], fail_fast: bool,
                            op: Any, rid: str) -> AsyncStream:
         """Open one streamed reply: the retry loop (before the first byte only) around one
-        attempt under the breaker and the in-flight slot (``_aguarded``), through the
+        attempt under the breaker and the in-flight slot (``Attempt.guarded``), through the
         endpoint's transport. Span events go on ``op``. Both faces and the shared streams
         open here."""
         async def attempt(n: int) -> AsyncStream:
-            return await self._aguarded(
+            return await self._attempts.guarded(
                 ep, deadline, ep.settings.idle_timeout, False,
                 lambda timeout: ep.transport.open_stream(http, timeout, headers), fail_fast,
                 op=op, rid=rid)

@@ -41,6 +41,7 @@ from .retry import RetryPolicy, retry_wait
 from .queue import Job
 
 if TYPE_CHECKING:
+    from ..adapter import BackendAdapter
     from ..endpoint import Endpoint
     from ..mixins.metrics import MetricsRecorder
 
@@ -151,16 +152,16 @@ class Batcher:
 
     ``call``: one call with its retries; ``finish``: resolve a job and record it;
     ``sleep``: a wait that the client's ``close()`` cuts short; ``share_stream``: streams
-    that share one prompt-list stream (``stream_batching.open_shared``);
-    ``is_missing_route``: whether an error says the server lacks a route (the adapter's);
-    ``closing``: set when the client closes; ``loop``: the client's loop (the batch's
-    wake-ups)."""
+    that share one prompt-list stream (``stream_batching.open_shared``); ``adapter``: says
+    whether an error means the server lacks a route (the client hands in another when it
+    learns which API its server speaks: ``adapter`` is then set anew); ``closing``: set
+    when the client closes; ``loop``: the client's loop (the batch's wake-ups)."""
 
     def __init__(self, clock: Clock, closing: threading.Event, loop: ClientLoop,
                  metrics: "MetricsRecorder", call: Call, finish: Finish,
                  sleep: Callable[[float, str], Awaitable[None]],
                  share_stream: Callable[["Endpoint", List[Job]], Awaitable[None]],
-                 is_missing_route: Callable[[BaseException], bool]) -> None:
+                 adapter: "BackendAdapter") -> None:
         self._clock = clock
         self._closing = closing
         self._loop = loop
@@ -169,7 +170,7 @@ class Batcher:
         self._finish = finish
         self._sleep = sleep
         self._share_stream = share_stream
-        self._is_missing_route = is_missing_route
+        self.adapter = adapter
         #: per endpoint id: the batch a worker holds open while the in-flight limit is reached
         self._gatherings: Dict[str, _Gathering] = {}
 
@@ -344,7 +345,7 @@ class Batcher:
             return
         except HTTPStatusError as exc:
             if not isinstance(exc, TransientError):
-                if isinstance(merged, ChatBatchRequest) and self._is_missing_route(exc):
+                if isinstance(merged, ChatBatchRequest) and self.adapter.is_missing_route(exc):
                     endpoint.chat_batch_supported = False
                     log.info("endpoint %s has no chat batch route; chat requests go alone",
                              endpoint.id)

@@ -12,8 +12,8 @@ Who provides what (and who uses it):
 
 * the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, its event loop,
   lifecycle and the request paths (``submit``, ``stream``, ``run_inference``);
-* ``attempt.AttemptMixin``: one attempt as a coroutine (``_asend``, ``_aguarded``),
-  ``_asleep`` (batching, retry, streaming, the async face);
+* ``attempt.AttemptMixin``: ``_attempts``, one attempt as a coroutine (``_core/attempt.py``:
+  retry, streaming), ``_asleep`` (batching, retry, streaming, the async face);
 * ``streaming.StreamingMixin``: ``_aopen_reply``, the opening of a streamed reply that
   both faces and the shared streams use;
 * ``metrics.MetricsMixin``: ``_metrics``, ``_finish`` (batching, retry, streaming);
@@ -24,7 +24,7 @@ Who provides what (and who uses it):
   served-here path);
 * ``retry.RetryMixin``: ``_call`` (handed to the batcher), ``_aretry`` (streaming); ``routing.RoutingMixin``:
   ``_routed_stream`` (streaming), and the routing choice the async face makes itself
-  (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``, ``_observe_reply``);
+  (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``);
 * the client again: ``close``.
 
 What is an endpoint's part is reached through the endpoint, not through here: its circuit
@@ -43,13 +43,14 @@ from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optiona
 if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
     from ..adapter import BackendAdapter
     from ..breaker import CircuitWaiters
+    from .._core.attempt import Attempt
     from .._core.batcher import Batcher
     from ..endpoint import Endpoint
     from ..clock import Clock
     from ..models import CompletionResult, Request
     from ..settings import ClientSettings
     from ..streaming import TextStream
-    from ..transport import AsyncStream, HttpRequest, HttpResponse
+    from ..transport import AsyncStream, HttpRequest
     from .._loop import ClientLoop
     from .metrics import MetricsRecorder
     from .._core.queue import Job
@@ -108,16 +109,9 @@ class Host(Protocol):
     def stream(self, request: Request, endpoint_id: Optional[str] = None,
                fail_fast: Optional[bool] = None) -> "TextStream": ...
 
-    # -- attempt.AttemptMixin: one attempt on a loop, and the waits close() ends
+    # -- attempt.AttemptMixin: one attempt (the part), and the waits close() ends
     _loop: "ClientLoop"
-
-    async def _asend(self, ep: "Endpoint", http: "HttpRequest", deadline: float,
-                     fail_fast: bool = False) -> "HttpResponse": ...
-
-    async def _aguarded(self, ep: "Endpoint", deadline: float, read_timeout: float,
-                        clip_read: bool, io: Callable[[Tuple[float, float]], Awaitable[Any]],
-                        fail_fast: bool = False, now: Optional[float] = None,
-                        op: Any = None, rid: str = "") -> Any: ...
+    _attempts: "Attempt"
 
     async def _asleep(self, seconds: float, doing: str) -> None: ...
 
@@ -169,10 +163,6 @@ class Host(Protocol):
                request: Any) -> Tuple[List[str], Optional[bytes]]: ...
 
     def _is_open(self, endpoint_id: str) -> bool: ...
-
-    def _observe_reply(self, ep: Any, headers: Any, now: Optional[float] = None) -> Any: ...
-
-    def _ask_for_load(self, ep: Any, http: Any, now: Optional[float] = None) -> None: ...
 
     # -- the client: closing
     def close(self, timeout: Optional[float] = None) -> None: ...

@@ -26,8 +26,7 @@ class BatchingMixin(HostBase):
     def _init_batching(self) -> None:
         self._batcher = Batcher(
             self._clock, self._closing, self._loop, self._metrics, self._call, self._finish,
-            self._asleep, functools.partial(open_shared, self),
-            lambda exc: self._adapter.is_missing_route(exc))  # the adapter of the moment
+            self._asleep, functools.partial(open_shared, self), self._adapter)
 
     @property
     def batch_enabled(self) -> bool:

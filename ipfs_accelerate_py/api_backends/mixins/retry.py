@@ -33,7 +33,7 @@ class RetryMixin(HostBase):
         """Send ``request`` with retries; parse the reply. Raises typed errors only.
         ``first_attempt`` / ``last_attempt``: see ``acall_with_retries``; ``fresh_id``: see
         ``_aretry``. Here, not in the client, so that a job's call enters this layer once
-        and goes on down (``_asend``: breaker, slot, transport) from it.
+        and goes on down (``Attempt.send``: breaker, slot, transport) from it.
 
         With ``forward_priority`` the server gets the request's own ``priority`` field, else
         the queue priority it was submitted with (0 HIGH .. 2 LOW; lower runs earlier in
@@ -49,7 +49,7 @@ class RetryMixin(HostBase):
             priority = wire_priority if forward else None
             http = adapter.format_request(request, priority=priority, request_id=request_id)
             try:
-                response = await self._asend(ep, http, deadline, fail_fast)
+                response = await self._attempts.send(ep, http, deadline, fail_fast)
             except HTTPStatusError as exc:
                 if priority is not None and adapter.is_priority_rejection(exc):
                     # The server runs without --scheduling-policy priority: stop sending it.
@@ -59,7 +59,7 @@ class RetryMixin(HostBase):
                     # The same request id goes out again: that is a retry, count it.
                     self._metrics.record_retry(ep.id, model)
                     http = adapter.format_request(request, priority=None, request_id=request_id)
-                    response = await self._asend(ep, http, deadline, fail_fast)
+                    response = await self._attempts.send(ep, http, deadline, fail_fast)
                 else:
                     raise
             return adapter.parse_response(request, response)
