@@ -58,6 +58,7 @@ from .streaming import ReplyChunks, TextStream
 from .structured import with_schema
 
 if TYPE_CHECKING:
+    from .endpoint import Endpoint
     from .transport import AsyncStream
 
 __all__ = ["AsyncFaceMixin", "AsyncTextStream"]
@@ -138,7 +139,7 @@ class AsyncFaceMixin(HostBase):
                 opening.failed(eid, exc)
         raise opening.exhausted() from opening.last
 
-    async def _aopen_on(self, ep: Any, request: Request, fail_fast: Optional[bool],
+    async def _aopen_on(self, ep: "Endpoint", request: Request, fail_fast: Optional[bool],
                         priority: int = 1, timeout: Optional[float] = None) -> "_AioTextStream":
         self._check_open()
         if not request.stream:
@@ -204,7 +205,7 @@ class AsyncFaceMixin(HostBase):
         finally:
             guard.cancel()
 
-    async def _serve_here(self, ep: Any, job: Any, loop: asyncio.AbstractEventLoop,
+    async def _serve_here(self, ep: "Endpoint", job: Any, loop: asyncio.AbstractEventLoop,
                           claimed: Any) -> CompletionResult:
         """A request that shares no call, served in its caller's task on its caller's loop
         (the dispatcher's ``claim`` said it would have started it at once): the same
@@ -405,7 +406,7 @@ class _AioTextStream(TextStream):
 
     _response: "AsyncStream"
 
-    def __init__(self, client: Any, ep: Any, request: Request, response: "AsyncStream",
+    def __init__(self, client: Any, ep: "Endpoint", request: Request, response: "AsyncStream",
                  start: float, op: Any) -> None:
         super().__init__(client, ep, request, response, start, op)
         self._agen = self._arun()

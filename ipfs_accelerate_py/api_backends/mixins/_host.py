@@ -145,7 +145,7 @@ class Host(Protocol):
                     last_attempt: Optional[int] = None,
                     fresh_id: bool = False) -> CompletionResult: ...
 
-    async def _aretry(self, endpoint: Any, attempt_fn: Callable[[int], Awaitable[T]],
+    async def _aretry(self, endpoint: "Endpoint", attempt_fn: Callable[[int], Awaitable[T]],
                       deadline: float, model: Optional[str], first_attempt: int = 0,
                       last_attempt: Optional[int] = None, fresh_id: bool = False,
                       on_retry: Optional[Callable[[BaseException, int, float], None]] = None

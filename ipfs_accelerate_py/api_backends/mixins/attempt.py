@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Optional, Set, Tuple
 
 from .._aio_transport import AioTransport
 from .._core.attempt import Attempt
 from .._loop import settle
 from ..errors import ClientClosedError, ConfigurationError
 from ._host import HostBase
+
+if TYPE_CHECKING:
+    from ..endpoint import Endpoint
 
 
 __all__ = ["AttemptMixin"]
@@ -53,7 +56,7 @@ class AttemptMixin(HostBase):
                 executor = self._threaded
         return executor
 
-    def _aio_transport(self, ep: Any) -> "AioTransport":
+    def _aio_transport(self, ep: "Endpoint") -> "AioTransport":
         """The endpoint's aiohttp transport (one per endpoint; a session per event loop
         inside it); ``ConfigurationError`` when a ``transport_factory`` replaced it."""
         transport = ep.transport

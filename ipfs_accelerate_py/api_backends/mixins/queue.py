@@ -6,10 +6,13 @@ serves it (``_core/dispatcher.py``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .._core.queue import Job, PriorityRequestQueue
 from ._host import HostBase
+
+if TYPE_CHECKING:
+    from ..endpoint import Endpoint
 
 __all__ = ["QueueMixin"]
 
@@ -35,6 +38,6 @@ class QueueMixin(HostBase):
         """Requests being sent right now, over every endpoint."""
         return sum(ep.in_flight for ep in self._endpoints.values())
 
-    def _enqueue(self, endpoint: Any, job: Job) -> None:
+    def _enqueue(self, endpoint: "Endpoint", job: Job) -> None:
         endpoint.queue.put(job)  # its dispatcher is kicked (``on_ready``)
 

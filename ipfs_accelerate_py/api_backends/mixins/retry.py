@@ -8,13 +8,16 @@ what is retried, the backoff, ``Retry-After``, the deadline) are in ``_core/retr
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional, TypeVar
 
 from .. import tracing
 from .._core.retry import Counting, RetryPolicy, acall_with_retries
 from ..errors import HTTPStatusError
 from ..models import CompletionResult, Request
 from ._host import HostBase
+
+if TYPE_CHECKING:
+    from ..endpoint import Endpoint
 
 __all__ = ["RetryMixin"]
 
@@ -25,7 +28,7 @@ log = logging.getLogger("ipfs_accelerate_py.api_backends")
 class RetryMixin(HostBase):
     """Gives ``BaseApiBackend`` its retry loop, built from each endpoint's settings."""
 
-    async def _call(self, ep: Any, request: Request, deadline: float, model: Optional[str],
+    async def _call(self, ep: "Endpoint", request: Request, deadline: float, model: Optional[str],
                     request_id: str, queue_priority: Optional[int] = None,
                     fail_fast: bool = False, first_attempt: int = 0,
                     last_attempt: Optional[int] = None,
@@ -67,7 +70,7 @@ class RetryMixin(HostBase):
         return await self._aretry(ep, attempt, deadline, model, first_attempt, last_attempt,
                                   fresh_id)
 
-    async def _aretry(self, endpoint: Any, attempt_fn: Callable[[int], Awaitable[T]],
+    async def _aretry(self, endpoint: "Endpoint", attempt_fn: Callable[[int], Awaitable[T]],
                       deadline: float, model: Optional[str], first_attempt: int = 0,
                       last_attempt: Optional[int] = None, fresh_id: bool = False,
                       on_retry: Optional[Callable[[BaseException, int, float], None]] = None
