@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Hashable, List, Optional, Protocol, Sequence
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, Hashable, List, Optional,
+                    Protocol, Sequence)
 
 from .. import tracing
 from .._loop import ClientLoop, Signal
@@ -376,7 +377,8 @@ class Batcher:
             self._finish(endpoint, j, start, result=part)
 
 
-    async def _resend_alone(self, endpoint: "Endpoint", jobs: List[Job], exc: ReplyMismatchError) -> None:
+    async def _resend_alone(self, endpoint: "Endpoint", jobs: List[Job],
+                            exc: ReplyMismatchError) -> None:
         """A shared call's reply did not match what was asked: nobody gets a slice of it.
         Each member is sent again alone (its own retries, its own deadline), and the
         endpoint stops sharing calls (``prompt_list_mismatch``) unless a setting forces it."""
@@ -443,6 +445,7 @@ class Batcher:
             self._fail_jobs(endpoint, [j for j in jobs if not j.future.done()], exc, now)
 
 
-    def _fail_jobs(self, endpoint: "Endpoint", jobs: List[Job], exc: BaseException, start: float) -> None:
+    def _fail_jobs(self, endpoint: "Endpoint", jobs: List[Job], exc: BaseException,
+                   start: float) -> None:
         for j in jobs:
             self._finish(endpoint, j, start, error=exc)

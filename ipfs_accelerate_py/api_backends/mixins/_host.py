@@ -22,9 +22,10 @@ Who provides what (and who uses it):
   callers waiting for a circuit to close (``_circuit_waiters``: routing);
 * ``batching.BatchingMixin``: ``_batcher`` (the dispatchers' handler; the async face's
   served-here path);
-* ``retry.RetryMixin``: ``_call`` (handed to the batcher), ``_aretry`` (streaming); ``routing.RoutingMixin``:
-  ``_routed_stream`` (streaming), and the routing choice the async face makes itself
-  (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``);
+* ``retry.RetryMixin``: ``_call`` (handed to the batcher), ``_aretry`` (streaming);
+* ``routing.RoutingMixin``: ``_routed_stream`` (streaming), its state (``_routing``: the
+  load board handed to the attempt), and the routing choice the async face makes itself
+  (``_routing_candidates``, ``_order``, ``_is_open``);
 * the client again: ``close``.
 
 What is an endpoint's part is reached through the endpoint, not through here: its circuit
