@@ -49,16 +49,16 @@ from .call_shapes import check_timeout, pop_send_options, stream_call
 from .errors import ValidationError
 from .limits import cap_request
 from .mixins._host import HostBase
-from .mixins.routing_state import OpeningOrder
+from ._routing.state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
     check_priority
 from .request_build import build_request, chat_request, stream_request
-from .stream_batching import ALONE, SharedHandle
+from ._streaming.stream_batching import ALONE, SharedHandle
 from .streaming import ReplyChunks, TextStream
 from .structured import with_schema
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint
+    from ._core.endpoint import Endpoint
     from .transport import AsyncStream
 
 __all__ = ["AsyncFaceMixin", "AsyncTextStream"]
@@ -156,7 +156,7 @@ class AsyncFaceMixin(HostBase):
         try:
             job = self._queue_stream(ep, request, ff, op, rid, start, deadline, priority)
             handle = await _await_stream_job(job, deadline, clock) if job is not None else None
-            if handle is not None:  # it shares one prompt-list stream (stream_batching.py)
+            if handle is not None:  # it shares one prompt-list stream (_streaming/stream_batching.py)
                 handle.wait = False  # leaving never blocks this loop
                 return _AioSharedTextStream(self, ep, request, handle, start, op)
             http = self._adapter.format_request(request, priority=None, request_id=rid)
@@ -449,7 +449,7 @@ class _AioTextStream(TextStream):
 
 class _AioSharedTextStream(_AioTextStream):
     """An async caller's stream inside a shared prompt-list call: its own choices from its
-    ``SharedHandle``'s feed, read without blocking this loop (stream_batching.py)."""
+    ``SharedHandle``'s feed, read without blocking this loop (_streaming/stream_batching.py)."""
 
     async def _achunks(self) -> AsyncIterator[StreamChunk]:
         async for chunk in self._response.feed.achunks():

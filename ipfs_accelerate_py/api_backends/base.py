@@ -10,8 +10,8 @@ Everything right of the queue runs as coroutines on the client's own event loop
 ``generate_text``, ``chat_completion``, handlers, ``submit``) queues a job from the caller's
 thread and waits on its future; the async face (async_face.py) awaits the same future.
 Streams (streaming.py) take the same breaker, retry (before the first chunk only) and
-metrics. Each endpoint (endpoint.py) owns the parts that serve it: its queue and dispatcher,
-in-flight limit and circuit (breaker.py: the breaker with its prober, an attempt's wait and
+metrics. Each endpoint (_core/endpoint.py) owns the parts that serve it: its queue and dispatcher,
+in-flight limit and circuit (_core/breaker.py: the breaker with its prober, an attempt's wait and
 verdicts), built from what each needs. Each concern's public face is a mixin holding its own
 state (mixins/), calling of this class only what ``mixins/_host.Host`` declares. A backend
 is a subclass that names its adapter (``backend_name``); the adapter comes from the plugin
@@ -37,7 +37,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .context import learn_model_lengths
 from .limits import RequestLimits, cap_request
 from .errors import ClientClosedError, ConfigurationError, ValidationError
-from .endpoint import Endpoint
+from ._core.endpoint import Endpoint
 from ._core.batcher import batch_key
 from .mixins.batching import BatchingMixin
 from .mixins.circuit_breaker import CircuitBreakerMixin
@@ -46,7 +46,7 @@ from .mixins.multiplexing import MultiplexingMixin
 from ._core.queue import Job
 from .mixins.queue import QueueMixin
 from .mixins.attempt import AttemptMixin
-from ._loop import ClientLoop
+from ._core.loop import ClientLoop
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
 from .async_face import AsyncFaceMixin

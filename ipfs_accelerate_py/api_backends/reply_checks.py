@@ -19,7 +19,7 @@ from .errors import ReplyMismatchError
 from .models import CompletionResult, Usage
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint
+    from ._core.endpoint import Endpoint
 
 __all__ = ["check_choices", "check_usage_adds_up", "describe_indexes", "note_list_mismatch",
            "share_tokens"]

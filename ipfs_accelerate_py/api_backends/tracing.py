@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 from . import _otel
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint
+    from ._core.endpoint import Endpoint
 
 __all__ = ["configure", "job_created", "job_started", "shared_call_started",
            "shared_call_ended", "retrying", "waited", "circuit_changed", "in_span",

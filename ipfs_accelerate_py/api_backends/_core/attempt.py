@@ -31,7 +31,7 @@ from ..transport import HttpRequest, HttpResponse
 
 if TYPE_CHECKING:
     from ..adapter import BackendAdapter
-    from ..endpoint import Endpoint
+    from .endpoint import Endpoint
     from ..endpoint_load import LoadBoard
 
 __all__ = ["Attempt"]

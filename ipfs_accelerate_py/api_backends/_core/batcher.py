@@ -30,8 +30,8 @@ from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, Hashable, Lis
                     Protocol, Sequence)
 
 from .. import tracing
-from .._loop import ClientLoop, Signal
-from ..breaker import CLOSED
+from .loop import ClientLoop, Signal
+from .breaker import CLOSED
 from ..clock import Clock
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
 from ..errors import (ApiError, ClientClosedError, HTTPStatusError, QueueTimeoutError,
@@ -43,7 +43,7 @@ from .queue import Job
 
 if TYPE_CHECKING:
     from ..adapter import BackendAdapter
-    from ..endpoint import Endpoint
+    from .endpoint import Endpoint
     from ..mixins.metrics import MetricsRecorder
 
 __all__ = ["Batcher", "batch_key", "merge_requests", "split_result", "share_tokens",

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Awaitable, Callable, Dict
 
-from .._loop import ClientLoop
+from .loop import ClientLoop
 from ..errors import ValidationError
 from .queue import Job, PriorityRequestQueue
 

@@ -19,7 +19,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Tuple
 
-from .._loop import Signal
+from .loop import Signal
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ClientClosedError, QueueFullError
 from ..models import PRIORITIES

@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 from typing import Any, Awaitable, Callable, Optional, TypeVar
 
-from ..breaker import circuit_wait
+from .breaker import circuit_wait
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ApiError, CircuitOpenError, TimeoutError, TransientError
 

@@ -43,16 +43,16 @@ from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optiona
 
 if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
     from ..adapter import BackendAdapter
-    from ..breaker import CircuitWaiters
+    from .._core.breaker import CircuitWaiters
     from .._core.attempt import Attempt
     from .._core.batcher import Batcher
-    from ..endpoint import Endpoint
+    from .._core.endpoint import Endpoint
     from ..clock import Clock
     from ..models import CompletionResult, Request
     from ..settings import ClientSettings
     from ..streaming import TextStream
     from ..transport import AsyncStream, HttpRequest
-    from .._loop import ClientLoop
+    from .._core.loop import ClientLoop
     from .metrics import MetricsRecorder
     from .._core.queue import Job
 

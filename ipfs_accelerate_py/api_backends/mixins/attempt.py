@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Optional, Set, Tuple
 
 from .._aio_transport import AioTransport
 from .._core.attempt import Attempt
-from .._loop import settle
+from .._core.loop import settle
 from ..errors import ClientClosedError, ConfigurationError
 from ._host import HostBase
 
 if TYPE_CHECKING:
-    from ..endpoint import Endpoint
+    from .._core.endpoint import Endpoint
 
 
 __all__ = ["AttemptMixin"]

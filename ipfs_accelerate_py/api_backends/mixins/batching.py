@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 
 from .._core.batcher import Batcher
-from ..stream_batching import open_shared
+from .._streaming.stream_batching import open_shared
 from ._host import HostBase
 
 __all__ = ["BatchingMixin"]

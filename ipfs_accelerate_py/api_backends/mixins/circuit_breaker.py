@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from ..breaker import CLOSED, CircuitWaiters
+from .._core.breaker import CLOSED, CircuitWaiters
 from ..errors import ConfigurationError
 from ._host import HostBase
 

@@ -19,7 +19,7 @@ from ._host import HostBase
 from .._core.queue import Job
 
 if TYPE_CHECKING:
-    from ..endpoint import Endpoint
+    from .._core.endpoint import Endpoint
 
 __all__ = ["Series", "MetricsRecorder", "MetricsMixin"]
 

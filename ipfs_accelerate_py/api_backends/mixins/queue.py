@@ -12,7 +12,7 @@ from .._core.queue import Job, PriorityRequestQueue
 from ._host import HostBase
 
 if TYPE_CHECKING:
-    from ..endpoint import Endpoint
+    from .._core.endpoint import Endpoint
 
 __all__ = ["QueueMixin"]
 

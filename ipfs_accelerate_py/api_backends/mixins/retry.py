@@ -17,7 +17,7 @@ from ..models import CompletionResult, Request
 from ._host import HostBase
 
 if TYPE_CHECKING:
-    from ..endpoint import Endpoint
+    from .._core.endpoint import Endpoint
 
 __all__ = ["RetryMixin"]
 

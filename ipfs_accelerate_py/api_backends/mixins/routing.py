@@ -48,11 +48,11 @@ from ..endpoint_load import LoadReport
 from ..errors import (ApiError, CircuitWaitTimeoutError, ConfigurationError,
                       NoHealthyEndpointError, ValidationError)
 from ..request_build import build_request
-from ..prefix_affinity import affinity_key, key_rank, place, prefix_text, rendezvous_order
+from .._routing.prefix_affinity import affinity_key, key_rank, place, prefix_text, rendezvous_order
 from ._host import HostBase
-from ..breaker import OPEN, can_wait_for_any
+from .._core.breaker import OPEN, can_wait_for_any
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
-from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
+from .._routing.state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
                             FAILOVER_ERRORS, HOT_ABS, STUCK_MIN_S, STUCK_SLOWEST,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)

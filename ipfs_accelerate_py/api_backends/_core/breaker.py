@@ -72,18 +72,18 @@ import threading
 from collections import deque
 from typing import (TYPE_CHECKING, Any, Callable, Deque, List, Optional, Sequence, Tuple)
 
-from . import errors, tracing
-from ._loop import MAX_NAP, settle
-from .clock import SYSTEM_CLOCK, Clock
-from .errors import ApiError, CircuitOpenError, ClientClosedError
+from .. import errors, tracing
+from .loop import MAX_NAP, settle
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import ApiError, CircuitOpenError, ClientClosedError
 
 if TYPE_CHECKING:  # types only: these modules' packages import this one
-    from .mixins.inflight import InFlightLimit
-    from .mixins.metrics import MetricsRecorder
-    from ._core.queue import Job, PriorityRequestQueue
-    from ._core.retry import RetryPolicy
-    from .settings import ClientSettings
-    from .transport import HttpRequest, HttpResponse
+    from .inflight import InFlightLimit
+    from ..mixins.metrics import MetricsRecorder
+    from .queue import Job, PriorityRequestQueue
+    from .retry import RetryPolicy
+    from ..settings import ClientSettings
+    from ..transport import HttpRequest, HttpResponse
 
 __all__ = ["CLOSED", "OPEN", "HALF_OPEN", "REFUSED_RUN", "MIN_BREAKER_WAIT", "CircuitBreaker",
            "CircuitProber", "Circuit", "CircuitWaiters", "circuit_wait"]
