@@ -69,7 +69,7 @@ def make_client(without: str = "") -> VllmClient:
     client = VllmClient(base_url="http://127.0.0.1:9", model="tiny-llama", batch_enabled=False)
     client._endpoint(None).transport = AnswersAtOnce()  # type: ignore[assignment]
     adapter = type(client._adapter)()  # a copy of its own, so a stub touches this client only
-    client._adapter = adapter
+    client._use_adapter(adapter)  # the client and its parts (attempt, batcher) alike
     if without == "parse":
         request = build_request("x", "tiny-llama", PARAMS, adapter=adapter)
         parsed = adapter.parse_response(request, HttpResponse(200, HEADERS, BODY))

@@ -264,7 +264,7 @@ def shape_jobs(shape: Shape, tag: str, per_word: float) -> List[Job]:
 def hash_split(strategy: str, jobs: Sequence[Job], urls: Sequence[str]) -> float:
     """max/min requests per server had every request gone where its hash puts it (the
     oracle's pin; cache-aware's first choice): the hash's own luck on this workload."""
-    from ipfs_accelerate_py.api_backends.prefix_affinity import affinity_key, rendezvous_order
+    from ipfs_accelerate_py.api_backends._routing.prefix_affinity import affinity_key, rendezvous_order
 
     if strategy == "round-robin":
         return 1.0

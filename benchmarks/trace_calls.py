@@ -49,20 +49,22 @@ LAYERS: Dict[str, str] = {
                      "context.py", "request_format.py", "vllm/_client.py", "vllm/_framework.py",
                      "operations.py", "structured.py", "request_build.py"],
                     "face"),
-    "mixins/queue.py": "queue", "mixins/batching.py": "batch", "reply_checks.py": "batch",
-    "stream_batching.py": "batch", "mixins/retry.py": "retry",
+    "mixins/queue.py": "queue", "_core/queue.py": "queue", "_core/dispatcher.py": "queue",
+    "mixins/batching.py": "batch", "_core/batcher.py": "batch", "_core/retry.py": "retry", "reply_checks.py": "batch",
+    "_streaming/stream_batching.py": "batch", "mixins/retry.py": "retry",
     "adapter.py": "adapter", "vllm/_adapter.py": "adapter", "vllm/_operations.py": "adapter", "mixins/attempt.py": "attempt",
-    "breaker.py": "breaker", "mixins/circuit_breaker.py": "breaker", "endpoint.py": "endpoint",
-    "mixins/inflight.py": "in-flight",
-    **dict.fromkeys(["mixins/routing.py", "mixins/routing_state.py", "endpoint_load.py",
-                     "prefix_affinity.py", "mixins/lora_routing.py"], "routing"),
+    "_core/attempt.py": "attempt",
+    "_core/breaker.py": "breaker", "mixins/circuit_breaker.py": "breaker",
+    "_core/endpoint.py": "endpoint", "_core/inflight.py": "in-flight",
+    **dict.fromkeys(["mixins/routing.py", "_routing/state.py", "endpoint_load.py",
+                     "_routing/prefix_affinity.py", "mixins/lora_routing.py"], "routing"),
     **dict.fromkeys(["_aio_transport.py", "_headers.py", "_tls.py", "_framing.py", "transport.py",
                      "mock_transport.py", "sse.py"],
                     "transport"),
     "mixins/metrics.py": "metrics", "tracing.py": "tracing", "_otel.py": "tracing",
 }
 #: not layers: value types and helpers any layer uses (files, and qualified-name prefixes)
-VALUES = {"models.py", "vllm/_models.py", "settings.py", "errors.py", "clock.py", "_loop.py",
+VALUES = {"models.py", "vllm/_models.py", "settings.py", "errors.py", "clock.py", "_core/loop.py",
           "media.py", "request_params.py", "wire_fields.py"}
 VALUE_CLASSES = ("Job.", "Headers.")
 

@@ -1,7 +1,9 @@
 """API backends for ipfs_accelerate_py. The public surface, in one place.
 
-Files, by concern: ``base`` (the pipeline) and ``mixins/`` (queue, circuit_breaker, retry,
-batching, metrics, multiplexing); ``hookspecs`` and ``plugins`` (discovery);
+Files, by concern: ``_core/`` (the pipeline's parts: endpoint, queue, dispatcher, batcher,
+retry, breaker, in-flight limit, attempt, loop), ``_routing/`` and ``_streaming/`` (theirs),
+``base`` (the client) and ``mixins/`` (each concern's public face: queue, circuit_breaker,
+retry, batching, metrics, multiplexing, routing); ``hookspecs`` and ``plugins`` (discovery);
 ``adapter`` (what a plugin supplies) and ``default_plugins/`` (the built-in vLLM plugin);
 ``models`` (typed requests and results); ``errors`` (the error tree); ``settings``;
 ``transport`` (the ``AsyncTransport`` seam), ``_aio_transport`` (aiohttp behind it),

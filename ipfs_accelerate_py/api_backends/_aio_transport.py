@@ -3,7 +3,7 @@
 Every request the client sends goes through an ``AsyncTransport``: this one by default, or
 a caller's ``transport_factory`` transport adapted by ``transport.ThreadedTransport``.
 Complete requests, sync streams, health probes and the load probe run on the client's own
-loop (``_loop.py``), the async face's streams on their caller's loop; every stream is a
+loop (``_core/loop.py``), the async face's streams on their caller's loop; every stream is a
 coroutine, so a service relaying thousands of streams needs no thread per stream.
 
 Why one ``aiohttp.ClientSession`` per (endpoint, event loop): a session and its connections

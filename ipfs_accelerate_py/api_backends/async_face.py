@@ -32,7 +32,7 @@ Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``
 the work runs on the client's loop, and the job's ``concurrent.futures.Future`` is awaited
 through ``asyncio.wrap_future``, a done callback that wakes the caller's loop, so no thread
 waits. One that shares no call and would start at once (``Dispatcher.claim``) is served in
-its caller's task instead (``_serve_here``): the same ``_run_single`` on the caller's loop,
+its caller's task instead (``_serve_here``): the same ``Batcher.run_single`` on the caller's loop,
 without the two hand-offs between loops.
 """
 
@@ -49,15 +49,16 @@ from .call_shapes import check_timeout, pop_send_options, stream_call
 from .errors import ValidationError
 from .limits import cap_request
 from .mixins._host import HostBase
-from .mixins.routing_state import OpeningOrder
+from ._routing.state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
     check_priority
 from .request_build import build_request, chat_request, stream_request
-from .stream_batching import ALONE, SharedHandle
+from ._streaming.stream_batching import ALONE, SharedHandle
 from .streaming import ReplyChunks, TextStream
 from .structured import with_schema
 
 if TYPE_CHECKING:
+    from ._core.endpoint import Endpoint
     from .transport import AsyncStream
 
 __all__ = ["AsyncFaceMixin", "AsyncTextStream"]
@@ -138,7 +139,7 @@ class AsyncFaceMixin(HostBase):
                 opening.failed(eid, exc)
         raise opening.exhausted() from opening.last
 
-    async def _aopen_on(self, ep: Any, request: Request, fail_fast: Optional[bool],
+    async def _aopen_on(self, ep: "Endpoint", request: Request, fail_fast: Optional[bool],
                         priority: int = 1, timeout: Optional[float] = None) -> "_AioTextStream":
         self._check_open()
         if not request.stream:
@@ -151,11 +152,11 @@ class AsyncFaceMixin(HostBase):
         clock = self._clock
         start = clock.monotonic()
         deadline = start + (timeout if timeout is not None else ep.settings.effective_deadline)
-        ff = self._fail_fast(ep, fail_fast)
+        ff = ep.fail_fast(fail_fast)
         try:
             job = self._queue_stream(ep, request, ff, op, rid, start, deadline, priority)
             handle = await _await_stream_job(job, deadline, clock) if job is not None else None
-            if handle is not None:  # it shares one prompt-list stream (stream_batching.py)
+            if handle is not None:  # it shares one prompt-list stream (_streaming/stream_batching.py)
                 handle.wait = False  # leaving never blocks this loop
                 return _AioSharedTextStream(self, ep, request, handle, start, op)
             http = self._adapter.format_request(request, priority=None, request_id=rid)
@@ -204,11 +205,11 @@ class AsyncFaceMixin(HostBase):
         finally:
             guard.cancel()
 
-    async def _serve_here(self, ep: Any, job: Any, loop: asyncio.AbstractEventLoop,
+    async def _serve_here(self, ep: "Endpoint", job: Any, loop: asyncio.AbstractEventLoop,
                           claimed: Any) -> CompletionResult:
         """A request that shares no call, served in its caller's task on its caller's loop
         (the dispatcher's ``claim`` said it would have started it at once): the same
-        single-request path the dispatcher runs (``_run_single``: retries, breaker, slot,
+        single-request path the dispatcher runs (``Batcher.run_single``: retries, breaker, slot,
         metrics, tracing), without the two hand-offs between loops. A caller that leaves
         (cancelled) stops its own request, as with aiohttp; a bound of the deadline plus
         a second stands guard as ``asubmit``'s does (then ``TimeoutError``)."""
@@ -222,7 +223,7 @@ class AsyncFaceMixin(HostBase):
                                 task, expired, context=_NO_CONTEXT)
         saved = tracing.current_work()
         try:
-            await self._run_single(ep, job)
+            await self._batcher.run_single(ep, job)
         finally:
             guard.cancel()
             tracing.resume_work(saved)  # the caller's task is not the job's any more
@@ -405,7 +406,7 @@ class _AioTextStream(TextStream):
 
     _response: "AsyncStream"
 
-    def __init__(self, client: Any, ep: Any, request: Request, response: "AsyncStream",
+    def __init__(self, client: Any, ep: "Endpoint", request: Request, response: "AsyncStream",
                  start: float, op: Any) -> None:
         super().__init__(client, ep, request, response, start, op)
         self._agen = self._arun()
@@ -448,7 +449,7 @@ class _AioTextStream(TextStream):
 
 class _AioSharedTextStream(_AioTextStream):
     """An async caller's stream inside a shared prompt-list call: its own choices from its
-    ``SharedHandle``'s feed, read without blocking this loop (stream_batching.py)."""
+    ``SharedHandle``'s feed, read without blocking this loop (_streaming/stream_batching.py)."""
 
     async def _achunks(self) -> AsyncIterator[StreamChunk]:
         async for chunk in self._response.feed.achunks():

@@ -10,8 +10,8 @@ Everything right of the queue runs as coroutines on the client's own event loop
 ``generate_text``, ``chat_completion``, handlers, ``submit``) queues a job from the caller's
 thread and waits on its future; the async face (async_face.py) awaits the same future.
 Streams (streaming.py) take the same breaker, retry (before the first chunk only) and
-metrics. Each endpoint (endpoint.py) owns the parts that serve it: its queue and dispatcher,
-in-flight limit and circuit (breaker.py: the breaker with its prober, an attempt's wait and
+metrics. Each endpoint (_core/endpoint.py) owns the parts that serve it: its queue and dispatcher,
+in-flight limit and circuit (_core/breaker.py: the breaker with its prober, an attempt's wait and
 verdicts), built from what each needs. Each concern's public face is a mixin holding its own
 state (mixins/), calling of this class only what ``mixins/_host.Host`` declares. A backend
 is a subclass that names its adapter (``backend_name``); the adapter comes from the plugin
@@ -37,14 +37,16 @@ from .clock import SYSTEM_CLOCK, Clock
 from .context import learn_model_lengths
 from .limits import RequestLimits, cap_request
 from .errors import ClientClosedError, ConfigurationError, ValidationError
-from .endpoint import Endpoint
-from .mixins.batching import BatchingMixin, batch_key
+from ._core.endpoint import Endpoint
+from ._core.batcher import batch_key
+from .mixins.batching import BatchingMixin
 from .mixins.circuit_breaker import CircuitBreakerMixin
 from .mixins.metrics import MetricsMixin
 from .mixins.multiplexing import MultiplexingMixin
-from .mixins.queue import Job, QueueMixin
+from ._core.queue import Job
+from .mixins.queue import QueueMixin
 from .mixins.attempt import AttemptMixin
-from ._loop import ClientLoop
+from ._core.loop import ClientLoop
 from .mixins.retry import RetryMixin
 from .mixins.routing import RoutingMixin
 from .async_face import AsyncFaceMixin
@@ -133,7 +135,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         self._warn_plain_http_key(settings)
         transport = self._new_transport(settings)
         return Endpoint(endpoint_id, settings, transport, self._loop, self._clock, self._closing,
-                        self._metrics, self._circuit_waiters, self._handle_job,
+                        self._metrics, self._circuit_waiters, self._batcher.handle_job,
                         self._adapter.health_request(),
                         self._probe_transport(settings, transport),
                         name=f"{self.backend_name or 'api'}-{endpoint_id}")
@@ -247,9 +249,6 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         """Unique per process and client: the prefix is random, the count is this client's."""
         return f"{self._id_prefix}-{next(self._ids)}"
 
-    def _fail_fast(self, ep: Endpoint, fail_fast: Optional[bool]) -> bool:
-        return ep.settings.fail_fast if fail_fast is None else bool(fail_fast)
-
     def submit(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
                timeout: Optional[float] = None,
                fail_fast: Optional[bool] = None) -> "Future[CompletionResult]":
@@ -289,7 +288,15 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
                 return routed
         ep = self._endpoint(endpoint_id)
         return ep, self._new_job(ep, request, priority, timeout,
-                                       self._fail_fast(ep, fail_fast))
+                                       ep.fail_fast(fail_fast))
+
+    def _use_adapter(self, adapter: BackendAdapter) -> None:
+        """Speak through ``adapter`` from now on, the client and the parts that read it (the
+        attempt, the batcher): a backend that learns its server's API on the first call
+        (``_settle_backend``) switches here."""
+        self._adapter = adapter
+        self._attempts.adapter = adapter
+        self._batcher.adapter = adapter
 
     def _settle_backend(self) -> None:
         """What a backend must learn from its server before the first call is queued
@@ -307,7 +314,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             if job.fail_fast and ep.queue.paused and ep.queue.remove(job):
                 ep.circuit.refuse(job)  # the circuit opened as it was queued
         else:
-            self._loop.spawn(self._handle_job(ep, job))
+            self._loop.spawn(self._batcher.handle_job(ep, job))
 
     def execute(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
                 timeout: Optional[float] = None,
@@ -347,7 +354,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         deadline = self._clock.monotonic() + timeout
         ff = ep.settings.fail_fast
         response: HttpResponse = await tracing.ain_span(f"{http.method} {http.path}", lambda: self._aretry(
-            ep, lambda n: self._asend(ep, http, deadline, ff), deadline, None))
+            ep, lambda n: self._attempts.send(ep, http, deadline, ff), deadline, None))
         return response
 
     def _check_open(self) -> None:
@@ -428,7 +435,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             ep.limit.wake()  # callers waiting for a slot see the close
             for job in ep.queue.close():
                 job.fail(ClientClosedError("client closed before this request was sent"))
-                self._record_unsent(ep, job)
+                self._metrics.record_unsent(ep.id, job, self._clock.monotonic())
         wait = timeout if timeout is not None else self._settings.timeout + 1.0
         end = self._clock.monotonic() + wait
         here = _running_loop()  # its own requests cannot end while this thread waits

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
 
 from .errors import ReplyMismatchError
 from .models import CompletionResult, Usage
+
+if TYPE_CHECKING:
+    from ._core.endpoint import Endpoint
 
 __all__ = ["check_choices", "check_usage_adds_up", "describe_indexes", "note_list_mismatch",
            "share_tokens"]
@@ -87,7 +90,7 @@ def _reported(usage: Optional[Usage]) -> bool:
                                        or usage.total_tokens)
 
 
-def note_list_mismatch(endpoint: Any, metrics: Any, model: Optional[str],
+def note_list_mismatch(endpoint: "Endpoint", metrics: Any, model: Optional[str],
                        exc: ReplyMismatchError) -> None:
     """A shared call's reply did not match: count it; unless ``batch_prompt_lists`` forces
     sharing, the endpoint stops sharing calls, said once at WARNING. (Streams and complete

@@ -102,7 +102,7 @@ class ClientSettings(BaseModel):
     forward_priority: bool = False
     # circuit breaker
     circuit_breaker_enabled: bool = True
-    # The breaker opens on an outage, not on noise: see breaker.py for why
+    # The breaker opens on an outage, not on noise: see _core/breaker.py for why
     # these defaults (the arithmetic is there). failure_threshold is the least number of
     # failures in the window, alongside the rate.
     failure_threshold: int = Field(5, ge=1, le=10_000)
@@ -123,7 +123,7 @@ class ClientSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096)
     batch_timeout: float = Field(0.1, ge=0, le=60)
     batch_linger: float = Field(0.002, ge=0, le=1)
-    # concurrent compatible completion streams share one prompt-list stream (stream_batching.py)
+    # concurrent compatible completion streams share one prompt-list stream (_streaming/stream_batching.py)
     batch_streams: bool = True
     # chat conversations share a call too (where the server has a chat batch route); off by
     # default because such a server reports prompt tokens only for the whole call

@@ -23,21 +23,21 @@ from typing import (TYPE_CHECKING, Any, Coroutine, Dict, Generator, Iterator, Li
                     TypeVar, cast)
 
 from . import errors, tracing
-from ._loop import ClientLoop, Signal
-from ._pump import Feed, ReplyChunks, Reader, read_reply
+from ._core.loop import ClientLoop, Signal
+from ._streaming.pump import Feed, ReplyChunks, Reader, read_reply
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ApiError, ClientClosedError, ConfigurationError, QueueFullError, TransientError
 from .limits import cap_request
 from .mixins._host import Host, HostBase
-from .mixins.queue import NORMAL, Job
+from ._core.queue import NORMAL, Job
 from .call_shapes import check_timeout
 from .models import Request, StreamChunk, Usage, check_priority
-from .stream_batching import ALONE, SharedHandle, stream_key
+from ._streaming.stream_batching import ALONE, SharedHandle, stream_key
 from .structured import parse_answer, with_schema
 from .transport import AsyncStream, HttpRequest
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint
+    from ._core.endpoint import Endpoint
 
 __all__ = ["StreamingMixin", "TextStream", "SharedTextStream", "ReplyChunks", "run_blocking"]
 
@@ -91,13 +91,13 @@ class StreamingMixin(HostBase):
         request = cap_request(self, request)
         rid = self._new_request_id()
         op = tracing.stream_started(self, ep, request, rid)  # this caller's span, alone or shared
-        ff = self._fail_fast(ep, fail_fast)
+        ff = ep.fail_fast(fail_fast)
         start = self._clock.monotonic()
         deadline = start + (timeout if timeout is not None else ep.settings.effective_deadline)
         try:
             job = self._queue_stream(ep, request, ff, op, rid, start, deadline, priority)
             handle = self._await_stream_job(job, deadline) if job is not None else None
-            if handle is not None:  # it shares one prompt-list stream (stream_batching.py)
+            if handle is not None:  # it shares one prompt-list stream (_streaming/stream_batching.py)
                 return SharedTextStream(self, ep, request, handle, start, op)
             http = self._adapter.format_request(request, priority=None, request_id=rid)
             reader = self._open_on_loop(ep, request, http, deadline, ff, op, rid)
@@ -163,11 +163,11 @@ class StreamingMixin(HostBase):
                            deadline: float, model: Optional[str], fail_fast: bool,
                            op: Any, rid: str) -> AsyncStream:
         """Open one streamed reply: the retry loop (before the first byte only) around one
-        attempt under the breaker and the in-flight slot (``_aguarded``), through the
+        attempt under the breaker and the in-flight slot (``Attempt.guarded``), through the
         endpoint's transport. Span events go on ``op``. Both faces and the shared streams
         open here."""
         async def attempt(n: int) -> AsyncStream:
-            return await self._aguarded(
+            return await self._attempts.guarded(
                 ep, deadline, ep.settings.idle_timeout, False,
                 lambda timeout: ep.transport.open_stream(http, timeout, headers), fail_fast,
                 op=op, rid=rid)
@@ -363,6 +363,6 @@ class TextStream:
 
 
 class SharedTextStream(TextStream):
-    """One caller's stream inside a shared prompt-list call (stream_batching.py): its own
+    """One caller's stream inside a shared prompt-list call (_streaming/stream_batching.py): its own
     choices, renumbered from 0, and its own usage, read from its ``SharedHandle``'s feed;
     everything else (metrics, TTFT, errors with ``partial_text``) as ``TextStream``."""

@@ -34,10 +34,14 @@ import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, Iterator, List, Optional,
+                    Sequence, Tuple, TypeVar)
 from urllib.parse import urlsplit
 
 from . import _otel
+
+if TYPE_CHECKING:
+    from ._core.endpoint import Endpoint
 
 __all__ = ["configure", "job_created", "job_started", "shared_call_started",
            "shared_call_ended", "retrying", "waited", "circuit_changed", "in_span",
@@ -159,7 +163,7 @@ def _server(base_url: str) -> Tuple[str, int]:
     return parts.hostname or "", port
 
 
-def _attrs(client: Any, ep: Any, request: Any, model: Optional[str]) -> Dict[str, Any]:
+def _attrs(client: Any, ep: "Endpoint", request: Any, model: Optional[str]) -> Dict[str, Any]:
     chat = getattr(request, "messages", None) is not None or hasattr(request, "conversations")
     address, port = _server(ep.settings.base_url)
     op = getattr(request, "operation", None) or ("chat" if chat else "text_completion")
@@ -176,7 +180,7 @@ def _span_name(attrs: Dict[str, Any]) -> str:
     return f"{attrs['gen_ai.operation.name']} {model}" if model else attrs["gen_ai.operation.name"]
 
 
-def _request_attrs(request: Any, rid: str, ep: Any) -> Dict[str, Any]:
+def _request_attrs(request: Any, rid: str, ep: "Endpoint") -> Dict[str, Any]:
     """The span-only attributes: request parameters and our identifiers."""
     out: Dict[str, Any] = {"ipfs_accelerate.request_id": rid, "ipfs_accelerate.endpoint": ep.id}
     for field, name in (("max_tokens", "gen_ai.request.max_tokens"),
@@ -205,7 +209,7 @@ def _start(telemetry: _otel.Telemetry, name: str, attributes: Dict[str, Any],
 _jobs: "weakref.WeakKeyDictionary[Future, _Op]" = weakref.WeakKeyDictionary()
 
 
-def job_created(client: Any, ep: Any, job: Any) -> None:
+def job_created(client: Any, ep: "Endpoint", job: Any) -> None:
     """``submit``, caller's thread: open the request's span under the caller's context."""
     telemetry = _otel.current()
     if telemetry is None:
@@ -230,7 +234,7 @@ def _job_done(op: _Op, fut: Future) -> None:
         _local.op = _local.span = None
 
 
-def _queue_events(op: _Op, ep: Any, job: Any, now: float) -> None:
+def _queue_events(op: _Op, ep: "Endpoint", job: Any, now: float) -> None:
     op.event("queue.wait", {"wait.duration_s": max(0.0, now - job.enqueued_at)})
     held = _held(ep, job.enqueued_at, now)
     if held > MIN_WAIT:
@@ -256,7 +260,7 @@ def resume_work(saved: Tuple[Any, Any, Any, Any]) -> None:
     _SPAN.set(span)
 
 
-def job_started(ep: Any, job: Any, now: float) -> None:
+def job_started(ep: "Endpoint", job: Any, now: float) -> None:
     """A worker took ``job`` to send it alone (``now``: the client's monotonic clock)."""
     _RID.set(job.request_id)
     _FUTURE.set(weakref.ref(job.future))
@@ -267,7 +271,7 @@ def job_started(ep: Any, job: Any, now: float) -> None:
         _queue_events(op, ep, job, now)
 
 
-def shared_call_started(client: Any, ep: Any, jobs: Sequence[Any], now: float) -> None:
+def shared_call_started(ep: "Endpoint", jobs: Sequence[Any], now: float) -> None:
     """A worker sends ``jobs`` as one call: a span for the call, linked with theirs."""
     _local.rid, _local.future = jobs[0].request_id, weakref.ref(jobs[0].future)
     _local.op = _local.span = None
@@ -351,7 +355,7 @@ def circuit_changed(circuit: Any, new: str, now: float) -> None:
         spans[-1][1] = now
 
 
-def _held(ep: Any, since: float, now: float) -> float:
+def _held(ep: "Endpoint", since: float, now: float) -> float:
     """Seconds of [since, now] during which ``ep``'s queue was held by its circuit."""
     total = 0.0
     for opened, closed in _outages.get(ep.circuit, ()):
@@ -397,7 +401,7 @@ async def ain_span(name: str, fn: Callable[[], Awaitable[T]], **attributes: Any)
 
 
 # ---------------------------------------------------------------- streams
-def stream_started(client: Any, ep: Any, request: Any, rid: str) -> Optional[_Op]:
+def stream_started(client: Any, ep: "Endpoint", request: Any, rid: str) -> Optional[_Op]:
     """A stream's operation (None when nothing is configured), under the caller's context.
     The stream keeps it itself (both faces open on a loop, whose coroutines share one
     thread), so its events and trace headers go through ``working_for``."""

@@ -1,4 +1,4 @@
-"""The adaptive in-flight limit (mixins/inflight.py) and what the batcher does when it is
+"""The adaptive in-flight limit (_core/inflight.py) and what the batcher does when it is
 reached (mixins/batching.py). Round trips are set with a fake clock, never slept; the
 gathering test gates the double's replies and releases them."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from ipfs_accelerate_py.api_backends.clock import FakeClock
 from ipfs_accelerate_py.api_backends.endpoint_load import LoadReport
-from ipfs_accelerate_py.api_backends.mixins.inflight import InFlightLimit
+from ipfs_accelerate_py.api_backends._core.inflight import InFlightLimit
 from ipfs_accelerate_py.api_backends.base import default_transport
 from ipfs_accelerate_py.api_backends.errors import TimeoutError
 from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse, StreamResponse,

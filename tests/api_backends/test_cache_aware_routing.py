@@ -21,9 +21,9 @@ import pytest
 from ipfs_accelerate_py.api_backends import FakeClock, VllmClient, errors
 from ipfs_accelerate_py.api_backends.endpoint_load import LoadBoard, parse_load_header
 from ipfs_accelerate_py.api_backends.models import ChatRequest, CompletionRequest
-from ipfs_accelerate_py.api_backends.mixins.routing_state import (
+from ipfs_accelerate_py.api_backends._routing.state import (
     COLD_CAPACITY, DEMAND_SLACK, HOT_ABS, STUCK_MIN_S, RoutingState)
-from ipfs_accelerate_py.api_backends.prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key,
+from ipfs_accelerate_py.api_backends._routing.prefix_affinity import (DEFAULT_PREFIX_CHARS, affinity_key,
                                                              bounded_choice, demand_choice,
                                                              key_rank, over_bound, place,
                                                              prefix_text, rendezvous_order,

@@ -11,12 +11,13 @@ import pytest
 
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.clock import SYSTEM_CLOCK, FakeClock
-from ipfs_accelerate_py.api_backends.mixins.batching import batch_key, merge_requests, share_tokens, split_result
-from ipfs_accelerate_py.api_backends.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitProber
+from ipfs_accelerate_py.api_backends._core.batcher import batch_key, merge_requests, share_tokens, split_result
+from ipfs_accelerate_py.api_backends._core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitProber
 from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Series
-from ipfs_accelerate_py.api_backends._loop import ClientLoop, Signal
-from ipfs_accelerate_py.api_backends.mixins.queue import Dispatcher, Job, PriorityRequestQueue
-from ipfs_accelerate_py.api_backends.mixins.retry import RetryPolicy, acall_with_retries
+from ipfs_accelerate_py.api_backends._core.loop import ClientLoop, Signal
+from ipfs_accelerate_py.api_backends._core.dispatcher import Dispatcher
+from ipfs_accelerate_py.api_backends._core.queue import Job, PriorityRequestQueue
+from ipfs_accelerate_py.api_backends._core.retry import RetryPolicy, acall_with_retries
 from ipfs_accelerate_py.api_backends.models import (ChatBatchRequest, ChatRequest, Choice, CompletionRequest,
                                                     CompletionResult, Usage)
 from support import wait_until

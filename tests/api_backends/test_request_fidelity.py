@@ -323,7 +323,7 @@ def test_vllm_features_through_the_client_on_the_real_server(real_vllm_server, c
 
 def test_vllm_only_fields_belong_to_the_vllm_requests_and_a_chat_batch_keeps_them():
     from ipfs_accelerate_py.api_backends.base import build_request
-    from ipfs_accelerate_py.api_backends.mixins.batching import merge_requests
+    from ipfs_accelerate_py.api_backends._core.batcher import merge_requests
     from ipfs_accelerate_py.api_backends.vllm import VllmChatBatchRequest
 
     with pytest.raises(ValidationError) as exc:  # the generic requests are the OpenAI surface

@@ -156,7 +156,7 @@ def test_a_stream_that_waited_for_the_circuit_records_the_wait_and_its_first_chu
 
 
 def test_streams_that_share_one_call_each_get_their_own_span(fake_server, make_client, otel):
-    """Three concurrent streams share one prompt-list call (stream_batching.py): each caller
+    """Three concurrent streams share one prompt-list call (_streaming/stream_batching.py): each caller
     still gets its own span, ended with its own usage and TTFT; the shared call carries the
     context of the caller that opened it."""
     c = make_client(fake_server, max_batch_size=3, batch_linger=1.0, batch_timeout=30.0)

@@ -1,4 +1,4 @@
-"""Batched streams (api_backends/stream_batching.py): concurrent compatible completion streams
+"""Batched streams (api_backends/_streaming/stream_batching.py): concurrent compatible completion streams
 share one prompt-list SSE call and each caller gets exactly its own choices.
 
 No server for most: ``ListStreamTransport`` answers a prompt-list stream with an interleaved

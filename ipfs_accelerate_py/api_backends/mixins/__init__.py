@@ -2,17 +2,17 @@
 
 Each mixin is the README surface of one concern (``circuit_state``, ``request_queue``,
 ``batch_enabled``, ``get_metrics``, ...). Where the concern is a part of an endpoint's
-pipeline (the breaker: ``breaker.Circuit``), its mixin is a thin facade over that part.
+pipeline (the breaker: ``breaker.Circuit``; the queue, its dispatcher, the batcher, the
+retry policy and loop: ``_core/``), its mixin is a thin facade over that part.
 """
 
 from .batching import BatchingMixin
 from .circuit_breaker import CircuitBreakerMixin
 from .metrics import MetricsMixin, MetricsRecorder
-from .queue import Dispatcher, PriorityRequestQueue, QueueMixin
-from .retry import RetryMixin, RetryPolicy, acall_with_retries
+from .queue import QueueMixin
+from .retry import RetryMixin
 from .multiplexing import MultiplexingMixin
 from .routing import RoutingMixin
 
-__all__ = ["BatchingMixin", "CircuitBreakerMixin", "MetricsMixin", "MetricsRecorder",
-           "PriorityRequestQueue", "QueueMixin", "Dispatcher", "RetryMixin", "RetryPolicy",
-           "acall_with_retries", "MultiplexingMixin", "RoutingMixin"]
+__all__ = ["BatchingMixin", "CircuitBreakerMixin", "MetricsMixin", "MetricsRecorder", "QueueMixin",
+           "RetryMixin", "MultiplexingMixin", "RoutingMixin"]

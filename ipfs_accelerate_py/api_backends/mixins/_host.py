@@ -12,24 +12,26 @@ Who provides what (and who uses it):
 
 * the client, ``base.BaseApiBackend``: settings, clock, adapter, endpoints, its event loop,
   lifecycle and the request paths (``submit``, ``stream``, ``run_inference``);
-* ``attempt.AttemptMixin``: one attempt as a coroutine (``_asend``, ``_aguarded``), the
-  executor a caller's sync transport runs in (``_executor``), ``_asleep`` (batching,
-  retry, streaming, the async face);
+* ``attempt.AttemptMixin``: ``_attempts``, one attempt as a coroutine (``_core/attempt.py``:
+  retry, streaming), ``_asleep`` (batching, retry, streaming, the async face);
 * ``streaming.StreamingMixin``: ``_aopen_reply``, the opening of a streamed reply that
   both faces and the shared streams use;
-* ``metrics.MetricsMixin``: ``_metrics``, ``_finish``, ``_record_unsent`` (batching, retry,
-  circuit waiting, streaming);
+* ``metrics.MetricsMixin``: ``_metrics``, ``_finish`` (batching, retry, streaming);
 * ``queue.QueueMixin``: ``current_requests`` (metrics);
-* ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics),
-  ``_can_wait_for_circuits``, ``_wait_for_any_circuit`` (routing);
-* ``retry.RetryMixin``: ``_call`` (batching), ``_aretry`` (streaming); ``routing.RoutingMixin``:
-  ``_routed_stream`` (streaming), and the routing choice the async face makes itself
-  (``_routing``, ``_routing_candidates``, ``_order``, ``_is_open``, ``_observe_reply``);
+* ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics), the board of
+  callers waiting for a circuit to close (``_circuit_waiters``: routing);
+* ``batching.BatchingMixin``: ``_batcher`` (the dispatchers' handler; the async face's
+  served-here path);
+* ``retry.RetryMixin``: ``_call`` (handed to the batcher), ``_aretry`` (streaming);
+* ``routing.RoutingMixin``: ``_routed_stream`` (streaming), its state (``_routing``: the
+  load board handed to the attempt), and the routing choice the async face makes itself
+  (``_routing_candidates``, ``_order``, ``_is_open``);
 * the client again: ``close``.
 
 What is an endpoint's part is reached through the endpoint, not through here: its circuit
 (``ep.circuit``, ``breaker.Circuit``: admission, the wait for an OPEN circuit, the verdicts),
-queue, dispatcher and in-flight limit (``endpoint.Endpoint``).
+queue, dispatcher and in-flight limit, its ``fail_fast`` choice (``endpoint.Endpoint``); a
+request never sent is counted by the recorder (``_metrics.record_unsent``).
 """
 
 from __future__ import annotations
@@ -37,21 +39,22 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Protocol,
-                    Sequence, Tuple, TypeVar)
+                    Tuple, TypeVar)
 
 if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
     from ..adapter import BackendAdapter
-    from ..endpoint import Endpoint
+    from .._core.breaker import CircuitWaiters
+    from .._core.attempt import Attempt
+    from .._core.batcher import Batcher
+    from .._core.endpoint import Endpoint
     from ..clock import Clock
     from ..models import CompletionResult, Request
     from ..settings import ClientSettings
     from ..streaming import TextStream
-    from ..transport import AsyncStream, HttpRequest, HttpResponse
-    from .._aio_transport import AioTransport
-    from concurrent.futures import ThreadPoolExecutor
-    from .._loop import ClientLoop
+    from ..transport import AsyncStream, HttpRequest
+    from .._core.loop import ClientLoop
     from .metrics import MetricsRecorder
-    from .queue import Job
+    from .._core.queue import Job
 
 __all__ = ["Host", "HostBase"]
 
@@ -77,8 +80,6 @@ class Host(Protocol):
 
     def _endpoint(self, endpoint_id: Optional[str]) -> "Endpoint": ...
 
-    def _default_endpoint(self) -> "Endpoint": ...
-
     def _set_on_all_endpoints(self, **changes: Any) -> None: ...
 
     def add_endpoint(self, endpoint_id: Optional[str] = None, **overrides: Any) -> str: ...
@@ -97,8 +98,6 @@ class Host(Protocol):
 
     def _new_request_id(self) -> str: ...
 
-    def _fail_fast(self, ep: "Endpoint", fail_fast: Optional[bool]) -> bool: ...
-
     def submit(self, request: Request, priority: int = 1, endpoint_id: Optional[str] = None,
                timeout: Optional[float] = None,
                fail_fast: Optional[bool] = None) -> "Future[CompletionResult]": ...
@@ -111,22 +110,11 @@ class Host(Protocol):
     def stream(self, request: Request, endpoint_id: Optional[str] = None,
                fail_fast: Optional[bool] = None) -> "TextStream": ...
 
-    # -- attempt.AttemptMixin: one attempt on a loop, and the waits close() ends
+    # -- attempt.AttemptMixin: one attempt (the part), and the waits close() ends
     _loop: "ClientLoop"
-
-    async def _asend(self, ep: "Endpoint", http: "HttpRequest", deadline: float,
-                     fail_fast: bool = False) -> "HttpResponse": ...
-
-    async def _aguarded(self, ep: "Endpoint", deadline: float, read_timeout: float,
-                        clip_read: bool, io: Callable[[Tuple[float, float]], Awaitable[Any]],
-                        fail_fast: bool = False, now: Optional[float] = None,
-                        op: Any = None, rid: str = "") -> Any: ...
+    _attempts: "Attempt"
 
     async def _asleep(self, seconds: float, doing: str) -> None: ...
-
-    def _aio_transport(self, ep: "Endpoint") -> "AioTransport": ...
-
-    def _executor(self) -> "ThreadPoolExecutor": ...
 
     # -- streaming.StreamingMixin
     async def _aopen_reply(self, ep: "Endpoint", http: "HttpRequest", headers: Dict[str, str],
@@ -139,20 +127,17 @@ class Host(Protocol):
                 error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
                 output_tokens: Optional[int] = None) -> None: ...
 
-    def _record_unsent(self, ep: "Endpoint", job: Job) -> None: ...
-
     # -- queue.QueueMixin
     @property
     def current_requests(self) -> int: ...
 
     # -- circuit_breaker.CircuitBreakerMixin
+    _circuit_waiters: "CircuitWaiters"
+
     def circuit_states(self) -> Dict[str, str]: ...
 
-    def _can_wait_for_circuits(self, endpoint_ids: Sequence[str]) -> bool: ...
-
-    def _wait_for_any_circuit(self, endpoint_ids: Sequence[str], deadline: float,
-                              on_closed: Callable[[], None],
-                              on_deadline: Callable[[float], None]) -> None: ...
+    # -- batching.BatchingMixin
+    _batcher: "Batcher"
 
     # -- retry.RetryMixin, routing.RoutingMixin
     async def _call(self, ep: "Endpoint", request: Request, deadline: float,
@@ -161,7 +146,7 @@ class Host(Protocol):
                     last_attempt: Optional[int] = None,
                     fresh_id: bool = False) -> CompletionResult: ...
 
-    async def _aretry(self, endpoint: Any, attempt_fn: Callable[[int], Awaitable[T]],
+    async def _aretry(self, endpoint: "Endpoint", attempt_fn: Callable[[int], Awaitable[T]],
                       deadline: float, model: Optional[str], first_attempt: int = 0,
                       last_attempt: Optional[int] = None, fresh_id: bool = False,
                       on_retry: Optional[Callable[[BaseException, int, float], None]] = None
@@ -179,10 +164,6 @@ class Host(Protocol):
                request: Any) -> Tuple[List[str], Optional[bytes]]: ...
 
     def _is_open(self, endpoint_id: str) -> bool: ...
-
-    def _observe_reply(self, ep: Any, headers: Any, now: Optional[float] = None) -> Any: ...
-
-    def _ask_for_load(self, ep: Any, http: Any, now: Optional[float] = None) -> None: ...
 
     # -- the client: closing
     def close(self, timeout: Optional[float] = None) -> None: ...

@@ -1,20 +1,10 @@
-"""One attempt, as a coroutine: breaker admission, an in-flight slot, the transport, the verdict.
+"""The attempt's face on the client: the ``Attempt`` part it makes, and what attempts share.
 
-Every complete request and every sync stream runs its attempts here, on the client's event
-loop (``_loop.py``), and so do the async face's streams on their caller's loop. Nothing here blocks a loop: the
-breaker's and the limit's locks guard state for microseconds; an OPEN circuit is waited out
-by the endpoint's circuit (``breaker.Circuit.aadmit``: a future the prober's thread settles);
-a slot by the limit's FIFO line; a retry's backoff by a timer that ``close()`` cuts short.
-The verdicts on the attempt are the circuit's too (``transport_failed``, ``error_reply``).
-
-The bytes move through the endpoint's transport (``ep.transport``, a
-``transport.AsyncTransport``): aiohttp (``_aio_transport``), or a ``transport_factory``
-transport the caller gave, called in a thread of the client's executor
-(``transport.ThreadedTransport``); this mixin owns that executor.
-
-Tracing: a job's task on the client loop carries its request's span in its context
-(``tracing``'s state is context-local); an async stream on its caller's loop passes its
-operation (``op``, ``rid``) instead, and its events are recorded under ``working_for``.
+The attempt itself (breaker admission, an in-flight slot, the transport call, the verdict)
+is ``_core/attempt.Attempt``, made here from what it needs (the clock, the ``closing``
+event, the adapter, routing's load board). This mixin keeps what every attempt and retry of
+the client shares: the executor a caller's sync transport runs in (``ThreadedTransport``;
+made on first use), and ``_asleep``, a wait (a retry's backoff) that ``close()`` cuts short.
 """
 
 from __future__ import annotations
@@ -22,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Optional, Set, Tuple
 
-from .. import errors, tracing
 from .._aio_transport import AioTransport
-from .._loop import settle
-from ..errors import CircuitOpenError, ClientClosedError, ConfigurationError
-from ..transport import HttpRequest, HttpResponse
+from .._core.attempt import Attempt
+from .._core.loop import settle
+from ..errors import ClientClosedError, ConfigurationError
 from ._host import HostBase
+
+if TYPE_CHECKING:
+    from .._core.endpoint import Endpoint
 
 
 __all__ = ["AttemptMixin"]
@@ -40,9 +32,14 @@ _init_lock = threading.Lock()
 
 
 class AttemptMixin(HostBase):
-    """``_asend`` / ``_aguarded``: one attempt; ``_asleep``: a wait that ``close`` ends."""
+    """``_attempts``: one attempt (the part); ``_asleep``: a wait that ``close`` ends."""
+
+    #: one attempt of a request, for every endpoint (``Attempt.send`` / ``Attempt.guarded``)
+    _attempts: Attempt
 
     def _init_attempts(self) -> None:
+        self._attempts = Attempt(self._clock, self._closing, self._adapter,
+                                self._routing().board)
         self._sleepers: Set[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = set()
         self._sleepers_lock = threading.Lock()
         self._threaded: Optional[ThreadPoolExecutor] = None
@@ -59,7 +56,7 @@ class AttemptMixin(HostBase):
                 executor = self._threaded
         return executor
 
-    def _aio_transport(self, ep: Any) -> "AioTransport":
+    def _aio_transport(self, ep: "Endpoint") -> "AioTransport":
         """The endpoint's aiohttp transport (one per endpoint; a session per event loop
         inside it); ``ConfigurationError`` when a ``transport_factory`` replaced it."""
         transport = ep.transport
@@ -74,80 +71,6 @@ class AttemptMixin(HostBase):
         else they end with the calls they are in (each within its read timeout)."""
         if self._threaded is not None:
             self._threaded.shutdown(wait=idle)
-
-    # ------------------------------------------------------------------ one attempt
-    async def _asend(self, ep: Any, http: HttpRequest, deadline: float,
-                     fail_fast: bool = False) -> HttpResponse:
-        """One attempt of a complete request (see ``_aguarded``)."""
-        now = self._clock.monotonic()  # one reading on the way down
-        self._ask_for_load(ep, http, now)
-        sender = ep.transport
-        response: HttpResponse = await self._aguarded(
-            ep, deadline, ep.settings.timeout, True, lambda timeout: sender.send(http, timeout),
-            fail_fast, now)
-        return response
-
-    async def _aguarded(self, ep: Any, deadline: float, read_timeout: float, clip_read: bool,
-                        io: Callable[[Tuple[float, float]], Awaitable[Any]],
-                        fail_fast: bool = False, now: Optional[float] = None,
-                        op: Any = None, rid: str = "") -> Any:
-        """One attempt under the breaker: admission (waiting out an OPEN circuit unless
-        ``fail_fast``), an in-flight slot (its own key: the coroutines of a loop share one
-        thread), the deadline, the transport call (``read_timeout`` clipped to the deadline
-        when ``clip_read``: a stream's idle timeout is not), and the breaker's verdict (5xx
-        and transport faults count against the server; any other answer proves it alive).
-        A non-2xx reply is read (capped) and raised as its typed error.
-
-        The clock is read once on the way down (``now``: breaker, slot and deadline share
-        it, advanced only by what they waited) and once as the reply comes (slot, load
-        report and breaker share that)."""
-        clock = self._clock
-        if now is None:
-            now = clock.monotonic()
-        circuit = ep.circuit
-        breaker = circuit.breaker
-        try:  # a closed circuit admits at once: no wait to await
-            probe = ep.settings.circuit_breaker_enabled and breaker.admit(now)
-        except CircuitOpenError:
-            probe, now = await circuit.aadmit(deadline, fail_fast, now, op, rid)
-        key = object()
-        try:
-            waited = await ep.limit.aacquire(deadline, key, self._closing, now=now)
-        except BaseException:
-            breaker.release(probe)
-            raise
-        if waited:
-            tracing.waited_for(op, rid, "in_flight_limit.wait", waited)
-        released = False
-        try:
-            remaining = deadline - (now + waited)
-            if remaining <= 0:
-                breaker.release(probe)
-                raise errors.TimeoutError("the call deadline passed before the request was sent",
-                                          sent=False)
-            timeout = (min(ep.settings.connect_timeout, remaining),
-                       min(read_timeout, remaining) if clip_read else read_timeout)
-            try:
-                response = await io(timeout)
-            except BaseException as exc:
-                circuit.transport_failed(probe, exc)
-                raise
-            healthy = response.status < 500
-            now = clock.monotonic()  # the one reading as the reply came
-            # the server's load report (kept for routing) is the one the slot's verdict reads
-            report = self._observe_reply(ep, response.headers, now)
-            released = True
-            ep.limit.release(healthy, key, now=now, report=report)
-        finally:
-            if not released:
-                ep.limit.release(False, key, now=clock.monotonic())
-        if response.status >= 400:
-            if not isinstance(response, HttpResponse):  # an error reply to a stream
-                response = HttpResponse(response.status, response.headers,
-                                        await response.read_body())
-            raise circuit.error_reply(self._adapter.parse_error(response), probe)
-        breaker.record_success(probe, now)
-        return response
 
     # ------------------------------------------------------------------ waiting
     async def _asleep(self, seconds: float, doing: str) -> None:

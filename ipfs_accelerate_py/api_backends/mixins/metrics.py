@@ -16,10 +16,10 @@ import numpy as np
 
 from ..models import CompletionRequest, CompletionResult
 from ._host import HostBase
-from .queue import Job
+from .._core.queue import Job
 
 if TYPE_CHECKING:
-    from ..endpoint import Endpoint
+    from .._core.endpoint import Endpoint
 
 __all__ = ["Series", "MetricsRecorder", "MetricsMixin"]
 
@@ -222,7 +222,7 @@ class MetricsRecorder:
 
 class MetricsMixin(HostBase):
     """README surface: ``get_metrics(reset=False)``, ``recent_requests``; and the record of
-    every request's outcome (``_finish``, ``_record_unsent``)."""
+    every request's outcome (``_finish``; one never sent: ``MetricsRecorder.record_unsent``)."""
 
     _metrics: MetricsRecorder
     #: the last requests' outcomes (id, endpoint, model, latency, error), newest last
@@ -241,10 +241,6 @@ class MetricsMixin(HostBase):
         snap["in_flight_limit"] = {eid: ep.limit.limit for eid, ep in self._endpoints.items()}
         snap["in_flight"] = {eid: ep.limit.stats() for eid, ep in self._endpoints.items()}
         return snap
-
-    def _record_unsent(self, ep: "Endpoint", job: Job) -> None:
-        """Count a request that ended before it was sent (expired, closed, circuit held)."""
-        self._metrics.record_unsent(ep.id, job, self._clock.monotonic())
 
     def _finish(self, ep: "Endpoint", job: Job, start: float,
                 result: Optional[CompletionResult] = None,

@@ -42,17 +42,17 @@ import math
 import statistics
 from collections import OrderedDict, deque
 from concurrent.futures import Future
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..endpoint_load import LoadReport
 from ..errors import (ApiError, CircuitWaitTimeoutError, ConfigurationError,
                       NoHealthyEndpointError, ValidationError)
 from ..request_build import build_request
-from ..prefix_affinity import affinity_key, key_rank, place, prefix_text, rendezvous_order
+from .._routing.prefix_affinity import affinity_key, key_rank, place, prefix_text, rendezvous_order
 from ._host import HostBase
-from ..breaker import OPEN
+from .._core.breaker import OPEN, can_wait_for_any
 from .lora_routing import ADAPTER_OPS, LoraLoadError, LoraRoutingMixin
-from .routing_state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
+from .._routing.state import (OpeningOrder, COLD_CAPACITY, DEMAND_SLACK, EXPLORE_EVERY,
                             FAILOVER_ERRORS, HOT_ABS, STUCK_MIN_S, STUCK_SLOWEST,
                             LATENCY_WINDOW, SEEN_KEYS, STRATEGIES, Attempts, LoadProbe,
                             RoutingState)
@@ -112,29 +112,6 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                 state.balance_rel = float(balance_rel_threshold)
             if load_max_age is not None:
                 state.board.max_age = float(load_max_age)
-
-    def _ask_for_load(self, ep: Any, http: Any, now: Optional[float] = None) -> None:
-        """Add the adapter's load-report request headers to ``http`` when this endpoint's
-        last report is getting old (``LoadBoard.should_ask``): asking costs the server time
-        on every request that asks, and one fresh figure a quarter second is plenty.
-        ``now``: the caller's reading of the clock, when it has one."""
-        extra = self._adapter.load_report_headers
-        if (extra and http.method == "POST" and not http.stream
-                and self._routing_state.board.should_ask(
-                    ep.id, self._clock.monotonic() if now is None else now)):
-            http.headers.update(extra)
-
-    def _observe_reply(self, ep: Any, headers: Mapping[str, str],
-                       now: Optional[float] = None) -> Optional[LoadReport]:
-        """Keep the load report a reply carries (called for every reply the client reads;
-        ``now``: the caller's reading of the clock as it came, when it has one). Returns
-        the endpoint's fresh report (this reply's, or a recent one's; None if none is
-        fresh): the in-flight limit reads the server's queue off it."""
-        now = self._clock.monotonic() if now is None else now
-        try:
-            return self._routing_state.board.record_header(ep.id, headers, now)
-        except Exception:  # noqa: BLE001 - a load report must never fail the request
-            return None
 
     # ------------------------------------------------------------------ ordering
     def _candidates(self, endpoint_ids: Optional[Sequence[str]]) -> List[str]:
@@ -379,8 +356,9 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                 return
             if self._send_attempt(state, job, i, eid, request, priority, timeout):
                 return
+        circuits = [self._endpoint(eid).circuit for eid in job.order]
         if (not self._closed and self._clock.monotonic() < job.deadline
-                and self._can_wait_for_circuits(job.order)):
+                and can_wait_for_any(circuits)):
             # Every endpoint is down: wait (within the deadline) for the first to come back.
             with state.lock:
                 state.circuit_waits += 1
@@ -395,7 +373,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                     "close; the call deadline passed first, and the request was never sent",
                     waited=waited))
 
-            self._wait_for_any_circuit(job.order, job.deadline, again, too_late)
+            self._circuit_waiters.wait_for_any(circuits, job.deadline, again, too_late)
             return
         with state.lock:
             state.all_down += 1

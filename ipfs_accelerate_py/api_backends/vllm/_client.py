@@ -77,7 +77,7 @@ class VllmClient(StructuredOutputsMixin, BaseApiBackend):
 
     def _settle_flavor(self, openai: bool) -> str:
         if not openai:
-            self._adapter = get_backend(VllmLegacyAdapter.name)
+            self._use_adapter(get_backend(VllmLegacyAdapter.name))
         self.api_flavor = "openai" if openai else "legacy"
         return self.api_flavor
 

@@ -53,7 +53,7 @@ import hashlib
 import math
 from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from .models import ChatBatchRequest, ChatRequest, CompletionRequest
+from ..models import ChatBatchRequest, ChatRequest, CompletionRequest
 
 __all__ = ["DEFAULT_PREFIX_CHARS", "prefix_text", "affinity_key", "rendezvous_order",
            "bounded_choice", "over_bound", "key_rank", "demand_choice", "whole_key_floors",

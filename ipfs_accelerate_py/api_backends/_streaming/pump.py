@@ -22,13 +22,13 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Iterator, List, Optional
 
-from . import errors
-from ._loop import MAX_NAP, ClientLoop, Signal
-from .models import Request, StreamChunk
-from .sse import SSEDecoder
+from .. import errors
+from .._core.loop import MAX_NAP, ClientLoop, Signal
+from ..models import Request, StreamChunk
+from ..sse import SSEDecoder
 
 if TYPE_CHECKING:
-    from .transport import AsyncStream
+    from ..transport import AsyncStream
 
 __all__ = ["Feed", "Reader", "ReplyChunks", "read_reply", "HIGH"]
 

@@ -72,18 +72,18 @@ import threading
 from collections import deque
 from typing import (TYPE_CHECKING, Any, Callable, Deque, List, Optional, Sequence, Tuple)
 
-from . import errors, tracing
-from ._loop import MAX_NAP, settle
-from .clock import SYSTEM_CLOCK, Clock
-from .errors import ApiError, CircuitOpenError, ClientClosedError
+from .. import errors, tracing
+from .loop import MAX_NAP, settle
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import ApiError, CircuitOpenError, ClientClosedError
 
 if TYPE_CHECKING:  # types only: these modules' packages import this one
-    from .mixins.inflight import InFlightLimit
-    from .mixins.metrics import MetricsRecorder
-    from .mixins.queue import Job, PriorityRequestQueue
-    from .mixins.retry import RetryPolicy
-    from .settings import ClientSettings
-    from .transport import HttpRequest, HttpResponse
+    from .inflight import InFlightLimit
+    from ..mixins.metrics import MetricsRecorder
+    from .queue import Job, PriorityRequestQueue
+    from .retry import RetryPolicy
+    from ..settings import ClientSettings
+    from ..transport import HttpRequest, HttpResponse
 
 __all__ = ["CLOSED", "OPEN", "HALF_OPEN", "REFUSED_RUN", "MIN_BREAKER_WAIT", "CircuitBreaker",
            "CircuitProber", "Circuit", "CircuitWaiters", "circuit_wait"]
@@ -529,7 +529,7 @@ class CircuitProber:
 def circuit_wait(error: CircuitOpenError, attempt: int, policy: "RetryPolicy", deadline: float,
                  waited: float = 0.0, clock: Clock = SYSTEM_CLOCK) -> float:
     """Seconds a call caught by an outage waits for the circuit's next probe window before
-    attempt ``attempt`` is made again (the retry loop's, ``mixins/retry.acall_with_retries``;
+    attempt ``attempt`` is made again (the retry loop's, ``_core/retry.acall_with_retries``;
     the async face waits the same); raises ``error`` when it must not wait: a fresh call
     (attempt 0), a window further off than ``max_retry_delay``, the deadline, or ``waited``
     (its circuit waits so far) plus this one over that budget."""

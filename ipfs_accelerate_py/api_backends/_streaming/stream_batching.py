@@ -45,17 +45,17 @@ import asyncio
 import threading
 from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Set
 
-from . import errors, tracing
-from ._loop import Signal
-from ._pump import Feed, Reader, read_reply, wait_for_room
-from .models import CompletionRequest, StreamChunk, Usage
-from .reply_checks import check_usage_adds_up, note_list_mismatch
-from .sse import SSEDecoder
+from .. import errors, tracing
+from .._core.loop import Signal
+from .pump import Feed, Reader, read_reply, wait_for_room
+from ..models import CompletionRequest, StreamChunk, Usage
+from ..reply_checks import check_usage_adds_up, note_list_mismatch
+from ..sse import SSEDecoder
 
 if TYPE_CHECKING:
-    from .endpoint import Endpoint
-    from .mixins.queue import Job
-    from .transport import AsyncStream
+    from .._core.endpoint import Endpoint
+    from .._core.queue import Job
+    from ..transport import AsyncStream
 
 __all__ = ["ALONE", "stream_key", "open_shared", "SharedHandle", "copy_error"]
 

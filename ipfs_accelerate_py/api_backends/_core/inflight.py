@@ -46,7 +46,7 @@ import threading
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Protocol, Tuple
 
-from .._loop import MAX_NAP, settle
+from .loop import MAX_NAP, settle
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ClientClosedError, TimeoutError
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple, 
 
 from ..endpoint_load import LoadBoard
 from ..errors import CircuitOpenError, NoHealthyEndpointError, QueueFullError, TransientError
-from ..prefix_affinity import DEFAULT_PREFIX_CHARS, key_rank, whole_key_floors
+from .prefix_affinity import DEFAULT_PREFIX_CHARS, key_rank, whole_key_floors
 
 STRATEGIES = ("round-robin", "least-loaded", "fastest", "cache-aware")
 #: Failures that another endpoint may not have: the request moves on to the next one.

@@ -1,9 +1,9 @@
 """``Endpoint``: one server as the client sees it, and the parts that serve it.
 
 An endpoint owns its settings and transports, its queue and the dispatcher that serves it
-(``mixins/queue.py``), its in-flight limit (``mixins/inflight.py``) and its circuit: the
-breaker with its prober (``breaker.py``). It builds those parts in its constructor from what
-they need (a clock, the client's loop and ``closing`` event, the metrics recorder, the
+(``queue.py``, ``dispatcher.py``), its in-flight limit (``inflight.py``) and its circuit:
+the breaker with its prober (``breaker.py``). It builds those parts in its constructor from
+what they need (a clock, the client's loop and ``closing`` event, the metrics recorder, the
 board of circuit waiters, the adapter's health request, the job handler), none of it the
 client, so a reader sees each part's dependencies where it is made.
 """
@@ -14,16 +14,17 @@ import functools
 import threading
 from typing import TYPE_CHECKING, Awaitable, Callable, Optional, Tuple
 
-from ._loop import ClientLoop
+from .loop import ClientLoop
 from .breaker import Circuit, CircuitWaiters
-from .clock import Clock
-from .mixins.inflight import InFlightLimit
-from .mixins.queue import Dispatcher, Job, PriorityRequestQueue
-from .settings import ClientSettings
-from .transport import AsyncTransport, HttpRequest, HttpResponse
+from ..clock import Clock
+from .inflight import InFlightLimit
+from .dispatcher import Dispatcher
+from .queue import Job, PriorityRequestQueue
+from ..settings import ClientSettings
+from ..transport import AsyncTransport, HttpRequest, HttpResponse
 
 if TYPE_CHECKING:
-    from .mixins.metrics import MetricsRecorder
+    from ..mixins.metrics import MetricsRecorder
 
 __all__ = ["Endpoint", "JobHandler"]
 
@@ -82,6 +83,11 @@ class Endpoint:
         the parts that read them as they go."""
         self.settings = settings
         self.circuit.settings = settings
+
+    def fail_fast(self, asked: Optional[bool]) -> bool:
+        """Whether a call fails at once on an OPEN circuit: what its caller ``asked``, else
+        the ``fail_fast`` setting."""
+        return self.settings.fail_fast if asked is None else bool(asked)
 
     def fetch(self, request: HttpRequest, timeout: Tuple[float, float]) -> HttpResponse:
         """One request straight through the transport, no queue, breaker or retry (health
