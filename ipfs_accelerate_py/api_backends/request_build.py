@@ -7,11 +7,12 @@ sent; written once here, no face can drift from the others.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .adapter import BackendAdapter
 from .errors import ValidationError
-from .models import ChatRequest, CompletionRequest, Request, coerce_messages, validate_request
+from .models import (ChatRequest, CompletionRequest, Request, check_text, coerce_messages,
+                     validate_request)
 
 __all__ = ["build_request", "chat_request", "stream_request"]
 
@@ -58,5 +59,57 @@ def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[s
     if not isinstance(inputs, (str, list, tuple)):
         raise ValidationError(f"must be a string, a list of strings or chat messages, "
                               f"not {type(inputs).__name__}", field="inputs")
-    return validate_request(adapter.completion_request if adapter else CompletionRequest,
-                            {**params, "model": model, "prompt": inputs})
+    cls = adapter.completion_request if adapter else CompletionRequest
+    if type(inputs) is str and inputs:
+        return _completion(cls, model, params, inputs)
+    return validate_request(cls, {**params, "model": model, "prompt": inputs})
+
+
+#: validated completion requests by (class, model, parameters), each with the prompt it was
+#: first validated with: parameters that are all scalars validate the same whatever the
+#: prompt, so a request with a new prompt is a copy with only that field changed
+_TEMPLATES: Dict[Tuple[Any, ...], Request] = {}
+_TEMPLATE_LIMIT = 512
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_set = object.__setattr__
+
+
+def _completion(cls: Any, model: Optional[str], params: Dict[str, Any], prompt: str) -> Request:
+    """``validate_request(cls, {**params, "model": model, "prompt": prompt})`` for one prompt
+    string. Its validation is most of a request's cost on the client, and a caller sends the
+    same parameters again and again: parameters that are all scalars (``max_tokens``,
+    ``temperature``, ...) are validated once per class, model and values, and each request
+    after is a copy with its own prompt, checked as the prompt field's validator checks it
+    (no model-level rule of a completion reads a one-string prompt). Anything else, and any
+    prompt the check refuses, takes the whole validation (so its error is the same)."""
+    items = []
+    for name, value in params.items():
+        kind = type(value)
+        if kind not in _SCALARS:
+            return validate_request(cls, {**params, "model": model, "prompt": prompt})
+        items.append((name, kind, value))  # the type too: True == 1 == 1.0
+    key = (cls, model, tuple(items))
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = validate_request(cls, {**params, "model": model, "prompt": prompt})
+        if len(_TEMPLATES) >= _TEMPLATE_LIMIT:
+            _TEMPLATES.clear()  # many distinct parameter sets: start over, bounded
+        _TEMPLATES[key] = template
+    else:
+        try:
+            check_text(prompt, "prompt")
+        except ValueError:
+            return validate_request(cls, {**params, "model": model, "prompt": prompt})
+    return _with_prompt(template, prompt)
+
+
+def _with_prompt(template: Request, prompt: str) -> Request:
+    """A copy of ``template`` (whose other fields hold only scalars: nothing shared can be
+    changed through the copy) with ``prompt``; the same fields count as set."""
+    request = template.__class__.__new__(template.__class__)
+    _set(request, "__dict__", {**template.__dict__, "prompt": prompt})
+    _set(request, "__pydantic_fields_set__", set(template.__pydantic_fields_set__))
+    _set(request, "__pydantic_extra__", None)
+    private = template.__pydantic_private__
+    _set(request, "__pydantic_private__", None if private is None else dict(private))
+    return request
