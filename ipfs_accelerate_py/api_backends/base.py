@@ -52,7 +52,8 @@ from .mixins.routing import RoutingMixin
 from .async_face import AsyncFaceMixin
 from .call_shapes import check_timeout, pop_send_options, stream_call
 from .request_build import build_request, chat_request, stream_request
-from .models import ChatRequest, CompletionRequest, CompletionResult, Request, check_priority
+from .models import (ChatRequest, CompletionRequest, CompletionResult, Request, check_priority,
+                     updated)
 from .operations import OperationRequest, OperationsMixin
 from .plugins import get_backend
 from .settings import ClientSettings
@@ -225,7 +226,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         deadline = now + (timeout if timeout is not None else ep.settings.effective_deadline)
         model = request.model or ep.settings.model
         if request.model is None and model is not None:
-            request = request.model_copy(update={"model": model})
+            request = updated(request, {"model": model})  # a valid name (settings)
         request = cap_request(self, request)
         adapter = self._adapter
         s = ep.settings

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 from .adapter import BackendAdapter
 from .errors import ValidationError
 from .models import (ChatRequest, CompletionRequest, Request, check_text, coerce_messages,
-                     validate_request)
+                     updated, validate_request)
 
 __all__ = ["build_request", "chat_request", "stream_request"]
 
@@ -71,7 +71,6 @@ def build_request(inputs: Any, model: Optional[str], parameters: Optional[Dict[s
 _TEMPLATES: Dict[Tuple[Any, ...], Request] = {}
 _TEMPLATE_LIMIT = 512
 _SCALARS = frozenset({str, int, float, bool, type(None)})
-_set = object.__setattr__
 
 
 def _completion(cls: Any, model: Optional[str], params: Dict[str, Any], prompt: str) -> Request:
@@ -106,10 +105,4 @@ def _completion(cls: Any, model: Optional[str], params: Dict[str, Any], prompt: 
 def _with_prompt(template: Request, prompt: str) -> Request:
     """A copy of ``template`` (whose other fields hold only scalars: nothing shared can be
     changed through the copy) with ``prompt``; the same fields count as set."""
-    request = template.__class__.__new__(template.__class__)
-    _set(request, "__dict__", {**template.__dict__, "prompt": prompt})
-    _set(request, "__pydantic_fields_set__", set(template.__pydantic_fields_set__))
-    _set(request, "__pydantic_extra__", None)
-    private = template.__pydantic_private__
-    _set(request, "__pydantic_private__", None if private is None else dict(private))
-    return request
+    return updated(template, {"prompt": prompt})

@@ -12,7 +12,7 @@ from typing import Any, Dict
 import pytest
 
 from ipfs_accelerate_py.api_backends import errors
-from ipfs_accelerate_py.api_backends.models import MAX_PROMPT_CHARS, validate_request
+from ipfs_accelerate_py.api_backends.models import MAX_PROMPT_CHARS, updated, validate_request
 from ipfs_accelerate_py.api_backends.request_build import build_request
 from ipfs_accelerate_py.api_backends.vllm import VllmAdapter
 
@@ -91,3 +91,17 @@ def test_bad_parameters_are_refused_every_time() -> None:
         with pytest.raises(errors.ValidationError) as caught:
             build_request("p", None, {"max_tokens": 4, "temperature": 9.0}, adapter=ADAPTER)
         assert caught.value.field == "temperature"
+
+
+@pytest.mark.parametrize("request_", [
+    build_request("p", None, {"max_tokens": 3, "stop": ["x"]}, adapter=ADAPTER),
+    build_request([{"role": "user", "content": "hi"}], None, {"max_tokens": 3}, adapter=ADAPTER),
+], ids=["completion", "chat"])
+def test_updated_is_model_copy_with_an_update(request_: Any) -> None:
+    got = updated(request_, {"model": "tiny"})
+    want = request_.model_copy(update={"model": "tiny"})
+    assert got == want and got.model_fields_set == want.model_fields_set
+    assert got.model_dump_json() == want.model_dump_json()
+    assert request_.model is None and "model" in got.model_fields_set
+    got.model_fields_set.add("seed")
+    assert "seed" not in request_.model_fields_set  # its own set of fields, as model_copy's
