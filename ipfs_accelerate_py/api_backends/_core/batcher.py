@@ -67,7 +67,7 @@ class Call(Protocol):
 
 
 class Finish(Protocol):
-    """Resolve a job and record what its caller saw (``MetricsMixin._finish``)."""
+    """Resolve a job and record what its caller saw (``RequestLog.finish``)."""
 
     def __call__(self, ep: "Endpoint", job: Job, start: float, result: Optional[Any] = None,
                  error: Optional[BaseException] = None) -> None: ...

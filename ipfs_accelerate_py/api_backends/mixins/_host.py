@@ -16,7 +16,9 @@ Who provides what (and who uses it):
   retry, streaming), ``_asleep`` (batching, retry, streaming, the async face);
 * ``streaming.StreamingMixin``: ``_aopen_reply``, the opening of a streamed reply that
   both faces and the shared streams use;
-* ``metrics.MetricsMixin``: ``_metrics``, ``_finish`` (batching, retry, streaming);
+* ``metrics.MetricsMixin``: ``_metrics``, the recorder (batching, retry, streaming,
+  multiplexing); every request's outcome is the request log's (``RequestLog.finish``, handed
+  to the batcher), not the client's;
 * ``queue.QueueMixin``: ``current_requests`` (metrics);
 * ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics), the board of
   callers waiting for a circuit to close (``_circuit_waiters``: routing);
@@ -54,7 +56,6 @@ if TYPE_CHECKING:  # types only: the mixins import this module, and these import
     from ..transport import AsyncStream, HttpRequest
     from .._core.loop import ClientLoop
     from .metrics import MetricsRecorder
-    from .._core.queue import Job
 
 __all__ = ["Host", "HostBase"]
 
@@ -120,12 +121,6 @@ class Host(Protocol):
     async def _aopen_reply(self, ep: "Endpoint", http: "HttpRequest", headers: Dict[str, str],
                            deadline: float, model: Optional[str], fail_fast: bool,
                            op: Any, rid: str) -> "AsyncStream": ...
-
-    # -- metrics.MetricsMixin
-    def _finish(self, ep: "Endpoint", job: Job, start: float,
-                result: Optional[CompletionResult] = None,
-                error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
-                output_tokens: Optional[int] = None) -> None: ...
 
     # -- queue.QueueMixin
     @property

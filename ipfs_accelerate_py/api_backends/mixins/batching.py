@@ -25,7 +25,7 @@ class BatchingMixin(HostBase):
 
     def _init_batching(self) -> None:
         self._batcher = Batcher(
-            self._clock, self._closing, self._loop, self._metrics, self._call, self._finish,
+            self._clock, self._closing, self._loop, self._metrics, self._call, self._requests.finish,
             self._asleep, functools.partial(open_shared, self), self._adapter)
 
     @property

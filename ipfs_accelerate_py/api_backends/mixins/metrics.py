@@ -19,9 +19,10 @@ from ._host import HostBase
 from .._core.queue import Job
 
 if TYPE_CHECKING:
+    from ..clock import Clock
     from .._core.endpoint import Endpoint
 
-__all__ = ["Series", "MetricsRecorder", "MetricsMixin"]
+__all__ = ["Series", "MetricsRecorder", "RequestLog", "MetricsMixin"]
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -220,32 +221,26 @@ class MetricsRecorder:
             return s.to_dict() if s else _Scope(1).to_dict()
 
 
-class MetricsMixin(HostBase):
-    """README surface: ``get_metrics(reset=False)``, ``recent_requests``; and the record of
-    every request's outcome (``_finish``; one never sent: ``MetricsRecorder.record_unsent``)."""
+class RequestLog:
+    """Every request's outcome, once: the job resolved, the recorder's counts, and the
+    last requests' records (``recent``, newest last; its size the ``recent_requests_size``
+    setting). The batcher calls ``finish`` for each job it serves.
 
-    _metrics: MetricsRecorder
-    #: the last requests' outcomes (id, endpoint, model, latency, error), newest last
-    recent_requests: Deque[Dict[str, Any]]
+    ``recorder``: the counters and latency rings; ``clock``: when the request ended;
+    ``recent_size``: how many records ``recent`` keeps (0: none made)."""
 
-    def _init_metrics(self, latency_window: int, recent_requests_size: int) -> None:
-        self._metrics = MetricsRecorder(latency_window)
-        self.recent_requests = deque(maxlen=recent_requests_size)
+    __slots__ = ("_recorder", "_clock", "recent")
 
-    def get_metrics(self, reset: bool = False) -> Dict[str, Any]:
-        """Counts, latency percentiles, tokens, batches and breaker state; ``reset`` clears."""
-        snap = self._metrics.snapshot(reset=reset)
-        snap["circuit_state"] = self.circuit_states()
-        snap["queue_length"] = {eid: len(ep.queue) for eid, ep in self._endpoints.items()}
-        snap["current_requests"] = self.current_requests
-        snap["in_flight_limit"] = {eid: ep.limit.limit for eid, ep in self._endpoints.items()}
-        snap["in_flight"] = {eid: ep.limit.stats() for eid, ep in self._endpoints.items()}
-        return snap
+    def __init__(self, recorder: MetricsRecorder, clock: "Clock", recent_size: int) -> None:
+        self._recorder = recorder
+        self._clock = clock
+        #: the last requests' outcomes (id, endpoint, model, latency, error), newest last
+        self.recent: Deque[Dict[str, Any]] = deque(maxlen=recent_size)
 
-    def _finish(self, ep: "Endpoint", job: Job, start: float,
-                result: Optional[CompletionResult] = None,
-                error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
-                output_tokens: Optional[int] = None) -> None:
+    def finish(self, ep: "Endpoint", job: Job, start: float,
+               result: Optional[CompletionResult] = None,
+               error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
+               output_tokens: Optional[int] = None) -> None:
         """Resolve ``job`` and record what its caller saw (``start``: when it was sent)."""
         if error is None:
             job.succeed(result)
@@ -260,10 +255,10 @@ class MetricsMixin(HostBase):
                 input_tokens = result.usage.prompt_tokens
             if output_tokens is None:
                 output_tokens = result.usage.completion_tokens
-        self._metrics.record_request(
+        self._recorder.record_request(
             ep.id, job.model, ok, now - job.enqueued_at, start - job.enqueued_at,
             error_type, input_tokens or 0, output_tokens or 0)
-        if self.recent_requests.maxlen:
+        if self.recent.maxlen:
             entry: Dict[str, Any] = {
                 "request_id": job.request_id, "endpoint": ep.id, "model": job.model,
                 "priority": job.priority, "ok": ok, "error": error_type,
@@ -272,7 +267,35 @@ class MetricsMixin(HostBase):
             if ep.settings.store_prompts:
                 entry["prompt"] = (job.request.prompt if isinstance(job.request, CompletionRequest)
                                    else "(chat)")
-            self.recent_requests.append(entry)
+            self.recent.append(entry)
+
+
+class MetricsMixin(HostBase):
+    """README surface: ``get_metrics(reset=False)``, ``recent_requests``; a facade over the
+    recorder (``_metrics``) and the request log (``_requests``: every request's outcome; one
+    never sent is counted by ``MetricsRecorder.record_unsent``)."""
+
+    _metrics: MetricsRecorder
+    _requests: RequestLog
+
+    def _init_metrics(self, latency_window: int, recent_requests_size: int) -> None:
+        self._metrics = MetricsRecorder(latency_window)
+        self._requests = RequestLog(self._metrics, self._clock, recent_requests_size)
+
+    @property
+    def recent_requests(self) -> Deque[Dict[str, Any]]:
+        """The last requests' outcomes (id, endpoint, model, latency, error), newest last."""
+        return self._requests.recent
+
+    def get_metrics(self, reset: bool = False) -> Dict[str, Any]:
+        """Counts, latency percentiles, tokens, batches and breaker state; ``reset`` clears."""
+        snap = self._metrics.snapshot(reset=reset)
+        snap["circuit_state"] = self.circuit_states()
+        snap["queue_length"] = {eid: len(ep.queue) for eid, ep in self._endpoints.items()}
+        snap["current_requests"] = self.current_requests
+        snap["in_flight_limit"] = {eid: ep.limit.limit for eid, ep in self._endpoints.items()}
+        snap["in_flight"] = {eid: ep.limit.stats() for eid, ep in self._endpoints.items()}
+        return snap
 
 
 def _error_type(future: Any) -> Optional[str]:
