@@ -57,7 +57,7 @@ from .operations import OperationRequest, OperationsMixin
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
-from ._aio_transport import AioTransport
+from ._transports.aio import AioTransport
 from .transport import (AsyncTransport, HttpRequest, HttpResponse, RequestsTransport, Transport,
                         as_async_transport)
 

@@ -44,7 +44,7 @@ from .queue import Job
 if TYPE_CHECKING:
     from ..adapter import BackendAdapter
     from .endpoint import Endpoint
-    from ..mixins.metrics import MetricsRecorder
+    from .._observability.recorder import MetricsRecorder
 
 __all__ = ["Batcher", "batch_key", "merge_requests", "split_result", "share_tokens",
            "prompt_count", "RETRY_PARTS"]

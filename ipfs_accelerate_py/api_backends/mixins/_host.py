@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # types only: the mixins import this module, and these import
     from ..streaming import TextStream
     from ..transport import AsyncStream, HttpRequest
     from .._core.loop import ClientLoop
-    from .metrics import MetricsRecorder
+    from .._observability.recorder import MetricsRecorder
 
 __all__ = ["Host", "HostBase"]
 

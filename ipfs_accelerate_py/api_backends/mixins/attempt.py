@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Optional, Set, Tuple
 
-from .._aio_transport import AioTransport
+from .._transports.aio import AioTransport
 from .._core.attempt import Attempt
 from .._core.loop import settle
 from ..errors import ClientClosedError, ConfigurationError
