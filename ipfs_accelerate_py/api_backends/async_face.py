@@ -24,7 +24,7 @@ share goes on its endpoint's queue as a job (``StreamingMixin._queue_stream``), 
 gathers it on the client's loop with compatible ones from either face, and the caller awaits
 the job's future (``asyncio.wrap_future``); its chunks then come from its ``SharedHandle``'s
 feed (``_pump.Feed.achunks``), read by the shared call's reader on the client's loop. A
-stream that goes alone is opened on its caller's loop by ``StreamingMixin._aopen_reply``,
+stream that goes alone is opened on its caller's loop by ``StreamOpener.aopen`` (``_opener``),
 the sync face's opening coroutine.
 
 Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``,
@@ -164,8 +164,8 @@ class AsyncFaceMixin(HostBase):
                 headers = tracing.with_trace_context(http.headers)  # this stream's span, not the thread's
             # the endpoint's transport on this loop (a transport_factory's in the client's
             # executor, awaited here as the sync face does)
-            response = await self._aopen_reply(ep, http, headers,
-                                               deadline, request.model, ff, op, rid)
+            response = await self._opener.aopen(ep, http, headers,
+                                                deadline, request.model, ff, op, rid)
         except BaseException as exc:
             tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
             self._metrics.record_request(ep.id, request.model, False,
