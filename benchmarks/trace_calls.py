@@ -56,7 +56,7 @@ LAYERS: Dict[str, str] = {
     "_core/attempt.py": "attempt",
     "_core/breaker.py": "breaker", "mixins/circuit_breaker.py": "breaker",
     "_core/endpoint.py": "endpoint", "_core/inflight.py": "in-flight",
-    **dict.fromkeys(["mixins/routing.py", "_routing/state.py", "endpoint_load.py",
+    **dict.fromkeys(["mixins/routing.py", "_routing/router.py", "_routing/state.py", "endpoint_load.py",
                      "_routing/prefix_affinity.py", "mixins/lora_routing.py"], "routing"),
     **dict.fromkeys(["_transports/aio.py", "_transports/headers.py", "_transports/tls.py",
                      "_transports/framing.py", "transport.py",

@@ -2,7 +2,7 @@
 
 ``astream`` / ``astream_generation`` are ``stream`` / ``stream_generation`` for coroutines.
 They share the sync face's state, not a copy of it: the same routing choice
-(``_order`` over ``_routing_candidates``, failing over while a stream opens), the same
+(``Router.order`` over ``Router.routing_candidates``, failing over while a stream opens), the same
 circuit breaker (admission, verdicts, the wait for an OPEN circuit), the same per-endpoint
 in-flight limit (``InFlightLimit.aacquire``: one FIFO queue for threads and coroutines),
 the same retry policy before the first byte (``retry_wait`` / ``breaker.circuit_wait``,
@@ -122,12 +122,12 @@ class AsyncFaceMixin(HostBase):
         strategy, lora, ids = self._stream_routing(request)
         if not ids:
             return None
-        if self._routing().probe is None:
+        if self._router.state.probe is None:
             order = self._stream_order(strategy, ids, request)
         else:  # a load probe is a blocking HTTP call: it must not run on the loop
             order = await asyncio.get_running_loop().run_in_executor(
                 None, self._stream_order, strategy, ids, request)
-        opening = OpeningOrder(order, self._is_open)
+        opening = OpeningOrder(order, self._router.is_open)
         for eid in opening:
             try:
                 if lora is not None and self._lora_needs_load(eid, lora):

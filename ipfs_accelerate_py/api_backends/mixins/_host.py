@@ -25,9 +25,9 @@ Who provides what (and who uses it):
 * ``batching.BatchingMixin``: ``_batcher`` (the dispatchers' handler; the async face's
   served-here path);
 * ``retry.RetryMixin``: ``_call`` (handed to the batcher);
-* ``routing.RoutingMixin``: ``_routed_stream`` (streaming), its state (``_routing``: the
-  load board handed to the attempt), and the routing choice the async face makes itself
-  (``_routing_candidates``, ``_order``, ``_is_open``);
+* ``routing.RoutingMixin``: ``_routed_stream`` (streaming), and its part, the router
+  (``_router``, ``_routing/router.py``: its state's load board handed to the attempt, the
+  candidates LoRA routing lists, the OPEN check a routed async stream skips by);
 * the client again: ``close``.
 
 What is an endpoint's part is reached through the endpoint, not through here: its circuit
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol
 
 if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
     from ..adapter import BackendAdapter
@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # types only: the mixins import this module, and these import
     from ..models import CompletionResult, Request
     from ..settings import ClientSettings
     from ..streaming import TextStream
+    from .._routing.router import Router
     from .._streaming.opening import StreamOpener
     from .._core.loop import ClientLoop
     from .._observability.recorder import MetricsRecorder
@@ -139,15 +140,9 @@ class Host(Protocol):
     def _routed_stream(self, request: Any, priority: int = 1,
                        timeout: Optional[float] = None) -> Any: ...
 
-    # -- routing.RoutingMixin (the async face routes its streams as the sync face does)
-    def _routing(self) -> Any: ...
-
-    def _routing_candidates(self) -> List[str]: ...
-
-    def _order(self, strategy: Any, ids: List[str],
-               request: Any) -> Tuple[List[str], Optional[bytes]]: ...
-
-    def _is_open(self, endpoint_id: str) -> bool: ...
+    # -- routing.RoutingMixin: the router (the async face routes its streams as the sync
+    # face does; the attempt is handed its load board; LoRA routing reads its candidates)
+    _router: "Router"
 
     # -- the client: closing
     def close(self, timeout: Optional[float] = None) -> None: ...

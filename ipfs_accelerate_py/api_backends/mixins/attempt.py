@@ -39,7 +39,7 @@ class AttemptMixin(HostBase):
 
     def _init_attempts(self) -> None:
         self._attempts = Attempt(self._clock, self._closing, self._adapter,
-                                self._routing().board)
+                                self._router.state.board)
         self._sleepers: Set[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = set()
         self._sleepers_lock = threading.Lock()
         self._threaded: Optional[ThreadPoolExecutor] = None
