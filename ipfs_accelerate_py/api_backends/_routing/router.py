@@ -47,10 +47,7 @@ class Router:
         self.state = RoutingState()
 
     def set_load_probe(self, probe: Optional[LoadProbe], min_interval: float = 1.0) -> None:
-        """Use ``probe(endpoint)`` (a server-side load figure) for ``least-loaded``; None stops.
-
-        ``min_interval``: seconds a figure is reused before the endpoint is asked again.
-        """
+        """The load probe, checked and set (the public face: ``RoutingMixin.set_load_probe``)."""
         if probe is not None and not callable(probe):
             raise ConfigurationError("must be callable or None", field="probe")
         _check_number("min_interval", min_interval, 0)
@@ -60,19 +57,16 @@ class Router:
             state.min_interval = float(min_interval)
             state.probed.clear()
 
-    def set_cache_aware_options(self, prefix_chars: Optional[int] = None,
-                                balance_abs_threshold: Optional[float] = None,
-                                balance_rel_threshold: Optional[float] = None,
-                                load_max_age: Optional[float] = None) -> None:
-        """Tune ``cache-aware``: bytes of leading text hashed (UTF-8); the load bound (the
-        preferred endpoint is passed over when its load exceeds the lowest by more than the
-        absolute threshold AND more than the relative one times); seconds a server's load
-        figure stays fresh. None keeps a value."""
+    def set_cache_aware_options(self, prefix_chars: Optional[int], balance_abs: Optional[float],
+                                balance_rel: Optional[float],
+                                load_max_age: Optional[float]) -> None:
+        """``cache-aware``'s tunables, checked and set; None keeps a value (the public face:
+        ``RoutingMixin.set_cache_aware_options``)."""
         if prefix_chars is not None and (isinstance(prefix_chars, bool) or not isinstance(prefix_chars, int)
                                          or prefix_chars < 1):
             raise ConfigurationError("must be a positive integer", field="prefix_chars")
-        for name, value, low in (("balance_abs_threshold", balance_abs_threshold, 0),
-                                 ("balance_rel_threshold", balance_rel_threshold, 1),
+        for name, value, low in (("balance_abs_threshold", balance_abs, 0),
+                                 ("balance_rel_threshold", balance_rel, 1),
                                  ("load_max_age", load_max_age, 0)):
             if value is not None:
                 _check_number(name, value, low)
@@ -80,10 +74,10 @@ class Router:
         with state.lock:
             if prefix_chars is not None:
                 state.prefix_chars = prefix_chars
-            if balance_abs_threshold is not None:
-                state.balance_abs = float(balance_abs_threshold)
-            if balance_rel_threshold is not None:
-                state.balance_rel = float(balance_rel_threshold)
+            if balance_abs is not None:
+                state.balance_abs = float(balance_abs)
+            if balance_rel is not None:
+                state.balance_rel = float(balance_rel)
             if load_max_age is not None:
                 state.board.max_age = float(load_max_age)
 
