@@ -56,12 +56,14 @@ LAYERS: Dict[str, str] = {
     "_core/attempt.py": "attempt",
     "_core/breaker.py": "breaker", "mixins/circuit_breaker.py": "breaker",
     "_core/endpoint.py": "endpoint", "_core/inflight.py": "in-flight",
-    **dict.fromkeys(["mixins/routing.py", "_routing/state.py", "endpoint_load.py",
+    **dict.fromkeys(["mixins/routing.py", "_routing/router.py", "_routing/state.py", "endpoint_load.py",
                      "_routing/prefix_affinity.py", "mixins/lora_routing.py"], "routing"),
-    **dict.fromkeys(["_aio_transport.py", "_headers.py", "_tls.py", "_framing.py", "transport.py",
+    **dict.fromkeys(["_transports/aio.py", "_transports/headers.py", "_transports/tls.py",
+                     "_transports/framing.py", "transport.py",
                      "mock_transport.py", "sse.py"],
                     "transport"),
-    "mixins/metrics.py": "metrics", "tracing.py": "tracing", "_otel.py": "tracing",
+    "mixins/metrics.py": "metrics", "_observability/recorder.py": "metrics",
+    "tracing.py": "tracing", "_observability/otel.py": "tracing",
 }
 #: not layers: value types and helpers any layer uses (files, and qualified-name prefixes)
 VALUES = {"models.py", "vllm/_models.py", "settings.py", "errors.py", "clock.py", "_core/loop.py",

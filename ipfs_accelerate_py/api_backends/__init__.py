@@ -2,13 +2,15 @@
 
 Files, by concern: ``_core/`` (the pipeline's parts: endpoint, queue, dispatcher, batcher,
 retry, breaker, in-flight limit, attempt, loop), ``_routing/`` and ``_streaming/`` (theirs),
+``_transports/`` (aiohttp behind the seam, the header, TLS and framing rules) and
+``_observability/`` (the metrics recorder and request log, OpenTelemetry's providers);
 ``base`` (the client) and ``mixins/`` (each concern's public face: queue, circuit_breaker,
 retry, batching, metrics, multiplexing, routing); ``hookspecs`` and ``plugins`` (discovery);
 ``adapter`` (what a plugin supplies) and ``default_plugins/`` (the built-in vLLM plugin);
 ``models`` (typed requests and results); ``errors`` (the error tree); ``settings``;
-``transport`` (the ``AsyncTransport`` seam), ``_aio_transport`` (aiohttp behind it),
-``mock_transport`` (one for unit tests) and ``sse`` (bytes on the wire); ``prometheus_export`` (the client's metrics
-for prometheus-client); ``vllm`` (the vLLM client and the framework's ``vllm`` backend).
+``transport`` (the ``AsyncTransport`` seam), ``mock_transport`` (one for unit tests) and
+``sse`` (bytes on the wire); ``tracing`` (OpenTelemetry), ``prometheus_export`` (the client's
+metrics for prometheus-client) and ``server_metrics`` (a server's ``/metrics``); ``vllm`` (the vLLM client and the framework's ``vllm`` backend).
 
 ``from ipfs_accelerate_py.api_backends import vllm`` gives the framework's backend class;
 ``import ipfs_accelerate_py.api_backends.vllm`` gives the module.

@@ -2,7 +2,7 @@
 
 ``astream`` / ``astream_generation`` are ``stream`` / ``stream_generation`` for coroutines.
 They share the sync face's state, not a copy of it: the same routing choice
-(``_order`` over ``_routing_candidates``, failing over while a stream opens), the same
+(``Router.order`` over ``Router.routing_candidates``, failing over while a stream opens), the same
 circuit breaker (admission, verdicts, the wait for an OPEN circuit), the same per-endpoint
 in-flight limit (``InFlightLimit.aacquire``: one FIFO queue for threads and coroutines),
 the same retry policy before the first byte (``retry_wait`` / ``breaker.circuit_wait``,
@@ -24,7 +24,7 @@ share goes on its endpoint's queue as a job (``StreamingMixin._queue_stream``), 
 gathers it on the client's loop with compatible ones from either face, and the caller awaits
 the job's future (``asyncio.wrap_future``); its chunks then come from its ``SharedHandle``'s
 feed (``_pump.Feed.achunks``), read by the shared call's reader on the client's loop. A
-stream that goes alone is opened on its caller's loop by ``StreamingMixin._aopen_reply``,
+stream that goes alone is opened on its caller's loop by ``StreamOpener.aopen`` (``_opener``),
 the sync face's opening coroutine.
 
 Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``,
@@ -122,12 +122,12 @@ class AsyncFaceMixin(HostBase):
         strategy, lora, ids = self._stream_routing(request)
         if not ids:
             return None
-        if self._routing().probe is None:
+        if self._router.state.probe is None:
             order = self._stream_order(strategy, ids, request)
         else:  # a load probe is a blocking HTTP call: it must not run on the loop
             order = await asyncio.get_running_loop().run_in_executor(
                 None, self._stream_order, strategy, ids, request)
-        opening = OpeningOrder(order, self._is_open)
+        opening = OpeningOrder(order, self._router.is_open)
         for eid in opening:
             try:
                 if lora is not None and self._lora_needs_load(eid, lora):
@@ -164,8 +164,8 @@ class AsyncFaceMixin(HostBase):
                 headers = tracing.with_trace_context(http.headers)  # this stream's span, not the thread's
             # the endpoint's transport on this loop (a transport_factory's in the client's
             # executor, awaited here as the sync face does)
-            response = await self._aopen_reply(ep, http, headers,
-                                               deadline, request.model, ff, op, rid)
+            response = await self._opener.aopen(ep, http, headers,
+                                                deadline, request.model, ff, op, rid)
         except BaseException as exc:
             tracing.stream_finished(op, exc, type(exc).__name__, None, None, ())
             self._metrics.record_request(ep.id, request.model, False,

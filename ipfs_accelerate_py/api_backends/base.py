@@ -58,7 +58,8 @@ from .operations import OperationRequest, OperationsMixin
 from .plugins import get_backend
 from .settings import ClientSettings
 from .streaming import StreamingMixin, TextStream
-from ._aio_transport import AioTransport
+from ._streaming.opening import StreamOpener
+from ._transports.aio import AioTransport
 from .transport import (AsyncTransport, HttpRequest, HttpResponse, RequestsTransport, Transport,
                         as_async_transport)
 
@@ -123,11 +124,13 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         self._endpoints: Dict[str, Endpoint] = {}
         # each mixin's own state (mixins/_host.py: what they may use of this class)
         self._init_metrics(settings.latency_window, settings.recent_requests_size)
-        self._init_batching()
         self._init_circuits()
         self._init_routing()
-        self._init_streaming()
         self._init_attempts()
+        #: opens every streamed reply, both faces' and the shared streams'
+        self._opener = StreamOpener(self._attempts, self._aretry)
+        self._init_batching()
+        self._init_streaming()
         self._endpoints["default"] = self._make_endpoint("default", settings)
         _live_clients.add(self)
 
@@ -293,11 +296,12 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
 
     def _use_adapter(self, adapter: BackendAdapter) -> None:
         """Speak through ``adapter`` from now on, the client and the parts that read it (the
-        attempt, the batcher): a backend that learns its server's API on the first call
+        attempt, the batcher, the shared streams): a backend that learns its server's API on the first call
         (``_settle_backend``) switches here."""
         self._adapter = adapter
         self._attempts.adapter = adapter
         self._batcher.adapter = adapter
+        self._shared_streams.adapter = adapter
 
     def _settle_backend(self) -> None:
         """What a backend must learn from its server before the first call is queued

@@ -91,7 +91,15 @@ class LoadReport:
 
 
 class LoadBoard:
-    """The latest report per endpoint (thread-safe); ``fresh`` drops those past ``max_age``."""
+    """The latest report per endpoint (thread-safe); ``fresh`` drops those past ``max_age``.
+
+    One board per client, keyed by endpoint id, not one per endpoint: it is routing's view,
+    and routing reads it across endpoints for one decision (``cache_aware_loads``: a stale
+    figure counts as loaded as the busiest endpoint's fresh one, so the figures are read
+    together under one lock and one ``max_age``, the ``load_max_age`` routing option set once
+    for all). What an endpoint's own parts need of a report (its in-flight limit) the
+    attempt hands them with the reply, so no endpoint part reads the board; the attempt
+    takes it at construction (``Attempt(..., board)``), from routing's state."""
 
     def __init__(self, max_age: float = 1.0) -> None:
         self._lock = threading.Lock()

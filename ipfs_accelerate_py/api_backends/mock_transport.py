@@ -15,7 +15,7 @@ import dataclasses
 import inspect
 from typing import AsyncIterator, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
-from ._headers import Headers
+from ._transports.headers import Headers
 from .transport import HttpRequest, HttpResponse
 
 __all__ = ["MockTransport", "MockStream"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, Optional
 
-from .mixins.metrics import PERCENTILES
+from ._observability.recorder import PERCENTILES
 
 __all__ = ["ClientMetricsCollector", "register_prometheus", "PREFIX"]
 

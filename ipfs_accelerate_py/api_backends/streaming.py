@@ -6,8 +6,8 @@ instead (``stream_batching``, whose ``SharedTextStream`` subclasses ``TextStream
 open stream holds (its connection, its place in ``current_requests``) is a ``_StreamLease``,
 released exactly once: at the end, on close, or when the stream is dropped unread.
 
-One asyncio core, two faces: every stream opens by ``_aopen_reply`` (retry, breaker, slot,
-as coroutines). A sync caller's stream opens on the client's loop (the caller's thread
+One asyncio core, two faces: every stream opens by ``StreamOpener.aopen``
+(``_streaming/opening.py``: retry, breaker, slot, as coroutines; the client's ``_opener``). A sync caller's stream opens on the client's loop (the caller's thread
 waits for it) and is read there by a reader task that hands the caller its chunks
 (``_pump``); the bytes move through the endpoint's transport (aiohttp, or a transport the
 caller gave, read in the client's executor: ``transport.ThreadedStream``).
@@ -34,7 +34,7 @@ from .call_shapes import check_timeout
 from .models import Request, StreamChunk, Usage, check_priority
 from ._streaming.stream_batching import ALONE, SharedHandle, stream_key
 from .structured import parse_answer, with_schema
-from .transport import AsyncStream, HttpRequest
+from .transport import HttpRequest
 
 if TYPE_CHECKING:
     from ._core.endpoint import Endpoint
@@ -47,8 +47,8 @@ _OPEN_GRACE = 2.0
 
 
 class StreamingMixin(HostBase):
-    """``stream()``: one open stream of ``StreamChunk``s, alone or sharing a call; and the
-    opening coroutine both faces share (``_aopen_reply``)."""
+    """``stream()``: one open stream of ``StreamChunk``s, alone or sharing a call (the
+    opening both faces share is a part: ``_opener``, ``StreamOpener``)."""
 
     def _init_streaming(self) -> None:
         """Nothing to set up: shared streams gather in the endpoints' queues."""
@@ -142,41 +142,23 @@ class StreamingMixin(HostBase):
 
     def _open_on_loop(self, ep: "Endpoint", request: Request, http: HttpRequest,
                       deadline: float, fail_fast: bool, op: Any, rid: str) -> Reader:
-        """From the caller's thread: open the reply on the client's loop (``_aopen_reply``)
+        """From the caller's thread: open the reply on the client's loop (``_opener``)
         and start its reader there; the caller then reads the reader's feed."""
         with tracing.working_for(op, rid):
             headers = tracing.with_trace_context(http.headers)  # the stream's span, not the loop's
         loop = self._loop
         room = Signal(loop)
         feed = Feed(room, ep.settings.idle_timeout)
+        opener = self._opener
 
         async def open_and_read() -> Reader:
-            response = await self._aopen_reply(ep, http, headers,
-                                               deadline, request.model, fail_fast, op, rid)
+            response = await opener.aopen(ep, http, headers,
+                                          deadline, request.model, fail_fast, op, rid)
             reader = Reader(loop, response, feed)
             reader.start(read_reply(response, self._adapter, request, feed, room))
             return reader
 
         return run_blocking(loop, open_and_read(), deadline)
-
-    async def _aopen_reply(self, ep: "Endpoint", http: HttpRequest, headers: Dict[str, str],
-                           deadline: float, model: Optional[str], fail_fast: bool,
-                           op: Any, rid: str) -> AsyncStream:
-        """Open one streamed reply: the retry loop (before the first byte only) around one
-        attempt under the breaker and the in-flight slot (``Attempt.guarded``), through the
-        endpoint's transport. Span events go on ``op``. Both faces and the shared streams
-        open here."""
-        async def attempt(n: int) -> AsyncStream:
-            return await self._attempts.guarded(
-                ep, deadline, ep.settings.idle_timeout, False,
-                lambda timeout: ep.transport.open_stream(http, timeout, headers), fail_fast,
-                op=op, rid=rid)
-
-        def retrying(exc: BaseException, attempt: int, wait: float) -> None:
-            with tracing.working_for(op, rid):
-                tracing.retrying(exc, attempt, wait)
-
-        return await self._aretry(ep, attempt, deadline, model, on_retry=retrying)
 
 
 def run_blocking(loop: ClientLoop, coro: Coroutine[Any, Any, T], deadline: float,

@@ -2,7 +2,7 @@
 
 The pipeline calls the hooks below at the points that matter for one request; each hook
 costs a dict lookup and returns when no tracer or meter provider is configured (see
-``_otel``), and nothing here imports ``opentelemetry``. With a tracer provider:
+``_observability/otel.py``), and nothing here imports ``opentelemetry``. With a tracer provider:
 
 - every submitted request gets a CLIENT span ``{gen_ai.operation.name} {gen_ai.request.model}``
   started in the caller's thread (so it is a child of the caller's current span) and ended
@@ -38,7 +38,7 @@ from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Deque, Dict, Iterat
                     Sequence, Tuple, TypeVar)
 from urllib.parse import urlsplit
 
-from . import _otel
+from ._observability import otel as _otel
 
 if TYPE_CHECKING:
     from ._core.endpoint import Endpoint

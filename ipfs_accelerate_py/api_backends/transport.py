@@ -8,7 +8,7 @@ streams, on the caller's; it knows nothing about what a request means. Everythin
 (retry, breaker, parsing) is the same whatever moves the bytes, so tests and benchmarks
 swap the transport without patching anything. Two implementations:
 
-* ``_aio_transport.AioTransport``: aiohttp, the default (proxies and ``trust_env`` through
+* ``_transports.aio.AioTransport``: aiohttp, the default (proxies and ``trust_env`` through
   aiohttp's own support);
 * ``ThreadedTransport``: the adapter of a sync ``Transport`` that a caller gave through
   ``transport_factory`` (a test's scripted transport, a custom seam, ``RequestsTransport``):
@@ -19,7 +19,7 @@ swap the transport without patching anything. Two implementations:
 (one pooled ``requests.Session``), public for those who want ``requests``' behaviour. Every
 transport keeps the same rules (timeouts, streaming with an idle timeout, early close drops
 the connection, exceptions mapped into ``errors``, reply bodies capped at
-``max_response_bytes`` while reading, framing checked by ``_framing``).
+``max_response_bytes`` while reading, framing checked by ``_transports.framing``).
 
 The cap applies to every complete reply and to the body of a streamed reply with an error
 status (read whole by the caller); a 2xx stream is bounded per event by the SSE decoder
@@ -45,7 +45,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 
 from . import errors
-from ._framing import NO_CAP, check_size, declared_length
+from ._transports.framing import NO_CAP, check_size, declared_length
 from .errors import redact
 from .settings import MAX_RESPONSE_BYTES
 from .tracing import with_trace_context

@@ -351,7 +351,7 @@ def test_a_cold_key_leaves_its_server_once_that_has_finished_nothing_for_a_while
                       if c.routing_order("cache-aware", ["a", "b"],
                                          CompletionRequest(model="tiny-llama", prompt=doc(i)))[0] == "a")
         request = CompletionRequest(model="tiny-llama", prompt=prompt + "Q?")
-        state = c._routing_state
+        state = c._router.state
 
         def hold(n: int) -> None:  # n routed requests of this client outstanding at a
             with state.lock:

@@ -13,7 +13,7 @@ from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.clock import SYSTEM_CLOCK, FakeClock
 from ipfs_accelerate_py.api_backends._core.batcher import batch_key, merge_requests, share_tokens, split_result
 from ipfs_accelerate_py.api_backends._core.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, CircuitProber
-from ipfs_accelerate_py.api_backends.mixins.metrics import MetricsRecorder, Series
+from ipfs_accelerate_py.api_backends._observability.recorder import MetricsRecorder, Series
 from ipfs_accelerate_py.api_backends._core.loop import ClientLoop, Signal
 from ipfs_accelerate_py.api_backends._core.dispatcher import Dispatcher
 from ipfs_accelerate_py.api_backends._core.queue import Job, PriorityRequestQueue

@@ -13,7 +13,7 @@ import pytest
 
 from api_support import README_MODEL
 from support import transport_factory
-from ipfs_accelerate_py.api_backends._aio_transport import AioTransport
+from ipfs_accelerate_py.api_backends._transports.aio import AioTransport
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.limits import (apply_max_tokens_cap, max_tokens_cap,

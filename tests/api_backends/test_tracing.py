@@ -29,7 +29,8 @@ from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 from api_support import (COMPLETIONS, OtelCapture, RecordingRelay,  # noqa: E402
                          parse_traceparent, request_ids, span_id, trace_id)
 from support import wait_until  # noqa: E402
-from ipfs_accelerate_py.api_backends import _otel, errors  # noqa: E402
+from ipfs_accelerate_py.api_backends import errors  # noqa: E402
+from ipfs_accelerate_py.api_backends._observability import otel as _otel  # noqa: E402
 from ipfs_accelerate_py.api_backends.base import build_request  # noqa: E402
 from ipfs_accelerate_py.api_backends.vllm import VllmClient  # noqa: E402
 from ipfs_accelerate_py.servers.fake_vllm import Fault  # noqa: E402

@@ -29,7 +29,7 @@ import pytest
 
 from support import FAST, wait_until
 from ipfs_accelerate_py.api_backends import AsyncTransport, MockTransport, errors
-from ipfs_accelerate_py.api_backends._aio_transport import AioTransport, pick_proxy
+from ipfs_accelerate_py.api_backends._transports.aio import AioTransport, pick_proxy
 from ipfs_accelerate_py.api_backends.base import default_transport
 from ipfs_accelerate_py.api_backends.transport import (HttpRequest, HttpResponse,
                                                         RequestsTransport, ThreadedTransport,

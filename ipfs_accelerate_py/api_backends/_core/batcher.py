@@ -44,7 +44,7 @@ from .queue import Job
 if TYPE_CHECKING:
     from ..adapter import BackendAdapter
     from .endpoint import Endpoint
-    from ..mixins.metrics import MetricsRecorder
+    from .._observability.recorder import MetricsRecorder
 
 __all__ = ["Batcher", "batch_key", "merge_requests", "split_result", "share_tokens",
            "prompt_count", "RETRY_PARTS"]
@@ -67,7 +67,7 @@ class Call(Protocol):
 
 
 class Finish(Protocol):
-    """Resolve a job and record what its caller saw (``MetricsMixin._finish``)."""
+    """Resolve a job and record what its caller saw (``RequestLog.finish``)."""
 
     def __call__(self, ep: "Endpoint", job: Job, start: float, result: Optional[Any] = None,
                  error: Optional[BaseException] = None) -> None: ...

@@ -79,7 +79,7 @@ from ..errors import ApiError, CircuitOpenError, ClientClosedError
 
 if TYPE_CHECKING:  # types only: these modules' packages import this one
     from .inflight import InFlightLimit
-    from ..mixins.metrics import MetricsRecorder
+    from .._observability.recorder import MetricsRecorder
     from .queue import Job, PriorityRequestQueue
     from .retry import RetryPolicy
     from ..settings import ClientSettings

@@ -24,7 +24,7 @@ from ..settings import ClientSettings
 from ..transport import AsyncTransport, HttpRequest, HttpResponse
 
 if TYPE_CHECKING:
-    from ..mixins.metrics import MetricsRecorder
+    from .._observability.recorder import MetricsRecorder
 
 __all__ = ["Endpoint", "JobHandler"]
 

@@ -83,7 +83,7 @@ class RoutingState:
         self.skipped_open: Counter = Counter()
         self.all_down = 0
         self.circuit_waits = 0  # routed calls that found every endpoint down and waited
-        # cache-aware
+        # cache-aware; the servers' load reports, one board for every endpoint (why: LoadBoard)
         self.board = LoadBoard(LOAD_MAX_AGE)
         self.prefix_chars = DEFAULT_PREFIX_CHARS
         self.balance_abs = BALANCE_ABS

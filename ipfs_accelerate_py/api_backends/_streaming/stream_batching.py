@@ -16,7 +16,7 @@ request, from either face; the dispatcher and the batcher (mixins/batching.py) g
 compatible jobs on the client's loop exactly as they gather complete ones (a lone stream
 is told to go ``ALONE`` at once; more callers than ``max_batch_size`` make more shared
 calls; a caller whose deadline ends while gathering gets ``QueueTimeoutError``; one that
-left is dropped). ``open_shared`` then opens the shared call and hands each caller a
+left is dropped). ``SharedStreams.open_shared`` then opens the shared call and hands each caller a
 ``SharedHandle``: its own ``_pump.Feed`` of its own choices, renumbered from 0, read by a
 sync ``SharedTextStream`` (streaming.py) or an async one (async_face.py).
 
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any, Dict, Hashable, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Set
 
 from .. import errors, tracing
 from .._core.loop import Signal
@@ -53,11 +53,16 @@ from ..reply_checks import check_usage_adds_up, note_list_mismatch
 from ..sse import SSEDecoder
 
 if TYPE_CHECKING:
+    from ..adapter import BackendAdapter
+    from ..clock import Clock
     from .._core.endpoint import Endpoint
+    from .._core.loop import ClientLoop
     from .._core.queue import Job
+    from .._observability.recorder import MetricsRecorder
     from ..transport import AsyncStream
+    from .opening import StreamOpener
 
-__all__ = ["ALONE", "stream_key", "open_shared", "SharedHandle", "copy_error"]
+__all__ = ["ALONE", "stream_key", "SharedStreams", "SharedHandle", "copy_error"]
 
 #: What a stream job's future gives a caller that found no company: open a plain stream.
 ALONE = "alone"
@@ -127,8 +132,8 @@ class _SharedCall:
     """One shared prompt-list stream: its members, and its reader task on the client's
     loop, which sorts every event's choices into the members' feeds."""
 
-    def __init__(self, client: Any, ep: Endpoint, jobs: List[Job]) -> None:
-        self.client = client
+    def __init__(self, streams: "SharedStreams", ep: Endpoint, jobs: List[Job]) -> None:
+        self.streams = streams
         self.ep = ep
         self.key = jobs[0].key
         self.first: CompletionRequest = jobs[0].request
@@ -136,7 +141,7 @@ class _SharedCall:
         so = self.first.stream_options
         self.usage_wanted = bool(so is not None and so.include_usage)
         self.usage_every_event = bool(self.usage_wanted and so is not None and so.continuous_usage_stats)
-        self.room = Signal(client._loop)
+        self.room = Signal(streams.loop)
         idle = ep.settings.idle_timeout
         self.members = [_Member(j, i, self.n, Feed(self.room, idle)) for i, j in enumerate(jobs)]
         self.lock = threading.Lock()  # the members' states: the reader's and the leavers'
@@ -160,19 +165,19 @@ class _SharedCall:
     async def open(self) -> None:
         """Open the call and hand every member its handle; a failure reaches every member.
         A 4xx that one bad prompt may have caused sends every member alone instead."""
-        client, ep = self.client, self.ep
+        streams, ep = self.streams, self.ep
         merged = self.wire
         first = self.members[0].job
         op = first.context  # the first caller's span carries the shared call's events
         rid = first.request_id
-        http = client._adapter.format_request(merged, priority=None, request_id=rid)
+        http = streams.adapter.format_request(merged, priority=None, request_id=rid)
         with tracing.working_for(op, rid):
             headers = tracing.with_trace_context(http.headers)
         deadline = min(m.job.deadline for m in self.members)
         ep.queue.shared_call_started(self.key)
         try:
-            response = await client._aopen_reply(ep, http, headers,
-                                                 deadline, merged.model, first.fail_fast, op, rid)
+            response = await streams.opener.aopen(ep, http, headers, deadline, merged.model,
+                                                  first.fail_fast, op, rid)
         except errors.HTTPStatusError as exc:
             self._release()
             if not isinstance(exc, errors.TransientError):
@@ -187,9 +192,9 @@ class _SharedCall:
             if not isinstance(exc, Exception):
                 raise
             return
-        self.reader = Reader(client._loop, response, Feed(self.room, 0.0))
+        self.reader = Reader(streams.loop, response, Feed(self.room, 0.0))
         self.reader.start(self._read(response))
-        client._metrics.record_batch(ep.id, merged.model, len(self.members))
+        streams.metrics.record_batch(ep.id, merged.model, len(self.members))
         for m in self.members:
             if not _deliver(m.job, SharedHandle(self, m)):
                 self.leave(m, wait=False)  # its caller gave up meanwhile
@@ -204,7 +209,7 @@ class _SharedCall:
         (one hand-over per member and read); at ``[DONE]`` every member still reading is
         judged (``_all_done``); at an error, every member hears of it."""
         decoder = SSEDecoder()
-        adapter = self.client._adapter
+        adapter = self.streams.adapter
         feeds = [m.feed for m in self.members]
         pieces = response.chunks()
         try:
@@ -362,24 +367,24 @@ class _SharedCall:
     def _mismatch(self, exc: errors.ReplyMismatchError, members: List[_Member]) -> None:
         """The reply does not match: ``members`` get no more of it. Each one not yet handed
         any text is re-sent alone; the others end with the error (and their text so far)."""
-        note_list_mismatch(self.ep, self.client._metrics, self.first.model, exc)
+        note_list_mismatch(self.ep, self.streams.metrics, self.first.model, exc)
         self._hand_over()
         for m in members:
             m.state = _ENDED
             if m.delivered:
                 m.feed.end(copy_error(exc))
             else:
-                self.resends.append(self.client._loop.start(self._resend(m)))
+                self.resends.append(self.streams.loop.start(self._resend(m)))
 
     async def _resend(self, m: _Member) -> None:
         """Member ``m``'s stream, sent alone into the same feed (its caller reads on)."""
-        client, job = self.client, m.job
-        rid = client._new_request_id()
+        streams, job = self.streams, m.job
+        rid = streams.new_request_id()
         try:
-            http = client._adapter.format_request(m.request, priority=None, request_id=rid)
+            http = streams.adapter.format_request(m.request, priority=None, request_id=rid)
             with tracing.working_for(job.context, rid):
                 headers = tracing.with_trace_context(http.headers)
-            response = await client._aopen_reply(
+            response = await streams.opener.aopen(
                 self.ep, http, headers, job.deadline,
                 m.request.model, job.fail_fast, job.context, rid)
         except BaseException as exc:  # noqa: BLE001 - its caller hears of it
@@ -387,7 +392,7 @@ class _SharedCall:
             if not isinstance(exc, Exception):
                 raise
             return
-        await read_reply(response, client._adapter, m.request, m.feed, self.room)
+        await read_reply(response, streams.adapter, m.request, m.feed, self.room)
 
     # ------------------------------------------------------------------ leaving
     def leave(self, member: _Member, wait: bool) -> None:
@@ -404,7 +409,7 @@ class _SharedCall:
         self._release()
         for task in self.resends:
             if not task.done():
-                self.client._loop.call_soon(task.cancel)
+                self.streams.loop.call_soon(task.cancel)
         if self.reader is not None:
             self.reader.close(wait=wait)
 
@@ -415,7 +420,7 @@ class _SharedCall:
         self.released = True
         self.ep.queue.shared_call_ended(self.key)
         # Its callers will be back at once (closed-loop load): let their streams gather.
-        self.ep.burst_until = self.client._clock.monotonic() + self.ep.settings.batch_timeout
+        self.ep.burst_until = self.streams.clock.monotonic() + self.ep.settings.batch_timeout
 
 
 def _deliver(job: Job, outcome: Any) -> bool:
@@ -427,15 +432,37 @@ def _deliver(job: Job, outcome: Any) -> bool:
     return True
 
 
-async def open_shared(client: Any, ep: Endpoint, jobs: List[Job]) -> None:
-    """The batcher's step for stream jobs: one alone is told so (its caller opens a plain
-    stream at once); several share one call."""
-    live = [j for j in jobs if not j.future.done()]
-    if len(live) == 1:
-        # A lone stream goes at once; streams that follow it closely are a burst, and gather.
-        s = ep.settings
-        ep.burst_until = max(ep.burst_until, client._clock.monotonic()
-                             + min(s.batch_timeout, _BURST_LINGERS * s.batch_linger))
-        _deliver(live[0], ALONE)
-    elif live:
-        await _SharedCall(client, ep, live).open()
+class SharedStreams:
+    """The shared streams' part: what every shared call needs, handed in at construction;
+    the batcher is handed ``open_shared``, its step for stream jobs.
+
+    ``loop``: the client's loop (the reader tasks, the resends); ``clock``: the burst
+    window; ``metrics``: a shared call and a mismatch counted; ``opener``: opens a streamed
+    reply (``StreamOpener``); ``new_request_id``: a member re-sent alone gets its own;
+    ``adapter``: formats the call and parses its events (the client hands in another when it
+    learns which API its server speaks: ``adapter`` is then set anew)."""
+
+    __slots__ = ("loop", "clock", "metrics", "opener", "new_request_id", "adapter")
+
+    def __init__(self, loop: "ClientLoop", clock: "Clock", metrics: "MetricsRecorder",
+                 opener: "StreamOpener", new_request_id: Callable[[], str],
+                 adapter: "BackendAdapter") -> None:
+        self.loop = loop
+        self.clock = clock
+        self.metrics = metrics
+        self.opener = opener
+        self.new_request_id = new_request_id
+        self.adapter = adapter
+
+    async def open_shared(self, ep: Endpoint, jobs: List[Job]) -> None:
+        """The batcher's step for stream jobs: one alone is told so (its caller opens a plain
+        stream at once); several share one call."""
+        live = [j for j in jobs if not j.future.done()]
+        if len(live) == 1:
+            # A lone stream goes at once; streams that follow it closely are a burst, and gather.
+            s = ep.settings
+            ep.burst_until = max(ep.burst_until, self.clock.monotonic()
+                                 + min(s.batch_timeout, _BURST_LINGERS * s.batch_linger))
+            _deliver(live[0], ALONE)
+        elif live:
+            await _SharedCall(self, ep, live).open()

@@ -14,18 +14,20 @@ Who provides what (and who uses it):
   lifecycle and the request paths (``submit``, ``stream``, ``run_inference``);
 * ``attempt.AttemptMixin``: ``_attempts``, one attempt as a coroutine (``_core/attempt.py``:
   retry, streaming), ``_asleep`` (batching, retry, streaming, the async face);
-* ``streaming.StreamingMixin``: ``_aopen_reply``, the opening of a streamed reply that
-  both faces and the shared streams use;
-* ``metrics.MetricsMixin``: ``_metrics``, ``_finish`` (batching, retry, streaming);
+* the client again: ``_opener``, the part that opens a streamed reply
+  (``_streaming/opening.py``: streaming, the async face, batching's shared streams);
+* ``metrics.MetricsMixin``: ``_metrics``, the recorder (batching, retry, streaming,
+  multiplexing); every request's outcome is the request log's (``RequestLog.finish``, handed
+  to the batcher), not the client's;
 * ``queue.QueueMixin``: ``current_requests`` (metrics);
 * ``circuit_breaker.CircuitBreakerMixin``: ``circuit_states`` (metrics), the board of
   callers waiting for a circuit to close (``_circuit_waiters``: routing);
 * ``batching.BatchingMixin``: ``_batcher`` (the dispatchers' handler; the async face's
   served-here path);
-* ``retry.RetryMixin``: ``_call`` (handed to the batcher), ``_aretry`` (streaming);
-* ``routing.RoutingMixin``: ``_routed_stream`` (streaming), its state (``_routing``: the
-  load board handed to the attempt), and the routing choice the async face makes itself
-  (``_routing_candidates``, ``_order``, ``_is_open``);
+* ``retry.RetryMixin``: ``_call`` (handed to the batcher);
+* ``routing.RoutingMixin``: ``_routed_stream`` (streaming), and its part, the router
+  (``_router``, ``_routing/router.py``: its state's load board handed to the attempt, the
+  candidates LoRA routing lists, the OPEN check a routed async stream skips by);
 * the client again: ``close``.
 
 What is an endpoint's part is reached through the endpoint, not through here: its circuit
@@ -38,8 +40,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Protocol,
-                    Tuple, TypeVar)
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol
 
 if TYPE_CHECKING:  # types only: the mixins import this module, and these import the mixins
     from ..adapter import BackendAdapter
@@ -51,14 +52,12 @@ if TYPE_CHECKING:  # types only: the mixins import this module, and these import
     from ..models import CompletionResult, Request
     from ..settings import ClientSettings
     from ..streaming import TextStream
-    from ..transport import AsyncStream, HttpRequest
+    from .._routing.router import Router
+    from .._streaming.opening import StreamOpener
     from .._core.loop import ClientLoop
-    from .metrics import MetricsRecorder
-    from .._core.queue import Job
+    from .._observability.recorder import MetricsRecorder
 
 __all__ = ["Host", "HostBase"]
-
-T = TypeVar("T")
 
 
 class Host(Protocol):
@@ -116,16 +115,8 @@ class Host(Protocol):
 
     async def _asleep(self, seconds: float, doing: str) -> None: ...
 
-    # -- streaming.StreamingMixin
-    async def _aopen_reply(self, ep: "Endpoint", http: "HttpRequest", headers: Dict[str, str],
-                           deadline: float, model: Optional[str], fail_fast: bool,
-                           op: Any, rid: str) -> "AsyncStream": ...
-
-    # -- metrics.MetricsMixin
-    def _finish(self, ep: "Endpoint", job: Job, start: float,
-                result: Optional[CompletionResult] = None,
-                error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
-                output_tokens: Optional[int] = None) -> None: ...
+    # -- the client: the part that opens a streamed reply (streaming, async face, batching)
+    _opener: "StreamOpener"
 
     # -- queue.QueueMixin
     @property
@@ -146,24 +137,12 @@ class Host(Protocol):
                     last_attempt: Optional[int] = None,
                     fresh_id: bool = False) -> CompletionResult: ...
 
-    async def _aretry(self, endpoint: "Endpoint", attempt_fn: Callable[[int], Awaitable[T]],
-                      deadline: float, model: Optional[str], first_attempt: int = 0,
-                      last_attempt: Optional[int] = None, fresh_id: bool = False,
-                      on_retry: Optional[Callable[[BaseException, int, float], None]] = None
-                      ) -> T: ...
-
     def _routed_stream(self, request: Any, priority: int = 1,
                        timeout: Optional[float] = None) -> Any: ...
 
-    # -- routing.RoutingMixin (the async face routes its streams as the sync face does)
-    def _routing(self) -> Any: ...
-
-    def _routing_candidates(self) -> List[str]: ...
-
-    def _order(self, strategy: Any, ids: List[str],
-               request: Any) -> Tuple[List[str], Optional[bytes]]: ...
-
-    def _is_open(self, endpoint_id: str) -> bool: ...
+    # -- routing.RoutingMixin: the router (the async face routes its streams as the sync
+    # face does; the attempt is handed its load board; LoRA routing reads its candidates)
+    _router: "Router"
 
     # -- the client: closing
     def close(self, timeout: Optional[float] = None) -> None: ...

@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Optional, Set, Tuple
 
-from .._aio_transport import AioTransport
+from .._transports.aio import AioTransport
 from .._core.attempt import Attempt
 from .._core.loop import settle
 from ..errors import ClientClosedError, ConfigurationError
@@ -39,7 +39,7 @@ class AttemptMixin(HostBase):
 
     def _init_attempts(self) -> None:
         self._attempts = Attempt(self._clock, self._closing, self._adapter,
-                                self._routing().board)
+                                self._router.state.board)
         self._sleepers: Set[Tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = set()
         self._sleepers_lock = threading.Lock()
         self._threaded: Optional[ThreadPoolExecutor] = None

@@ -2,16 +2,15 @@
 
 A thin facade: the batcher (``_core/batcher.py``) is the part each endpoint's dispatcher
 hands its jobs to; this mixin makes it, from what it needs of the client (the call with its
-retries, how a job is finished and recorded, the sleeps ``close()`` cuts short, shared
-streams), and sets the batching settings on every endpoint.
+retries, how a job is finished and recorded, the sleeps ``close()`` cuts short, the shared
+streams' part, ``stream_batching.SharedStreams``, which it makes too), and sets the batching
+settings on every endpoint.
 """
 
 from __future__ import annotations
 
-import functools
-
 from .._core.batcher import Batcher
-from .._streaming.stream_batching import open_shared
+from .._streaming.stream_batching import SharedStreams
 from ._host import HostBase
 
 __all__ = ["BatchingMixin"]
@@ -22,11 +21,15 @@ class BatchingMixin(HostBase):
 
     #: what every endpoint's dispatcher runs for each job (``Batcher.handle_job``)
     _batcher: Batcher
+    #: the shared streams the batcher opens (``SharedStreams.open_shared``)
+    _shared_streams: SharedStreams
 
     def _init_batching(self) -> None:
+        self._shared_streams = SharedStreams(self._loop, self._clock, self._metrics,
+                                             self._opener, self._new_request_id, self._adapter)
         self._batcher = Batcher(
-            self._clock, self._closing, self._loop, self._metrics, self._call, self._finish,
-            self._asleep, functools.partial(open_shared, self), self._adapter)
+            self._clock, self._closing, self._loop, self._metrics, self._call, self._requests.finish,
+            self._asleep, self._shared_streams.open_shared, self._adapter)
 
     @property
     def batch_enabled(self) -> bool:

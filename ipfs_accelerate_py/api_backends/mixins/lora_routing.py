@@ -146,7 +146,7 @@ class LoraRoutingMixin(HostBase):
         book = self._lora_book
         by_server: Dict[str, List[str]] = {}
         # the endpoints routing goes over (the default one left out when another is its server)
-        for eid in self._routing_candidates():  # type: ignore[attr-defined]
+        for eid in self._router.routing_candidates():
             by_server.setdefault(self._server_of(eid), []).append(eid)
         with book.lock:
             return {name: {"parent": parent, "path": book.paths.get(name),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from . import errors
+from .. import errors
 
 __all__ = ["Headers", "check_header"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .errors import ResponseError, ResponseTooLargeError
+from ..errors import ResponseError, ResponseTooLargeError
 
 __all__ = ["NO_CAP", "declared_length", "too_large", "check_size"]
 

@@ -25,8 +25,8 @@ The rules every transport of the project keeps:
   ``Proxy-Authorization`` header, never in a repr or a message;
 * the reply of an error status is read whole, capped at ``max_response_bytes`` (a declared
   ``Content-Length`` over the cap is refused before reading, an undeclared body as it
-  arrives: ``_framing``); a 2xx stream is bounded per event by the SSE decoder above;
-* aiohttp's own parser (llhttp) refuses the framing errors ``_framing`` names (two
+  arrives: ``framing``); a 2xx stream is bounded per event by the SSE decoder above;
+* aiohttp's own parser (llhttp) refuses the framing errors ``framing`` names (two
   different lengths, a signed or non-digit length) and, as RFC 9112 section 6.3 allows,
   two identical lengths and a reply with both framings: each becomes a ``ResponseError``,
   the connection closed;
@@ -51,14 +51,14 @@ from urllib.request import proxy_bypass_environment
 
 import aiohttp
 
-from . import errors
-from ._framing import NO_CAP, check_size, declared_length
-from ._headers import Headers, check_header
-from ._tls import tls_context
-from .errors import redact, register_secret
-from .settings import MAX_RESPONSE_BYTES, ClientSettings
-from .tracing import with_trace_context
-from .transport import HttpRequest, HttpResponse
+from .. import errors
+from .framing import NO_CAP, check_size, declared_length
+from .headers import Headers, check_header
+from .tls import tls_context
+from ..errors import redact, register_secret
+from ..settings import MAX_RESPONSE_BYTES, ClientSettings
+from ..tracing import with_trace_context
+from ..transport import HttpRequest, HttpResponse
 
 __all__ = ["AioTransport", "AioStreamResponse", "KEEPALIVE"]
 
