@@ -103,24 +103,22 @@ def opt_list(value: Any, where: str, status: Optional[int] = None) -> Optional[L
 
 def opt_int_list(value: Any, where: str, status: Optional[int] = None) -> Optional[List[int]]:
     """A list of token ids (every element an integer), or None."""
-    if value is None:
-        return None
-    if type(value) is list:
-        for item in value:
-            if type(item) is not int:
-                raise _wrong(f"{where}[]", "an integer", item, status)
-        return value
-    raise _wrong(where, "a list of integers or null", value, status)
+    return _list_of(value, int, where, "an integer", "a list of integers or null", status)
 
 
 def opt_dict_list(value: Any, where: str,
                   status: Optional[int] = None) -> Optional[List[Dict[str, Any]]]:
     """A list of objects (tool calls), or None."""
+    return _list_of(value, dict, where, "an object", "a list of objects or null", status)
+
+
+def _list_of(value: Any, kind: type, where: str, item: str, whole: str,
+             status: Optional[int]) -> Optional[List[Any]]:
     if value is None:
         return None
     if type(value) is list:
-        for item in value:
-            if type(item) is not dict:
-                raise _wrong(f"{where}[]", "an object", item, status)
+        for element in value:
+            if type(element) is not kind:
+                raise _wrong(f"{where}[]", item, element, status)
         return value
-    raise _wrong(where, "a list of objects or null", value, status)
+    raise _wrong(where, whole, value, status)
