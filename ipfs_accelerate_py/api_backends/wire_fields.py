@@ -11,7 +11,7 @@ result without it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
 
 from pydantic import BaseModel
 
@@ -53,20 +53,26 @@ def _wrong(where: str, want: str, value: Any, status: Optional[int]) -> Response
                          status_code=status, field=where)
 
 
-def opt_str(data: Mapping[str, Any], key: str, where: str,
-            status: Optional[int] = None) -> Optional[str]:
-    value = data.get(key)
-    if value is None or type(value) is str:
-        return value
-    raise _wrong(where, "a string or null", value, status)
+Reader = Callable[..., Any]
 
 
-def opt_int(data: Mapping[str, Any], key: str, where: str,
-            status: Optional[int] = None) -> Optional[int]:
-    value = data.get(key)
-    if value is None or type(value) is int:
-        return value
-    raise _wrong(where, "an integer or null", value, status)
+def _optional(kinds: Tuple[type, ...], want: str) -> Reader:
+    """A reader of ``data[key]``: the value when it is None or of one of ``kinds`` exactly
+    (``bool`` is not an ``int`` here), else a ``ResponseError`` naming ``where``. Made once
+    per kind of field, so a reply's parse pays one call per field."""
+    def read(data: Mapping[str, Any], key: str, where: str,
+             status: Optional[int] = None) -> Any:
+        value = data.get(key)
+        if value is None or type(value) in kinds:
+            return value
+        raise _wrong(where, want, value, status)
+    return read
+
+
+opt_str = _optional((str,), "a string or null")
+opt_int = _optional((int,), "an integer or null")
+opt_str_or_int = _optional((str, int), "a string, an integer or null")
+opt_dict = _optional((dict,), "an object or null")
 
 
 def count(data: Any, key: str, where: str, status: Optional[int] = None) -> int:
@@ -77,22 +83,6 @@ def count(data: Any, key: str, where: str, status: Optional[int] = None) -> int:
     if value is None:
         return 0
     raise _wrong(where, "an integer", value, status)
-
-
-def opt_str_or_int(data: Mapping[str, Any], key: str, where: str,
-                   status: Optional[int] = None) -> Any:
-    value = data.get(key)
-    if value is None or type(value) is str or type(value) is int:
-        return value
-    raise _wrong(where, "a string, an integer or null", value, status)
-
-
-def opt_dict(data: Mapping[str, Any], key: str, where: str,
-             status: Optional[int] = None) -> Optional[Dict[str, Any]]:
-    value = data.get(key)
-    if value is None or type(value) is dict:
-        return value
-    raise _wrong(where, "an object or null", value, status)
 
 
 def opt_list(value: Any, where: str, status: Optional[int] = None) -> Optional[List[Any]]:
