@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 ROWS = {"aiohttp": "bare aiohttp, 8 tasks on one loop",
         "async_off": "the async face, batching off, 8 tasks",
         "sync_off": "the sync face, batching off, 8 threads",
+        "async_on": "the async face, default settings (batching on), 8 tasks",
+        "sync_on": "the sync face, default settings (batching on), 8 threads",
         "requests": "raw requests.Session, 8 threads"}
 
 
@@ -46,6 +48,8 @@ def _one(row: str, requests: int, port: int) -> None:
     made = {"aiohttp": lambda: C.AioHttp(url, "tiny-llama", params, 8),
             "async_off": lambda: C.ProjectAsync(url, "tiny-llama", params, 8, batching=False),
             "sync_off": lambda: C.Project(url, "tiny-llama", params, batching=False),
+            "async_on": lambda: C.ProjectAsync(url, "tiny-llama", params, 8, batching=True),
+            "sync_on": lambda: C.Project(url, "tiny-llama", params, batching=True),
             "requests": lambda: C.RawRequests(url, "tiny-llama", params)}[row]()
     made.expect = None  # the no-op server's fixed reply
     prompts = [f"prompt number {i} " * 3 for i in range(requests + 300)]
