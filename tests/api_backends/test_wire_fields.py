@@ -142,3 +142,95 @@ def test_an_element_of_token_ids_that_is_no_integer_is_refused() -> None:
         assert caught.value.context["field"] == "choices[0].token_ids[]"
     finally:
         client.close()
+
+
+# ------------------------------------------------------------------ streamed events
+EVENT: Dict[str, Any] = {
+    "id": "cmpl-2", "object": "text_completion", "created": 7, "model": "tiny",
+    "choices": [{"index": 0, "text": " a", "finish_reason": None, "stop_reason": None}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}
+CHAT_EVENT: Dict[str, Any] = {
+    "id": "chat-2", "object": "chat.completion.chunk", "created": 7, "model": "tiny",
+    "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]}
+
+
+def _streaming_client(event: Dict[str, Any], template: Dict[str, Any]) -> VllmClient:
+    """A double whose every stream is ``event``, then one that finishes ``template``'s
+    choice, then [DONE]."""
+    end = dict(template, choices=[dict(template["choices"][0], finish_reason="length")],
+               usage=None)
+    if "delta" in template["choices"][0]:
+        end["choices"][0]["delta"] = {"content": ""}
+    else:
+        end["choices"][0]["text"] = ""
+    sse = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in (event, end))
+
+    def answer(request: HttpRequest) -> HttpResponse:
+        return HttpResponse(200, {"content-type": "text/event-stream"},
+                            sse + b"data: [DONE]\n\n")
+    return VllmClient(base_url="http://127.0.0.1:9", model="tiny", max_retries=0,
+                      transport_factory=lambda settings: MockTransport(answer))
+
+
+def _stream_all(client: VllmClient, chat: bool, face: str) -> str:
+    if chat:
+        request: Any = client.adapter.chat_request(
+            model="tiny", messages=[{"role": "user", "content": "q"}], max_tokens=2, stream=True)
+    else:
+        request = client.adapter.completion_request(model="tiny", prompt="q", max_tokens=2,
+                                                    stream=True)
+    if face == "sync":
+        return "".join(chunk.text for chunk in client.stream(request))
+
+    async def go() -> str:
+        async with client.astream(request) as stream:
+            return "".join([chunk.text async for chunk in stream])
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+@pytest.mark.parametrize("event", [EVENT, CHAT_EVENT], ids=["completion", "chat"])
+def test_a_well_formed_stream_event_gives_its_text(event: Dict[str, Any], face: str) -> None:
+    client = _streaming_client(event, event)
+    try:
+        want = " a" if event is EVENT else "hi"
+        assert _stream_all(client, event is CHAT_EVENT, face) == want
+    finally:
+        client.close()
+
+
+WRONG_EVENTS = [  # (event, the field as a path, a value of the wrong type)
+    (EVENT, "choices[0].text", 5),
+    (EVENT, "choices[0].finish_reason", 1),
+    (EVENT, "id", 5),
+    (EVENT, "model", ["tiny"]),
+    (EVENT, "usage.prompt_tokens", "3"),
+    (EVENT, "choices", "all of them"),
+    (EVENT, "choices[0]", 7),
+    (CHAT_EVENT, "choices[0].delta.content", 42),
+    (CHAT_EVENT, "choices[0].delta", "hi"),
+]
+
+
+@pytest.mark.parametrize("event,field,value", WRONG_EVENTS,
+                         ids=[w[1] + "-" + type(w[2]).__name__ for w in WRONG_EVENTS])
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_stream_event_field_of_the_wrong_type_is_a_response_error_naming_it(
+        event: Dict[str, Any], field: str, value: Any, face: str) -> None:
+    """Before: pydantic's untyped ValidationError (or an AttributeError for a choice that
+    is no object) reached the stream's reader."""
+    bad = json.loads(json.dumps(event))
+    if field == "choices":
+        bad["choices"] = value
+    elif field == "choices[0]":
+        bad["choices"] = [value]
+    else:
+        bad = _set(event, field, value)
+    client = _streaming_client(bad, event)
+    try:
+        with pytest.raises(errors.ResponseError) as caught:
+            _stream_all(client, event is CHAT_EVENT, face)
+        assert caught.value.context["field"] == field
+        assert repr(field) in str(caught.value)
+    finally:
+        client.close()

@@ -20,7 +20,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Dict, Iterator, List, Optional
 
 from .. import errors
 from .._core.loop import MAX_NAP, ClientLoop, Signal
@@ -30,7 +30,7 @@ from ..sse import SSEDecoder
 if TYPE_CHECKING:
     from ..transport import AsyncStream
 
-__all__ = ["Feed", "Reader", "ReplyChunks", "read_reply", "HIGH"]
+__all__ = ["Feed", "Reader", "ReplyChunks", "Wakes", "read_reply", "HIGH"]
 
 #: Network reads a reader may be ahead of its consumer before it waits for it.
 HIGH = 64
@@ -59,7 +59,10 @@ class Feed:
         self.closed = False  # the consumer left: nothing more is put
 
     # -- the reader's side (on the loop)
-    def put(self, batch: List[StreamChunk]) -> None:
+    def put(self, batch: List[StreamChunk], wakes: Optional["Wakes"] = None) -> None:
+        """Queue ``batch`` for the consumer and wake it; an async consumer's wake-up goes
+        into ``wakes`` when given (a reader that feeds many consumers wakes each of their
+        loops once per network read, not once per consumer)."""
         if not batch:
             return
         with self._cond:
@@ -68,7 +71,12 @@ class Feed:
             self._items.append(batch)
             self._heard = time.monotonic()
             self._cond.notify()
-            self._wake_async()
+            if wakes is not None:
+                waiter, self._waiter = self._waiter, None
+                if waiter is not None:
+                    wakes.add(waiter)
+            else:
+                self._wake_async()
 
     def touch(self) -> None:
         """The reply goes on, with nothing for this consumer yet: its idle wait restarts."""
@@ -125,13 +133,16 @@ class Feed:
                 if self._ended:
                     return None
                 left = self._idle_left(since)
-                waiter: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+                loop = asyncio.get_running_loop()
+                waiter: "asyncio.Future[None]" = loop.create_future()
                 self._waiter = waiter
+            # a bare timer, not ``wait_for`` (a task-like wrapper per wait: a stream waits
+            # once per network read); the timer settles the waiter as a put would
+            timer = loop.call_later(min(left, MAX_NAP), _settle, waiter)
             try:
-                await asyncio.wait_for(waiter, min(left, MAX_NAP))
-            except asyncio.TimeoutError:
-                pass
+                await waiter
             finally:
+                timer.cancel()
                 with self._cond:
                     if self._waiter is waiter:
                         self._waiter = None
@@ -180,6 +191,36 @@ class Feed:
 def _settle(waiter: "asyncio.Future[None]") -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+def _settle_all(waiters: List["asyncio.Future[None]"]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+class Wakes:
+    """Async consumers to wake after one network read, grouped by their event loop: one
+    ``call_soon_threadsafe`` (a write to the loop's wake-up pipe, ~13 us of system time
+    here) per loop, however many of its consumers the read fed. Thirty-two shared streams
+    on one loop otherwise cost thirty-two writes and wake-ups per token step."""
+
+    __slots__ = ("_by_loop",)
+
+    def __init__(self) -> None:
+        self._by_loop: Dict[asyncio.AbstractEventLoop, List["asyncio.Future[None]"]] = {}
+
+    def add(self, waiter: "asyncio.Future[None]") -> None:
+        self._by_loop.setdefault(waiter.get_loop(), []).append(waiter)
+
+    def flush(self) -> None:
+        """Wake them (idempotent: what was woken is forgotten)."""
+        by_loop, self._by_loop = self._by_loop, {}
+        for loop, waiters in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle_all, waiters)
+            except RuntimeError:  # its loop is closed: nobody is left to wake
+                pass
 
 
 async def wait_for_room(feeds: List[Feed], room: Signal) -> None:

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional,
 
 from .. import errors, tracing
 from .._core.loop import Signal
-from .pump import Feed, Reader, read_reply, wait_for_room
+from .pump import Feed, Reader, Wakes, read_reply, wait_for_room
 from ..models import CompletionRequest, StreamChunk, Usage
 from ..reply_checks import check_usage_adds_up, note_list_mismatch
 from ..sse import SSEDecoder
@@ -252,13 +252,17 @@ class _SharedCall:
         """Each member's chunks of this read go to its feed at once (with the lock held); a
         member that has all its text and waits for the call's end hears that it goes on
         (its idle timeout is the call's, not its own)."""
-        for m in self.members:
-            if m.staged:
-                batch, m.staged = m.staged, []
-                m.delivered = True
-                m.feed.put(batch)
-            elif m.state == _FINISHED:
-                m.feed.touch()
+        wakes = Wakes()
+        try:
+            for m in self.members:
+                if m.staged:
+                    batch, m.staged = m.staged, []
+                    m.delivered = True
+                    m.feed.put(batch, wakes)
+                elif m.state == _FINISHED:
+                    m.feed.touch()
+        finally:
+            wakes.flush()  # each async member's loop woken once for this read
 
     def _dispatch(self, parsed: List[StreamChunk]) -> None:
         """Sort one event's chunks: choice ``i`` goes to member ``i // n`` as choice ``i % n``;

@@ -161,22 +161,43 @@ class VllmAdapter(BackendAdapter):
             "choices": choices, "usage": Usage.from_wire(data.get("usage"), status)})
 
     def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
+        """One event -> its chunks, every field kept type-checked (``wire_fields``): a wrong
+        type is a ``ResponseError`` naming the field (``choices[0].text``), and the chunks
+        are built without a second validation (a shared stream parses one event per choice
+        and token: this is most of its reader's work)."""
         event = decode_stream_event(data)
         if event is None:
             return None
         chat = isinstance(request, ChatRequest)
-        out: List[StreamChunk] = []
-        ident, model = event.get("id") or "", event.get("model") or ""
+        ident = opt_str(event, "id", "id") or ""
+        model = opt_str(event, "model", "model") or ""
         listed = _is_list(request)
-        for c in event.get("choices") or ():
+        choices = event.get("choices") or ()
+        if type(choices) is not list and choices != ():
+            raise ResponseError(f"reply field 'choices' must be a list or null, got "
+                                f"{type(choices).__name__}", field="choices")
+        out: List[StreamChunk] = []
+        for position, c in enumerate(choices):
+            if type(c) is not dict:
+                where = f"choices[{position}]"
+                raise ResponseError(f"reply field {where!r} is not an object", field=where)
             if chat:
-                text = (c.get("delta") or {}).get("content") or ""
+                delta = c.get("delta") or {}
+                if type(delta) is not dict:
+                    where = f"choices[{position}].delta"
+                    raise ResponseError(f"reply field {where!r} is not an object", field=where)
+                text = opt_str(delta, "content", f"choices[{position}].delta.content")
             else:
-                text = c.get("text") or ""
-            out.append(StreamChunk(index=_choice_index(c, listed, 0), text=text,
-                                   finish_reason=c.get("finish_reason"), id=ident, model=model))
-        if event.get("usage"):
-            out.append(StreamChunk(usage=Usage.from_wire(event["usage"]), id=ident, model=model))
+                text = opt_str(c, "text", f"choices[{position}].text")
+            # (built by the model's own validator: for a model this small it is cheaper than
+            # ``checked_model``, and every value is known to pass it)
+            out.append(StreamChunk(
+                index=_choice_index(c, listed, 0), text=text or "",
+                finish_reason=opt_str(c, "finish_reason", f"choices[{position}].finish_reason"),
+                id=ident, model=model))
+        usage = event.get("usage")
+        if usage:
+            out.append(StreamChunk(usage=Usage.from_wire(usage), id=ident, model=model))
         return out
 
     def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
