@@ -22,7 +22,7 @@ prober, a sleep until the breaker's next probe window.
 Compatible async streams share prompt-list calls exactly as sync ones do: a stream that may
 share goes on its endpoint's queue as a job (``StreamingMixin._queue_stream``), the batcher
 gathers it on the client's loop with compatible ones from either face, and the caller awaits
-the job's future (``asyncio.wrap_future``); its chunks then come from its ``SharedHandle``'s
+the job's future (``_core.loop.await_future``); its chunks then come from its ``SharedHandle``'s
 feed (``_pump.Feed.achunks``), read by the shared call's reader on the client's loop. A
 stream that goes alone is opened on its caller's loop by ``StreamOpener.aopen`` (``_opener``),
 the sync face's opening coroutine.
@@ -30,7 +30,8 @@ the sync face's opening coroutine.
 Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``,
 ``asubmit``) that may share a call go through the queue and the batcher as the sync ones do:
 the work runs on the client's loop, and the job's ``concurrent.futures.Future`` is awaited
-through ``asyncio.wrap_future``, a done callback that wakes the caller's loop, so no thread
+through ``_core.loop.await_future``, a done callback that wakes the caller's loop (one
+wake-up for all the results that come together, as a shared call's do), so no thread
 waits. One that shares no call and would start at once (``Dispatcher.claim``) is served in
 its caller's task instead (``_serve_here``): the same ``Batcher.run_single`` on the caller's loop,
 without the two hand-offs between loops.
@@ -49,6 +50,7 @@ from .call_shapes import check_timeout, pop_send_options, stream_call
 from .errors import ValidationError
 from .limits import cap_request
 from .mixins._host import HostBase
+from ._core.loop import await_future
 from ._routing.state import OpeningOrder
 from .models import ChatRequest, CompletionRequest, CompletionResult, Request, StreamChunk, \
     check_priority
@@ -201,7 +203,7 @@ class AsyncFaceMixin(HostBase):
         # bare timer, cancelled on the way out, is the cheapest such guard per call
         guard = asyncio.get_running_loop().call_later(limit, _expire, future, limit - 1.0)
         try:
-            return await asyncio.wrap_future(future)
+            return await await_future(future)
         finally:
             guard.cancel()
 
@@ -282,7 +284,7 @@ async def _await_stream_job(job: Any, deadline: float, clock: Any) -> Optional[S
     without a thread; a handle that comes as its caller leaves (cancelled, or its deadline
     passed) is closed, so the shared call does not wait for a reader that never comes."""
     try:
-        outcome = await asyncio.wait_for(asyncio.wrap_future(job.future),
+        outcome = await asyncio.wait_for(await_future(job.future),
                                          max(0.0, deadline - clock.monotonic()) + 2.0)
     except asyncio.TimeoutError:
         job.fail(errors.TimeoutError("the stream did not open within its deadline", sent=False))

@@ -23,7 +23,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, AsyncIterator, Deque, Dict, Iterator, List, Optional
 
 from .. import errors
-from .._core.loop import MAX_NAP, ClientLoop, Signal
+from .._core.loop import MAX_NAP, ClientLoop, Signal, call_soon_from_afar
 from ..models import Request, StreamChunk
 from ..sse import SSEDecoder
 
@@ -86,11 +86,8 @@ class Feed:
     def _wake_async(self) -> None:
         """(lock held) Wake an async consumer waiting on its own loop."""
         waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            try:
-                waiter.get_loop().call_soon_threadsafe(_settle, waiter)
-            except RuntimeError:  # its loop is closed: nobody is left to wake
-                pass
+        if waiter is not None:  # (its loop closed: nobody is left to wake)
+            call_soon_from_afar(waiter.get_loop(), _settle, waiter)
 
     def end(self, error: Optional[BaseException] = None) -> None:
         """No more chunks: the reply's end (``error`` None) or its failure."""
@@ -201,9 +198,9 @@ def _settle_all(waiters: List["asyncio.Future[None]"]) -> None:
 
 class Wakes:
     """Async consumers to wake after one network read, grouped by their event loop: one
-    ``call_soon_threadsafe`` (a write to the loop's wake-up pipe, ~13 us of system time
-    here) per loop, however many of its consumers the read fed. Thirty-two shared streams
-    on one loop otherwise cost thirty-two writes and wake-ups per token step."""
+    call per loop (``call_soon_from_afar``: at most one write to its wake-up socket while
+    it has not woken yet), however many of its consumers the read fed. Thirty-two shared
+    streams on one loop otherwise cost thirty-two calls per token step."""
 
     __slots__ = ("_by_loop",)
 
@@ -216,11 +213,8 @@ class Wakes:
     def flush(self) -> None:
         """Wake them (idempotent: what was woken is forgotten)."""
         by_loop, self._by_loop = self._by_loop, {}
-        for loop, waiters in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_settle_all, waiters)
-            except RuntimeError:  # its loop is closed: nobody is left to wake
-                pass
+        for loop, waiters in by_loop.items():  # (a closed loop: nobody is left to wake)
+            call_soon_from_afar(loop, _settle_all, waiters)
 
 
 async def wait_for_room(feeds: List[Feed], room: Signal) -> None:
