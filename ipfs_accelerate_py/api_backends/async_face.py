@@ -42,8 +42,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from concurrent.futures import Future
-from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, List, Optional,
-                    Sequence)
+from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, List, Optional, Set,
+                    Sequence, Tuple)
 
 from . import errors, tracing
 from .call_shapes import check_timeout, pop_send_options, stream_call
@@ -69,6 +69,12 @@ __all__ = ["AsyncFaceMixin", "AsyncTextStream"]
 class AsyncFaceMixin(HostBase):
     """``astream``, ``astream_generation``, ``arun_inference``, ``achat_completion``,
     ``agenerate_text``, ``asubmit`` and ``aclose`` (see the module docstring)."""
+
+    def _init_async_face(self) -> None:
+        #: the batcher's turns run on callers' loops (``_gather_here``), held until they end
+        self._turns_here: Set["asyncio.Task[None]"] = set()
+        #: per (endpoint, caller's loop): the requests held until that loop's turn ends
+        self._held_here: Dict[Tuple[str, asyncio.AbstractEventLoop], List[Any]] = {}
 
     # ------------------------------------------------------------------ streams
     def astream(self, request: Request, endpoint_id: Optional[str] = None,
@@ -190,13 +196,19 @@ class AsyncFaceMixin(HostBase):
             ep = self._endpoint(endpoint_id)
         else:
             ep, job = accepted
+            loop = asyncio.get_running_loop()
             if job.key is None:  # it shares no call: served here if it would start at once
-                loop = asyncio.get_running_loop()
                 if not ep.settings.queue_enabled:
                     return await self._serve_here(ep, job, loop, None)
                 if not ep.limit.full and ep.workers.claim(loop):
                     return await self._serve_here(ep, job, loop, ep.workers)
-            self._start_job(ep, job)
+                self._start_job(ep, job)
+            else:
+                # It may share a call with this loop's other callers only (a sync caller's
+                # or another loop's request never waits on this loop, which may end first).
+                job.key = (job.key, loop)
+                if not (ep.settings.queue_enabled and self._gather_here(ep, job, loop)):
+                    self._start_job(ep, job)
             future = job.future
         limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
         # a bound against a lost result (the pipeline ends every job by its deadline): a
@@ -206,6 +218,65 @@ class AsyncFaceMixin(HostBase):
             return await await_future(future)
         finally:
             guard.cancel()
+
+    def _gather_here(self, ep: "Endpoint", job: Any, loop: asyncio.AbstractEventLoop) -> bool:
+        """A request that may share a call: gathered on its caller's loop (True), or, when
+        that would not start at once (``Dispatcher.claim``: something waits in the queue,
+        or no slot is free), queued for the client's loop (False, nothing done).
+
+        The requests this loop's callers send in one turn of the loop are held until the
+        turn ends (``_here_turn``): then each group of compatible ones is the batcher's job
+        (``Batcher.handle_group``: it joins a call gathering for its key, or gathers one with
+        what comes meanwhile, and sends it) in a task on this loop. Requests and results
+        then cross no thread: on a busy machine each crossing is a wake-up of another
+        thread, and the two threads' turns cost more than the work. A caller that leaves
+        cancels only its own request (``await_future``): the call is all its members'."""
+        held = self._held_here.get((ep.id, loop))
+        if held is not None:
+            held.append(job)  # rides the turn the first of this loop turn's requests claimed
+            return True
+        if ep.limit.full or not ep.workers.claim(loop):
+            return False
+        job.picked_at = job.enqueued_at
+        self._held_here[(ep.id, loop)] = [job]
+        loop.call_soon(self._here_turn, ep, loop)
+        return True
+
+    def _here_turn(self, ep: "Endpoint", loop: asyncio.AbstractEventLoop) -> None:
+        """The end of a loop turn: each group of compatible requests held in it (a call's
+        worth at most) goes to the batcher in a task of its own, in an empty context (the
+        first group on the slot the first request claimed; another group claims one, or
+        goes to the queue)."""
+        jobs = self._held_here.pop((ep.id, loop))
+        by_key: Dict[Any, List[Any]] = {}
+        for job in jobs:
+            by_key.setdefault(job.key, []).append(job)
+        size = max(1, ep.settings.max_batch_size)
+        groups = [same[at:at + size] for same in by_key.values()
+                  for at in range(0, len(same), size)]  # each a call's worth at most
+        for i, group in enumerate(groups):
+            if i and (ep.limit.full or not ep.workers.claim(loop)):
+                for job in group:
+                    self._start_job(ep, job)
+                continue
+            for job in group:
+                job.picked_at = job.enqueued_at
+            task = contextvars.Context().run(loop.create_task,
+                                             self._gathered_turn(ep, group, loop))
+            self._turns_here.add(task)
+            task.add_done_callback(self._turns_here.discard)
+
+    async def _gathered_turn(self, ep: "Endpoint", group: List[Any],
+                             loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            await self._batcher.handle_group(ep, group)
+        except BaseException as exc:  # noqa: BLE001 - a job's error is its caller's
+            for job in group:
+                job.fail(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            ep.workers.unclaim(loop)
 
     async def _serve_here(self, ep: "Endpoint", job: Any, loop: asyncio.AbstractEventLoop,
                           claimed: Any) -> CompletionResult:

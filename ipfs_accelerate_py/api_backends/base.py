@@ -131,6 +131,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         self._opener = StreamOpener(self._attempts, self._aretry)
         self._init_batching()
         self._init_streaming()
+        self._init_async_face()
         self._endpoints["default"] = self._make_endpoint("default", settings)
         _live_clients.add(self)
 

@@ -30,7 +30,7 @@ from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, Hashable, Lis
                     Protocol, Sequence)
 
 from .. import tracing
-from .loop import ClientLoop, Signal
+from .loop import CallerLoop, ClientLoop, Signal
 from .breaker import CLOSED
 from ..clock import Clock
 from ..models import ChatBatchRequest, ChatRequest, CompletionResult, Request, Usage
@@ -201,6 +201,23 @@ class Batcher:
             await self.run_single(ep, job)
 
 
+    async def handle_group(self, ep: "Endpoint", jobs: List[Job]) -> None:
+        """``handle_job`` for compatible jobs that came together and were never queued (the
+        async face's requests of one loop turn, ``AsyncFaceMixin._gather_here``): the first
+        gathers its call with the others as its company (what does not fit is queued)."""
+        job, company = jobs[0], jobs[1:]
+        now = job.picked_at if job.picked_at is not None else self._clock.monotonic()
+        if not self._check_queue_deadline(job, now):
+            self._metrics.record_unsent(ep.id, job, self._clock.monotonic())
+            for other in company:
+                ep.queue.put(other)
+            return
+        batch = await self._collect_batch(ep, job, now, company)
+        if len(batch) > 1:
+            await self._run_batch(ep, batch)
+        elif batch:
+            await self.run_single(ep, job)
+
     def _check_queue_deadline(self, job: Job, now: Optional[float] = None) -> bool:
         """Fail a job that waited past its deadline; True if it may still run. ``now``: the
         caller's reading of the clock, when it has one."""
@@ -230,22 +247,35 @@ class Batcher:
 
 
     async def _collect_batch(self, endpoint: "Endpoint", job: Job,
-                             now: Optional[float] = None) -> List[Job]:
+                             now: Optional[float] = None,
+                             company: Sequence[Job] = ()) -> List[Job]:
+        """``job`` and the compatible jobs that share its call (empty: it joined another
+        job's). ``company``: compatible jobs that came with it, never queued; what cannot
+        go with it is queued (or joins the call gathering for its key)."""
         settings = endpoint.settings
-        if job.key is None or not settings.batch_enabled or settings.max_batch_size <= 1:
+        alone = (job.key is None or not settings.batch_enabled or settings.max_batch_size <= 1
+                 # queued before the server turned out to lack the route
+                 or (isinstance(job.request, ChatRequest) and not endpoint.chat_batch_supported)
+                 # queued before a reply of this server turned out not to match
+                 or not endpoint.shares_prompt_lists)
+        limit = 1 if alone else settings.max_batch_size
+        if company and len(company) >= limit:
+            for other in company[limit - 1:]:
+                endpoint.queue.put(other)
+            company = company[:limit - 1]
+        if alone:
             return [job]
-        if isinstance(job.request, ChatRequest) and not endpoint.chat_batch_supported:
-            return [job]  # queued before the server turned out to lack the route
-        if not endpoint.shares_prompt_lists:
-            return [job]  # queued before a reply of this server turned out not to match
-        limit = settings.max_batch_size
-        if self._hand_over(endpoint, job):
-            return []  # a worker holding its batch open while the limit is reached takes it
-        got = endpoint.queue.join_or_take(job, limit - 1)
-        if got is None:
-            return []  # a collector's batch took it (``put`` hands arrivals to it likewise)
+        if self._hand_over(endpoint, job):  # a worker holding its batch open while the
+            for other in company:           # limit is reached takes it (and what came with it)
+                endpoint.queue.put(other)
+            return []
+        got = endpoint.queue.join_or_take(job, limit - 1 - len(company))
+        if got is None:  # a collector's batch took it (``put`` hands arrivals to it likewise)
+            for other in company:
+                endpoint.queue.put(other)
+            return []
         companions, shared_calls = got
-        batch = [job] + companions
+        batch = [job, *company] + companions
         # Linger only amid a burst: company is waiting now, a shared call is in flight, or one
         # just finished and its callers are coming back. A lone sequential caller is sent at once.
         burst = (len(batch) > 1 or shared_calls > 0
@@ -255,11 +285,18 @@ class Batcher:
                         self._clock.monotonic() + settings.batch_linger)
             batch += await endpoint.queue.await_compatible(
                 job.key, limit - len(batch), until, settings.batch_linger,
-                Signal(self._loop))
+                Signal(self._wakes_here()))
         if len(batch) < limit and endpoint.limit.full:
             batch = await self._gather_while_full(endpoint, job, batch, limit)
         return [j for j in batch if j is job or self._check_queue_deadline(j)]
 
+
+    def _wakes_here(self) -> "ClientLoop | CallerLoop":
+        """What wakes a coroutine on the running loop: the client's, or a caller's that
+        gathers its own shared call (``asubmit``)."""
+        running = asyncio.get_running_loop()
+        return self._loop if self._loop.started and self._loop.loop is running \
+            else CallerLoop(running)
 
     def _hand_over(self, endpoint: "Endpoint", job: Job) -> bool:
         """Give ``job`` to the worker holding its key's batch open while the in-flight limit

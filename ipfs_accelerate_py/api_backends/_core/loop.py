@@ -21,7 +21,8 @@ import weakref
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Any, Callable, Coroutine, List, Optional, Set, Tuple, TypeVar
 
-__all__ = ["ClientLoop", "Signal", "MAX_NAP", "settle", "call_soon_from_afar", "await_future"]
+__all__ = ["ClientLoop", "CallerLoop", "Signal", "MAX_NAP", "settle", "call_soon_from_afar",
+           "await_future"]
 
 #: Longest single wait of any waiter (a slot, a circuit, a stream's next read): a bound
 #: against a lost wake-up, and how soon a closing client is noticed; not a poll interval.
@@ -72,6 +73,9 @@ def call_soon_from_afar(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any],
     machines that write, which wakes the other thread, measured 100 us of the writer's time
     in a streaming run (a fifth of the client loop's CPU). A batch's eight results, or a
     network read that feeds many streams, cost one write instead of one each."""
+    if asyncio._get_running_loop() is loop:  # its own thread: no wake-up to send
+        loop.call_soon(fn, *args)
+        return True
     pending = _PENDING.get(loop)
     if pending is None:
         with _PENDING_LOCK:
@@ -254,6 +258,20 @@ class ClientLoop:
             await asyncio.wait(tasks)
 
 
+class CallerLoop:
+    """A caller's own event loop with ``ClientLoop.call_soon``'s face (from its thread a
+    plain ``call_soon``, from any other ``call_soon_from_afar``): what a ``Signal`` needs
+    to wake a coroutine that waits there (a shared call gathered on its caller's loop)."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        call_soon_from_afar(self.loop, fn, *args)
+
+
 class Signal:
     """A wake-up for one coroutine on a ``ClientLoop``: ``set()`` from any thread,
     ``await wait(timeout)`` on the loop. A ``set`` between the waiter's last look at what
@@ -262,7 +280,7 @@ class Signal:
 
     __slots__ = ("_loop", "_future")
 
-    def __init__(self, loop: ClientLoop) -> None:
+    def __init__(self, loop: "ClientLoop | CallerLoop") -> None:
         self._loop = loop
         self._future: "Optional[asyncio.Future[None]]" = None
 
