@@ -42,16 +42,21 @@ def median_of(results: Dict[str, Any], workload: str, name: str) -> Optional[flo
 
 def paired_difference(results: Dict[str, Any], workload: str, a: Optional[str],
                       b: Optional[str]) -> Optional[float]:
-    """Row ``a`` minus row ``b``: the median of their differences round by round when both
-    have every round (W2's rounds are interleaved request by request, so a round's two
-    values saw the same server; the rounds' own spread, ~1 ms on a real server, cancels),
-    else the difference of their medians."""
+    """Row ``a`` minus row ``b``: W2 sends each prompt through every row in turn, so the
+    median of the differences prompt by prompt (``lat_ms``: each pair saw the same server,
+    milliseconds apart; a real server's spread, 10-25 ms here, cancels); else the median of
+    the rounds' differences when both have every round; else the difference of medians."""
     rows = results.get(workload, {})
     if a not in rows or b not in rows:
         return None
     sa, sb = rows[a]["summary"], rows[b]["summary"]
     if not sa.get("n") or not sb.get("n"):
         return None
+    pairs = [x - y for ra, rb in zip(rows[a].get("runs") or [], rows[b].get("runs") or [])
+             if len(ra.get("lat_ms") or ()) == len(rb.get("lat_ms") or ())
+             for x, y in zip(ra.get("lat_ms") or (), rb.get("lat_ms") or ())]
+    if pairs and len(rows[a]["runs"]) == len(rows[b]["runs"]):
+        return statistics.median(pairs)  # request by request: the same prompt, ms apart
     if sa["n"] == sb["n"]:
         return statistics.median(x - y for x, y in zip(sa["values"], sb["values"]))
     return sa["median"] - sb["median"]
@@ -175,7 +180,7 @@ def table(results: Dict[str, Any], meta: Dict[str, Any], project_rows: Dict[str,
             lines.append(line)
         if projects:
             lines.append("  (columns on the right: that project row's median over each row's median"
-                         + ("; W2: project p50 minus the row's p50, the median of the rounds' "
+                         + ("; W2: project p50 minus the row's p50, the median of the prompt-by-prompt "
                             "differences" if w == "W2" else "") + ")")
     return "\n".join(lines)
 

@@ -341,7 +341,8 @@ def latency_round(args: argparse.Namespace, w: Workload, rnd: int) -> None:
     for name, lat in got.items():
         if name in failed or not lat:
             continue
-        extra: Dict[str, Any] = {"p90_ms": sorted(lat)[int(0.9 * len(lat)) - 1] * 1000.0}
+        extra: Dict[str, Any] = {"p90_ms": sorted(lat)[int(0.9 * len(lat)) - 1] * 1000.0,
+                                 "lat_ms": [round(x * 1000.0, 4) for x in lat]}  # by prompt
         c = w.rows[name]
         if isinstance(c, C.Project):
             extra.update(c.http_calls())
