@@ -17,6 +17,7 @@ Plain functions and constants, no fixtures (those live in the ``conftest.py`` fi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -77,6 +78,28 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, interval: fl
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+def run_async(coro: Any, timeout: float = 60.0) -> Any:
+    """Run ``coro`` on a fresh loop, bounded: a hang fails the test instead of the run."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a thread, awaited: a blocking wait (a double's gate) that must not
+    stop the loop it is awaited on."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def outcomes(tasks: Dict[str, Any]) -> Dict[str, Any]:
+    """Each task's result, or the exception (a cancellation too) it ended with."""
+    out: Dict[str, Any] = {}
+    for name, task in tasks.items():
+        try:
+            out[name] = await task
+        except BaseException as exc:  # noqa: BLE001 - what the caller saw is the result
+            out[name] = exc
+    return out
 
 
 _DOUBLE_LAUNCHER = """

@@ -21,7 +21,7 @@ from typing import Any, Dict, List
 import pytest
 
 from api_support import COMPLETIONS, client_over, request_ids
-from support import TRANSPORT_IDS, DoubleProcess, transport_factory, wait_until
+from support import TRANSPORT_IDS, DoubleProcess, run_async as run, transport_factory, wait_until
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.base import build_request
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
@@ -29,10 +29,6 @@ from ipfs_accelerate_py.servers.fake_vllm import Fault
 
 P: Dict[str, Any] = {"max_tokens": 6, "temperature": 0}
 
-
-def run(coro: Any, timeout: float = 60.0) -> Any:
-    """Run ``coro`` on a fresh loop, bounded: a hang fails the test instead of the run."""
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def gather(coros: Any) -> List[Any]:

@@ -19,19 +19,13 @@ from typing import Any, Dict, List
 
 import pytest
 
-from support import wait_until
+from support import off_loop, outcomes, run_async as run, wait_until
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 
 P: Dict[str, Any] = {"max_tokens": 5, "temperature": 0}
 
 
-def run(coro: Any, timeout: float = 60.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def off_loop(fn: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def alone(client: Any, prompts: List[str]) -> Dict[str, str]:
@@ -143,13 +137,7 @@ def test_a_caller_that_leaves_a_gathered_call_cancels_only_its_own_request(
         tasks[leaver].cancel()
         await asyncio.sleep(0)
         await off_loop(fake_server.release_stalls)
-        out: Dict[str, Any] = {}
-        for p, t in tasks.items():
-            try:
-                out[p] = await t
-            except BaseException as exc:  # noqa: BLE001
-                out[p] = exc
-        return out
+        return await outcomes(tasks)
     try:
         out = run(go())
     finally:

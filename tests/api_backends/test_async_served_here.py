@@ -23,19 +23,13 @@ from typing import Any, Dict, List
 
 import pytest
 
-from support import wait_until
+from support import off_loop, outcomes, run_async as run, wait_until
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.servers.fake_vllm import Fault
 
 P: Dict[str, Any] = {"max_tokens": 5, "temperature": 0}
 
 
-def run(coro: Any, timeout: float = 60.0) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-async def off_loop(fn: Any, *args: Any) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 def texts_of(client: Any, prompts: List[str]) -> Dict[str, str]:
@@ -171,13 +165,7 @@ def test_many_callers_some_leaving_each_get_their_own_answer(fake_server, make_c
         await off_loop(lambda: _wait_held_or_queued(fake_server, c, len(leaving), slots))
         for p in leaving:
             tasks[p].cancel()
-        out: Dict[str, Any] = {}
-        for p, t in tasks.items():
-            try:
-                out[p] = await t
-            except BaseException as exc:  # noqa: BLE001
-                out[p] = exc
-        return out
+        return await outcomes(tasks)
     try:
         out = run(go())
     finally:
