@@ -28,11 +28,13 @@ stream that goes alone is opened on its caller's loop by ``StreamOpener.aopen`` 
 the sync face's opening coroutine.
 
 Non-streamed calls (``arun_inference``, ``achat_completion``, ``agenerate_text``,
-``asubmit``) that may share a call go through the queue and the batcher as the sync ones do:
-the work runs on the client's loop, and the job's ``concurrent.futures.Future`` is awaited
-through ``_core.loop.await_future``, a done callback that wakes the caller's loop (one
-wake-up for all the results that come together, as a shared call's do), so no thread
-waits. One that shares no call and would start at once (``Dispatcher.claim``) is served in
+``asubmit``) that may share a call share it with their own loop's requests only. When they
+would start at once (``Dispatcher.would_start``), the requests of one turn of the caller's
+loop are gathered into calls on that loop (``_gather_here``, ``Batcher.handle_group``), so
+nothing crosses a thread; otherwise they go through the queue and the batcher on the
+client's loop as the sync ones do. Either way the job's ``concurrent.futures.Future`` is
+awaited through ``_core.loop.await_future``, a done callback that wakes the caller's loop
+(one wake-up for all the results that come together), so no thread waits. One that shares no call and would start at once (``Dispatcher.claim``) is served in
 its caller's task instead (``_serve_here``): the same ``Batcher.run_single`` on the caller's loop,
 without the two hand-offs between loops.
 """
@@ -221,8 +223,8 @@ class AsyncFaceMixin(HostBase):
 
     def _gather_here(self, ep: "Endpoint", job: Any, loop: asyncio.AbstractEventLoop) -> bool:
         """A request that may share a call: gathered on its caller's loop (True), or, when
-        that would not start at once (``Dispatcher.claim``: something waits in the queue,
-        or no slot is free), queued for the client's loop (False, nothing done).
+        it would not start at once (``Dispatcher.would_start``: something waits in the
+        queue, or no slot is free), left to be queued for the client's loop (False).
 
         The requests this loop's callers send in one turn of the loop are held until the
         turn ends (``_here_turn``): then each group of compatible ones is the batcher's job
@@ -233,42 +235,41 @@ class AsyncFaceMixin(HostBase):
         cancels only its own request (``await_future``): the call is all its members'."""
         held = self._held_here.get((ep.id, loop))
         if held is not None:
-            held.append(job)  # rides the turn the first of this loop turn's requests claimed
+            held.append(job)  # goes with this loop turn's other requests
             return True
-        if ep.limit.full or not ep.workers.claim(loop):
+        if ep.limit.full or not ep.workers.would_start():
             return False
-        job.picked_at = job.enqueued_at
         self._held_here[(ep.id, loop)] = [job]
         loop.call_soon(self._here_turn, ep, loop)
         return True
 
     def _here_turn(self, ep: "Endpoint", loop: asyncio.AbstractEventLoop) -> None:
         """The end of a loop turn: each group of compatible requests held in it (a call's
-        worth at most) goes to the batcher in a task of its own, in an empty context (the
-        first group on the slot the first request claimed; another group claims one, or
-        goes to the queue)."""
+        worth at most) goes to the batcher in a task of its own, in an empty context."""
         jobs = self._held_here.pop((ep.id, loop))
         by_key: Dict[Any, List[Any]] = {}
         for job in jobs:
             by_key.setdefault(job.key, []).append(job)
         size = max(1, ep.settings.max_batch_size)
-        groups = [same[at:at + size] for same in by_key.values()
-                  for at in range(0, len(same), size)]  # each a call's worth at most
-        for i, group in enumerate(groups):
-            if i and (ep.limit.full or not ep.workers.claim(loop)):
-                for job in group:
-                    self._start_job(ep, job)
-                continue
-            for job in group:
-                job.picked_at = job.enqueued_at
-            task = contextvars.Context().run(loop.create_task,
-                                             self._gathered_turn(ep, group, loop))
-            self._turns_here.add(task)
-            task.add_done_callback(self._turns_here.discard)
+        for same in by_key.values():
+            for at in range(0, len(same), size):  # each a call's worth at most
+                task = contextvars.Context().run(
+                    loop.create_task, self._gathered_turn(ep, same[at:at + size], loop))
+                self._turns_here.add(task)
+                task.add_done_callback(self._turns_here.discard)
 
     async def _gathered_turn(self, ep: "Endpoint", group: List[Any],
                              loop: asyncio.AbstractEventLoop) -> None:
+        """One group's turn: a slot claimed as it starts (a turn that never starts, on a
+        loop that closed first, holds none), else the group queues for the client's loop
+        (another request took the slot, or queued, meanwhile)."""
+        if not ep.workers.claim(loop):
+            for job in group:
+                self._start_job(ep, job)
+            return
         try:
+            for job in group:
+                job.picked_at = job.enqueued_at
             await self._batcher.handle_group(ep, group)
         except BaseException as exc:  # noqa: BLE001 - a job's error is its caller's
             for job in group:

@@ -172,3 +172,23 @@ def test_a_member_whose_deadline_ends_mid_call_times_out_and_the_others_answer(
         fake_server.release_stalls()
     assert isinstance(out["hasty."], errors.TimeoutError)
     assert {p: out[p] for p in prompts} == want
+
+
+def test_a_loop_that_ends_with_a_gathered_call_in_flight_gives_its_slot_back(
+        fake_server, make_client) -> None:
+    """``asyncio.run`` returns while a shared call gathered on its loop is at the double: it
+    cancels the call's turn with the rest, which gives its slot back; the endpoint serves
+    on (one slot: a slot kept would stop it)."""
+    c = make_client(fake_server, max_concurrent_requests=1)
+    fake_server.add_fault(Fault("gate", after_chunks=0, prompt="held."))
+
+    async def main() -> None:
+        asyncio.ensure_future(c.agenerate_text("held.", **P))  # never awaited
+        await off_loop(fake_server.wait_held, 1)
+        assert c._endpoint(None).workers.active == 1
+    try:
+        asyncio.run(main())
+    finally:
+        fake_server.release_stalls()
+    assert c._endpoint(None).workers.active == 0
+    assert c.generate_text("after.", **P) == alone(c, ["after."])["after."]

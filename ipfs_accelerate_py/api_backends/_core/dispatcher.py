@@ -75,6 +75,11 @@ class Dispatcher:
                 return True
         return False
 
+    def would_start(self) -> bool:
+        """Whether a job would start at once now (``claim``'s test, nothing taken)."""
+        with self._lock:
+            return self.active < self._n and not len(self._queue) and not self._queue.paused
+
     def unclaim(self, loop: Any) -> None:
         """The claimed job is done: its slot is free for what queued meanwhile."""
         with self._lock:
