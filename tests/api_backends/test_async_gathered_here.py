@@ -135,7 +135,6 @@ def test_a_caller_that_leaves_a_gathered_call_cancels_only_its_own_request(
         tasks = {p: asyncio.ensure_future(c.agenerate_text(p, **P)) for p in prompts}
         await off_loop(fake_server.wait_held, 1)  # the shared call, held at the double
         tasks[leaver].cancel()
-        await asyncio.sleep(0)
         await off_loop(fake_server.release_stalls)
         return await outcomes(tasks)
     try:

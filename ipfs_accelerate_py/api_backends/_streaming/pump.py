@@ -71,22 +71,22 @@ class Feed:
             self._items.append(batch)
             self._heard = time.monotonic()
             self._cond.notify()
-            if wakes is not None:
-                waiter, self._waiter = self._waiter, None
-                if waiter is not None:
-                    wakes.add(waiter)
-            else:
-                self._wake_async()
+            self._wake_async(wakes)
 
     def touch(self) -> None:
         """The reply goes on, with nothing for this consumer yet: its idle wait restarts."""
         with self._cond:
             self._heard = time.monotonic()
 
-    def _wake_async(self) -> None:
-        """(lock held) Wake an async consumer waiting on its own loop."""
+    def _wake_async(self, wakes: Optional["Wakes"] = None) -> None:
+        """(lock held) Wake an async consumer waiting on its own loop, now or, given
+        ``wakes``, when they are flushed."""
         waiter, self._waiter = self._waiter, None
-        if waiter is not None:  # (its loop closed: nobody is left to wake)
+        if waiter is None:
+            return
+        if wakes is not None:
+            wakes.add(waiter)
+        else:  # (its loop closed: nobody is left to wake)
             call_soon_from_afar(waiter.get_loop(), _settle, waiter)
 
     def end(self, error: Optional[BaseException] = None) -> None:
