@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from concurrent.futures import Future
+from concurrent.futures import CancelledError as FutureCancelled, Future
 from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, List, Optional, Set,
                     Sequence, Tuple)
 
@@ -303,17 +303,17 @@ class AsyncFaceMixin(HostBase):
             tracing.resume_work(saved)  # the caller's task is not the job's any more
             if claimed is not None:
                 claimed.unclaim(loop)
-        future = job.future
         if expired:  # the guard's own cancel is not the caller's: withdrawn (3.11+)
             uncancel = getattr(task, "uncancel", None)
             if uncancel is not None:
                 uncancel()
-        if future.cancelled():
+        try:  # resolved by now (``run_single`` ends every job): one look at its lock
+            return job.future.result(0)
+        except FutureCancelled:
             if expired:
                 raise errors.TimeoutError(f"no result within the call deadline of "
-                                          f"{job.deadline - job.enqueued_at:.1f}s")
-            raise asyncio.CancelledError()
-        return future.result()
+                                          f"{job.deadline - job.enqueued_at:.1f}s") from None
+            raise asyncio.CancelledError() from None
 
     async def arun_inference(self, model_id: Optional[str], inputs: Any,
                              parameters: Optional[Dict[str, Any]] = None, priority: int = 1,

@@ -379,9 +379,9 @@ class Usage(BaseModel):
         # (its own validator, given three checked integers, is cheaper than ``checked_model``
         # for a model this small: a shared stream builds one per event)
         return cls(
-            prompt_tokens=count(data, "prompt_tokens", "usage.prompt_tokens", status),
-            completion_tokens=count(data, "completion_tokens", "usage.completion_tokens", status),
-            total_tokens=count(data, "total_tokens", "usage.total_tokens", status))
+            prompt_tokens=count(data, "prompt_tokens", "usage", status),
+            completion_tokens=count(data, "completion_tokens", "usage", status),
+            total_tokens=count(data, "total_tokens", "usage", status))
 
 
 class Choice(BaseModel):

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from .errors import ResponseError
 
 __all__ = ["checked_model", "opt_str", "opt_int", "opt_str_or_int", "opt_dict", "opt_list",
-           "opt_int_list", "opt_dict_list", "count"]
+           "opt_int_list", "opt_dict_list", "count", "field_name", "choice_at"]
 
 M = TypeVar("M", bound=BaseModel)
 _set = object.__setattr__
@@ -48,9 +48,24 @@ def checked_model(cls: Type[M], values: Dict[str, Any]) -> M:
     return model
 
 
-def _wrong(where: str, want: str, value: Any, status: Optional[int]) -> ResponseError:
-    return ResponseError(f"reply field {where!r} must be {want}, got {type(value).__name__}",
-                         status_code=status, field=where)
+def _wrong(name: str, want: str, value: Any, status: Optional[int]) -> ResponseError:
+    return ResponseError(f"reply field {name!r} must be {want}, got {type(value).__name__}",
+                         status_code=status, field=name)
+
+
+def field_name(at: str, key: str) -> str:
+    """A field's name in messages: ``key`` inside the object at ``at`` (``choices[0]``,
+    ``""`` for the reply itself). Made only for an error: a reply's parse reads dozens of
+    fields, and naming each on the way would cost more than checking it."""
+    return f"{at}.{key}" if at else key
+
+
+_AT_CHOICE = tuple(f"choices[{i}]" for i in range(64))
+
+
+def choice_at(position: int) -> str:
+    """``choices[i]``, the place of a reply's ``i``-th choice (made once for the first 64)."""
+    return _AT_CHOICE[position] if position < 64 else f"choices[{position}]"
 
 
 Reader = Callable[..., Any]
@@ -58,14 +73,15 @@ Reader = Callable[..., Any]
 
 def _optional(kinds: Tuple[type, ...], want: str) -> Reader:
     """A reader of ``data[key]``: the value when it is None or of one of ``kinds`` exactly
-    (``bool`` is not an ``int`` here), else a ``ResponseError`` naming ``where``. Made once
-    per kind of field, so a reply's parse pays one call per field."""
-    def read(data: Mapping[str, Any], key: str, where: str,
+    (``bool`` is not an ``int`` here), else a ``ResponseError`` naming the field (``key``
+    in the object at ``at``). Made once per kind of field, so a reply's parse pays one call
+    per field."""
+    def read(data: Mapping[str, Any], key: str, at: str = "",
              status: Optional[int] = None) -> Any:
         value = data.get(key)
         if value is None or type(value) in kinds:
             return value
-        raise _wrong(where, want, value, status)
+        raise _wrong(field_name(at, key), want, value, status)
     return read
 
 
@@ -75,40 +91,43 @@ opt_str_or_int = _optional((str, int), "a string, an integer or null")
 opt_dict = _optional((dict,), "an object or null")
 
 
-def count(data: Any, key: str, where: str, status: Optional[int] = None) -> int:
+def count(data: Any, key: str, at: str = "", status: Optional[int] = None) -> int:
     """A token count: an integer, 0 when absent or null."""
     value = data.get(key)
     if type(value) is int:
         return value
     if value is None:
         return 0
-    raise _wrong(where, "an integer", value, status)
+    raise _wrong(field_name(at, key), "an integer", value, status)
 
 
-def opt_list(value: Any, where: str, status: Optional[int] = None) -> Optional[List[Any]]:
+def opt_list(value: Any, at: str, key: str,
+             status: Optional[int] = None) -> Optional[List[Any]]:
+    """``value`` (field ``key`` of the object at ``at``): a list or None."""
     if value is None or type(value) is list:
         return value
-    raise _wrong(where, "a list or null", value, status)
+    raise _wrong(field_name(at, key), "a list or null", value, status)
 
 
-def opt_int_list(value: Any, where: str, status: Optional[int] = None) -> Optional[List[int]]:
+def opt_int_list(value: Any, at: str, key: str,
+                 status: Optional[int] = None) -> Optional[List[int]]:
     """A list of token ids (every element an integer), or None."""
-    return _list_of(value, int, where, "an integer", "a list of integers or null", status)
+    return _list_of(value, int, at, key, "an integer", "a list of integers or null", status)
 
 
-def opt_dict_list(value: Any, where: str,
+def opt_dict_list(value: Any, at: str, key: str,
                   status: Optional[int] = None) -> Optional[List[Dict[str, Any]]]:
     """A list of objects (tool calls), or None."""
-    return _list_of(value, dict, where, "an object", "a list of objects or null", status)
+    return _list_of(value, dict, at, key, "an object", "a list of objects or null", status)
 
 
-def _list_of(value: Any, kind: type, where: str, item: str, whole: str,
+def _list_of(value: Any, kind: type, at: str, key: str, item: str, whole: str,
              status: Optional[int]) -> Optional[List[Any]]:
     if value is None:
         return None
     if type(value) is list:
         for element in value:
             if type(element) is not kind:
-                raise _wrong(f"{where}[]", item, element, status)
+                raise _wrong(f"{field_name(at, key)}[]", item, element, status)
         return value
-    raise _wrong(where, whole, value, status)
+    raise _wrong(field_name(at, key), whole, value, status)

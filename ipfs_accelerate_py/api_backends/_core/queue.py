@@ -69,12 +69,15 @@ class Job:
             except Exception:  # noqa: BLE001 - already resolved by a racing path
                 pass
 
-    def succeed(self, result: Any) -> None:
-        if not self.future.done():
-            try:
-                self.future.set_result(result)
-            except Exception:  # noqa: BLE001
-                pass
+    def succeed(self, result: Any) -> bool:
+        """Resolve the job with ``result``; False when it was resolved already (its caller
+        left, or a racing path ended it): then the caller sees what that path set. One
+        look at the future (its lock), not two: this runs once per request."""
+        try:
+            self.future.set_result(result)
+        except Exception:  # noqa: BLE001 - InvalidStateError: resolved or cancelled first
+            return False
+        return True
 
 
 class PriorityRequestQueue:

@@ -247,12 +247,13 @@ class RequestLog:
                error: Optional[BaseException] = None, input_tokens: Optional[int] = None,
                output_tokens: Optional[int] = None) -> None:
         """Resolve ``job`` and record what its caller saw (``start``: when it was sent)."""
-        if error is None:
-            job.succeed(result)
-        else:
-            job.fail(error)
         # The caller may have given up first: count what the caller saw.
-        error_type = _error_type(job.future)
+        if error is None and job.succeed(result):
+            error_type = None
+        else:
+            if error is not None:
+                job.fail(error)
+            error_type = _error_type(job.future)
         ok = error_type is None
         now = self._clock.monotonic()
         if ok and result is not None:

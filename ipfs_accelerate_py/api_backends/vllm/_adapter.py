@@ -20,8 +20,8 @@ from ..media import is_media_refusal
 from ..handlers import make_endpoint_handler
 from ..models import ChatBatchRequest, ChatRequest, Choice, CompletionRequest, CompletionResult, Request, StreamChunk, Usage
 from ..transport import HttpRequest, HttpResponse
-from ..wire_fields import (checked_model, opt_dict, opt_dict_list, opt_int, opt_int_list, opt_list,
-                           opt_str, opt_str_or_int)
+from ..wire_fields import (checked_model, choice_at, opt_dict, opt_dict_list, opt_int, opt_int_list,
+                           opt_list, opt_str, opt_str_or_int)
 from ..operations import OperationRequest
 from ._models import VllmChatRequest, VllmCompletionRequest
 from ._operations import VLLM_OPERATIONS, format_operation, parse_operation
@@ -115,7 +115,7 @@ class VllmAdapter(BackendAdapter):
         top_prompt_lps = data.get("prompt_logprobs") if single_chat else None
         status = response.status
         for position, c in enumerate(choices_raw):
-            where = f"choices[{position}]"
+            where = choice_at(position)
             if type(c) is not dict:
                 raise ResponseError(f"reply field {where!r} is not an object",
                                     status_code=status, field=where)
@@ -126,26 +126,26 @@ class VllmAdapter(BackendAdapter):
                 if type(message) is not dict:
                     raise ResponseError(f"reply field '{where}.message' is not an object",
                                         status_code=status, field=f"{where}.message")
-                text = opt_str(message, "content", f"{where}.message.content", status) or ""
-                tool_calls = opt_dict_list(message.get("tool_calls") or None,
-                                           f"{where}.message.tool_calls", status)
-                reasoning = (opt_str(message, "reasoning", f"{where}.message.reasoning", status)
-                             or opt_str(message, "reasoning_content",
-                                        f"{where}.message.reasoning_content", status))
+                at = f"{where}.message"
+                text = opt_str(message, "content", at, status) or ""
+                tool_calls = opt_dict_list(message.get("tool_calls") or None, at, "tool_calls",
+                                           status)
+                reasoning = (opt_str(message, "reasoning", at, status)
+                             or opt_str(message, "reasoning_content", at, status))
             else:
-                text = opt_str(c, "text", f"{where}.text", status)
+                text = opt_str(c, "text", where, status)
                 if text is None:
                     raise ResponseError("a completion choice has no 'text'", status_code=status)
-            token_ids = opt_int_list(c.get("token_ids"), f"{where}.token_ids", status)
-            prompt_ids = opt_int_list(c.get("prompt_token_ids", top_prompt_ids),
-                                      f"{where}.prompt_token_ids", status)
-            prompt_lps = opt_list(c.get("prompt_logprobs", top_prompt_lps),
-                                  f"{where}.prompt_logprobs", status)
+            token_ids = opt_int_list(c.get("token_ids"), where, "token_ids", status)
+            prompt_ids = opt_int_list(c.get("prompt_token_ids", top_prompt_ids), where,
+                                      "prompt_token_ids", status)
+            prompt_lps = opt_list(c.get("prompt_logprobs", top_prompt_lps), where,
+                                  "prompt_logprobs", status)
             choices.append(checked_model(Choice, {
                 "index": index, "text": text,
-                "finish_reason": opt_str(c, "finish_reason", f"{where}.finish_reason", status),
-                "stop_reason": opt_str_or_int(c, "stop_reason", f"{where}.stop_reason", status),
-                "logprobs": opt_dict(c, "logprobs", f"{where}.logprobs", status),
+                "finish_reason": opt_str(c, "finish_reason", where, status),
+                "stop_reason": opt_str_or_int(c, "stop_reason", where, status),
+                "logprobs": opt_dict(c, "logprobs", where, status),
                 "prompt_index": index // n,
                 "completion_tokens": len(token_ids) if token_ids is not None else None,
                 "prompt_tokens": len(prompt_ids) if prompt_ids is not None else None,
@@ -154,10 +154,10 @@ class VllmAdapter(BackendAdapter):
                 "reasoning": reasoning}))
         choices.sort(key=_by_index)
         return checked_model(CompletionResult, {
-            "id": opt_str(data, "id", "id", status) or "",
-            "model": opt_str(data, "model", "model", status) or "",
-            "created": opt_int(data, "created", "created", status) or 0,
-            "object": opt_str(data, "object", "object", status) or "",
+            "id": opt_str(data, "id", "", status) or "",
+            "model": opt_str(data, "model", "", status) or "",
+            "created": opt_int(data, "created", "", status) or 0,
+            "object": opt_str(data, "object", "", status) or "",
             "choices": choices, "usage": Usage.from_wire(data.get("usage"), status)})
 
     def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
@@ -169,8 +169,8 @@ class VllmAdapter(BackendAdapter):
         if event is None:
             return None
         chat = isinstance(request, ChatRequest)
-        ident = opt_str(event, "id", "id") or ""
-        model = opt_str(event, "model", "model") or ""
+        ident = opt_str(event, "id") or ""
+        model = opt_str(event, "model") or ""
         listed = _is_list(request)
         choices = event.get("choices") or ()
         if type(choices) is not list and choices != ():
@@ -178,22 +178,22 @@ class VllmAdapter(BackendAdapter):
                                 f"{type(choices).__name__}", field="choices")
         out: List[StreamChunk] = []
         for position, c in enumerate(choices):
+            where = choice_at(position)
             if type(c) is not dict:
-                where = f"choices[{position}]"
                 raise ResponseError(f"reply field {where!r} is not an object", field=where)
             if chat:
                 delta = c.get("delta") or {}
                 if type(delta) is not dict:
-                    where = f"choices[{position}].delta"
+                    where = f"{where}.delta"
                     raise ResponseError(f"reply field {where!r} is not an object", field=where)
-                text = opt_str(delta, "content", f"choices[{position}].delta.content")
+                text = opt_str(delta, "content", f"{where}.delta")
             else:
-                text = opt_str(c, "text", f"choices[{position}].text")
+                text = opt_str(c, "text", where)
             # (built by the model's own validator: for a model this small it is cheaper than
             # ``checked_model``, and every value is known to pass it)
             out.append(StreamChunk(
                 index=_choice_index(c, listed, 0), text=text or "",
-                finish_reason=opt_str(c, "finish_reason", f"choices[{position}].finish_reason"),
+                finish_reason=opt_str(c, "finish_reason", where),
                 id=ident, model=model))
         usage = event.get("usage")
         if usage:
