@@ -193,12 +193,13 @@ class AsyncFaceMixin(HostBase):
         await self._asettle_backend()  # (so ``_accept``'s own asking finds nothing to ask)
         accepted = self._accept(request, priority, endpoint_id, check_timeout(timeout),
                                 fail_fast)
+        # asked once and handed down: on Python 3.11 each asking is a getpid() system call
+        loop = asyncio.get_running_loop()
         if isinstance(accepted, Future):  # routed over every endpoint (mixins/routing.py)
             future = accepted
             ep = self._endpoint(endpoint_id)
         else:
             ep, job = accepted
-            loop = asyncio.get_running_loop()
             if job.key is None:  # it shares no call: served here if it would start at once
                 if not ep.settings.queue_enabled:
                     return await self._serve_here(ep, job, loop, None)
@@ -215,9 +216,9 @@ class AsyncFaceMixin(HostBase):
         limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
         # a bound against a lost result (the pipeline ends every job by its deadline): a
         # bare timer, cancelled on the way out, is the cheapest such guard per call
-        guard = asyncio.get_running_loop().call_later(limit, _expire, future, limit - 1.0)
+        guard = loop.call_later(limit, _expire, future, limit - 1.0)
         try:
-            return await await_future(future)
+            return await await_future(future, loop)
         finally:
             guard.cancel()
 
@@ -289,7 +290,7 @@ class AsyncFaceMixin(HostBase):
         a second stands guard as ``asubmit``'s does (then ``TimeoutError``)."""
         job.here = True
         job.picked_at = job.enqueued_at
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)
         expired: List[bool] = []
         # (an empty context: a cancelled timer waits in the loop's heap for a while, and a
         # copy of the caller's would keep what it refers to alive that long)

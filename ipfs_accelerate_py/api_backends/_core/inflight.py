@@ -221,10 +221,12 @@ class InFlightLimit:
         a loop shares one thread); ``now``: the
         caller's reading of the clock, when it has one."""
         start = self._clock.monotonic() if now is None else now
-        loop = asyncio.get_running_loop()
         with self._lock:
             if self._take_now_locked(key, start):
                 return 0.0
+            # (the loop asked only by a caller that waits: on Python 3.11 each asking is a
+            # getpid() system call)
+            loop = asyncio.get_running_loop()
             ticket = _Ticket(key, loop=loop)
             self._queue.append(ticket)
             self._note_full_locked()

@@ -108,11 +108,14 @@ def _copy_outcome(source: "Future[T]", destination: "asyncio.Future[T]") -> None
         destination.set_result(source.result())
 
 
-def await_future(future: "Future[T]") -> "asyncio.Future[T]":
+def await_future(future: "Future[T]",
+                 loop: Optional[asyncio.AbstractEventLoop] = None) -> "asyncio.Future[T]":
     """``asyncio.wrap_future`` for a future resolved on another thread, its outcome brought
-    to the running loop by ``call_soon_from_afar``; cancelling the awaitable cancels
-    ``future`` (the pipeline then drops its job), as ``wrap_future`` does."""
-    loop = asyncio.get_running_loop()
+    to the running loop (``loop``, when the caller has it at hand) by
+    ``call_soon_from_afar``; cancelling the awaitable cancels ``future`` (the pipeline then
+    drops its job), as ``wrap_future`` does."""
+    if loop is None:
+        loop = asyncio.get_running_loop()
     destination: "asyncio.Future[T]" = loop.create_future()
 
     def resolved(source: "Future[T]") -> None:

@@ -118,8 +118,10 @@ class Feed:
                 self._cond.wait(min(left, MAX_NAP))
             return self._take_locked()
 
-    async def aget(self) -> Optional[List[StreamChunk]]:
-        """``get`` for a coroutine on any event loop: waits without blocking it."""
+    async def aget(self, loop: Optional[asyncio.AbstractEventLoop] = None
+                   ) -> Optional[List[StreamChunk]]:
+        """``get`` for a coroutine on any event loop (``loop``: the running one, when the
+        caller has it at hand): waits without blocking it."""
         since = time.monotonic()
         while True:
             with self._cond:
@@ -130,7 +132,8 @@ class Feed:
                 if self._ended:
                     return None
                 left = self._idle_left(since)
-                loop = asyncio.get_running_loop()
+                if loop is None:  # (on Python 3.11 asking is a getpid() system call)
+                    loop = asyncio.get_running_loop()
                 waiter: "asyncio.Future[None]" = loop.create_future()
                 self._waiter = waiter
             # a bare timer, not ``wait_for`` (a task-like wrapper per wait: a stream waits
@@ -170,8 +173,9 @@ class Feed:
 
     async def achunks(self) -> AsyncIterator[StreamChunk]:
         """``chunks`` for a coroutine."""
+        loop = asyncio.get_running_loop()  # asked once per stream, not once per wait
         while True:
-            batch = await self.aget()
+            batch = await self.aget(loop)
             if batch is None:
                 return
             for chunk in batch:
