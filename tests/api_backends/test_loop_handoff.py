@@ -1,11 +1,12 @@
 """Hand-offs from other threads to an event loop (``_core.loop``): ``call_soon_from_afar``
 runs every call exactly once, in order, with one wake-up per burst; ``await_future``
 brings a result, an error or a cancellation across, and a caller that leaves cancels the
-work it waited for."""
+work it waited for; an async call asks for its running loop once (a system call on 3.11)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 from concurrent.futures import Future
@@ -13,8 +14,10 @@ from typing import Any, List
 
 import pytest
 
+from ipfs_accelerate_py.api_backends import MockTransport, VllmClient
 from ipfs_accelerate_py.api_backends._core.loop import (_PENDING, await_future,
                                                           call_soon_from_afar)
+from ipfs_accelerate_py.api_backends.transport import HttpRequest, HttpResponse
 
 
 class _LoopThread:
@@ -147,3 +150,43 @@ def test_a_caller_that_leaves_cancels_the_future_it_awaited() -> None:
             await task
     asyncio.run(main())
     assert future.cancelled()  # the pipeline drops a job whose future is cancelled
+
+
+def _reply(request: HttpRequest) -> HttpResponse:
+    body = request.json or {}
+    reply = {"id": "r", "object": "text_completion", "created": 1, "model": body.get("model"),
+             "choices": [{"index": 0, "text": f"to {body.get('prompt')}",
+                          "finish_reason": "length"}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+    return HttpResponse(200, {"Content-Type": "application/json"}, json.dumps(reply).encode())
+
+
+@pytest.mark.parametrize("callers", [1, 8, 32])
+def test_an_async_call_asks_for_its_running_loop_once(monkeypatch, free_port, callers) -> None:
+    """On Python 3.11 ``asyncio.get_running_loop()`` is a ``getpid()`` system call: an async
+    call served in its caller's task asks once and hands the loop down (the in-flight limit
+    asks only for a caller that must wait, and none waits here: its slots are enough)."""
+    mock = MockTransport(_reply)
+    with VllmClient(base_url=f"http://127.0.0.1:{free_port}", model="m", max_retries=0,
+                    batch_enabled=False, max_concurrent_requests=64,
+                    transport_factory=lambda s: mock) as c:
+        async def calls(n: int) -> List[str]:
+            return list(await asyncio.gather(*[c.agenerate_text(f"p{i}", max_tokens=2)
+                                               for i in range(n)]))
+
+        loop = asyncio.new_event_loop()
+        try:
+            assert loop.run_until_complete(calls(2)) == ["to p0", "to p1"]  # settled first
+            asked: List[int] = []
+            real = asyncio.get_running_loop
+
+            def counted() -> asyncio.AbstractEventLoop:
+                asked.append(1)
+                return real()
+            monkeypatch.setattr(asyncio, "get_running_loop", counted)
+            texts = loop.run_until_complete(calls(callers))
+            monkeypatch.undo()
+        finally:
+            loop.close()
+    assert texts == [f"to p{i}" for i in range(callers)]  # each caller its own answer
+    assert len(asked) == callers
