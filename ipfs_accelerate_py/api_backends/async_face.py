@@ -34,9 +34,10 @@ loop are gathered into calls on that loop (``_gather_here``, ``Batcher.handle_gr
 nothing crosses a thread; otherwise they go through the queue and the batcher on the
 client's loop as the sync ones do. Either way the job's ``concurrent.futures.Future`` is
 awaited through ``_core.loop.await_future``, a done callback that wakes the caller's loop
-(one wake-up for all the results that come together), so no thread waits. One that shares no call and would start at once (``Dispatcher.claim``) is served in
-its caller's task instead (``_serve_here``): the same ``Batcher.run_single`` on the caller's loop,
-without the two hand-offs between loops.
+(one wake-up for all the results that come together), so no thread waits. One that shares
+no call and would start at once (``Dispatcher.claim``) is served in its caller's task
+instead (``_serve_here``): the same ``Batcher.run_single`` on the caller's loop, without
+the two hand-offs between loops.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ from ipfs_accelerate_py.servers.fake_vllm import Fault
 P: Dict[str, Any] = {"max_tokens": 6, "temperature": 0}
 
 
-
 async def gather(coros: Any) -> List[Any]:
     return list(await asyncio.gather(*coros))
 

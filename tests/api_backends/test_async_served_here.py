@@ -30,8 +30,6 @@ from ipfs_accelerate_py.servers.fake_vllm import Fault
 P: Dict[str, Any] = {"max_tokens": 5, "temperature": 0}
 
 
-
-
 def texts_of(client: Any, prompts: List[str]) -> Dict[str, str]:
     return {p: client.generate_text(p, **P) for p in prompts}
 

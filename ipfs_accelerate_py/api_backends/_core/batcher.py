@@ -138,6 +138,12 @@ def split_result(result: CompletionResult, count: int, n: int) -> List[Completio
     return parts
 
 
+def _requeue(endpoint: "Endpoint", jobs: Sequence[Job]) -> None:
+    """Queue jobs that came as a gathered job's company and do not go with its call."""
+    for job in jobs:
+        endpoint.queue.put(job)
+
+
 class _Gathering:
     """Per endpoint: the batch a worker holds open while the in-flight limit is reached."""
 
@@ -185,12 +191,20 @@ class Batcher:
     async def handle_job(self, ep: "Endpoint", job: Job) -> None:
         """A dispatcher task's turn (on the client's loop): drop a job past its deadline,
         else send it alone or batched."""
+        await self.handle_group(ep, [job])
+
+    async def handle_group(self, ep: "Endpoint", jobs: List[Job]) -> None:
+        """``handle_job`` for compatible jobs that came together (the async face's requests
+        of one loop turn, never queued: ``AsyncFaceMixin._gather_here``): the first gathers
+        its call with the others as its company (what does not fit is queued)."""
+        job, company = jobs[0], jobs[1:]
         # one reading for the deadline and the burst checks: the queue's as it handed it over
         now = job.picked_at if job.picked_at is not None else self._clock.monotonic()
         if not self._check_queue_deadline(job, now):
             self._metrics.record_unsent(ep.id, job, self._clock.monotonic())
+            _requeue(ep, company)
             return
-        batch = await self._collect_batch(ep, job, now)
+        batch = await self._collect_batch(ep, job, now, company)
         if not batch:
             return  # handed to the task gathering its batch
         if job.request.stream:  # streams: alone, or one shared prompt-list stream
@@ -198,24 +212,6 @@ class Batcher:
         elif len(batch) > 1:
             await self._run_batch(ep, batch)
         else:
-            await self.run_single(ep, job)
-
-
-    async def handle_group(self, ep: "Endpoint", jobs: List[Job]) -> None:
-        """``handle_job`` for compatible jobs that came together and were never queued (the
-        async face's requests of one loop turn, ``AsyncFaceMixin._gather_here``): the first
-        gathers its call with the others as its company (what does not fit is queued)."""
-        job, company = jobs[0], jobs[1:]
-        now = job.picked_at if job.picked_at is not None else self._clock.monotonic()
-        if not self._check_queue_deadline(job, now):
-            self._metrics.record_unsent(ep.id, job, self._clock.monotonic())
-            for other in company:
-                ep.queue.put(other)
-            return
-        batch = await self._collect_batch(ep, job, now, company)
-        if len(batch) > 1:
-            await self._run_batch(ep, batch)
-        elif batch:
             await self.run_single(ep, job)
 
     def _check_queue_deadline(self, job: Job, now: Optional[float] = None) -> bool:
@@ -259,20 +255,17 @@ class Batcher:
                  # queued before a reply of this server turned out not to match
                  or not endpoint.shares_prompt_lists)
         limit = 1 if alone else settings.max_batch_size
-        if company and len(company) >= limit:
-            for other in company[limit - 1:]:
-                endpoint.queue.put(other)
+        if len(company) >= limit:
+            _requeue(endpoint, company[limit - 1:])
             company = company[:limit - 1]
         if alone:
             return [job]
         if self._hand_over(endpoint, job):  # a worker holding its batch open while the
-            for other in company:           # limit is reached takes it (and what came with it)
-                endpoint.queue.put(other)
+            _requeue(endpoint, company)     # limit is reached takes it (and what came with it)
             return []
         got = endpoint.queue.join_or_take(job, limit - 1 - len(company))
         if got is None:  # a collector's batch took it (``put`` hands arrivals to it likewise)
-            for other in company:
-                endpoint.queue.put(other)
+            _requeue(endpoint, company)
             return []
         companions, shared_calls = got
         batch = [job, *company] + companions

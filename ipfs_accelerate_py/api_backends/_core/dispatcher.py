@@ -69,7 +69,7 @@ class Dispatcher:
         (nothing waits in the queue, the queue is not paused, a slot is free), so no
         waiting job is passed over. The slot counts as a task's until ``unclaim``."""
         with self._lock:
-            if self.active < self._n and not len(self._queue) and not self._queue.paused:
+            if self._would_start_locked():
                 self.active += 1
                 self._claims[loop] = self._claims.get(loop, 0) + 1
                 return True
@@ -78,7 +78,11 @@ class Dispatcher:
     def would_start(self) -> bool:
         """Whether a job would start at once now (``claim``'s test, nothing taken)."""
         with self._lock:
-            return self.active < self._n and not len(self._queue) and not self._queue.paused
+            return self._would_start_locked()
+
+    def _would_start_locked(self) -> bool:
+        """A free slot, nothing waiting in the queue, and the queue not paused."""
+        return self.active < self._n and not len(self._queue) and not self._queue.paused
 
     def unclaim(self, loop: Any) -> None:
         """The claimed job is done: its slot is free for what queued meanwhile."""
