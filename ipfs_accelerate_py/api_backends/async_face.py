@@ -193,7 +193,7 @@ class AsyncFaceMixin(HostBase):
         client's loop), awaited without a thread, never longer than the call's deadline."""
         await self._asettle_backend()  # (so ``_accept``'s own asking finds nothing to ask)
         accepted = self._accept(request, priority, endpoint_id, check_timeout(timeout),
-                                fail_fast)
+                                fail_fast, lazy=True)
         # asked once and handed down: on Python 3.11 each asking is a getpid() system call
         loop = asyncio.get_running_loop()
         if isinstance(accepted, Future):  # routed over every endpoint (mixins/routing.py)
@@ -206,6 +206,8 @@ class AsyncFaceMixin(HostBase):
                     return await self._serve_here(ep, job, loop, None)
                 if not ep.limit.full and ep.workers.claim(loop):
                     return await self._serve_here(ep, job, loop, ep.workers)
+            future = job.future  # (made before the job is handed on: another thread reads it)
+            if job.key is None:
                 self._start_job(ep, job)
             else:
                 # It may share a call with this loop's other callers only (a sync caller's
@@ -213,7 +215,6 @@ class AsyncFaceMixin(HostBase):
                 job.key = (job.key, loop)
                 if not (ep.settings.queue_enabled and self._gather_here(ep, job, loop)):
                     self._start_job(ep, job)
-            future = job.future
         limit = (timeout if timeout is not None else ep.settings.effective_deadline) + 1.0
         # a bound against a lost result (the pipeline ends every job by its deadline): a
         # bare timer, cancelled on the way out, is the cheapest such guard per call
@@ -309,8 +310,8 @@ class AsyncFaceMixin(HostBase):
             uncancel = getattr(task, "uncancel", None)
             if uncancel is not None:
                 uncancel()
-        try:  # resolved by now (``run_single`` ends every job): one look at its lock
-            return job.future.result(0)
+        try:  # resolved by now (``run_single`` ends every job); kept on the job, no future
+            return job.outcome()
         except FutureCancelled:
             if expired:
                 raise errors.TimeoutError(f"no result within the call deadline of "

@@ -225,7 +225,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
 
     # ------------------------------------------------------------------ submitting
     def _new_job(self, ep: Endpoint, request: Request, priority: int,
-                 timeout: Optional[float], fail_fast: bool = False) -> Job:
+                 timeout: Optional[float], fail_fast: bool = False, lazy: bool = False) -> Job:
         now = self._clock.monotonic()
         deadline = now + (timeout if timeout is not None else ep.settings.effective_deadline)
         model = request.model or ep.settings.model
@@ -246,7 +246,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         if key is not None:
             key = (key, fail_fast)  # fail-fast and waiting callers never share a call
         rid = self._new_request_id()
-        job = Job(request, priority, deadline, key, model, rid, now, fail_fast)
+        job = Job(request, priority, deadline, key, model, rid, now, fail_fast, lazy)
         tracing.job_created(self, ep, job)  # a span under the caller's context (tracing.py)
         return job
 
@@ -270,11 +270,11 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
         return job.future
 
     def _accept(self, request: Request, priority: int, endpoint_id: Optional[str],
-                timeout: Optional[float], fail_fast: Optional[bool]
+                timeout: Optional[float], fail_fast: Optional[bool], lazy: bool = False
                 ) -> Union["Future[CompletionResult]", Tuple[Endpoint, Job]]:
         """``submit``'s checks and choice, for both faces: the routed call's future when
         routing over every endpoint took it, else ``(endpoint, its job)``, the job not
-        started yet."""
+        started yet (``lazy``: its future made only when asked for: ``Job``)."""
         check_priority(priority)
         timeout = check_timeout(timeout)
         self._settle_backend()
@@ -292,8 +292,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             if routed is not None:  # the routing setting: over every endpoint (mixins/routing.py)
                 return routed
         ep = self._endpoint(endpoint_id)
-        return ep, self._new_job(ep, request, priority, timeout,
-                                       ep.fail_fast(fail_fast))
+        return ep, self._new_job(ep, request, priority, timeout, ep.fail_fast(fail_fast), lazy)
 
     def _use_adapter(self, adapter: BackendAdapter) -> None:
         """Speak through ``adapter`` from now on, the client and the parts that read it (the

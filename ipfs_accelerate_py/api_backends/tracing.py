@@ -70,8 +70,8 @@ class _Local:
     _vars: Dict[str, "contextvars.ContextVar[Any]"] = {
         name: contextvars.ContextVar(f"ipfs_accelerate.{name}", default=None)
         for name in ("rid", "future", "op", "span")}
-    #: rid (str), future (a weak reference: once done or gone, ``rid`` no longer describes
-    #: the work), op (_Op), span
+    #: rid (str), future (a weak reference to the job, or to a stream's future: once done
+    #: or gone, ``rid`` no longer describes the work), op (_Op), span
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -263,7 +263,7 @@ def resume_work(saved: Tuple[Any, Any, Any, Any]) -> None:
 def job_started(ep: "Endpoint", job: Any, now: float) -> None:
     """A worker took ``job`` to send it alone (``now``: the client's monotonic clock)."""
     _RID.set(job.request_id)
-    _FUTURE.set(weakref.ref(job.future))
+    _FUTURE.set(weakref.ref(job))  # (a job served here has no future: ``Job``)
     op = _jobs.get(job.future) if _jobs else None
     _OP.set(op)
     _SPAN.set(op.span if op is not None else None)
@@ -273,7 +273,7 @@ def job_started(ep: "Endpoint", job: Any, now: float) -> None:
 
 def shared_call_started(ep: "Endpoint", jobs: Sequence[Any], now: float) -> None:
     """A worker sends ``jobs`` as one call: a span for the call, linked with theirs."""
-    _local.rid, _local.future = jobs[0].request_id, weakref.ref(jobs[0].future)
+    _local.rid, _local.future = jobs[0].request_id, weakref.ref(jobs[0])
     _local.op = _local.span = None
     ops = [_jobs.get(j.future) for j in jobs] if _jobs else []
     traced = [(j, o) for j, o in zip(jobs, ops) if o is not None]
@@ -460,14 +460,15 @@ def with_trace_context(headers: Dict[str, str]) -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------- logs
-def _done(future_ref: "Optional[weakref.ref[Future]]") -> bool:
-    """Whether the job this thread or task worked for is over. The context holds a weak
-    reference: a timer or task that copied the context (asyncio copies it for each) must
-    not keep the job's future, and its result, alive after the job."""
-    if future_ref is None:
+def _done(work_ref: "Optional[weakref.ref[Any]]") -> bool:
+    """Whether the job this thread or task worked for is over (``work_ref``: a weak
+    reference to the job, or to a stream's future; either says ``done()``). The context
+    holds a weak reference: a timer or task that copied the context (asyncio copies it for
+    each) must not keep the job, and its result, alive after the job."""
+    if work_ref is None:
         return False
-    future = future_ref()
-    return future is None or future.done()
+    work = work_ref()
+    return work is None or work.done()
 
 
 # ---------------------------------------------------------------- logs

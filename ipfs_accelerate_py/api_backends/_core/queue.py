@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import threading
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import CancelledError as FutureCancelled, Future
 from typing import Any, Callable, Deque, Dict, Hashable, List, Optional, Tuple
 
 from .loop import Signal
@@ -30,17 +30,27 @@ HIGH, NORMAL, LOW = PRIORITIES
 
 
 class Job:
-    """One submitted request and the future its caller waits on."""
+    """One submitted request and the future its caller waits on.
 
-    __slots__ = ("request", "priority", "future", "enqueued_at", "deadline", "key", "seq",
-                 "model", "request_id", "picked_at", "fail_fast", "context", "here")
+    ``lazy``: the future is made only when something asks for it (``future``). A job served
+    in its caller's own task (the async face's ``_serve_here``) is read by that task alone,
+    so its outcome is kept here instead (``outcome``): a ``concurrent.futures.Future`` is a
+    condition, a lock and its notifications, paid per request for a waiter that never
+    comes. Any other job hands its future to another thread or task, so it is made with
+    the job (or asked for before the job is handed on)."""
+
+    __slots__ = ("request", "priority", "_future", "_outcome", "enqueued_at", "deadline", "key",
+                 "seq", "model", "request_id", "picked_at", "fail_fast", "context", "here",
+                 "__weakref__")
 
     def __init__(self, request: Any, priority: int, deadline: float, key: Optional[Hashable],
                  model: Optional[str], request_id: str, now: float,
-                 fail_fast: bool = False) -> None:
+                 fail_fast: bool = False, lazy: bool = False) -> None:
         self.request = request
         self.priority = priority
-        self.future: Future = Future()
+        self._future: Optional[Future] = None if lazy else Future()
+        #: without a future: (True, result), (False, error), or (False, None) cancelled
+        self._outcome: Optional[Tuple[bool, Any]] = None
         self.enqueued_at = now
         self.deadline = deadline
         self.key = key  # batching key; None when the request cannot share a call
@@ -56,16 +66,60 @@ class Job:
         #: the caller leaving, not the client's loop stopping
         self.here = False
 
+    @property
+    def future(self) -> Future:
+        """The job's future, made now if it was not (resolved as the job already is)."""
+        future = self._future
+        if future is None:
+            future = self._future = Future()
+            outcome = self._outcome
+            if outcome is not None:
+                ok, value = outcome
+                if ok:
+                    future.set_result(value)
+                elif value is None:
+                    future.cancel()
+                else:
+                    future.set_exception(value)
+        return future
+
+    def done(self) -> bool:
+        """Whether the job is resolved (a result, an error, or cancelled)."""
+        future = self._future
+        return self._outcome is not None if future is None else future.done()
+
+    def outcome(self) -> Any:
+        """The result now, or its error raised (``concurrent.futures.CancelledError`` when
+        the caller left); the job must be resolved."""
+        future = self._future
+        if future is not None:
+            return future.result(0)
+        ok, value = self._outcome  # type: ignore[misc]
+        if ok:
+            return value
+        if value is None:
+            raise FutureCancelled()
+        raise value
+
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, asyncio.CancelledError):
             if self.here:  # its caller left: the future says so, to whoever reads it
-                self.future.cancel()
+                if self._future is None:
+                    if self._outcome is None:
+                        self._outcome = (False, None)
+                    return
+                self._future.cancel()
                 return
             # the client's loop stopped under it
             exc = ClientClosedError("client closed while the request was in flight")
-        if not self.future.done():
+        future = self._future
+        if future is None:
+            if self._outcome is None:
+                self._outcome = (False, exc)
+            return
+        if not future.done():
             try:
-                self.future.set_exception(exc)
+                future.set_exception(exc)
             except Exception:  # noqa: BLE001 - already resolved by a racing path
                 pass
 
@@ -73,8 +127,14 @@ class Job:
         """Resolve the job with ``result``; False when it was resolved already (its caller
         left, or a racing path ended it): then the caller sees what that path set. One
         look at the future (its lock), not two: this runs once per request."""
+        future = self._future
+        if future is None:
+            if self._outcome is not None:
+                return False
+            self._outcome = (True, result)
+            return True
         try:
-            self.future.set_result(result)
+            future.set_result(result)
         except Exception:  # noqa: BLE001 - InvalidStateError: resolved or cancelled first
             return False
         return True
