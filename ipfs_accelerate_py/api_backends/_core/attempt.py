@@ -57,13 +57,16 @@ class Attempt:
     async def send(self, ep: "Endpoint", http: HttpRequest, deadline: float,
                    fail_fast: bool = False) -> HttpResponse:
         """One attempt of a complete request (see ``guarded``), asking for the server's load
-        report when the endpoint's last one is getting old (``LoadBoard.should_ask``: asking
-        costs the server time on every request that asks, and one fresh figure a quarter
-        second is plenty)."""
+        report when something would read it (routing over several endpoints, or this
+        endpoint's in-flight limit: ``InFlightLimit.reads_load``) and the endpoint's last
+        one is getting old (``LoadBoard.should_ask``: asking costs the server time on every
+        request that asks, and one fresh figure a quarter second is plenty)."""
         now = self._clock.monotonic()  # one reading on the way down
         extra = self.adapter.load_report_headers
+        board = self._board
         if (extra and http.method == "POST" and not http.stream
-                and self._board.should_ask(ep.id, now)):
+                and (board.read or ep.limit.reads_load)
+                and board.should_ask(ep.id, now)):
             http.headers.update(extra)
         sender = ep.transport
         response: HttpResponse = await self.guarded(

@@ -119,6 +119,12 @@ class InFlightLimit:
         self._in_flight = 0
         #: whether a new attempt would have to wait for a slot now (``_note_full_locked``)
         self.full = False
+        #: whether the server's load report on a reply sent now could move the limit: it
+        #: reads one only while at least half its slots are busy (``_adapt``: below that
+        #: the callers, not the limit, set the pace), so a lone caller's requests need none,
+        #: and asking slows every request that asks (``LoadBoard.read``). A plain attribute,
+        #: refreshed with ``full``.
+        self.reads_load = 2 >= self._limit
         self._queue: Deque[_Ticket] = deque()
         self._ramping = False  # slow start after an outage: +1 per healthy reply
         self._sent_at: Dict[Hashable, float] = {}  # slot key -> when its attempt took the slot
@@ -148,6 +154,7 @@ class InFlightLimit:
         """Refresh ``full`` (called, with the lock held, wherever slots, the queue for them
         or the limit change): a plain attribute, so that batching reads it for free."""
         self.full = bool(self._queue) or self._in_flight >= max(1, int(self._limit))
+        self.reads_load = 2 * (self._in_flight + 1) >= self._limit
 
     def stats(self) -> Dict[str, Optional[float]]:
         """For metrics: the limit, its ceiling, slots used, callers queued, round trips seen."""

@@ -46,6 +46,12 @@ class Router:
         #: ``endpoint_load.LoadBoard``)
         self.state = RoutingState()
 
+    def note_endpoints(self) -> None:
+        """The client's endpoints changed: with several, routing across them reads the
+        servers' load reports, so every request may ask for one (``LoadBoard.read``)."""
+        if len(self._endpoints) > 1:
+            self.state.board.read = True
+
     def set_load_probe(self, probe: Optional[LoadProbe], min_interval: float = 1.0) -> None:
         """The load probe, checked and set (the public face: ``RoutingMixin.set_load_probe``)."""
         if probe is not None and not callable(probe):
@@ -143,8 +149,10 @@ class Router:
         return self._own_load(state, eid) + float(self._probed(state, eid)[1] or 0.0)
 
     def server_load(self, endpoint_id: str) -> Optional[LoadReport]:
-        """The server's freshest load report (reply header, else the probe), None if stale."""
+        """The server's freshest load report (reply header, else the probe), None if stale.
+        Read once, the endpoints' requests ask for reports from then on (``LoadBoard.read``)."""
         state = self.state
+        state.board.read = True
         eid = self._endpoint(endpoint_id).id
         now = self._clock.monotonic()
         report = state.board.fresh(eid, now)
