@@ -124,7 +124,7 @@ class InFlightLimit:
         #: the callers, not the limit, set the pace), so a lone caller's requests need none,
         #: and asking slows every request that asks (``LoadBoard.read``). A plain attribute,
         #: refreshed with ``full``.
-        self.reads_load = 2 >= self._limit
+        self.reads_load = False
         self._queue: Deque[_Ticket] = deque()
         self._ramping = False  # slow start after an outage: +1 per healthy reply
         self._sent_at: Dict[Hashable, float] = {}  # slot key -> when its attempt took the slot
@@ -136,6 +136,7 @@ class InFlightLimit:
         self.latency = latency
         self.increases = 0
         self.decreases = 0
+        self._note_full_locked()  # (``full`` and ``reads_load`` from one formula each)
 
     @property
     def limit(self) -> int:

@@ -88,6 +88,13 @@ class Job:
         future = self._future
         return self._outcome is not None if future is None else future.done()
 
+    def _keep(self, outcome: Tuple[bool, Any]) -> bool:
+        """(No future) the first resolution is kept; False when one was already."""
+        if self._outcome is not None:
+            return False
+        self._outcome = outcome
+        return True
+
     def outcome(self) -> Any:
         """The result now, or its error raised (``concurrent.futures.CancelledError`` when
         the caller left); the job must be resolved."""
@@ -105,17 +112,15 @@ class Job:
         if isinstance(exc, asyncio.CancelledError):
             if self.here:  # its caller left: the future says so, to whoever reads it
                 if self._future is None:
-                    if self._outcome is None:
-                        self._outcome = (False, None)
-                    return
-                self._future.cancel()
+                    self._keep((False, None))
+                else:
+                    self._future.cancel()
                 return
             # the client's loop stopped under it
             exc = ClientClosedError("client closed while the request was in flight")
         future = self._future
         if future is None:
-            if self._outcome is None:
-                self._outcome = (False, exc)
+            self._keep((False, exc))
             return
         if not future.done():
             try:
@@ -129,10 +134,7 @@ class Job:
         look at the future (its lock), not two: this runs once per request."""
         future = self._future
         if future is None:
-            if self._outcome is not None:
-                return False
-            self._outcome = (True, result)
-            return True
+            return self._keep((True, result))
         try:
             future.set_result(result)
         except Exception:  # noqa: BLE001 - InvalidStateError: resolved or cancelled first
