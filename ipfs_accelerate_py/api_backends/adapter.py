@@ -54,7 +54,7 @@ def load_json(response: HttpResponse) -> Any:
 def decode_stream_event(data: str) -> Optional[Dict[str, Any]]:
     """An OpenAI-style SSE payload -> its JSON object; ``None`` for ``[DONE]``. A mid-stream
     ``{"error": ...}`` event (sent after a 200 status) raises ``StreamError``."""
-    if data.strip() == "[DONE]":
+    if data[:1] != "{" and data.strip() == "[DONE]":  # (an object needs no strip)
         return None
     try:
         event = json.loads(data)
@@ -126,6 +126,14 @@ class BackendAdapter(ABC):
     @abstractmethod
     def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
         """One SSE ``data`` payload -> chunks; ``None`` marks the end of the stream."""
+
+    def stream_parser(self, request: Request) -> Callable[[str], Optional[List[StreamChunk]]]:
+        """``parse_stream_event`` for every event of one stream of ``request``: what the
+        request decides (chat or not, a list or not) is looked at once per stream, not once
+        per event (an adapter overrides it where that pays; the default asks
+        ``parse_stream_event`` each time)."""
+        parse = self.parse_stream_event
+        return lambda data: parse(request, data)
 
     @abstractmethod
     def models_request(self) -> HttpRequest:

@@ -45,8 +45,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from concurrent.futures import CancelledError as FutureCancelled, Future
-from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Dict, List, Optional, Set,
-                    Sequence, Tuple)
+from typing import (TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Awaitable, Dict, List,
+                    Optional, Set, Sequence, Tuple)
 
 from . import errors, tracing
 from .call_shapes import check_timeout, pop_send_options, stream_call
@@ -449,8 +449,14 @@ class AsyncTextStream:
     def __aiter__(self) -> "AsyncTextStream":
         return self
 
-    async def __anext__(self) -> StreamChunk:
-        if self._closed and self._open is None:
+    def __anext__(self) -> Awaitable[StreamChunk]:
+        opened = self._open
+        if opened is not None:  # (the open stream's own step: no coroutine of ours per chunk)
+            return opened._agen.__anext__()
+        return self._first()
+
+    async def _first(self) -> StreamChunk:
+        if self._closed:
             raise StopAsyncIteration  # closed before it was opened: nothing was sent
         return await (await self._opened())._agen.__anext__()
 
@@ -528,6 +534,5 @@ class _AioSharedTextStream(_AioTextStream):
     """An async caller's stream inside a shared prompt-list call: its own choices from its
     ``SharedHandle``'s feed, read without blocking this loop (_streaming/stream_batching.py)."""
 
-    async def _achunks(self) -> AsyncIterator[StreamChunk]:
-        async for chunk in self._response.feed.achunks():
-            yield chunk
+    def _achunks(self) -> AsyncIterator[StreamChunk]:
+        return self._response.feed.achunks()  # (the feed's own generator: one step less per chunk)

@@ -30,6 +30,27 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> List[str]:
         """Consume ``chunk``; return the payloads of events it completed."""
+        if self._buf or self._data or self._pending_cr or b"\r" in chunk:
+            return self._feed_lines(chunk)
+        # The common framing, with nothing left over from the last read: whole events of one
+        # ``data: `` line each, split at their blank lines in C rather than line by line
+        # (what does not look like that goes the general way, from a clean state).
+        out: List[str] = []
+        blocks = chunk.split(b"\n\n")
+        tail = blocks.pop()  # after the last blank line: the start of an unfinished event
+        for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                if len(block) - 6 > self._max:
+                    raise ResponseError(f"stream event larger than {self._max} bytes")
+                out.append(block[6:].decode("utf-8", errors="replace"))
+            else:
+                out += self._feed_lines(block + b"\n\n")
+        if tail:
+            out += self._feed_lines(tail)
+        return out
+
+    def _feed_lines(self, chunk: bytes) -> List[str]:
+        """``feed``, line by line (any framing, any split, state carried across reads)."""
         out: List[str] = []
         if not chunk:
             return out  # an empty read must not forget a CR still waiting for its LF

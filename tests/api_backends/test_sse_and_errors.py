@@ -57,6 +57,28 @@ def test_random_chunking_gives_the_same_events(cuts, sep):
     assert decode_all(chunks) == decode_all([VLLM_STREAM])
 
 
+SSE_PIECES = [b'data: {"a":1}\n\n', b": keep-alive\n\n", b"data: x\r\n\r\n", b"data:y\n\n",
+              b"event: e\ndata: z\n\n", b"\n", b"data: [DONE]\n\n", b"data: a\ndata: b\n\n",
+              b"data: \xc3\xa9\n\n", b"data: \xc3", b"\xa9\n\n", b"id: 7\n", b"data: tail"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(SSE_PIECES), max_size=10), st.lists(st.integers(0, 400), max_size=6))
+def test_whole_events_in_one_read_decode_as_byte_by_byte(pieces, cuts):
+    """Reads that hold whole one-line events are split at their blank lines at once (the
+    common framing); whatever the framing and however the bytes are cut, the events are
+    those the stream gives fed one byte at a time (line by line throughout)."""
+    stream = b"".join(pieces)
+    points = sorted(set(min(c, len(stream)) for c in cuts))
+    chunks = [stream[a:b] for a, b in zip([0] + points, points + [len(stream)])]
+    assert decode_all(chunks) == decode_all([bytes([b]) for b in stream])
+
+
+def test_a_whole_event_over_the_bound_is_refused_in_one_read():
+    with pytest.raises(errors.ResponseError):
+        SSEDecoder(max_event_bytes=1024).feed(b"data: " + b"x" * 2000 + b"\n\n")
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=300))
 def test_garbage_never_crashes(data):

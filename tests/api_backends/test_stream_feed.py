@@ -104,3 +104,21 @@ def test_an_idle_feed_ends_its_async_consumer_with_a_timeout(client_loop) -> Non
             loop.run_until_complete(task)
     finally:
         loop.close()
+
+
+def test_a_feed_that_falls_silent_after_puts_still_times_out(client_loop) -> None:
+    """The idle alarm is armed once for a run of waits (not per wait): a consumer woken by
+    puts several times, then given nothing more, still ends with the timeout."""
+    feed = Feed(Signal(client_loop), idle=0.05 - pump.GRACE)
+    loop = asyncio.new_event_loop()
+    try:
+        for text in ("a", "b", "c"):
+            task = loop.create_task(feed.aget())
+            loop.run_until_complete(asyncio.sleep(0))
+            assert _waiting(feed) is not None and not task.done()
+            client_loop.call_soon(feed.put, [StreamChunk(text=text)])
+            assert [c.text for c in loop.run_until_complete(task)] == [text]
+        with pytest.raises(errors.TimeoutError):
+            loop.run_until_complete(feed.aget())
+    finally:
+        loop.close()

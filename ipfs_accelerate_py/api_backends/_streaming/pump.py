@@ -47,7 +47,11 @@ class Feed:
     streams has one reader, so its members' feeds share one)."""
 
     def __init__(self, room: Signal, idle: float) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # (``with self._lock``, not ``with self._cond``: the condition's own enter and exit
+        # are Python calls, and the feed is taken once per network read by each side)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._sleepers = 0  # sync consumers waiting on ``_cond`` (none: nobody to notify)
         self._items: Deque[List[StreamChunk]] = deque()
         self._ended = False
         self._error: Optional[BaseException] = None
@@ -56,6 +60,9 @@ class Feed:
         self._heard = time.monotonic()  # the reader's last put, end or touch
         #: an async consumer's wake-up (a future of its own loop), while it waits
         self._waiter: "Optional[asyncio.Future[None]]" = None
+        #: an async consumer's idle alarm (``_ring``): one timer armed for a whole run of
+        #: waits, not one made and cancelled per network read
+        self._alarm: Optional[asyncio.TimerHandle] = None
         self.closed = False  # the consumer left: nothing more is put
 
     # -- the reader's side (on the loop)
@@ -65,18 +72,20 @@ class Feed:
         loops once per network read, not once per consumer)."""
         if not batch:
             return
-        with self._cond:
+        with self._lock:
             if self.closed or self._ended:
                 return
             self._items.append(batch)
             self._heard = time.monotonic()
-            self._cond.notify()
-            self._wake_async(wakes)
+            if self._sleepers:
+                self._cond.notify()
+            if self._waiter is not None:
+                self._wake_async(wakes)
 
     def touch(self) -> None:
-        """The reply goes on, with nothing for this consumer yet: its idle wait restarts."""
-        with self._cond:
-            self._heard = time.monotonic()
+        """The reply goes on, with nothing for this consumer yet: its idle wait restarts.
+        (One float written: no lock needed for a reader that compares it.)"""
+        self._heard = time.monotonic()
 
     def _wake_async(self, wakes: Optional["Wakes"] = None) -> None:
         """(lock held) Wake an async consumer waiting on its own loop, now or, given
@@ -91,7 +100,7 @@ class Feed:
 
     def end(self, error: Optional[BaseException] = None) -> None:
         """No more chunks: the reply's end (``error`` None) or its failure."""
-        with self._cond:
+        with self._lock:
             if self._ended:
                 return
             self._ended = True
@@ -107,7 +116,7 @@ class Feed:
     def get(self) -> Optional[List[StreamChunk]]:
         """The next batch; None at the end; raises the reply's error. Waits at most the idle
         timeout plus ``GRACE`` for something to come."""
-        with self._cond:
+        with self._lock:
             since = time.monotonic()
             while not self._items:
                 if self._error is not None:
@@ -115,7 +124,11 @@ class Feed:
                 if self._ended:
                     return None
                 left = self._idle_left(since)
-                self._cond.wait(min(left, MAX_NAP))
+                self._sleepers += 1
+                try:
+                    self._cond.wait(min(left, MAX_NAP))
+                finally:
+                    self._sleepers -= 1
             return self._take_locked()
 
     async def aget(self, loop: Optional[asyncio.AbstractEventLoop] = None
@@ -124,7 +137,7 @@ class Feed:
         caller has it at hand): waits without blocking it."""
         since = time.monotonic()
         while True:
-            with self._cond:
+            with self._lock:
                 if self._items:
                     return self._take_locked()
                 if self._error is not None:
@@ -136,16 +149,29 @@ class Feed:
                     loop = asyncio.get_running_loop()
                 waiter: "asyncio.Future[None]" = loop.create_future()
                 self._waiter = waiter
-            # a bare timer, not ``wait_for`` (a task-like wrapper per wait: a stream waits
-            # once per network read); the timer settles the waiter as a put would
-            timer = loop.call_later(min(left, MAX_NAP), _settle, waiter)
+            # The idle bound: an alarm that wakes the waiter as a put would, no later than
+            # ``left`` from when it was armed (so never after the deadline; a later put only
+            # moves the deadline on), and is re-armed when it rings. Armed once per run of
+            # waits, not made and cancelled per network read (a timer's heap work, a third
+            # of a wait's cost).
+            alarm = self._alarm
+            if alarm is None or alarm.cancelled() or alarm._loop is not loop:  # noqa: SLF001
+                self._alarm = loop.call_later(min(left, MAX_NAP), self._ring)
             try:
                 await waiter
             finally:
-                timer.cancel()
-                with self._cond:
+                with self._lock:
                     if self._waiter is waiter:
                         self._waiter = None
+
+    def _ring(self) -> None:
+        """(On the consumer's loop) the idle alarm: the waiter, if any, wakes and looks at
+        the clock (``_idle_left``); its next wait arms the alarm again."""
+        self._alarm = None
+        with self._lock:
+            waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _idle_left(self, since: float) -> float:
         """(lock held) Seconds this consumer may still wait; raises past the idle timeout
@@ -183,7 +209,7 @@ class Feed:
 
     def leave(self) -> None:
         """The consumer is gone: drop what is queued."""
-        with self._cond:
+        with self._lock:
             self.closed = True
             self._items.clear()
         self._room.set()
@@ -238,14 +264,13 @@ class ReplyChunks:
     ``ended`` at the end marker; ``finish`` checks what the reply left when it closed."""
 
     def __init__(self, adapter: Any, request: Request) -> None:
-        self._adapter = adapter
-        self._request = request
+        self._parse = adapter.stream_parser(request)
         self._decoder = SSEDecoder()
         self.ended = False
 
     def feed(self, raw: bytes) -> Iterator[StreamChunk]:
         for data in self._decoder.feed(raw):
-            parsed = self._adapter.parse_stream_event(self._request, data)
+            parsed = self._parse(data)
             if parsed is None:
                 self.ended = True
                 return
@@ -255,7 +280,7 @@ class ReplyChunks:
         """The reply closed without the end marker in a read: fine if its unterminated
         last event was the marker, else ``ResponseError`` (the reply is incomplete)."""
         for data in self._decoder.flush():
-            if self._adapter.parse_stream_event(self._request, data) is None:
+            if self._parse(data) is None:
                 return
         raise errors.ResponseError("stream ended without its end marker ([DONE]); "
                                    "the reply is incomplete")

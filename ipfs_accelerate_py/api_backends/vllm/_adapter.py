@@ -162,43 +162,12 @@ class VllmAdapter(BackendAdapter):
 
     def parse_stream_event(self, request: Request, data: str) -> Optional[List[StreamChunk]]:
         """One event -> its chunks, every field kept type-checked (``wire_fields``): a wrong
-        type is a ``ResponseError`` naming the field (``choices[0].text``), and the chunks
-        are built without a second validation (a shared stream parses one event per choice
-        and token: this is most of its reader's work)."""
-        event = decode_stream_event(data)
-        if event is None:
-            return None
-        chat = isinstance(request, ChatRequest)
-        ident = opt_str(event, "id") or ""
-        model = opt_str(event, "model") or ""
-        listed = _is_list(request)
-        choices = event.get("choices") or ()
-        if type(choices) is not list and choices != ():
-            raise ResponseError(f"reply field 'choices' must be a list or null, got "
-                                f"{type(choices).__name__}", field="choices")
-        out: List[StreamChunk] = []
-        for position, c in enumerate(choices):
-            where = choice_at(position)
-            if type(c) is not dict:
-                raise ResponseError(f"reply field {where!r} is not an object", field=where)
-            if chat:
-                delta = c.get("delta") or {}
-                if type(delta) is not dict:
-                    where = f"{where}.delta"
-                    raise ResponseError(f"reply field {where!r} is not an object", field=where)
-                text = opt_str(delta, "content", f"{where}.delta")
-            else:
-                text = opt_str(c, "text", where)
-            # (built by the model's own validator: for a model this small it is cheaper than
-            # ``checked_model``, and every value is known to pass it)
-            out.append(StreamChunk(
-                index=_choice_index(c, listed, 0), text=text or "",
-                finish_reason=opt_str(c, "finish_reason", where),
-                id=ident, model=model))
-        usage = event.get("usage")
-        if usage:
-            out.append(StreamChunk(usage=Usage.from_wire(usage), id=ident, model=model))
-        return out
+        type is a ``ResponseError`` naming the field (``choices[0].text``)."""
+        return _parse_event(data, isinstance(request, ChatRequest), _is_list(request))
+
+    def stream_parser(self, request: Request) -> Callable[[str], Optional[List[StreamChunk]]]:
+        chat, listed = isinstance(request, ChatRequest), _is_list(request)
+        return lambda data: _parse_event(data, chat, listed)
 
     def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
         return parse_model_list(response)
@@ -264,6 +233,60 @@ class VllmLegacyAdapter(VllmAdapter):
 
     def parse_models(self, response: HttpResponse) -> List[Dict[str, Any]]:
         return []  # the demo server cannot list its model
+
+
+def _parse_event(data: str, chat: bool, listed: bool) -> Optional[List[StreamChunk]]:
+    """``parse_stream_event`` with what the request decides given (``chat``: a chat stream;
+    ``listed``: a list's, whose choices must carry their ``index``).
+
+    Every field keeps its check, written inline for the values a server sends (a string is
+    a ``str``, an index an ``int``) and handed to ``wire_fields``' readers otherwise, which
+    return the value or raise the ``ResponseError`` naming the field: a shared stream parses
+    one event per choice and token, most of its reader's work, and a call per field was half
+    of it. The chunks are built by the model's own validator, without a second check (for a
+    model this small that is cheaper than ``checked_model``)."""
+    event = decode_stream_event(data)
+    if event is None:
+        return None
+    ident = event.get("id")
+    if type(ident) is not str:
+        ident = opt_str(event, "id") or ""
+    model = event.get("model")
+    if type(model) is not str:
+        model = opt_str(event, "model") or ""
+    choices = event.get("choices") or ()
+    if type(choices) is not list and choices != ():
+        raise ResponseError(f"reply field 'choices' must be a list or null, got "
+                            f"{type(choices).__name__}", field="choices")
+    out: List[StreamChunk] = []
+    for position, c in enumerate(choices):
+        if type(c) is not dict:
+            where = choice_at(position)
+            raise ResponseError(f"reply field {where!r} is not an object", field=where)
+        if chat:
+            delta = c.get("delta") or {}
+            if type(delta) is not dict:
+                where = f"{choice_at(position)}.delta"
+                raise ResponseError(f"reply field {where!r} is not an object", field=where)
+            text = delta.get("content")
+            if type(text) is not str:
+                text = opt_str(delta, "content", f"{choice_at(position)}.delta") or ""
+        else:
+            text = c.get("text")
+            if type(text) is not str:
+                text = opt_str(c, "text", choice_at(position)) or ""
+        reason = c.get("finish_reason")
+        if reason is not None and type(reason) is not str:
+            opt_str(c, "finish_reason", choice_at(position))  # raises, naming the field
+        index = c.get("index")
+        if type(index) is not int:
+            index = _choice_index(c, listed, 0)
+        out.append(StreamChunk(index=index, text=text, finish_reason=reason, id=ident,
+                               model=model))
+    usage = event.get("usage")
+    if usage:
+        out.append(StreamChunk(usage=Usage.from_wire(usage), id=ident, model=model))
+    return out
 
 
 def _is_list(request: Request) -> bool:
