@@ -122,3 +122,50 @@ def test_a_feed_that_falls_silent_after_puts_still_times_out(client_loop) -> Non
             loop.run_until_complete(feed.aget())
     finally:
         loop.close()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_sync_consumer_gets_every_batch_in_order_whatever_the_timing(client_loop, seed) -> None:
+    """A sync consumer sleeps on the feed's bell: batches put from the loop's thread while it
+    sleeps, while it is awake, or as its wait ends are each taken once, in order, and the
+    end reaches it (seeded: the puts come in bursts of random size)."""
+    import random
+    import threading
+    rng = random.Random(seed)
+    feed = Feed(Signal(client_loop), idle=30.0)
+    texts = [str(i) for i in range(400)]
+    bursts: List[List[str]] = []
+    at = 0
+    while at < len(texts):
+        n = rng.randint(1, 6)
+        bursts.append(texts[at:at + n])
+        at += n
+    got: List[str] = []
+    consumer = threading.Thread(target=lambda: got.extend(c.text for c in feed.chunks()))
+    consumer.start()
+    for burst in bursts:
+        for text in burst:
+            client_loop.call_soon(feed.put, [StreamChunk(text=text)])
+    client_loop.call_soon(feed.end)
+    consumer.join(10)
+    assert not consumer.is_alive() and got == texts
+
+
+def test_an_idle_feed_ends_its_sync_consumer_with_a_timeout(client_loop) -> None:
+    """Nothing put: the sync consumer's ``get`` raises once the idle timeout plus the grace
+    has passed (50 ms in all), after a batch that woke it."""
+    import threading
+    feed = Feed(Signal(client_loop), idle=0.05 - pump.GRACE)
+    outcome: List[Any] = []
+
+    def consume() -> None:
+        try:
+            outcome.append([c.text for c in feed.get() or []])
+            feed.get()
+        except errors.TimeoutError as exc:
+            outcome.append(exc)
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    client_loop.call_soon(feed.put, [StreamChunk(text="x")])
+    consumer.join(10)
+    assert outcome[0] == ["x"] and isinstance(outcome[1], errors.TimeoutError)

@@ -47,11 +47,15 @@ class Feed:
     streams has one reader, so its members' feeds share one)."""
 
     def __init__(self, room: Signal, idle: float) -> None:
-        # (``with self._lock``, not ``with self._cond``: the condition's own enter and exit
-        # are Python calls, and the feed is taken once per network read by each side)
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._sleepers = 0  # sync consumers waiting on ``_cond`` (none: nobody to notify)
+        # A sync consumer sleeps on ``_bell``, a lock held while nobody rang it, rather than
+        # on a ``threading.Condition``: the consumer waits once per network read, and a
+        # condition's wait is a new lock and a dozen Python calls each time. ``_sleeping``
+        # (under ``_lock``) says it sleeps; whoever rings clears it, so a ring is never
+        # given twice and a consumer that timed out takes a ring that came meanwhile.
+        self._bell = threading.Lock()
+        self._bell.acquire()
+        self._sleeping = False
         self._items: Deque[List[StreamChunk]] = deque()
         self._ended = False
         self._error: Optional[BaseException] = None
@@ -77,8 +81,8 @@ class Feed:
                 return
             self._items.append(batch)
             self._heard = time.monotonic()
-            if self._sleepers:
-                self._cond.notify()
+            if self._sleeping:
+                self._ring_locked()
             if self._waiter is not None:
                 self._wake_async(wakes)
 
@@ -105,8 +109,14 @@ class Feed:
                 return
             self._ended = True
             self._error = error
-            self._cond.notify_all()
+            if self._sleeping:
+                self._ring_locked()
             self._wake_async()
+
+    def _ring_locked(self) -> None:
+        """(lock held, the consumer sleeping) wake the sync consumer."""
+        self._sleeping = False
+        self._bell.release()
 
     @property
     def full(self) -> bool:
@@ -124,11 +134,17 @@ class Feed:
                 if self._ended:
                     return None
                 left = self._idle_left(since)
-                self._sleepers += 1
+                self._sleeping = True
+                rung = False
+                self._lock.release()
                 try:
-                    self._cond.wait(min(left, MAX_NAP))
+                    rung = self._bell.acquire(timeout=min(left, MAX_NAP))
                 finally:
-                    self._sleepers -= 1
+                    self._lock.acquire()
+                    if self._sleeping:  # nobody rang: it stops sleeping by itself
+                        self._sleeping = False
+                    elif not rung:  # rung after its wait timed out: the ring is taken now
+                        self._bell.acquire()
             return self._take_locked()
 
     async def aget(self, loop: Optional[asyncio.AbstractEventLoop] = None
