@@ -5,7 +5,8 @@ Callers catch the branch they care about: ``ApiError`` for everything,
 answer the server gave with a non-2xx status.
 
     ApiError
-    ├── ValidationError            bad input, raised before anything is sent (names the field)
+    ├── ValidationError            bad input, raised before anything is sent (names the field;
+    │   │                          also a ``ValueError``)
     │   ├── ConfigurationError     bad client settings (URL, port, header, profile name)
     │   └── MediaTooLargeError     a content part's media over ``max_media_bytes``
     ├── ResponseError              a reply that cannot be understood (non-JSON, truncated, HTML,
@@ -21,6 +22,9 @@ answer the server gave with a non-2xx status.
     ├── TransientError             worth retrying (and counted by the circuit breaker)
     │   ├── ConnectionError        refused, reset, dropped, DNS
     │   └── TimeoutError           connect/read timeout, stream idle timeout, call deadline
+    │       ├── QueueTimeoutError  waited in the queue past the deadline
+    │       └── CircuitWaitTimeoutError  waited for an OPEN circuit past the deadline (says
+    │                                    how long it waited)
     ├── HTTPStatusError            the server answered with a non-2xx status
     │   ├── BadRequestError        400 (also: context too long, n>1 with greedy sampling)
     │   │   └── UnsupportedMediaError  a media content part the model does not take
@@ -36,9 +40,6 @@ answer the server gave with a non-2xx status.
     │       └── ServiceUnavailableError 503
     ├── CircuitOpenError           the endpoint's breaker is OPEN; says when it retries
     ├── QueueFullError             the bounded request queue is full
-    ├── QueueTimeoutError          waited in the queue past the deadline (also a TimeoutError)
-    ├── CircuitWaitTimeoutError    waited for an OPEN circuit past the deadline (a TimeoutError;
-    │                              says how long it waited)
     ├── ClientClosedError          the client was closed; queued work is failed with this
     └── NoHealthyEndpointError     every endpoint of a routed call is down
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
+from typing import Dict, Optional
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -161,3 +164,37 @@ def test_secrets_are_redacted_from_error_text():
     assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer ***"
     http = errors.HTTPStatusError("x", status_code=400, headers={"Authorization": "Bearer k", "X": "1"})
     assert "Authorization" not in http.headers
+
+
+# ------------------------------------------------------------------ the error tree, as drawn
+def _drawn_tree(text: str) -> Dict[str, Optional[str]]:
+    """Each class named in a drawn tree (``├── Name`` / ``└── Name``) -> its parent there."""
+    lines = text.split("\n")
+    lines = lines[next(i for i, line in enumerate(lines) if line.strip() == "ApiError"):]
+    indent = len(lines[0]) - len(lines[0].lstrip())
+    parents: Dict[str, Optional[str]] = {"ApiError": None}
+    path = ["ApiError"]
+    for line in lines[1:]:
+        m = re.match(r"^([ │]*)[├└]── (\w+)", line[indent:])
+        if m is None:
+            if line.strip() and not line.strip().startswith("│"):
+                break  # past the tree
+            continue
+        depth = len(m.group(1)) // 4 + 1
+        path = path[:depth] + [m.group(2)]
+        parents[m.group(2)] = path[depth - 1]
+    return parents
+
+
+def test_the_error_tree_drawn_in_the_module_and_the_docs_is_the_class_tree() -> None:
+    """Every error class appears once in the tree drawn in ``errors.py`` and in
+    docs/errors.md, under one of its own bases (a second base is said in words)."""
+    classes = {name: getattr(errors, name) for name in errors.__all__
+               if isinstance(getattr(errors, name), type)
+               and issubclass(getattr(errors, name), errors.ApiError)}
+    page = (Path(__file__).resolve().parents[2] / "docs" / "errors.md").read_text()
+    for drawn in (_drawn_tree(errors.__doc__ or ""), _drawn_tree(page)):
+        assert set(drawn) == set(classes)
+        for name, parent in drawn.items():
+            if parent is not None:
+                assert classes[parent] in classes[name].__bases__, (name, parent)
