@@ -26,7 +26,7 @@ from .models import ChatRequest, CompletionRequest, CompletionResult, unknown_fi
 __all__ = ["EndpointHandler", "make_endpoint_handler", "result_to_dict", "HANDLER_OPTIONS", "split_handler_parameters"]
 
 #: Handler settings that shape how the handler calls the client; never sent to the server.
-HANDLER_OPTIONS = {"batch_size", "priority", "timeout", "task"}
+HANDLER_OPTIONS = {"batch_size", "priority", "timeout", "task", "endpoint_id", "fail_fast"}
 #: what a handler does with its inputs: generate, embed, or learn which from the server
 HANDLER_TASKS = ("auto", "generate", "embed")
 _OPTIONAL_RESULT_FIELDS = ("logprobs", "token_ids", "prompt_token_ids", "prompt_logprobs",
@@ -70,6 +70,12 @@ def split_handler_parameters(parameters: Optional[Dict[str, Any]], adapter: Any 
             raise ValidationError(str(exc), field="parameters.timeout") from None
     if options.get("task", "auto") not in HANDLER_TASKS:
         raise ValidationError(f"must be one of {list(HANDLER_TASKS)}", field="parameters.task")
+    endpoint_id = options.get("endpoint_id")
+    if endpoint_id is not None and not isinstance(endpoint_id, str):
+        raise ValidationError("must be an endpoint id (a string)", field="parameters.endpoint_id")
+    fail_fast = options.get("fail_fast")
+    if fail_fast is not None and not isinstance(fail_fast, bool):
+        raise ValidationError("must be true or false", field="parameters.fail_fast")
     bs = options.get("batch_size")
     if bs is not None and (isinstance(bs, bool) or not isinstance(bs, int) or bs < 1):
         raise ValidationError("must be a positive integer", field="parameters.batch_size")
@@ -120,43 +126,44 @@ class EndpointHandler:
         adapter = self.client.adapter
         sampling, call_options = split_handler_parameters(
             {**self._defaults, **self._options, **(call_params or {})}, adapter)
-        priority = call_options.get("priority", 1)
-        timeout = call_options.get("timeout")  # this call's deadline (checked when split)
+        # how each call is sent: the options every way to send takes (call_shapes.SEND_OPTIONS)
+        send = {"priority": call_options.get("priority", 1),
+                "timeout": call_options.get("timeout"),  # this call's deadline (checked)
+                "endpoint_id": call_options.get("endpoint_id"),
+                "fail_fast": call_options.get("fail_fast")}
         task = call_options.get("task", self.task)
         if task == "embed":
-            return self._embed(inputs, sampling, priority, timeout)
+            return self._embed(inputs, sampling, send)
         try:
-            return self._generate(inputs, sampling, call_options, priority, timeout)
+            return self._generate(inputs, sampling, call_options, send)
         except HTTPStatusError as exc:
             if task != "auto" or not adapter.is_missing_route(exc) or isinstance(inputs, dict):
                 raise
             self.task = "embed"  # no generation route: an embedding model's server
-            return self._embed(inputs, sampling, priority, timeout)
+            return self._embed(inputs, sampling, send)
 
-    def _embed(self, inputs: Any, params: Dict[str, Any], priority: int,
-               timeout: Optional[float]) -> Any:
+    def _embed(self, inputs: Any, params: Dict[str, Any], send: Dict[str, Any]) -> Any:
         """Text (or a list of texts) -> ``{"embedding", "model", "usage"}`` per input."""
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(m, dict) for m in inputs):
             raise ValidationError("an embedding model embeds text, not chat messages",
                                   field="inputs")
         fields = _embed_fields(self.client.adapter)  # the generation parameters stay behind
         result = self.client.embed(list(inputs) if isinstance(inputs, tuple) else inputs,
-                                   model=self.model, priority=priority, timeout=timeout,
+                                   model=self.model, **send,
                                    **{k: v for k, v in params.items() if k in fields})
         rows = [{"embedding": [float(x) for x in row], "model": result.model,
                  "usage": result.usage.model_dump()} for row in result.vectors]
         return rows if isinstance(inputs, (list, tuple)) else rows[0]
 
     def _generate(self, inputs: Any, sampling: Dict[str, Any], call_options: Dict[str, Any],
-                  priority: int, timeout: Optional[float]) -> Any:
+                  send: Dict[str, Any]) -> Any:
         client, model = self.client, self.model
         adapter = client.adapter
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(p, str) for p in inputs):
             size = call_options.get("batch_size") or len(inputs)
             futures: List[Future] = [
                 client.submit(build_request(list(inputs[i:i + size]), model, sampling,
-                                            adapter=adapter),
-                              priority, timeout=timeout)
+                                            adapter=adapter), **send)
                 for i in range(0, len(inputs), size)]
             n = sampling.get("n") or 1
             out: List[Dict[str, Any]] = []
@@ -168,8 +175,7 @@ class EndpointHandler:
                     out.append(result_to_dict(part))
             return out
         return result_to_dict(client.execute(build_request(inputs, model, sampling,
-                                                           adapter=adapter), priority,
-                                             timeout=timeout))
+                                                           adapter=adapter), **send))
 
     def __call__(self, data: Any) -> Any:
         try:
@@ -190,7 +196,8 @@ def make_endpoint_handler(client: Any, model: Optional[str] = None,
     reply that says the server has no generation route on). ``batch_size`` splits a list of prompts into
     calls of at most that many prompts (sent concurrently); ``priority`` sets the queue
     priority and ``timeout`` (seconds) the deadline of each call, queueing and retries
-    included (a call past it fails with ``TimeoutError``).
+    included (a call past it fails with ``TimeoutError``); ``endpoint_id`` sends through
+    that endpoint and ``fail_fast`` refuses at once on an OPEN circuit, as for every call.
     """
     defaults, options = split_handler_parameters(parameters, client.adapter)
     return EndpointHandler(client, model, defaults, options)

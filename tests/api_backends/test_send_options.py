@@ -3,14 +3,19 @@
 ``endpoint_id`` (which server), ``priority`` (the queue's, 0-2), ``fail_fast`` (an OPEN
 circuit refuses at once) and ``timeout`` (the call's deadline, seconds): on the sync face
 (``run_inference``, ``submit_inference``, ``generate_text``, ``chat_completion``,
-``submit``, ``execute``, ``stream``, ``stream_generation``) and their async twins. The table
-of these options is in the docs (call_shapes.SEND_OPTIONS).
+``submit``, ``execute``, ``stream``, ``stream_generation``, ``make_request_with_endpoint``),
+their async twins, the routed calls (``route_inference``, ``route_submit``: ``endpoint_id``
+routes to that endpoint alone; ``fail_fast``, with every endpoint down, raises
+``NoHealthyEndpointError`` at once) and the framework's handlers (options among their
+parameters). The table of these options is in docs/request-parameters.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import re
+from pathlib import Path
 from typing import Any, Callable, Dict
 
 import pytest
@@ -18,6 +23,7 @@ import pytest
 from api_support import client_over
 from ipfs_accelerate_py.api_backends import errors
 from ipfs_accelerate_py.api_backends.call_shapes import SEND_OPTIONS
+from ipfs_accelerate_py.api_backends.handlers import HANDLER_OPTIONS, make_endpoint_handler
 from ipfs_accelerate_py.api_backends.plugins import get_backend
 from ipfs_accelerate_py.api_backends.request_build import build_request
 from ipfs_accelerate_py.api_backends.vllm import VllmClient
@@ -53,7 +59,15 @@ SYNC: Dict[str, Callable[..., str]] = {
     "execute": lambda c, **o: c.execute(request(), **o).text,
     "stream": lambda c, **o: _drain(c.stream(request(stream=True), **o)),
     "stream_generation": lambda c, **o: "".join(c.stream_generation("hello", **P, **o)),
+    "make_request_with_endpoint": lambda c, endpoint_id=None, **o: c.make_request_with_endpoint(
+        endpoint_id, "hello", parameters=P, **o).text,
+    "route_inference": lambda c, **o: c.route_inference(None, "hello", P, **o).text,
+    "route_submit": lambda c, **o: c.route_submit(request(), **o).result(10).text,
+    # the framework's handlers take them as options among their parameters
+    "handler": lambda c, **o: make_endpoint_handler(c, None, P).run("hello", o)["text"],
 }
+#: routed calls: with every endpoint down, ``fail_fast`` says so at once
+ROUTED = ("route_inference", "route_submit")
 ASYNC: Dict[str, Callable[..., Any]] = {
     "arun_inference": lambda c, **o: c.arun_inference(None, "hello", P, **o),
     "agenerate_text": lambda c, **o: c.agenerate_text("hello", **P, **o),
@@ -82,7 +96,8 @@ OPERATIONS = ["embed", "aembed", "pool", "apool", "score", "ascore", "rerank", "
 
 
 def test_every_way_to_send_names_the_same_options_in_its_signature() -> None:
-    for name in ALL + OPERATIONS:
+    assert set(SEND_OPTIONS) <= HANDLER_OPTIONS
+    for name in [n for n in ALL if n != "handler"] + OPERATIONS:
         method = getattr(VllmClient, name)
         params = inspect.signature(method).parameters
         takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
@@ -109,10 +124,10 @@ def test_bad_priority_and_timeout_are_refused_before_sending(counting_listener, 
     try:
         with pytest.raises(errors.ValidationError) as info:
             call(name, c, priority=7)
-        assert info.value.field == "priority"
+        assert info.value.field in ("priority", "parameters.priority")
         with pytest.raises(errors.ValidationError) as info:
             call(name, c, timeout=0)
-        assert info.value.field == "timeout"
+        assert info.value.field in ("timeout", "parameters.timeout")
     finally:
         c.close()
     assert counting_listener.connections == 0
@@ -139,6 +154,23 @@ def test_fail_fast_refuses_at_once_on_an_open_circuit(fake_server, make_client, 
             c.run_inference(None, "fails", P, fail_fast=True)
     assert c.circuit_state == "OPEN"
     seen = sum(fake_server.request_count.values())
-    with pytest.raises(errors.CircuitOpenError):
+    with pytest.raises(errors.NoHealthyEndpointError if name in ROUTED
+                       else errors.CircuitOpenError):
         call(name, c, fail_fast=True)
     assert sum(fake_server.request_count.values()) == seen  # nothing was sent
+
+
+def test_the_calls_table_in_the_docs_shows_the_real_signatures() -> None:
+    """docs/client.md's table of calls: every parameter it shows is the call's own, in the
+    call's order, and each way to send there shows the four options."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "client.md").read_text()
+    rows = re.findall(r"^\| `(\w+)\(([^`]*)\)`", page[page.index("## Calls"):], re.M)
+    assert len(rows) >= 8
+    for name, shown in rows:
+        real = [p for p in inspect.signature(getattr(VllmClient, name)).parameters if p != "self"]
+        names = [a.split("=")[0].strip().lstrip("*") for a in shown.split(",")]
+        names = [n for n in names if n and n != "..."]
+        assert all(n in real for n in names), (name, set(names) - set(real))
+        assert [n for n in real if n in names] == names, name  # in the call's order
+        if name in ALL:
+            assert all(option in names for option in SEND_OPTIONS), (name, shown)

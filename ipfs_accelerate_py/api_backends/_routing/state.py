@@ -172,6 +172,7 @@ class Attempts:
         self.last: Optional[BaseException] = None
         self.future: "Future[Any]" = Future()
         self.lora: Optional[str] = None  # the LoRA adapter it asks for (lora_routing.py)
+        self.fail_fast = False  # every endpoint down: fail at once rather than wait
 
 
 class OpeningOrder:

@@ -26,10 +26,13 @@ class MultiplexingMixin(HostBase):
                                  max_concurrent_requests=max_concurrent_requests,
                                  max_retries=max_retries, queue_size=queue_size, **settings)
 
-    def make_request_with_endpoint(self, endpoint_id: str, data: Any, model: Optional[str] = None,
+    def make_request_with_endpoint(self, endpoint_id: Optional[str], data: Any,
+                                   model: Optional[str] = None,
                                    parameters: Optional[Dict[str, Any]] = None,
-                                   priority: int = 1) -> Any:
-        """``run_inference`` through one endpoint's own queue, breaker and key.
+                                   priority: int = 1, *, fail_fast: Optional[bool] = None,
+                                   timeout: Optional[float] = None) -> Any:
+        """``run_inference`` through one endpoint's own queue, breaker and key (None: the
+        default endpoint), with ``run_inference``'s ``fail_fast`` and ``timeout``.
 
         ``data`` is a prompt, a list of prompts, chat messages, or a request body dict
         (``{"prompt" | "messages": ..., "max_tokens": ..., ...}``) whose sampling fields join
@@ -42,7 +45,8 @@ class MultiplexingMixin(HostBase):
                 inputs = body.pop("prompt", None)
             model = body.pop("model", None) or model
             data, parameters = inputs, {**body, **(parameters or {})}
-        return self.run_inference(model, data, parameters, priority, endpoint_id=endpoint_id)
+        return self.run_inference(model, data, parameters, priority, endpoint_id=endpoint_id,
+                                  fail_fast=fail_fast, timeout=timeout)
 
     def get_stats(self, endpoint_id: Optional[str] = None) -> Dict[str, Any]:
         """One endpoint's figures, or ``{"endpoints": {...}, "total": {...}}`` for all."""

@@ -8,8 +8,10 @@ the caller's (400, 401, 404, validation) are raised at once: another server woul
 the same request. Routed attempts are fail-fast: an endpoint whose circuit opens hands the
 request back at once, to fail over. When every candidate is down (its circuit not CLOSED and
 probed on a schedule) the request waits, holding no thread, for the first to close, within
-its deadline (then ``CircuitWaitTimeoutError``). Otherwise, when every endpoint was skipped
-or failed, the call raises ``NoHealthyEndpointError``, which names what happened at each.
+its deadline (then ``CircuitWaitTimeoutError``), unless the call is ``fail_fast`` (then
+``NoHealthyEndpointError`` at once). Otherwise, when every endpoint was skipped or failed,
+the call raises ``NoHealthyEndpointError``, which names what happened at each (or
+``TimeoutError`` when the last attempt timed out past the call's own deadline).
 
 The client setting ``routing`` (``VLLM_ROUTING``) routes every call that names no endpoint
 (``run_inference``, ``submit``, chat, handlers, streams) the same way over all endpoints;
@@ -48,8 +50,11 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..call_shapes import check_timeout
 from ..endpoint_load import LoadReport
-from ..errors import ApiError, CircuitWaitTimeoutError, NoHealthyEndpointError, ValidationError
+from ..errors import (ApiError, CircuitWaitTimeoutError, NoHealthyEndpointError, TimeoutError,
+                      ValidationError)
+from ..models import check_priority
 from ..request_build import build_request
 from ._host import HostBase
 from .._core.breaker import can_wait_for_any
@@ -119,25 +124,38 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
     def route_inference(self, model_id: Optional[str], inputs: Any,
                         parameters: Optional[Dict[str, Any]] = None, priority: int = 1,
                         strategy: str = "round-robin",
-                        endpoint_ids: Optional[Sequence[str]] = None) -> Any:
-        """``run_inference`` on the best healthy endpoint, failing over to the next ones."""
-
-        ids = self._router.candidates(endpoint_ids)
+                        endpoint_ids: Optional[Sequence[str]] = None, *,
+                        endpoint_id: Optional[str] = None, fail_fast: Optional[bool] = None,
+                        timeout: Optional[float] = None) -> Any:
+        """``run_inference`` on the best healthy endpoint, failing over to the next ones.
+        The options every way to send takes (docs/request-parameters.md): ``endpoint_id``
+        routes to that one endpoint only; ``fail_fast`` raises ``NoHealthyEndpointError``
+        at once when every endpoint is down, instead of waiting for a circuit to close;
+        ``timeout`` bounds the whole call, failovers included."""
         if strategy not in STRATEGIES:
             raise ValidationError(f"must be one of {list(STRATEGIES)}, got {strategy!r}",
                                   field="strategy")
+        timeout = check_timeout(timeout)
+        check_priority(priority)
+        ids = self._router.candidates(_routed_ids(endpoint_ids, endpoint_id))
         request = build_request(inputs, model_id, parameters, adapter=self._adapter)
         # Every attempt is bounded by its endpoint's deadline, and there is one per endpoint.
-        return self.route_submit(request, priority, strategy, ids).result()
+        return self.route_submit(request, priority, strategy, ids, timeout,
+                                 fail_fast=fail_fast).result()
 
     def route_submit(self, request: Any, priority: int = 1, strategy: str = "round-robin",
                      endpoint_ids: Optional[Sequence[str]] = None,
-                     timeout: Optional[float] = None) -> "Future[Any]":
+                     timeout: Optional[float] = None, *, endpoint_id: Optional[str] = None,
+                     fail_fast: Optional[bool] = None) -> "Future[Any]":
         """``submit`` a typed request to the best healthy endpoint; the future fails over.
+        ``endpoint_id``, ``fail_fast``, ``timeout``: as ``route_inference``'s.
 
         A failure another endpoint may not have moves the request on, from the callback of
         the failed attempt: no thread waits for a routed request."""
-        order, key = self._router.order(strategy, self._router.candidates(endpoint_ids), request)
+        timeout = check_timeout(timeout)
+        check_priority(priority)
+        candidates = self._router.candidates(_routed_ids(endpoint_ids, endpoint_id))
+        order, key = self._router.order(strategy, candidates, request)
         lora = self._lora_name(request)
         if lora is not None:  # only where the adapter is, or can be loaded (lora_routing.py)
             order = self._lora_order(lora, order)
@@ -148,6 +166,9 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             self._endpoint(eid).settings.effective_deadline for eid in order)
         job = Attempts(order, key, self._clock.monotonic() + wait)
         job.lora = lora
+        # (unsaid: as the endpoints' own ``fail_fast`` setting says, when they all agree)
+        job.fail_fast = bool(fail_fast) if fail_fast is not None else all(
+            self._endpoint(eid).fail_fast(None) for eid in order)
         self._attempt(state, job, 0, request, priority, timeout)
         return job.future
 
@@ -177,7 +198,7 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             if self._send_attempt(state, job, i, eid, request, priority, timeout):
                 return
         circuits = [self._endpoint(eid).circuit for eid in job.order]
-        if (not self._closed and self._clock.monotonic() < job.deadline
+        if (not self._closed and not job.fail_fast and self._clock.monotonic() < job.deadline
                 and can_wait_for_any(circuits)):
             # Every endpoint is down: wait (within the deadline) for the first to come back.
             with state.lock:
@@ -197,9 +218,15 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
             return
         with state.lock:
             state.all_down += 1
-        error = NoHealthyEndpointError(
-            f"no healthy endpoint among {len(job.order)}: " + "; ".join(job.tried),
-            attempts=job.tried)
+        if isinstance(job.last, TimeoutError) and self._clock.monotonic() >= job.deadline:
+            # the call's own deadline ended it, not the endpoints' health: its caller's error
+            error: ApiError = TimeoutError(
+                f"the call's deadline passed after {len(job.tried)} attempt(s): "
+                + "; ".join(job.tried), attempts=job.tried)
+        else:
+            error = NoHealthyEndpointError(
+                f"no healthy endpoint among {len(job.order)}: " + "; ".join(job.tried),
+                attempts=job.tried)
         error.__cause__ = job.last
         _resolve(job.future, error=error)
 
@@ -348,3 +375,13 @@ def _resolve(future: "Future[Any]", result: Any = None, error: Optional[BaseExce
             future.set_result(result)
     except Exception:  # noqa: BLE001 - InvalidStateError: settled between the check and here
         pass
+
+
+def _routed_ids(endpoint_ids: Optional[Sequence[str]],
+                endpoint_id: Optional[str]) -> Optional[Sequence[str]]:
+    """The endpoints a routed call may use: ``endpoint_ids``, or ``endpoint_id`` alone."""
+    if endpoint_id is None:
+        return endpoint_ids
+    if endpoint_ids is not None:
+        raise ValidationError("give endpoint_id or endpoint_ids, not both", field="endpoint_id")
+    return [endpoint_id]
