@@ -1,5 +1,5 @@
-"""The layering of one request, as ``benchmarks/trace_calls.py`` traces it (README,
-"Architecture"): on each thread every layer is entered at most twice, once on the way down
+"""The layering of one request, as ``benchmarks/trace_calls.py`` traces it
+(docs/architecture.md): on each thread every layer is entered at most twice, once on the way down
 and once on the way back. A change that calls back into a layer it already left fails here."""
 
 from __future__ import annotations
