@@ -170,6 +170,48 @@ def test_every_endpoint_down_waits_for_the_first_circuit_to_close(fakes):
         a.up()
 
 
+def test_a_routed_calls_timeout_bounds_its_failovers(fakes):
+    """``timeout`` is the whole routed call's: an attempt held until it passes leaves no time
+    for the next endpoint (nothing is sent there), and the caller gets ``TimeoutError``."""
+    a, b = fakes
+    with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
+        for server in (a, b):
+            server.add_fault(Fault("gate", count=-1))
+        try:
+            with pytest.raises(errors.TimeoutError) as info:
+                c.route_inference("tiny-llama", "hi", FAST, endpoint_ids=["a", "b"], timeout=0.5)
+            assert not isinstance(info.value, errors.NoHealthyEndpointError)
+            sent = a.request_count["/v1/completions"] + b.request_count["/v1/completions"]
+            assert sent == 1
+        finally:
+            for server in (a, b):
+                server.release_stalls()
+
+
+def test_fail_fast_on_a_routed_call_waits_for_no_circuit(fakes):
+    """Every endpoint down: a routed call that is not ``fail_fast`` waits for a circuit to
+    close; one that is raises ``NoHealthyEndpointError`` at once, and sends nothing."""
+    a, b = fakes
+    with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
+        a.down()
+        b.down()
+        for eid in ("a", "b", "a", "b"):  # two refused connections open a circuit
+            with pytest.raises(errors.ApiError):
+                c.run_inference("tiny-llama", "x", FAST, endpoint_id=eid, fail_fast=True)
+        wait_until(lambda: "CLOSED" not in (c.circuit_states()["a"], c.circuit_states()["b"]),
+                   what="both circuits to open")
+        with pytest.raises(errors.NoHealthyEndpointError, match="circuit OPEN"):
+            c.route_inference("tiny-llama", "now", FAST, endpoint_ids=["a", "b"], fail_fast=True)
+        assert c.get_routing_stats()["waited_for_a_circuit"] == 0
+        late = c.route_submit(build_request("late", "tiny-llama", FAST), endpoint_ids=["a", "b"],
+                              timeout=0.3)
+        with pytest.raises(errors.CircuitWaitTimeoutError):
+            late.result(5)
+        assert c.get_routing_stats()["waited_for_a_circuit"] == 1
+        a.up()
+        b.up()
+
+
 def test_callers_errors_are_raised_not_failed_over(fakes):
     a, b = fakes
     with client_over({"a": a.base_url, "b": b.base_url}) as c:

@@ -234,9 +234,16 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
                       priority: int, timeout: Optional[float]) -> bool:
         """Send ``request`` to ``eid``: True when handed on (to the attempt's callback, or
         the caller's error settled); False when it failed over at once (try the next)."""
+        start = self._clock.monotonic()
+        if timeout is not None:  # the call's deadline bounds every attempt, failovers included
+            if start >= job.deadline:
+                if job.last is None:
+                    job.last = TimeoutError("the call's deadline passed before it was sent",
+                                            sent=False)
+                return False
+            timeout = job.deadline - start
         with state.lock:
             state.outstanding[eid] += 1
-        start = self._clock.monotonic()
         try:
             # fail_fast: an endpoint whose circuit opens while the request waits there
             # hands it back at once, to go to the next endpoint
