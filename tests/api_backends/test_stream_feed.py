@@ -169,3 +169,39 @@ def test_an_idle_feed_ends_its_sync_consumer_with_a_timeout(client_loop) -> None
     client_loop.call_soon(feed.put, [StreamChunk(text="x")])
     consumer.join(10)
     assert outcome[0] == ["x"] and isinstance(outcome[1], errors.TimeoutError)
+
+
+def test_a_consumer_cancelled_mid_wait_leaves_the_feed_usable_on_another_loop(client_loop) -> None:
+    """A waiting consumer cancelled (its caller left) clears its wake-up; the feed's idle
+    alarm, armed on that loop, does not serve a consumer on another loop: a later consumer
+    elsewhere gets what is put, and its own idle bound still ends a silence."""
+    feed = Feed(Signal(client_loop), idle=0.05 - pump.GRACE)
+    first = asyncio.new_event_loop()
+    try:
+        task = first.create_task(feed.aget())
+        first.run_until_complete(asyncio.sleep(0))
+        assert _waiting(feed) is not None
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            first.run_until_complete(task)
+        assert _waiting(feed) is None
+    finally:
+        first.close()  # its alarm, if still armed, never rings
+
+    async def later() -> List[Any]:
+        got = [c.text for c in await feed.aget() or []]
+        try:
+            await feed.aget()
+        except errors.TimeoutError as exc:
+            return [got, exc]
+        return [got, None]
+
+    second = asyncio.new_event_loop()
+    try:
+        task = second.create_task(later())
+        second.run_until_complete(asyncio.sleep(0))
+        client_loop.call_soon(feed.put, [StreamChunk(text="late")])
+        got, error = second.run_until_complete(task)
+        assert got == ["late"] and isinstance(error, errors.TimeoutError)
+    finally:
+        second.close()
