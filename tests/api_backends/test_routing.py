@@ -143,19 +143,25 @@ def test_every_endpoint_down_raises_no_healthy_endpoint_when_fail_fast():
         assert c.get_routing_stats()["no_healthy_endpoint"] == 2
 
 
+def _both_down_and_open(c: Any, a: Any, b: Any) -> None:
+    """Both servers gone, and the circuits of endpoints "a" and "b" opened by refused
+    connections (two each)."""
+    a.down()
+    b.down()
+    for eid in ("a", "b", "a", "b"):
+        with pytest.raises(errors.ApiError):
+            c.run_inference("tiny-llama", "x", FAST, endpoint_id=eid, fail_fast=True)
+    wait_until(lambda: "CLOSED" not in (c.circuit_states()["a"], c.circuit_states()["b"]),
+               what="both circuits to open")
+
+
 def test_every_endpoint_down_waits_for_the_first_circuit_to_close(fakes):
     """Both servers go away: the routed request waits (no thread holds it) and is served
     by the first endpoint whose probe finds its server back; a short deadline ends a wait
     with a typed error."""
     a, b = fakes
     with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
-        a.down()
-        b.down()
-        for eid in ("a", "b", "a", "b"):  # two refused connections open a circuit
-            with pytest.raises(errors.ApiError):
-                c.run_inference("tiny-llama", "x", FAST, endpoint_id=eid, fail_fast=True)
-        wait_until(lambda: "CLOSED" not in (c.circuit_states()["a"], c.circuit_states()["b"]),
-                   what="both circuits to open")
+        _both_down_and_open(c, a, b)
         waiting = c.route_submit(build_request("hi", "tiny-llama", FAST), endpoint_ids=["a", "b"])
         wait_until(lambda: c.get_routing_stats()["waited_for_a_circuit"] == 1,
                    what="the routed request to wait")
@@ -190,16 +196,10 @@ def test_a_routed_calls_timeout_bounds_its_failovers(fakes):
 
 def test_fail_fast_on_a_routed_call_waits_for_no_circuit(fakes):
     """Every endpoint down: a routed call that is not ``fail_fast`` waits for a circuit to
-    close; one that is raises ``NoHealthyEndpointError`` at once, and sends nothing."""
+    close; one that is raises ``NoHealthyEndpointError`` at once, waiting for none."""
     a, b = fakes
     with client_over({"a": a.base_url, "b": b.base_url}, max_retries=0) as c:
-        a.down()
-        b.down()
-        for eid in ("a", "b", "a", "b"):  # two refused connections open a circuit
-            with pytest.raises(errors.ApiError):
-                c.run_inference("tiny-llama", "x", FAST, endpoint_id=eid, fail_fast=True)
-        wait_until(lambda: "CLOSED" not in (c.circuit_states()["a"], c.circuit_states()["b"]),
-                   what="both circuits to open")
+        _both_down_and_open(c, a, b)
         with pytest.raises(errors.NoHealthyEndpointError, match="circuit OPEN"):
             c.route_inference("tiny-llama", "now", FAST, endpoint_ids=["a", "b"], fail_fast=True)
         assert c.get_routing_stats()["waited_for_a_circuit"] == 0
