@@ -64,9 +64,10 @@ class Feed:
         self._heard = time.monotonic()  # the reader's last put, end or touch
         #: an async consumer's wake-up (a future of its own loop), while it waits
         self._waiter: "Optional[asyncio.Future[None]]" = None
-        #: an async consumer's idle alarm (``_ring``): one timer armed for a whole run of
-        #: waits, not one made and cancelled per network read
+        #: an async consumer's idle alarm (``_alarm_due``) and the loop it is armed on: one
+        #: timer for a whole run of waits, not one made and cancelled per network read
         self._alarm: Optional[asyncio.TimerHandle] = None
+        self._alarm_loop: Optional[asyncio.AbstractEventLoop] = None
         self.closed = False  # the consumer left: nothing more is put
 
     # -- the reader's side (on the loop)
@@ -171,8 +172,9 @@ class Feed:
             # waits, not made and cancelled per network read (a timer's heap work, a third
             # of a wait's cost).
             alarm = self._alarm
-            if alarm is None or alarm.cancelled() or alarm._loop is not loop:  # noqa: SLF001
-                self._alarm = loop.call_later(min(left, MAX_NAP), self._ring)
+            if alarm is None or alarm.cancelled() or self._alarm_loop is not loop:
+                self._alarm = loop.call_later(min(left, MAX_NAP), self._alarm_due)
+                self._alarm_loop = loop
             try:
                 await waiter
             finally:
@@ -180,7 +182,7 @@ class Feed:
                     if self._waiter is waiter:
                         self._waiter = None
 
-    def _ring(self) -> None:
+    def _alarm_due(self) -> None:
         """(On the consumer's loop) the idle alarm: the waiter, if any, wakes and looks at
         the clock (``_idle_left``); its next wait arms the alarm again."""
         self._alarm = None
