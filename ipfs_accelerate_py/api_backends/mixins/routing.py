@@ -135,11 +135,9 @@ class RoutingMixin(LoraRoutingMixin, HostBase):
         if strategy not in STRATEGIES:
             raise ValidationError(f"must be one of {list(STRATEGIES)}, got {strategy!r}",
                                   field="strategy")
-        timeout = check_timeout(timeout)
-        check_priority(priority)
         ids = self._router.candidates(_routed_ids(endpoint_ids, endpoint_id))
         request = build_request(inputs, model_id, parameters, adapter=self._adapter)
-        # Every attempt is bounded by its endpoint's deadline, and there is one per endpoint.
+        # (the options are checked once, by route_submit, before anything is sent)
         return self.route_submit(request, priority, strategy, ids, timeout,
                                  fail_fast=fail_fast).result()
 
